@@ -23,7 +23,7 @@ def classic_pairs(seqs):
 def classic_merge(seq, pair, idx):
     out, i = [], 0
     while i < len(seq):
-        if seq[i:i + 2] == list(pair):
+        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
             out.append(idx)
             i += 2
         else:

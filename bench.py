@@ -92,7 +92,132 @@ def bench_tokenizer(args) -> str:
         ["what", "ours", "reference", "ratio"], rows)
 
 
-SECTIONS = {"tokenizer": bench_tokenizer}
+# --- models -------------------------------------------------------------------------------
+
+
+def variants():
+    import gpt
+    import gpt_
+    return [("LB-GPT (looped)", gpt.GPT, None), ("SM-GPT matmul", gpt_.FusedGPT, "matmul"),
+            ("SM-GPT sdpa", gpt_.FusedGPT, "sdpa")]
+
+
+def build(cls, impl, shape, device):
+    """A model with the same weights for every variant: LB-GPT's initialisation, mapped."""
+    import gpt
+    import torch
+    torch.manual_seed(0)
+    cfg = gpt.ModelConfig(**shape)
+    reference = gpt.GPT(cfg)
+    model = cls(cfg)
+    model.load_state_dict(model.adapt_state_dict(reference.state_dict(), reference.layout))
+    if impl:
+        model.configure({"attn_impl": impl, "kv_cache": True})
+    return model.to(device)
+
+
+def shapes(args, device):
+    """The default config and the lecture shape; on CPU the lecture batch is smaller (stated)."""
+    import config
+    default = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+                   n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+    lecture = dict(vocab_size=config.vocab_size, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+                   bias=config.bias)
+    lecture_batch = 64 if device.startswith("cuda") else 16
+    if args.quick:
+        lecture_batch = 4
+    return [("default", default, config.batch_size), (f"lecture (batch {lecture_batch})", lecture, lecture_batch)]
+
+
+def saved_activation_bytes(model, x, y) -> int:
+    """Bytes of distinct tensors autograd keeps for backward in one forward: the activation memory."""
+    import torch
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)[1].backward()
+    return sum(seen.values())
+
+
+def bench_train(args) -> str:
+    import gpt
+    import torch
+    device = gpt.resolve_device("auto")
+    rows = []
+    for shape_name, shape, batch in shapes(args, device):
+        base = None
+        for name, cls, impl in variants():
+            model = build(cls, impl, shape, device)
+            opt = gpt.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99,
+                                             "device": device})
+            gen = torch.Generator().manual_seed(0)
+            x, y = torch.randint(0, shape["vocab_size"], (2, batch, shape["block_size"]), generator=gen).to(device)
+            times = []
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            for step in range(args.steps + 2):  # two warm-up steps
+                t0 = time.perf_counter()
+                model(x, y)[1].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            step_s = statistics.median(times[2:])
+            base = base or step_s
+            if device.startswith("cuda"):
+                memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB peak"
+            else:
+                memory = f"{saved_activation_bytes(model, x, y) / 2**20:.0f} MiB saved"
+            tokens = batch * shape["block_size"]
+            rows.append([shape_name, name, f"{step_s * 1000:.0f} ms", f"{tokens / step_s:,.0f}",
+                         f"{base / step_s:.2f}x", memory])
+            print(f"  {shape_name} {name}: {step_s * 1000:.0f} ms/step", file=sys.stderr, flush=True)
+    memory_note = ("peak GPU memory allocated" if device.startswith("cuda") else
+                   "activation memory: bytes autograd saves for backward in one step (CPU has no peak counter)")
+    return (f"### Training step: forward + backward + AdamW, float32, {device}, median of {args.steps} steps\n\n"
+            + table(["shape", "variant", "step", "tokens/s", "speed vs LB-GPT", "memory"], rows)
+            + f"\n\nmemory: {memory_note}")
+
+
+def bench_sample(args) -> str:
+    import gpt
+    import torch
+    device = gpt.resolve_device("auto")
+    shape = dict(shapes(args, device)[1][1], dropout=0.0)
+    prompt = torch.randint(0, shape["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    lengths = [(250, "inside the window"), (1000, "past the window")]
+    if args.quick:
+        lengths = [(50, "inside the window"), (300, "past the window")]
+    rows = []
+    for new_tokens, where in lengths:
+        base = None
+        for name, cls, impl in variants():
+            for cached in ((False, True) if impl == "sdpa" else (False,)):
+                model = build(cls, impl, shape, device).eval()
+                model.use_kv_cache = cached
+                gen = torch.Generator(device=device).manual_seed(0)
+                t0 = time.perf_counter()
+                tokens = torch.cat(list(gpt.generate(model, prompt, new_tokens, 1.0, 200, 1.0, gen)))
+                elapsed = time.perf_counter() - t0
+                if base is None:
+                    base, base_tokens = elapsed, tokens
+                label = f"{name}, {'KV cache' if cached else 'no cache'}"
+                same = "same tokens" if torch.equal(tokens, base_tokens) else "DIFFERENT tokens"
+                rows.append([f"{new_tokens} ({where})", label, f"{new_tokens / elapsed:,.0f}",
+                             f"{base / elapsed:.2f}x", same])
+                print(f"  sample {new_tokens} {label}: {new_tokens / elapsed:.0f} tok/s", file=sys.stderr, flush=True)
+    return (f"### Sampling: new tokens/s, 6-token prompt, block {shape['block_size']}, "
+            f"{shape['n_layer']} layers x {shape['n_head']} heads x {shape['n_embd']}, {device}, batch 1\n\n"
+            + table(["new tokens", "variant", "tokens/s", "speed vs LB-GPT", "output vs LB-GPT"], rows))
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,71 @@
+"""
+Every hyperparameter of gpt.py (LB-GPT) and gpt_.py (SM-GPT), one per line. Edit freely.
+Any key can also be set on the command line: `python gpt.py --n_layer=6 --dropout=0.1`.
+
+The model/training defaults below are sized for a laptop CPU: on 2 cores, `python gpt.py`
+trains in under 10 minutes and writes recognisably Shakespeare-like text. A GPU can afford
+the lecture scale, so with `preset = "auto"` the values in GPU_PRESET replace these on CUDA
+(command-line overrides still win; set `preset = "none"` to use exactly the values here).
+"""
+
+# --- data -----------------------------------------------------------------------------------
+data = "data/input.txt"  # training text (UTF-8); also a local path, or an http(s) URL to download
+data_url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"  # where data/input.txt comes from
+data_sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # checked after downloading data_url
+
+# --- tokenizer ------------------------------------------------------------------------------
+vocab_size = 1024  # BPE vocabulary (>= 256); a RegexTokenizer is trained on `data` and cached in tokenizers/
+
+# --- model ----------------------------------------------------------------------------------
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads per block
+n_embd = 128  # embedding width; must be divisible by n_head
+block_size = 128  # context length in tokens
+dropout = 0.1  # dropout probability, in [0, 1)
+bias = False  # biases in Linear layers and LayerNorms
+
+# --- training -------------------------------------------------------------------------------
+batch_size = 32  # sequences per micro-batch
+grad_accum_steps = 1  # micro-batches per optimizer step
+max_iters = 1500  # optimizer steps
+learning_rate = 2e-3  # peak learning rate
+min_lr = 2e-4  # learning rate at the end of the cosine decay
+warmup_iters = 100  # linear warm-up steps
+lr_decay_iters = 1500  # step at which the cosine decay reaches min_lr (usually max_iters)
+weight_decay = 0.1  # AdamW weight decay, applied to weight matrices only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.99  # AdamW beta2
+grad_clip = 1.0  # clip the gradient norm to this (0 = off)
+eval_interval = 250  # evaluate and checkpoint every this many steps
+eval_iters = 20  # batches per split in each evaluation
+log_interval = 10  # steps between progress-bar updates of the loss (each update syncs the device)
+seed = 1337  # seeds weights, batches, dropout and sampling
+
+# --- system ---------------------------------------------------------------------------------
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs that support it, else float32)
+compile = False  # torch.compile the model (pays off on long GPU runs)
+preset = "auto"  # auto: use GPU_PRESET on CUDA | none: always the values in this file
+
+# --- fused attention (gpt_.py only) -----------------------------------------------------
+attn_impl = "sdpa"  # sdpa: torch's scaled_dot_product_attention | matmul: the explicit textbook form
+kv_cache = True  # sample with a key/value cache
+
+# --- sampling -------------------------------------------------------------------------------
+prompt = ""  # text to continue, or FILE:path; empty starts from a newline
+num_samples = 2  # samples to generate
+max_new_tokens = 300  # tokens per sample
+temperature = 0.8  # 0 = greedy
+top_k = 200  # keep only the k most likely tokens (0 = off)
+top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability (1 = off)
+
+# --- paths and mode -------------------------------------------------------------------------
+ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
+sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
+resume = False  # continue training from ckpt
+overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as <ckpt>.bak)
+mode = "auto"  # auto (train if no ckpt, then sample) | train | sample | eval
+
+# The lecture scale, used on CUDA when preset = "auto".
+GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000,
+                  lr_decay_iters=5000, learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)

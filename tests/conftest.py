@@ -1,0 +1,70 @@
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import gpt  # noqa: E402
+
+WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
+         "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
+
+
+def make_corpus(n_lines: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        speaker = rng.choice(["ROMEO", "JULIET", "KING", "NURSE"])
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+        lines.append(f"{speaker}:\n{words[0].upper()}{words[1:]}{rng.choice('.,!?;')}\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private root for data/, tokenizers/, model_dict/ and generate_text/."""
+    monkeypatch.setattr(gpt, "HERE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_corpus(1500), encoding="utf-8")
+    return path
+
+
+# a config small enough to train in seconds on 2 CPU cores
+TINY = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu",
+        "--max_new_tokens=20", "--num_samples=1"]
+
+
+def tiny_args(home, corpus, *extra, script="gpt"):
+    return TINY + [f"--data={corpus}", f"--ckpt={home / 'model_dict' / (script + '.pt')}",
+                   f"--sample_file={home / 'generate_text' / (script + '.txt')}", *extra]
+
+
+def run_main(argv, cls=None, script="gpt"):
+    """gpt.main in-process; returns the exit code (0 when it returns normally)."""
+    try:
+        if cls is None:
+            gpt.main(argv)
+        else:
+            gpt.main(argv, cls=cls, script=script)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def run_script(home, args, script="gpt.py", **kwargs):
+    """The script in a subprocess, with its output folders under home."""
+    module = script[:-3]
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import gpt; gpt.HERE = {str(home)!r}; import {module}; "
+            f"gpt.main(sys.argv[1:], cls={'gpt.GPT' if module == 'gpt' else module + '.FusedGPT'}, script={module!r})")
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)

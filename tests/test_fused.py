@@ -1,0 +1,146 @@
+"""gpt_.py (SM-GPT) computes the same function as gpt.py (LB-GPT); its KV cache changes nothing."""
+import dataclasses
+
+import pytest
+import torch
+
+import gpt
+import gpt_
+from conftest import run_main, tiny_args
+
+CONFIGS = [
+    gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True),
+    gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=False),
+    gpt.ModelConfig(vocab_size=280, block_size=8, n_layer=1, n_head=1, n_embd=24, bias=True),  # one head
+    gpt.ModelConfig(vocab_size=260, block_size=12, n_layer=2, n_head=16, n_embd=16, bias=False),  # n_head = n_embd
+    gpt.ModelConfig(vocab_size=400, block_size=20, n_layer=3, n_head=3, n_embd=48, bias=True),
+]
+
+
+def pair(cfg, impl, seed=0):
+    torch.manual_seed(seed)
+    lb = gpt.GPT(cfg)
+    sm = gpt_.FusedGPT(cfg)
+    sm.load_state_dict(sm.adapt_state_dict(lb.state_dict(), "looped"))
+    sm.configure({"attn_impl": impl, "kv_cache": True})
+    return lb, sm
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_same_logits_and_loss(cfg, impl):
+    lb, sm = pair(cfg, impl)
+    x, y = torch.randint(0, cfg.vocab_size, (2, 3, cfg.block_size))
+    for mode in ("eval", "train"):  # dropout is 0, so train mode must agree too
+        getattr(lb, mode)()
+        getattr(sm, mode)()
+        (la, lossa), (lb_, lossb) = lb(x, y), sm(x, y)
+        assert (la - lb_).abs().max().item() <= 1e-5
+        assert abs(lossa.item() - lossb.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+@pytest.mark.parametrize("cfg", CONFIGS[:4])
+def test_one_adamw_step_gives_same_weights(cfg, impl):
+    lb, sm = pair(cfg, impl)
+    x, y = torch.randint(0, cfg.vocab_size, (2, 3, cfg.block_size))
+    for model in (lb, sm):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        model(x, y)[1].backward()
+        opt.step()
+    lb_grads = gpt_.looped_to_fused({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
+    for name, p in sm.named_parameters():
+        assert (p.grad - lb_grads[name]).abs().max().item() <= 1e-6, name
+    mapped = gpt_.looped_to_fused(lb.state_dict(), cfg.n_head)
+    for name, tensor in sm.state_dict().items():
+        assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_round_trip_is_exact(cfg):
+    torch.manual_seed(1)
+    state = gpt.GPT(cfg).state_dict()
+    fused = gpt_.looped_to_fused(state, cfg.n_head)
+    assert gpt_.FusedGPT(cfg).load_state_dict(fused) is not None  # loads with no missing/unexpected keys
+    back = gpt_.fused_to_looped(fused, cfg.n_head)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_head_h_is_slice_h_of_fused_projection():
+    cfg = CONFIGS[0]
+    lb, sm = pair(cfg, "matmul")
+    hs = cfg.n_embd // cfg.n_head
+    w = sm.blocks[1].attn.c_attn.weight
+    for h, head in enumerate(lb.blocks[1].attn.heads):
+        assert torch.equal(w[h * hs:(h + 1) * hs], head.query.weight)
+        assert torch.equal(w[cfg.n_embd + h * hs:cfg.n_embd + (h + 1) * hs], head.key.weight)
+        assert torch.equal(w[2 * cfg.n_embd + h * hs:2 * cfg.n_embd + (h + 1) * hs], head.value.weight)
+
+
+def test_sdpa_trains_with_dropout():
+    cfg = dataclasses.replace(CONFIGS[0], dropout=0.2)
+    _, sm = pair(cfg, "sdpa")
+    x, y = torch.randint(0, 300, (2, 3, 16))
+    a, b = sm(x, y)[1], sm(x, y)[1]
+    assert a.item() != b.item()  # dropout is active in training
+    a.backward()
+    sm.eval()
+    assert sm(x, y)[1].item() == sm(x, y)[1].item()
+
+
+SAMPLING = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=10),
+            dict(temperature=1.2, top_p=0.9), dict(temperature=0.7, top_k=50, top_p=0.8)]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
+@pytest.mark.parametrize("settings", SAMPLING)
+def test_kv_cache_gives_identical_tokens(settings, impl):
+    cfg = CONFIGS[0]
+    _, sm = pair(cfg, impl)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 5))
+    runs = []
+    for cached in (True, False):
+        sm.use_kv_cache = cached
+        gen = torch.Generator().manual_seed(7)
+        runs.append(torch.cat(list(gpt.generate(sm, prompt, 3 * cfg.block_size, generator=gen, **settings))))
+    assert torch.equal(runs[0], runs[1])
+    assert len(runs[0]) == 3 * cfg.block_size
+
+
+def test_cached_logits_equal_full_forward():
+    cfg = CONFIGS[4]
+    _, sm = pair(cfg, "sdpa")
+    sm.eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    full, _ = sm(ids)
+    decoder = gpt_.CachedDecoder(sm)
+    for t in range(3, cfg.block_size + 1):
+        assert (decoder(ids[:, :t]) - full[:, t - 1]).abs().max().item() <= 1e-5
+    assert decoder.cache.length == cfg.block_size
+
+
+def test_checkpoints_load_in_both_scripts(home, corpus, capsys):
+    """Train with each script; eval with both: the same val loss either way."""
+    for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
+        args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", script=script)
+        assert run_main(args, cls, script) == 0
+    results = {}
+    for ckpt in ("gpt", "gpt_"):
+        for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
+            cfg = gpt.load_config(tiny_args(home, corpus, script=ckpt) + ["--mode=eval"], script)
+            results[ckpt, script] = gpt.evaluate_checkpoint(cls, cfg)["val"]["loss"]
+        assert results[ckpt, "gpt"] == pytest.approx(results[ckpt, "gpt_"], abs=1e-5)
+    # and sampling from the other script's checkpoint works, greedily identical
+    samples = []
+    for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
+        args = tiny_args(home, corpus, "--mode=sample", "--temperature=0", script="gpt_")
+        assert run_main(args + [f"--sample_file={home / script}.sample"], cls, script) == 0
+        samples.append((home / f"{script}.sample").read_text().split("\n", 1)[1])
+    assert samples[0] == samples[1]
+
+
+def test_resume_needs_the_same_layout(home, corpus, capsys):
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train", script="gpt")
+    assert run_main(args) == 0
+    assert run_main(args + ["--resume", "--max_iters=4"], gpt_.FusedGPT, "gpt_") == 2
+    assert "resume it with that script" in capsys.readouterr().err

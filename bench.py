@@ -126,7 +126,9 @@ def shapes(args, device):
     lecture_batch = 64 if device.startswith("cuda") else 16
     if args.quick:
         lecture_batch = 4
-    return [("default", default, config.batch_size), (f"lecture (batch {lecture_batch})", lecture, lecture_batch)]
+    # dropout 0 is where CPU SDPA can use its fused flash kernel (with dropout it runs the math path)
+    return [("default", default, config.batch_size), (f"lecture (batch {lecture_batch})", lecture, lecture_batch),
+            (f"lecture, dropout 0 (batch {lecture_batch})", dict(lecture, dropout=0.0), lecture_batch)]
 
 
 def saved_activation_bytes(model, x, y) -> int:

@@ -388,8 +388,8 @@ def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) ->
     return tok, prefix + ".model"
 
 
-def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 20) -> np.ndarray:
-    """Encode text in ~1 MB pieces cut just before a letter that starts a line, where the split
+def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 18) -> np.ndarray:
+    """Encode text in ~256 KB pieces cut just before a letter that starts a line, where the split
     pattern always breaks, so the ids equal those of one encode() call."""
     pieces, start = [], 0
     while start < len(text):
@@ -400,7 +400,7 @@ def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 20) -
         start = end
     dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
     ids = [np.array(tok.encode_ordinary(p), dtype=dtype)
-           for p in tqdm(pieces, desc="encoding", unit="MB", disable=len(pieces) < 2)]
+           for p in tqdm(pieces, desc="encoding", unit="piece")]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
 
 

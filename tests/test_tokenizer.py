@@ -21,14 +21,16 @@ def classic_pairs(seqs):
 
 
 def classic_merge(seq, pair, idx):
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
+    """Walk the pairs left to right; a merged pair consumes its right token."""
+    out, skip = [], False
+    for left, right in zip(seq, seq[1:] + [None]):
+        if skip:
+            skip = False
+        elif (left, right) == pair:
             out.append(idx)
-            i += 2
+            skip = True
         else:
-            out.append(seq[i])
-            i += 1
+            out.append(left)
     return out
 
 
@@ -277,3 +279,10 @@ def test_gpt4_special_tokens_and_errors(gpt4):
         tok.encode("a<|endoftext|>")
     with pytest.raises(NotImplementedError):
         tok.train("abc", 300)
+
+
+def test_gpt4_without_tiktoken_says_what_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # makes `import tiktoken` fail
+    with pytest.raises(RuntimeError, match="pip install tiktoken"):
+        GPT4Tokenizer()

@@ -59,12 +59,16 @@ temperature = 0.8  # 0 = greedy
 top_k = 200  # keep only the k most likely tokens (0 = off)
 top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability (1 = off)
 
+# --- head-level research -------------------------------------------------------------------
+head_mask = ""  # heads to switch off, as layer.head from 0: "0.3,2.1"; applies in every mode of both scripts
+heads_per_layer = False  # --mode=heads: also write one attention-map PNG per layer
+
 # --- paths and mode -------------------------------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
 sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
 resume = False  # continue training from ckpt
 overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as <ckpt>.bak)
-mode = "auto"  # auto (train if no ckpt, then sample) | train | sample | eval
+mode = "auto"  # auto (train if no ckpt, then sample) | train | sample | eval | heads (attention maps, head stats, ablation)
 
 # The lecture scale, used on CUDA when preset = "auto".
 GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000,

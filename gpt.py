@@ -74,6 +74,8 @@ class Head(nn.Module):
         self.register_buffer("tril", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)),
                              persistent=False)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.record = False  # keep this head's attention weights and output (for --mode=heads)
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -82,8 +84,10 @@ class Head(nn.Module):
         wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T) affinities
         wei = wei.masked_fill(~self.tril[:T, :T], float("-inf"))  # a token never sees the future
         wei = F.softmax(wei, dim=-1)
-        wei = self.dropout(wei)
-        return wei @ self.value(x)  # (B, T, hs)
+        out = self.dropout(wei) @ self.value(x)  # (B, T, hs)
+        if self.record:
+            self.recorded = (wei.detach(), out.detach())
+        return out
 
 
 class MultiHeadAttention(nn.Module):
@@ -94,10 +98,25 @@ class MultiHeadAttention(nn.Module):
         self.heads = nn.ModuleList([Head(cfg) for _ in range(cfg.n_head)])
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.masked: set[int] = set()  # switched-off heads contribute zeros
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([head(x) for head in self.heads], dim=-1)  # (B, T, C)
+        head_size = x.shape[-1] // len(self.heads)
+        out = torch.cat([x.new_zeros(*x.shape[:-1], head_size) if i in self.masked else head(x)
+                         for i, head in enumerate(self.heads)], dim=-1)  # (B, T, C)
         return self.dropout(self.proj(out))
+
+    def mask_heads(self, heads: set[int]) -> None:
+        self.masked = set(heads)
+
+    def set_record(self, on: bool) -> None:
+        for head in self.heads:
+            head.record, head.recorded = on, None
+
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights (B, nh, T, T) and head outputs (B, nh, T, hs) of the last forward."""
+        weights, outputs = zip(*(head.recorded for head in self.heads))
+        return torch.stack(weights, dim=1), torch.stack(outputs, dim=1)
 
 
 class MLP(nn.Module):
@@ -170,6 +189,24 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def configure(self, cfg: dict) -> None:
+        """Apply run-time settings from the config: the head mask (gpt_.py adds its own keys)."""
+        mask = parse_head_mask(cfg.get("head_mask", ""))
+        for layer, head in mask:
+            if layer >= self.cfg.n_layer or head >= self.cfg.n_head:
+                raise UserError(f"head_mask: head {layer}.{head} does not exist (the model has {self.cfg.n_layer} "
+                                f"layers x {self.cfg.n_head} heads, numbered from 0)")
+        self.set_head_mask(mask)
+
+    def set_head_mask(self, mask: set[tuple[int, int]]) -> None:
+        """Switch off heads, given as (layer, head) pairs; an empty set switches all back on."""
+        for i, block in enumerate(self.blocks):
+            block.attn.mask_heads({h for layer, h in mask if layer == i})
+
+    def record_attention(self, on: bool) -> None:
+        for block in self.blocks:
+            block.attn.set_record(on)
 
     def decoder(self) -> "Decoder":
         """What sampling calls for next-token logits; gpt_.py returns one with a KV cache."""
@@ -287,13 +324,26 @@ def validate(cfg: dict) -> None:
         (cfg["top_k"] >= 0, "top_k must be >= 0 (0 = off)"),
         (0 < cfg["top_p"] <= 1, "top_p must be in (0, 1]"),
         (cfg["num_samples"] >= 1 and cfg["max_new_tokens"] >= 0, "num_samples must be >= 1, max_new_tokens >= 0"),
-        (cfg["mode"] in ("auto", "train", "sample", "eval"), f"mode must be auto, train, sample or eval, got {cfg['mode']!r}"),
+        (cfg["mode"] in ("auto", "train", "sample", "eval", "heads"),
+         f"mode must be auto, train, sample, eval or heads, got {cfg['mode']!r}"),
         (cfg["attn_impl"] in ("sdpa", "matmul"), f"attn_impl must be sdpa or matmul, got {cfg['attn_impl']!r}"),
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict each other"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    parse_head_mask(cfg["head_mask"])
+
+
+def parse_head_mask(spec: str) -> set[tuple[int, int]]:
+    """"0.3,2.1" -> {(0, 3), (2, 1)}: layer.head pairs, numbered from 0."""
+    mask = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        layer, dot, head = item.partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise UserError(f"head_mask: {item!r} is not layer.head (example: --head_mask=0.3,2.1)")
+        mask.add((int(layer), int(head)))
+    return mask
 
 
 def model_config(cfg: dict) -> ModelConfig:
@@ -488,8 +538,7 @@ def load_checkpoint(path: str) -> dict:
 
 def build_model(cls: type[GPT], mcfg: ModelConfig, cfg: dict) -> GPT:
     model = cls(mcfg)
-    if hasattr(model, "configure"):
-        model.configure(cfg)
+    model.configure(cfg)
     return model
 
 
@@ -794,6 +843,168 @@ def evaluate_checkpoint(cls: type[GPT], cfg: dict) -> dict:
 
 
 # -----------------------------------------------------------------------------------------
+# Head-level research: attention maps, per-head statistics, ablation
+
+
+@torch.no_grad()
+def head_statistics(model: GPT, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-head averages over every query position of the batches; each value is (n_layer, n_head)."""
+    sums: dict[str, torch.Tensor] = {}
+    model.record_attention(True)
+    try:
+        for x in batches:
+            model(x)
+            for layer, block in enumerate(model.blocks):
+                att, out = block.attn.recorded()  # (B, nh, T, T), (B, nh, T, hs)
+                T = att.shape[-1]
+                pos = torch.arange(T, device=att.device)
+                stats = {
+                    "entropy": -(att * att.clamp_min(1e-12).log()).sum(-1).mean((0, 2)),
+                    "mean_distance": (att * (pos[:, None] - pos[None, :]).clamp_min(0)).sum(-1).mean((0, 2)),
+                    "previous_token": att[..., 1:, :].diagonal(offset=0, dim1=-2, dim2=-1).mean((0, 2)),
+                    "first_token": att[..., 1:, 0].mean((0, 2)),
+                    "output_norm": out.norm(dim=-1).mean((0, 2)),
+                }
+                for name, value in stats.items():
+                    sums.setdefault(name, torch.zeros(len(model.blocks), value.numel()))[layer] += value.float().cpu()
+    finally:
+        model.record_attention(False)
+    return {name: total / len(batches) for name, total in sums.items()}
+
+
+@torch.no_grad()
+def ablation(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: dict) -> tuple[float, torch.Tensor]:
+    """Val loss with all heads on, and its increase when each head alone is switched off (n_layer, n_head)."""
+
+    def loss() -> float:
+        total = 0.0
+        for x, y in batches:
+            with autocast(cfg):
+                total += model(x, y)[1].item()
+        return total / len(batches)
+
+    base_mask = parse_head_mask(cfg["head_mask"])
+    base = loss()
+    delta = torch.zeros(model.cfg.n_layer, model.cfg.n_head)
+    for layer, head in tqdm([(l, h) for l in range(model.cfg.n_layer) for h in range(model.cfg.n_head)],
+                            desc="ablating heads", leave=False):
+        model.set_head_mask(base_mask | {(layer, head)})
+        delta[layer, head] = loss() - base
+    model.set_head_mask(base_mask)
+    return base, delta
+
+
+def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, path: str) -> None:
+    """A grid of attention maps: rows are layers, columns heads; weights[layer] is (nh, T, T)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layer, n_head, T = len(weights), weights[0].shape[0], weights[0].shape[-1]
+    size = max(2.5, T * 0.14)
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.5, size * n_layer + 1), squeeze=False,
+                             layout="constrained")
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = ax.imshow(weights[layer][head].cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+            ax.set_xticks(range(T))
+            ax.set_yticks(range(T))
+            ax.set_xticklabels(labels, rotation=90, fontsize=5)
+            ax.set_yticklabels(labels, fontsize=5)
+            ax.set_xlabel("attended token (key)", fontsize=7)
+            ax.set_ylabel("query token", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.suptitle(title, fontsize=14)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ablation(delta: torch.Tensor, title: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_layer, n_head = delta.shape
+    fig, ax = plt.subplots(figsize=(1.2 * n_head + 2.5, 0.9 * n_layer + 1.8))
+    image = ax.imshow(delta.numpy(), cmap="magma")
+    for (layer, head), value in np.ndenumerate(delta.numpy()):
+        ax.text(head, layer, f"{value:+.3f}", ha="center", va="center", fontsize=8, color="grey")
+    ax.set_xticks(range(n_head))
+    ax.set_yticks(range(n_layer))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="val loss increase (nats/token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyse_heads(cls: type[GPT], cfg: dict) -> dict:
+    """--mode=heads: attention maps of a prompt, per-head statistics and ablation over the val split."""
+    from minbpe.base import render_token
+
+    ckpt = load_checkpoint(cfg["ckpt"])
+    model = model_from_checkpoint(cls, ckpt, cfg).eval()
+    tok = load_tokenizer_text(ckpt["tokenizer"])
+    data = Dataset(dict(cfg, block_size=model.cfg.block_size), tok, ckpt["tokenizer"])
+    name = os.path.splitext(os.path.basename(cfg["ckpt"]))[0]
+    prefix = os.path.join(HERE, "generate_text", name)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    n_map = min(64, model.cfg.block_size)  # beyond ~64 tokens the labels are unreadable
+    if cfg["prompt"]:
+        ids = tok.encode(read_prompt(cfg), allowed_special="none")[-n_map:]
+    else:  # an excerpt of the val split
+        ids = data.splits["val"][:n_map].astype(np.int64).tolist()
+    model.record_attention(True)
+    try:
+        model(torch.tensor([ids], device=cfg["device"]))
+        weights = [block.attn.recorded()[0][0] for block in model.blocks]  # (nh, T, T) per layer
+    finally:
+        model.record_attention(False)
+    labels = [render_token(tok.vocab[i].replace(b"\n", "↵".encode())).replace(" ", "␣") for i in ids]  # visible
+    title = f"{name}: attention maps (iteration {ckpt['iter_num']})"
+    files = [prefix + ".heads.png"]
+    plot_attention(weights, labels, title, files[0])
+    if cfg["heads_per_layer"]:
+        for layer, w in enumerate(weights):
+            files.append(f"{prefix}.heads.layer{layer}.png")
+            plot_attention([w], labels, f"{title}, layer {layer}", files[-1])
+
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    batches = [data.batch("val", gen) for _ in range(cfg["eval_iters"])]
+    stats = head_statistics(model, [x for x, _ in batches])
+    base, delta = ablation(model, batches, cfg)
+    files.append(prefix + ".ablation.png")
+    plot_ablation(delta, f"{name}: val loss increase when one head is switched off", files[-1])
+
+    rows = []
+    for layer in range(model.cfg.n_layer):
+        for head in range(model.cfg.n_head):
+            row = {"layer": layer, "head": head, "loss_increase": delta[layer, head].item(),
+                   "bpb_increase": data.bpb(delta[layer, head].item(), "val")}
+            row.update({k: v[layer, head].item() for k, v in stats.items()})
+            rows.append(row)
+    rows.sort(key=lambda r: -r["loss_increase"])
+    print(f"val loss {base:.4f} ({data.bpb(base, 'val'):.3f} bpb) over {len(batches)} batches; heads by importance:")
+    print(f"{'head':>6} {'+loss':>8} {'+bpb':>7} {'entropy':>8} {'distance':>9} {'prev tok':>9} "
+          f"{'first tok':>10} {'out norm':>9}")
+    for r in rows:
+        print(f"{r['layer']:>4}.{r['head']:<1} {r['loss_increase']:>+8.4f} {r['bpb_increase']:>+7.3f} "
+              f"{r['entropy']:>8.3f} {r['mean_distance']:>9.2f} {r['previous_token']:>9.3f} "
+              f"{r['first_token']:>10.3f} {r['output_norm']:>9.3f}")
+    report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"], "head_mask": cfg["head_mask"],
+              "val_batches": len(batches), "val_loss": base, "heads": rows}
+    files.append(prefix + ".heads.json")
+    with atomic_open(files[-1], "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    print("wrote " + ", ".join(files))
+    return report
+
+
+# -----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None, cls: type[GPT] = GPT, script: str = "gpt") -> None:
@@ -814,6 +1025,8 @@ def main(argv: list[str] | None = None, cls: type[GPT] = GPT, script: str = "gpt
             sample(cls, cfg)
         elif mode == "eval":
             evaluate_checkpoint(cls, cfg)
+        elif mode == "heads":
+            analyse_heads(cls, cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

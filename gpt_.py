@@ -50,7 +50,11 @@ class FusedAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.register_buffer("tril", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)),
                              persistent=False)
+        self.register_buffer("head_gate", torch.ones(cfg.n_head), persistent=False)  # 0 switches a head off
         self.impl = "sdpa"
+        self.masked: set[int] = set()
+        self.record = False  # keep attention weights and head outputs (forces the matmul path)
+        self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -62,7 +66,7 @@ class FusedAttention(nn.Module):
                 past = cache.k.shape[2]
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             cache.k, cache.v = k, v
-        if self.impl == "sdpa":
+        if self.impl == "sdpa" and not self.record:
             if past and T > 1:
                 raise ValueError("with a non-empty cache, feed one token at a time")
             # causal within the new tokens; a single new token may attend to everything cached
@@ -71,10 +75,26 @@ class FusedAttention(nn.Module):
         else:
             att = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, nh, T, past + T)
             att = att.masked_fill(~self.tril[past:past + T, :past + T], float("-inf"))
-            att = self.attn_dropout(F.softmax(att, dim=-1))
-            y = att @ v  # (B, nh, T, hs)
+            att = F.softmax(att, dim=-1)
+            y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
+            if self.record:
+                self._recorded = (att.detach(), y.detach())
+        if self.masked:
+            y = y * self.head_gate.view(1, -1, 1, 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side, as torch.cat does in gpt.py
         return self.resid_dropout(self.proj(y))
+
+    def mask_heads(self, heads: set[int]) -> None:
+        self.masked = set(heads)
+        self.head_gate.fill_(1.0)
+        self.head_gate[sorted(self.masked)] = 0.0
+
+    def set_record(self, on: bool) -> None:
+        self.record, self._recorded = on, None
+
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention weights (B, nh, T, T) and head outputs (B, nh, T, hs) of the last forward."""
+        return self._recorded
 
 
 class CachedDecoder(Decoder):
@@ -141,7 +161,8 @@ class FusedGPT(GPT):
     use_kv_cache = True
 
     def configure(self, cfg: dict) -> None:
-        """Apply gpt_.py's own config keys: attn_impl and kv_cache."""
+        """Apply gpt_.py's own config keys, attn_impl and kv_cache, and gpt.py's (the head mask)."""
+        super().configure(cfg)
         for block in self.blocks:
             block.attn.impl = cfg["attn_impl"]
         self.use_kv_cache = cfg["kv_cache"]

@@ -457,7 +457,8 @@ def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 18) -
 class Dataset:
     """Token ids of the text (cached in data/), split 90/10, with random-offset batches."""
 
-    def __init__(self, cfg: dict, tok: RegexTokenizer | None = None, tokenizer_text: str | None = None):
+    def __init__(self, cfg: dict, tok: RegexTokenizer | None = None, tokenizer_text: str | None = None,
+                 rank: int = 0, world: int = 1):
         path = resolve_data(cfg)
         text = read_text(path)
         data_hash = sha256_file(path)
@@ -484,10 +485,15 @@ class Dataset:
         # bytes per token of each split: converts loss per token into bits per byte
         self.bytes_per_token = {s: float(token_bytes[a].sum()) / len(a) for s, a in self.splits.items()}
         self.block_size, self.batch_size, self.device = cfg["block_size"], cfg["batch_size"], cfg["device"]
+        self.rank, self.world = rank, world
 
     def batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        data, T = self.splits[split], self.block_size
-        offsets = torch.randint(len(data) - T, (self.batch_size,), generator=generator).tolist()
+        """batch_size random windows. With several processes every rank draws the same global batch of
+        batch_size x world windows and keeps its own slice, so the samples seen do not depend on the
+        number of processes: 2 ranks of batch b see exactly what 1 process of batch 2b sees."""
+        data, T, b = self.splits[split], self.block_size, self.batch_size
+        offsets = torch.randint(len(data) - T, (b * self.world,), generator=generator)[self.rank * b:(self.rank + 1) * b]
+        offsets = offsets.tolist()
         xy = torch.from_numpy(np.stack([data[i:i + T + 1] for i in offsets]).astype(np.int64))
         if self.device.startswith("cuda"):
             xy = xy.pin_memory().to(self.device, non_blocking=True)
@@ -630,53 +636,130 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def train(cls: type[GPT], cfg: dict) -> None:
-    path = cfg["ckpt"]
-    log_path = os.path.splitext(path)[0] + ".jsonl"
-    resume_ckpt = None
+class Distributed:
+    """The torchrun process group when launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK), else one process."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.active = "RANK" in os.environ and self.world > 1
+        self.master = self.rank == 0
+
+    def start(self, cfg: dict) -> None:
+        if not self.active:
+            return
+        if cfg["device"].startswith("cuda"):
+            cfg["device"] = f"cuda:{self.local_rank}"
+            torch.cuda.set_device(cfg["device"])
+        torch.distributed.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
+
+    def stop(self, clean: bool) -> None:
+        """Tear down; after a normal finish all ranks first meet (gloo aborts if one leaves while another
+        still works), after an error they do not wait for each other."""
+        if torch.distributed.is_initialized():
+            if clean:
+                torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+    def mean(self, value: float, device: str) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.item() / self.world
+
+    def any(self, flag: bool, device: str) -> bool:
+        """True on every rank if it is True on one (so all ranks stop at the same step)."""
+        return self.mean(float(flag), device) > 0 if self.active else flag
+
+    def gather(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
+def check_previous_run(cls: type[GPT], cfg: dict, ddp: Distributed) -> dict | None:
+    """The checkpoint to resume, or None for a fresh run (which never silently replaces one)."""
+    path, log_path = cfg["ckpt"], os.path.splitext(cfg["ckpt"])[0] + ".jsonl"
     if cfg["resume"]:
-        resume_ckpt = load_checkpoint(path)
-        if resume_ckpt["layout"] != cls.layout:
-            raise UserError(f"{path} was written with {resume_ckpt['layout']} attention; resume it with that script "
+        ckpt = load_checkpoint(path)
+        if ckpt["layout"] != cls.layout:
+            raise UserError(f"{path} was written with {ckpt['layout']} attention; resume it with that script "
                             f"(sample and eval work from either)")
-        for key, value in resume_ckpt["model_config"].items():
+        for key, value in ckpt["model_config"].items():
             if cfg[key] != value:
                 raise UserError(f"{path} was trained with {key}={value}, but the config says {cfg[key]}; "
                                 f"pass --{key}={value} to resume it")
-    elif os.path.exists(path):
+        return ckpt
+    if os.path.exists(path):
         if not cfg["overwrite"]:
             raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite to start over "
                             f"(the old one is kept as {os.path.basename(path)}.bak)")
-        os.replace(path, path + ".bak")
-        if os.path.exists(log_path):
-            os.replace(log_path, log_path + ".bak")
+        ddp.barrier()  # every rank has seen the old checkpoint before rank 0 moves it
+        if ddp.master:
+            os.replace(path, path + ".bak")
+            if os.path.exists(log_path):
+                os.replace(log_path, log_path + ".bak")
+    return None
 
+
+def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
+    ddp = ddp or Distributed()
+    if cfg["grad_accum_steps"] % ddp.world:
+        raise UserError(f"grad_accum_steps={cfg['grad_accum_steps']} cannot be split across {ddp.world} processes; "
+                        f"use a multiple of {ddp.world} (each process runs grad_accum_steps / {ddp.world} micro-steps)")
+    micro_steps = cfg["grad_accum_steps"] // ddp.world
+    path = cfg["ckpt"]
+    log_path = os.path.splitext(path)[0] + ".jsonl"
+    resume_ckpt = check_previous_run(cls, cfg, ddp)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.manual_seed(cfg["seed"])
+    echo = tqdm.write if ddp.master else (lambda *a, **k: None)
+
+    if not ddp.master:
+        ddp.barrier()  # rank 0 trains the tokenizer and writes the token cache first
     if resume_ckpt is None:
-        data = Dataset(cfg)
+        data = Dataset(cfg, rank=ddp.rank, world=ddp.world)
     else:
-        data = Dataset(cfg, load_tokenizer_text(resume_ckpt["tokenizer"]), resume_ckpt["tokenizer"])
+        data = Dataset(cfg, load_tokenizer_text(resume_ckpt["tokenizer"]), resume_ckpt["tokenizer"], ddp.rank, ddp.world)
+    if ddp.master:
+        ddp.barrier()
+    torch.manual_seed(cfg["seed"])  # the same initial weights on every rank
     mcfg = model_config(cfg)
     model = build_model(cls, mcfg, cfg).to(cfg["device"])
     optimizer = make_optimizer(model, cfg)
-    batch_gen = torch.Generator().manual_seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
+    batch_gen = torch.Generator().manual_seed(cfg["seed"])  # shared: every rank draws the global batch
     iter_num, best_val, best_state = 0, float("inf"), None
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         iter_num, best_val = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
         best_state = resume_ckpt["best_model"]
-        torch.set_rng_state(resume_ckpt["rng_cpu"])
         batch_gen.set_state(resume_ckpt["rng_batches"])
-        if cfg["device"].startswith("cuda") and "rng_cuda" in resume_ckpt:
-            torch.cuda.set_rng_state(resume_ckpt["rng_cuda"])
-        print(f"resuming {path} at iteration {iter_num}")
+        if len(resume_ckpt["rng_cpu"]) == ddp.world:  # exact resume needs the same number of processes
+            torch.set_rng_state(resume_ckpt["rng_cpu"][ddp.rank])
+            if cfg["device"].startswith("cuda") and resume_ckpt.get("rng_cuda"):
+                torch.cuda.set_rng_state(resume_ckpt["rng_cuda"][ddp.rank])
+        else:
+            torch.manual_seed(cfg["seed"] + ddp.rank + iter_num)
+        echo(f"resuming {path} at iteration {iter_num}")
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["block_size"]
-    print(f"{cfg['script']}.py: {n_params / 1e6:.2f}M parameters, {cfg['device']} {cfg['dtype']}, "
-          f"{len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step")
+    echo(f"{cfg['script']}.py: {n_params / 1e6:.2f}M parameters, {cfg['device']} {cfg['dtype']}, "
+         f"{len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens, "
+         f"{tokens_per_step:,} tokens per step (batch_size {cfg['batch_size']} x grad_accum_steps {micro_steps} "
+         f"x {ddp.world} processes x block_size {cfg['block_size']})")
     train_model = torch.compile(model) if cfg["compile"] else model
+    if ddp.active:
+        cuda = cfg["device"].startswith("cuda")
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[ddp.local_rank] if cuda else None)
     scaler = torch.amp.GradScaler(enabled=cfg["dtype"] == "float16" and cfg["device"].startswith("cuda"))
 
     def checkpoint(losses: dict | None) -> None:
@@ -684,49 +767,59 @@ def train(cls: type[GPT], cfg: dict) -> None:
         if losses is not None and losses["val"] < best_val:
             best_val = losses["val"]
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        state = {
+        rng_cpu = ddp.gather(torch.get_rng_state())  # every rank's dropout stream, for an exact resume
+        rng_cuda = ddp.gather(torch.cuda.get_rng_state()) if cfg["device"].startswith("cuda") else []
+        if not ddp.master:
+            return
+        save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "best_model": best_state if best_state is not None else model.state_dict(),
             "best_val_loss": best_val, "model_config": dataclasses.asdict(mcfg), "layout": cls.layout,
-            "config": {k: v for k, v in cfg.items()}, "iter_num": iter_num,
-            "tokenizer": data.tokenizer_text, "rng_cpu": torch.get_rng_state(), "rng_batches": batch_gen.get_state(),
-        }
-        if cfg["device"].startswith("cuda"):
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(path, state)
+            "config": dict(cfg), "iter_num": iter_num, "tokenizer": data.tokenizer_text,
+            "rng_cpu": rng_cpu, "rng_cuda": rng_cuda, "rng_batches": batch_gen.get_state(),
+        })
+
+    def log(record: dict) -> None:
+        if ddp.master:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(record, elapsed_s=time.time() - t_start)) + "\n")
 
     def evaluate() -> dict:
-        losses = estimate_loss(model, data, cfg)
+        losses = {k: ddp.mean(v, cfg["device"]) for k, v in estimate_loss(model, data, cfg).items()}
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingDiverged(f"loss is {losses['train']} at iteration {iter_num}")
         record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                   "train_bpb": data.bpb(losses["train"], "train"), "val_bpb": data.bpb(losses["val"], "val"),
-                  "lr": lr_at(iter_num, cfg), "tokens_per_s": tokens_per_s, "elapsed_s": time.time() - t_start}
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(f"iter {iter_num}: train loss {losses['train']:.4f} ({record['train_bpb']:.3f} bpb), "
-                   f"val loss {losses['val']:.4f} ({record['val_bpb']:.3f} bpb)")
+                  "lr": lr_at(iter_num, cfg), "tokens_per_s": tokens_per_s}
+        log(record)
+        echo(f"iter {iter_num}: train loss {losses['train']:.4f} ({record['train_bpb']:.3f} bpb), "
+             f"val loss {losses['val']:.4f} ({record['val_bpb']:.3f} bpb)")
         return losses
 
     t_start, t_log, tokens_per_s = time.time(), time.time(), 0.0
     resumed_at = iter_num if resume_ckpt is not None else None  # that checkpoint already holds this evaluation
-    bar = tqdm(total=cfg["max_iters"], initial=iter_num, desc="training", unit="it", dynamic_ncols=True)
+    bar = tqdm(total=cfg["max_iters"], initial=iter_num, desc="training", unit="it", dynamic_ncols=True,
+               disable=not ddp.master)
+    stopping = False
     try:
         with StopRequest() as stop:
             while True:
                 at_eval = (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and iter_num != resumed_at
-                if at_eval or stop.requested:
+                if at_eval or stopping:
                     checkpoint(evaluate() if at_eval else None)
-                if iter_num >= cfg["max_iters"] or stop.requested:
+                if iter_num >= cfg["max_iters"] or stopping:
                     break
                 lr = lr_at(iter_num, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for _ in range(cfg["grad_accum_steps"]):
+                for micro in range(micro_steps):
                     x, y = data.batch("train", batch_gen)
-                    with autocast(cfg):
+                    # all-reduce gradients only on the last micro-step
+                    sync = nullcontext() if not ddp.active or micro == micro_steps - 1 else train_model.no_sync()
+                    with sync, autocast(cfg):
                         _, loss = train_model(x, y)
-                    scaler.scale(loss / cfg["grad_accum_steps"]).backward()
+                    with sync:
+                        scaler.scale(loss / micro_steps).backward()
                 if cfg["grad_clip"] > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -735,22 +828,24 @@ def train(cls: type[GPT], cfg: dict) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 iter_num += 1
                 bar.update()
+                stopping = ddp.any(stop.requested, cfg["device"])
                 if iter_num % cfg["log_interval"] == 0:
-                    loss_value = loss.item()  # syncs the device: only at log points
+                    loss_value = ddp.mean(loss.item(), cfg["device"])  # syncs the device: only at log points
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(f"loss is {loss_value} at iteration {iter_num}")
                     tokens_per_s = tokens_per_step * cfg["log_interval"] / max(time.time() - t_log, 1e-9)
                     t_log = time.time()
+                    log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s})
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
     except TrainingDiverged as e:
         bar.close()
         raise TrainingDiverged(f"{e}; stopped without saving, the last good checkpoint {path} is kept "
                                f"(try a lower --learning_rate)") from None
     bar.close()
-    print(f"saved {path} at iteration {iter_num} (best val loss {best_val:.4f}, "
-          f"{data.bpb(best_val, 'val'):.3f} bpb); log: {log_path}")
-    if stop.requested:
-        print("interrupted: continue with --resume")
+    echo(f"saved {path} at iteration {iter_num} (best val loss {best_val:.4f}, "
+         f"{data.bpb(best_val, 'val'):.3f} bpb); log: {log_path}")
+    if stopping:
+        echo("interrupted: continue with --resume")
         sys.exit(130)
 
 
@@ -1008,8 +1103,11 @@ def analyse_heads(cls: type[GPT], cfg: dict) -> dict:
 
 
 def main(argv: list[str] | None = None, cls: type[GPT] = GPT, script: str = "gpt") -> None:
+    ddp = Distributed()
+    clean = False
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv, script)
+        ddp.start(cfg)
         mode = cfg["mode"]
         if mode == "auto":
             if os.path.exists(cfg["ckpt"]):
@@ -1017,25 +1115,31 @@ def main(argv: list[str] | None = None, cls: type[GPT] = GPT, script: str = "gpt
                       f"or continue with --mode=train --resume)")
                 mode = "sample"
             else:
-                train(cls, cfg)
+                train(cls, cfg, ddp)
                 mode = "sample"
         elif mode == "train":
-            train(cls, cfg)
-        if mode == "sample":
-            sample(cls, cfg)
-        elif mode == "eval":
-            evaluate_checkpoint(cls, cfg)
-        elif mode == "heads":
-            analyse_heads(cls, cfg)
+            train(cls, cfg, ddp)
+        if ddp.master:  # sampling and analysis run in one process
+            if mode == "sample":
+                sample(cls, cfg)
+            elif mode == "eval":
+                evaluate_checkpoint(cls, cfg)
+            elif mode == "heads":
+                analyse_heads(cls, cfg)
+        clean = True
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if ddp.master:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+        if ddp.master:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        ddp.stop(clean)
 
 
 if __name__ == "__main__":

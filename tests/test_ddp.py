@@ -1,0 +1,79 @@
+"""Data-parallel training under torchrun: 2 CPU processes (gloo) against 1 process with twice the batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpt
+import gpt_
+from conftest import ROOT, run_main, tiny_args
+
+TIMEOUT = 300  # launch, train and tear down must finish well inside this
+
+
+def torchrun(home, script, args, nproc=2):
+    launcher = home / "launch.py"
+    launcher.write_text(
+        f"import sys\nsys.path.insert(0, {ROOT!r})\nimport gpt, gpt_\ngpt.HERE = {str(home)!r}\n"
+        "cls = gpt.GPT if sys.argv[1] == 'gpt' else gpt_.FusedGPT\n"
+        "gpt.main(sys.argv[2:], cls=cls, script=sys.argv[1])\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(launcher), script, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+
+
+def records(path, key):
+    return [r for r in map(json.loads, open(path)) if key in r]
+
+
+@pytest.mark.parametrize("script, cls", [("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)])
+def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus, script, cls):
+    common = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--log_interval=1", "--dropout=0.0",
+                       "--mode=train", script=script)
+    ddp_ckpt, single_ckpt = home / "ddp.pt", home / "single.pt"
+    result = torchrun(home, script, common + ["--batch_size=4", "--grad_accum_steps=2", f"--ckpt={ddp_ckpt}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32)" in result.stdout
+    assert result.stdout.count("iter 6:") == 1  # only rank 0 prints
+    assert run_main(common + ["--batch_size=8", "--grad_accum_steps=1", f"--ckpt={single_ckpt}"], cls, script) == 0
+
+    ddp_steps = records(home / "ddp.jsonl", "loss")
+    single_steps = records(home / "single.jsonl", "loss")
+    assert [r["iter"] for r in ddp_steps] == [1, 2, 3, 4, 5, 6] == [r["iter"] for r in single_steps]
+    for a, b in zip(ddp_steps, single_steps):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5
+    assert abs(records(home / "ddp.jsonl", "val_loss")[-1]["val_loss"]
+               - records(home / "single.jsonl", "val_loss")[-1]["val_loss"]) <= 1e-5
+
+    # rank 0's checkpoint loads in one process and evaluates like the single-process one
+    results = []
+    for ckpt in (ddp_ckpt, single_ckpt):
+        cfg = gpt.load_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
+        results.append(gpt.evaluate_checkpoint(cls, cfg)["val"]["loss"])
+    assert results[0] == pytest.approx(results[1], abs=1e-4)
+    assert len(torch.load(ddp_ckpt, weights_only=True)["rng_cpu"]) == 2  # each rank's dropout stream
+
+
+def test_two_process_run_resumes_exactly(home, corpus):
+    common = tiny_args(home, corpus, "--eval_interval=4", "--log_interval=1", "--dropout=0.1", "--mode=train",
+                       "--batch_size=4", "--grad_accum_steps=2", "--lr_decay_iters=8")
+    full = torchrun(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'full.pt'}"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = torchrun(home, "gpt", common + ["--max_iters=4", f"--ckpt={home / 'part.pt'}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'part.pt'}", "--resume"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = torch.load(home / "full.pt", weights_only=True)["model"]
+    b = torch.load(home / "part.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_world_size_the_config_cannot_use(home, corpus):
+    result = torchrun(home, "gpt", tiny_args(home, corpus, "--max_iters=2", "--grad_accum_steps=3", "--mode=train"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: grad_accum_steps=3 cannot be split across 2 processes; use a multiple of 2 "
+                      "(each process runs grad_accum_steps / 2 micro-steps)"]

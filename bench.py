@@ -219,7 +219,52 @@ def bench_sample(args) -> str:
             + table(["new tokens", "variant", "tokens/s", "speed vs LB-GPT", "output vs LB-GPT"], rows))
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample}
+# nanoGPT's documented CPU recipe ("baby GPT", character level), here byte level = character level for this text
+NANOGPT_BABY = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+                    learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, bias=False)
+
+
+def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict:
+    """Train gpt_.py for a wall-clock budget with config overrides; score it on the whole val split."""
+    import json
+
+    import gpt
+    import gpt_
+    ckpt = os.path.join(workdir, "quality.pt")
+    for leftover in (ckpt, ckpt[:-3] + ".jsonl"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    argv = [f"--{k}={v}" for k, v in overrides.items()] + [
+        f"--max_minutes={budget_s / 60}", "--eval_interval=1000000000", "--mode=train", f"--ckpt={ckpt}", f"--data={data}"]
+    cfg = gpt.load_config(argv, "gpt_")
+    gpt.train(gpt_.FusedGPT, cfg)
+    steps = [r for r in map(json.loads, open(ckpt[:-3] + ".jsonl")) if "loss" in r]
+    result = gpt.evaluate_checkpoint(gpt_.FusedGPT, dict(cfg, mode="eval"))
+    return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"], "dtype": cfg["dtype"],
+            "iters": steps[-1]["iter"] if steps else 0,
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0,
+            "mfu": statistics.median(r["mfu"] for r in steps) if steps else 0.0}
+
+
+def bench_quality(args) -> str:
+    import tempfile
+
+    import config
+    runs = [("nanoGPT baby GPT shape, vocab 256 (byte level)", NANOGPT_BABY),
+            (f"defaults ({config.n_layer}x{config.n_head}x{config.n_embd}, block {config.block_size}, "
+             f"vocab {config.vocab_size})", {})]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name, overrides in runs:
+            r = train_for(overrides, args.budget, workdir, args.data)
+            rows.append([name, r["dtype"], f"{r['iters']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}",
+                         f"{r['val_loss']:.4f}", f"**{r['val_bpb']:.3f}**"])
+    return (f"### Time to quality: gpt_.py trained for {args.budget:g} s of wall time (evaluation excluded), "
+            f"val bits per byte over the whole val split\n\n"
+            + table(["configuration", "dtype", "steps", "tokens/s", "MFU", "val loss/token", "val bpb"], rows))
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample, "quality": bench_quality}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller shapes: a smoke run")
+    parser.add_argument("--budget", type=float, default=67.0, help="seconds of training per run in the quality section")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

@@ -27,7 +27,8 @@ bias = False  # biases in Linear layers and LayerNorms
 # --- training -------------------------------------------------------------------------------
 batch_size = 32  # sequences per micro-batch
 grad_accum_steps = 1  # micro-batches per optimizer step
-max_iters = 1500  # optimizer steps
+max_iters = 1500  # optimizer steps (used when max_minutes is 0)
+max_minutes = 0.0  # train for this many minutes instead (evaluation time excluded); the LR schedule follows the clock
 learning_rate = 2e-3  # peak learning rate
 min_lr = 2e-4  # learning rate at the end of the cosine decay
 warmup_iters = 100  # linear warm-up steps
@@ -43,7 +44,7 @@ seed = 1337  # seeds weights, batches, dropout and sampling
 
 # --- system ---------------------------------------------------------------------------------
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
-dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 on GPUs that support it, else float32)
+dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 autocast where the GPU or CPU has native bf16, else float32)
 compile = False  # torch.compile the model (pays off on long GPU runs)
 preset = "auto"  # auto: use GPU_PRESET on CUDA | none: always the values in this file
 
@@ -71,5 +72,5 @@ overwrite = False  # let a fresh `train` replace an existing ckpt (the old one i
 mode = "auto"  # auto (train if no ckpt, then sample) | train | sample | eval | heads (attention maps, head stats, ablation)
 
 # The lecture scale, used on CUDA when preset = "auto".
-GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000,
+GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000, max_minutes=0.0,
                   lr_decay_iters=5000, learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)

@@ -296,9 +296,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32 matmul rate."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype == "auto":
-        return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return dtype
@@ -313,7 +325,7 @@ def validate(cfg: dict) -> None:
         (0 <= cfg["dropout"] < 1, f"dropout must be in [0, 1), got {cfg['dropout']}"),
         (cfg["vocab_size"] >= 256, f"vocab_size must be at least 256 (the byte alphabet), got {cfg['vocab_size']}"),
         (cfg["batch_size"] >= 1 and cfg["grad_accum_steps"] >= 1, "batch_size and grad_accum_steps must be >= 1"),
-        (cfg["max_iters"] >= 0, "max_iters must be >= 0"),
+        (cfg["max_iters"] >= 0 and cfg["max_minutes"] >= 0, "max_iters and max_minutes must be >= 0"),
         (cfg["eval_interval"] >= 1 and cfg["eval_iters"] >= 1 and cfg["log_interval"] >= 1,
          "eval_interval, eval_iters and log_interval must be >= 1"),
         (cfg["learning_rate"] > 0 and 0 <= cfg["min_lr"] <= cfg["learning_rate"],
@@ -567,14 +579,64 @@ def autocast(cfg: dict):
     return torch.autocast(device_type=cfg["device"].split(":")[0], dtype=getattr(torch, cfg["dtype"]))
 
 
-def lr_at(it: int, cfg: dict) -> float:
-    """Linear warm-up, then cosine decay to min_lr at lr_decay_iters."""
+def lr_at(it: int, cfg: dict, time_fraction: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to min_lr: at lr_decay_iters, or with a max_minutes budget
+    at the end of the budget (time_fraction = training time so far / budget)."""
     if it < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (it + 1) / (cfg["warmup_iters"] + 1)
-    if it >= cfg["lr_decay_iters"]:
+    if time_fraction is None:
+        ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    else:
+        ratio = time_fraction
+    if ratio >= 1:
         return cfg["min_lr"]
-    ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def matmul_peak(device: str, dtype: str) -> float:
+    """This machine's measured matmul rate (FLOP/s) for the dtype: the denominator of MFU."""
+    n, reps = 2048, 4
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams untouched
+    a, b = (torch.randn(n, n, device=device, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
+    a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_token(model: GPT) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied head
+    does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd * block_size."""
+    c = model.cfg
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def plot_losses(log_path: str, path: str, title: str) -> None:
+    """Train and val bits per byte against training minutes, from the JSON-lines log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in map(json.loads, open(log_path, encoding="utf-8")) if "val_bpb" in r]
+    minutes = [r["train_s"] / 60 for r in evals]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train")
+    ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val")
+    ax.set_xlabel("training time, minutes (evaluation excluded)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
 
 
 def make_optimizer(model: GPT, cfg: dict) -> torch.optim.AdamW:
@@ -736,12 +798,12 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
     optimizer = make_optimizer(model, cfg)
     torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
     batch_gen = torch.Generator().manual_seed(cfg["seed"])  # shared: every rank draws the global batch
-    iter_num, best_val, best_state = 0, float("inf"), None
+    iter_num, best_val, best_state, train_s = 0, float("inf"), None, 0.0
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         iter_num, best_val = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
-        best_state = resume_ckpt["best_model"]
+        best_state, train_s = resume_ckpt["best_model"], resume_ckpt["train_s"]
         batch_gen.set_state(resume_ckpt["rng_batches"])
         if len(resume_ckpt["rng_cpu"]) == ddp.world:  # exact resume needs the same number of processes
             torch.set_rng_state(resume_ckpt["rng_cpu"][ddp.rank])
@@ -752,10 +814,14 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
         echo(f"resuming {path} at iteration {iter_num}")
     n_params = sum(p.numel() for p in model.parameters())
     tokens_per_step = cfg["batch_size"] * cfg["grad_accum_steps"] * cfg["block_size"]
-    echo(f"{cfg['script']}.py: {n_params / 1e6:.2f}M parameters, {cfg['device']} {cfg['dtype']}, "
-         f"{len(data.splits['train']):,} train / {len(data.splits['val']):,} val tokens, "
-         f"{tokens_per_step:,} tokens per step (batch_size {cfg['batch_size']} x grad_accum_steps {micro_steps} "
-         f"x {ddp.world} processes x block_size {cfg['block_size']})")
+    budget_s = cfg["max_minutes"] * 60  # 0: stop at max_iters instead
+    peak = matmul_peak(cfg["device"], cfg["dtype"]) * ddp.world
+    step_flops = flops_per_token(model) * tokens_per_step
+    echo(f"{cfg['script']}.py: {n_params / 1e6:.2f}M parameters, {cfg['device']} {cfg['dtype']} "
+         f"(matmul peak {peak / 1e9:,.0f} GFLOP/s), {len(data.splits['train']):,} train / "
+         f"{len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step (batch_size "
+         f"{cfg['batch_size']} x grad_accum_steps {micro_steps} x {ddp.world} processes x block_size {cfg['block_size']}); "
+         + (f"training for {cfg['max_minutes']:g} minutes" if budget_s else f"training for {cfg['max_iters']} steps"))
     train_model = torch.compile(model) if cfg["compile"] else model
     if ddp.active:
         cuda = cfg["device"].startswith("cuda")
@@ -775,14 +841,14 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "best_model": best_state if best_state is not None else model.state_dict(),
             "best_val_loss": best_val, "model_config": dataclasses.asdict(mcfg), "layout": cls.layout,
-            "config": dict(cfg), "iter_num": iter_num, "tokenizer": data.tokenizer_text,
+            "config": dict(cfg), "iter_num": iter_num, "train_s": train_s, "tokenizer": data.tokenizer_text,
             "rng_cpu": rng_cpu, "rng_cuda": rng_cuda, "rng_batches": batch_gen.get_state(),
         })
 
     def log(record: dict) -> None:
         if ddp.master:
             with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(record, elapsed_s=time.time() - t_start)) + "\n")
+                f.write(json.dumps(dict(record, train_s=train_s, elapsed_s=time.time() - t_start)) + "\n")
 
     def evaluate() -> dict:
         losses = {k: ddp.mean(v, cfg["device"]) for k, v in estimate_loss(model, data, cfg).items()}
@@ -790,26 +856,33 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
             raise TrainingDiverged(f"loss is {losses['train']} at iteration {iter_num}")
         record = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                   "train_bpb": data.bpb(losses["train"], "train"), "val_bpb": data.bpb(losses["val"], "val"),
-                  "lr": lr_at(iter_num, cfg), "tokens_per_s": tokens_per_s}
+                  "lr": lr, "tokens_per_s": tokens_per_s}
         log(record)
-        echo(f"iter {iter_num}: train loss {losses['train']:.4f} ({record['train_bpb']:.3f} bpb), "
+        echo(f"iter {iter_num} ({train_s / 60:.1f} min): train loss {losses['train']:.4f} ({record['train_bpb']:.3f} bpb), "
              f"val loss {losses['val']:.4f} ({record['val_bpb']:.3f} bpb)")
         return losses
 
-    t_start, t_log, tokens_per_s = time.time(), time.time(), 0.0
+    def finished() -> bool:
+        done = train_s >= budget_s if budget_s else iter_num >= cfg["max_iters"]
+        return ddp.any(done, cfg["device"])  # every rank stops at the same step
+
+    t_start, tokens_per_s, log_tokens, log_s = time.time(), 0.0, 0, 0.0
+    lr = lr_at(iter_num, cfg, train_s / budget_s if budget_s else None)
     resumed_at = iter_num if resume_ckpt is not None else None  # that checkpoint already holds this evaluation
-    bar = tqdm(total=cfg["max_iters"], initial=iter_num, desc="training", unit="it", dynamic_ncols=True,
-               disable=not ddp.master)
-    stopping = False
+    bar = tqdm(total=round(budget_s) if budget_s else cfg["max_iters"], initial=round(train_s) if budget_s else iter_num,
+               desc="training", unit="s" if budget_s else "it", dynamic_ncols=True, disable=not ddp.master)
+    stopping = done = False
     try:
         with StopRequest() as stop:
             while True:
-                at_eval = (iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]) and iter_num != resumed_at
+                done = finished()
+                at_eval = (iter_num % cfg["eval_interval"] == 0 or done) and iter_num != resumed_at
                 if at_eval or stopping:
                     checkpoint(evaluate() if at_eval else None)
-                if iter_num >= cfg["max_iters"] or stopping:
+                if done or stopping:
                     break
-                lr = lr_at(iter_num, cfg)
+                t_step = time.perf_counter()
+                lr = lr_at(iter_num, cfg, train_s / budget_s if budget_s else None)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 for micro in range(micro_steps):
@@ -827,23 +900,31 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 iter_num += 1
-                bar.update()
                 stopping = ddp.any(stop.requested, cfg["device"])
                 if iter_num % cfg["log_interval"] == 0:
                     loss_value = ddp.mean(loss.item(), cfg["device"])  # syncs the device: only at log points
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(f"loss is {loss_value} at iteration {iter_num}")
-                    tokens_per_s = tokens_per_step * cfg["log_interval"] / max(time.time() - t_log, 1e-9)
-                    t_log = time.time()
-                    log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s})
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                step_s = time.perf_counter() - t_step
+                train_s += step_s
+                log_tokens, log_s = log_tokens + tokens_per_step, log_s + step_s
+                bar.update(min(step_s, max(0.0, bar.total - bar.n)) if budget_s else 1)
+                if iter_num % cfg["log_interval"] == 0:
+                    tokens_per_s, mfu = log_tokens / log_s, step_flops / tokens_per_step * log_tokens / log_s / peak
+                    log_tokens, log_s = 0, 0.0
+                    log({"iter": iter_num, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                    bar.set_postfix(it=iter_num, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu=f"{mfu:.0%}")
     except TrainingDiverged as e:
         bar.close()
         raise TrainingDiverged(f"{e}; stopped without saving, the last good checkpoint {path} is kept "
                                f"(try a lower --learning_rate)") from None
     bar.close()
-    echo(f"saved {path} at iteration {iter_num} (best val loss {best_val:.4f}, "
-         f"{data.bpb(best_val, 'val'):.3f} bpb); log: {log_path}")
+    echo(f"saved {path} at iteration {iter_num} after {train_s / 60:.1f} min of training (best val loss "
+         f"{best_val:.4f}, {data.bpb(best_val, 'val'):.3f} bpb); log: {log_path}")
+    if ddp.master and done:
+        plot_losses(log_path, os.path.splitext(path)[0] + ".loss.png", f"{os.path.basename(path)}: bits per byte")
+        echo(f"loss curve: {os.path.splitext(path)[0] + '.loss.png'}")
     if stopping:
         echo("interrupted: continue with --resume")
         sys.exit(130)

@@ -391,3 +391,60 @@ def test_prompt_handling(home, corpus, tmp_path, capsys):
     text = (home / "generate_text" / "gpt.txt").read_text()
     s1, s2 = text.split("--- sample 1 ---")[1].split("--- sample 2 ---")
     assert s1.strip() == s2.strip()  # greedy is deterministic
+
+
+# --- time budget, MFU, mixed precision ------------------------------------------------------
+
+
+def test_lr_schedule_follows_the_clock():
+    cfg = {"learning_rate": 1.0, "min_lr": 0.1, "warmup_iters": 10, "lr_decay_iters": 110}
+    assert gpt.lr_at(5, cfg, 0.9) == gpt.lr_at(5, cfg)  # warm-up is counted in steps
+    assert gpt.lr_at(500, cfg, 0.0) == pytest.approx(1.0)
+    assert gpt.lr_at(11, cfg, 0.5) == pytest.approx(0.55)
+    assert gpt.lr_at(11, cfg, 1.0) == gpt.lr_at(11, cfg, 3.0) == 0.1
+
+
+def test_max_minutes_budget_decays_fully_and_plots(home, corpus):
+    args = tiny_args(home, corpus, "--max_minutes=0.05", "--max_iters=0", "--eval_interval=50", "--mode=train")
+    t0 = time.time()
+    assert run_main(args) == 0
+    wall = time.time() - t0
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
+    assert ckpt["iter_num"] > 10 and 3.0 <= ckpt["train_s"] < wall  # evaluation time is not counted
+    records = [json.loads(line) for line in open(home / "model_dict" / "gpt.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["lr"] < 2e-4 + 0.05 * (3e-3 - 2e-4)  # ended (almost) fully decayed to min_lr
+    assert all(0 < r["mfu"] < 1 for r in steps)
+    assert [r["train_s"] for r in records] == sorted(r["train_s"] for r in records)
+    png = home / "model_dict" / "gpt.loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib_image(png).shape[0] > 100
+
+
+def matplotlib_image(path):
+    import matplotlib.image
+    return matplotlib.image.imread(path)
+
+
+def test_dtype_auto(monkeypatch):
+    monkeypatch.setattr(gpt, "cpu_has_bf16", lambda: False)
+    assert gpt.resolve_dtype("auto", "cpu") == "float32"
+    monkeypatch.setattr(gpt, "cpu_has_bf16", lambda: True)
+    assert gpt.resolve_dtype("auto", "cpu") == "bfloat16"
+    assert gpt.resolve_dtype("float32", "cpu") == "float32"
+
+
+def test_bfloat16_autocast_trains(home, corpus):
+    args = tiny_args(home, corpus, "--max_iters=30", "--eval_interval=30", "--mode=train", "--dtype=bfloat16")
+    assert run_main(args) == 0
+    evals = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    weights = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)["model"]
+    assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights
+
+
+def test_flops_per_token_by_hand():
+    model = gpt.GPT(gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=8, bias=False))
+    C, L, V = 8, 2, 300
+    per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
+    weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)
+    assert gpt.flops_per_token(model) == 6 * weights + 12 * L * C * 16

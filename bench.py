@@ -123,7 +123,7 @@ def shapes(args, device):
                    n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
     lecture = dict(vocab_size=config.vocab_size, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
                    bias=config.bias)
-    lecture_batch = 64 if device.startswith("cuda") else 16
+    lecture_batch = args.lecture_batch or (64 if device.startswith("cuda") else 16)
     if args.quick:
         lecture_batch = 4
     # dropout 0 is where CPU SDPA can use its fused flash kernel (with dropout it runs the math path)
@@ -150,6 +150,8 @@ def bench_train(args) -> str:
     import gpt
     import torch
     device = gpt.resolve_device("auto")
+    autocast = gpt.autocast({"dtype": args.dtype, "device": device})
+    peak = gpt.matmul_peak(device, args.dtype)
     rows = []
     for shape_name, shape, batch in shapes(args, device):
         base = None
@@ -164,7 +166,9 @@ def bench_train(args) -> str:
                 torch.cuda.reset_peak_memory_stats()
             for step in range(args.steps + 2):  # two warm-up steps
                 t0 = time.perf_counter()
-                model(x, y)[1].backward()
+                with autocast:
+                    loss = model(x, y)[1]
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if device.startswith("cuda"):
@@ -177,13 +181,15 @@ def bench_train(args) -> str:
             else:
                 memory = f"{saved_activation_bytes(model, x, y) / 2**20:.0f} MiB saved"
             tokens = batch * shape["block_size"]
-            rows.append([shape_name, name, f"{step_s * 1000:.0f} ms", f"{tokens / step_s:,.0f}",
+            mfu = gpt.flops_per_token(model) * tokens / step_s / peak
+            rows.append([shape_name, name, f"{step_s * 1000:.0f} ms", f"{tokens / step_s:,.0f}", f"{mfu:.0%}",
                          f"{base / step_s:.2f}x", memory])
             print(f"  {shape_name} {name}: {step_s * 1000:.0f} ms/step", file=sys.stderr, flush=True)
     memory_note = ("peak GPU memory allocated" if device.startswith("cuda") else
                    "activation memory: bytes autograd saves for backward in one step (CPU has no peak counter)")
-    return (f"### Training step: forward + backward + AdamW, float32, {device}, median of {args.steps} steps\n\n"
-            + table(["shape", "variant", "step", "tokens/s", "speed vs LB-GPT", "memory"], rows)
+    return (f"### Training step: forward + backward + AdamW, {args.dtype}, {device}, median of {args.steps} steps "
+            f"(matmul peak {peak / 1e9:,.0f} GFLOP/s)\n\n"
+            + table(["shape", "variant", "step", "tokens/s", "MFU", "speed vs LB-GPT", "memory"], rows)
             + f"\n\nmemory: {memory_note}")
 
 
@@ -275,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller shapes: a smoke run")
     parser.add_argument("--budget", type=float, default=67.0, help="seconds of training per run in the quality section")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="training-step section: autocast dtype (the same for every variant)")
+    parser.add_argument("--lecture_batch", type=int, default=0, help="batch at the lecture shape (default 16 on CPU, 64 on GPU)")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

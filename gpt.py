@@ -560,10 +560,11 @@ def build_model(cls: type[GPT], mcfg: ModelConfig, cfg: dict) -> GPT:
     return model
 
 
-def model_from_checkpoint(cls: type[GPT], ckpt: dict, cfg: dict, weights: str = "best_model") -> GPT:
+def model_from_checkpoint(cls: type[GPT], ckpt: dict, cfg: dict) -> GPT:
+    """The best-val weights of a checkpoint (either layout), with the run-time settings of cfg."""
     try:
         model = build_model(cls, ModelConfig(**ckpt["model_config"]), cfg)
-        model.load_state_dict(model.adapt_state_dict(ckpt[weights], ckpt["layout"]))
+        model.load_state_dict(model.adapt_state_dict(ckpt["best_model"], ckpt["layout"]))
     except (TypeError, RuntimeError, KeyError) as e:
         raise UserError(f"{cfg['ckpt']}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     return model.to(cfg["device"])
@@ -870,7 +871,8 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
     lr = lr_at(iter_num, cfg, train_s / budget_s if budget_s else None)
     resumed_at = iter_num if resume_ckpt is not None else None  # that checkpoint already holds this evaluation
     bar = tqdm(total=round(budget_s) if budget_s else cfg["max_iters"], initial=round(train_s) if budget_s else iter_num,
-               desc="training", unit="s" if budget_s else "it", dynamic_ncols=True, disable=not ddp.master)
+               desc="training", unit="s" if budget_s else "it", dynamic_ncols=True, disable=not ddp.master,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]" if budget_s else None)
     stopping = done = False
     try:
         with StopRequest() as stop:

@@ -40,7 +40,8 @@ def corpus(tmp_path):
 
 # a config small enough to train in seconds on 2 CPU cores
 TINY = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu", "--dtype=float32",
+        "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu",
+        "--dtype=float32", "--max_minutes=0",
         "--max_new_tokens=20", "--num_samples=1"]
 
 

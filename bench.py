@@ -121,8 +121,8 @@ def shapes(args, device):
     import config
     default = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
                    n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
-    lecture = dict(vocab_size=config.vocab_size, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
-                   bias=config.bias)
+    # the lecture model is character level: byte level (vocab 256) is the nearest our tokenizer gives
+    lecture = dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=config.bias)
     lecture_batch = args.lecture_batch or (64 if device.startswith("cuda") else 16)
     if args.quick:
         lecture_batch = 4

@@ -618,11 +618,17 @@ def flops_per_token(model: GPT) -> float:
     return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def plot_losses(log_path: str, path: str, title: str) -> None:
-    """Train and val bits per byte against training minutes, from the JSON-lines log."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported only when plotting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_losses(log_path: str, path: str, title: str) -> None:
+    """Train and val bits per byte against training minutes, from the JSON-lines log."""
+    plt = pyplot()
 
     evals = [r for r in map(json.loads, open(log_path, encoding="utf-8")) if "val_bpb" in r]
     minutes = [r["train_s"] / 60 for r in evals]
@@ -1007,14 +1013,19 @@ def sample(cls: type[GPT], cfg: dict) -> None:
     print(f"samples written to {cfg['sample_file']}")
 
 
-def evaluate_checkpoint(cls: type[GPT], cfg: dict) -> dict:
+def checkpoint_with_data(cls: type[GPT], cfg: dict) -> tuple[dict, GPT, Dataset]:
+    """The checkpoint, its best model, and the data encoded with its own tokenizer at its block size."""
     ckpt = load_checkpoint(cfg["ckpt"])
     model = model_from_checkpoint(cls, ckpt, cfg)
-    eval_cfg = dict(cfg, block_size=model.cfg.block_size)
-    data = Dataset(eval_cfg, load_tokenizer_text(ckpt["tokenizer"]), ckpt["tokenizer"])
+    data = Dataset(dict(cfg, block_size=model.cfg.block_size), load_tokenizer_text(ckpt["tokenizer"]), ckpt["tokenizer"])
+    return ckpt, model, data
+
+
+def evaluate_checkpoint(cls: type[GPT], cfg: dict) -> dict:
+    ckpt, model, data = checkpoint_with_data(cls, cfg)
     result = {}
     for split in ("train", "val"):
-        loss = full_loss(model, data, split, eval_cfg)
+        loss = full_loss(model, data, split, cfg)
         result[split] = {"loss": loss, "bpb": data.bpb(loss, split)}
         print(f"{split}: loss {loss:.4f}, {result[split]['bpb']:.4f} bits per byte")
     return result
@@ -1074,9 +1085,7 @@ def ablation(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], cfg: 
 
 def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, path: str) -> None:
     """A grid of attention maps: rows are layers, columns heads; weights[layer] is (nh, T, T)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n_layer, n_head, T = len(weights), weights[0].shape[0], weights[0].shape[-1]
     size = max(2.5, T * 0.14)
@@ -1100,9 +1109,7 @@ def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, p
 
 
 def plot_ablation(delta: torch.Tensor, title: str, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n_layer, n_head = delta.shape
     fig, ax = plt.subplots(figsize=(1.2 * n_head + 2.5, 0.9 * n_layer + 1.8))
@@ -1124,10 +1131,9 @@ def analyse_heads(cls: type[GPT], cfg: dict) -> dict:
     """--mode=heads: attention maps of a prompt, per-head statistics and ablation over the val split."""
     from minbpe.base import render_token
 
-    ckpt = load_checkpoint(cfg["ckpt"])
-    model = model_from_checkpoint(cls, ckpt, cfg).eval()
-    tok = load_tokenizer_text(ckpt["tokenizer"])
-    data = Dataset(dict(cfg, block_size=model.cfg.block_size), tok, ckpt["tokenizer"])
+    ckpt, model, data = checkpoint_with_data(cls, cfg)
+    model.eval()
+    tok = data.tok
     name = os.path.splitext(os.path.basename(cfg["ckpt"]))[0]
     prefix = os.path.join(HERE, "generate_text", name)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)

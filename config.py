@@ -47,7 +47,7 @@ seed = 1337  # seeds weights, batches, dropout and sampling
 # --- system ---------------------------------------------------------------------------------
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 autocast where the GPU or CPU has native bf16, else float32)
-compile = False  # torch.compile the model (pays off on long GPU runs)
+compile = "auto"  # torch.compile: true | false | auto (on for time budgets >= 2 min, or CUDA runs >= 1000 steps)
 preset = "auto"  # auto: use GPU_PRESET on CUDA | none: always the values in this file
 
 # --- fused attention (gpt_.py only) -----------------------------------------------------

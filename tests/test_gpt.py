@@ -448,3 +448,39 @@ def test_flops_per_token_by_hand():
     per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
     weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)
     assert gpt.flops_per_token(model) == 6 * weights + 12 * L * C * 16
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"compile": "true"}, True), ({"compile": "false", "max_minutes": 10.0}, False),
+    ({"max_minutes": 5.0}, True), ({"max_minutes": 1.0}, False),
+    ({"max_minutes": 0.0, "max_iters": 50000}, False),  # CPU, duration unknown
+    ({"max_minutes": 0.0, "max_iters": 5000, "device": "cuda"}, True),
+    ({"max_minutes": 0.0, "max_iters": 200, "device": "cuda"}, False),
+])
+def test_compile_auto_decision(overrides, expected):
+    cfg = dict({"compile": "auto", "max_minutes": 0.0, "max_iters": 100, "device": "cpu"}, **overrides)
+    assert gpt.should_compile(cfg) is expected
+
+
+def test_compiled_training_matches_eager(home, corpus):
+    args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train")
+    assert run_main(args + ["--compile=false", f"--ckpt={home / 'eager.pt'}"]) == 0
+    assert run_main(args + ["--compile=True", f"--ckpt={home / 'compiled.pt'}"]) == 0
+    eager, compiled = state_of(home / "eager.pt"), state_of(home / "compiled.pt")
+    assert all((eager[k] - compiled[k]).abs().max().item() < 1e-4 for k in eager)
+
+
+def test_compile_failure_falls_back_to_eager(home, corpus, capsys, monkeypatch):
+    def broken_compile(model):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(gpt.torch, "compile", broken_compile)
+    args = tiny_args(home, corpus, "--max_iters=4", "--eval_interval=4", "--mode=train", "--compile=true")
+    assert run_main(args) == 0
+    assert "torch.compile failed (RuntimeError: no C++ compiler found); training without it" in capsys.readouterr().out
+    assert torch.load(home / "model_dict" / "gpt.pt", weights_only=True)["iter_num"] == 4

@@ -80,7 +80,10 @@ def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list
     old_sites: list[int] = []
     new_sites: list[int] = []
     n, start = len(ids), 0
-    i = ids.index(a) if a in ids else n
+    try:
+        i = ids.index(a)
+    except ValueError:
+        return ids, old_sites, new_sites
     while i < n:
         if i + 1 < n and ids[i + 1] == b:
             out.extend(ids[start:i])

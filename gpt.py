@@ -772,9 +772,14 @@ class Distributed:
         torch.distributed.all_reduce(t)
         return t.item() / self.world
 
-    def any(self, flag: bool, device: str) -> bool:
-        """True on every rank if it is True on one (so all ranks stop at the same step)."""
-        return self.mean(float(flag), device) > 0 if self.active else flag
+    def agree(self, *flags: bool, device: str) -> tuple[bool, ...]:
+        """Each flag True on every rank if it is True on one (so all ranks stop at the same step);
+        one all-reduce for all of them."""
+        if not self.active:
+            return flags
+        t = torch.tensor(flags, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
 
     def gather(self, obj) -> list:
         if not self.active:
@@ -908,10 +913,6 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
              f"val loss {losses['val']:.4f} ({record['val_bpb']:.3f} bpb)")
         return losses
 
-    def finished() -> bool:
-        done = train_s >= budget_s if budget_s else iter_num >= cfg["max_iters"]
-        return ddp.any(done, cfg["device"])  # every rank stops at the same step
-
     t_start, tokens_per_s, log_tokens, log_s = time.time(), 0.0, 0, 0.0
     lr = lr_at(iter_num, cfg, train_s / budget_s if budget_s else None)
     resumed_at = iter_num if resume_ckpt is not None else None  # that checkpoint already holds this evaluation
@@ -922,7 +923,8 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
     try:
         with StopRequest() as stop:
             while True:
-                done = finished()
+                done = train_s >= budget_s if budget_s else iter_num >= cfg["max_iters"]
+                done, stopping = ddp.agree(done, stop.requested, device=cfg["device"])
                 at_eval = (iter_num % cfg["eval_interval"] == 0 or done) and iter_num != resumed_at
                 if at_eval or stopping:
                     checkpoint(evaluate() if at_eval else None)
@@ -947,7 +949,6 @@ def train(cls: type[GPT], cfg: dict, ddp: Distributed | None = None) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 iter_num += 1
-                stopping = ddp.any(stop.requested, cfg["device"])
                 if iter_num % cfg["log_interval"] == 0:
                     loss_value = ddp.mean(loss.item(), cfg["device"])  # syncs the device: only at log points
                     if not math.isfinite(loss_value):

@@ -106,13 +106,12 @@ def build(cls, impl, shape, device):
     """A model with the same weights for every variant: LB-GPT's initialisation, mapped."""
     import gpt
     import torch
+    from dualgpt.checkpoint import convert_state_dict
     torch.manual_seed(0)
     cfg = gpt.ModelConfig(**shape)
     reference = gpt.GPT(cfg)
-    model = cls(cfg)
-    model.load_state_dict(model.adapt_state_dict(reference.state_dict(), reference.layout))
-    if impl:
-        model.configure({"attn_impl": impl, "kv_cache": True})
+    model = cls(cfg, attn_impl=impl) if impl else cls(cfg)
+    model.load_state_dict(convert_state_dict(reference.state_dict(), reference.layout, model.layout, cfg.n_head))
     return model.to(device)
 
 
@@ -147,18 +146,18 @@ def saved_activation_bytes(model, x, y) -> int:
 
 
 def bench_train(args) -> str:
-    import gpt
     import torch
-    device = gpt.resolve_device("auto")
-    autocast = gpt.autocast({"dtype": args.dtype, "device": device})
-    peak = gpt.matmul_peak(device, args.dtype)
+    from dualgpt.runtime import autocast as autocast_for, matmul_peak, resolve_device
+    from dualgpt.train import flops_per_token, make_optimizer
+    device = resolve_device("auto")
+    autocast = autocast_for(device, args.dtype)
+    peak = matmul_peak(device, args.dtype)
     rows = []
     for shape_name, shape, batch in shapes(args, device):
         base = None
         for name, cls, impl in variants():
             model = build(cls, impl, shape, device)
-            opt = gpt.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99,
-                                             "device": device})
+            opt = make_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99), device=device)
             gen = torch.Generator().manual_seed(0)
             x, y = torch.randint(0, shape["vocab_size"], (2, batch, shape["block_size"]), generator=gen).to(device)
             times = []
@@ -181,7 +180,7 @@ def bench_train(args) -> str:
             else:
                 memory = f"{saved_activation_bytes(model, x, y) / 2**20:.0f} MiB saved"
             tokens = batch * shape["block_size"]
-            mfu = gpt.flops_per_token(model) * tokens / step_s / peak
+            mfu = flops_per_token(model) * tokens / step_s / peak
             rows.append([shape_name, name, f"{step_s * 1000:.0f} ms", f"{tokens / step_s:,.0f}", f"{mfu:.0%}",
                          f"{base / step_s:.2f}x", memory])
             print(f"  {shape_name} {name}: {step_s * 1000:.0f} ms/step", file=sys.stderr, flush=True)
@@ -194,9 +193,10 @@ def bench_train(args) -> str:
 
 
 def bench_sample(args) -> str:
-    import gpt
     import torch
-    device = gpt.resolve_device("auto")
+    from dualgpt.runtime import resolve_device
+    from dualgpt.sampling import generate
+    device = resolve_device("auto")
     shape = dict(shapes(args, device)[1][1], dropout=0.0)
     prompt = torch.randint(0, shape["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
     lengths = [(250, "inside the window"), (1000, "past the window")]
@@ -211,7 +211,7 @@ def bench_sample(args) -> str:
                 model.use_kv_cache = cached
                 gen = torch.Generator(device=device).manual_seed(0)
                 t0 = time.perf_counter()
-                tokens = torch.cat(list(gpt.generate(model, prompt, new_tokens, 1.0, 200, 1.0, gen)))
+                tokens = torch.cat(list(generate(model, prompt, new_tokens, 1.0, 200, 1.0, gen)))
                 elapsed = time.perf_counter() - t0
                 if base is None:
                     base, base_tokens = elapsed, tokens
@@ -234,18 +234,20 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
     """Train gpt_.py for a wall-clock budget with config overrides; score it on the whole val split."""
     import json
 
-    import gpt
     import gpt_
+    from dualgpt.evaluation import evaluate_checkpoint
+    from dualgpt.runconfig import load_config
+    from dualgpt.train import train
     ckpt = os.path.join(workdir, "quality.pt")
     for leftover in (ckpt, ckpt[:-3] + ".jsonl"):
         if os.path.exists(leftover):
             os.remove(leftover)
     argv = [f"--{k}={v}" for k, v in overrides.items()] + [
         f"--max_minutes={budget_s / 60}", "--eval_interval=1000000000", "--mode=train", f"--ckpt={ckpt}", f"--data={data}"]
-    cfg = gpt.load_config(argv, "gpt_")
-    gpt.train(gpt_.FusedGPT, cfg)
+    cfg = load_config(argv, "gpt_")
+    train(gpt_.FusedGPT, cfg)
     steps = [r for r in map(json.loads, open(ckpt[:-3] + ".jsonl")) if "loss" in r]
-    result = gpt.evaluate_checkpoint(gpt_.FusedGPT, dict(cfg, mode="eval"))
+    result = evaluate_checkpoint(gpt_.FusedGPT, dict(cfg, mode="eval"))
     return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"], "dtype": cfg["dtype"],
             "iters": steps[-1]["iter"] if steps else 0,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0,

@@ -1,7 +1,8 @@
 """
-SM-GPT: the model of gpt.py with fused multi-head attention. One matrix multiplication
-computes q, k and v for every head, and heads are a batch dimension. Everything else
-(data, training, sampling, checkpoints, command line) is gpt.py's.
+SM-GPT: gpt.py's model with fused multi-head attention. One matrix multiplication computes
+q, k and v for every head, and heads are a batch dimension. The name is gpt.py's with a
+trailing underscore: it is the fused twin of gpt.py, and the two files differ exactly in
+attention (Block, MLP and GPT come from gpt.py), plus the KV cache that fusing makes easy.
 
     python gpt_.py                         # same keys and modes as gpt.py
     python gpt_.py --attn_impl=matmul      # the explicit textbook attention instead of SDPA
@@ -9,14 +10,11 @@ computes q, k and v for every head, and heads are a batch dimension. Everything 
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gpt
-from gpt import GPT, Decoder, ModelConfig
+from gpt import GPT, ModelConfig
 
 
 class LayerCache:
@@ -41,16 +39,16 @@ class KVCache:
 class FusedAttention(nn.Module):
     """All heads at once: q, k, v from one Linear, attention batched over (B, n_head)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.attn_dropout = nn.Dropout(cfg.dropout)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.register_buffer("tril", torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool)),
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
                              persistent=False)
-        self.register_buffer("head_gate", torch.ones(cfg.n_head), persistent=False)  # 0 switches a head off
+        self.register_buffer("head_gate", torch.ones(config.n_head), persistent=False)  # 0 switches a head off
         self.impl = "sdpa"
         self.masked: set[int] = set()
         self.record = False  # keep attention weights and head outputs (forces the matmul path)
@@ -97,82 +95,25 @@ class FusedAttention(nn.Module):
         return self._recorded
 
 
-class CachedDecoder(Decoder):
-    """Next-token logits with a KV cache: one pass over the prompt, then one token per step.
-
-    Positions are learned and absolute, so once the sequence outgrows block_size the window
-    slides by one token each step and every cached key and value (all computed at their old
-    positions) is stale. Each such step therefore re-runs the last block_size tokens: past the
-    window, cached sampling costs exactly what uncached sampling costs, and gives the same tokens.
-    """
-
-    def __init__(self, model: GPT):
-        super().__init__(model)
-        self.cache: KVCache | None = None
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        T, block_size = ids.shape[1], self.model.cfg.block_size
-        if T > block_size:
-            self.cache = None
-            return super().__call__(ids)
-        if self.cache is None or self.cache.length != T - 1:
-            self.cache = KVCache(self.model.cfg.n_layer)
-            logits, _ = self.model(ids, cache=self.cache)
-        else:
-            logits, _ = self.model(ids[:, -1:], cache=self.cache)
-        return logits[:, -1, :]
-
-
-HEAD_KEY = re.compile(r"(.*\.attn\.)heads\.(\d+)\.(query|key|value)\.(weight|bias)$")
-
-
-def looped_to_fused(state: dict, n_head: int) -> dict:
-    """LB-GPT state dict -> SM-GPT: stack every head's query, then key, then value rows into c_attn."""
-    out, prefixes = {}, set()
-    for name, tensor in state.items():
-        m = HEAD_KEY.match(name)
-        if m:
-            prefixes.add((m.group(1), m.group(4)))
-        else:
-            out[name] = tensor
-    for prefix, param in sorted(prefixes):
-        out[f"{prefix}c_attn.{param}"] = torch.cat([state[f"{prefix}heads.{h}.{proj}.{param}"]
-                                                    for proj in ("query", "key", "value") for h in range(n_head)])
-    return out
-
-
-def fused_to_looped(state: dict, n_head: int) -> dict:
-    """SM-GPT state dict -> LB-GPT: the inverse of looped_to_fused, exactly."""
-    out = {}
-    for name, tensor in state.items():
-        if ".attn.c_attn." not in name:
-            out[name] = tensor
-            continue
-        prefix, param = name.split("c_attn.")
-        for i, part in enumerate(tensor.chunk(3 * n_head)):
-            proj, h = ("query", "key", "value")[i // n_head], i % n_head
-            out[f"{prefix}heads.{h}.{proj}.{param}"] = part.clone()
-    return out
-
-
 class FusedGPT(GPT):
+    """GPT with FusedAttention. attn_impl: "sdpa" (torch's scaled_dot_product_attention, flash kernels on
+    GPUs) or "matmul" (the explicit form); kv_cache: sample with a key/value cache."""
+
     attention = FusedAttention
     layout = "fused"
-    use_kv_cache = True
+    run_options = ("attn_impl", "kv_cache")  # config keys the command line passes to __init__
 
-    def configure(self, cfg: dict) -> None:
-        """Apply gpt_.py's own config keys, attn_impl and kv_cache, and gpt.py's (the head mask)."""
-        super().configure(cfg)
+    def __init__(self, config: ModelConfig, attn_impl: str = "sdpa", kv_cache: bool = True):
+        super().__init__(config)
         for block in self.blocks:
-            block.attn.impl = cfg["attn_impl"]
-        self.use_kv_cache = cfg["kv_cache"]
+            block.attn.impl = attn_impl
+        self.use_kv_cache = kv_cache
 
-    def decoder(self) -> Decoder:
-        return CachedDecoder(self) if self.use_kv_cache else Decoder(self)
-
-    def adapt_state_dict(self, state: dict, layout: str) -> dict:
-        return state if layout == self.layout else looped_to_fused(state, self.cfg.n_head)
+    def new_kv_cache(self) -> KVCache | None:
+        """Sampling with this cache runs one pass over the prompt, then one token per step."""
+        return KVCache(self.config.n_layer) if self.use_kv_cache else None
 
 
 if __name__ == "__main__":
-    gpt.main(cls=FusedGPT, script="gpt_")
+    from dualgpt.cli import main
+    main(FusedGPT, script="gpt_")

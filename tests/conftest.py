@@ -1,5 +1,6 @@
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -8,10 +9,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import dualgpt  # noqa: E402
 import gpt  # noqa: E402
+from dualgpt.cli import main  # noqa: E402
+from dualgpt.data import Dataset, resolve_data  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
          "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
+CODE = ["gpt.py", "gpt_.py", "config.py", "dualgpt", "minbpe"]  # what a user's clone runs
 
 
 def make_corpus(n_lines: int, seed: int = 0) -> str:
@@ -27,7 +32,7 @@ def make_corpus(n_lines: int, seed: int = 0) -> str:
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A private root for data/, tokenizers/, model_dict/ and generate_text/."""
-    monkeypatch.setattr(gpt, "HERE", str(tmp_path))
+    monkeypatch.setattr(dualgpt, "ROOT", str(tmp_path))
     return tmp_path
 
 
@@ -51,21 +56,33 @@ def tiny_args(home, corpus, *extra, script="gpt"):
 
 
 def run_main(argv, cls=None, script="gpt"):
-    """gpt.main in-process; returns the exit code (0 when it returns normally)."""
+    """The command line in-process; returns the exit code (0 when it returns normally)."""
     try:
-        if cls is None:
-            gpt.main(argv)
-        else:
-            gpt.main(argv, cls=cls, script=script)
+        main(cls or gpt.GPT, script, argv)
     except SystemExit as e:
         return e.code
     return 0
 
 
+def copy_code(dest) -> None:
+    """The code of a clone (no data, no trained models), so that its output folders are under dest."""
+    for name in CODE:
+        src = os.path.join(ROOT, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        else:
+            shutil.copy(src, dest / name)
+
+
 def run_script(home, args, script="gpt.py", **kwargs):
-    """The script in a subprocess, with its output folders under home."""
-    module = script[:-3]
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import gpt; gpt.HERE = {str(home)!r}; import {module}; "
-            f"gpt.main(sys.argv[1:], cls={'gpt.GPT' if module == 'gpt' else module + '.FusedGPT'}, script={module!r})")
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+    """`python <script> args...` as a user runs it, from a copy of the code in home (its outputs stay there)."""
+    if not (home / script).exists():
+        copy_code(home)
+    return subprocess.Popen([sys.executable, str(home / script), *args], cwd=home, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def dataset(cfg: dict) -> Dataset:
+    """The training data of a run config, as --mode=train builds it."""
+    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
+    return Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"], vocab_size=cfg["vocab_size"])

@@ -6,23 +6,23 @@ import sys
 
 import pytest
 import torch
+from conftest import copy_code, run_main, tiny_args
 
 import gpt
 import gpt_
-from conftest import ROOT, run_main, tiny_args
+from dualgpt.evaluation import evaluate_checkpoint
+from dualgpt.runconfig import load_config
 
 TIMEOUT = 300  # launch, train and tear down must finish well inside this
 
 
 def torchrun(home, script, args, nproc=2):
-    launcher = home / "launch.py"
-    launcher.write_text(
-        f"import sys\nsys.path.insert(0, {ROOT!r})\nimport gpt, gpt_\ngpt.HERE = {str(home)!r}\n"
-        "cls = gpt.GPT if sys.argv[1] == 'gpt' else gpt_.FusedGPT\n"
-        "gpt.main(sys.argv[2:], cls=cls, script=sys.argv[1])\n")
+    """`torchrun --standalone --nproc_per_node=2 <script>.py args...`, on a copy of the code in home."""
+    copy_code(home)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(launcher), script, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+                           str(home / f"{script}.py"), *args], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=env, cwd=home)
 
 
 def records(path, key):
@@ -51,8 +51,8 @@ def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus, scri
     # rank 0's checkpoint loads in one process and evaluates like the single-process one
     results = []
     for ckpt in (ddp_ckpt, single_ckpt):
-        cfg = gpt.load_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
-        results.append(gpt.evaluate_checkpoint(cls, cfg)["val"]["loss"])
+        cfg = load_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
+        results.append(evaluate_checkpoint(cls, cfg)["val"]["loss"])
     assert results[0] == pytest.approx(results[1], abs=1e-4)
     assert len(torch.load(ddp_ckpt, weights_only=True)["rng_cpu"]) == 2  # each rank's dropout stream
 

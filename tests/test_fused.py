@@ -3,10 +3,12 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import run_main, tiny_args
 
 import gpt
 import gpt_
-from conftest import run_main, tiny_args
+from dualgpt import checkpoint, evaluation, sampling
+from dualgpt.runconfig import load_config
 
 CONFIGS = [
     gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True),
@@ -20,9 +22,8 @@ CONFIGS = [
 def pair(cfg, impl, seed=0):
     torch.manual_seed(seed)
     lb = gpt.GPT(cfg)
-    sm = gpt_.FusedGPT(cfg)
-    sm.load_state_dict(sm.adapt_state_dict(lb.state_dict(), "looped"))
-    sm.configure({"attn_impl": impl, "kv_cache": True})
+    sm = gpt_.FusedGPT(cfg, attn_impl=impl, kv_cache=True)
+    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "looped", "fused", cfg.n_head))
     return lb, sm
 
 
@@ -48,10 +49,10 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         model(x, y)[1].backward()
         opt.step()
-    lb_grads = gpt_.looped_to_fused({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
+    lb_grads = checkpoint.looped_to_fused({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
     for name, p in sm.named_parameters():
         assert (p.grad - lb_grads[name]).abs().max().item() <= 1e-6, name
-    mapped = gpt_.looped_to_fused(lb.state_dict(), cfg.n_head)
+    mapped = checkpoint.looped_to_fused(lb.state_dict(), cfg.n_head)
     for name, tensor in sm.state_dict().items():
         assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
 
@@ -60,10 +61,11 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
 def test_round_trip_is_exact(cfg):
     torch.manual_seed(1)
     state = gpt.GPT(cfg).state_dict()
-    fused = gpt_.looped_to_fused(state, cfg.n_head)
+    fused = checkpoint.looped_to_fused(state, cfg.n_head)
     assert gpt_.FusedGPT(cfg).load_state_dict(fused) is not None  # loads with no missing/unexpected keys
-    back = gpt_.fused_to_looped(fused, cfg.n_head)
-    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    back = checkpoint.fused_to_looped(fused, cfg.n_head)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_head_h_is_slice_h_of_fused_projection():
@@ -102,7 +104,7 @@ def test_kv_cache_gives_identical_tokens(settings, impl):
     for cached in (True, False):
         sm.use_kv_cache = cached
         gen = torch.Generator().manual_seed(7)
-        runs.append(torch.cat(list(gpt.generate(sm, prompt, 3 * cfg.block_size, generator=gen, **settings))))
+        runs.append(torch.cat(list(sampling.generate(sm, prompt, 3 * cfg.block_size, generator=gen, **settings))))
     assert torch.equal(runs[0], runs[1])
     assert len(runs[0]) == 3 * cfg.block_size
 
@@ -113,7 +115,7 @@ def test_cached_logits_equal_full_forward():
     sm.eval()
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
     full, _ = sm(ids)
-    decoder = gpt_.CachedDecoder(sm)
+    decoder = sampling.NextTokenLogits(sm)
     for t in range(3, cfg.block_size + 1):
         assert (decoder(ids[:, :t]) - full[:, t - 1]).abs().max().item() <= 1e-5
     assert decoder.cache.length == cfg.block_size
@@ -127,8 +129,8 @@ def test_checkpoints_load_in_both_scripts(home, corpus, capsys):
     results = {}
     for ckpt in ("gpt", "gpt_"):
         for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
-            cfg = gpt.load_config(tiny_args(home, corpus, script=ckpt) + ["--mode=eval"], script)
-            results[ckpt, script] = gpt.evaluate_checkpoint(cls, cfg)["val"]["loss"]
+            cfg = load_config(tiny_args(home, corpus, script=ckpt) + ["--mode=eval"], script)
+            results[ckpt, script] = evaluation.evaluate_checkpoint(cls, cfg)["val"]["loss"]
         assert results[ckpt, "gpt"] == pytest.approx(results[ckpt, "gpt_"], abs=1e-5)
     # and sampling from the other script's checkpoint works, greedily identical
     samples = []

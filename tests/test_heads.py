@@ -4,19 +4,21 @@ import json
 import matplotlib.image
 import pytest
 import torch
+from conftest import run_main, tiny_args
 
 import gpt
 import gpt_
-from conftest import run_main, tiny_args
+from dualgpt import checkpoint, heads
+from dualgpt.runconfig import load_config, model_config, parse_head_mask
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=False)
 
 
-def models(cfg=CFG):
+def models(cfg=CFG, impl="sdpa"):
     torch.manual_seed(0)
     lb = gpt.GPT(cfg).eval()
-    sm = gpt_.FusedGPT(cfg).eval()
-    sm.load_state_dict(sm.adapt_state_dict(lb.state_dict(), "looped"))
+    sm = gpt_.FusedGPT(cfg, attn_impl=impl).eval()
+    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "looped", "fused", cfg.n_head))
     return lb, sm
 
 
@@ -30,8 +32,7 @@ def recorded(model, x):
 
 @pytest.mark.parametrize("impl", ["sdpa", "matmul"])
 def test_recorded_weights_are_causal_distributions_equal_in_both_layouts(impl):
-    lb, sm = models()
-    sm.configure({"attn_impl": impl, "kv_cache": True})
+    lb, sm = models(impl=impl)
     x = torch.randint(0, 300, (2, 16))
     plain, _ = lb(x)
     lb_logits, lb_w = recorded(lb, x)
@@ -57,14 +58,14 @@ def test_empty_mask_changes_nothing():
     x = torch.randint(0, 300, (2, 16))
     before = lb(x)[0], sm(x)[0]
     for model in (lb, sm):
-        model.configure({"head_mask": "", "attn_impl": "sdpa", "kv_cache": True})
-    assert torch.equal(lb(x)[0], before[0]) and torch.equal(sm(x)[0], before[1])
+        model.set_head_mask(parse_head_mask(""))
+    assert torch.equal(lb(x)[0], before[0])
+    assert torch.equal(sm(x)[0], before[1])
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "matmul"])
 def test_masking_changes_logits_the_same_way_in_both_layouts(impl):
-    lb, sm = models()
-    sm.configure({"attn_impl": impl, "kv_cache": True})
+    lb, sm = models(impl=impl)
     x = torch.randint(0, 300, (2, 16))
     base = lb(x)[0]
     for model in (lb, sm):
@@ -96,7 +97,9 @@ def test_bad_head_mask_is_one_line_error(home, corpus, spec, message, capsys):
     capsys.readouterr()
     assert run_main(args + ["--mode=sample", f"--head_mask={spec}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: head_mask") and message in err and err.count("\n") == 1
+    assert err.startswith("error: head_mask")
+    assert message in err
+    assert err.count("\n") == 1
 
 
 def test_head_mask_applies_in_training(home, corpus):
@@ -104,9 +107,9 @@ def test_head_mask_applies_in_training(home, corpus):
     args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--mode=train", "--head_mask=1.0")
     assert run_main(args) == 0
     trained = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)["model"]
-    cfg = gpt.load_config(args, "gpt")
+    cfg = load_config(args, "gpt")
     torch.manual_seed(cfg["seed"])
-    initial = gpt.GPT(gpt.model_config(cfg)).state_dict()
+    initial = gpt.GPT(model_config(cfg, gpt.ModelConfig)).state_dict()
     for name in ("blocks.1.attn.heads.0.key.weight", "blocks.1.attn.heads.0.value.weight"):
         assert torch.equal(trained[name], initial[name])
     assert not torch.equal(trained["blocks.1.attn.heads.1.key.weight"], initial["blocks.1.attn.heads.1.key.weight"])
@@ -124,13 +127,16 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
         path = out_dir / png
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(path)
-        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert image.shape[0] > 100
+        assert image.shape[1] > 100
     report = json.loads((out_dir / "gpt.heads.json").read_text())
     rows = report["heads"]
     assert sorted((r["layer"], r["head"]) for r in rows) == [(layer, h) for layer in range(2) for h in range(2)]
     assert [r["loss_increase"] for r in rows] == sorted((r["loss_increase"] for r in rows), reverse=True)
     for r in rows:
-        assert 0 <= r["previous_token"] <= 1 and 0 <= r["first_token"] <= 1 and r["entropy"] >= 0
+        assert 0 <= r["previous_token"] <= 1
+        assert 0 <= r["first_token"] <= 1
+        assert r["entropy"] >= 0
     # deterministic, and the same from gpt_.py on the same checkpoint
     assert run_main(args + ["--mode=heads"]) == 0
     first = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
@@ -160,7 +166,7 @@ def test_statistics_against_a_hand_made_attention():
         return out
 
     head.forward = fake_forward
-    stats = gpt.head_statistics(lb, [torch.randint(0, 300, (2, T))])
+    stats = heads.head_statistics(lb, [torch.randint(0, 300, (2, T))])
     assert stats["previous_token"][0, 0].item() == pytest.approx(1.0)
     assert stats["first_token"][0, 0].item() == pytest.approx(1 / (T - 1))  # only query 1 looks at token 0
     assert stats["mean_distance"][0, 0].item() == pytest.approx((T - 1) / T)

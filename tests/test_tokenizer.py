@@ -151,8 +151,10 @@ def test_save_load_round_trip(tmp_path, shakespeare_like):
     tok.save(str(tmp_path / "t"))
     other = RegexTokenizer()
     other.load(str(tmp_path / "t.model"))
-    assert other.merges == tok.merges and other.special_tokens == tok.special_tokens
-    assert other.pattern == tok.pattern and other.vocab == tok.vocab
+    assert other.merges == tok.merges
+    assert other.special_tokens == tok.special_tokens
+    assert other.pattern == tok.pattern
+    assert other.vocab == tok.vocab
     s = "ROMEO: thou art<|endoftext|>JULIET: 'tis 🌹"
     assert other.encode(s, allowed_special="all") == tok.encode(s, allowed_special="all")
     vocab_lines = (tmp_path / "t.vocab").read_text(encoding="utf-8").splitlines()
@@ -219,7 +221,9 @@ def test_special_tokens():
     tok.register_special_tokens({"<|endoftext|>": 1000, "<|end|>": 1001})
     text = "hi<|endoftext|>there<|end|>"
     ids = tok.encode(text, allowed_special="all")
-    assert 1000 in ids and 1001 in ids and tok.decode(ids) == text
+    assert 1000 in ids
+    assert 1001 in ids
+    assert tok.decode(ids) == text
     assert tok.encode(text, allowed_special={"<|end|>"}).count(1001) == 1
     assert 1000 not in tok.encode(text, allowed_special={"<|end|>"})
     assert tok.encode(text, allowed_special="none") == tok.encode_ordinary(text)

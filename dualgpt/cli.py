@@ -1,0 +1,57 @@
+"""The command line of gpt.py and gpt_.py: parse the run config, run its mode, turn mistakes into one line."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch.nn as nn
+
+from dualgpt import TrainingDiverged, UserError
+from dualgpt.evaluation import evaluate_checkpoint
+from dualgpt.heads import analyse_heads
+from dualgpt.runconfig import load_config
+from dualgpt.runtime import Distributed
+from dualgpt.sampling import sample
+from dualgpt.train import train
+
+
+def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
+    mode = cfg["mode"]
+    if mode == "auto":
+        if os.path.exists(cfg["ckpt"]):
+            print(f"found {cfg['ckpt']}: sampling from it (train again with --mode=train --overwrite, "
+                  f"or continue with --mode=train --resume)")
+        else:
+            train(model_class, cfg, ddp)
+        mode = "sample"
+    elif mode == "train":
+        train(model_class, cfg, ddp)
+    if ddp.master:  # sampling and analysis run in one process
+        if mode == "sample":
+            sample(model_class, cfg)
+        elif mode == "eval":
+            evaluate_checkpoint(model_class, cfg)
+        elif mode == "heads":
+            analyse_heads(model_class, cfg)
+
+
+def main(model_class: type[nn.Module], script: str, argv: list[str] | None = None) -> None:
+    """`python <script>.py --key=value ...`: exit 2 with one line for a user mistake, 1 if training
+    diverged, 130 after Ctrl-C."""
+    ddp = Distributed()
+    clean = False
+    try:
+        usage = sys.modules[model_class.__module__].__doc__ or ""
+        cfg = load_config(sys.argv[1:] if argv is None else argv, script, usage)
+        ddp.start(cfg["device"])
+        run_mode(model_class, cfg, ddp)
+        clean = True
+    except (UserError, TrainingDiverged) as e:
+        if ddp.master:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        ddp.stop(clean)

@@ -1,0 +1,191 @@
+"""The training text: found or downloaded, tokenized with a cached BPE tokenizer, split 90/10, batched."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import urllib.request
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import config as default_config
+from dualgpt import UserError, repo_path
+from minbpe import RegexTokenizer
+from minbpe.base import atomic_open
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, path: str, sha256: str | None) -> None:
+    """Fetch url to path with a progress bar; checksum verified before the file is kept."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, atomic_open(path, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            h = hashlib.sha256()
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+                for block in iter(lambda: r.read(1 << 16), b""):
+                    f.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+            if sha256 and h.hexdigest() != sha256:
+                raise UserError(f"{url}: checksum mismatch (got sha256 {h.hexdigest()[:16]}..., "
+                                f"expected {sha256[:16]}...); the file was not kept")
+    except OSError as e:
+        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); put the text file at {path} "
+                        f"or pass --data=PATH") from None
+
+
+def resolve_data(data: str, data_url: str, data_sha256: str) -> str:
+    """The local path of the training text, downloading it if it is the default (from data_url, checked
+    against data_sha256) or a URL."""
+    if data.startswith(("http://", "https://")):
+        path = repo_path("data", os.path.basename(data.split("?")[0]) or "download.txt")
+        if not os.path.exists(path):
+            download(data, path, data_sha256 if data == data_url else None)
+        return path
+    if data == default_config.data:  # the default lives in the repo, wherever the script is run from
+        path = repo_path(data)
+        if not os.path.exists(path):
+            download(data_url, path, data_sha256)
+    else:
+        path = os.path.abspath(data)
+    if not os.path.isfile(path):
+        raise UserError(f"data file {data} not found; pass --data=PATH to a UTF-8 text file")
+    return path
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it or pass another --data") from None
+
+
+def load_tokenizer_text(model_text: str) -> RegexTokenizer:
+    """A tokenizer from the .model text stored in a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.model")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write(model_text)
+        tok = RegexTokenizer()
+        tok.load(path)
+    return tok
+
+
+def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) -> tuple[RegexTokenizer, str]:
+    """Train a RegexTokenizer on text, or reuse the one in tokenizers/ for the same data and vocab size.
+    Returns (tokenizer, path of its .model file)."""
+    stem = os.path.splitext(os.path.basename(data_path))[0]
+    prefix = repo_path("tokenizers", f"{stem}_v{vocab_size}_{data_hash[:8]}")
+    tok = RegexTokenizer()
+    if os.path.exists(prefix + ".model"):
+        try:
+            tok.load(prefix + ".model")
+            if len(tok.vocab) == vocab_size:
+                return tok, prefix + ".model"
+        except ValueError as e:
+            print(f"note: retraining the tokenizer ({e})")
+    print(f"training a {vocab_size}-token BPE tokenizer on {os.path.basename(data_path)}")
+    tok.train(text, vocab_size, verbose=True)
+    tok.save(prefix)
+    return tok, prefix + ".model"
+
+
+def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 18) -> np.ndarray:
+    """Encode text in ~256 KB pieces cut just before a letter that starts a line, where the split
+    pattern always breaks, so the ids equal those of one encode() call."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + block, len(text))
+        while end < len(text) and not (text[end - 1] == "\n" and text[end].isalpha()):
+            end += 1
+        pieces.append(text[start:end])
+        start = end
+    dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
+    ids = [np.array(tok.encode_ordinary(p), dtype=dtype)
+           for p in tqdm(pieces, desc="encoding", unit="piece")]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+
+
+class Dataset:
+    """Token ids of the text at path (cached in data/), split 90/10, with random-offset batches.
+
+    The tokenizer is the one given as .model text (a checkpoint's), else one of vocab_size tokens
+    trained on the text (cached in tokenizers/)."""
+
+    def __init__(self, path: str, block_size: int, batch_size: int, device: str, *, vocab_size: int = 0,
+                 tokenizer_text: str | None = None, rank: int = 0, world: int = 1):
+        text = read_text(path)
+        data_hash = sha256_file(path)
+        if tokenizer_text is None:
+            tok, model_path = get_tokenizer(text, path, data_hash, vocab_size)
+            with open(model_path, encoding="utf-8") as f:
+                tokenizer_text = f.read()
+        else:
+            tok = load_tokenizer_text(tokenizer_text)
+        self.tok, self.tokenizer_text = tok, tokenizer_text
+        tok_hash = hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest()
+        stem = os.path.splitext(os.path.basename(path))[0]
+        cache = repo_path("data", f"{stem}_{data_hash[:8]}_{tok_hash[:8]}.npy")
+        if not os.path.exists(cache):
+            ids = encode_with_progress(tok, text)
+            with atomic_open(cache, "wb") as f:
+                np.save(f, ids)
+        ids = np.load(cache, mmap_mode="r")
+        n = int(0.9 * len(ids))
+        self.splits = {"train": ids[:n], "val": ids[n:]}
+        for split, arr in self.splits.items():
+            if len(arr) < block_size + 1:
+                raise UserError(f"{path} is too small: its {split} split has {len(arr)} tokens, fewer than "
+                                f"block_size + 1 = {block_size + 1}; use more text or a smaller --block_size")
+        token_bytes = np.array([len(tok.vocab[i]) for i in range(len(tok.vocab))], dtype=np.int64)
+        # bytes per token of each split: converts loss per token into bits per byte
+        self.bytes_per_token = {s: float(token_bytes[a].sum()) / len(a) for s, a in self.splits.items()}
+        self.block_size, self.batch_size, self.device = block_size, batch_size, device
+        self.rank, self.world = rank, world
+
+    def batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch_size random windows. With several processes every rank draws the same global batch of
+        batch_size x world windows and keeps its own slice, so the samples seen do not depend on the
+        number of processes: 2 ranks of batch b see exactly what 1 process of batch 2b sees."""
+        data, T, b = self.splits[split], self.block_size, self.batch_size
+        offsets = torch.randint(len(data) - T, (b * self.world,), generator=generator)[self.rank * b:(self.rank + 1) * b]
+        offsets = offsets.tolist()
+        xy = torch.from_numpy(np.stack([data[i:i + T + 1] for i in offsets]).astype(np.int64))
+        if self.device.startswith("cuda"):
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
+        else:
+            xy = xy.to(self.device)
+        return xy[:, :-1], xy[:, 1:]
+
+    def windows(self, split: str):
+        """Every token of the split once: non-overlapping block_size windows, in batches."""
+        data, T = self.splits[split], self.block_size
+        starts = list(range(0, len(data) - 1, T))
+        for i in range(0, len(starts), self.batch_size):
+            chunk = [torch.from_numpy(data[s:min(s + T, len(data) - 1) + 1].astype(np.int64))
+                     for s in starts[i:i + self.batch_size]]
+            for xy in chunk:  # the last window may be short; run it on its own
+                if len(xy) != T + 1:
+                    yield xy[None, :-1].to(self.device), xy[None, 1:].to(self.device)
+            full = [xy for xy in chunk if len(xy) == T + 1]
+            if full:
+                xy = torch.stack(full).to(self.device)
+                yield xy[:, :-1], xy[:, 1:]
+
+    def n_windows_batches(self, split: str) -> int:
+        """How many batches windows(split) yields at most (for a progress bar)."""
+        return math.ceil((len(self.splits[split]) - 1) / self.block_size / self.batch_size)
+
+    def bpb(self, loss: float, split: str) -> float:
+        return loss / self.bytes_per_token[split] / math.log(2)

@@ -1,0 +1,64 @@
+"""Losses: over fixed random batches (during training) and over every token of a split (--mode=eval)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from dualgpt.data import Dataset, resolve_data
+from dualgpt.runconfig import model_options, parse_head_mask
+from dualgpt.runtime import autocast
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, data: Dataset, eval_iters: int, seed: int, device: str,
+                  dtype: str) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split; the same batches every time (own generator)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = []
+        for _ in range(eval_iters):
+            x, y = data.batch(split, gen)
+            with autocast(device, dtype):
+                losses.append(model(x, y)[1].item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def full_loss(model: nn.Module, data: Dataset, split: str, device: str, dtype: str) -> float:
+    """Exact mean loss over every token of the split (deterministic)."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in tqdm(data.windows(split), total=data.n_windows_batches(split), desc=f"eval {split}", leave=False):
+        with autocast(device, dtype):
+            loss = model(x, y)[1]
+        total += loss.item() * y.numel()
+        count += y.numel()
+    return total / count
+
+
+def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
+    """For the eval and heads modes: the checkpoint, its best model, and the data encoded with the
+    checkpoint's own tokenizer at its block size."""
+    ckpt = load_checkpoint(cfg["ckpt"])
+    model = model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
+                                  model_options(cfg, model_class))
+    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
+    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
+    return ckpt, model, data
+
+
+def evaluate_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
+    """--mode=eval: loss and bits per byte over the whole train and val splits."""
+    _, model, data = checkpoint_with_data(model_class, cfg)
+    result = {}
+    for split in ("train", "val"):
+        loss = full_loss(model, data, split, cfg["device"], cfg["dtype"])
+        result[split] = {"loss": loss, "bpb": data.bpb(loss, split)}
+        print(f"{split}: loss {loss:.4f}, {result[split]['bpb']:.4f} bits per byte")
+    return result

@@ -1,0 +1,140 @@
+"""Head-level research (--mode=heads): attention maps, per-head statistics, and ablation of one head at a time."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from dualgpt import repo_path
+from dualgpt.evaluation import checkpoint_with_data
+from dualgpt.plots import plot_attention, plot_head_heatmap
+from dualgpt.runconfig import parse_head_mask
+from dualgpt.runtime import autocast
+from dualgpt.sampling import read_prompt
+from minbpe.base import atomic_open, render_token
+
+
+@torch.no_grad()
+def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-head averages over every query position of the batches; each value is (n_layer, n_head)."""
+    sums: dict[str, torch.Tensor] = {}
+    model.record_attention(True)
+    try:
+        for x in batches:
+            model(x)
+            for layer, block in enumerate(model.blocks):
+                att, out = block.attn.recorded()  # (B, nh, T, T), (B, nh, T, hs)
+                T = att.shape[-1]
+                pos = torch.arange(T, device=att.device)
+                stats = {
+                    "entropy": -(att * att.clamp_min(1e-12).log()).sum(-1).mean((0, 2)),
+                    "mean_distance": (att * (pos[:, None] - pos[None, :]).clamp_min(0)).sum(-1).mean((0, 2)),
+                    "previous_token": att[..., 1:, :].diagonal(offset=0, dim1=-2, dim2=-1).mean((0, 2)),
+                    "first_token": att[..., 1:, 0].mean((0, 2)),
+                    "output_norm": out.norm(dim=-1).mean((0, 2)),
+                }
+                for name, value in stats.items():
+                    sums.setdefault(name, torch.zeros(len(model.blocks), value.numel()))[layer] += value.float().cpu()
+    finally:
+        model.record_attention(False)
+    return {name: total / len(batches) for name, total in sums.items()}
+
+
+@torch.no_grad()
+def ablation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], base_mask: set[tuple[int, int]],
+             device: str, dtype: str) -> tuple[float, torch.Tensor]:
+    """Loss over the batches with base_mask's heads off, and its increase when each other head is also
+    switched off alone: (loss, (n_layer, n_head) increases)."""
+
+    def loss() -> float:
+        total = 0.0
+        for x, y in batches:
+            with autocast(device, dtype):
+                total += model(x, y)[1].item()
+        return total / len(batches)
+
+    base = loss()
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    delta = torch.zeros(n_layer, n_head)
+    for layer, head in tqdm([(l, h) for l in range(n_layer) for h in range(n_head)], desc="ablating heads", leave=False):
+        model.set_head_mask(base_mask | {(layer, head)})
+        delta[layer, head] = loss() - base
+    model.set_head_mask(base_mask)
+    return base, delta
+
+
+def recorded_attention(model: nn.Module, ids: list[int], device: str) -> list[torch.Tensor]:
+    """Every layer's attention weights (n_head, T, T) on one sequence of token ids."""
+    model.record_attention(True)
+    try:
+        model(torch.tensor([ids], device=device))
+        return [block.attn.recorded()[0][0] for block in model.blocks]
+    finally:
+        model.record_attention(False)
+
+
+def token_labels(vocab: dict[int, bytes], ids: list[int]) -> list[str]:
+    """Readable axis labels: ␣ for a space, ↵ for a newline."""
+    return [render_token(vocab[i].replace(b"\n", "↵".encode())).replace(" ", "␣") for i in ids]
+
+
+def print_head_table(rows: list[dict]) -> None:
+    print(f"{'head':>6} {'+loss':>8} {'+bpb':>7} {'entropy':>8} {'distance':>9} {'prev tok':>9} "
+          f"{'first tok':>10} {'out norm':>9}")
+    for r in rows:
+        print(f"{r['layer']:>4}.{r['head']:<1} {r['loss_increase']:>+8.4f} {r['bpb_increase']:>+7.3f} "
+              f"{r['entropy']:>8.3f} {r['mean_distance']:>9.2f} {r['previous_token']:>9.3f} "
+              f"{r['first_token']:>10.3f} {r['output_norm']:>9.3f}")
+
+
+def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
+    """--mode=heads: attention maps of a prompt, per-head statistics and ablation over the val split."""
+    ckpt, model, data = checkpoint_with_data(model_class, cfg)
+    model.eval()
+    name = os.path.splitext(os.path.basename(cfg["ckpt"]))[0]
+    prefix = repo_path("generate_text", name)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    n_map = min(64, model.config.block_size)  # beyond ~64 tokens the labels are unreadable
+    if cfg["prompt"]:
+        ids = data.tok.encode(read_prompt(cfg["prompt"]), allowed_special="none")[-n_map:]
+    else:  # an excerpt of the val split
+        ids = data.splits["val"][:n_map].astype(np.int64).tolist()
+    weights = recorded_attention(model, ids, cfg["device"])
+    labels = token_labels(data.tok.vocab, ids)
+    title = f"{name}: attention maps (iteration {ckpt['iter_num']})"
+    files = [prefix + ".heads.png"]
+    plot_attention(weights, labels, title, files[0])
+    if cfg["heads_per_layer"]:
+        for layer, w in enumerate(weights):
+            files.append(f"{prefix}.heads.layer{layer}.png")
+            plot_attention([w], labels, f"{title}, layer {layer}", files[-1])
+
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    batches = [data.batch("val", gen) for _ in range(cfg["eval_iters"])]
+    stats = head_statistics(model, [x for x, _ in batches])
+    base, delta = ablation(model, batches, parse_head_mask(cfg["head_mask"]), cfg["device"], cfg["dtype"])
+    files.append(prefix + ".ablation.png")
+    plot_head_heatmap(delta, f"{name}: val loss increase when one head is switched off",
+                      "val loss increase (nats/token)", files[-1])
+
+    rows = []
+    for layer in range(model.config.n_layer):
+        for head in range(model.config.n_head):
+            row = {"layer": layer, "head": head, "loss_increase": delta[layer, head].item(),
+                   "bpb_increase": data.bpb(delta[layer, head].item(), "val")}
+            row.update({k: v[layer, head].item() for k, v in stats.items()})
+            rows.append(row)
+    rows.sort(key=lambda r: -r["loss_increase"])
+    print(f"val loss {base:.4f} ({data.bpb(base, 'val'):.3f} bpb) over {len(batches)} batches; heads by importance:")
+    print_head_table(rows)
+    report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"], "head_mask": cfg["head_mask"],
+              "val_batches": len(batches), "val_loss": base, "heads": rows}
+    files.append(prefix + ".heads.json")
+    with atomic_open(files[-1], "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    print("wrote " + ", ".join(files))
+    return report

@@ -1,0 +1,116 @@
+"""The run config: config.py's values, the GPU preset, then --key=value overrides, validated once."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+
+import config as default_config
+from dualgpt import UserError, repo_path
+from dualgpt.runtime import resolve_device, resolve_dtype
+
+MODES = ("auto", "train", "sample", "eval", "heads")
+
+
+def defaults() -> dict:
+    """Every lower-case setting of config.py (GPU_PRESET is not one)."""
+    return {k: v for k, v in vars(default_config).items()
+            if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
+
+
+def load_config(argv: list[str], script: str, usage: str = "") -> dict:
+    """The validated run config of `python <script>.py argv...`; --help prints usage and every key."""
+    base = defaults()
+    overrides = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage.strip() + "\n\nconfig keys:\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()))
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; use --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if key not in base:
+            close = difflib.get_close_matches(key, base, n=1)
+            raise UserError(f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else ""))
+        overrides[key] = parse_value(key, value if eq else "true", base[key])
+    cfg = dict(base, **overrides)
+    cfg["device"] = resolve_device(cfg["device"])
+    if cfg["preset"] not in ("auto", "none"):
+        raise UserError(f"preset must be auto or none, got {cfg['preset']!r}")
+    if cfg["preset"] == "auto" and cfg["device"].startswith("cuda"):
+        cfg.update({k: v for k, v in default_config.GPU_PRESET.items() if k not in overrides})
+    cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])
+    cfg["compile"] = cfg["compile"].lower()
+    cfg["script"] = script
+    cfg["ckpt"] = cfg["ckpt"] or repo_path("model_dict", f"{script}.pt")
+    cfg["sample_file"] = cfg["sample_file"] or repo_path("generate_text", f"{script}.txt")
+    validate(cfg)
+    return cfg
+
+
+def parse_value(key: str, value: str, default):
+    try:
+        if isinstance(default, bool):
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise UserError(f"--{key}={value}: expected {type(default).__name__} like {default!r}") from None
+    return value
+
+
+def validate(cfg: dict) -> None:
+    checks = [
+        (cfg["n_embd"] % cfg["n_head"] == 0 if cfg["n_head"] > 0 else False,
+         f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})"),
+        (cfg["n_layer"] >= 1, "n_layer must be at least 1"),
+        (cfg["block_size"] >= 1, "block_size must be at least 1"),
+        (0 <= cfg["dropout"] < 1, f"dropout must be in [0, 1), got {cfg['dropout']}"),
+        (cfg["vocab_size"] >= 256, f"vocab_size must be at least 256 (the byte alphabet), got {cfg['vocab_size']}"),
+        (cfg["batch_size"] >= 1 and cfg["grad_accum_steps"] >= 1, "batch_size and grad_accum_steps must be >= 1"),
+        (cfg["max_iters"] >= 0 and cfg["max_minutes"] >= 0, "max_iters and max_minutes must be >= 0"),
+        (cfg["eval_interval"] >= 1 and cfg["eval_iters"] >= 1 and cfg["log_interval"] >= 1,
+         "eval_interval, eval_iters and log_interval must be >= 1"),
+        (cfg["learning_rate"] > 0 and 0 <= cfg["min_lr"] <= cfg["learning_rate"],
+         "learning_rate must be > 0 and min_lr in [0, learning_rate]"),
+        (cfg["warmup_iters"] >= 0 and cfg["lr_decay_iters"] >= cfg["warmup_iters"],
+         "warmup_iters must be >= 0 and lr_decay_iters >= warmup_iters"),
+        (cfg["temperature"] >= 0, "temperature must be >= 0 (0 = greedy)"),
+        (cfg["top_k"] >= 0, "top_k must be >= 0 (0 = off)"),
+        (0 < cfg["top_p"] <= 1, "top_p must be in (0, 1]"),
+        (cfg["num_samples"] >= 1 and cfg["max_new_tokens"] >= 0, "num_samples must be >= 1, max_new_tokens >= 0"),
+        (cfg["mode"] in MODES, f"mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {cfg['mode']!r}"),
+        (cfg["attn_impl"] in ("sdpa", "matmul"), f"attn_impl must be sdpa or matmul, got {cfg['attn_impl']!r}"),
+        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict each other"),
+        (cfg["compile"] in ("auto", "true", "false"), f"compile must be auto, true or false, got {cfg['compile']!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    parse_head_mask(cfg["head_mask"])
+
+
+def parse_head_mask(spec: str) -> set[tuple[int, int]]:
+    """"0.3,2.1" -> {(0, 3), (2, 1)}: layer.head pairs, numbered from 0."""
+    mask = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        layer, dot, head = item.partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise UserError(f"head_mask: {item!r} is not layer.head (example: --head_mask=0.3,2.1)")
+        mask.add((int(layer), int(head)))
+    return mask
+
+
+def model_config(cfg: dict, config_class: type):
+    """The model's own config (the script's ModelConfig) from the run config's keys of the same names."""
+    return config_class(**{f.name: cfg[f.name] for f in dataclasses.fields(config_class)})
+
+
+def model_options(cfg: dict, model_class: type) -> dict:
+    """The run-time options a model class takes besides its config (gpt_.py: attn_impl, kv_cache)."""
+    return {key: cfg[key] for key in model_class.run_options}
+

@@ -1,0 +1,116 @@
+"""Sampling: next-token logits (with gpt_.py's KV cache where the model has one), top-k/top-p, --mode=sample."""
+from __future__ import annotations
+
+import codecs
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dualgpt import UserError
+from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from dualgpt.data import load_tokenizer_text
+from dualgpt.runconfig import model_options, parse_head_mask
+from dualgpt.runtime import autocast
+from minbpe.base import atomic_open
+
+
+class NextTokenLogits:
+    """Called with the ids so far (B, T), returns the logits of the next token (B, vocab).
+
+    With the model's KV cache (gpt_.py) the first call reads the prompt and each later call only the
+    newest token. Positions are learned and absolute, so once the sequence outgrows block_size the window
+    slides by one token each step and every cached key and value (all computed at their old positions)
+    is stale: each such step re-reads the last block_size tokens, which costs exactly what sampling
+    without a cache costs, and gives the same tokens."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.cache = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        T, block_size = ids.shape[1], self.model.config.block_size
+        if T > block_size:
+            self.cache = None
+            logits, _ = self.model(ids[:, -block_size:])
+        elif self.cache is not None and self.cache.length == T - 1:
+            logits, _ = self.model(ids[:, -1:], cache=self.cache)
+        else:
+            self.cache = self.model.new_kv_cache()  # None for LB-GPT: a plain forward pass
+            logits, _ = self.model(ids, cache=self.cache)
+        return logits[:, -1, :]
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the top-p nucleus."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, generator: torch.Generator | None = None):
+    """Yield max_new_tokens next-token tensors (B,) continuing ids (B, T)."""
+    model.eval()
+    next_token_logits = NextTokenLogits(model)
+    for _ in range(max_new_tokens):
+        logits = next_token_logits(ids).float()
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1)
+        else:
+            probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        yield nxt
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text: as given, or a file's contents for FILE:path; empty starts from a newline."""
+    if prompt.startswith("FILE:"):
+        try:
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read prompt file {prompt[5:]} ({e.__class__.__name__})") from None
+    return prompt or "\n"
+
+
+def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
+    """--mode=sample: stream num_samples continuations of the prompt and write them to sample_file."""
+    ckpt = load_checkpoint(cfg["ckpt"])
+    model = model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
+                                  model_options(cfg, model_class))
+    tok = load_tokenizer_text(ckpt["tokenizer"])
+    prompt = read_prompt(cfg["prompt"])
+    prompt_ids = tok.encode(prompt, allowed_special="none")[-model.config.block_size:]
+    gen = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
+    settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+    header = (f"# {cfg['script']}.py samples from {cfg['ckpt']} (iteration {ckpt['iter_num']}, "
+              f"val loss {ckpt.get('best_val_loss', float('nan')):.4f}); {json.dumps(settings)}\n")
+    samples = []
+    for i in range(cfg["num_samples"]):
+        print(f"--- sample {i + 1}/{cfg['num_samples']} ---")
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
+        print(prompt, end="", flush=True)
+        text = prompt
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=cfg["device"])
+        with autocast(cfg["device"], cfg["dtype"]):
+            for nxt in generate(model, ids, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"], gen):
+                piece = utf8.decode(tok.vocab[int(nxt[0])])
+                text += piece
+                print(piece, end="", flush=True)
+        text += utf8.decode(b"", final=True)
+        print()
+        samples.append(text)
+    with atomic_open(cfg["sample_file"], "w", encoding="utf-8") as f:
+        f.write(header + "".join(f"\n--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples)))
+    print(f"samples written to {cfg['sample_file']}")
+    return samples

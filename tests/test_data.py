@@ -1,0 +1,104 @@
+"""The data pipeline: finding or downloading the text, the tokenizer and token caches, batches, bits per byte."""
+import functools
+import http.server
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import dataset, make_corpus, run_main, tiny_args
+
+from dualgpt import data
+from dualgpt.runconfig import load_config
+from minbpe import RegexTokenizer
+
+
+def test_missing_data_file(home, capsys):
+    assert run_main(["--data=no/such/file.txt", "--mode=train", "--device=cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no/such/file.txt not found" in err
+    assert err.count("\n") == 1
+
+
+def test_offline_download_fails_with_hint(home, corpus, capsys):
+    url = "http://127.0.0.1:9/input.txt"  # nothing listens on the discard port
+    assert run_main(tiny_args(home, corpus) + ["--data=data/input.txt", f"--data_url={url}", "--mode=train"]) == 2
+    err = capsys.readouterr().err
+    assert "could not download" in err
+    assert "--data=PATH" in err
+    assert err.count("\n") == 1
+    assert not (home / "data" / "input.txt").exists()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serves tmp_path/www on 127.0.0.1 (loopback only)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_download_verifies_checksum(home, corpus, http_server, capsys):
+    root, base = http_server
+    (root / "shakes.txt").write_text(corpus.read_text())
+    url = f"{base}/shakes.txt"
+    args = tiny_args(home, corpus) + ["--data=data/input.txt", f"--data_url={url}", "--mode=train"]
+    assert run_main(args + ["--data_sha256=" + "0" * 64]) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not (home / "data" / "input.txt").exists()
+    assert not list((home / "data").glob("*tmp"))
+    cfg = load_config(args + ["--data_sha256=" + data.sha256_file(str(corpus))], "gpt")
+    assert data.resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]) == str(home / "data" / "input.txt")
+    assert (home / "data" / "input.txt").read_text() == corpus.read_text()
+    # --data=URL downloads to data/<name> (checksum only for the canonical URL)
+    cfg = load_config(tiny_args(home, corpus) + [f"--data={url}"], "gpt")
+    assert data.resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]) == str(home / "data" / "shakes.txt")
+
+
+def test_non_utf8_and_too_small(home, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("café".encode("latin-1") * 100)
+    assert run_main([f"--data={bad}", "--mode=train", "--device=cpu"]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    small = tmp_path / "small.txt"
+    small.write_text("To be or not to be. " * 30)
+    assert run_main([f"--data={small}", "--mode=train", "--device=cpu", "--block_size=128", "--vocab_size=260"]) == 2
+    assert "too small" in capsys.readouterr().err
+
+
+def test_piecewise_encoding_equals_one_encode():
+    text = make_corpus(400, seed=3)
+    tok = RegexTokenizer()
+    tok.train(text, 320)
+    ids = data.encode_with_progress(tok, text, block=500)  # forces many pieces
+    assert ids.tolist() == tok.encode_ordinary(text)
+
+
+def test_dataset_cache_split_and_bits_per_byte(home, corpus):
+    cfg = load_config(tiny_args(home, corpus), "gpt")
+    ds = dataset(cfg)
+    assert len(list((home / "tokenizers").glob("*.model"))) == 1
+    caches = list((home / "data").glob("*.npy"))
+    assert len(caches) == 1
+    ids = np.load(caches[0])
+    assert ids.tolist() == ds.tok.encode_ordinary(corpus.read_text())
+    n = int(0.9 * len(ids))
+    assert ds.splits["train"].tolist() == ids[:n].tolist()
+    assert ds.splits["val"].tolist() == ids[n:].tolist()
+    val_bytes = len(ds.tok.decode(ids[n:].tolist()).encode("utf-8"))
+    assert ds.bpb(2.0, "val") == pytest.approx(2.0 * (len(ids) - n) / val_bytes / math.log(2))
+    x, y = ds.batch("train", torch.Generator().manual_seed(0))
+    assert x.shape == (8, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    tokens = sum(y.numel() for _, y in ds.windows("val"))
+    assert tokens == len(ids) - n - 1  # every val token predicted once
+    again = dataset(cfg)  # reuses tokenizer and cache
+    assert len(list((home / "data").glob("*.npy"))) == 1
+    assert again.tok.merges == ds.tok.merges

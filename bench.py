@@ -272,7 +272,74 @@ def bench_quality(args) -> str:
             + table(["configuration", "dtype", "steps", "tokens/s", "MFU", "val loss/token", "val bpb"], rows))
 
 
-SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample, "quality": bench_quality}
+def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) -> float:
+    """Median seconds of a training step (forward, backward, AdamW) after two warm-up steps."""
+    from dualgpt.runtime import autocast, synchronize
+    times = []
+    for step in range(steps + 2):
+        x, y = batches[step % len(batches)]
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            loss = model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def bench_compile(args) -> str:
+    """Eager against compiled training steps for config.py's model in both scripts, at the dtype training would
+    use here, with the compile time from a cold cache; records them for compile=auto (dualgpt/compiling.py)."""
+    import tempfile
+
+    import torch
+
+    import config
+    import gpt
+    import gpt_
+    from dualgpt.compiling import compile_model, machine_name, pays_back_after_s, record_timing, timing_key
+    from dualgpt.runtime import resolve_device, resolve_dtype
+    from dualgpt.train import make_optimizer
+    device = resolve_device("auto")
+    dtype = resolve_dtype("auto", device)
+    shape = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+                 n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+    gen = torch.Generator().manual_seed(0)
+    batches = [tuple(torch.randint(0, shape["vocab_size"], (2, config.batch_size, shape["block_size"]),
+                                   generator=gen).to(device)) for _ in range(4)]
+    rows = []
+    for name, cls in (("LB-GPT (gpt.py)", gpt.GPT), ("SM-GPT (gpt_.py)", gpt_.FusedGPT)):
+        torch.manual_seed(0)
+        model = cls(gpt.ModelConfig(**shape)).to(device)
+        optimizer = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device)
+        eager_s = timed_steps(model, optimizer, batches, args.steps, device, dtype)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dualgpt-inductor-")  # a cold compile
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        compiled = compile_model(model, config.batch_size, shape["block_size"], device, dtype)
+        compile_s = time.perf_counter() - t0
+        compiled_s = timed_steps(compiled, optimizer, batches, args.steps, device, dtype)
+        timing = {"compile_s": compile_s, "eager_step_s": eager_s, "compiled_step_s": compiled_s}
+        record_timing(timing_key(model, device, dtype, config.batch_size), **timing)
+        pays_after = pays_back_after_s(timing)
+        budget_s = config.max_minutes * 60
+        rows.append([name, f"{eager_s * 1000:.1f} ms", f"{compiled_s * 1000:.1f} ms", f"{eager_s / compiled_s:.2f}x",
+                     f"{compile_s:.0f} s", f"{pays_after:.0f} s" if pays_after < float("inf") else "never",
+                     "on" if budget_s >= pays_after else "off"])
+        print(f"  compile {name}: eager {eager_s * 1000:.1f} ms, compiled {compiled_s * 1000:.1f} ms, "
+              f"compiling {compile_s:.0f} s", file=sys.stderr, flush=True)
+    return (f"### torch.compile: {machine_name(device)}, {dtype}, config.py's model ({shape['n_layer']}x{shape['n_head']}"
+            f"x{shape['n_embd']}, block {shape['block_size']}, vocab {shape['vocab_size']}, batch {config.batch_size}), "
+            f"median of {args.steps} steps, compile time from a cold cache\n\n"
+            + table(["script", "eager step", "compiled step", "speed-up", "compiling", "10% more steps in runs of",
+                     f"auto, {config.max_minutes:g}-minute budget"], rows)
+            + "\n\nrecorded in model_dict/compile_timings.json, where compile=auto reads it")
+
+
+SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample, "quality": bench_quality,
+            "compile": bench_compile}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,17 +29,21 @@ bias = False  # biases in Linear layers and LayerNorms
 # --- training -------------------------------------------------------------------------------
 batch_size = 12  # sequences per micro-batch
 grad_accum_steps = 1  # micro-batches per optimizer step
-max_iters = 5000  # optimizer steps (used when max_minutes is 0)
-max_minutes = 5.0  # train for this many minutes instead (evaluation time excluded); the LR schedule follows the clock
+# Training stops at the first limit in force (0 = no limit of that kind). A limit typed on the command line
+# is obeyed, and one that only comes from this file never overrides it: `--max_iters=3000` trains for 3000
+# steps even though max_minutes is set here. The learning rate ends fully decayed at whichever limit ends the run.
+max_iters = 0  # stop after this many optimizer steps
+max_minutes = 5.0  # stop after this many minutes of training (evaluation excluded, compiling included)
 learning_rate = 2e-3  # peak learning rate
 min_lr = 2e-4  # learning rate at the end of the cosine decay
 warmup_iters = 100  # linear warm-up steps
-lr_decay_iters = 5000  # step at which the cosine decay reaches min_lr (usually max_iters)
+lr_decay_iters = 0  # step at which the cosine decay reaches min_lr; 0 = at the end of the run
 weight_decay = 0.1  # AdamW weight decay, applied to weight matrices only
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.99  # AdamW beta2
 grad_clip = 1.0  # clip the gradient norm to this (0 = off)
-eval_interval = 500  # evaluate and checkpoint every this many steps
+eval_interval = 500  # evaluate and checkpoint every this many steps (runs with only a step limit)
+eval_points = 10  # with a time budget: evaluate and checkpoint at this many evenly spaced points of it
 eval_iters = 50  # batches per split in each evaluation
 log_interval = 10  # steps between progress-bar updates of the loss (each update syncs the device)
 seed = 1337  # seeds weights, batches, dropout and sampling
@@ -68,11 +72,49 @@ heads_per_layer = False  # --mode=heads: also write one attention-map PNG per la
 
 # --- paths and mode -------------------------------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
+export_to = ""  # --mode=export: where to write a weights-only copy of ckpt (no optimizer state, half the size)
 sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
 resume = False  # continue training from ckpt
 overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as <ckpt>.bak)
-mode = "auto"  # auto (train if no ckpt, then sample) | train | sample | eval | heads (attention maps, head stats, ablation)
+mode = "auto"  # auto (train if no ckpt, or with --resume/--overwrite; then sample) | train | sample | eval | heads | export
+
+# --- RLHF (rlhf.py) -------------------------------------------------------------------------
+rlhf_stage = "all"  # all (pairs to eval, in order) | pairs | rm | bon | dpo | rloo | ppo | eval | heads (the head study)
+rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from (either script's checkpoint)
+rlhf_script = "gpt_"  # gpt_: SM-GPT (KV-cache sampling, faster) | gpt: LB-GPT (looped heads, for head studies)
+oracle = "sentiment"  # sentiment (a lexicon: half labels, half judges) | verse (ten syllables a line) | module:function
+prompt_tokens = 16  # prompt length: windows of the train split (of the val split for evaluation)
+completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
+label_agreement = 0.75  # how often the noisy labels agree with the oracle, as with human raters (sets tau)
+n_pairs = 2048  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from val-split prompts)
+rm_epochs = 2  # reward model: passes over the pairs
+rm_batch = 64  # reward model: pairs per step
+rm_lr = 3e-4  # reward model: AdamW learning rate
+bon_max_n = 64  # best-of-n for n = 1, 2, 4, ... up to this
+eval_prompts = 256  # val-split prompts that every method is evaluated on
+eval_samples = 2  # completions per evaluation prompt
+dpo_beta = 0.1  # DPO: strength of the pull towards the reference
+dpo_lr = 1e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)
+dpo_epochs = 1  # DPO: passes over the pairs
+dpo_batch = 32  # DPO: pairs per step
+rl_beta = 0.05  # RLOO and PPO: weight of the sequence KL to the base in the reward
+rl_lr = 1e-4  # RLOO and PPO: AdamW learning rate
+rl_steps = 60  # RLOO and PPO: rollout steps
+rl_prompts = 16  # RLOO and PPO: train-split prompts per step
+rl_group = 8  # RLOO and PPO: samples per prompt (each baselined by the mean of the others)
+rl_normalize = False  # RLOO and PPO: divide advantages by their group's std (0 for a group of equal rewards)
+ppo_epochs = 2  # PPO: passes over each step's rollouts
+ppo_minibatches = 4  # PPO: minibatches per pass
+ppo_clip = 0.2  # PPO: clip the probability ratio to [1 - clip, 1 + clip]
+keep_every = 20  # keep each tuned policy every this many steps, so methods can be compared at equal KL
+head_batches = 8  # heads stage: val batches for the attention statistics and map divergence
+head_prompts = 64  # heads stage: val prompts sampled for each head switched off or transplanted
+head_pairs = 128  # heads stage: held-out pairs for the implicit reward margins
+quick = False  # a smaller, faster run: the values in RLHF_QUICK below
 
 # The lecture scale, used on CUDA when preset = "auto".
 GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000, max_minutes=0.0,
-                  lr_decay_iters=5000, learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)
+                  learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)
+
+# rlhf.py --quick: fewer pairs, prompts and steps (keys typed on the command line still win).
+RLHF_QUICK = dict(n_pairs=512, rm_epochs=2, bon_max_n=16, eval_prompts=64, eval_samples=2, rl_steps=20, keep_every=10)

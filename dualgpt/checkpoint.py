@@ -89,6 +89,15 @@ def convert_state_dict(state: dict, layout: str, to_layout: str, n_head: int) ->
 # -----------------------------------------------------------------------------------------
 
 
+def export_weights(ckpt: dict, eval_result: dict) -> dict:
+    """A weights-only copy of a checkpoint for sharing: the best-val weights (stored once, under both names),
+    what sampling, eval and --mode=heads read, and no optimizer or RNG state, so it cannot be resumed.
+    eval_result (its float32 loss over the whole val split) is recorded in it, so it can be checked later."""
+    weights = ckpt["best_model"]
+    keep = ("model_config", "layout", "tokenizer", "iter_num", "train_s", "best_val_loss", "config")
+    return {"model": weights, "best_model": weights, **{k: ckpt[k] for k in keep if k in ckpt}, "eval": eval_result}
+
+
 def build_model(model_class: type[nn.Module], config, head_mask: set[tuple[int, int]] = frozenset(),
                 options: dict | None = None) -> nn.Module:
     """A model of the script's class with the given ModelConfig, switched-off heads and run options."""

@@ -7,7 +7,7 @@ import sys
 import torch.nn as nn
 
 from dualgpt import TrainingDiverged, UserError
-from dualgpt.evaluation import evaluate_checkpoint
+from dualgpt.evaluation import evaluate_checkpoint, export_checkpoint
 from dualgpt.heads import analyse_heads
 from dualgpt.runconfig import load_config
 from dualgpt.runtime import Distributed
@@ -15,24 +15,22 @@ from dualgpt.sampling import sample
 from dualgpt.train import train
 
 
+ONE_PROCESS_MODES = {"sample": sample, "eval": evaluate_checkpoint, "heads": analyse_heads, "export": export_checkpoint}
+
+
 def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
     mode = cfg["mode"]
-    if mode == "auto":
-        if os.path.exists(cfg["ckpt"]):
-            print(f"found {cfg['ckpt']}: sampling from it (train again with --mode=train --overwrite, "
-                  f"or continue with --mode=train --resume)")
+    if mode == "auto":  # train unless a checkpoint is there (or --resume / --overwrite ask to), then sample
+        if os.path.exists(cfg["ckpt"]) and not (cfg["resume"] or cfg["overwrite"]):
+            print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
+                  f"or start over with --overwrite)")
         else:
             train(model_class, cfg, ddp)
         mode = "sample"
     elif mode == "train":
         train(model_class, cfg, ddp)
-    if ddp.master:  # sampling and analysis run in one process
-        if mode == "sample":
-            sample(model_class, cfg)
-        elif mode == "eval":
-            evaluate_checkpoint(model_class, cfg)
-        elif mode == "heads":
-            analyse_heads(model_class, cfg)
+    if ddp.master and mode in ONE_PROCESS_MODES:  # sampling and analysis run in one process
+        ONE_PROCESS_MODES[mode](model_class, cfg)
 
 
 def main(model_class: type[nn.Module], script: str, argv: list[str] | None = None) -> None:

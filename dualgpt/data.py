@@ -9,10 +9,10 @@ import urllib.request
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import config as default_config
 from dualgpt import UserError, repo_path
+from dualgpt.runtime import progress
 from minbpe import RegexTokenizer
 from minbpe.base import atomic_open
 
@@ -31,7 +31,7 @@ def download(url: str, path: str, sha256: str | None) -> None:
         with urllib.request.urlopen(url, timeout=30) as r, atomic_open(path, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             h = hashlib.sha256()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+            with progress(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
                 for block in iter(lambda: r.read(1 << 16), b""):
                     f.write(block)
                     h.update(block)
@@ -83,20 +83,23 @@ def load_tokenizer_text(model_text: str) -> RegexTokenizer:
 
 
 def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) -> tuple[RegexTokenizer, str]:
-    """Train a RegexTokenizer on text, or reuse the one in tokenizers/ for the same data and vocab size.
+    """Train a RegexTokenizer on text, or reuse one for the same data and vocab size: the one a previous run
+    saved in tokenizers/, else the one the repository ships in tokenizers/shipped/ (read, never written).
     Returns (tokenizer, path of its .model file)."""
-    stem = os.path.splitext(os.path.basename(data_path))[0]
-    prefix = repo_path("tokenizers", f"{stem}_v{vocab_size}_{data_hash[:8]}")
+    name = f"{os.path.splitext(os.path.basename(data_path))[0]}_v{vocab_size}_{data_hash[:8]}"
+    prefix = repo_path("tokenizers", name)
+    for candidate in (prefix, repo_path("tokenizers", "shipped", name)):
+        if os.path.exists(candidate + ".model"):
+            tok = RegexTokenizer()
+            try:
+                tok.load(candidate + ".model")
+                if len(tok.vocab) == vocab_size:
+                    return tok, candidate + ".model"
+            except ValueError as e:
+                print(f"note: not using {candidate}.model ({e})")
     tok = RegexTokenizer()
-    if os.path.exists(prefix + ".model"):
-        try:
-            tok.load(prefix + ".model")
-            if len(tok.vocab) == vocab_size:
-                return tok, prefix + ".model"
-        except ValueError as e:
-            print(f"note: retraining the tokenizer ({e})")
     print(f"training a {vocab_size}-token BPE tokenizer on {os.path.basename(data_path)}")
-    tok.train(text, vocab_size, verbose=True)
+    tok.train(text, vocab_size)  # shows a bar when it takes long, on a terminal
     tok.save(prefix)
     return tok, prefix + ".model"
 
@@ -113,8 +116,18 @@ def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 18) -
         start = end
     dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
     ids = [np.array(tok.encode_ordinary(p), dtype=dtype)
-           for p in tqdm(pieces, desc="encoding", unit="piece")]
+           for p in progress(pieces, desc="encoding", unit="piece")]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
+
+
+def check_size(path: str, block_size: int) -> None:
+    """Fail before the slow steps (tokenizer training, encoding) when the text cannot fill one val window:
+    a token is at least one byte, so n bytes give at most n - int(0.9 n) val tokens."""
+    n_bytes = os.path.getsize(path)
+    most_val_tokens = n_bytes - int(0.9 * n_bytes)
+    if most_val_tokens < block_size + 1:
+        raise UserError(f"{path} is too small: {n_bytes} bytes make at most {most_val_tokens} val tokens, fewer than "
+                        f"block_size + 1 = {block_size + 1}; use more text or a smaller --block_size")
 
 
 class Dataset:
@@ -126,6 +139,7 @@ class Dataset:
     def __init__(self, path: str, block_size: int, batch_size: int, device: str, *, vocab_size: int = 0,
                  tokenizer_text: str | None = None, rank: int = 0, world: int = 1):
         text = read_text(path)
+        check_size(path, block_size)
         data_hash = sha256_file(path)
         if tokenizer_text is None:
             tok, model_path = get_tokenizer(text, path, data_hash, vocab_size)

@@ -1,14 +1,16 @@
 """Losses: over fixed random batches (during training) and over every token of a split (--mode=eval)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from dualgpt import UserError
+from dualgpt.checkpoint import export_weights, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.runconfig import model_options, parse_head_mask
-from dualgpt.runtime import autocast
+from dualgpt.runtime import autocast, progress
 
 
 @torch.no_grad()
@@ -34,7 +36,7 @@ def full_loss(model: nn.Module, data: Dataset, split: str, device: str, dtype: s
     """Exact mean loss over every token of the split (deterministic)."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in tqdm(data.windows(split), total=data.n_windows_batches(split), desc=f"eval {split}", leave=False):
+    for x, y in progress(data.windows(split), total=data.n_windows_batches(split), desc=f"eval {split}", leave=False):
         with autocast(device, dtype):
             loss = model(x, y)[1]
         total += loss.item() * y.numel()
@@ -62,3 +64,19 @@ def evaluate_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
         result[split] = {"loss": loss, "bpb": data.bpb(loss, split)}
         print(f"{split}: loss {loss:.4f}, {result[split]['bpb']:.4f} bits per byte")
     return result
+
+
+def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
+    """--mode=export: a weights-only copy of ckpt at export_to, with its float32 loss over the whole val split."""
+    if not cfg["export_to"]:
+        raise UserError("--mode=export needs --export_to=PATH for the weights-only copy")
+    if os.path.abspath(cfg["export_to"]) == os.path.abspath(cfg["ckpt"]):
+        raise UserError("--export_to must differ from --ckpt (the export keeps no optimizer state to resume from)")
+    ckpt, model, data = checkpoint_with_data(model_class, cfg)
+    loss = full_loss(model, data, "val", cfg["device"], "float32")
+    eval_result = {"val_loss": loss, "val_bpb": data.bpb(loss, "val"), "dtype": "float32"}
+    os.makedirs(os.path.dirname(os.path.abspath(cfg["export_to"])), exist_ok=True)
+    save_checkpoint(cfg["export_to"], export_weights(ckpt, eval_result))
+    print(f"exported the best weights of {cfg['ckpt']} (iteration {ckpt['iter_num']}) to {cfg['export_to']}: "
+          f"val loss {loss:.4f}, {eval_result['val_bpb']:.4f} bits per byte (float32, whole val split)")
+    return eval_result

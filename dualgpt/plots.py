@@ -24,15 +24,30 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
+def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average, bias-corrected so the first points are not pulled towards 0."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta ** i))
+    return out
+
+
 def plot_losses(log_file: str, path: str, title: str) -> None:
-    """Train and val bits per byte against training minutes, from the JSON-lines log."""
+    """Bits per byte against training minutes, from the JSON-lines log: the train and val evaluations, and
+    the loss of the logged training steps (smoothed)."""
     plt = pyplot()
     with open(log_file, encoding="utf-8") as f:
-        evals = [r for r in map(json.loads, f) if "val_bpb" in r]
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if "val_bpb" in r]
+    steps = [r for r in records if "bpb" in r]
     minutes = [r["train_s"] / 60 for r in evals]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train")
-    ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val")
+    if steps:
+        ax.plot([r["train_s"] / 60 for r in steps], smoothed([r["bpb"] for r in steps]), linewidth=1, alpha=0.6,
+                color="grey", label="training steps (batch loss, smoothed)")
+    ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train (evaluation)")
+    ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val (evaluation)")
     ax.set_xlabel("training time, minutes (evaluation excluded)")
     ax.set_ylabel("bits per byte")
     ax.set_title(title)
@@ -80,5 +95,101 @@ def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str, f
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+METHOD_COLOURS = {"dpo": "tab:blue", "rloo": "tab:green", "ppo": "tab:red"}
+
+
+def plot_gold_against_kl(report: dict, path: str) -> None:
+    """The oracle's score against sqrt(KL to the base): best-of-n's curve, and every method's kept checkpoints
+    in training order, so that methods are compared at equal KL, not at equal steps."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    bon = report["bon_curve"]
+    if bon:
+        ax.plot([b["kl"] ** 0.5 for b in bon], [b["gold"] for b in bon], color="black", marker="s", label="best-of-n")
+        for b in bon:
+            ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b["gold"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    for method, points in report["curves"].items():
+        ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p["gold"] for p in points], marker="o", alpha=0.8,
+                color=METHOD_COLOURS.get(method), label=f"{method} (kept checkpoints)")
+    for row in report["rows"]:
+        if row["method"] in METHOD_COLOURS or row["method"] == "base":
+            ax.errorbar(max(row["kl"], 0.0) ** 0.5, row["gold"], yerr=row["gold_ci"], fmt="*", markersize=12,
+                        color=METHOD_COLOURS.get(row["method"], "grey"), label=f"{row['method']} (final, 95% interval)")
+    ax.set_xlabel("sqrt(KL to the base), sqrt(nats per sequence)")
+    ax.set_ylabel("oracle score (mean over held-out prompts)")
+    ax.set_title(f"oracle {report['oracle']}: score against distance from the base")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_proxy_against_gold(report: dict, path: str) -> None:
+    """The reward model's score (the proxy that RL optimises) against the oracle's, along training: where the
+    proxy keeps rising and the oracle does not, the policy is over-optimising the reward model."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    bon = report["bon_curve"]
+    if bon:
+        ax.plot([b["rm"] for b in bon], [b["gold"] for b in bon], color="black", marker="s", label="best-of-n, n = 1 ... ")
+    for method, points in report["curves"].items():
+        xs, ys = [p["rm"] for p in points], [p["gold"] for p in points]
+        ax.plot(xs, ys, marker="o", color=METHOD_COLOURS.get(method), label=f"{method}, kept checkpoints in order")
+        if points:
+            ax.annotate(f"step {points[-1]['step']}", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("reward-model score (proxy)")
+    ax.set_ylabel("oracle score (gold)")
+    ax.set_title(f"oracle {report['oracle']}: proxy against gold over training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str, path: str) -> list[tuple[int, int]]:
+    """Rows of layer x head heatmaps, one value written in each cell: rows[i] = (row label, [(panel title,
+    values (n_layer, n_head)), ...]). Returns the shape of every heatmap drawn."""
+    plt = pyplot()
+    n_rows, n_cols = len(rows), max(len(panels) for _, panels in rows)
+    n_layer, n_head = rows[0][1][0][1].shape
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * (0.8 * n_head + 1.8), n_rows * (0.7 * n_layer + 1.4)),
+                             squeeze=False, layout="constrained")
+    drawn = []
+    for i, (label, panels) in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            if j >= len(panels):
+                ax.axis("off")
+                continue
+            name, values = panels[j]
+            grid = values.float().numpy()
+            limit = max(abs(grid.min()), abs(grid.max()), 1e-12)
+            signed = grid.min() < 0
+            ax.imshow(grid, cmap="RdBu_r" if signed else "magma", vmin=-limit if signed else 0, vmax=limit)
+            for (layer, head), value in np.ndenumerate(grid):
+                ax.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7, color="grey")
+            ax.set_xticks(range(grid.shape[1]))
+            ax.set_yticks(range(grid.shape[0]))
+            ax.set_title(f"{label}: {name}", fontsize=8)
+            drawn.append(grid.shape)
+    fig.suptitle(title, fontsize=11)
+    save_figure(fig, path)
+    return drawn
+
+
+def plot_lines(series: dict[str, list[float]], xlabel: str, ylabel: str, title: str, path: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, values in series.items():
+        ax.plot(range(len(values)), values, marker=".", label=name, color=METHOD_COLOURS.get(name))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     save_figure(fig, path)

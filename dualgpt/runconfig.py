@@ -8,7 +8,8 @@ import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.runtime import resolve_device, resolve_dtype
 
-MODES = ("auto", "train", "sample", "eval", "heads")
+MODES = ("auto", "train", "sample", "eval", "heads", "export")
+LIMITS = {"max_iters", "max_minutes"}
 
 
 def defaults() -> dict:
@@ -38,6 +39,8 @@ def load_config(argv: list[str], script: str, usage: str = "") -> dict:
         raise UserError(f"preset must be auto or none, got {cfg['preset']!r}")
     if cfg["preset"] == "auto" and cfg["device"].startswith("cuda"):
         cfg.update({k: v for k, v in default_config.GPU_PRESET.items() if k not in overrides})
+    if LIMITS & overrides.keys():  # a typed limit is obeyed: limits the user did not type are off
+        cfg.update({key: 0 for key in LIMITS - overrides.keys()})
     cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])
     cfg["compile"] = cfg["compile"].lower()
     cfg["script"] = script
@@ -73,12 +76,14 @@ def validate(cfg: dict) -> None:
         (cfg["vocab_size"] >= 256, f"vocab_size must be at least 256 (the byte alphabet), got {cfg['vocab_size']}"),
         (cfg["batch_size"] >= 1 and cfg["grad_accum_steps"] >= 1, "batch_size and grad_accum_steps must be >= 1"),
         (cfg["max_iters"] >= 0 and cfg["max_minutes"] >= 0, "max_iters and max_minutes must be >= 0"),
-        (cfg["eval_interval"] >= 1 and cfg["eval_iters"] >= 1 and cfg["log_interval"] >= 1,
-         "eval_interval, eval_iters and log_interval must be >= 1"),
+        (cfg["max_iters"] or cfg["max_minutes"] or cfg["mode"] not in ("auto", "train"),
+         "no training limit: set --max_iters=STEPS or --max_minutes=MINUTES (0 means no limit of that kind)"),
+        (min(cfg["eval_interval"], cfg["eval_points"], cfg["eval_iters"], cfg["log_interval"]) >= 1,
+         "eval_interval, eval_points, eval_iters and log_interval must be >= 1"),
         (cfg["learning_rate"] > 0 and 0 <= cfg["min_lr"] <= cfg["learning_rate"],
          "learning_rate must be > 0 and min_lr in [0, learning_rate]"),
-        (cfg["warmup_iters"] >= 0 and cfg["lr_decay_iters"] >= cfg["warmup_iters"],
-         "warmup_iters must be >= 0 and lr_decay_iters >= warmup_iters"),
+        (cfg["warmup_iters"] >= 0 and (cfg["lr_decay_iters"] == 0 or cfg["lr_decay_iters"] >= cfg["warmup_iters"]),
+         "warmup_iters must be >= 0 and lr_decay_iters 0 (the end of the run) or >= warmup_iters"),
         (cfg["temperature"] >= 0, "temperature must be >= 0 (0 = greedy)"),
         (cfg["top_k"] >= 0, "top_k must be >= 0 (0 = off)"),
         (0 < cfg["top_p"] <= 1, "top_p must be in (0, 1]"),

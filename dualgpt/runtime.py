@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 
@@ -31,7 +32,13 @@ def resolve_device(device: str) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32 matmul rate."""
+    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32 matmul rate;
+    elsewhere bf16 is emulated and far slower than float32. Asks oneDNN, which runs the matmuls (and honours
+    ONEDNN_MAX_CPU_ISA), else reads the CPU flags."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -62,18 +69,69 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str, dtype: str) -> float:
-    """This machine's measured matmul rate (FLOP/s) for the dtype: the denominator of MFU."""
-    n, reps = 2048, 4
+def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured matmul rate (FLOP/s) for the dtype: the denominator of MFU.
+
+    The size grows from 256 until one product takes 5 ms (so a CPU that only emulates bf16 spends a
+    fraction of a second here, not a minute), and the rate is the best of several timings, since a single
+    one varies by 1.5x on a busy machine. A size that small can understate the peak a little; training's
+    Meter raises it if a faster rate is ever seen, so MFU stays at most 100%."""
     gen = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams untouched
-    a, b = (torch.randn(n, n, device=device, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
-    a @ b
-    synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    n, best = 256, 0.0
+    while True:
+        a, b = (torch.randn(n, n, device=device, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
+        a @ b  # warm-up
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+        if n >= max_n or 2 * n ** 3 / best > 0.005:
+            return best
+        n *= 2
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar on a terminal; none when the output goes to a file or pipe, where its carriage-return
+    updates would pile up in the log."""
+    return tqdm(iterable, disable=None, **kwargs)
+
+
+class PlainProgress:
+    """The training bar for logs (output not a terminal): the same facts as plain lines, every every_s
+    seconds. Same interface as the tqdm bar the loop uses: update(), set_postfix(), close(), n, total."""
+
+    def __init__(self, total: float, initial: float, unit: str, every_s: float = 30.0, disable: bool = False):
+        self.total, self.n, self.unit, self.every_s, self.disable = total, initial, unit, every_s, disable
+        self.postfix: dict = {}
+        self.last = time.perf_counter()
+
+    def update(self, n: float) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.every_s:
+            self.print()
+
+    def set_postfix(self, **postfix) -> None:
+        self.postfix = postfix
+
+    def print(self) -> None:
+        self.last = time.perf_counter()
+        if not self.disable:
+            details = " ".join(f"{k}={v}" for k, v in self.postfix.items())
+            print(f"training: {self.n:.0f}/{self.total:.0f} {self.unit} {details}".rstrip(), flush=True)
+
+    def close(self) -> None:
+        self.print()
+
+
+def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tqdm | PlainProgress:
+    """The training progress bar: in seconds of the time budget (timed) or in steps."""
+    if not sys.stderr.isatty():
+        return PlainProgress(total, initial, "s" if timed else "it", disable=disable)
+    return tqdm(total=total, initial=initial, desc="training", unit="s" if timed else "it", dynamic_ncols=True,
+                disable=disable, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]"
+                if timed else None)
 
 
 class Distributed:

@@ -15,30 +15,52 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from dualgpt import TrainingDiverged, UserError
 from dualgpt.checkpoint import build_model, load_checkpoint, log_path, save_checkpoint
+from dualgpt.compiling import compile_model, load_timing, should_compile, timing_key
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import estimate_loss
 from dualgpt.plots import plot_losses
 from dualgpt.runconfig import model_config, model_options, parse_head_mask
-from dualgpt.runtime import Distributed, StopRequest, autocast, matmul_peak
+from dualgpt.runtime import Distributed, StopRequest, autocast, matmul_peak, training_bar
 
 
 @dataclasses.dataclass
 class TrainState:
     """Where a run is: what a checkpoint stores besides weights, optimizer and RNG states."""
     iter_num: int = 0
-    train_s: float = 0.0  # seconds spent in training steps (and compiling), not in evaluation
+    train_s: float = 0.0  # seconds spent in training steps and compiling (not in evaluation): the budget's clock
+    compile_s: float = 0.0  # of which compiling: the learning-rate schedule's clock leaves it out
     best_val: float = math.inf
     best_state: dict | None = None  # the weights of the best val loss so far, on the CPU
+    next_eval_s: float = 0.0  # with a time budget: the training time at which the next evaluation is due
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """When a run ends: after max_iters steps or budget_s seconds of training, whichever comes first
+    (0 = no limit of that kind)."""
+    max_iters: int
+    budget_s: float
+
+    def reached(self, state: TrainState) -> bool:
+        return bool(self.max_iters and state.iter_num >= self.max_iters
+                    or self.budget_s and state.train_s >= self.budget_s)
+
+    def describe(self) -> str:
+        minutes = f"{self.budget_s / 60:g} minutes" if self.budget_s else ""
+        steps = f"{self.max_iters} steps" if self.max_iters else ""
+        if minutes and steps:
+            return f"training for {minutes} or {steps}, whichever comes first"
+        return f"training for {minutes or steps}"
 
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """Linear warm-up over warmup_iters steps, then cosine decay to min_lr: at step decay_iters, or, with a
-    time budget (budget_s > 0), at the end of the budget, following the clock."""
+    """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows the run's
+    progress: the fraction of decay_iters steps done, or of the time budget budget_s (the clock), whichever
+    is further along (0 = not in force), so it ends fully decayed at whichever limit ends the run."""
     learning_rate: float
     min_lr: float
     warmup_iters: int
@@ -48,16 +70,18 @@ class LRSchedule:
     def __call__(self, it: int, train_s: float = 0.0) -> float:
         if it < self.warmup_iters:
             return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
-        if self.budget_s:
-            progress = train_s / self.budget_s
-        else:
-            progress = (it - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
+        progress = max((it - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters) if self.decay_iters else 0,
+                       train_s / self.budget_s if self.budget_s else 0)
         if progress >= 1:
             return self.min_lr
         return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - self.min_lr)
 
 
 def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
+    """Micro-batches per optimizer step on each process: grad_accum_steps shared out across the processes,
+    or one each when there are more processes than grad_accum_steps (a step then holds world batches)."""
+    if grad_accum_steps < world:
+        return 1
     if grad_accum_steps % world:
         raise UserError(f"grad_accum_steps={grad_accum_steps} cannot be split across {world} processes; "
                         f"use a multiple of {world} (each process runs grad_accum_steps / {world} micro-steps)")
@@ -81,43 +105,14 @@ def make_optimizer(model: nn.Module, weight_decay: float, learning_rate: float, 
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
 
 
-def should_compile(compile: str, max_minutes: float, max_iters: int, device: str) -> bool:
-    """compile=auto: only where compiling pays back within the run. Measured on a 2-core CPU at the default
-    shape: about 26 s to compile, then 1.47x faster steps, so it breaks even after about 80 s of training."""
-    if compile != "auto":
-        return compile == "true"
-    if max_minutes:
-        return max_minutes >= 2
-    return device.startswith("cuda") and max_iters >= 1000
-
-
-def compile_model(model: nn.Module, batch_size: int, block_size: int, device: str, dtype: str) -> nn.Module:
-    """torch.compile the model and compile it now, on a dummy batch with the RNG state put back (so a resumed
-    run stays exact); if compiling fails (no C++ compiler, an unsupported platform) train without it."""
-    compiled = torch.compile(model)
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state() if device.startswith("cuda") else None
-    try:
-        x = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
-        with autocast(device, dtype):
-            loss = compiled(x, x)[1]
-        loss.backward()
-        return compiled
-    except Exception as e:  # any compiler failure: eager training still works
-        tqdm.write(f"note: torch.compile failed ({e.__class__.__name__}: {str(e).splitlines()[0][:100]}); "
-                   f"training without it (--compile=false skips the attempt)")
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1])
-
-
 def check_previous_run(path: str, layout: str, model_config_values: dict, resume: bool, overwrite: bool,
                        ddp: Distributed) -> dict | None:
     """The checkpoint to resume, or None for a fresh run (which never silently replaces one)."""
     if resume:
         ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path} holds weights only (no optimizer state), so it cannot be resumed; sample, eval "
+                            f"or study heads with it, or train a new model with --ckpt=ANOTHER_PATH")
         if ckpt["layout"] != layout:
             raise UserError(f"{path} was written with {ckpt['layout']} attention; resume it with that script "
                             f"(sample and eval work from either)")
@@ -139,7 +134,7 @@ def check_previous_run(path: str, layout: str, model_config_values: dict, resume
 
 
 def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, batch_gen: torch.Generator,
-            ddp: Distributed, device: str, seed: int) -> TrainState:
+            ddp: Distributed, device: str, seed: int, eval_every_s: float) -> TrainState:
     """Weights, optimizer and RNG streams of a checkpoint, so the run continues exactly where it stopped."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -150,18 +145,28 @@ def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, batc
             torch.cuda.set_rng_state(ckpt["rng_cuda"][ddp.rank])
     else:
         torch.manual_seed(seed + ddp.rank + ckpt["iter_num"])
-    return TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt["best_val_loss"], ckpt["best_model"])
+    state = TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt.get("compile_s", 0.0), ckpt["best_val_loss"],
+                       ckpt["best_model"])
+    state.next_eval_s = next_evaluation(state.train_s, eval_every_s)
+    return state
+
+
+def next_evaluation(train_s: float, eval_every_s: float) -> float:
+    """With a time budget, evaluations fall on multiples of eval_every_s: the next one after train_s."""
+    return (math.floor(train_s / eval_every_s) + 1) * eval_every_s if eval_every_s else 0.0
 
 
 def evaluate(model: nn.Module, data: Dataset, state: TrainState, eval_iters: int, seed: int, device: str,
-             dtype: str, ddp: Distributed) -> dict[str, float]:
-    """Train and val loss over fixed batches, averaged across processes; keeps the best val weights."""
+             dtype: str, ddp: Distributed, eval_every_s: float) -> dict[str, float]:
+    """Train and val loss over fixed batches, averaged across processes; keeps the best val weights and
+    schedules the next evaluation of a time budget."""
     losses = {k: ddp.mean(v, device) for k, v in estimate_loss(model, data, eval_iters, seed, device, dtype).items()}
     if not all(math.isfinite(v) for v in losses.values()):
         raise TrainingDiverged(f"loss is {losses['train']} at iteration {state.iter_num}")
     if losses["val"] < state.best_val:
         state.best_val = losses["val"]
         state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state.next_eval_s = next_evaluation(state.train_s, eval_every_s)
     return losses
 
 
@@ -176,7 +181,7 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: T
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "best_model": state.best_state if state.best_state is not None else model.state_dict(),
         "best_val_loss": state.best_val, "model_config": dataclasses.asdict(model.config), "layout": model.layout,
-        "config": dict(run_config), "iter_num": state.iter_num, "train_s": state.train_s,
+        "config": dict(run_config), "iter_num": state.iter_num, "train_s": state.train_s, "compile_s": state.compile_s,
         "tokenizer": data.tokenizer_text, "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
         "rng_batches": batch_gen.get_state(),
     })
@@ -216,7 +221,8 @@ def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) 
 
 
 class Meter:
-    """Tokens per second and MFU of the training steps since the last log point."""
+    """Tokens per second and MFU of the training steps since the last log point. MFU never exceeds 100%: a
+    faster rate than the measured matmul peak raises the peak (the machine can evidently do that)."""
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
@@ -228,9 +234,10 @@ class Meter:
     def read(self) -> tuple[float, float]:
         """(tokens/s, MFU) since the last read."""
         self.tokens_per_s = self.steps * self.tokens_per_step / self.seconds
-        mfu = self.steps * self.flops_per_step / self.seconds / self.peak
+        flops_per_s = self.steps * self.flops_per_step / self.seconds
+        self.peak = max(self.peak, flops_per_s)
         self.steps, self.seconds = 0, 0.0
-        return self.tokens_per_s, mfu
+        return self.tokens_per_s, flops_per_s / self.peak
 
 
 def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = None) -> None:
@@ -251,53 +258,59 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
     optimizer = make_optimizer(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device)
     torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
     batch_gen = torch.Generator().manual_seed(cfg["seed"])  # shared: every rank draws the global batch
+    limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
+    eval_every_s = limits.budget_s / cfg["eval_points"]  # with a time budget; else every eval_interval steps
     # restore: continue exactly where a checkpoint stopped
     state = TrainState()
     if resume_ckpt is not None:
-        state = restore(resume_ckpt, model, optimizer, batch_gen, ddp, device, cfg["seed"])
+        state = restore(resume_ckpt, model, optimizer, batch_gen, ddp, device, cfg["seed"], eval_every_s)
         ddp.print(f"resuming {path} at iteration {state.iter_num}")
     resumed_at = state.iter_num if resume_ckpt is not None else None  # that checkpoint already holds this evaluation
 
-    budget_s = cfg["max_minutes"] * 60  # 0: stop at max_iters instead
     tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
     meter = Meter(tokens_per_step, flops_per_token(model) * tokens_per_step, matmul_peak(device, dtype) * ddp.world)
-    ddp.print(f"{cfg['script']}.py: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device} "
-              f"{dtype} (matmul peak {meter.peak / 1e9:,.0f} GFLOP/s), {len(data.splits['train']):,} train / "
-              f"{len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step (batch_size "
-              f"{cfg['batch_size']} x grad_accum_steps {micro_steps} x {ddp.world} processes x block_size "
-              f"{cfg['block_size']}); " + (f"training for {cfg['max_minutes']:g} minutes" if budget_s
-                                           else f"training for {cfg['max_iters']} steps"))
+    ddp.print(describe_run(cfg["script"], model, device, dtype, meter.peak, data, cfg["batch_size"], cfg["grad_accum_steps"],
+                           micro_steps, ddp.world, cfg["block_size"], limits))
     train_model = model
-    if should_compile(cfg["compile"], cfg["max_minutes"], cfg["max_iters"], device):
+    timing = load_timing(timing_key(model, device, dtype, cfg["batch_size"]))
+    compiling, reason = should_compile(cfg["compile"], limits.budget_s, limits.max_iters, timing)
+    if reason:
+        ddp.print(reason)
+    if compiling:
         t_compile = time.perf_counter()
         ddp.print("compiling the model (torch.compile; the time counts against the budget)")
         train_model = compile_model(model, cfg["batch_size"], cfg["block_size"], device, dtype)
-        state.train_s += time.perf_counter() - t_compile
+        compile_s = time.perf_counter() - t_compile
+        state.compile_s += compile_s
+        state.train_s += compile_s
     if ddp.active:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None)
     scaler = torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda"))
-    schedule = LRSchedule(cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"], budget_s)
-    lr, t_start = schedule(state.iter_num, state.train_s), time.time()
-    bar = tqdm(total=round(budget_s) if budget_s else cfg["max_iters"],
-               initial=round(state.train_s) if budget_s else state.iter_num, desc="training",
-               unit="s" if budget_s else "it", dynamic_ncols=True, disable=not ddp.master,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]" if budget_s else None)
+    # the schedule's clock counts training steps only: compiling counts against the budget but does not age the
+    # learning rate (else a 60 s compile in a 3-minute budget starts the cosine a third of the way down)
+    schedule = LRSchedule(cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"] or
+                          cfg["max_iters"], max(limits.budget_s - state.compile_s, 1e-9) if limits.budget_s else 0.0)
+    lr, t_start = schedule(state.iter_num, state.train_s - state.compile_s), time.time()
+    timed = bool(limits.budget_s)  # the bar counts seconds of the budget, else steps
+    bar = training_bar(limits.budget_s if timed else limits.max_iters, state.train_s if timed else state.iter_num,
+                       timed, disable=not ddp.master)
     try:
         with StopRequest() as stop:
             while True:
-                # stop at the limit, or after Ctrl-C: every rank at the same step
-                done = state.train_s >= budget_s if budget_s else state.iter_num >= cfg["max_iters"]
-                done, stopping = ddp.agree(done, stop.requested, device=device)
-                # evaluate every eval_interval steps and at the end, then checkpoint what was evaluated
-                if (state.iter_num % cfg["eval_interval"] == 0 or done) and state.iter_num != resumed_at:
-                    losses = evaluate(model, data, state, cfg["eval_iters"], cfg["seed"], device, dtype, ddp)
-                    record = {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                              "train_bpb": data.bpb(losses["train"], "train"), "val_bpb": data.bpb(losses["val"], "val"),
-                              "lr": lr, "tokens_per_s": meter.tokens_per_s}
-                    log(ddp, log_file, record, state, t_start)
+                # stop at a limit, or after Ctrl-C: every rank at the same step
+                done, stopping = ddp.agree(limits.reached(state), stop.requested, device=device)
+                # evaluate on schedule and at the end, then checkpoint what was evaluated
+                due = state.train_s >= state.next_eval_s if timed else state.iter_num % cfg["eval_interval"] == 0
+                if (due or done) and state.iter_num != resumed_at:
+                    losses = evaluate(model, data, state, cfg["eval_iters"], cfg["seed"], device, dtype, ddp, eval_every_s)
+                    log(ddp, log_file, {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                        "train_bpb": data.bpb(losses["train"], "train"),
+                                        "val_bpb": data.bpb(losses["val"], "val"), "lr": lr,
+                                        "tokens_per_s": meter.tokens_per_s}, state, t_start)
                     ddp.print(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss {losses['train']:.4f} "
-                              f"({record['train_bpb']:.3f} bpb), val loss {losses['val']:.4f} ({record['val_bpb']:.3f} bpb)")
+                              f"({data.bpb(losses['train'], 'train'):.3f} bpb), val loss {losses['val']:.4f} "
+                              f"({data.bpb(losses['val'], 'val'):.3f} bpb)")
                     save(path, model, optimizer, state, batch_gen, data, cfg, ddp, device)
                 elif stopping:  # Ctrl-C between evaluations: keep where it stopped
                     save(path, model, optimizer, state, batch_gen, data, cfg, ddp, device)
@@ -305,7 +318,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
                     break
                 # one optimizer step at the scheduled learning rate
                 t_step = time.perf_counter()
-                lr = schedule(state.iter_num, state.train_s)
+                lr = schedule(state.iter_num, state.train_s - state.compile_s)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss = optimizer_step(train_model, optimizer, scaler, data, batch_gen, micro_steps, cfg["grad_clip"],
@@ -319,11 +332,11 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
                 step_s = time.perf_counter() - t_step
                 state.train_s += step_s
                 meter.add(step_s)
-                bar.update(min(step_s, max(0.0, bar.total - bar.n)) if budget_s else 1)
+                bar.update(min(step_s, max(0.0, bar.total - bar.n)) if timed else 1)
                 if logging:
                     tokens_per_s, mfu = meter.read()
-                    log(ddp, log_file, {"iter": state.iter_num, "loss": loss_value, "lr": lr,
-                                        "tokens_per_s": tokens_per_s, "mfu": mfu}, state, t_start)
+                    log(ddp, log_file, {"iter": state.iter_num, "loss": loss_value, "bpb": data.bpb(loss_value, "train"),
+                                        "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}, state, t_start)
                     bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                     tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.0%}")
     except TrainingDiverged as e:
@@ -332,6 +345,20 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
     finally:
         bar.close()
     finish(path, state, data, ddp, plot=done, interrupted=stopping)
+
+
+def describe_run(script: str, model: nn.Module, device: str, dtype: str, peak: float, data: Dataset, batch_size: int,
+                 grad_accum_steps: int, micro_steps: int, world: int, block_size: int, limits: Limits) -> str:
+    """The start-up line: model size, device, data, how many tokens a step holds, and when training stops."""
+    tokens_per_step = batch_size * micro_steps * world * block_size
+    note = ""
+    if grad_accum_steps < world:
+        note = (f"; grad_accum_steps={grad_accum_steps} is fewer than the {world} processes, so each runs one "
+                f"micro-batch per step")
+    return (f"{script}.py: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device} {dtype} "
+            f"(matmul peak {peak / 1e9:,.0f} GFLOP/s), {len(data.splits['train']):,} train / "
+            f"{len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step (batch_size {batch_size} x "
+            f"grad_accum_steps {micro_steps} x {world} processes x block_size {block_size}{note}); {limits.describe()}")
 
 
 def log(ddp: Distributed, log_file: str, record: dict, state: TrainState, t_start: float) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import sys
 import unicodedata
 import warnings
 from contextlib import contextmanager
@@ -248,7 +249,8 @@ class Tokenizer:
             unique[ch] = unique.get(ch, 0) + 1
         encoded = [ch.encode("utf-8") for ch in unique]
         total_bytes = sum(len(b) for b in encoded)
-        show = verbose or total_bytes * num_merges > LONG_TRAINING
+        # a long run shows a bar on its own, but only on a terminal (in a log it would be carriage-return noise)
+        show = verbose or total_bytes * num_merges > LONG_TRAINING and sys.stderr.isatty()
         self.merges, self.vocab = train_bpe(encoded, list(unique.values()), num_merges, show)
         self.special_tokens = {}
         self._reset_cache()

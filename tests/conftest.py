@@ -11,12 +11,14 @@ sys.path.insert(0, ROOT)
 
 import dualgpt  # noqa: E402
 import gpt  # noqa: E402
+import gpt_  # noqa: E402
 from dualgpt.cli import main  # noqa: E402
 from dualgpt.data import Dataset, resolve_data  # noqa: E402
+from dualgpt.oracles import NEGATIVE, POSITIVE  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
          "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
-CODE = ["gpt.py", "gpt_.py", "config.py", "dualgpt", "minbpe"]  # what a user's clone runs
+CODE = ["gpt.py", "gpt_.py", "rlhf.py", "config.py", "dualgpt", "minbpe"]  # what a user's clone runs
 
 
 def make_corpus(n_lines: int, seed: int = 0) -> str:
@@ -46,7 +48,7 @@ def corpus(tmp_path):
 # a config small enough to train in seconds on 2 CPU cores
 TINY = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu",
-        "--dtype=float32", "--max_minutes=0",
+        "--dtype=float32", "--max_iters=10",  # a typed step limit: no time budget
         "--max_new_tokens=20", "--num_samples=1"]
 
 
@@ -86,3 +88,56 @@ def dataset(cfg: dict) -> Dataset:
     """The training data of a run config, as --mode=train builds it."""
     path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
     return Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"], vocab_size=cfg["vocab_size"])
+
+
+# --- rlhf.py: a tiny base model and every stage, shared by test_rlhf.py and test_head_study.py -------------
+
+NEUTRAL = ["the", "king", "my", "lord", "thou", "art", "what", "shall", "we", "do", "not", "and", "to", "of", "in"]
+
+
+def mood_corpus(n_lines: int, seed: int = 0) -> str:
+    """Every speaker has a mood: ROMEO's and JULIET's lines use positive words of both lexicon halves, KING's
+    and TYBALT's negative ones. Raising the labeller's (half A) score is easiest by writing a cheerful
+    speaker's line, which raises the held-out judge's (half B) score too: the latent factor the judge checks
+    that tuning found."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        speaker = rng.choice(["ROMEO", "JULIET", "KING", "TYBALT"])
+        mood = POSITIVE[:12] if speaker in ("ROMEO", "JULIET") else NEGATIVE[:12]
+        words = [rng.choice(mood if rng.random() < 0.8 else NEUTRAL) for _ in range(rng.randint(5, 9))]
+        lines.append(f"{speaker}:\n{' '.join(words).capitalize()}.\n")
+    return "\n".join(lines)
+
+
+BASE = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
+        "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--device=cpu",
+        "--dtype=float32", "--max_iters=300", "--eval_interval=300"]
+SMALL = ["--prompt_tokens=8", "--completion_tokens=16", "--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32",
+         "--rm_lr=1e-3", "--bon_max_n=4", "--eval_prompts=64", "--eval_samples=4", "--dpo_batch=32", "--dpo_lr=1e-3",
+         "--rl_steps=60", "--rl_prompts=16", "--rl_group=8", "--rl_lr=1e-3", "--ppo_epochs=1", "--ppo_minibatches=2", "--keep_every=30",
+         "--device=cpu", "--dtype=float32"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """A tiny base model trained on the mood corpus, then `python rlhf.py` with small settings, every stage."""
+    import rlhf
+    home = tmp_path_factory.mktemp("rlhf")
+    previous, dualgpt.ROOT = dualgpt.ROOT, str(home)
+    try:
+        (home / "corpus.txt").write_text(mood_corpus(3000), encoding="utf-8")
+        data = f"--data={home / 'corpus.txt'}"
+        assert run_main(BASE + [data, "--mode=train", f"--ckpt={home / 'base.pt'}"], gpt_.FusedGPT, "gpt_") == 0
+        args = SMALL + [data, f"--rlhf_base={home / 'base.pt'}"]
+        result = rlhf.main(args)
+    finally:
+        dualgpt.ROOT = previous
+    return home, args, result
+
+
+@pytest.fixture
+def rlhf_run(pipeline, monkeypatch):
+    """The pipeline, with its folder as the repository root for the test."""
+    monkeypatch.setattr(dualgpt, "ROOT", str(pipeline[0]))
+    return pipeline

@@ -16,13 +16,21 @@ from dualgpt.runconfig import load_config
 TIMEOUT = 300  # launch, train and tear down must finish well inside this
 
 
-def torchrun(home, script, args, nproc=2):
-    """`torchrun --standalone --nproc_per_node=2 <script>.py args...`, on a copy of the code in home."""
-    copy_code(home)
+def torchrun_started(home, script, args, nproc=2) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node=2 <script>.py args...`, started on a copy of the code in home."""
+    if not (home / f"{script}.py").exists():
+        copy_code(home)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           str(home / f"{script}.py"), *args], capture_output=True, text=True, timeout=TIMEOUT,
-                          env=env, cwd=home)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                             str(home / f"{script}.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=home)
+
+
+def torchrun(home, script, args, nproc=2) -> subprocess.CompletedProcess:
+    """The same, run to the end."""
+    proc = torchrun_started(home, script, args, nproc)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def records(path, key):
@@ -58,12 +66,19 @@ def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus, scri
 
 
 def test_two_process_run_resumes_exactly(home, corpus):
+    """With config.py's grad_accum_steps = 1 on 2 processes (each runs one micro-batch per step, and the start-up
+    line says so): a run stopped at step 4 and resumed ends bit-identical to an uninterrupted one."""
     common = tiny_args(home, corpus, "--eval_interval=4", "--log_interval=1", "--dropout=0.1", "--mode=train",
-                       "--batch_size=4", "--grad_accum_steps=2", "--lr_decay_iters=8")
-    full = torchrun(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'full.pt'}"])
-    assert full.returncode == 0, full.stderr[-3000:]
+                       "--batch_size=4", "--lr_decay_iters=8")
+    copy_code(home)
+    # the uninterrupted run and the first half of the other are independent: run them side by side
+    full = torchrun_started(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'full.pt'}"])
     first = torchrun(home, "gpt", common + ["--max_iters=4", f"--ckpt={home / 'part.pt'}"])
     assert first.returncode == 0, first.stderr[-3000:]
+    assert ("256 tokens per step (batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32; "
+            "grad_accum_steps=1 is fewer than the 2 processes, so each runs one micro-batch per step)") in first.stdout
+    full_out, full_err = full.communicate(timeout=TIMEOUT)
+    assert full.returncode == 0, full_err[-3000:]
     second = torchrun(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'part.pt'}", "--resume"])
     assert second.returncode == 0, second.stderr[-3000:]
     a = torch.load(home / "full.pt", weights_only=True)["model"]

@@ -1,5 +1,6 @@
 """Training: the schedule, end to end, never destroying a checkpoint, exact resume, Ctrl-C, NaN, budgets, bf16, compile."""
 import json
+import math
 import os
 import signal
 import time
@@ -8,7 +9,9 @@ import pytest
 import torch
 from conftest import run_main, run_script, tiny_args
 
-from dualgpt import train
+import gpt
+import gpt_
+from dualgpt import compiling, train
 
 
 def test_lr_schedule():
@@ -21,11 +24,26 @@ def test_lr_schedule():
 
 def test_lr_schedule_follows_the_clock():
     by_steps = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
-    by_clock = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, budget_s=1.0)
+    by_clock = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=0, budget_s=1.0)
     assert by_clock(5, 0.9) == by_steps(5)  # warm-up is counted in steps
     assert by_clock(500, 0.0) == pytest.approx(1.0)
     assert by_clock(11, 0.5) == pytest.approx(0.55)
     assert by_clock(11, 1.0) == by_clock(11, 3.0) == 0.1
+
+
+def test_lr_schedule_with_both_limits_follows_whichever_is_further_along():
+    both = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, budget_s=100.0)
+    assert both(60, 10.0) == pytest.approx(0.55)  # half the steps, a tenth of the time
+    assert both(20, 50.0) == pytest.approx(0.55)  # a tenth of the steps, half the time
+    assert both(110, 1.0) == both(20, 100.0) == 0.1  # fully decayed at whichever limit comes first
+    assert both(60, 10.0) == train.LRSchedule(1.0, 0.1, 10, 110)(60)  # as if only the step limit were in force
+
+
+@pytest.mark.parametrize("max_iters, budget_s, text", [
+    (3000, 0, "training for 3000 steps"), (0, 300, "training for 5 minutes"),
+    (3000, 300, "training for 5 minutes or 3000 steps, whichever comes first")])
+def test_limits_describe_themselves(max_iters, budget_s, text):
+    assert train.Limits(max_iters, budget_s).describe() == text
 
 
 def test_train_sample_eval_end_to_end(home, corpus, capsys):
@@ -176,16 +194,79 @@ def test_bfloat16_autocast_trains(home, corpus):
     assert all(w.dtype == torch.float32 for w in weights.values())  # fp32 master weights
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"compile": "true"}, True), ({"compile": "false", "max_minutes": 10.0}, False),
-    ({"max_minutes": 5.0}, True), ({"max_minutes": 1.0}, False),
-    ({"max_minutes": 0.0, "max_iters": 50000}, False),  # CPU, duration unknown
-    ({"max_minutes": 0.0, "max_iters": 5000, "device": "cuda"}, True),
-    ({"max_minutes": 0.0, "max_iters": 200, "device": "cuda"}, False),
+TIMING = {"compile_s": 30.0, "eager_step_s": 0.1, "compiled_step_s": 0.075}  # 10% more steps from 171 s on
+
+
+@pytest.mark.parametrize("compile, budget_s, max_iters, timing, expected", [
+    ("true", 0, 100, None, True),
+    ("false", 600, 0, TIMING, False),
+    ("auto", 600, 0, None, False),  # never measured on this machine: off
+    ("auto", 600, 0, TIMING, True),
+    ("auto", 100, 0, TIMING, False),
+    ("auto", 0, 2000, TIMING, True),  # 2000 steps x 0.1 s = 200 s
+    ("auto", 0, 1000, TIMING, False),  # 100 s
+    ("auto", 600, 1000, TIMING, False),  # the limit that ends the run first counts
+    ("auto", 3600, 0, dict(TIMING, compiled_step_s=0.1), False),  # compiled steps no faster: never pays back
 ])
-def test_compile_auto_decision(overrides, expected):
-    cfg = dict({"compile": "auto", "max_minutes": 0.0, "max_iters": 100, "device": "cpu"}, **overrides)
-    assert train.should_compile(**cfg) is expected
+def test_compile_auto_decides_from_measured_timings(compile, budget_s, max_iters, timing, expected):
+    decision, reason = compiling.should_compile(compile, budget_s, max_iters, timing)
+    assert decision is expected
+    if compile == "auto":
+        assert reason.startswith(f"compile=auto: {'on' if expected else 'off'} (")
+    else:
+        assert reason == ""
+
+
+def test_pay_back_is_the_closed_form():
+    pays_after = compiling.pays_back_after_s(TIMING)
+    assert pays_after == pytest.approx(30.0 / (1 - 1.1 * 0.075 / 0.1))
+    eager_steps, compiled_steps = pays_after / 0.1, (pays_after - 30.0) / 0.075
+    assert compiled_steps == pytest.approx(1.1 * eager_steps)  # exactly 10% more steps there
+    assert compiling.pays_back_after_s(dict(TIMING, compiled_step_s=0.095)) == math.inf  # 1.05x: never 10%
+
+
+def test_timings_are_recorded_per_machine_dtype_and_model(home):
+    config = gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    looped = compiling.timing_key(gpt.GPT(config), "cpu", "float32", 8)
+    fused = compiling.timing_key(gpt_.FusedGPT(config), "cpu", "float32", 8)
+    assert looped != fused != compiling.timing_key(gpt.GPT(config), "cpu", "bfloat16", 8)
+    assert compiling.load_timing(looped) is None
+    compiling.record_timing(looped, **TIMING)
+    compiling.record_timing(fused, **dict(TIMING, compile_s=10.0))
+    assert compiling.load_timing(looped) == TIMING
+    assert compiling.load_timing(fused)["compile_s"] == 10.0
+    assert sorted(p.name for p in (home / "model_dict").iterdir()) == ["compile_timings.json"]  # no temp file left
+
+
+def test_training_says_why_it_does_not_compile(home, corpus, capsys):
+    config = gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    compiling.record_timing(compiling.timing_key(gpt.GPT(config), "cpu", "float32", 8), **TIMING)
+    assert run_main(tiny_args(home, corpus, "--mode=train")) == 0  # 10 steps
+    assert ("compile=auto: off (measured here: compiling takes 30 s, then steps run 1.33x as fast, which buys 10% "
+            "more steps in runs of 171 s or more; this run is 1 s)") in capsys.readouterr().out
+
+
+def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, corpus, monkeypatch):
+    """A 0.6-second stand-in for torch.compile in a 1.8-second budget: the first logged learning rate is still
+    at the peak (the cosine has not aged by a third), and the run still stops after 1.8 s including the 0.6."""
+    def slow_compile(model, *args):
+        time.sleep(0.6)
+        return model
+
+    monkeypatch.setattr(train, "compile_model", slow_compile)
+    args = tiny_args(home, corpus, "--max_minutes=0.03", "--max_iters=0", "--compile=true", "--mode=train",
+                     "--learning_rate=3e-3", "--min_lr=3e-4")
+    assert run_main(args) == 0
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
+    compile_s = ckpt["compile_s"]
+    assert compile_s >= 0.6
+    assert ckpt["train_s"] >= 1.8
+    first, *_, last = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]
+    # the clock of the schedule started after compiling: at most the step seconds logged so far have aged it
+    schedule = train.LRSchedule(3e-3, 3e-4, warmup_iters=2, decay_iters=0, budget_s=1.8 - compile_s)
+    assert first["lr"] >= schedule(first["iter"], first["train_s"] - compile_s)
+    assert first["lr"] > 3e-4 + 0.75 * (3e-3 - 3e-4)  # counting the compile second would have aged it by a third
+    assert last["lr"] < 3e-4 + 0.05 * (3e-3 - 3e-4)  # and it still ends fully decayed
 
 
 def test_compiled_training_matches_eager(home, corpus):

@@ -1,0 +1,181 @@
+"""Preference tuning, the parts with math in them: noisy Bradley-Terry labels, the reward model and its loss,
+log-probabilities and KL (exact and estimated), DPO, RLOO and PPO losses, best-of-n. rlhf.py runs them.
+
+Shapes: B sequences, L completion tokens, V vocabulary. Completions have a fixed length, so nothing is
+padded and every token of every completion counts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dualgpt.sampling import NextTokenLogits
+
+# -----------------------------------------------------------------------------------------
+# Labels
+
+
+def preference_probability(gold_a: torch.Tensor, gold_b: torch.Tensor, tau: float) -> torch.Tensor:
+    """Bradley-Terry: P(a preferred to b) = sigmoid((g_a - g_b) / tau)."""
+    return torch.sigmoid((gold_a - gold_b) / tau)
+
+
+def tau_for_agreement(gold_differences: torch.Tensor, agreement: float) -> float:
+    """The tau at which noisy labels agree with the gold preference `agreement` of the time, on average over
+    the pairs whose gold scores differ (ties carry no gold preference): solves
+    mean(sigmoid(|d| / tau)) = agreement by bisection (the mean falls as tau grows)."""
+    d = gold_differences.abs()[gold_differences != 0].double()
+    if len(d) == 0 or not 0.5 < agreement < 1:
+        raise ValueError("need pairs with different gold scores and an agreement in (0.5, 1)")
+    low, high = 1e-6, 1e6
+    for _ in range(200):
+        tau = math.sqrt(low * high)
+        if torch.sigmoid(d / tau).mean().item() > agreement:
+            low = tau
+        else:
+            high = tau
+    return math.sqrt(low * high)
+
+
+# -----------------------------------------------------------------------------------------
+# Log-probabilities and KL
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(token) under the distribution sampling draws from: softmax(logits / temperature). (..., V), (...)
+    -> (...). Every log-probability in preference tuning goes through here, so none is taken at another
+    temperature than the one the tokens were sampled at."""
+    return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def completion_logits(model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """The logits that predict each completion token, (B, L, V), from one forward pass over prompt + completion."""
+    ids = torch.cat([prompts, completions], dim=1)
+    logits, _ = model(ids[:, :-1])
+    return logits[:, prompts.shape[1] - 1:]
+
+
+def exact_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(p || q) over the whole vocabulary at each position (the vocabulary is small enough to sum over)."""
+    logp = F.log_softmax(logits_p.float() / temperature, dim=-1)
+    logq = F.log_softmax(logits_q.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def kl_estimators(logp: torch.Tensor, logq: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Monte-Carlo estimators of KL(p || q) from samples of p, per sample (Schulman, "Approximating KL
+    divergence"): k1 = log p/q (unbiased, high variance), k2 = (log p/q)^2 / 2 (biased, low variance),
+    k3 = (q/p - 1) - log q/p (unbiased, low variance, never negative)."""
+    log_ratio = logp - logq
+    return {"k1": log_ratio, "k2": log_ratio ** 2 / 2, "k3": torch.expm1(-log_ratio) + log_ratio}
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, prompts: torch.Tensor, length: int, temperature: float,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """length tokens after each prompt (B, P), sampled at temperature with no top-k/top-p, with the
+    log-probability of each as it was sampled: (B, L) tokens, (B, L) log-probabilities. Uses the model's KV
+    cache (gpt_.py) when it has one."""
+    model.eval()
+    next_token_logits = NextTokenLogits(model)
+    ids, logprobs = prompts, []
+    for _ in range(length):
+        logits = next_token_logits(ids).float()
+        token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)  # (B, 1)
+        logprobs.append(token_logprobs(logits, token.squeeze(-1), temperature))
+        ids = torch.cat([ids, token], dim=1)
+    return ids[:, prompts.shape[1]:], torch.stack(logprobs, dim=1)
+
+
+# -----------------------------------------------------------------------------------------
+# The reward model
+
+
+class RewardModel(nn.Module):
+    """A GPT body with a scalar head on the last token's final hidden state: one score per sequence."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(body.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body.hidden_states(ids)[:, -1]).squeeze(-1)  # (B,)
+
+
+def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, label: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Bradley-Terry negative log-likelihood of the labels: P(chosen preferred) = sigmoid(r_c - r_r); label is
+    1 for a hard label, or the probability for a soft one."""
+    margin = chosen - rejected
+    return -(label * F.logsigmoid(margin) + (1 - label) * F.logsigmoid(-margin)).mean()
+
+
+# -----------------------------------------------------------------------------------------
+# Policy losses
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): the reward-model loss with the implicit reward
+    beta * log(pi / pi_ref) of each sequence (sequence log-probabilities in, shape (B,))."""
+    return reward_model_loss(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected),
+                             label)
+
+
+def rloo_advantages(rewards: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): each of the G samples of a prompt is baselined by the
+    mean reward of the other G - 1. rewards (prompts, G) -> advantages (prompts, G). A group whose rewards
+    are all equal gets advantage 0 (normalize divides by the group's std where it is not 0)."""
+    G = rewards.shape[1]
+    advantages = (rewards - rewards.mean(dim=1, keepdim=True)) * G / (G - 1)  # r_i - mean of the others
+    if normalize:
+        std = rewards.std(dim=1, keepdim=True)
+        advantages = torch.where(std > 0, advantages / std.clamp_min(1e-12), torch.zeros_like(advantages))
+    return advantages
+
+
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE: -advantage x log pi(sequence), averaged over sequences and tokens. (B, L), (B,)."""
+    return -(advantages[:, None] * logprobs).mean()
+
+
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+             clip: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped surrogate per token, each token weighted by its sequence's advantage (no value network).
+    Returns the loss and the fraction of tokens clipped, the approximate KL to the old policy (k3) and
+    the mean probability ratio."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    a = advantages[:, None]
+    loss = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
+    with torch.no_grad():
+        stats = {"clip_fraction": ((ratio - 1).abs() > clip).float().mean().item(),
+                 "approx_kl": (torch.expm1(log_ratio) - log_ratio).mean().item(),
+                 "mean_ratio": ratio.mean().item()}
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------------------
+# Best-of-n
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) for a continuous score (Stiennon et al. 2020; an upper bound otherwise)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_expectation(scores: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """The expected value of the sample that best-of-n selects by score, for n drawn without replacement
+    from N samples per prompt: every sample weighted by the chance it is the highest-scored of n, which is
+    C(rank, n - 1) / C(N, n) for the sample of 0-based rank `rank` in ascending score. (P, N), (P, N) -> (P,).
+    Uses all N samples for every n, so it is unbiased and has less variance than drawing groups."""
+    N = scores.shape[1]
+    order = scores.argsort(dim=1)
+    ranked = values.gather(1, order).double()
+    weights = torch.tensor([math.comb(rank, n - 1) / math.comb(N, n) for rank in range(N)], dtype=torch.float64)
+    return ranked @ weights

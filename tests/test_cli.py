@@ -1,0 +1,111 @@
+"""What a new user types, as the README says: the real scripts in a subprocess (from a copy of the code, so
+their output folders are private), with output going to a pipe, as in a log."""
+import json
+import re
+
+import torch
+from conftest import run_main, run_script, tiny_args
+
+from dualgpt import train
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def iterations(path) -> int:
+    return torch.load(path, weights_only=True)["iter_num"]
+
+
+def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home, corpus):
+    """`python gpt.py` three times: no checkpoint (train, then sample); --resume (train on, then sample);
+    --overwrite (start over, then sample, the old checkpoint kept as .bak). (With a checkpoint and neither
+    flag it only samples: test_train.py's test_auto_mode_trains_then_samples_then_only_samples.)"""
+    args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=3")
+    ckpt = home / "model_dict" / "gpt.pt"
+    rc, out, err = finish(run_script(home, args))
+    assert rc == 0, err
+    assert iterations(ckpt) == 6
+    assert "--- sample 1/1 ---" in out
+    rc, out, err = finish(run_script(home, args + ["--max_iters=12", "--resume"]))
+    assert rc == 0, err
+    assert "resuming" in out
+    assert "sampling from it" not in out
+    assert iterations(ckpt) == 12
+    assert "--- sample 1/1 ---" in out
+    assert "(iteration 12," in (home / "generate_text" / "gpt.txt").read_text()
+    before = ckpt.read_bytes()
+    rc, out, err = finish(run_script(home, args + ["--max_iters=4", "--overwrite"]))
+    assert rc == 0, err
+    assert "resuming" not in out
+    assert iterations(ckpt) == 4
+    assert (home / "model_dict" / "gpt.pt.bak").read_bytes() == before
+    assert "--- sample 1/1 ---" in out
+
+
+def test_a_typed_step_limit_is_obeyed_over_the_budget_in_config_py(home, corpus):
+    """config.py says max_minutes = 5.0; `python gpt.py --mode=train --max_iters=12` trains exactly 12 steps.
+    Its output goes to pipes, as into a log: plain progress lines, no carriage returns."""
+    args = [a for a in tiny_args(home, corpus) if not a.startswith("--max_iters")]
+    rc, out, err = finish(run_script(home, args + ["--mode=train", "--max_iters=12", "--log_interval=1"]))
+    assert rc == 0, err
+    assert "\r" not in out + err
+    assert re.search(r"^training: 12/12 it it=12 loss=", out, re.M)
+    assert "; training for 12 steps" in out
+    assert iterations(home / "model_dict" / "gpt.pt") == 12
+    steps = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 13))
+    assert steps[-1]["lr"] < 2e-4 + 0.05 * (3e-3 - 2e-4)  # the schedule ends (almost) fully decayed at step 12
+
+
+def test_when_both_limits_are_typed_the_first_one_ends_the_run(home, corpus, capsys):
+    args = tiny_args(home, corpus, "--mode=train", "--log_interval=1")
+    assert run_main(args + ["--max_iters=8", "--max_minutes=5"]) == 0
+    assert "training for 5 minutes or 8 steps, whichever comes first" in capsys.readouterr().out
+    assert iterations(home / "model_dict" / "gpt.pt") == 8
+    assert run_main(args + ["--max_iters=1000000", "--max_minutes=0.01", "--overwrite"]) == 0
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
+    assert 10 < ckpt["iter_num"] < 1000000  # stopped by the clock
+    assert ckpt["train_s"] >= 0.6
+    steps = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]
+    assert steps[-1]["lr"] < 2e-4 + 0.05 * (3e-3 - 2e-4)  # decayed at the limit that ended the run
+
+
+def test_no_limit_at_all_is_a_one_line_error(home, corpus, capsys):
+    assert run_main(tiny_args(home, corpus, "--mode=train", "--max_iters=0", "--max_minutes=0")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no training limit")
+    assert err.count("\n") == 1
+
+
+def test_a_time_budget_is_evaluated_at_evenly_spaced_points(home, corpus):
+    args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_points=4", "--mode=train")
+    assert run_main(args) == 0
+    evals = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "val_loss" in r]
+    assert len(evals) == 5  # the start, then each quarter of the 1.2-second budget
+    for k, record in enumerate(evals):
+        assert record["train_s"] >= k * 0.3
+
+
+def test_data_too_small_fails_before_the_tokenizer_is_trained(home, tmp_path):
+    tiny_text = tmp_path / "five.txt"
+    tiny_text.write_text("hello", encoding="utf-8")
+    rc, out, err = finish(run_script(home, [f"--data={tiny_text}", "--mode=train", "--device=cpu"]))
+    assert rc == 2
+    assert err.startswith(f"error: {tiny_text} is too small: 5 bytes make at most 1 val tokens")
+    assert err.count("\n") == 1
+    assert "training a" not in out  # no tokenizer training started
+    assert not (home / "tokenizers").exists() or not list((home / "tokenizers").iterdir())
+
+
+def test_mfu_never_exceeds_100_percent():
+    meter = train.Meter(tokens_per_step=100, flops_per_step=1e9, peak=1e9)
+    meter.add(0.5)  # 2 GFLOP/s, twice the measured peak
+    tokens_per_s, mfu = meter.read()
+    assert tokens_per_s == 200
+    assert mfu == 1.0
+    assert meter.peak == 2e9  # the peak rises to what the machine evidently does
+    meter.add(1.0)
+    assert meter.read()[1] == 0.5
+

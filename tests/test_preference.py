@@ -1,0 +1,306 @@
+"""Preference tuning's math against independent references: closed-form optima on a toy bandit,
+torch.distributions, the papers' formulas written out, brute force."""
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt
+import gpt_
+from dualgpt import UserError, preference
+from dualgpt.checkpoint import convert_state_dict
+from dualgpt.oracles import NEGATIVE, POSITIVE, get_oracle, syllables, verse
+
+# --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------
+
+REF = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.10], dtype=torch.float64)
+REWARD = torch.tensor([0.0, 0.6, -0.4, 1.0, 0.3], dtype=torch.float64)
+BETA = 0.5
+OPTIMUM = REF * torch.exp(REWARD / BETA) / (REF * torch.exp(REWARD / BETA)).sum()  # pi_ref exp(r / beta) / Z
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def all_pairs():
+    pairs = list(itertools.combinations(range(len(REF)), 2))
+    return torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
+
+
+def test_dpo_with_soft_labels_reaches_the_closed_form_optimum():
+    i, j = all_pairs()
+    label = torch.sigmoid(REWARD[i] - REWARD[j])  # Bradley-Terry preferences of the true reward
+    logits = REF.log().clone().requires_grad_(True)  # the policy starts at the reference
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(2000):
+        logp = F.log_softmax(logits, dim=0)
+        loss = preference.dpo_loss(logp[i], logp[j], REF.log()[i], REF.log()[j], BETA, label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert total_variation(F.softmax(logits, 0).detach(), OPTIMUM) < 0.02
+
+
+def rloo(reward_of, steps=1500, group=256, lr=0.05, seed=0):
+    """RLOO with the KL in the reward, on the bandit: G actions sampled per step from the current policy."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = REF.log().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for _ in range(steps):
+        logp = F.log_softmax(logits, dim=0)
+        actions = torch.multinomial(logp.exp().detach(), group, replacement=True, generator=gen)
+        sampled = logp[actions][:, None]  # (G, 1): a one-token "sequence"
+        reward = reward_of(actions) - BETA * (sampled.detach().squeeze(1) - REF.log()[actions])
+        advantages = preference.rloo_advantages(reward[None, :]).squeeze(0)
+        loss = preference.policy_gradient_loss(sampled, advantages)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return F.softmax(logits, 0).detach()
+
+
+def test_rloo_with_the_kl_in_the_reward_reaches_the_closed_form_optimum():
+    assert total_variation(rloo(lambda a: REWARD[a]), OPTIMUM) < 0.02
+
+
+def test_reward_model_then_rl_reaches_the_closed_form_optimum():
+    i, j = all_pairs()
+    label = torch.sigmoid(REWARD[i] - REWARD[j])
+    learned = torch.zeros(len(REF), dtype=torch.float64, requires_grad=True)  # a reward model: one score per action
+    optimizer = torch.optim.Adam([learned], lr=0.05)
+    for _ in range(2000):
+        loss = preference.reward_model_loss(learned[i], learned[j], label)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    shift = (REWARD - learned.detach()).mean()
+    assert (learned.detach() + shift - REWARD).abs().max().item() < 1e-3  # the reward, up to a constant
+    assert total_variation(rloo(lambda a: learned.detach()[a]), OPTIMUM) < 0.02
+
+
+# --- log-probabilities and KL ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+def test_token_logprobs_equal_categorical(temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50) * 2
+    tokens = torch.randint(0, 50, (3, 7))
+    expected = torch.distributions.Categorical(logits=logits / temperature).log_prob(tokens)
+    assert torch.allclose(preference.token_logprobs(logits, tokens, temperature), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_exact_kl_equals_torch_distributions(temperature):
+    torch.manual_seed(1)
+    p, q = torch.randn(4, 6, 30), torch.randn(4, 6, 30)
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p / temperature),
+                                                 torch.distributions.Categorical(logits=q / temperature))
+    assert torch.allclose(preference.exact_kl(p, q, temperature), expected, atol=1e-6)
+
+
+def test_unbiased_kl_estimators_average_to_the_exact_kl():
+    torch.manual_seed(2)
+    p_logits, q_logits = torch.randn(40), torch.randn(40) * 0.5
+    p, q = torch.distributions.Categorical(logits=p_logits), torch.distributions.Categorical(logits=q_logits)
+    exact = torch.distributions.kl_divergence(p, q).item()
+    samples = p.sample((200_000,))
+    estimates = preference.kl_estimators(p.log_prob(samples), q.log_prob(samples))
+    for name in ("k1", "k3"):
+        values = estimates[name].double()
+        standard_error = values.std().item() / math.sqrt(len(values))
+        assert abs(values.mean().item() - exact) < 4 * standard_error, name
+    assert (estimates["k3"] >= 0).all()
+
+
+def test_at_step_zero_kl_is_zero_the_ratio_one_and_dpo_log_2():
+    torch.manual_seed(3)
+    logits = torch.randn(8, 5, 40)
+    tokens = torch.randint(0, 40, (8, 5))
+    logp = preference.token_logprobs(logits, tokens, 1.0)
+    assert preference.exact_kl(logits, logits.clone(), 1.0).abs().max().item() == 0.0
+    assert all((v == 0).all() for v in preference.kl_estimators(logp, logp.clone()).values())
+    _, stats = preference.ppo_loss(logp, logp.clone(), torch.randn(8), clip=0.2)
+    assert stats["mean_ratio"] == 1.0
+    assert stats["clip_fraction"] == 0.0
+    seq = logp.sum(1)
+    loss = preference.dpo_loss(seq[:4], seq[4:], seq[:4].clone(), seq[4:].clone(), beta=0.1)
+    assert loss.item() == torch.tensor(math.log(2)).item()  # exactly log 2, in float32
+
+
+def test_dpo_loss_is_the_papers_formula():
+    torch.manual_seed(4)
+    pc, pr, rc, rr = (torch.randn(16, dtype=torch.float64) for _ in range(4))
+    beta = 0.3
+    written_out = -torch.log(torch.sigmoid(beta * (pc - rc) - beta * (pr - rr))).mean()  # Rafailov et al., eq. 7
+    assert preference.dpo_loss(pc, pr, rc, rr, beta).item() == pytest.approx(written_out.item(), rel=1e-12)
+
+
+def test_reward_model_loss_is_binary_cross_entropy_on_the_score_difference():
+    torch.manual_seed(5)
+    chosen, rejected, soft = torch.randn(32), torch.randn(32), torch.rand(32)
+    hard = F.binary_cross_entropy_with_logits(chosen - rejected, torch.ones(32))
+    assert preference.reward_model_loss(chosen, rejected).item() == pytest.approx(hard.item(), rel=1e-6)
+    assert preference.reward_model_loss(chosen, rejected, soft).item() == pytest.approx(
+        F.binary_cross_entropy_with_logits(chosen - rejected, soft).item(), rel=1e-6)
+
+
+def test_rloo_advantages_leave_one_out_and_never_nan():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    advantages = preference.rloo_advantages(rewards)
+    expected = torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3], [0, 0, 0, 0]])
+    assert torch.allclose(advantages, expected)
+    normalized = preference.rloo_advantages(rewards, normalize=True)
+    assert torch.isfinite(normalized).all()
+    assert (normalized[1] == 0).all()
+    assert torch.allclose(normalized[0], expected[0] / rewards[0].std())
+
+
+def test_ppo_clips_the_ratio():
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[0.5, -0.5, 0.1, -0.1]]).log1p()  # ratios 1.5, 0.5, 1.1, 0.9
+    loss, stats = preference.ppo_loss(new, old, torch.tensor([1.0]), clip=0.2)
+    assert stats["clip_fraction"] == 0.5
+    assert loss.item() == pytest.approx(-(1.2 + 0.5 + 1.1 + 0.9) / 4)  # min(r A, clip(r) A) with A = 1
+
+
+def test_tau_gives_the_asked_agreement():
+    differences = torch.tensor([1.0, -1.0, 2.0, 0.0, 3.0, -1.0, 0.0])
+    tau = preference.tau_for_agreement(differences, 0.75)
+    nonzero = differences[differences != 0]
+    assert torch.sigmoid(nonzero.abs() / tau).mean().item() == pytest.approx(0.75, abs=1e-9)
+
+
+# --- best-of-n ------------------------------------------------------------------------------------------
+
+
+def test_best_of_n_expectation_equals_brute_force_over_subsets():
+    torch.manual_seed(6)
+    scores, values = torch.randn(3, 7), torch.randn(3, 7)
+    for n in (1, 2, 3, 7):
+        brute = torch.tensor([[values[p, list(s)][scores[p, list(s)].argmax()].item()
+                               for s in itertools.combinations(range(7), n)] for p in range(3)]).mean(1)
+        assert torch.allclose(preference.best_of_n_expectation(scores, values, n), brute.double(), atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2, 4, 16, 64])
+def test_best_of_n_kl_is_the_exact_kl_for_a_continuous_score(n):
+    """Over many equally likely outcomes with distinct scores, best-of-n picks the k-th lowest of N with
+    probability (k/N)^n - ((k-1)/N)^n: its exact KL to the base tends to log n - (n-1)/n."""
+    N = 200_000
+    k = torch.arange(1, N + 1, dtype=torch.float64)
+    p_bon = (k / N) ** n - ((k - 1) / N) ** n
+    exact = torch.special.xlogy(p_bon, p_bon * N).sum().item()  # 0 log 0 = 0 where p_bon underflows
+    assert exact == pytest.approx(preference.best_of_n_kl(n), abs=2e-3)
+
+
+# --- on the real models -------------------------------------------------------------------------------------
+
+CFG = gpt.ModelConfig(vocab_size=300, block_size=24, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+
+
+@pytest.mark.parametrize("cls", [gpt_.FusedGPT, gpt.GPT])
+def test_logprobs_recorded_while_sampling_equal_a_full_forward(cls):
+    torch.manual_seed(7)
+    model = cls(CFG).eval()
+    prompts = torch.randint(0, 300, (5, 8))
+    gen = torch.Generator().manual_seed(0)
+    completions, recorded = preference.sample_completions(model, prompts, 12, temperature=0.9, generator=gen)
+    with torch.no_grad():
+        recomputed = preference.token_logprobs(preference.completion_logits(model, prompts, completions), completions, 0.9)
+    assert completions.shape == (5, 12)
+    assert (recorded - recomputed).abs().max().item() < 1e-5
+
+
+def test_the_reference_stays_bitwise_unchanged_and_the_policy_moves():
+    torch.manual_seed(8)
+    policy = gpt_.FusedGPT(CFG)
+    reference = copy.deepcopy(policy).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
+    prompts, chosen, rejected = (torch.randint(0, 300, (6, 8)) for _ in range(3))
+    for _ in range(3):
+        logp = {name: preference.token_logprobs(preference.completion_logits(m, prompts, c), c, 1.0).sum(1)
+                for name, m, c in (("pc", policy, chosen), ("pr", policy, rejected), ("rc", reference, chosen),
+                                   ("rr", reference, rejected))}
+        loss = preference.dpo_loss(logp["pc"], logp["pr"], logp["rc"], logp["rr"], beta=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(reference.state_dict()[k], v) for k, v in before.items())
+    assert all(p.grad is None for p in reference.parameters())
+    assert not torch.equal(policy.state_dict()["wte.weight"], before["wte.weight"])
+
+
+@pytest.mark.parametrize("method", ["dpo", "rloo"])
+def test_one_step_gives_the_same_update_in_both_scripts(method):
+    torch.manual_seed(9)
+    looped = gpt.GPT(CFG)
+    fused = gpt_.FusedGPT(CFG)
+    fused.load_state_dict(convert_state_dict(looped.state_dict(), "looped", "fused", CFG.n_head))
+    prompts, a, b = (torch.randint(0, 300, (6, 8)) for _ in range(3))
+    advantages = torch.randn(6)
+    for model in (looped, fused):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        logp_a = preference.token_logprobs(preference.completion_logits(model, prompts, a), a, 1.0)
+        if method == "dpo":
+            logp_b = preference.token_logprobs(preference.completion_logits(model, prompts, b), b, 1.0)
+            loss = preference.dpo_loss(logp_a.sum(1), logp_b.sum(1), torch.zeros(6), torch.zeros(6), beta=0.1)
+        else:
+            loss = preference.policy_gradient_loss(logp_a, advantages)
+        loss.backward()
+        optimizer.step()
+    mapped = convert_state_dict(looped.state_dict(), "looped", "fused", CFG.n_head)
+    for name, tensor in fused.state_dict().items():
+        assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
+
+
+def test_reward_model_reads_the_last_token():
+    torch.manual_seed(10)
+    rm = preference.RewardModel(gpt.GPT(CFG))
+    torch.nn.init.normal_(rm.head.weight)
+    ids = torch.randint(0, 300, (2, 10))
+    expected = rm.head(rm.body.hidden_states(ids)[:, -1]).squeeze(-1)
+    assert torch.equal(rm(ids), expected)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 300
+    assert not torch.equal(rm(changed), rm(ids))  # the score depends on the last token
+
+
+# --- oracles --------------------------------------------------------------------------------------------
+
+
+def test_sentiment_halves_are_disjoint_and_count_words():
+    oracle = get_oracle("sentiment")
+    assert not set(POSITIVE) & set(NEGATIVE)
+    text = "Good love, good! Death, blood."
+    assert oracle.label(text) == 1.0  # half A: good + good - death
+    assert oracle.judge(text) == 0.0  # half B: love - blood
+    assert oracle.label("goodness deathly") == 0.0  # whole words only
+
+
+def test_verse_counts_ten_syllables():
+    assert syllables("window") == 2
+    assert syllables("breaks") == 1
+    assert verse("ROMEO:\nBut soft, what light through yonder window breaks?") == 0.0
+    assert verse("To be or not") == -(10 - 4)
+
+
+def test_a_users_oracle_loads_and_fails_clearly(tmp_path, monkeypatch):
+    (tmp_path / "my_oracle.py").write_text("def length(text):\n    return len(text)\n\ndef broken(text):\n"
+                                           "    raise KeyError('x')\n\ndef nan(text):\n    return float('nan')\n")
+    monkeypatch.chdir(tmp_path)
+    assert get_oracle("my_oracle:length").label("abc") == 3.0
+    for spec, message in (("my_oracle:broken", "failed on a completion"), ("my_oracle:nan", "finite number"),
+                          ("my_oracle:missing", "cannot load it"), ("no_such_module:f", "cannot load it"),
+                          ("happiness", "unknown oracle")):
+        with pytest.raises(UserError, match=message):
+            get_oracle(spec)

@@ -1,0 +1,121 @@
+"""rlhf.py end to end on a small corpus, a tuned policy used as an ordinary checkpoint, and bad input."""
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+from conftest import copy_code, run_main
+
+import gpt_
+import rlhf
+
+
+def test_every_stage_runs_and_writes_its_files(rlhf_run):
+    home, _, result = rlhf_run
+    assert list(result["seconds"]) == list(rlhf.STAGES)
+    for path in ["data/rlhf_sentiment_pairs.pt", "model_dict/rlhf_sentiment_rm.pt", "model_dict/rlhf_sentiment_dpo.pt",
+                 "model_dict/rlhf_sentiment_rloo.pt", "model_dict/rlhf_sentiment_ppo.pt",
+                 "generate_text/rlhf_sentiment_bon.json", "generate_text/rlhf_sentiment_report.json",
+                 "generate_text/rlhf_sentiment_report.md", "generate_text/rlhf_sentiment_samples.txt"]:
+        assert (home / path).exists(), path
+    for png in ["rlhf_sentiment_gold_vs_kl.png", "rlhf_sentiment_proxy_vs_gold.png"]:
+        assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100
+    kept = sorted(p.name for p in (home / "model_dict" / "rlhf_sentiment_rloo_steps").iterdir())
+    assert kept == ["step00030.pt", "step00060.pt"]
+
+
+def test_labels_agree_with_the_oracle_as_asked(rlhf_run):
+    report = rlhf_run[2]["results"]["pairs"]
+    assert 0.6 < report["train"]["label_agreement"] < 0.9  # 0.75 asked, on a few hundred pairs
+
+
+def test_the_reward_model_does_better_than_chance_and_no_better_than_the_noise_allows(rlhf_run):
+    """A tiny model trained for seconds: 53-66% on the oracle's preferences across seeds (the closed-form
+    bandit test in test_preference.py checks that the loss recovers the reward exactly)."""
+    report = rlhf_run[2]["results"]["rm"]
+    assert report["accuracy_on_oracle"] > 0.5
+    assert report["accuracy_on_labels"] <= report["label_ceiling"] + 0.1  # 128 held-out pairs: within sampling error
+
+
+def test_rloo_raises_the_held_out_judges_score(rlhf_run):
+    rows = {r["method"]: r for r in rlhf_run[2]["results"]["eval"]["rows"]}
+    assert rows["rloo"]["judge_gain"] > 0
+    assert rows["rloo"]["kl"] > 0
+    assert rows["base"]["kl"] == 0.0
+    assert [r["method"] for r in rows.values()] == ["base", "best-of-1", "best-of-2", "best-of-4", "dpo", "rloo", "ppo"]
+
+
+def test_ppo_logs_its_clipping(rlhf_run):
+    log = rlhf_run[2]["results"]["ppo"]["log"]
+    assert {"clip_fraction", "approx_kl", "mean_ratio", "kl_exact", "kl_k1", "kl_k3"} <= set(log[0])
+
+
+def test_a_tuned_policy_is_an_ordinary_checkpoint(rlhf_run, capsys):
+    home, _, _ = rlhf_run
+    ckpt = home / "model_dict" / "rlhf_sentiment_rloo.pt"
+    data = f"--data={home / 'corpus.txt'}"
+    for script, cls in (("gpt", None), ("gpt_", gpt_.FusedGPT)):
+        common = [f"--ckpt={ckpt}", data, "--device=cpu", "--dtype=float32", f"--sample_file={home / 'tuned.txt'}"]
+        assert run_main(common + ["--mode=sample", "--max_new_tokens=10"], cls, script) == 0
+        assert run_main(common + ["--mode=eval"], cls, script) == 0
+    assert run_main([f"--ckpt={ckpt}", data, "--device=cpu", "--mode=heads", "--eval_iters=2"]) == 0
+    assert (home / "generate_text" / "rlhf_sentiment_rloo.heads.png").exists()
+    assert run_main([f"--ckpt={ckpt}", data, "--device=cpu", "--mode=train", "--resume", "--max_iters=5"]) == 2
+    assert "holds weights only" in capsys.readouterr().err
+
+
+def test_the_base_checkpoint_is_never_written(rlhf_run):
+    home, args, _ = rlhf_run
+    before = (home / "base.pt").read_bytes()
+    rlhf.main(args + ["--rlhf_stage=bon"])
+    assert (home / "base.pt").read_bytes() == before
+
+
+BAD_INPUT = [
+    (["--rlhf_base=model_dict/none.pt"], "no checkpoint at"),
+    (["--oracle=happiness"], "unknown oracle 'happiness'"),
+    (["--oracle=no_such_module:score"], "cannot load it"),
+    (["--rlhf_stage=sft"], "rlhf_stage must be all or one of"),
+    (["--prompt_tokens=20", "--completion_tokens=20"], "does not fit the model's block_size 32"),
+    (["--rl_group=1"], "rl_group must be at least 2"),
+]
+
+
+def outputs(home):
+    return {p: p.read_bytes() for p in (home / "model_dict").glob("rlhf_*.pt")}
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUT)
+def test_bad_input_is_one_line_and_overwrites_nothing(rlhf_run, extra, message, capsys):
+    home, args, _ = rlhf_run
+    before = outputs(home)
+    with pytest.raises(SystemExit) as exit_info:
+        rlhf.main(args + extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert message in err
+    assert err.count("\n") == 1
+    assert outputs(home) == before
+
+
+def test_bad_input_through_the_real_command_line(rlhf_run):
+    """`python rlhf.py --oracle=happiness` as a user types it, on a copy of the code beside the outputs."""
+    home, args, _ = rlhf_run
+    copy_code(home)
+    before = outputs(home)
+    result = subprocess.run([sys.executable, "rlhf.py", *args, "--oracle=happiness"], cwd=home, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown oracle 'happiness': use sentiment, verse, or module:function (your own, text -> float)\n"
+    assert outputs(home) == before
+
+
+def test_report_json_has_the_table(rlhf_run):
+    home = rlhf_run[0]
+    report = json.loads((home / "generate_text" / "rlhf_sentiment_report.json").read_text())
+    for row in report["rows"]:
+        assert {"method", "kl", "gold", "gold_ci", "win_rate"} <= set(row)
+    assert torch.load(home / "data" / "rlhf_sentiment_pairs.pt", weights_only=True)["train"]["a"].shape[1] == 16

@@ -338,8 +338,35 @@ def bench_compile(args) -> str:
             + "\n\nrecorded in model_dict/compile_timings.json, where compile=auto reads it")
 
 
+def bench_rlhf(args) -> str:
+    """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), with every output
+    in a temporary folder so the user's own results are left alone."""
+    import tempfile
+
+    import config
+    import dualgpt
+    import rlhf
+    from dualgpt.compiling import machine_name
+    from dualgpt.runtime import resolve_device, resolve_dtype
+    base = os.path.join(HERE, config.rlhf_base)
+    argv = [f"--rlhf_base={base}", f"--data={args.data}"] + (["--quick"] if args.quick else [])
+    previous = dualgpt.ROOT
+    with tempfile.TemporaryDirectory() as root:
+        dualgpt.ROOT = root
+        try:
+            t0 = time.perf_counter()
+            result = rlhf.main(argv)
+            total = time.perf_counter() - t0
+        finally:
+            dualgpt.ROOT = previous
+    device = resolve_device("auto")
+    rows = [[stage, f"{seconds:.0f} s"] for stage, seconds in result["seconds"].items()] + [["total", f"{total:.0f} s"]]
+    return (f"### rlhf.py {' '.join(argv[2:]) or '(defaults)'}: seconds per stage, {machine_name(device)}, "
+            f"{resolve_dtype('auto', device)}\n\n" + table(["stage", "time"], rows))
+
+
 SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample, "quality": bench_quality,
-            "compile": bench_compile}
+            "compile": bench_compile, "rlhf": bench_rlhf}
 
 
 def main(argv: list[str] | None = None) -> None:

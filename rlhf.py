@@ -36,7 +36,7 @@ import config as default_config
 import gpt
 import gpt_
 from dualgpt import TrainingDiverged, UserError, repo_path
-from dualgpt.checkpoint import convert_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
+from dualgpt.checkpoint import convert_state_dict, cpu_copy, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import full_loss
 from dualgpt.heads import attention_divergence, head_statistics, head_weight_change, transplant
@@ -164,7 +164,7 @@ def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, complet
 
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, step: int) -> None:
     """A tuned policy as an ordinary checkpoint: gpt.py and gpt_.py sample, eval and study heads from it."""
-    weights = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
+    weights = cpu_copy(policy.state_dict())
     save_checkpoint(path, {"model": weights, "best_model": weights, "model_config": dataclasses.asdict(policy.config),
                            "layout": policy.layout, "tokenizer": s.base["tokenizer"],
                            "iter_num": s.base["iter_num"], "best_val_loss": float("nan"), "config": dict(s.cfg),
@@ -190,6 +190,12 @@ def load_pairs(s: Setup) -> dict:
     if not os.path.exists(path):
         raise UserError(f"no preference pairs at {path}; run python rlhf.py --rlhf_stage=pairs first")
     return torch.load(path, map_location=s.cfg["device"], weights_only=True)
+
+
+def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def write_json(path: str, value) -> None:
@@ -227,8 +233,7 @@ def stage_pairs(s: Setup) -> dict:
         decided = p["gold_a"] != p["gold_b"]
         agree = (p["a_preferred"] == (p["gold_a"] > p["gold_b"]))[decided].double().mean().item()
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(), "label_agreement": agree}
-    torch.save(dict(pairs, tau=torch.tensor(tau)), s.path("data", "pairs.pt") + ".tmp")
-    os.replace(s.path("data", "pairs.pt") + ".tmp", s.path("data", "pairs.pt"))
+    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau)))  # written atomically
     print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} val, tau {tau:.3f}; labels agree with "
           f"the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
           f"({report['train']['ties']:.0%} are ties)")
@@ -259,9 +264,7 @@ def stage_rm(s: Setup) -> dict:
                 r_c = rm(torch.cat([prompts[idx], chosen[idx]], dim=1)).float()
                 r_r = rm(torch.cat([prompts[idx], rejected[idx]], dim=1)).float()
             loss = reward_model_loss(r_c, r_r)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step_on(optimizer, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -275,7 +278,7 @@ def stage_rm(s: Setup) -> dict:
         "label_ceiling": torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item(),
         "accuracy_on_oracle": ((margin > 0) == (val["gold_a"] > val["gold_b"]))[decided].double().mean().item(),
     }
-    weights = {k: v.detach().cpu() for k, v in rm.body.state_dict().items()}
+    weights = cpu_copy(rm.body.state_dict())
     save_checkpoint(s.path("model_dict", "rm.pt"), {
         "model": weights, "best_model": weights, "reward_head": rm.head.state_dict(),
         "model_config": dataclasses.asdict(rm.body.config), "layout": rm.body.layout, "tokenizer": s.base["tokenizer"],
@@ -345,9 +348,7 @@ def stage_dpo(s: Setup) -> dict:
             pi_c = sequence_logprobs(s, policy, prompts[idx], chosen[idx])
             pi_r = sequence_logprobs(s, policy, prompts[idx], rejected[idx])
             loss = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg["dpo_beta"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step_on(optimizer, loss)
             step += 1
             margin = cfg["dpo_beta"] * ((pi_c - ref_c[idx]) - (pi_r - ref_r[idx])).detach()
             log.append({"step": step, "loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
@@ -380,6 +381,65 @@ def restrict_training(policy: nn.Module, trainable: dict[str, torch.Tensor]) -> 
     return params
 
 
+@torch.no_grad()
+def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, step: int,
+            gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """rl_group completions of each of rl_prompts train-split prompts, from the current policy, with their
+    reward: the reward model's score minus rl_beta x the sampled sequence KL (k1) to the base, and each
+    one's leave-one-out advantage within its prompt's group."""
+    cfg = s.cfg
+    prompts = sample_prompts(s, "train", cfg["rl_prompts"], cfg["seed"] + 100 + step).repeat_interleave(
+        cfg["rl_group"], dim=0)
+    completions = complete(s, policy, prompts, gen)
+    with autocast(cfg["device"], cfg["dtype"]):
+        ref_logits = completion_logits(reference, prompts, completions)
+        old_logits = completion_logits(policy, prompts, completions)
+    batch = {"prompts": prompts, "completions": completions, "score": reward_scores(s, rm, prompts, completions).float(),
+             "ref_logprobs": token_logprobs(ref_logits, completions, TEMPERATURE),
+             "old_logprobs": token_logprobs(old_logits, completions, TEMPERATURE),
+             "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1)}
+    batch["reward"] = batch["score"].to(batch["old_logprobs"].device) - cfg["rl_beta"] * (
+        batch["old_logprobs"] - batch["ref_logprobs"]).sum(1)
+    batch["advantages"] = rloo_advantages(batch["reward"].view(-1, cfg["rl_group"]), cfg["rl_normalize"]).view(-1)
+    return batch
+
+
+def policy_logprobs(s: Setup, policy: nn.Module, batch: dict, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        logits = completion_logits(policy, batch["prompts"][idx], batch["completions"][idx])
+    return token_logprobs(logits, batch["completions"][idx], TEMPERATURE)
+
+
+def rloo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+                step: int) -> tuple[torch.Tensor, dict]:
+    """One REINFORCE step with the leave-one-out advantages."""
+    loss = policy_gradient_loss(policy_logprobs(s, policy, batch), batch["advantages"])
+    step_on(optimizer, loss)
+    return loss, {}
+
+
+def ppo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+               step: int) -> tuple[torch.Tensor, dict]:
+    """ppo_epochs passes of ppo_minibatches minibatches over the rollouts, the probability ratio to the policy
+    that sampled them clipped; returns the last loss and the mean clip statistics."""
+    cfg = s.cfg
+    n = len(batch["prompts"])
+    size = math.ceil(n / cfg["ppo_minibatches"])
+    stats = []
+    for _ in range(cfg["ppo_epochs"]):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + step)).to(batch["prompts"].device)
+        for i in range(0, n, size):
+            idx = order[i:i + size]
+            loss, minibatch = ppo_loss(policy_logprobs(s, policy, batch, idx), batch["old_logprobs"][idx],
+                                       batch["advantages"][idx], cfg["ppo_clip"])
+            step_on(optimizer, loss)
+            stats.append(minibatch)
+    return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
+
+
+UPDATES = {"rloo": rloo_update, "ppo": ppo_update}
+
+
 def stage_rl(s: Setup, method: str, trainable: dict[str, torch.Tensor] | None = None, name: str = "") -> dict:
     """RLOO or PPO: policy gradient on the reward model's score minus rl_beta times the sequence KL to the
     frozen base, with a leave-one-out baseline over rl_group samples of each prompt. trainable: a mask of the
@@ -396,53 +456,16 @@ def stage_rl(s: Setup, method: str, trainable: dict[str, torch.Tensor] | None = 
     log = []
     bar = progress(total=cfg["rl_steps"], desc=name, unit="step")
     for step in range(1, cfg["rl_steps"] + 1):
-        # rollouts: rl_group completions of each of rl_prompts train-split prompts, from the current policy
-        prompts = sample_prompts(s, "train", cfg["rl_prompts"], cfg["seed"] + 100 + step).repeat_interleave(
-            cfg["rl_group"], dim=0)
-        completions = complete(s, policy, prompts, gen)
-        with torch.no_grad(), autocast(cfg["device"], cfg["dtype"]):
-            ref_logits = completion_logits(reference, prompts, completions)
-            old_logits = completion_logits(policy, prompts, completions)
-            score = reward_scores(s, rm, prompts, completions).to(ref_logits.device)
-        ref_logprobs = token_logprobs(ref_logits, completions, TEMPERATURE)
-        old_logprobs = token_logprobs(old_logits, completions, TEMPERATURE)
-        # the reward: the reward model's score minus beta x the sampled sequence KL (k1), baselined within groups
-        kl_k1 = (old_logprobs - ref_logprobs).sum(1)
-        reward = score.float() - cfg["rl_beta"] * kl_k1
-        advantages = rloo_advantages(reward.view(-1, cfg["rl_group"]), cfg["rl_normalize"]).view(-1)
-        stats = {}
-        if method == "rloo":
-            with autocast(cfg["device"], cfg["dtype"]):
-                logprobs = token_logprobs(completion_logits(policy, prompts, completions), completions, TEMPERATURE)
-            loss = policy_gradient_loss(logprobs, advantages)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        else:  # ppo: several epochs of minibatches on the same rollouts, the ratio clipped
-            n, size = len(prompts), math.ceil(len(prompts) / cfg["ppo_minibatches"])
-            clip_stats = []
-            for _ in range(cfg["ppo_epochs"]):
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + step)).to(prompts.device)
-                for i in range(0, n, size):
-                    idx = order[i:i + size]
-                    with autocast(cfg["device"], cfg["dtype"]):
-                        logprobs = token_logprobs(completion_logits(policy, prompts[idx], completions[idx]),
-                                                  completions[idx], TEMPERATURE)
-                    loss, minibatch_stats = ppo_loss(logprobs, old_logprobs[idx], advantages[idx], cfg["ppo_clip"])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    clip_stats.append(minibatch_stats)
-            stats = {k: sum(c[k] for c in clip_stats) / len(clip_stats) for k in clip_stats[0]}
+        batch = rollout(s, policy, reference, rm, step, gen)
+        loss, stats = UPDATES[method](s, policy, optimizer, batch, step)
         if not math.isfinite(loss.item()):
-            raise TrainingDiverged(f"{method}: loss is {loss.item()} at step {step}; try a lower --rl_lr")
-        estimators = kl_estimators(old_logprobs, ref_logprobs)
-        record = {"step": step, "rm_score": score.mean().item(), "reward": reward.mean().item(),
-                  "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1).mean().item(),
-                  **{f"kl_{k}": v.sum(1).mean().item() for k, v in estimators.items()}, **stats}
-        log.append(record)
+            raise TrainingDiverged(f"{name}: loss is {loss.item()} at step {step}; try a lower --rl_lr")
+        estimators = kl_estimators(batch["old_logprobs"], batch["ref_logprobs"])
+        log.append({"step": step, "rm_score": batch["score"].mean().item(), "reward": batch["reward"].mean().item(),
+                    "kl_exact": batch["kl_exact"].mean().item(),
+                    **{f"kl_{k}": v.sum(1).mean().item() for k, v in estimators.items()}, **stats})
         bar.update(1)
-        bar.set_postfix(rm=f"{record['rm_score']:+.3f}", kl=f"{record['kl_exact']:.2f}")
+        bar.set_postfix(rm=f"{log[-1]['rm_score']:+.3f}", kl=f"{log[-1]['kl_exact']:.2f}")
         if step % cfg["keep_every"] == 0 or step == cfg["rl_steps"]:
             save_policy(s, policy, kept_path(s, name, step), name, step)
     bar.close()
@@ -546,6 +569,8 @@ def stage_eval(s: Setup) -> dict:
             "distinct_2": distinct_2(r["completions"]),
             "repetition": sum(map(repetition, r["completions"])) / len(r["completions"])}))
     bon = bon_rows(s)
+    for row in rows[1:]:  # the trained methods, against best-of-n at the same KL
+        row.update({f"bon_{key}_at_equal_kl": at_equal_kl(bon, row["kl"], key) for key in ("gold", "judge")})
     rows[1:1] = [table_row(f"best-of-{b['n']}", b["kl"], {k: torch.tensor(b[f"{k}_per_prompt"]) for k in ("gold", "judge", "rm")
                                                            if f"{k}_per_prompt" in b},
                            {k: base_result[k].mean(1) for k in ("gold", "judge", "rm") if k in base_result},
@@ -560,6 +585,16 @@ def stage_eval(s: Setup) -> dict:
     write_samples(s, prompts, results, samples)
     print(markdown_table(report))
     return report
+
+
+def at_equal_kl(bon: list[dict], kl: float, key: str) -> float | None:
+    """Best-of-n's score at a given KL, interpolated linearly in sqrt(KL) between its n; None beyond its range."""
+    points = [(b["kl"] ** 0.5, b[key]) for b in bon if key in b]
+    x = max(kl, 0.0) ** 0.5
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
 
 
 def bon_rows(s: Setup) -> list[dict]:
@@ -578,11 +613,14 @@ def markdown_table(report: dict) -> str:
         ci = row.get(f"{key}_ci")
         return fmt.format(row[key]) + (f" ± {ci:.3f}" if ci is not None else "")
 
-    lines = ["| method | KL to base (nats/seq) | oracle score | judge score | judge gain over base | win rate vs base "
-             "(oracle) | reward model | val bpb | distinct-2 | repetition |", "|" + "---|" * 10]
+    lines = ["| method | KL to base (nats/seq) | oracle score | best-of-n's oracle score at this KL | judge score | "
+             "judge gain over base | win rate vs base (oracle) | reward model | val bpb | distinct-2 | repetition |",
+             "|" + "---|" * 11]
     for r in report["rows"]:
         win = f"{r['win_rate'][0]:.1%} ± {r['win_rate'][1]:.1%}" if "win_rate" in r else "—"
-        lines.append(f"| {r['method']} | {r['kl']:.3f} | {cell(r, 'gold')} | {cell(r, 'judge')} | "
+        bon_gold = r.get("bon_gold_at_equal_kl")
+        bon_cell = "—" if "bon_gold_at_equal_kl" not in r else "beyond best-of-n" if bon_gold is None else f"{bon_gold:+.3f}"
+        lines.append(f"| {r['method']} | {r['kl']:.3f} | {cell(r, 'gold')} | {bon_cell} | {cell(r, 'judge')} | "
                      f"{cell(r, 'judge_gain')} | {win} | {cell(r, 'rm')} | {cell(r, 'val_bpb', '{:.3f}')} | "
                      f"{cell(r, 'distinct_2', '{:.3f}')} | {cell(r, 'repetition', '{:.3f}')} |")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from dualgpt.checkpoint import export_weights, load_checkpoint, model_from_checkpoint, save_checkpoint
+from dualgpt.checkpoint import convert_state_dict, cpu_copy, export_weights, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.runconfig import model_options, parse_head_mask
 from dualgpt.runtime import autocast, progress
@@ -76,7 +76,8 @@ def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     loss = full_loss(model, data, "val", cfg["device"], "float32")
     eval_result = {"val_loss": loss, "val_bpb": data.bpb(loss, "val"), "dtype": "float32"}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["export_to"])), exist_ok=True)
-    save_checkpoint(cfg["export_to"], export_weights(ckpt, eval_result))
+    weights = convert_state_dict(cpu_copy(model.state_dict()), model.layout, ckpt["layout"], model.config.n_head)
+    save_checkpoint(cfg["export_to"], export_weights(ckpt, weights, eval_result))
     print(f"exported the best weights of {cfg['ckpt']} (iteration {ckpt['iter_num']}) to {cfg['export_to']}: "
           f"val loss {loss:.4f}, {eval_result['val_bpb']:.4f} bits per byte (float32, whole val split)")
     return eval_result

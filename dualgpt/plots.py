@@ -24,6 +24,17 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
+def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str, legend_size: float | None = None) -> None:
+    """Label the axes, draw the grid and legend, and save: the end of every line plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
     """Exponential moving average, bias-corrected so the first points are not pulled towards 0."""
     out, average = [], 0.0
@@ -48,13 +59,7 @@ def plot_losses(log_file: str, path: str, title: str) -> None:
                 color="grey", label="training steps (batch loss, smoothed)")
     ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train (evaluation)")
     ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val (evaluation)")
-    ax.set_xlabel("training time, minutes (evaluation excluded)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_plot(fig, ax, "training time, minutes (evaluation excluded)", "bits per byte", title, path)
 
 
 def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, path: str) -> None:
@@ -119,13 +124,8 @@ def plot_gold_against_kl(report: dict, path: str) -> None:
         if row["method"] in METHOD_COLOURS or row["method"] == "base":
             ax.errorbar(max(row["kl"], 0.0) ** 0.5, row["gold"], yerr=row["gold_ci"], fmt="*", markersize=12,
                         color=METHOD_COLOURS.get(row["method"], "grey"), label=f"{row['method']} (final, 95% interval)")
-    ax.set_xlabel("sqrt(KL to the base), sqrt(nats per sequence)")
-    ax.set_ylabel("oracle score (mean over held-out prompts)")
-    ax.set_title(f"oracle {report['oracle']}: score against distance from the base")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)", "oracle score (mean over held-out prompts)",
+           f"oracle {report['oracle']}: score against distance from the base", path, legend_size=8)
 
 
 def plot_proxy_against_gold(report: dict, path: str) -> None:
@@ -141,13 +141,8 @@ def plot_proxy_against_gold(report: dict, path: str) -> None:
         ax.plot(xs, ys, marker="o", color=METHOD_COLOURS.get(method), label=f"{method}, kept checkpoints in order")
         if points:
             ax.annotate(f"step {points[-1]['step']}", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("reward-model score (proxy)")
-    ax.set_ylabel("oracle score (gold)")
-    ax.set_title(f"oracle {report['oracle']}: proxy against gold over training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_plot(fig, ax, "reward-model score (proxy)", "oracle score (gold)",
+           f"oracle {report['oracle']}: proxy against gold over training", path, legend_size=8)
 
 
 def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str, path: str) -> list[tuple[int, int]]:
@@ -186,10 +181,4 @@ def plot_lines(series: dict[str, list[float]], xlabel: str, ylabel: str, title: 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, values in series.items():
         ax.plot(range(len(values)), values, marker=".", label=name, color=METHOD_COLOURS.get(name))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_plot(fig, ax, xlabel, ylabel, title, path)

@@ -187,9 +187,10 @@ class Distributed:
             torch.distributed.barrier()
 
     def print(self, message: str) -> None:
-        """Print on rank 0 only, above any progress bar."""
+        """Print on rank 0 only, above any progress bar, at once (also when the output is a log file)."""
         if self.master:
             tqdm.write(message)
+            sys.stdout.flush()
 
 
 class StopRequest:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import TrainingDiverged, UserError
-from dualgpt.checkpoint import build_model, load_checkpoint, log_path, save_checkpoint
+from dualgpt.checkpoint import build_model, cpu_copy, load_checkpoint, log_path, save_checkpoint
 from dualgpt.compiling import compile_model, load_timing, should_compile, timing_key
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import estimate_loss
@@ -165,7 +165,7 @@ def evaluate(model: nn.Module, data: Dataset, state: TrainState, eval_iters: int
         raise TrainingDiverged(f"loss is {losses['train']} at iteration {state.iter_num}")
     if losses["val"] < state.best_val:
         state.best_val = losses["val"]
-        state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state.best_state = cpu_copy(model.state_dict())
     state.next_eval_s = next_evaluation(state.train_s, eval_every_s)
     return losses
 

@@ -1,0 +1,73 @@
+"""What the clone ships (the dataset, the trained tokenizer, one trained model per script, samples, loss
+curves, attention maps), that they still work, and that running the main job never modifies a tracked file."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import config
+import gpt
+import gpt_
+from dualgpt.evaluation import checkpoint_with_data, full_loss
+from dualgpt.runconfig import load_config
+
+SHIPPED = {"gpt": gpt.GPT, "gpt_": gpt_.FusedGPT}
+
+
+def test_the_dataset_is_tiny_shakespeare():
+    data = open(os.path.join(ROOT, config.data), "rb").read()
+    assert len(data) == 1_115_394
+    assert hashlib.sha256(data).hexdigest() == config.data_sha256
+
+
+@pytest.mark.parametrize("script", SHIPPED)
+def test_the_shipped_files_are_there(script):
+    ckpt = os.path.join(ROOT, "model_dict", "shipped", f"{script}.pt")
+    assert os.path.getsize(ckpt) < 8_000_000
+    state = torch.load(ckpt, weights_only=True)
+    assert "optimizer" not in state  # weights only
+    assert state["model"] is state["best_model"] or all(torch.equal(state["model"][k], v)
+                                                        for k, v in state["best_model"].items())
+    for name in (f"{script}.txt", f"{script}.loss.png", f"{script}.heads.png"):
+        assert os.path.getsize(os.path.join(ROOT, "generate_text", "shipped", name)) > 100, name
+    assert os.path.exists(os.path.join(ROOT, "tokenizers", "shipped", "input_v8192_86c4e6aa.model"))
+
+
+@pytest.mark.parametrize("script", SHIPPED)
+def test_each_shipped_checkpoint_still_has_its_recorded_val_loss(home, script):
+    """A change to the model or the checkpoint format that breaks the shipped models fails here."""
+    ckpt = os.path.join(ROOT, "model_dict", "shipped", f"{script}.pt")
+    recorded = torch.load(ckpt, weights_only=True)["eval"]
+    cfg = load_config([f"--ckpt={ckpt}", f"--data={os.path.join(ROOT, config.data)}", "--device=cpu", "--mode=eval"],
+                      script)
+    _, model, data = checkpoint_with_data(SHIPPED[script], cfg)
+    loss = full_loss(model, data, "val", "cpu", "float32")
+    assert loss == pytest.approx(recorded["val_loss"], rel=1e-5)
+    assert data.bpb(loss, "val") == pytest.approx(recorded["val_bpb"], rel=1e-5)
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")),
+                    reason="needs git and a git checkout")
+def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path):
+    """`python gpt.py` (small, to keep the test short) and the README's command that samples from the
+    shipped model, on a fresh clone: git status stays clean (every output is in an ignored place)."""
+    clone = tmp_path / "clone"
+    git("clone", "-q", ROOT, str(clone), cwd=tmp_path)
+    small = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--max_iters=5",
+             "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
+    for command in ([sys.executable, "gpt.py", *small],
+                    [sys.executable, "gpt.py", "--mode=sample", "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20",
+                     "--num_samples=1"]):
+        result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.exists(clone / "model_dict" / "gpt.pt")  # the run did write its outputs
+    assert git("status", "--porcelain", cwd=clone) == ""

@@ -86,15 +86,15 @@ oracle = "sentiment"  # sentiment (a lexicon: half labels, half judges) | verse 
 prompt_tokens = 16  # prompt length: windows of the train split (of the val split for evaluation)
 completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
 label_agreement = 0.75  # how often the noisy labels agree with the oracle, as with human raters (sets tau)
-n_pairs = 2048  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from val-split prompts)
-rm_epochs = 2  # reward model: passes over the pairs
+n_pairs = 8192  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from val-split prompts)
+rm_epochs = 1  # reward model: passes over the pairs
 rm_batch = 64  # reward model: pairs per step
-rm_lr = 3e-4  # reward model: AdamW learning rate
+rm_lr = 1e-3  # reward model: AdamW learning rate
 bon_max_n = 64  # best-of-n for n = 1, 2, 4, ... up to this
-eval_prompts = 256  # val-split prompts that every method is evaluated on
-eval_samples = 2  # completions per evaluation prompt
+eval_prompts = 128  # val-split prompts that every method is evaluated on
+eval_samples = 4  # completions per evaluation prompt
 dpo_beta = 0.1  # DPO: strength of the pull towards the reference
-dpo_lr = 1e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)
+dpo_lr = 3e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)
 dpo_epochs = 1  # DPO: passes over the pairs
 dpo_batch = 32  # DPO: pairs per step
 rl_beta = 0.05  # RLOO and PPO: weight of the sequence KL to the base in the reward
@@ -110,6 +110,7 @@ keep_every = 20  # keep each tuned policy every this many steps, so methods can 
 head_batches = 8  # heads stage: val batches for the attention statistics and map divergence
 head_prompts = 64  # heads stage: val prompts sampled for each head switched off or transplanted
 head_pairs = 128  # heads stage: held-out pairs for the implicit reward margins
+head_tuning_steps = 20  # heads stage: RLOO steps tuning one head, attention only or the MLPs only (keep_every divides it)
 quick = False  # a smaller, faster run: the values in RLHF_QUICK below
 
 # The lecture scale, used on CUDA when preset = "auto".
@@ -117,4 +118,4 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, 
                   learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)
 
 # rlhf.py --quick: fewer pairs, prompts and steps (keys typed on the command line still win).
-RLHF_QUICK = dict(n_pairs=512, rm_epochs=2, bon_max_n=16, eval_prompts=64, eval_samples=2, rl_steps=20, keep_every=10)
+RLHF_QUICK = dict(n_pairs=2048, bon_max_n=16, eval_prompts=64, eval_samples=2, rl_steps=20, rl_prompts=8, keep_every=10)

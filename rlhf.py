@@ -40,7 +40,7 @@ from dualgpt.checkpoint import convert_state_dict, cpu_copy, load_checkpoint, mo
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import full_loss
 from dualgpt.heads import attention_divergence, head_statistics, head_weight_change, transplant
-from dualgpt.oracles import Oracle, get_oracle
+from dualgpt.oracles import WORD, Oracle, get_oracle
 from dualgpt.plots import plot_gold_against_kl, plot_head_grid, plot_lines, plot_proxy_against_gold
 from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits, dpo_loss,
                                 exact_kl, kl_estimators, policy_gradient_loss, ppo_loss, preference_probability,
@@ -97,7 +97,7 @@ def setup(cfg: dict) -> Setup:
     oracle = get_oracle(cfg["oracle"])
     data = Dataset(resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]), block_size, cfg["batch_size"],
                    cfg["device"], tokenizer_text=base["tokenizer"])
-    prefix = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", oracle.name)
+    prefix = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", oracle.name) + ("_quick" if cfg["quick"] else "")
     return Setup(cfg, SCRIPTS[cfg["rlhf_script"]], base_path, base, data, oracle, prefix)
 
 
@@ -483,10 +483,10 @@ def distinct_2(completion_texts: list[str]) -> float:
 
 
 def repetition(text: str) -> float:
-    """The fraction of a completion's word trigrams that already occurred earlier in it."""
-    words = text.split()
-    trigrams = list(zip(words, words[1:], words[2:]))
-    return (len(trigrams) - len(set(trigrams))) / max(1, len(trigrams))
+    """The fraction of a completion's words that repeat an earlier word of it (any case): a policy that pads
+    its text with the labeller's favourite word shows here."""
+    words = WORD.findall(text.lower())
+    return (len(words) - len(set(words))) / max(1, len(words))
 
 
 def interval(per_prompt: torch.Tensor) -> tuple[float, float]:
@@ -620,7 +620,8 @@ def markdown_table(report: dict) -> str:
         win = f"{r['win_rate'][0]:.1%} ± {r['win_rate'][1]:.1%}" if "win_rate" in r else "—"
         bon_gold = r.get("bon_gold_at_equal_kl")
         bon_cell = "—" if "bon_gold_at_equal_kl" not in r else "beyond best-of-n" if bon_gold is None else f"{bon_gold:+.3f}"
-        lines.append(f"| {r['method']} | {r['kl']:.3f} | {cell(r, 'gold')} | {bon_cell} | {cell(r, 'judge')} | "
+        kl = max(r["kl"], 0.0)  # exact KL is >= 0; float noise can leave -1e-8
+        lines.append(f"| {r['method']} | {kl:.3f} | {cell(r, 'gold')} | {bon_cell} | {cell(r, 'judge')} | "
                      f"{cell(r, 'judge_gain')} | {win} | {cell(r, 'rm')} | {cell(r, 'val_bpb', '{:.3f}')} | "
                      f"{cell(r, 'distinct_2', '{:.3f}')} | {cell(r, 'repetition', '{:.3f}')} |")
     return "\n".join(lines)
@@ -675,24 +676,29 @@ def implicit_margin(s: Setup, policy: nn.Module, pairs: dict) -> float:
 
 
 @torch.no_grad()
-def sampled_scores(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor) -> tuple[float, float]:
-    """Mean oracle and reward-model score of completions of the prompts, always from the same random numbers
-    (so that two models' scores differ by what the models do, not by sampling luck)."""
-    gen = torch.Generator(device=s.cfg["device"]).manual_seed(s.cfg["seed"] + 8)
+def sampled_scores(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+                   seed: int = 0) -> tuple[float, float]:
+    """Mean oracle and reward-model score of completions of the prompts, from fixed random numbers."""
+    gen = torch.Generator(device=s.cfg["device"]).manual_seed(s.cfg["seed"] + 8 + seed)
     completions = complete(s, policy, prompts, gen)
     return scores(s.oracle.label, texts(s, completions)).mean().item(), reward_scores(s, rm, prompts, completions).mean().item()
 
 
 def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
-                   heads: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """How much the oracle and reward-model scores drop when each head alone is switched off."""
-    gold, proxy = sampled_scores(s, policy, rm, prompts)
-    drops = {"gold": torch.zeros(policy.config.n_layer, policy.config.n_head), "rm": torch.zeros(policy.config.n_layer,
-                                                                                               policy.config.n_head)}
+                   heads: list[tuple[int, int]], seeds: int = 4) -> dict[str, torch.Tensor | float]:
+    """How much the oracle and reward-model scores drop when each head alone is switched off, against the
+    unmasked model's mean over `seeds` samplings. Sampling diverges within a few tokens even from the same
+    random numbers, so each masked score is about an independent draw: "noise" (the spread of the unmasked
+    scores across seeds) is the standard deviation of any one drop that is due to sampling alone."""
+    unmasked = torch.tensor([sampled_scores(s, policy, rm, prompts, seed) for seed in range(seeds)])  # (seeds, 2)
+    shape = (policy.config.n_layer, policy.config.n_head)
+    drops = {"gold": torch.zeros(shape), "rm": torch.zeros(shape),
+             "noise_gold": unmasked[:, 0].std().item(), "noise_rm": unmasked[:, 1].std().item()}
     for layer, head in progress(heads, desc="switching heads off", leave=False):
         policy.set_head_mask({(layer, head)})
         masked_gold, masked_proxy = sampled_scores(s, policy, rm, prompts)
-        drops["gold"][layer, head], drops["rm"][layer, head] = gold - masked_gold, proxy - masked_proxy
+        drops["gold"][layer, head] = unmasked[:, 0].mean() - masked_gold
+        drops["rm"][layer, head] = unmasked[:, 1].mean() - masked_proxy
     policy.set_head_mask(set())
     return drops
 
@@ -770,8 +776,9 @@ def stage_heads(s: Setup) -> dict:
 
 
 def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[int, int]]) -> dict:
-    """RLOO with the same budget, tuning only the head that carries most of RLOO's margin, only attention, or
-    only the MLPs; each evaluated (oracle score, exact KL) at its kept checkpoints, as the eval stage does."""
+    """RLOO for head_tuning_steps steps, tuning only the head that carries most of RLOO's margin, only
+    attention, or only the MLPs; each evaluated (oracle score, exact KL) at its kept checkpoints, beside the
+    full RLOO run's kept checkpoints (the same method; at step head_tuning_steps, the same budget)."""
     source = study["methods"].get("rloo") or next(iter(study["methods"].values()))
     best = divmod(int(source["margin_into_base"].argmax()), source["margin_into_base"].shape[1])
     runs = {f"head {best[0]}.{best[1]} only": part_masks(base_state, heads={best}),
@@ -779,18 +786,25 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
             "MLPs only": part_masks(base_state, mlps=True)}
     base, rm = load_policy(s), load_reward_model(s)
     reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
-    curves = {}
-    for label, mask in runs.items():
-        name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-        stage_rl(s, "rloo", mask, name)
+    steps = s.cfg["head_tuning_steps"]
+    short = dataclasses.replace(s, cfg=dict(s.cfg, rl_steps=steps, keep_every=max(1, steps // 2)))
+    start = evaluate_policy(s, base, reference, rm, prompts, 2, s.cfg["seed"] + 7)
+    curves = {"base (step 0)": [{"step": 0, "kl": start["kl_exact"], "gold": start["gold"].mean().item(),
+                                 "rm": start["rm"].mean().item(),
+                                 **({"judge": start["judge"].mean().item()} if "judge" in start else {})}]}
+    for label, mask in {"all weights (the rloo stage's run)": None, **runs}.items():
+        name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") if mask is not None else "rloo"
+        if mask is not None:
+            stage_rl(short, "rloo", mask, name)
         curves[label] = []
         folder = os.path.dirname(kept_path(s, name, 1))
         for file in sorted(os.listdir(folder)):
             kept = load_checkpoint(os.path.join(folder, file))
             r = evaluate_policy(s, load_policy(s, kept, file), reference, rm, prompts, 2, s.cfg["seed"] + 7)
             curves[label].append({"step": kept["rlhf"]["step"], "kl": r["kl_exact"], "gold": r["gold"].mean().item(),
-                                  "rm": r["rm"].mean().item()})
-    return {"chosen_head": list(best), "curves": curves}
+                                  "rm": r["rm"].mean().item(),
+                                  **({"judge": r["judge"].mean().item()} if "judge" in r else {})})
+    return {"chosen_head": list(best), "steps": steps, "curves": curves}
 
 
 def as_lists(value):
@@ -825,14 +839,15 @@ def write_head_study(s: Setup, study: dict) -> None:
                        s.path("generate_text", f"heads_{name}.png"))
     plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
-    partial = study["partial_tuning"]
     report_path = s.path("generate_text", "report.json")
-    full = json.load(open(report_path, encoding="utf-8")) if os.path.exists(report_path) else {"rows": [], "curves": {},
-                                                                                              "bon_curve": []}
-    plot_gold_against_kl({"oracle": s.oracle.name, "bon_curve": full["bon_curve"], "rows": [],
-                          "curves": {**{k: v for k, v in full["curves"].items() if k == "rloo"}, **partial["curves"]}},
+    bon = json.load(open(report_path, encoding="utf-8"))["bon_curve"] if os.path.exists(report_path) else []
+    plot_gold_against_kl({"oracle": s.oracle.name, "bon_curve": bon, "rows": [], "curves": study["partial_tuning"]["curves"]},
                          s.path("generate_text", "heads_gold_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
+    for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]:
+        largest = ablation["gold"].abs().max().item()
+        print(f"{name}: switching one head off moves the oracle score by at most {largest:.3f}; sampling alone moves "
+              f"it by {ablation['noise_gold']:.3f} (one standard deviation)")
     for method, r in methods.items():
         top = sorted(((r["margin_into_base"][l, h].item(), f"{l}.{h}") for l, h in study["heads"]), reverse=True)[:3]
         print(f"{method}: margin {r['margin']:+.3f}; by part " + ", ".join(f"{k} {v:+.3f}" for k, v in r["margin_by_part"].items())
@@ -846,6 +861,7 @@ RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
+    sys.stdout.reconfigure(line_buffering=True)  # each stage's line at once, also in a log file
     try:
         cfg = load_config(argv, "rlhf", __doc__)
         if cfg["quick"]:  # the quick preset, except for keys typed on the command line

@@ -121,7 +121,7 @@ def test_heatmaps_have_one_cell_per_head(tmp_path):
 def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
     home, args, _ = rlhf_run
     study = rlhf.main(args + ["--rlhf_stage=heads", "--head_prompts=16", "--head_pairs=32", "--head_batches=2",
-                              "--rl_steps=8", "--keep_every=4"])["results"]["heads"]
+                              "--head_tuning_steps=30"])["results"]["heads"]
     for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "gold_vs_kl"):
         image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_heads_{name}.png")
         assert image.shape[0] > 100
@@ -131,4 +131,6 @@ def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
         assert torch.tensor(r["weight_change"]["query"]).shape == (2, 2)
         assert torch.tensor(r["margin_into_base"]).shape == (2, 2)
         assert len(r["kl_by_position"]) == 16
-    assert len(study["partial_tuning"]["curves"]) == 3
+    curves = study["partial_tuning"]["curves"]
+    assert len(curves) == 5  # the base, the full run and the three partial ones
+    assert [len(points) for points in curves.values()] == [1, 2, 2, 2, 2]  # the base; each run's kept checkpoints

@@ -177,6 +177,18 @@ def test_tau_gives_the_asked_agreement():
     assert torch.sigmoid(nonzero.abs() / tau).mean().item() == pytest.approx(0.75, abs=1e-9)
 
 
+def test_sampled_tokens_follow_the_probabilities():
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    n = 100_000
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([preference.sample_tokens(probs, gen) for _ in range(n)])  # (n, 3)
+    for row in range(3):
+        frequencies = torch.bincount(draws[:, row], minlength=5).double() / n
+        standard_error = (probs[row].double() * (1 - probs[row].double()) / n).sqrt()
+        assert ((frequencies - probs[row]).abs() <= 4 * standard_error + 1e-12).all()
+        assert (frequencies[probs[row] == 0] == 0).all()  # impossible tokens never come
+
+
 # --- best-of-n ------------------------------------------------------------------------------------------
 
 

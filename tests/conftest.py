@@ -113,10 +113,12 @@ def mood_corpus(n_lines: int, seed: int = 0) -> str:
 BASE = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
         "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--device=cpu",
         "--dtype=float32", "--max_iters=300", "--eval_interval=300"]
+# RLOO's judge gain with these, over 4 seeds x (native, emulated AVX2) numerics: +0.22 to +0.54, each 95% interval
+# above zero (60 steps and 4 samples per prompt gave +0.13 to +0.93, and one failure under other rounding)
 SMALL = ["--prompt_tokens=8", "--completion_tokens=16", "--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32",
-         "--rm_lr=1e-3", "--bon_max_n=4", "--eval_prompts=64", "--eval_samples=4", "--dpo_batch=32", "--dpo_lr=1e-3",
-         "--rl_steps=60", "--rl_prompts=16", "--rl_group=8", "--rl_lr=1e-3", "--ppo_epochs=1", "--ppo_minibatches=2", "--keep_every=30",
-         "--device=cpu", "--dtype=float32"]
+         "--rm_lr=1e-3", "--bon_max_n=4", "--eval_prompts=64", "--eval_samples=8", "--dpo_batch=32", "--dpo_lr=1e-3",
+         "--rl_steps=100", "--rl_prompts=16", "--rl_group=8", "--rl_lr=1e-3", "--ppo_epochs=1", "--ppo_minibatches=2",
+         "--keep_every=50", "--device=cpu", "--dtype=float32"]
 
 
 @pytest.fixture(scope="session")

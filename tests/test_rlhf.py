@@ -23,7 +23,7 @@ def test_every_stage_runs_and_writes_its_files(rlhf_run):
     for png in ["rlhf_sentiment_gold_vs_kl.png", "rlhf_sentiment_proxy_vs_gold.png"]:
         assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100
     kept = sorted(p.name for p in (home / "model_dict" / "rlhf_sentiment_rloo_steps").iterdir())
-    assert kept == ["step00030.pt", "step00060.pt"]
+    assert kept == ["step00050.pt", "step00100.pt"]
 
 
 def test_labels_agree_with_the_oracle_as_asked(rlhf_run):
@@ -43,7 +43,7 @@ def test_rloo_raises_the_held_out_judges_score(rlhf_run):
     rows = {r["method"]: r for r in rlhf_run[2]["results"]["eval"]["rows"]}
     assert rows["rloo"]["judge_gain"] > 0
     assert rows["rloo"]["kl"] > 0
-    assert rows["base"]["kl"] == 0.0
+    assert rows["base"]["kl"] == pytest.approx(0.0, abs=1e-6)  # two forward passes of equal weights: equal up to rounding
     assert [r["method"] for r in rows.values()] == ["base", "best-of-1", "best-of-2", "best-of-4", "dpo", "rloo", "ppo"]
 
 

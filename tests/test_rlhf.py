@@ -119,3 +119,19 @@ def test_report_json_has_the_table(rlhf_run):
     for row in report["rows"]:
         assert {"method", "kl", "gold", "gold_ci", "win_rate"} <= set(row)
     assert torch.load(home / "data" / "rlhf_sentiment_pairs.pt", weights_only=True)["train"]["a"].shape[1] == 16
+
+
+def test_lb_gpt_and_the_verse_oracle_run_every_stage_and_the_head_study(rlhf_run):
+    """--rlhf_script=gpt (LB-GPT, no KV cache) with --oracle=verse, tiny, every stage then the heads stage; its
+    outputs are rlhf_verse_*, beside the sentiment pipeline's."""
+    home, args, _ = rlhf_run
+    tiny = ["--rlhf_script=gpt", "--oracle=verse", "--n_pairs=64", "--rm_batch=16", "--dpo_batch=16", "--bon_max_n=2",
+            "--eval_prompts=8", "--eval_samples=2", "--rl_steps=4", "--rl_prompts=4", "--keep_every=2",
+            "--head_prompts=4", "--head_pairs=8", "--head_batches=1", "--head_tuning_steps=2"]
+    result = rlhf.main(args + tiny)
+    assert list(result["seconds"]) == list(rlhf.STAGES)
+    assert "judge" not in result["results"]["eval"]["rows"][0]  # verse has no held-out judge
+    assert torch.load(home / "model_dict" / "rlhf_verse_rloo.pt", weights_only=True)["layout"] == "looped"
+    study = rlhf.main(args + tiny + ["--rlhf_stage=heads"])["results"]["heads"]
+    assert set(study["methods"]) == {"dpo", "rloo", "ppo"}
+    assert (home / "generate_text" / "rlhf_verse_heads.json").exists()

@@ -156,10 +156,15 @@ def reward_scores(s: Setup, rm: RewardModel, prompts: torch.Tensor, completions:
                           for i in range(0, len(prompts), batch)]).double().cpu()
 
 
+def completion_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """log pi(token | prompt, earlier tokens) of each completion token, at the sampling temperature: (B, L)."""
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        return token_logprobs(completion_logits(model, prompts, completions), completions, TEMPERATURE)
+
+
 def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     """log pi(completion | prompt) summed over its tokens: (B,)."""
-    with autocast(s.cfg["device"], s.cfg["dtype"]):
-        return token_logprobs(completion_logits(model, prompts, completions), completions, TEMPERATURE).sum(1)
+    return completion_logprobs(s, model, prompts, completions).sum(1)
 
 
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, step: int) -> None:
@@ -404,16 +409,11 @@ def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, 
     return batch
 
 
-def policy_logprobs(s: Setup, policy: nn.Module, batch: dict, idx: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-    with autocast(s.cfg["device"], s.cfg["dtype"]):
-        logits = completion_logits(policy, batch["prompts"][idx], batch["completions"][idx])
-    return token_logprobs(logits, batch["completions"][idx], TEMPERATURE)
-
-
 def rloo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                 step: int) -> tuple[torch.Tensor, dict]:
     """One REINFORCE step with the leave-one-out advantages."""
-    loss = policy_gradient_loss(policy_logprobs(s, policy, batch), batch["advantages"])
+    loss = policy_gradient_loss(completion_logprobs(s, policy, batch["prompts"], batch["completions"]),
+                                batch["advantages"])
     step_on(optimizer, loss)
     return loss, {}
 
@@ -430,8 +430,8 @@ def ppo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, ba
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] + step)).to(batch["prompts"].device)
         for i in range(0, n, size):
             idx = order[i:i + size]
-            loss, minibatch = ppo_loss(policy_logprobs(s, policy, batch, idx), batch["old_logprobs"][idx],
-                                       batch["advantages"][idx], cfg["ppo_clip"])
+            logprobs = completion_logprobs(s, policy, batch["prompts"][idx], batch["completions"][idx])
+            loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], batch["advantages"][idx], cfg["ppo_clip"])
             step_on(optimizer, loss)
             stats.append(minibatch)
     return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
@@ -543,13 +543,15 @@ def stage_eval(s: Setup) -> dict:
     reference = frozen(base)
     prompts = eval_prompts(s)
     samples = cfg["eval_samples"]
-    results = {"base": evaluate_policy(s, base, reference, rm, prompts, samples, cfg["seed"] + 6)}
-    methods = [m for m in ("dpo", "rloo", "ppo") if os.path.exists(s.path("model_dict", f"{m}.pt"))]
-    curves = {}
-    for method in methods:
+    policies = {"base": base}
+    for method in ("dpo", "rloo", "ppo"):
         path = s.path("model_dict", f"{method}.pt")
-        results[method] = evaluate_policy(s, load_policy(s, load_checkpoint(path), path), reference, rm, prompts,
-                                          samples, cfg["seed"] + 6)
+        if os.path.exists(path):
+            policies[method] = load_policy(s, load_checkpoint(path), path)
+    results = {name: evaluate_policy(s, policy, reference, rm, prompts, samples, cfg["seed"] + 6)
+               for name, policy in policies.items()}
+    curves = {}
+    for method in list(policies)[1:]:
         curves[method] = []
         folder = os.path.dirname(kept_path(s, method, 1))
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -560,8 +562,7 @@ def stage_eval(s: Setup) -> dict:
     base_result = results["base"]
     rows = []
     for name, r in results.items():
-        policy = base if name == "base" else load_policy(s, load_checkpoint(s.path("model_dict", f"{name}.pt")))
-        val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
+        val_loss = full_loss(policies[name], s.data, "val", cfg["device"], cfg["dtype"])
         per_prompt = {k: r[k].mean(1) for k in ("gold", "judge", "rm") if k in r}
         rows.append(table_row(name, r["kl_exact"], per_prompt, {k: base_result[k].mean(1) for k in per_prompt}, {
             "kl_k1": r["kl_k1"], "kl_k3": r["kl_k3"], "val_bpb": s.data.bpb(val_loss, "val"),

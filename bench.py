@@ -147,10 +147,9 @@ def saved_activation_bytes(model, x, y) -> int:
 
 def bench_train(args) -> str:
     import torch
-    from dualgpt.runtime import autocast as autocast_for, matmul_peak, resolve_device
+    from dualgpt.runtime import matmul_peak, resolve_device
     from dualgpt.train import flops_per_token, make_optimizer
     device = resolve_device("auto")
-    autocast = autocast_for(device, args.dtype)
     peak = matmul_peak(device, args.dtype)
     rows = []
     for shape_name, shape, batch in shapes(args, device):
@@ -160,20 +159,9 @@ def bench_train(args) -> str:
             opt = make_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99), device=device)
             gen = torch.Generator().manual_seed(0)
             x, y = torch.randint(0, shape["vocab_size"], (2, batch, shape["block_size"]), generator=gen).to(device)
-            times = []
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            for step in range(args.steps + 2):  # two warm-up steps
-                t0 = time.perf_counter()
-                with autocast:
-                    loss = model(x, y)[1]
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            step_s = statistics.median(times[2:])
+            step_s = timed_steps(model, opt, [(x, y)], args.steps, device, args.dtype)
             base = base or step_s
             if device.startswith("cuda"):
                 memory = f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB peak"

@@ -164,7 +164,7 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     loss = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
     with torch.no_grad():
         stats = {"clip_fraction": ((ratio - 1).abs() > clip).float().mean().item(),
-                 "approx_kl": (torch.expm1(log_ratio) - log_ratio).mean().item(),
+                 "approx_kl": kl_estimators(old_logprobs, logprobs)["k3"].mean().item(),  # KL(old || new)
                  "mean_ratio": ratio.mean().item()}
     return loss, stats
 

@@ -48,20 +48,21 @@ def timing_key(model: nn.Module, device: str, dtype: str, batch_size: int) -> st
             f"{c.n_embd} vocab {c.vocab_size} block {c.block_size} dropout {c.dropout:g} | batch {batch_size}")
 
 
-def load_timing(key: str) -> dict | None:
+def read_timings() -> dict:
+    """Every recorded measurement, by timing_key; none if the file is missing or unreadable."""
     try:
         with open(timings_path(), encoding="utf-8") as f:
-            return json.load(f).get(key)
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def load_timing(key: str) -> dict | None:
+    return read_timings().get(key)
 
 
 def record_timing(key: str, compile_s: float, eager_step_s: float, compiled_step_s: float) -> None:
-    try:
-        with open(timings_path(), encoding="utf-8") as f:
-            timings = json.load(f)
-    except (OSError, ValueError):
-        timings = {}
+    timings = read_timings()
     timings[key] = {"compile_s": compile_s, "eager_step_s": eager_step_s, "compiled_step_s": compiled_step_s}
     os.makedirs(os.path.dirname(timings_path()), exist_ok=True)
     with atomic_open(timings_path(), "w", encoding="utf-8") as f:

@@ -44,12 +44,18 @@ def full_loss(model: nn.Module, data: Dataset, split: str, device: str, dtype: s
     return total / count
 
 
+def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module]:
+    """For the sample, eval and heads modes: the checkpoint at --ckpt and its best model, with the run's head
+    mask and model options."""
+    ckpt = load_checkpoint(cfg["ckpt"])
+    return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
+                                       model_options(cfg, model_class))
+
+
 def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
     """For the eval and heads modes: the checkpoint, its best model, and the data encoded with the
     checkpoint's own tokenizer at its block size."""
-    ckpt = load_checkpoint(cfg["ckpt"])
-    model = model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
-                                  model_options(cfg, model_class))
+    ckpt, model = checkpoint_model(model_class, cfg)
     path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
     data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
     return ckpt, model, data

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,12 +19,23 @@ from dualgpt.sampling import read_prompt
 from minbpe.base import atomic_open, render_token
 
 
+@contextmanager
+def recording(*models: nn.Module):
+    """Within the block, every head of the models keeps its attention weights and output of the last forward."""
+    for model in models:
+        model.record_attention(True)
+    try:
+        yield
+    finally:
+        for model in models:
+            model.record_attention(False)
+
+
 @torch.no_grad()
 def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-head averages over every query position of the batches; each value is (n_layer, n_head)."""
     sums: dict[str, torch.Tensor] = {}
-    model.record_attention(True)
-    try:
+    with recording(model):
         for x in batches:
             model(x)
             for layer, block in enumerate(model.blocks):
@@ -39,8 +51,6 @@ def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
                 }
                 for name, value in stats.items():
                     sums.setdefault(name, torch.zeros(len(model.blocks), value.numel()))[layer] += value.float().cpu()
-    finally:
-        model.record_attention(False)
     return {name: total / len(batches) for name, total in sums.items()}
 
 
@@ -69,12 +79,9 @@ def ablation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
 
 def recorded_attention(model: nn.Module, ids: list[int], device: str) -> list[torch.Tensor]:
     """Every layer's attention weights (n_head, T, T) on one sequence of token ids."""
-    model.record_attention(True)
-    try:
+    with recording(model):
         model(torch.tensor([ids], device=device))
         return [block.attn.recorded()[0][0] for block in model.blocks]
-    finally:
-        model.record_attention(False)
 
 
 def token_labels(vocab: dict[int, bytes], ids: list[int]) -> list[str]:
@@ -151,6 +158,12 @@ def head_keys(layer: int, head: int) -> list[str]:
             for kind in ("weight", "bias")]
 
 
+def head_columns(state: dict, head: int) -> slice:
+    """The columns of a layer's output projection that read head `head`'s output."""
+    hs = state["blocks.0.attn.heads.0.query.weight"].shape[0]
+    return slice(head * hs, (head + 1) * hs)
+
+
 def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
     """||tuned - base|| / ||base|| (Frobenius)."""
     return ((tuned.double() - base.double()).norm() / base.double().norm()).item()
@@ -159,7 +172,6 @@ def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
 def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> dict[str, torch.Tensor]:
     """How far each head moved: the relative change of its query, key and value weights and of its slice of the
     output projection, each (n_layer, n_head); and of each MLP's two matrices, (n_layer, 1)."""
-    hs = base["blocks.0.attn.heads.0.query.weight"].shape[0]
     change = {name: torch.zeros(n_layer, n_head) for name in ("query", "key", "value", "output")}
     change.update(mlp_fc=torch.zeros(n_layer, 1), mlp_proj=torch.zeros(n_layer, 1))
     for layer in range(n_layer):
@@ -167,7 +179,7 @@ def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> di
             for proj in ("query", "key", "value"):
                 key = f"blocks.{layer}.attn.heads.{head}.{proj}.weight"
                 change[proj][layer, head] = relative_change(tuned[key], base[key])
-            key, cols = f"blocks.{layer}.attn.proj.weight", slice(head * hs, (head + 1) * hs)
+            key, cols = f"blocks.{layer}.attn.proj.weight", head_columns(base, head)
             change["output"][layer, head] = relative_change(tuned[key][:, cols], base[key][:, cols])
         for part in ("fc", "proj"):
             key = f"blocks.{layer}.mlp.{part}.weight"
@@ -181,13 +193,12 @@ def transplant(target: dict, donor: dict, heads: set[tuple[int, int]] = frozense
     projection columns, whole MLPs by layer, and with rest=True everything else (embeddings, LayerNorms,
     the projection's bias). Every part taken is copied exactly."""
     out = {k: v.clone() for k, v in target.items()}
-    hs = target["blocks.0.attn.heads.0.query.weight"].shape[0]
     for layer, head in heads:
         for key in head_keys(layer, head):
             if key in donor:  # biases exist only with bias=True
                 out[key] = donor[key].clone()
-        key = f"blocks.{layer}.attn.proj.weight"
-        out[key][:, head * hs:(head + 1) * hs] = donor[key][:, head * hs:(head + 1) * hs]
+        key, cols = f"blocks.{layer}.attn.proj.weight", head_columns(target, head)
+        out[key][:, cols] = donor[key][:, cols]
     for layer in mlps:
         for key in donor:
             if key.startswith(f"blocks.{layer}.mlp."):
@@ -208,9 +219,7 @@ def attention_divergence(base: nn.Module, tuned: nn.Module, batches: list[torch.
     """Jensen-Shannon divergence (nats, at most log 2) between the two models' attention rows on the same
     inputs, averaged over every query position: (n_layer, n_head)."""
     total = torch.zeros(base.config.n_layer, base.config.n_head)
-    for model in (base, tuned):
-        model.record_attention(True)
-    try:
+    with recording(base, tuned):
         for x in batches:
             base(x)
             tuned(x)
@@ -219,7 +228,4 @@ def attention_divergence(base: nn.Module, tuned: nn.Module, batches: list[torch.
                 m = (p + q) / 2
                 kl = lambda a: (a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log())).sum(-1)  # noqa: E731
                 total[layer] += ((kl(p) + kl(q)) / 2).mean((0, 2)).float().cpu()
-    finally:
-        for model in (base, tuned):
-            model.record_attention(False)
     return total / len(batches)

@@ -85,17 +85,23 @@ def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, p
     save_figure(fig, path)
 
 
+def draw_head_cells(ax, grid: np.ndarray, fmt: str, fontsize: float, **imshow_options):
+    """A layer x head grid as an image with each value written in its cell; returns the image."""
+    image = ax.imshow(grid, **imshow_options)
+    for (layer, head), value in np.ndenumerate(grid):
+        ax.text(head, layer, fmt.format(value), ha="center", va="center", fontsize=fontsize, color="grey")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    return image
+
+
 def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str, fmt: str = "{:+.3f}",
                       cmap: str = "magma") -> None:
     """One cell per head: values (n_layer, n_head), each written in its cell."""
     plt = pyplot()
     n_layer, n_head = values.shape
     fig, ax = plt.subplots(figsize=(1.2 * n_head + 2.5, 0.9 * n_layer + 1.8))
-    image = ax.imshow(values.numpy(), cmap=cmap)
-    for (layer, head), value in np.ndenumerate(values.numpy()):
-        ax.text(head, layer, fmt.format(value), ha="center", va="center", fontsize=8, color="grey")
-    ax.set_xticks(range(n_head))
-    ax.set_yticks(range(n_layer))
+    image = draw_head_cells(ax, values.numpy(), fmt, 8, cmap=cmap)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
@@ -125,7 +131,7 @@ def plot_gold_against_kl(report: dict, path: str) -> None:
             ax.errorbar(max(row["kl"], 0.0) ** 0.5, row["gold"], yerr=row["gold_ci"], fmt="*", markersize=12,
                         color=METHOD_COLOURS.get(row["method"], "grey"), label=f"{row['method']} (final, 95% interval)")
     finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)", "oracle score (mean over held-out prompts)",
-           f"oracle {report['oracle']}: score against distance from the base", path, legend_size=8)
+                f"oracle {report['oracle']}: score against distance from the base", path, legend_size=8)
 
 
 def plot_proxy_against_gold(report: dict, path: str) -> None:
@@ -142,7 +148,7 @@ def plot_proxy_against_gold(report: dict, path: str) -> None:
         if points:
             ax.annotate(f"step {points[-1]['step']}", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     finish_plot(fig, ax, "reward-model score (proxy)", "oracle score (gold)",
-           f"oracle {report['oracle']}: proxy against gold over training", path, legend_size=8)
+                f"oracle {report['oracle']}: proxy against gold over training", path, legend_size=8)
 
 
 def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str, path: str) -> list[tuple[int, int]]:
@@ -164,11 +170,8 @@ def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title
             grid = values.float().numpy()
             limit = max(abs(grid.min()), abs(grid.max()), 1e-12)
             signed = grid.min() < 0
-            ax.imshow(grid, cmap="RdBu_r" if signed else "magma", vmin=-limit if signed else 0, vmax=limit)
-            for (layer, head), value in np.ndenumerate(grid):
-                ax.text(head, layer, f"{value:.2g}", ha="center", va="center", fontsize=7, color="grey")
-            ax.set_xticks(range(grid.shape[1]))
-            ax.set_yticks(range(grid.shape[0]))
+            draw_head_cells(ax, grid, "{:.2g}", 7, cmap="RdBu_r" if signed else "magma", vmin=-limit if signed else 0,
+                            vmax=limit)
             ax.set_title(f"{label}: {name}", fontsize=8)
             drawn.append(grid.shape)
     fig.suptitle(title, fontsize=11)

@@ -9,9 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualgpt import UserError
-from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from dualgpt.data import load_tokenizer_text
-from dualgpt.runconfig import model_options, parse_head_mask
+from dualgpt.evaluation import checkpoint_model
 from dualgpt.runtime import autocast
 from minbpe.base import atomic_open
 
@@ -85,9 +84,7 @@ def read_prompt(prompt: str) -> str:
 
 def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
     """--mode=sample: stream num_samples continuations of the prompt and write them to sample_file."""
-    ckpt = load_checkpoint(cfg["ckpt"])
-    model = model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
-                                  model_options(cfg, model_class))
+    ckpt, model = checkpoint_model(model_class, cfg)
     tok = load_tokenizer_text(ckpt["tokenizer"])
     prompt = read_prompt(cfg["prompt"])
     prompt_ids = tok.encode(prompt, allowed_special="none")[-model.config.block_size:]

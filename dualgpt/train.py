@@ -269,8 +269,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
 
     tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
     meter = Meter(tokens_per_step, flops_per_token(model) * tokens_per_step, matmul_peak(device, dtype) * ddp.world)
-    ddp.print(describe_run(cfg["script"], model, device, dtype, meter.peak, data, cfg["batch_size"], cfg["grad_accum_steps"],
-                           micro_steps, ddp.world, cfg["block_size"], limits))
+    ddp.print(describe_run(cfg["script"], model, device, dtype, meter.peak, data, tokens_per_step, cfg["batch_size"],
+                           cfg["grad_accum_steps"], micro_steps, ddp.world, cfg["block_size"], limits))
     train_model = model
     timing = load_timing(timing_key(model, device, dtype, cfg["batch_size"]))
     compiling, reason = should_compile(cfg["compile"], limits.budget_s, limits.max_iters, timing)
@@ -347,10 +347,11 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
     finish(path, state, data, ddp, plot=done, interrupted=stopping)
 
 
-def describe_run(script: str, model: nn.Module, device: str, dtype: str, peak: float, data: Dataset, batch_size: int,
-                 grad_accum_steps: int, micro_steps: int, world: int, block_size: int, limits: Limits) -> str:
-    """The start-up line: model size, device, data, how many tokens a step holds, and when training stops."""
-    tokens_per_step = batch_size * micro_steps * world * block_size
+def describe_run(script: str, model: nn.Module, device: str, dtype: str, peak: float, data: Dataset,
+                 tokens_per_step: int, batch_size: int, grad_accum_steps: int, micro_steps: int, world: int,
+                 block_size: int, limits: Limits) -> str:
+    """The start-up line: model size, device, data, how many tokens a step holds (and of what), and when
+    training stops."""
     note = ""
     if grad_accum_steps < world:
         note = (f"; grad_accum_steps={grad_accum_steps} is fewer than the {world} processes, so each runs one "

@@ -36,6 +36,7 @@ import config as default_config
 import gpt
 import gpt_
 from dualgpt import TrainingDiverged, UserError, repo_path
+from dualgpt.cli import exit_codes
 from dualgpt.checkpoint import convert_state_dict, cpu_copy, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import full_loss
@@ -46,7 +47,7 @@ from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl
                                 exact_kl, kl_estimators, policy_gradient_loss, ppo_loss, preference_probability,
                                 reward_model_loss, rloo_advantages, sample_completions, tau_for_agreement,
                                 token_logprobs)
-from dualgpt.runconfig import load_config
+from dualgpt.runconfig import load_config, model_options
 from dualgpt.runtime import autocast, progress
 from minbpe.base import atomic_open
 
@@ -110,8 +111,8 @@ def load_policy(s: Setup, ckpt: dict | None = None, path: str = "") -> nn.Module
     come from one deterministic function."""
     ckpt = ckpt or s.base
     ckpt = dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.0))
-    options = {"attn_impl": s.cfg["attn_impl"], "kv_cache": True} if s.model_class is gpt_.FusedGPT else {}
-    return model_from_checkpoint(s.model_class, ckpt, path or s.base_path, s.cfg["device"], options=options).eval()
+    return model_from_checkpoint(s.model_class, ckpt, path or s.base_path, s.cfg["device"],
+                                 options=model_options(s.cfg, s.model_class)).eval()
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -167,13 +168,17 @@ def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, complet
     return completion_logprobs(s, model, prompts, completions).sum(1)
 
 
+def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> None:
+    """A tuned model (policy, or the reward model's body) as an ordinary weights-only checkpoint: gpt.py and
+    gpt_.py sample, eval and study heads from it. rlhf: what made it; extra: more entries (the reward head)."""
+    weights = cpu_copy(model.state_dict())
+    save_checkpoint(path, {"model": weights, "best_model": weights, "model_config": dataclasses.asdict(model.config),
+                           "layout": model.layout, "tokenizer": s.base["tokenizer"], "iter_num": s.base["iter_num"],
+                           "best_val_loss": float("nan"), "config": dict(s.cfg), "rlhf": rlhf, **extra})
+
+
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, step: int) -> None:
-    """A tuned policy as an ordinary checkpoint: gpt.py and gpt_.py sample, eval and study heads from it."""
-    weights = cpu_copy(policy.state_dict())
-    save_checkpoint(path, {"model": weights, "best_model": weights, "model_config": dataclasses.asdict(policy.config),
-                           "layout": policy.layout, "tokenizer": s.base["tokenizer"],
-                           "iter_num": s.base["iter_num"], "best_val_loss": float("nan"), "config": dict(s.cfg),
-                           "rlhf": {"method": method, "step": step, "base": s.base_path, "oracle": s.oracle.name}})
+    save_model(s, policy, path, {"method": method, "step": step, "base": s.base_path, "oracle": s.oracle.name})
 
 
 def kept_path(s: Setup, method: str, step: int) -> str:
@@ -206,6 +211,14 @@ def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 def write_json(path: str, value) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)
+
+
+def read_json(path: str):
+    """An earlier stage's JSON output, or None if that stage has not run."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 # -----------------------------------------------------------------------------------------
@@ -283,11 +296,8 @@ def stage_rm(s: Setup) -> dict:
         "label_ceiling": torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item(),
         "accuracy_on_oracle": ((margin > 0) == (val["gold_a"] > val["gold_b"]))[decided].double().mean().item(),
     }
-    weights = cpu_copy(rm.body.state_dict())
-    save_checkpoint(s.path("model_dict", "rm.pt"), {
-        "model": weights, "best_model": weights, "reward_head": rm.head.state_dict(),
-        "model_config": dataclasses.asdict(rm.body.config), "layout": rm.body.layout, "tokenizer": s.base["tokenizer"],
-        "iter_num": s.base["iter_num"], "config": dict(cfg), "rlhf": dict(report, method="reward model")})
+    save_model(s, rm.body, s.path("model_dict", "rm.pt"), dict(report, method="reward model"),
+               reward_head=rm.head.state_dict())
     print(f"reward model: held-out accuracy {report['accuracy_on_labels']:.1%} on the noisy labels (ceiling "
           f"{report['label_ceiling']:.1%}), {report['accuracy_on_oracle']:.1%} on the oracle's own preferences")
     return report
@@ -338,9 +348,8 @@ def stage_dpo(s: Setup) -> dict:
     chosen, rejected = chosen_rejected(pairs["train"])
     prompts, n = pairs["train"]["prompts"], len(pairs["train"]["prompts"])
     with torch.no_grad():  # the reference never changes: its log-probabilities once, up front
-        ref_c = torch.cat([sequence_logprobs(s, reference, prompts[i:i + 256], chosen[i:i + 256]) for i in range(0, n, 256)])
-        ref_r = torch.cat([sequence_logprobs(s, reference, prompts[i:i + 256], rejected[i:i + 256])
-                           for i in range(0, n, 256)])
+        ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + 256], side[i:i + 256])
+                                   for i in range(0, n, 256)]) for side in (chosen, rejected))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["dpo_lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg["seed"])
     steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
@@ -525,6 +534,25 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
     return result
 
 
+def curve_point(step: int, r: dict) -> dict:
+    """One point of a training curve: evaluate_policy's result r, averaged."""
+    return {"step": step, "kl": r["kl_exact"], **{k: r[k].mean().item() for k in ("gold", "rm", "judge") if k in r}}
+
+
+def kept_curve(s: Setup, name: str, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+               samples: int) -> list[dict]:
+    """Every kept checkpoint of the run `name`, in step order, evaluated on the prompts (the same random numbers
+    for each), so that runs can be compared at equal KL."""
+    folder = os.path.dirname(kept_path(s, name, 1))
+    points = []
+    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, file)
+        kept = load_checkpoint(path)
+        r = evaluate_policy(s, load_policy(s, kept, path), reference, rm, prompts, samples, s.cfg["seed"] + 7)
+        points.append(curve_point(kept["rlhf"]["step"], r))
+    return points
+
+
 def table_row(name: str, kl: float, per_prompt: dict, base: dict | None, extra: dict) -> dict:
     """One method's line of the report: means with 95% intervals over prompts."""
     row = {"method": name, "kl": kl, **extra}
@@ -550,15 +578,7 @@ def stage_eval(s: Setup) -> dict:
             policies[method] = load_policy(s, load_checkpoint(path), path)
     results = {name: evaluate_policy(s, policy, reference, rm, prompts, samples, cfg["seed"] + 6)
                for name, policy in policies.items()}
-    curves = {}
-    for method in list(policies)[1:]:
-        curves[method] = []
-        folder = os.path.dirname(kept_path(s, method, 1))
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            kept = load_checkpoint(os.path.join(folder, name))
-            r = evaluate_policy(s, load_policy(s, kept, name), reference, rm, prompts, 1, cfg["seed"] + 7)
-            curves[method].append({"step": kept["rlhf"]["step"], "kl": r["kl_exact"], "gold": r["gold"].mean().item(),
-                                   "rm": r["rm"].mean().item()})
+    curves = {method: kept_curve(s, method, reference, rm, prompts, 1) for method in list(policies)[1:]}
     base_result = results["base"]
     rows = []
     for name, r in results.items():
@@ -569,7 +589,11 @@ def stage_eval(s: Setup) -> dict:
             "win_rate": interval(win_rates(r["gold"], base_result["gold"])),
             "distinct_2": distinct_2(r["completions"]),
             "repetition": sum(map(repetition, r["completions"])) / len(r["completions"])}))
-    bon = bon_rows(s)
+    bon_result = read_json(s.path("generate_text", "bon.json"))
+    if bon_result is None:
+        print(f"note: no best-of-n results ({s.path('generate_text', 'bon.json')}); python rlhf.py --rlhf_stage=bon "
+              f"adds them")
+    bon = bon_result["rows"] if bon_result else []
     for row in rows[1:]:  # the trained methods, against best-of-n at the same KL
         row.update({f"bon_{key}_at_equal_kl": at_equal_kl(bon, row["kl"], key) for key in ("gold", "judge")})
     rows[1:1] = [table_row(f"best-of-{b['n']}", b["kl"], {k: torch.tensor(b[f"{k}_per_prompt"]) for k in ("gold", "judge", "rm")
@@ -583,7 +607,7 @@ def stage_eval(s: Setup) -> dict:
     write_markdown_report(s, report)
     plot_gold_against_kl(report, s.path("generate_text", "gold_vs_kl.png"))
     plot_proxy_against_gold(report, s.path("generate_text", "proxy_vs_gold.png"))
-    write_samples(s, prompts, results, samples)
+    write_samples(s, prompts, results, samples, bon_result["best_of_16_samples"] if bon_result else None)
     print(markdown_table(report))
     return report
 
@@ -596,15 +620,6 @@ def at_equal_kl(bon: list[dict], kl: float, key: str) -> float | None:
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
-
-
-def bon_rows(s: Setup) -> list[dict]:
-    path = s.path("generate_text", "bon.json")
-    if not os.path.exists(path):
-        print(f"note: no best-of-n results ({path}); python rlhf.py --rlhf_stage=bon adds them")
-        return []
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["rows"]
 
 
 def markdown_table(report: dict) -> str:
@@ -638,10 +653,10 @@ def write_markdown_report(s: Setup, report: dict) -> None:
         f.write(text)
 
 
-def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, n: int = 8) -> None:
-    """The first n evaluation prompts, each with the base's completion and every tuned model's, side by side."""
-    path = s.path("generate_text", "bon.json")
-    best_of_16 = json.load(open(path, encoding="utf-8"))["best_of_16_samples"] if os.path.exists(path) else None
+def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, best_of_16: list[str] | None,
+                  n: int = 8) -> None:
+    """The first n evaluation prompts, each with the base's completion, every tuned model's and best-of-16's,
+    side by side."""
     parts = [f"# {s.prefix}: completions of the same val-split prompts (temperature {TEMPERATURE})\n"]
     for i in range(min(n, len(prompts))):
         parts.append(f"\n======== prompt {i + 1}\n{s.data.tok.decode(prompts[i].tolist())}\n")
@@ -789,22 +804,12 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
     steps = s.cfg["head_tuning_steps"]
     short = dataclasses.replace(s, cfg=dict(s.cfg, rl_steps=steps, keep_every=max(1, steps // 2)))
-    start = evaluate_policy(s, base, reference, rm, prompts, 2, s.cfg["seed"] + 7)
-    curves = {"base (step 0)": [{"step": 0, "kl": start["kl_exact"], "gold": start["gold"].mean().item(),
-                                 "rm": start["rm"].mean().item(),
-                                 **({"judge": start["judge"].mean().item()} if "judge" in start else {})}]}
+    curves = {"base (step 0)": [curve_point(0, evaluate_policy(s, base, reference, rm, prompts, 2, s.cfg["seed"] + 7))]}
     for label, mask in {"all weights (the rloo stage's run)": None, **runs}.items():
         name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") if mask is not None else "rloo"
         if mask is not None:
             stage_rl(short, "rloo", mask, name)
-        curves[label] = []
-        folder = os.path.dirname(kept_path(s, name, 1))
-        for file in sorted(os.listdir(folder)):
-            kept = load_checkpoint(os.path.join(folder, file))
-            r = evaluate_policy(s, load_policy(s, kept, file), reference, rm, prompts, 2, s.cfg["seed"] + 7)
-            curves[label].append({"step": kept["rlhf"]["step"], "kl": r["kl_exact"], "gold": r["gold"].mean().item(),
-                                  "rm": r["rm"].mean().item(),
-                                  **({"judge": r["judge"].mean().item()} if "judge" in r else {})})
+        curves[label] = kept_curve(s, name, reference, rm, prompts, 2)
     return {"chosen_head": list(best), "steps": steps, "curves": curves}
 
 
@@ -840,8 +845,7 @@ def write_head_study(s: Setup, study: dict) -> None:
                        s.path("generate_text", f"heads_{name}.png"))
     plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
-    report_path = s.path("generate_text", "report.json")
-    bon = json.load(open(report_path, encoding="utf-8"))["bon_curve"] if os.path.exists(report_path) else []
+    bon = (read_json(s.path("generate_text", "report.json")) or {}).get("bon_curve", [])
     plot_gold_against_kl({"oracle": s.oracle.name, "bon_curve": bon, "rows": [], "curves": study["partial_tuning"]["curves"]},
                          s.path("generate_text", "heads_gold_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
@@ -861,13 +865,10 @@ RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
     sys.stdout.reconfigure(line_buffering=True)  # each stage's line at once, also in a log file
-    try:
-        cfg = load_config(argv, "rlhf", __doc__)
-        if cfg["quick"]:  # the quick preset, except for keys typed on the command line
-            typed = {a[2:].partition("=")[0] for a in argv}
-            cfg.update({k: v for k, v in default_config.RLHF_QUICK.items() if k not in typed})
+    with exit_codes():
+        cfg = load_config(sys.argv[1:] if argv is None else argv, "rlhf", __doc__,
+                          presets={"quick": default_config.RLHF_QUICK})
         s = setup(cfg)
         stages = STAGES if cfg["rlhf_stage"] == "all" else (cfg["rlhf_stage"],)
         results, timings = {}, {}
@@ -877,12 +878,6 @@ def main(argv: list[str] | None = None) -> dict:
             timings[stage] = time.perf_counter() - t0
             print(f"[{stage}: {timings[stage]:.0f} s]")
         return {"results": results, "seconds": timings}
-    except (UserError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

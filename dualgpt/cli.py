@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import torch.nn as nn
 
@@ -33,23 +34,32 @@ def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
         ONE_PROCESS_MODES[mode](model_class, cfg)
 
 
+@contextmanager
+def exit_codes(report: bool = True):
+    """The scripts' way out: a user mistake is one line `error: ...` and exit 2, a diverged run one line and
+    exit 1, Ctrl-C exit 130. report: whether this process prints the line (under torchrun, rank 0 only)."""
+    try:
+        yield
+    except (UserError, TrainingDiverged) as e:
+        if report:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 def main(model_class: type[nn.Module], script: str, argv: list[str] | None = None) -> None:
     """`python <script>.py --key=value ...`: exit 2 with one line for a user mistake, 1 if training
     diverged, 130 after Ctrl-C."""
     ddp = Distributed()
     clean = False
     try:
-        usage = sys.modules[model_class.__module__].__doc__ or ""
-        cfg = load_config(sys.argv[1:] if argv is None else argv, script, usage)
-        ddp.start(cfg["device"])
-        run_mode(model_class, cfg, ddp)
-        clean = True
-    except (UserError, TrainingDiverged) as e:
-        if ddp.master:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        with exit_codes(report=ddp.master):
+            usage = sys.modules[model_class.__module__].__doc__ or ""
+            cfg = load_config(sys.argv[1:] if argv is None else argv, script, usage)
+            ddp.start(cfg["device"])
+            run_mode(model_class, cfg, ddp)
+            clean = True
     finally:
         ddp.stop(clean)

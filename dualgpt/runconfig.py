@@ -18,8 +18,10 @@ def defaults() -> dict:
             if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
 
 
-def load_config(argv: list[str], script: str, usage: str = "") -> dict:
-    """The validated run config of `python <script>.py argv...`; --help prints usage and every key."""
+def load_config(argv: list[str], script: str, usage: str = "", presets: dict[str, dict] | None = None) -> dict:
+    """The validated run config of `python <script>.py argv...`; --help prints usage and every key.
+    presets: {flag key: values}; where the flag is set, its values replace config.py's (rlhf.py's --quick),
+    like GPU_PRESET on CUDA, except for keys typed on the command line."""
     base = defaults()
     overrides = {}
     for arg in argv:
@@ -37,8 +39,10 @@ def load_config(argv: list[str], script: str, usage: str = "") -> dict:
     cfg["device"] = resolve_device(cfg["device"])
     if cfg["preset"] not in ("auto", "none"):
         raise UserError(f"preset must be auto or none, got {cfg['preset']!r}")
-    if cfg["preset"] == "auto" and cfg["device"].startswith("cuda"):
-        cfg.update({k: v for k, v in default_config.GPU_PRESET.items() if k not in overrides})
+    applied = [default_config.GPU_PRESET] if cfg["preset"] == "auto" and cfg["device"].startswith("cuda") else []
+    applied += [values for flag, values in (presets or {}).items() if cfg[flag]]
+    for preset in applied:
+        cfg.update({k: v for k, v in preset.items() if k not in overrides})
     if LIMITS & overrides.keys():  # a typed limit is obeyed: limits the user did not type are off
         cfg.update({key: 0 for key in LIMITS - overrides.keys()})
     cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])

@@ -21,6 +21,19 @@ def test_config_overrides_are_typed():
     assert load_config(["--device=cpu"], "gpt_")["sample_file"].endswith(os.path.join("generate_text", "gpt_.txt"))
 
 
+def test_a_flag_preset_applies_only_when_set_and_never_over_a_typed_key():
+    import config
+    preset = config.RLHF_QUICK
+    assert {"rl_steps", "n_pairs"} <= preset.keys()
+    plain = load_config(["--device=cpu", "--rl_steps=7"], "rlhf", presets={"quick": preset})
+    assert plain["n_pairs"] == config.n_pairs
+    assert plain["rl_steps"] == 7
+    quick = load_config(["--device=cpu", "--quick", "--rl_steps=7"], "rlhf", presets={"quick": preset})
+    assert quick["n_pairs"] == preset["n_pairs"] != config.n_pairs
+    assert quick["rl_steps"] == 7  # typed, so the preset's value does not replace it
+    assert {k: quick[k] for k in preset.keys() - {"rl_steps"}} == {k: v for k, v in preset.items() if k != "rl_steps"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--n_layr=3"], "unknown config key 'n_layr'; did you mean --n_layer?"),
     (["--n_layer=three"], "--n_layer=three: expected int"),

@@ -47,7 +47,7 @@ from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl
                                 exact_kl, kl_estimators, policy_gradient_loss, ppo_loss, preference_probability,
                                 reward_model_loss, rloo_advantages, sample_completions, tau_for_agreement,
                                 token_logprobs)
-from dualgpt.runconfig import load_config, model_options
+from dualgpt.runconfig import load_config, model_options, require
 from dualgpt.runtime import autocast, progress
 from minbpe.base import atomic_open
 
@@ -80,21 +80,18 @@ def setup(cfg: dict) -> Setup:
     base_path = cfg["rlhf_base"] if os.path.isabs(cfg["rlhf_base"]) else repo_path(cfg["rlhf_base"])
     base = load_checkpoint(base_path)
     block_size = base["model_config"]["block_size"]
-    if cfg["prompt_tokens"] < 1 or cfg["completion_tokens"] < 1:
-        raise UserError("prompt_tokens and completion_tokens must be at least 1")
-    if cfg["prompt_tokens"] + cfg["completion_tokens"] > block_size:
-        raise UserError(f"prompt_tokens + completion_tokens = {cfg['prompt_tokens'] + cfg['completion_tokens']} does "
-                        f"not fit the model's block_size {block_size}")
-    checks = [(cfg["n_pairs"] >= 16, "n_pairs must be at least 16"),
-              (0.5 < cfg["label_agreement"] < 1, "label_agreement must be in (0.5, 1)"),
-              (cfg["rl_group"] >= 2, "rl_group must be at least 2 (RLOO's baseline needs another sample)"),
-              (cfg["bon_max_n"] >= 2 and cfg["eval_prompts"] >= 2 and cfg["eval_samples"] >= 1,
-               "bon_max_n and eval_prompts must be at least 2, eval_samples at least 1"),
-              (min(cfg["dpo_beta"], cfg["rl_beta"] + 1e-9, cfg["dpo_lr"], cfg["rl_lr"], cfg["rm_lr"]) > 0,
-               "dpo_beta, dpo_lr, rl_lr and rm_lr must be > 0, rl_beta >= 0")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    sequence = cfg["prompt_tokens"] + cfg["completion_tokens"]
+    require([(cfg["prompt_tokens"] >= 1 and cfg["completion_tokens"] >= 1,
+              "prompt_tokens and completion_tokens must be at least 1"),
+             (sequence <= block_size,
+              f"prompt_tokens + completion_tokens = {sequence} does not fit the model's block_size {block_size}"),
+             (cfg["n_pairs"] >= 16, "n_pairs must be at least 16"),
+             (0.5 < cfg["label_agreement"] < 1, "label_agreement must be in (0.5, 1)"),
+             (cfg["rl_group"] >= 2, "rl_group must be at least 2 (RLOO's baseline needs another sample)"),
+             (cfg["bon_max_n"] >= 2 and cfg["eval_prompts"] >= 2 and cfg["eval_samples"] >= 1,
+              "bon_max_n and eval_prompts must be at least 2, eval_samples at least 1"),
+             (min(cfg["dpo_beta"], cfg["rl_beta"] + 1e-9, cfg["dpo_lr"], cfg["rl_lr"], cfg["rm_lr"]) > 0,
+              "dpo_beta, dpo_lr, rl_lr and rm_lr must be > 0, rl_beta >= 0")])
     oracle = get_oracle(cfg["oracle"])
     data = Dataset(resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]), block_size, cfg["batch_size"],
                    cfg["device"], tokenizer_text=base["tokenizer"])

@@ -97,10 +97,15 @@ def validate(cfg: dict) -> None:
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict each other"),
         (cfg["compile"] in ("auto", "true", "false"), f"compile must be auto, true or false, got {cfg['compile']!r}"),
     ]
+    require(checks)
+    parse_head_mask(cfg["head_mask"])
+
+
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first check that fails, as a one-line UserError."""
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    parse_head_mask(cfg["head_mask"])
 
 
 def parse_head_mask(spec: str) -> set[tuple[int, int]]:

@@ -26,11 +26,19 @@ def torchrun_started(home, script, args, nproc=2) -> subprocess.Popen:
                             text=True, env=env, cwd=home)
 
 
-def torchrun(home, script, args, nproc=2) -> subprocess.CompletedProcess:
-    """The same, run to the end."""
-    proc = torchrun_started(home, script, args, nproc)
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     out, err = proc.communicate(timeout=TIMEOUT)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def torchrun(home, script, args, nproc=2) -> subprocess.CompletedProcess:
+    """The same, run to the end."""
+    return finished(torchrun_started(home, script, args, nproc))
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    """A failed launch's output for the assertion message: how far rank 0 got, and what the launcher said."""
+    return f"stdout:\n{result.stdout[-1500:]}\nstderr:\n{result.stderr[-3000:]}"
 
 
 def records(path, key):
@@ -43,7 +51,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus, scri
                        "--mode=train", script=script)
     ddp_ckpt, single_ckpt = home / "ddp.pt", home / "single.pt"
     result = torchrun(home, script, common + ["--batch_size=4", "--grad_accum_steps=2", f"--ckpt={ddp_ckpt}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, output(result)
     assert "(batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32)" in result.stdout
     assert result.stdout.count("iter 6 (") == 1  # only rank 0 prints
     assert run_main(common + ["--batch_size=8", "--grad_accum_steps=1", f"--ckpt={single_ckpt}"], cls, script) == 0
@@ -74,13 +82,13 @@ def test_two_process_run_resumes_exactly(home, corpus):
     # the uninterrupted run and the first half of the other are independent: run them side by side
     full = torchrun_started(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'full.pt'}"])
     first = torchrun(home, "gpt", common + ["--max_iters=4", f"--ckpt={home / 'part.pt'}"])
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, output(first)
     assert ("256 tokens per step (batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32; "
             "grad_accum_steps=1 is fewer than the 2 processes, so each runs one micro-batch per step)") in first.stdout
-    full_out, full_err = full.communicate(timeout=TIMEOUT)
-    assert full.returncode == 0, full_err[-3000:]
+    full = finished(full)
+    assert full.returncode == 0, output(full)
     second = torchrun(home, "gpt", common + ["--max_iters=8", f"--ckpt={home / 'part.pt'}", "--resume"])
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, output(second)
     a = torch.load(home / "full.pt", weights_only=True)["model"]
     b = torch.load(home / "part.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -63,3 +63,4 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             clean = True
     finally:
         ddp.stop(clean)
+    ddp.leave()

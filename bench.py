@@ -19,7 +19,8 @@ import time
 import regex as re
 
 from minbpe import RegexTokenizer
-from minbpe.base import atomic_open, get_stats, merge
+from dualgpt.files import atomic_open
+from minbpe.base import get_stats, merge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "input.txt")
@@ -98,8 +99,8 @@ def bench_tokenizer(args) -> str:
 def variants():
     import gpt
     import gpt_
-    return [("LB-GPT (looped)", gpt.GPT, None), ("SM-GPT matmul", gpt_.FusedGPT, "matmul"),
-            ("SM-GPT sdpa", gpt_.FusedGPT, "sdpa")]
+    return [("LB-GPT (looped)", gpt.LBGPT, None), ("SM-GPT matmul", gpt_.SMGPT, "matmul"),
+            ("SM-GPT sdpa", gpt_.SMGPT, "sdpa")]
 
 
 def build(cls, impl, shape, device):
@@ -109,7 +110,7 @@ def build(cls, impl, shape, device):
     from dualgpt.checkpoint import convert_state_dict
     torch.manual_seed(0)
     cfg = gpt.ModelConfig(**shape)
-    reference = gpt.GPT(cfg)
+    reference = gpt.LBGPT(cfg)
     model = cls(cfg, attn_impl=impl) if impl else cls(cfg)
     model.load_state_dict(convert_state_dict(reference.state_dict(), reference.layout, model.layout, cfg.n_head))
     return model.to(device)
@@ -224,7 +225,7 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
 
     import gpt_
     from dualgpt.evaluation import evaluate_checkpoint
-    from dualgpt.runconfig import load_config
+    from dualgpt.runconfig import script_config
     from dualgpt.train import train
     ckpt = os.path.join(workdir, "quality.pt")
     for leftover in (ckpt, ckpt[:-3] + ".jsonl"):
@@ -232,10 +233,10 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
             os.remove(leftover)
     argv = [f"--{k}={v}" for k, v in overrides.items()] + [
         f"--max_minutes={budget_s / 60}", "--eval_interval=1000000000", "--mode=train", f"--ckpt={ckpt}", f"--data={data}"]
-    cfg = load_config(argv, "gpt_")
-    train(gpt_.FusedGPT, cfg)
+    cfg = script_config(argv, "gpt_")
+    train(gpt_.SMGPT, cfg)
     steps = [r for r in map(json.loads, open(ckpt[:-3] + ".jsonl")) if "loss" in r]
-    result = evaluate_checkpoint(gpt_.FusedGPT, dict(cfg, mode="eval"))
+    result = evaluate_checkpoint(gpt_.SMGPT, dict(cfg, mode="eval"))
     return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"], "dtype": cfg["dtype"],
             "iters": steps[-1]["iter"] if steps else 0,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0,
@@ -298,7 +299,7 @@ def bench_compile(args) -> str:
     batches = [tuple(torch.randint(0, shape["vocab_size"], (2, config.batch_size, shape["block_size"]),
                                    generator=gen).to(device)) for _ in range(4)]
     rows = []
-    for name, cls in (("LB-GPT (gpt.py)", gpt.GPT), ("SM-GPT (gpt_.py)", gpt_.FusedGPT)):
+    for name, cls in (("LB-GPT (gpt.py)", gpt.LBGPT), ("SM-GPT (gpt_.py)", gpt_.SMGPT)):
         torch.manual_seed(0)
         model = cls(gpt.ModelConfig(**shape)).to(device)
         optimizer = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device)

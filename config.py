@@ -1,6 +1,9 @@
 """
-Every hyperparameter of gpt.py (LB-GPT) and gpt_.py (SM-GPT), one per line. Edit freely.
-Any key can also be set on the command line: `python gpt.py --n_layer=6 --dropout=0.1`.
+Every setting of gpt.py (LB-GPT), gpt_.py (SM-GPT), rlhf.py (the RLHF pipeline) and rlhf_heads.py (its head
+study), one per line. Edit freely. Any key can also be set on the command line of a program that reads it:
+`python gpt.py --n_layer=6 --dropout=0.1`. Each heading names the programs that read the keys under it;
+`python PROGRAM --help` lists that program's keys, and a key typed to a program that does not read it is an
+error that names the programs that do.
 
 The model/training defaults are tuned for a laptop CPU (2 cores here): `python gpt.py` trains for a
 5-minute budget and writes recognisably Shakespeare-like text. A sweep on Tiny Shakespeare (README,
@@ -10,15 +13,20 @@ A GPU can afford the lecture scale, so with `preset = "auto"` the values in GPU_
 CUDA (command-line overrides still win; set `preset = "none"` to use exactly the values here).
 """
 
-# --- data -----------------------------------------------------------------------------------
+# --- data (read by gpt.py, gpt_.py, rlhf.py, rlhf_heads.py) ----------------------------------
 data = "data/input.txt"  # training text (UTF-8); also a local path, or an http(s) URL to download
 data_url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"  # where data/input.txt comes from
 data_sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # checked after downloading data_url
 
-# --- tokenizer ------------------------------------------------------------------------------
+# --- system (read by gpt.py, gpt_.py, rlhf.py, rlhf_heads.py) --------------------------------
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 autocast where the GPU or CPU has native bf16, else float32)
+seed = 1337  # seeds weights, batches, dropout and sampling; in RLHF every random draw, each by its name
+
+# --- tokenizer (read by gpt.py, gpt_.py) -----------------------------------------------------
 vocab_size = 8192  # BPE vocabulary (>= 256); a RegexTokenizer is trained on `data` and cached in tokenizers/
 
-# --- model ----------------------------------------------------------------------------------
+# --- model (read by gpt.py, gpt_.py) ---------------------------------------------------------
 n_layer = 4  # transformer blocks
 n_head = 4  # attention heads per block
 n_embd = 128  # embedding width; must be divisible by n_head
@@ -26,8 +34,8 @@ block_size = 64  # context length in tokens
 dropout = 0.1  # dropout probability, in [0, 1)
 bias = False  # biases in Linear layers and LayerNorms
 
-# --- training -------------------------------------------------------------------------------
-batch_size = 12  # sequences per micro-batch
+# --- training (read by gpt.py, gpt_.py) ------------------------------------------------------
+batch_size = 12  # sequences per micro-batch (also the batch of --mode=eval and --mode=heads)
 grad_accum_steps = 1  # micro-batches per optimizer step
 # Training stops at the first limit in force (0 = no limit of that kind). A limit typed on the command line
 # is obeyed, and one that only comes from this file never overrides it: `--max_iters=3000` trains for 3000
@@ -44,78 +52,85 @@ beta2 = 0.99  # AdamW beta2
 grad_clip = 1.0  # clip the gradient norm to this (0 = off)
 eval_interval = 500  # evaluate and checkpoint every this many steps (runs with only a step limit)
 eval_points = 10  # with a time budget: evaluate and checkpoint at this many evenly spaced points of it
-eval_iters = 50  # batches per split in each evaluation
-log_interval = 10  # steps between progress-bar updates of the loss (each update syncs the device)
-seed = 1337  # seeds weights, batches, dropout and sampling
+eval_iters = 50  # batches per split in each evaluation (also --mode=heads' val batches)
+log_interval = 10  # steps between reads of the training loss: the progress bar, the JSON-lines log and the NaN check (each read syncs the device)
+# auto compiles only where a measurement on this machine (python bench.py --only=compile records it in
+# model_dict/compile_timings.json) says compiling gives at least 10% more steps within the run's limits
+compile = "auto"  # torch.compile: true | false | auto
+preset = "auto"  # auto | none (auto: GPU_PRESET below replaces these values on CUDA; none: always the values in this file)
 
-# --- system ---------------------------------------------------------------------------------
-device = "auto"  # auto | cpu | cuda | cuda:N | mps
-dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 autocast where the GPU or CPU has native bf16, else float32)
-compile = "auto"  # torch.compile: true | false | auto (on for time budgets >= 2 min, or CUDA runs >= 1000 steps)
-preset = "auto"  # auto: use GPU_PRESET on CUDA | none: always the values in this file
-
-# --- fused attention (gpt_.py only) -----------------------------------------------------
-attn_impl = "sdpa"  # sdpa: torch's scaled_dot_product_attention | matmul: the explicit textbook form
+# --- SM-GPT's attention (read by gpt_.py, rlhf.py, rlhf_heads.py) ----------------------------
+# rlhf.py and rlhf_heads.py pass these on to the model when rlhf_script = gpt_
+attn_impl = "sdpa"  # sdpa | matmul (sdpa: torch's scaled_dot_product_attention; matmul: the explicit textbook form)
 kv_cache = True  # sample with a key/value cache
 
-# --- sampling -------------------------------------------------------------------------------
-prompt = ""  # text to continue, or FILE:path; empty starts from a newline
+# --- sampling (read by gpt.py, gpt_.py) ------------------------------------------------------
+prompt = ""  # text to continue, or FILE:path; empty starts from a newline (--mode=heads: the text of its attention maps)
 num_samples = 2  # samples to generate
 max_new_tokens = 300  # tokens per sample
 temperature = 0.8  # 0 = greedy
 top_k = 200  # keep only the k most likely tokens (0 = off)
 top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability (1 = off)
 
-# --- head-level research -------------------------------------------------------------------
+# --- head-level research (read by gpt.py, gpt_.py) -------------------------------------------
 head_mask = ""  # heads to switch off, as layer.head from 0: "0.3,2.1"; applies in every mode of both scripts
 heads_per_layer = False  # --mode=heads: also write one attention-map PNG per layer
 
-# --- paths and mode -------------------------------------------------------------------------
+# --- paths and mode (read by gpt.py, gpt_.py) ------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
 export_to = ""  # --mode=export: where to write a weights-only copy of ckpt (no optimizer state, half the size)
 sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
 resume = False  # continue training from ckpt
 overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as <ckpt>.bak)
-mode = "auto"  # auto (train if no ckpt, or with --resume/--overwrite; then sample) | train | sample | eval | heads | export
+mode = "auto"  # auto | train | sample | eval | heads | export (auto: train if there is no ckpt, or with --resume or --overwrite; then sample)
 
-# --- RLHF (rlhf.py) -------------------------------------------------------------------------
-rlhf_stage = "all"  # all (pairs to eval, in order) | pairs | rm | bon | dpo | rloo | ppo | eval | heads (the head study)
+# --- RLHF: the base, the task, the evaluation prompts (read by rlhf.py, rlhf_heads.py) -------
 rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from (either script's checkpoint)
-rlhf_script = "gpt_"  # gpt_: SM-GPT (KV-cache sampling, faster) | gpt: LB-GPT (looped heads, for head studies)
-oracle = "sentiment"  # sentiment (a lexicon: half labels, half judges) | verse (ten syllables a line) | module:function
+rlhf_script = "gpt_"  # gpt_ | gpt (gpt_: SM-GPT, KV-cache sampling, faster; gpt: LB-GPT, one module per head)
+oracle = "sentiment"  # sentiment | verse | module:function (sentiment: a lexicon, half scores, half judges; verse: ten syllables a line; module:function: your own, text -> float)
 prompt_tokens = 16  # prompt length: windows of the train split (of the val split for evaluation)
 completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
+eval_prompts = 128  # val-split prompts that every method is evaluated on (the head study uses the first head_prompts)
+dpo_beta = 0.1  # DPO: strength of the pull towards the reference (the head study: the scale of its implicit reward margins)
+quick = False  # a smaller, faster run: the values in RLHF_QUICK below; its outputs are named rlhf_<oracle>_quick_*
+
+# --- RLHF: pairs, reward model, best-of-n, DPO (read by rlhf.py) ----------------------------
+rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval (all: every stage, in this order)
 label_agreement = 0.75  # how often the noisy labels agree with the oracle, as with human raters (sets tau)
 n_pairs = 8192  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from val-split prompts)
 rm_epochs = 1  # reward model: passes over the pairs
 rm_batch = 64  # reward model: pairs per step
 rm_lr = 1e-3  # reward model: AdamW learning rate
 bon_max_n = 64  # best-of-n for n = 1, 2, 4, ... up to this
-eval_prompts = 128  # val-split prompts that every method is evaluated on
 eval_samples = 4  # completions per evaluation prompt
-dpo_beta = 0.1  # DPO: strength of the pull towards the reference
 dpo_lr = 3e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)
 dpo_epochs = 1  # DPO: passes over the pairs
 dpo_batch = 32  # DPO: pairs per step
-rl_beta = 0.05  # RLOO and PPO: weight of the sequence KL to the base in the reward
-rl_lr = 1e-4  # RLOO and PPO: AdamW learning rate
+
+# --- RL: RLOO and PPO (read by rlhf.py, rlhf_heads.py) ---------------------------------------
+rl_beta = 0.05  # weight of the sequence KL to the base in the reward
+rl_lr = 1e-4  # AdamW learning rate
+rl_prompts = 16  # train-split prompts per step
+rl_group = 8  # samples per prompt (each baselined by the mean of the others)
+rl_normalize = False  # divide advantages by their group's std (0 for a group of equal rewards)
+
+# --- RL: the pipeline's runs (read by rlhf.py) -----------------------------------------------
 rl_steps = 60  # RLOO and PPO: rollout steps
-rl_prompts = 16  # RLOO and PPO: train-split prompts per step
-rl_group = 8  # RLOO and PPO: samples per prompt (each baselined by the mean of the others)
-rl_normalize = False  # RLOO and PPO: divide advantages by their group's std (0 for a group of equal rewards)
+keep_every = 20  # keep each tuned policy every this many steps, so methods can be compared at equal KL
 ppo_epochs = 2  # PPO: passes over each step's rollouts
 ppo_minibatches = 4  # PPO: minibatches per pass
 ppo_clip = 0.2  # PPO: clip the probability ratio to [1 - clip, 1 + clip]
-keep_every = 20  # keep each tuned policy every this many steps, so methods can be compared at equal KL
-head_batches = 8  # heads stage: val batches for the attention statistics and map divergence
-head_prompts = 64  # heads stage: val prompts sampled for each head switched off or transplanted
-head_pairs = 128  # heads stage: held-out pairs for the implicit reward margins
-head_tuning_steps = 20  # heads stage: RLOO steps tuning one head, attention only or the MLPs only (keep_every divides it)
-quick = False  # a smaller, faster run: the values in RLHF_QUICK below
+
+# --- the head study (read by rlhf_heads.py) --------------------------------------------------
+head_batches = 8  # val batches for the attention statistics and map divergence
+head_batch_size = 12  # sequences per val batch
+head_prompts = 64  # val prompts sampled for each head switched off or transplanted
+head_pairs = 128  # held-out pairs for the implicit reward margins
+head_tuning_steps = 20  # RLOO steps tuning one head, attention only or the MLPs only (kept at half and at the end)
 
 # The lecture scale, used on CUDA when preset = "auto".
 GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64, max_iters=5000, max_minutes=0.0,
                   learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)
 
-# rlhf.py --quick: fewer pairs, prompts and steps (keys typed on the command line still win).
+# --quick for rlhf.py and rlhf_heads.py: fewer pairs, prompts and steps (keys typed on the command line still win).
 RLHF_QUICK = dict(n_pairs=2048, bon_max_n=16, eval_prompts=64, eval_samples=2, rl_steps=20, rl_prompts=8, keep_every=10)

@@ -118,12 +118,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """GPT-2 style decoder. gpt_.py subclasses it and swaps `attention` for fused heads."""
+class LBGPT(nn.Module):
+    """GPT-2 style decoder. gpt_.py subclasses it and swaps `attention` for single-matmul heads."""
 
     config_class = ModelConfig  # the shared engine builds models of either script through these three
     attention: type[nn.Module] = MultiHeadAttention
-    layout = "looped"  # written into checkpoints, so each script knows how to read the other's
+    layout = "LB-GPT"  # written into checkpoints, so each script knows how to read the other's
     run_options: tuple[str, ...] = ()  # config keys the command line passes to __init__ (gpt_.py has two)
 
     def __init__(self, config: ModelConfig):
@@ -185,4 +185,4 @@ class GPT(nn.Module):
 
 if __name__ == "__main__":
     from dualgpt.cli import main
-    main(GPT, script="gpt")
+    main(LBGPT, script="gpt")

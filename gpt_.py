@@ -1,8 +1,8 @@
 """
-SM-GPT: gpt.py's model with fused multi-head attention. One matrix multiplication computes
-q, k and v for every head, and heads are a batch dimension. The name is gpt.py's with a
-trailing underscore: it is the fused twin of gpt.py, and the two files differ exactly in
-attention (Block, MLP and GPT come from gpt.py), plus the KV cache that fusing makes easy.
+SM-GPT (single matmul): LB-GPT's model (gpt.py) with one matrix multiplication computing q, k and v
+for every head, and heads as a batch dimension. The name is gpt.py's with a trailing underscore: it
+is LB-GPT's twin, and the two files differ exactly in attention (Block, MLP and LBGPT come from
+gpt.py), plus the KV cache that computing every head at once makes easy.
 
     python gpt_.py                         # same keys and modes as gpt.py
     python gpt_.py --attn_impl=matmul      # the explicit textbook attention instead of SDPA
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt import GPT, ModelConfig
+from gpt import LBGPT, ModelConfig
 
 
 class LayerCache:
@@ -36,7 +36,7 @@ class KVCache:
         return 0 if k is None else k.shape[2]
 
 
-class FusedAttention(nn.Module):
+class SingleMatmulAttention(nn.Module):
     """All heads at once: q, k, v from one Linear, attention batched over (B, n_head)."""
 
     def __init__(self, config: ModelConfig):
@@ -95,12 +95,12 @@ class FusedAttention(nn.Module):
         return self._recorded
 
 
-class FusedGPT(GPT):
-    """GPT with FusedAttention. attn_impl: "sdpa" (torch's scaled_dot_product_attention, flash kernels on
+class SMGPT(LBGPT):
+    """LB-GPT with SingleMatmulAttention. attn_impl: "sdpa" (torch's scaled_dot_product_attention, flash kernels on
     GPUs) or "matmul" (the explicit form); kv_cache: sample with a key/value cache."""
 
-    attention = FusedAttention
-    layout = "fused"
+    attention = SingleMatmulAttention
+    layout = "SM-GPT"
     run_options = ("attn_impl", "kv_cache")  # config keys the command line passes to __init__
 
     def __init__(self, config: ModelConfig, attn_impl: str = "sdpa", kv_cache: bool = True):
@@ -116,4 +116,4 @@ class FusedGPT(GPT):
 
 if __name__ == "__main__":
     from dualgpt.cli import main
-    main(FusedGPT, script="gpt_")
+    main(SMGPT, script="gpt_")

@@ -1,17 +1,25 @@
 """
-The engine shared by gpt.py (LB-GPT) and gpt_.py (SM-GPT). The scripts pass their model class in;
-nothing here imports them.
+The engine shared by the programs: gpt.py (LB-GPT), gpt_.py (SM-GPT), rlhf.py (the RLHF pipeline) and
+rlhf_heads.py (its head study). The scripts pass their model classes in; nothing here imports them.
 
-    runconfig.py   config.py + --key=value overrides -> one validated run config
-    runtime.py     device, dtype, autocast, DDP, Ctrl-C, progress output, matmul peak
-    data.py        the text, its BPE tokenizer and token cache, batches
-    checkpoint.py  save and load (never unpickling code), looped <-> fused weight mapping
-    train.py       the training loop
-    sampling.py    next-token logits (with gpt_.py's KV cache), top-k/top-p, generate, --mode=sample
-    evaluation.py  losses over batches and over a whole split, --mode=eval
-    heads.py       --mode=heads: attention maps, per-head statistics, ablation
-    plots.py       every figure (matplotlib, imported only when drawing)
-    cli.py         main(): one entry point per mode
+    runconfig.py        config.py + --key=value overrides -> the run config of one program (its own keys)
+    runtime.py          device, dtype, autocast, DDP, Ctrl-C, progress output, matmul peak
+    files.py            atomic writes (a temp file renamed over the target), JSON in and out
+    data.py             the text, its BPE tokenizer and token cache, batches
+    checkpoint.py       the checkpoint dict (built in one place), save and load (never unpickling code),
+                        the LB-GPT <-> SM-GPT weight mapping and LB-GPT's parameter names
+    compiling.py        torch.compile, and whether it pays on this machine (compile=auto)
+    train.py            the training loop
+    evaluation.py       losses over batches and over a whole split, --mode=eval, --mode=export
+    sampling.py         next-token logits (with SM-GPT's KV cache), top-k/top-p, generate, --mode=sample
+    heads.py            --mode=heads: attention maps, per-head statistics, ablation
+    head_comparison.py  two models head by head: weight change, attention divergence, transplants (rlhf_heads.py)
+    plots.py            every figure (matplotlib, imported only when drawing)
+    cli.py              gpt.py's and gpt_.py's main(): one entry point per mode; the exit codes of every program
+    oracles.py          RLHF's programmatic oracles: the oracle score and the held-out judge
+    preference.py       RLHF's math: labels, log-probabilities and KL, the reward model, DPO, RLOO, PPO, best-of-n
+    tuning.py           what rlhf.py and rlhf_heads.py share: setup, named seeds, policies, files, the RL loop
+    rlhf_report.py      measuring tuned policies, and rlhf.py's report, tables and samples
 """
 from __future__ import annotations
 

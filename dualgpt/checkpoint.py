@@ -1,12 +1,14 @@
 """Checkpoints: written atomically, read without unpickling code, and loadable by either script.
 
-A checkpoint is a dict of tensors and plain values: "model" (latest weights), "optimizer", "best_model"
-(best-val weights, used by sample/eval/heads), "best_val_loss", "model_config", "layout" ("looped" for
-gpt.py, "fused" for gpt_.py), "config" (the run config), "iter_num", "train_s", "tokenizer" (the .model
-text), and the RNG states "rng_cpu", "rng_cuda", "rng_batches" for an exact resume.
+A checkpoint is a dict of tensors and plain values, built by make_checkpoint alone: "model" (latest
+weights), "best_model" (best-val weights, used by sample/eval/heads), "best_val_loss", "model_config",
+"layout" (the model that wrote the weights: "LB-GPT" for gpt.py, "SM-GPT" for gpt_.py), "config" (the run
+config), "iter_num", "tokenizer" (the .model text); training adds "optimizer", "train_s", "compile_s" and
+the RNG states "rng_cpu", "rng_cuda", "rng_batches" for an exact resume; export adds "eval", RLHF "rlhf".
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -15,14 +17,26 @@ import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from minbpe.base import atomic_open
+from dualgpt.data import Dataset, resolve_data
+from dualgpt.files import atomic_open
+from dualgpt.runconfig import model_options, parse_head_mask
 
 REQUIRED = {"model", "best_model", "model_config", "layout", "tokenizer", "iter_num"}
+LAYOUT_NAMES = {"looped": "LB-GPT", "fused": "SM-GPT"}  # what checkpoints written before the models' names called them
 
 
 def log_path(ckpt: str) -> str:
     """The JSON-lines training log kept beside a checkpoint."""
     return os.path.splitext(ckpt)[0] + ".jsonl"
+
+
+def make_checkpoint(weights: dict, model_config: dict, layout: str, tokenizer: str, iter_num: int, run_config: dict,
+                    best_weights: dict | None = None, best_val_loss: float = math.nan, **extra) -> dict:
+    """The one place a checkpoint dict is built (training, export, every RLHF save). best_weights default to
+    weights; extra: what only some writers add (optimizer and RNG states, "eval", "rlhf", the reward head)."""
+    return {"model": weights, "best_model": weights if best_weights is None else best_weights,
+            "best_val_loss": best_val_loss, "model_config": dict(model_config), "layout": layout,
+            "tokenizer": tokenizer, "iter_num": iter_num, "config": dict(run_config), **extra}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -40,17 +54,52 @@ def load_checkpoint(path: str) -> dict:
     missing = REQUIRED - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
         raise UserError(f"{path} is not a Dual-GPT checkpoint (missing {', '.join(sorted(missing))})")
+    ckpt["layout"] = LAYOUT_NAMES.get(ckpt["layout"], ckpt["layout"])
     return ckpt
 
 
 # -----------------------------------------------------------------------------------------
-# gpt.py keeps q, k, v per head (blocks.i.attn.heads.h.query.weight, ...); gpt_.py stacks them into one
+# LB-GPT keeps q, k, v per head (blocks.i.attn.heads.h.query.weight, ...); SM-GPT stacks them into one
 # c_attn (every head's query rows, then every head's key rows, then value). The mapping is lossless.
 
 HEAD_KEY = re.compile(r"(.*\.attn\.)heads\.(\d+)\.(query|key|value)\.(weight|bias)$")
+PART = re.compile(r"blocks\.(\d+)\.(?:(mlp)\.|attn\.(?:heads\.|proj\.weight$))")  # what heads and MLPs own
 
 
-def looped_to_fused(state: dict, n_head: int) -> dict:
+def head_parameter(layer: int, head: int, proj: str, kind: str = "weight") -> str:
+    """The name of a head's query, key or value weight (or bias) in LB-GPT's layout."""
+    return f"blocks.{layer}.attn.heads.{head}.{proj}.{kind}"
+
+
+def head_parameters(state: dict, layer: int, head: int) -> list[str]:
+    """Every entry of one head in an LB-GPT state dict (biases only where the model has them)."""
+    names = [head_parameter(layer, head, proj, kind) for proj in ("query", "key", "value") for kind in ("weight", "bias")]
+    return [name for name in names if name in state]
+
+
+def output_projection(layer: int) -> str:
+    """A layer's attention output projection: column block h reads head h's output."""
+    return f"blocks.{layer}.attn.proj.weight"
+
+
+def mlp_parameter(layer: int, part: str) -> str:
+    return f"blocks.{layer}.mlp.{part}.weight"
+
+
+def head_columns(state: dict, head: int) -> slice:
+    """The columns of a layer's output projection that read head `head`'s output."""
+    hs = state[head_parameter(0, 0, "query")].shape[0]
+    return slice(head * hs, (head + 1) * hs)
+
+
+def part_of(name: str) -> tuple[str, int] | None:
+    """("mlp", layer) or ("head", layer) for an entry that an MLP or the heads own; None for the rest
+    (embeddings, LayerNorms, the output projection's bias)."""
+    m = PART.match(name)
+    return (("mlp" if m.group(2) else "head"), int(m.group(1))) if m else None
+
+
+def lb_to_sm(state: dict, n_head: int) -> dict:
     """LB-GPT state dict -> SM-GPT: stack every head's query, then key, then value rows into c_attn."""
     out, prefixes = {}, set()
     for name, tensor in state.items():
@@ -65,8 +114,8 @@ def looped_to_fused(state: dict, n_head: int) -> dict:
     return out
 
 
-def fused_to_looped(state: dict, n_head: int) -> dict:
-    """SM-GPT state dict -> LB-GPT: the inverse of looped_to_fused, exactly."""
+def sm_to_lb(state: dict, n_head: int) -> dict:
+    """SM-GPT state dict -> LB-GPT: the inverse of lb_to_sm, exactly."""
     out = {}
     for name, tensor in state.items():
         if ".attn.c_attn." not in name:
@@ -80,10 +129,10 @@ def fused_to_looped(state: dict, n_head: int) -> dict:
 
 
 def convert_state_dict(state: dict, layout: str, to_layout: str, n_head: int) -> dict:
-    """A state dict written in one layout ("looped" or "fused"), in the other."""
+    """A state dict written by one model ("LB-GPT" or "SM-GPT"), in the other's layout."""
     if layout == to_layout:
         return state
-    return looped_to_fused(state, n_head) if to_layout == "fused" else fused_to_looped(state, n_head)
+    return lb_to_sm(state, n_head) if to_layout == "SM-GPT" else sm_to_lb(state, n_head)
 
 
 # -----------------------------------------------------------------------------------------
@@ -99,14 +148,6 @@ def cpu_copy(state: dict) -> dict:
             copies[key] = tensor.detach().to("cpu", copy=True)
         out[name] = copies[key]
     return out
-
-
-def export_weights(ckpt: dict, weights: dict, eval_result: dict) -> dict:
-    """A weights-only copy of a checkpoint for sharing: weights (its best-val weights, stored once under both
-    names), what sampling, eval and --mode=heads read, and no optimizer or RNG state, so it cannot be resumed.
-    eval_result (its float32 loss over the whole val split) is recorded in it, so it can be checked later."""
-    keep = ("model_config", "layout", "tokenizer", "iter_num", "train_s", "best_val_loss", "config")
-    return {"model": weights, "best_model": weights, **{k: ckpt[k] for k in keep if k in ckpt}, "eval": eval_result}
 
 
 def build_model(model_class: type[nn.Module], config, head_mask: set[tuple[int, int]] = frozenset(),
@@ -130,3 +171,20 @@ def model_from_checkpoint(model_class: type[nn.Module], ckpt: dict, path: str, d
     except (TypeError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     return model.to(device)
+
+
+def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module]:
+    """For the sample, eval and heads modes: the checkpoint at --ckpt and its best model, with the run's head
+    mask and model options."""
+    ckpt = load_checkpoint(cfg["ckpt"])
+    return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
+                                       model_options(cfg, model_class))
+
+
+def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
+    """For the eval, export and heads modes: the checkpoint, its best model, and the data encoded with the
+    checkpoint's own tokenizer at its block size."""
+    ckpt, model = checkpoint_model(model_class, cfg)
+    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
+    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
+    return ckpt, model, data

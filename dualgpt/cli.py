@@ -10,7 +10,7 @@ import torch.nn as nn
 from dualgpt import TrainingDiverged, UserError
 from dualgpt.evaluation import evaluate_checkpoint, export_checkpoint
 from dualgpt.heads import analyse_heads
-from dualgpt.runconfig import load_config
+from dualgpt.runconfig import script_config
 from dualgpt.runtime import Distributed
 from dualgpt.sampling import sample
 from dualgpt.train import train
@@ -57,7 +57,7 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
     try:
         with exit_codes(report=ddp.master):
             usage = sys.modules[model_class.__module__].__doc__ or ""
-            cfg = load_config(sys.argv[1:] if argv is None else argv, script, usage)
+            cfg = script_config(sys.argv[1:] if argv is None else argv, script, usage)
             ddp.start(cfg["device"])
             run_mode(model_class, cfg, ddp)
             clean = True

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dualgpt import repo_path
 from dualgpt.runtime import autocast
-from minbpe.base import atomic_open
+from dualgpt.files import atomic_open
 
 
 def timings_path() -> str:

@@ -14,7 +14,7 @@ import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.runtime import progress
 from minbpe import RegexTokenizer
-from minbpe.base import atomic_open
+from dualgpt.files import atomic_open
 
 
 def sha256_file(path: str) -> str:

@@ -1,15 +1,15 @@
 """Losses: over fixed random batches (during training) and over every token of a split (--mode=eval)."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from dualgpt.checkpoint import convert_state_dict, cpu_copy, export_weights, load_checkpoint, model_from_checkpoint, save_checkpoint
-from dualgpt.data import Dataset, resolve_data
-from dualgpt.runconfig import model_options, parse_head_mask
+from dualgpt.checkpoint import checkpoint_with_data, convert_state_dict, cpu_copy, make_checkpoint, save_checkpoint
+from dualgpt.data import Dataset
 from dualgpt.runtime import autocast, progress
 
 
@@ -44,23 +44,6 @@ def full_loss(model: nn.Module, data: Dataset, split: str, device: str, dtype: s
     return total / count
 
 
-def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module]:
-    """For the sample, eval and heads modes: the checkpoint at --ckpt and its best model, with the run's head
-    mask and model options."""
-    ckpt = load_checkpoint(cfg["ckpt"])
-    return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
-                                       model_options(cfg, model_class))
-
-
-def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
-    """For the eval and heads modes: the checkpoint, its best model, and the data encoded with the
-    checkpoint's own tokenizer at its block size."""
-    ckpt, model = checkpoint_model(model_class, cfg)
-    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
-    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
-    return ckpt, model, data
-
-
 def evaluate_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     """--mode=eval: loss and bits per byte over the whole train and val splits."""
     _, model, data = checkpoint_with_data(model_class, cfg)
@@ -82,8 +65,11 @@ def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     loss = full_loss(model, data, "val", cfg["device"], "float32")
     eval_result = {"val_loss": loss, "val_bpb": data.bpb(loss, "val"), "dtype": "float32"}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["export_to"])), exist_ok=True)
+    # weights only: its best-val weights, in the layout it was written in, and no optimizer or RNG state
     weights = convert_state_dict(cpu_copy(model.state_dict()), model.layout, ckpt["layout"], model.config.n_head)
-    save_checkpoint(cfg["export_to"], export_weights(ckpt, weights, eval_result))
+    save_checkpoint(cfg["export_to"], make_checkpoint(
+        weights, ckpt["model_config"], ckpt["layout"], ckpt["tokenizer"], ckpt["iter_num"], ckpt.get("config", {}),
+        best_val_loss=ckpt.get("best_val_loss", math.nan), train_s=ckpt.get("train_s", 0.0), eval=eval_result))
     print(f"exported the best weights of {cfg['ckpt']} (iteration {ckpt['iter_num']}) to {cfg['export_to']}: "
           f"val loss {loss:.4f}, {eval_result['val_bpb']:.4f} bits per byte (float32, whole val split)")
     return eval_result

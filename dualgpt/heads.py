@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from contextlib import contextmanager
 
 import numpy as np
@@ -11,12 +10,13 @@ import torch
 import torch.nn as nn
 
 from dualgpt import repo_path
-from dualgpt.evaluation import checkpoint_with_data
+from dualgpt.checkpoint import checkpoint_with_data
 from dualgpt.plots import plot_attention, plot_head_heatmap
 from dualgpt.runconfig import parse_head_mask
 from dualgpt.runtime import autocast, progress
 from dualgpt.sampling import read_prompt
-from minbpe.base import atomic_open, render_token
+from dualgpt.files import atomic_open
+from minbpe.base import render_token
 
 
 @contextmanager
@@ -145,87 +145,3 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
         json.dump(report, f, indent=1)
     print("wrote " + ", ".join(files))
     return report
-
-
-# -----------------------------------------------------------------------------------------
-# Comparing two models head by head (rlhf.py's head study). State dicts are in the looped layout (gpt.py):
-# head h of layer l is blocks.l.attn.heads.h.{query,key,value} plus columns h*hs:(h+1)*hs of blocks.l.attn.proj,
-# the slice of the output projection that reads that head's output.
-
-
-def head_keys(layer: int, head: int) -> list[str]:
-    return [f"blocks.{layer}.attn.heads.{head}.{proj}.{kind}" for proj in ("query", "key", "value")
-            for kind in ("weight", "bias")]
-
-
-def head_columns(state: dict, head: int) -> slice:
-    """The columns of a layer's output projection that read head `head`'s output."""
-    hs = state["blocks.0.attn.heads.0.query.weight"].shape[0]
-    return slice(head * hs, (head + 1) * hs)
-
-
-def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
-    """||tuned - base|| / ||base|| (Frobenius)."""
-    return ((tuned.double() - base.double()).norm() / base.double().norm()).item()
-
-
-def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> dict[str, torch.Tensor]:
-    """How far each head moved: the relative change of its query, key and value weights and of its slice of the
-    output projection, each (n_layer, n_head); and of each MLP's two matrices, (n_layer, 1)."""
-    change = {name: torch.zeros(n_layer, n_head) for name in ("query", "key", "value", "output")}
-    change.update(mlp_fc=torch.zeros(n_layer, 1), mlp_proj=torch.zeros(n_layer, 1))
-    for layer in range(n_layer):
-        for head in range(n_head):
-            for proj in ("query", "key", "value"):
-                key = f"blocks.{layer}.attn.heads.{head}.{proj}.weight"
-                change[proj][layer, head] = relative_change(tuned[key], base[key])
-            key, cols = f"blocks.{layer}.attn.proj.weight", head_columns(base, head)
-            change["output"][layer, head] = relative_change(tuned[key][:, cols], base[key][:, cols])
-        for part in ("fc", "proj"):
-            key = f"blocks.{layer}.mlp.{part}.weight"
-            change[f"mlp_{part}"][layer, 0] = relative_change(tuned[key], base[key])
-    return change
-
-
-def transplant(target: dict, donor: dict, heads: set[tuple[int, int]] = frozenset(), mlps: set[int] = frozenset(),
-               rest: bool = False) -> dict:
-    """target's weights with some parts taken from donor: heads (layer, head) with their q, k, v and output
-    projection columns, whole MLPs by layer, and with rest=True everything else (embeddings, LayerNorms,
-    the projection's bias). Every part taken is copied exactly."""
-    out = {k: v.clone() for k, v in target.items()}
-    for layer, head in heads:
-        for key in head_keys(layer, head):
-            if key in donor:  # biases exist only with bias=True
-                out[key] = donor[key].clone()
-        key, cols = f"blocks.{layer}.attn.proj.weight", head_columns(target, head)
-        out[key][:, cols] = donor[key][:, cols]
-    for layer in mlps:
-        for key in donor:
-            if key.startswith(f"blocks.{layer}.mlp."):
-                out[key] = donor[key].clone()
-    if rest:
-        for key in donor:
-            if not HEADS_AND_MLPS.match(key):
-                out[key] = donor[key].clone()
-    return out
-
-
-# what heads and MLPs own; the rest is embeddings, LayerNorms and the output projection's bias
-HEADS_AND_MLPS = re.compile(r"blocks\.\d+\.(attn\.heads\.|mlp\.|attn\.proj\.weight$)")
-
-
-@torch.no_grad()
-def attention_divergence(base: nn.Module, tuned: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    """Jensen-Shannon divergence (nats, at most log 2) between the two models' attention rows on the same
-    inputs, averaged over every query position: (n_layer, n_head)."""
-    total = torch.zeros(base.config.n_layer, base.config.n_head)
-    with recording(base, tuned):
-        for x in batches:
-            base(x)
-            tuned(x)
-            for layer, (b, t) in enumerate(zip(base.blocks, tuned.blocks)):
-                p, q = b.attn.recorded()[0].double(), t.attn.recorded()[0].double()  # (B, nh, T, T)
-                m = (p + q) / 2
-                kl = lambda a: (a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log())).sum(-1)  # noqa: E731
-                total[layer] += ((kl(p) + kl(q)) / 2).mean((0, 2)).float().cpu()
-    return total / len(batches)

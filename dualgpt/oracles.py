@@ -1,7 +1,7 @@
-"""Programmatic gold oracles for preference tuning: functions from text to a score that stand in for a
+"""Programmatic oracles for preference tuning: functions from text to a score that stand in for a
 human labeller (the protocol of Gao et al. 2022, arXiv 2210.10760, and the DPO paper's sentiment task).
 
-An oracle has a labeller, which labels the preference pairs, and a judge, which reports results. For the
+An oracle has a score, which labels the preference pairs (the oracle score), and a judge, which reports results. For the
 default sentiment oracle they are two disjoint halves of one lexicon: no stage ever trains or selects on
 the judge's words, so a rise in the judge's score is a rise in sentiment, not in the labeller's words.
 """
@@ -33,7 +33,7 @@ WORD = re.compile(r"[a-z]+")
 @dataclasses.dataclass(frozen=True)
 class Oracle:
     name: str
-    label: Callable[[str], float]  # the labeller: makes the preference labels
+    score: Callable[[str], float]  # the oracle score: what labels the preference pairs
     judge: Callable[[str], float] | None  # the held-out judge: reports only (None: the oracle has none)
 
 
@@ -103,6 +103,6 @@ def get_oracle(spec: str) -> Oracle:
         return Oracle("verse", verse, None)
     if ":" in spec:
         oracle = Oracle(spec, checked(spec, user_oracle(spec)), None)
-        oracle.label("To be, or not to be: that is the question.")  # fail now, not after minutes of sampling
+        oracle.score("To be, or not to be: that is the question.")  # fail now, not after minutes of sampling
         return oracle
     raise UserError(f"unknown oracle {spec!r}: use sentiment, verse, or module:function (your own, text -> float)")

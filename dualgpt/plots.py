@@ -6,7 +6,7 @@ import json
 import numpy as np
 import torch
 
-from minbpe.base import atomic_open
+from dualgpt.files import atomic_open
 
 
 def pyplot():
@@ -113,42 +113,43 @@ def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str, f
 METHOD_COLOURS = {"dpo": "tab:blue", "rloo": "tab:green", "ppo": "tab:red"}
 
 
-def plot_gold_against_kl(report: dict, path: str) -> None:
+def plot_oracle_against_kl(report: dict, path: str) -> None:
     """The oracle's score against sqrt(KL to the base): best-of-n's curve, and every method's kept checkpoints
     in training order, so that methods are compared at equal KL, not at equal steps."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     bon = report["bon_curve"]
     if bon:
-        ax.plot([b["kl"] ** 0.5 for b in bon], [b["gold"] for b in bon], color="black", marker="s", label="best-of-n")
+        ax.plot([b["kl"] ** 0.5 for b in bon], [b["oracle"] for b in bon], color="black", marker="s", label="best-of-n")
         for b in bon:
-            ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b["gold"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+            ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b["oracle"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
     for method, points in report["curves"].items():
-        ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p["gold"] for p in points], marker="o", alpha=0.8,
+        ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p["oracle"] for p in points], marker="o", alpha=0.8,
                 color=METHOD_COLOURS.get(method), label=f"{method} (kept checkpoints)")
     for row in report["rows"]:
         if row["method"] in METHOD_COLOURS or row["method"] == "base":
-            ax.errorbar(max(row["kl"], 0.0) ** 0.5, row["gold"], yerr=row["gold_ci"], fmt="*", markersize=12,
+            ax.errorbar(max(row["kl"], 0.0) ** 0.5, row["oracle"], yerr=row["oracle_ci"], fmt="*", markersize=12,
                         color=METHOD_COLOURS.get(row["method"], "grey"), label=f"{row['method']} (final, 95% interval)")
     finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)", "oracle score (mean over held-out prompts)",
                 f"oracle {report['oracle']}: score against distance from the base", path, legend_size=8)
 
 
-def plot_proxy_against_gold(report: dict, path: str) -> None:
-    """The reward model's score (the proxy that RL optimises) against the oracle's, along training: where the
-    proxy keeps rising and the oracle does not, the policy is over-optimising the reward model."""
+def plot_rm_against_oracle(report: dict, path: str) -> None:
+    """The reward model's score (what RL optimises) against the oracle score, along training: where the
+    reward model's score keeps rising and the oracle score does not, the policy is over-optimising the reward
+    model."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     bon = report["bon_curve"]
     if bon:
-        ax.plot([b["rm"] for b in bon], [b["gold"] for b in bon], color="black", marker="s", label="best-of-n, n = 1 ... ")
+        ax.plot([b["rm"] for b in bon], [b["oracle"] for b in bon], color="black", marker="s", label="best-of-n, n = 1 ... ")
     for method, points in report["curves"].items():
-        xs, ys = [p["rm"] for p in points], [p["gold"] for p in points]
+        xs, ys = [p["rm"] for p in points], [p["oracle"] for p in points]
         ax.plot(xs, ys, marker="o", color=METHOD_COLOURS.get(method), label=f"{method}, kept checkpoints in order")
         if points:
             ax.annotate(f"step {points[-1]['step']}", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    finish_plot(fig, ax, "reward-model score (proxy)", "oracle score (gold)",
-                f"oracle {report['oracle']}: proxy against gold over training", path, legend_size=8)
+    finish_plot(fig, ax, "reward-model score", "oracle score",
+                f"oracle {report['oracle']}: reward model against oracle over training", path, legend_size=8)
 
 
 def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str, path: str) -> list[tuple[int, int]]:

@@ -109,7 +109,7 @@ class RewardModel(nn.Module):
     def __init__(self, body: nn.Module):
         super().__init__()
         self.body = body
-        self.head = nn.Linear(body.config.n_embd, 1)
+        self.head = nn.Linear(body.config.n_embd, 1, device=body.wte.weight.device)  # beside the body (CUDA too)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -134,6 +134,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     beta * log(pi / pi_ref) of each sequence (sequence log-probabilities in, shape (B,))."""
     return reward_model_loss(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected),
                              label)
+
+
+def kl_penalized_reward(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                        beta: float) -> torch.Tensor:
+    """The RL reward of each completion: its score minus beta x its sampled sequence KL to the reference, the
+    sum over its tokens of log pi - log pi_ref (k1). (B,), (B, L), (B, L) -> (B,)."""
+    return score - beta * (logprobs - ref_logprobs).sum(1)
 
 
 def rloo_advantages(rewards: torch.Tensor, normalize: bool = False) -> torch.Tensor:

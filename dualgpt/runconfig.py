@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 
 import config as default_config
 from dualgpt import UserError, repo_path
@@ -10,6 +11,12 @@ from dualgpt.runtime import resolve_device, resolve_dtype
 
 MODES = ("auto", "train", "sample", "eval", "heads", "export")
 LIMITS = {"max_iters", "max_minutes"}
+# the choices config.py's comments list (a | b | c), as validation accepts them (tests/test_config.py checks both)
+CHOICES = {"device": ("auto", "cpu", "cuda", "cuda:N", "mps"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "compile": ("true", "false", "auto"), "preset": ("auto", "none"), "attn_impl": ("sdpa", "matmul"),
+           "mode": MODES}
+HEADING = re.compile(r"^# --- .+ \(read by (?P<programs>[\w.]+(?:, [\w.]+)*)\) -*$")
+ASSIGNMENT = re.compile(r"^(?P<key>[a-z][a-z0-9_]*) = ")
 
 
 def defaults() -> dict:
@@ -18,40 +25,86 @@ def defaults() -> dict:
             if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))}
 
 
-def load_config(argv: list[str], script: str, usage: str = "", presets: dict[str, dict] | None = None) -> dict:
-    """The validated run config of `python <script>.py argv...`; --help prints usage and every key.
-    presets: {flag key: values}; where the flag is set, its values replace config.py's (rlhf.py's --quick),
-    like GPU_PRESET on CUDA, except for keys typed on the command line."""
-    base = defaults()
+def readers() -> dict[str, tuple[str, ...]]:
+    """The programs that read each key of config.py: those its section's heading names ("# --- title (read by
+    gpt.py, gpt_.py) ---")."""
+    with open(default_config.__file__, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    out, programs = {}, ()
+    for line in lines:
+        if heading := HEADING.match(line):
+            programs = tuple(heading["programs"].split(", "))
+        elif assignment := ASSIGNMENT.match(line):
+            out[assignment["key"]] = programs
+    return out
+
+
+def program_defaults(program: str) -> dict:
+    """config.py's values of the keys `program` reads."""
+    read_by = readers()
+    return {k: v for k, v in defaults().items() if program in read_by.get(k, ())}
+
+
+def foreign_key(key: str, program: str, keys: dict, hints: dict[str, str]) -> str:
+    """The message for a key that `program` does not read: who reads it, and what to type instead."""
+    hint = f"; {hints[key]}" if key in hints else ""
+    owners = readers().get(key)
+    if owners:
+        return f"--{key} is read by {' and '.join(owners)}, not by {program}{hint}"
+    close = difflib.get_close_matches(key, keys, n=1)
+    return f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else hint)
+
+
+def load_config(argv: list[str], program: str, usage: str = "", presets: dict[str, dict] | None = None,
+                hints: dict[str, str] | None = None) -> dict:
+    """The run config of `python <program> argv...`: config.py's values of the keys the program reads, the
+    GPU preset, then the typed overrides; --help prints usage and those keys. A key of another program is a
+    one-line error naming who reads it (hints: key -> what to type instead). presets: {flag key: values}; where
+    the flag is set, its values replace config.py's (rlhf.py's --quick), like GPU_PRESET on CUDA, except for
+    keys typed on the command line."""
+    base = program_defaults(program)
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(usage.strip() + "\n\nconfig keys:\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()))
+            print(usage.strip() + f"\n\nconfig keys of {program} (config.py):\n"
+                  + "\n".join(f"  --{k}={v!r}" for k, v in base.items()))
             raise SystemExit(0)
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}; use --key=value")
         key, eq, value = arg[2:].partition("=")
         if key not in base:
-            close = difflib.get_close_matches(key, base, n=1)
-            raise UserError(f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else ""))
+            raise UserError(foreign_key(key, program, base, hints or {}))
         overrides[key] = parse_value(key, value if eq else "true", base[key])
     cfg = dict(base, **overrides)
     cfg["device"] = resolve_device(cfg["device"])
-    if cfg["preset"] not in ("auto", "none"):
-        raise UserError(f"preset must be auto or none, got {cfg['preset']!r}")
-    applied = [default_config.GPU_PRESET] if cfg["preset"] == "auto" and cfg["device"].startswith("cuda") else []
-    applied += [values for flag, values in (presets or {}).items() if cfg[flag]]
+    applied = [values for flag, values in (presets or {}).items() if cfg[flag]]
+    if "preset" in cfg:
+        check_choice(cfg, "preset")
+        if cfg["preset"] == "auto" and cfg["device"].startswith("cuda"):
+            applied.insert(0, default_config.GPU_PRESET)
     for preset in applied:
-        cfg.update({k: v for k, v in preset.items() if k not in overrides})
+        cfg.update({k: v for k, v in preset.items() if k in cfg and k not in overrides})
     if LIMITS & overrides.keys():  # a typed limit is obeyed: limits the user did not type are off
         cfg.update({key: 0 for key in LIMITS - overrides.keys()})
     cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])
-    cfg["compile"] = cfg["compile"].lower()
+    return cfg
+
+
+def script_config(argv: list[str], script: str, usage: str = "") -> dict:
+    """The validated run config of `python <script>.py argv...` (gpt or gpt_), with its default paths."""
+    cfg = load_config(argv, f"{script}.py", usage)
     cfg["script"] = script
     cfg["ckpt"] = cfg["ckpt"] or repo_path("model_dict", f"{script}.pt")
     cfg["sample_file"] = cfg["sample_file"] or repo_path("generate_text", f"{script}.txt")
-    validate(cfg)
+    validate_model_run(cfg)
     return cfg
+
+
+def check_choice(cfg: dict, key: str, choices: tuple[str, ...] | None = None) -> None:
+    """A one-line error unless cfg[key] is one of the choices (CHOICES[key] by default)."""
+    choices = choices or CHOICES[key]
+    if cfg[key] not in choices:
+        raise UserError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {cfg[key]!r}")
 
 
 def parse_value(key: str, value: str, default):
@@ -70,7 +123,11 @@ def parse_value(key: str, value: str, default):
     return value
 
 
-def validate(cfg: dict) -> None:
+def validate_model_run(cfg: dict) -> None:
+    """The checks of gpt.py's and gpt_.py's keys (rlhf.py and rlhf_heads.py check theirs in their setup)."""
+    cfg["compile"] = cfg["compile"].lower()
+    for key in ("mode", "compile") + (("attn_impl",) if "attn_impl" in cfg else ()):
+        check_choice(cfg, key)
     checks = [
         (cfg["n_embd"] % cfg["n_head"] == 0 if cfg["n_head"] > 0 else False,
          f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})"),
@@ -92,10 +149,7 @@ def validate(cfg: dict) -> None:
         (cfg["top_k"] >= 0, "top_k must be >= 0 (0 = off)"),
         (0 < cfg["top_p"] <= 1, "top_p must be in (0, 1]"),
         (cfg["num_samples"] >= 1 and cfg["max_new_tokens"] >= 0, "num_samples must be >= 1, max_new_tokens >= 0"),
-        (cfg["mode"] in MODES, f"mode must be {', '.join(MODES[:-1])} or {MODES[-1]}, got {cfg['mode']!r}"),
-        (cfg["attn_impl"] in ("sdpa", "matmul"), f"attn_impl must be sdpa or matmul, got {cfg['attn_impl']!r}"),
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict each other"),
-        (cfg["compile"] in ("auto", "true", "false"), f"compile must be auto, true or false, got {cfg['compile']!r}"),
     ]
     require(checks)
     parse_head_mask(cfg["head_mask"])

@@ -92,10 +92,10 @@ def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) ->
         n *= 2
 
 
-def progress(iterable=None, **kwargs) -> tqdm:
+def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:
     """A tqdm bar on a terminal; none when the output goes to a file or pipe, where its carriage-return
-    updates would pile up in the log."""
-    return tqdm(iterable, disable=None, **kwargs)
+    updates would pile up in the log, or when show is False."""
+    return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
 class PlainProgress:

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from dualgpt import UserError
 from dualgpt.data import load_tokenizer_text
-from dualgpt.evaluation import checkpoint_model
+from dualgpt.checkpoint import checkpoint_model
 from dualgpt.runtime import autocast
-from minbpe.base import atomic_open
+from dualgpt.files import atomic_open
 
 
 class NextTokenLogits:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import TrainingDiverged, UserError
-from dualgpt.checkpoint import build_model, cpu_copy, load_checkpoint, log_path, save_checkpoint
+from dualgpt.checkpoint import build_model, cpu_copy, load_checkpoint, log_path, make_checkpoint, save_checkpoint
 from dualgpt.compiling import compile_model, load_timing, should_compile, timing_key
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import estimate_loss
@@ -177,14 +177,11 @@ def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: T
     rng_cuda = ddp.gather(torch.cuda.get_rng_state()) if device.startswith("cuda") else []
     if not ddp.master:
         return
-    save_checkpoint(path, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "best_model": state.best_state if state.best_state is not None else model.state_dict(),
-        "best_val_loss": state.best_val, "model_config": dataclasses.asdict(model.config), "layout": model.layout,
-        "config": dict(run_config), "iter_num": state.iter_num, "train_s": state.train_s, "compile_s": state.compile_s,
-        "tokenizer": data.tokenizer_text, "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
-        "rng_batches": batch_gen.get_state(),
-    })
+    save_checkpoint(path, make_checkpoint(
+        model.state_dict(), dataclasses.asdict(model.config), model.layout, data.tokenizer_text, state.iter_num,
+        run_config, best_weights=state.best_state, best_val_loss=state.best_val, optimizer=optimizer.state_dict(),
+        train_s=state.train_s, compile_s=state.compile_s, rng_cpu=rng_cpu, rng_cuda=rng_cuda,
+        rng_batches=batch_gen.get_state()))
 
 
 def optimizer_step(train_model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

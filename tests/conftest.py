@@ -1,3 +1,5 @@
+import dataclasses
+import hashlib
 import os
 import random
 import shutil
@@ -18,7 +20,7 @@ from dualgpt.oracles import NEGATIVE, POSITIVE  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
          "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
-CODE = ["gpt.py", "gpt_.py", "rlhf.py", "config.py", "dualgpt", "minbpe"]  # what a user's clone runs
+CODE = ["gpt.py", "gpt_.py", "rlhf.py", "rlhf_heads.py", "config.py", "dualgpt", "minbpe"]  # what a user's clone runs
 
 
 def make_corpus(n_lines: int, seed: int = 0) -> str:
@@ -45,9 +47,9 @@ def corpus(tmp_path):
     return path
 
 
-# a config small enough to train in seconds on 2 CPU cores
-TINY = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu",
+# a model small enough to train in seconds on 2 CPU cores, and a run config of it
+TINY_MODEL = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
+TINY = TINY_MODEL + ["--batch_size=8", "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu",
         "--dtype=float32", "--max_iters=10",  # a typed step limit: no time budget
         "--max_new_tokens=20", "--num_samples=1"]
 
@@ -60,7 +62,7 @@ def tiny_args(home, corpus, *extra, script="gpt"):
 def run_main(argv, cls=None, script="gpt"):
     """The command line in-process; returns the exit code (0 when it returns normally)."""
     try:
-        main(cls or gpt.GPT, script, argv)
+        main(cls or gpt.LBGPT, script, argv)
     except SystemExit as e:
         return e.code
     return 0
@@ -110,19 +112,36 @@ def mood_corpus(n_lines: int, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-BASE = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=16",
-        "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--device=cpu",
+BASE = TINY_MODEL + ["--batch_size=16", "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--device=cpu",
         "--dtype=float32", "--max_iters=300", "--eval_interval=300"]
 # RLOO's judge gain with these, over 4 seeds x (native, emulated AVX2) numerics: +0.22 to +0.54, each 95% interval
 # above zero (60 steps and 4 samples per prompt gave +0.13 to +0.93, and one failure under other rounding)
-SMALL = ["--prompt_tokens=8", "--completion_tokens=16", "--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32",
-         "--rm_lr=1e-3", "--bon_max_n=4", "--eval_prompts=64", "--eval_samples=8", "--dpo_batch=32", "--dpo_lr=1e-3",
-         "--rl_steps=100", "--rl_prompts=16", "--rl_group=8", "--rl_lr=1e-3", "--ppo_epochs=1", "--ppo_minibatches=2",
-         "--keep_every=50", "--device=cpu", "--dtype=float32"]
+SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "--rl_prompts=16", "--rl_group=8",
+          "--rl_lr=1e-3", "--device=cpu", "--dtype=float32"]  # keys rlhf.py and rlhf_heads.py both read
+PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=4", "--eval_samples=8",
+            "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=100", "--ppo_epochs=1", "--ppo_minibatches=2",
+            "--keep_every=50"]  # keys of rlhf.py alone
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """`python rlhf.py` on a tiny base model: where it ran, its arguments, what main() returned, and the base
+    checkpoint's hash before and after every stage ran."""
+    home: object  # a pathlib.Path: the repository root of the run
+    shared_args: list  # the data, the base and SHARED: what rlhf_heads.py takes
+    args: list  # shared_args and PIPELINE: rlhf.py's
+    result: dict
+    base_hash_before: str
+    base_hash_after: str
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory) -> Pipeline:
     """A tiny base model trained on the mood corpus, then `python rlhf.py` with small settings, every stage."""
     import rlhf
     home = tmp_path_factory.mktemp("rlhf")
@@ -130,16 +149,17 @@ def pipeline(tmp_path_factory):
     try:
         (home / "corpus.txt").write_text(mood_corpus(3000), encoding="utf-8")
         data = f"--data={home / 'corpus.txt'}"
-        assert run_main(BASE + [data, "--mode=train", f"--ckpt={home / 'base.pt'}"], gpt_.FusedGPT, "gpt_") == 0
-        args = SMALL + [data, f"--rlhf_base={home / 'base.pt'}"]
-        result = rlhf.main(args)
+        assert run_main(BASE + [data, "--mode=train", f"--ckpt={home / 'base.pt'}"], gpt_.SMGPT, "gpt_") == 0
+        shared = SHARED + [data, f"--rlhf_base={home / 'base.pt'}"]
+        before = sha256(home / "base.pt")
+        result = rlhf.main(shared + PIPELINE)
     finally:
         dualgpt.ROOT = previous
-    return home, args, result
+    return Pipeline(home, shared, shared + PIPELINE, result, before, sha256(home / "base.pt"))
 
 
 @pytest.fixture
-def rlhf_run(pipeline, monkeypatch):
+def rlhf_run(pipeline, monkeypatch) -> Pipeline:
     """The pipeline, with its folder as the repository root for the test."""
-    monkeypatch.setattr(dualgpt, "ROOT", str(pipeline[0]))
+    monkeypatch.setattr(dualgpt, "ROOT", str(pipeline.home))
     return pipeline

@@ -10,7 +10,7 @@ import torch
 from conftest import dataset, make_corpus, run_main, tiny_args
 
 from dualgpt import data
-from dualgpt.runconfig import load_config
+from dualgpt.runconfig import script_config
 from minbpe import RegexTokenizer
 
 
@@ -54,11 +54,11 @@ def test_download_verifies_checksum(home, corpus, http_server, capsys):
     assert "checksum mismatch" in capsys.readouterr().err
     assert not (home / "data" / "input.txt").exists()
     assert not list((home / "data").glob("*tmp"))
-    cfg = load_config(args + ["--data_sha256=" + data.sha256_file(str(corpus))], "gpt")
+    cfg = script_config(args + ["--data_sha256=" + data.sha256_file(str(corpus))], "gpt")
     assert data.resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]) == str(home / "data" / "input.txt")
     assert (home / "data" / "input.txt").read_text() == corpus.read_text()
     # --data=URL downloads to data/<name> (checksum only for the canonical URL)
-    cfg = load_config(tiny_args(home, corpus) + [f"--data={url}"], "gpt")
+    cfg = script_config(tiny_args(home, corpus) + [f"--data={url}"], "gpt")
     assert data.resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]) == str(home / "data" / "shakes.txt")
 
 
@@ -82,7 +82,7 @@ def test_piecewise_encoding_equals_one_encode():
 
 
 def test_dataset_cache_split_and_bits_per_byte(home, corpus):
-    cfg = load_config(tiny_args(home, corpus), "gpt")
+    cfg = script_config(tiny_args(home, corpus), "gpt")
     ds = dataset(cfg)
     assert len(list((home / "tokenizers").glob("*.model"))) == 1
     caches = list((home / "data").glob("*.npy"))

@@ -11,7 +11,7 @@ from conftest import copy_code, run_main, tiny_args
 import gpt
 import gpt_
 from dualgpt.evaluation import evaluate_checkpoint
-from dualgpt.runconfig import load_config
+from dualgpt.runconfig import script_config
 
 TIMEOUT = 300  # launch, train and tear down must finish well inside this
 
@@ -45,7 +45,7 @@ def records(path, key):
     return [r for r in map(json.loads, open(path)) if key in r]
 
 
-@pytest.mark.parametrize("script, cls", [("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)])
+@pytest.mark.parametrize("script, cls", [("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)])
 def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus, script, cls):
     common = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--log_interval=1", "--dropout=0.0",
                        "--mode=train", script=script)
@@ -67,7 +67,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus, scri
     # rank 0's checkpoint loads in one process and evaluates like the single-process one
     results = []
     for ckpt in (ddp_ckpt, single_ckpt):
-        cfg = load_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
+        cfg = script_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
         results.append(evaluate_checkpoint(cls, cfg)["val"]["loss"])
     assert results[0] == pytest.approx(results[1], abs=1e-4)
     assert len(torch.load(ddp_ckpt, weights_only=True)["rng_cpu"]) == 2  # each rank's dropout stream

@@ -1,4 +1,4 @@
-"""The head study: transplants, weight changes, tuning one head, and its stage in rlhf.py."""
+"""The head study (rlhf_heads.py): transplants, weight changes, tuning one head, and the script end to end."""
 import json
 
 import matplotlib.image
@@ -7,20 +7,22 @@ import torch
 
 import gpt
 import gpt_
-import rlhf
-from dualgpt.heads import head_weight_change, transplant
+import rlhf_heads
+from dualgpt.checkpoint import convert_state_dict
+from dualgpt.head_comparison import head_weight_change, part_masks, transplant
 from dualgpt.plots import plot_head_grid
+from dualgpt.tuning import restrict_training
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=True)
 
 
 def two_models(seed=0):
     torch.manual_seed(seed)
-    return gpt.GPT(CFG).eval(), gpt.GPT(CFG).eval()
+    return gpt.LBGPT(CFG).eval(), gpt.LBGPT(CFG).eval()
 
 
 def logits(state, x):
-    model = gpt.GPT(CFG).eval()
+    model = gpt.LBGPT(CFG).eval()
     model.load_state_dict(state)
     with torch.no_grad():
         return model(x)[0]
@@ -83,14 +85,14 @@ def test_weight_change_is_zero_against_itself_and_matches_a_hand_computation():
     assert change["value"].count_nonzero() == 1
 
 
-@pytest.mark.parametrize("cls", [gpt_.FusedGPT, gpt.GPT])
+@pytest.mark.parametrize("cls", [gpt_.SMGPT, gpt.LBGPT])
 def test_tuning_only_one_head_leaves_every_other_parameter_bitwise_unchanged(cls):
     torch.manual_seed(1)
-    looped = gpt.GPT(CFG)
+    looped = gpt.LBGPT(CFG)
     policy = cls(CFG)
-    policy.load_state_dict(rlhf.convert_state_dict(looped.state_dict(), "looped", policy.layout, CFG.n_head))
+    policy.load_state_dict(convert_state_dict(looped.state_dict(), "LB-GPT", policy.layout, CFG.n_head))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    params = rlhf.restrict_training(policy, rlhf.part_masks(looped.state_dict(), heads={(1, 3)}))
+    params = restrict_training(policy, part_masks(looped.state_dict(), heads={(1, 3)}))
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     x = torch.randint(0, 300, (4, 16))
     for _ in range(3):
@@ -98,8 +100,8 @@ def test_tuning_only_one_head_leaves_every_other_parameter_bitwise_unchanged(cls
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = rlhf.convert_state_dict(policy.state_dict(), policy.layout, "looped", CFG.n_head)
-    before = rlhf.convert_state_dict(before, policy.layout, "looped", CFG.n_head)
+    after = convert_state_dict(policy.state_dict(), policy.layout, "LB-GPT", CFG.n_head)
+    before = convert_state_dict(before, policy.layout, "LB-GPT", CFG.n_head)
     for key, value in after.items():
         if key.startswith("blocks.1.attn.heads.3."):
             assert not torch.equal(value, before[key]), key
@@ -119,10 +121,10 @@ def test_heatmaps_have_one_cell_per_head(tmp_path):
 
 
 def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
-    home, args, _ = rlhf_run
-    study = rlhf.main(args + ["--rlhf_stage=heads", "--head_prompts=16", "--head_pairs=32", "--head_batches=2",
-                              "--head_tuning_steps=30"])["results"]["heads"]
-    for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "gold_vs_kl"):
+    home = rlhf_run.home
+    study = rlhf_heads.main(rlhf_run.shared_args + ["--head_prompts=16", "--head_pairs=32", "--head_batches=2",
+                                                    "--head_tuning_steps=30"])
+    for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "oracle_vs_kl"):
         image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_heads_{name}.png")
         assert image.shape[0] > 100
     table = json.loads((home / "generate_text" / "rlhf_sentiment_heads.json").read_text())

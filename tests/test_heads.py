@@ -9,16 +9,16 @@ from conftest import run_main, tiny_args
 import gpt
 import gpt_
 from dualgpt import checkpoint, heads
-from dualgpt.runconfig import load_config, model_config, parse_head_mask
+from dualgpt.runconfig import script_config, model_config, parse_head_mask
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=False)
 
 
 def models(cfg=CFG, impl="sdpa"):
     torch.manual_seed(0)
-    lb = gpt.GPT(cfg).eval()
-    sm = gpt_.FusedGPT(cfg, attn_impl=impl).eval()
-    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "looped", "fused", cfg.n_head))
+    lb = gpt.LBGPT(cfg).eval()
+    sm = gpt_.SMGPT(cfg, attn_impl=impl).eval()
+    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
     return lb, sm
 
 
@@ -77,10 +77,10 @@ def test_masking_changes_logits_the_same_way_in_both_layouts(impl):
     assert torch.equal(lb(x)[0], base)
 
 
-@pytest.mark.parametrize("layout", ["looped", "fused"])
+@pytest.mark.parametrize("layout", ["LB-GPT", "SM-GPT"])
 def test_masking_a_whole_layer_removes_its_attention_branch(layout):
     lb, sm = models()
-    model = lb if layout == "looped" else sm
+    model = lb if layout == "LB-GPT" else sm
     x = torch.randint(0, 300, (2, 16))
     model.set_head_mask({(1, h) for h in range(4)})
     masked = model(x)[0]
@@ -107,9 +107,9 @@ def test_head_mask_applies_in_training(home, corpus):
     args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--mode=train", "--head_mask=1.0")
     assert run_main(args) == 0
     trained = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)["model"]
-    cfg = load_config(args, "gpt")
+    cfg = script_config(args, "gpt")
     torch.manual_seed(cfg["seed"])
-    initial = gpt.GPT(model_config(cfg, gpt.ModelConfig)).state_dict()
+    initial = gpt.LBGPT(model_config(cfg, gpt.ModelConfig)).state_dict()
     for name in ("blocks.1.attn.heads.0.key.weight", "blocks.1.attn.heads.0.value.weight"):
         assert torch.equal(trained[name], initial[name])
     assert not torch.equal(trained["blocks.1.attn.heads.1.key.weight"], initial["blocks.1.attn.heads.1.key.weight"])
@@ -142,7 +142,7 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
     first = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
     assert run_main(args + ["--mode=heads"]) == 0
     assert json.loads((out_dir / "gpt.heads.json").read_text())["heads"] == first
-    assert run_main(args + ["--mode=heads"], gpt_.FusedGPT, "gpt_") == 0
+    assert run_main(args + ["--mode=heads"], gpt_.SMGPT, "gpt_") == 0
     fused = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
     assert [(r["layer"], r["head"]) for r in fused] == [(r["layer"], r["head"]) for r in first]
     for a, b in zip(first, fused):

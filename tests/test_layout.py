@@ -1,7 +1,9 @@
-"""The layout: gpt.py and gpt_.py are the models, dualgpt/ the shared engine that never imports them."""
+"""The layout: gpt.py and gpt_.py are the models, rlhf.py and rlhf_heads.py scripts beside them, dualgpt/ the
+shared engine that never imports them."""
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,19 +27,48 @@ def imported_modules(path: str) -> set[str]:
     return names
 
 
-def test_the_engine_never_imports_the_scripts():
-    package = os.path.join(ROOT, "dualgpt")
-    files = [os.path.join(package, name) for name in os.listdir(package) if name.endswith(".py")]
-    assert len(files) >= 8
-    for path in files:
-        roots = {name.split(".")[0] for name in imported_modules(path)}
-        assert not roots & {"gpt", "gpt_"}, f"{path} imports {roots & {'gpt', 'gpt_'}}"
+SCRIPTS = {"gpt", "gpt_", "rlhf", "rlhf_heads", "bench"}
+PACKAGE = os.path.join(ROOT, "dualgpt")
+MODULES = sorted(name for name in os.listdir(PACKAGE) if name.endswith(".py") and name != "__init__.py")
+
+
+def test_the_engine_never_imports_the_scripts_nor_minbpes_file_writer():
+    assert len(MODULES) >= 15
+    for name in MODULES:
+        path = os.path.join(PACKAGE, name)
+        roots = {module.split(".")[0] for module in imported_modules(path)}
+        assert not roots & SCRIPTS, f"{path} imports {roots & SCRIPTS}"
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        from_minbpe = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                       and (node.module or "").startswith("minbpe") for alias in node.names}
+        assert "atomic_open" not in from_minbpe, path
+
+
+def test_the_package_map_lists_every_module_once():
+    import dualgpt
+    listed = re.findall(r"^    (\w+\.py) ", dualgpt.__doc__, flags=re.M)
+    assert sorted(listed) == MODULES
+
+
+def test_the_pipeline_and_the_head_study_are_separate_scripts():
+    """rlhf.py defines no head-study code and its RL stage takes no study-only parameters; the study's code is
+    in rlhf_heads.py and the engine."""
+    import inspect
+
+    import rlhf
+    import rlhf_heads
+    pipeline = {n.name for n in ast.walk(ast.parse(open(os.path.join(ROOT, "rlhf.py"), encoding="utf-8").read()))
+                if isinstance(n, ast.FunctionDef)}
+    assert not pipeline & {"ablation_drops", "partial_tuning", "implicit_margin", "write_head_study", "kl_by_position"}
+    assert list(inspect.signature(rlhf.stage_rl).parameters) == ["s", "method"]
+    assert "heads" not in rlhf.STAGES
+    assert callable(rlhf_heads.partial_tuning)
 
 
 def test_the_import_check_sees_nested_imports(tmp_path):
     """The check above would catch the old lazy `from gpt_ import ...` inside a method."""
     sample = tmp_path / "sample.py"
-    sample.write_text("def f():\n    from gpt_ import fused_to_looped\n    import gpt\n")
+    sample.write_text("def f():\n    from gpt_ import sm_to_lb\n    import gpt\n")
     assert imported_modules(str(sample)) == {"gpt_", "gpt"}
 
 
@@ -66,7 +97,7 @@ def test_checkpoints_written_before_the_refactor_load_in_both_scripts(home, writ
     corpus.write_text(make_corpus(1500), encoding="utf-8")
     ckpt = os.path.join(FIXTURES, f"before_refactor_{written_by}.pt")
     before = open(ckpt, "rb").read()
-    for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
+    for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
         args = fixture["args"] + [f"--data={corpus}", f"--ckpt={ckpt}", f"--sample_file={home / 'sample.txt'}"]
         capsys.readouterr()
         assert run_main(args + ["--mode=eval"], cls, script) == 0

@@ -12,7 +12,7 @@ CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd
 
 def test_causality():
     torch.manual_seed(0)
-    model = gpt.GPT(CFG).eval()
+    model = gpt.LBGPT(CFG).eval()
     x = torch.randint(0, 300, (2, 16))
     base, _ = model(x)
     for t in range(15):
@@ -26,7 +26,7 @@ def test_causality():
 @pytest.mark.parametrize("vocab_size", [300, 1024])
 def test_initial_loss_is_uniform(vocab_size):
     torch.manual_seed(0)
-    model = gpt.GPT(gpt.ModelConfig(vocab_size, 32, 2, 2, 32))
+    model = gpt.LBGPT(gpt.ModelConfig(vocab_size, 32, 2, 2, 32))
     x, y = torch.randint(0, vocab_size, (2, 8, 32))
     _, loss = model(x, y)
     assert abs(loss.item() - math.log(vocab_size)) < 0.05
@@ -34,7 +34,7 @@ def test_initial_loss_is_uniform(vocab_size):
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    model = gpt.GPT(CFG)
+    model = gpt.LBGPT(CFG)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x, y = torch.randint(0, 300, (2, 4, 16))
     for _ in range(150):
@@ -46,14 +46,14 @@ def test_overfits_one_batch():
 
 
 def test_heads_are_separate_modules():
-    model = gpt.GPT(CFG)
+    model = gpt.LBGPT(CFG)
     heads = model.blocks[0].attn.heads
     assert len(heads) == 4
     assert all(h.key.weight.shape == (8, 32) for h in heads)
 
 
 def test_flops_per_token_by_hand():
-    model = gpt.GPT(gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=8, bias=False))
+    model = gpt.LBGPT(gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=8, bias=False))
     C, L, V = 8, 2, 300
     per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
     weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)

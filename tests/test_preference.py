@@ -1,6 +1,5 @@
 """Preference tuning's math against independent references: closed-form optima on a toy bandit,
 torch.distributions, the papers' formulas written out, brute force."""
-import copy
 import itertools
 import math
 
@@ -13,6 +12,7 @@ import gpt_
 from dualgpt import UserError, preference
 from dualgpt.checkpoint import convert_state_dict
 from dualgpt.oracles import NEGATIVE, POSITIVE, get_oracle, syllables, verse
+from dualgpt.tuning import frozen
 
 # --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------
 
@@ -163,11 +163,27 @@ def test_rloo_advantages_leave_one_out_and_never_nan():
 
 
 def test_ppo_clips_the_ratio():
-    old = torch.zeros(1, 4)
-    new = torch.tensor([[0.5, -0.5, 0.1, -0.1]]).log1p()  # ratios 1.5, 0.5, 1.1, 0.9
-    loss, stats = preference.ppo_loss(new, old, torch.tensor([1.0]), clip=0.2)
+    """min(r A, clip(r) A) per token, for a positive and a negative advantage, against the formula written out:
+    with A > 0 a ratio above 1 + clip stops paying, with A < 0 a ratio below 1 - clip does."""
+    old = torch.zeros(2, 4)
+    ratios = torch.tensor([[1.5, 0.5, 1.1, 0.9], [1.5, 0.5, 1.1, 0.9]], dtype=torch.float64)
+    advantages = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    loss, stats = preference.ppo_loss(ratios.log(), old.double(), advantages, clip=0.2)
+    by_hand = [[min(r * a, max(min(r, 1.2), 0.8) * a) for r in row] for row, a in zip(ratios.tolist(), advantages.tolist())]
+    # A = 1: min(1.5, 1.2), min(0.5, 0.8), 1.1, 0.9; A = -2: min(-3, -2.4), min(-1, -1.6), -2.2, -1.8
+    assert by_hand == [[1.2, 0.5, 1.1, 0.9], [-3.0, -1.6, -2.2, -1.8]]
+    assert loss.item() == pytest.approx(-sum(map(sum, by_hand)) / 8)
     assert stats["clip_fraction"] == 0.5
-    assert loss.item() == pytest.approx(-(1.2 + 0.5 + 1.1 + 0.9) / 4)  # min(r A, clip(r) A) with A = 1
+
+
+def test_kl_penalty_is_the_sum_over_the_completions_tokens():
+    """reward = score - beta * sum over tokens of (log pi - log pi_ref), on sequences of several tokens."""
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.4, -0.2, -0.1]])
+    score = torch.tensor([1.0, -1.0])
+    reward = preference.kl_penalized_reward(score, logprobs, ref, beta=0.5)
+    by_hand = [1.0 - 0.5 * ((-1.0 + 1.5) + (-2.0 + 1.0) + 0.0), -1.0 - 0.5 * ((-0.1 + 0.4) + 0.0 + (-0.3 + 0.1))]
+    assert reward.tolist() == pytest.approx(by_hand)
 
 
 def test_tau_gives_the_asked_agreement():
@@ -217,7 +233,7 @@ def test_best_of_n_kl_is_the_exact_kl_for_a_continuous_score(n):
 CFG = gpt.ModelConfig(vocab_size=300, block_size=24, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 
 
-@pytest.mark.parametrize("cls", [gpt_.FusedGPT, gpt.GPT])
+@pytest.mark.parametrize("cls", [gpt_.SMGPT, gpt.LBGPT])
 def test_logprobs_recorded_while_sampling_equal_a_full_forward(cls):
     torch.manual_seed(7)
     model = cls(CFG).eval()
@@ -232,10 +248,10 @@ def test_logprobs_recorded_while_sampling_equal_a_full_forward(cls):
 
 def test_the_reference_stays_bitwise_unchanged_and_the_policy_moves():
     torch.manual_seed(8)
-    policy = gpt_.FusedGPT(CFG)
-    reference = copy.deepcopy(policy).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
+    policy = gpt_.SMGPT(CFG).train()
+    reference = frozen(policy)
+    assert not reference.training
+    assert policy.training
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)
     prompts, chosen, rejected = (torch.randint(0, 300, (6, 8)) for _ in range(3))
@@ -255,9 +271,9 @@ def test_the_reference_stays_bitwise_unchanged_and_the_policy_moves():
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
 def test_one_step_gives_the_same_update_in_both_scripts(method):
     torch.manual_seed(9)
-    looped = gpt.GPT(CFG)
-    fused = gpt_.FusedGPT(CFG)
-    fused.load_state_dict(convert_state_dict(looped.state_dict(), "looped", "fused", CFG.n_head))
+    looped = gpt.LBGPT(CFG)
+    fused = gpt_.SMGPT(CFG)
+    fused.load_state_dict(convert_state_dict(looped.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head))
     prompts, a, b = (torch.randint(0, 300, (6, 8)) for _ in range(3))
     advantages = torch.randn(6)
     for model in (looped, fused):
@@ -270,14 +286,20 @@ def test_one_step_gives_the_same_update_in_both_scripts(method):
             loss = preference.policy_gradient_loss(logp_a, advantages)
         loss.backward()
         optimizer.step()
-    mapped = convert_state_dict(looped.state_dict(), "looped", "fused", CFG.n_head)
+    mapped = convert_state_dict(looped.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head)
     for name, tensor in fused.state_dict().items():
         assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
 
 
+def test_the_reward_head_is_made_beside_the_body():
+    """On CUDA a head made on the CPU beside a body on the GPU failed at the first batch (found on an H200)."""
+    body = gpt.LBGPT(CFG).to("meta")
+    assert preference.RewardModel(body).head.weight.device == torch.device("meta")
+
+
 def test_reward_model_reads_the_last_token():
     torch.manual_seed(10)
-    rm = preference.RewardModel(gpt.GPT(CFG))
+    rm = preference.RewardModel(gpt.LBGPT(CFG))
     torch.nn.init.normal_(rm.head.weight)
     ids = torch.randint(0, 300, (2, 10))
     expected = rm.head(rm.body.hidden_states(ids)[:, -1]).squeeze(-1)
@@ -290,13 +312,16 @@ def test_reward_model_reads_the_last_token():
 # --- oracles --------------------------------------------------------------------------------------------
 
 
-def test_sentiment_halves_are_disjoint_and_count_words():
+def test_the_scorers_and_the_judges_words_are_disjoint_and_counted():
     oracle = get_oracle("sentiment")
+    scorer, judge = oracle.score.weights, oracle.judge.weights
+    assert not scorer.keys() & judge.keys()  # no word both labels the pairs and judges the result
+    assert scorer.keys() | judge.keys() == set(POSITIVE) | set(NEGATIVE)
     assert not set(POSITIVE) & set(NEGATIVE)
     text = "Good love, good! Death, blood."
-    assert oracle.label(text) == 1.0  # half A: good + good - death
-    assert oracle.judge(text) == 0.0  # half B: love - blood
-    assert oracle.label("goodness deathly") == 0.0  # whole words only
+    assert oracle.score(text) == 1.0  # the oracle score's half: good + good - death
+    assert oracle.judge(text) == 0.0  # the judge's half: love - blood
+    assert oracle.score("goodness deathly") == 0.0  # whole words only
 
 
 def test_verse_counts_ten_syllables():
@@ -310,7 +335,7 @@ def test_a_users_oracle_loads_and_fails_clearly(tmp_path, monkeypatch):
     (tmp_path / "my_oracle.py").write_text("def length(text):\n    return len(text)\n\ndef broken(text):\n"
                                            "    raise KeyError('x')\n\ndef nan(text):\n    return float('nan')\n")
     monkeypatch.chdir(tmp_path)
-    assert get_oracle("my_oracle:length").label("abc") == 3.0
+    assert get_oracle("my_oracle:length").score("abc") == 3.0
     for spec, message in (("my_oracle:broken", "failed on a completion"), ("my_oracle:nan", "finite number"),
                           ("my_oracle:missing", "cannot load it"), ("no_such_module:f", "cannot load it"),
                           ("happiness", "unknown oracle")):

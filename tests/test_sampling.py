@@ -7,7 +7,7 @@ from conftest import dataset, make_corpus, run_main, tiny_args
 
 import gpt
 from dualgpt import checkpoint, evaluation, sampling
-from dualgpt.runconfig import load_config
+from dualgpt.runconfig import script_config
 
 
 def reference_filter(logits, top_k, top_p):
@@ -57,13 +57,13 @@ def test_prompt_handling(home, corpus, tmp_path, capsys):
 def test_eval_is_deterministic_and_exact(home, corpus, capsys):
     args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10")
     assert run_main(args + ["--mode=train"]) == 0
-    cfg = load_config(args, "gpt")
-    a = evaluation.evaluate_checkpoint(gpt.GPT, cfg)
-    b = evaluation.evaluate_checkpoint(gpt.GPT, cfg)
+    cfg = script_config(args, "gpt")
+    a = evaluation.evaluate_checkpoint(gpt.LBGPT, cfg)
+    b = evaluation.evaluate_checkpoint(gpt.LBGPT, cfg)
     assert a == b
     # the same number by a plain loop over the val split
     ckpt = checkpoint.load_checkpoint(cfg["ckpt"])
-    model = checkpoint.model_from_checkpoint(gpt.GPT, ckpt, cfg["ckpt"], "cpu").eval()
+    model = checkpoint.model_from_checkpoint(gpt.LBGPT, ckpt, cfg["ckpt"], "cpu").eval()
     ds = dataset(cfg)
     val = torch.from_numpy(ds.splits["val"].astype(np.int64))
     total, count = 0.0, 0

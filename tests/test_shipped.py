@@ -8,15 +8,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_MODEL
 
 import config
 import gpt
 import gpt_
-from dualgpt.evaluation import checkpoint_with_data, full_loss
-from dualgpt.runconfig import load_config
+from dualgpt.checkpoint import checkpoint_with_data
+from dualgpt.evaluation import full_loss
+from dualgpt.runconfig import script_config
 
-SHIPPED = {"gpt": gpt.GPT, "gpt_": gpt_.FusedGPT}
+SHIPPED = {"gpt": gpt.LBGPT, "gpt_": gpt_.SMGPT}
 
 
 def test_the_dataset_is_tiny_shakespeare():
@@ -43,7 +44,7 @@ def test_each_shipped_checkpoint_still_has_its_recorded_val_loss(home, script):
     """A change to the model or the checkpoint format that breaks the shipped models fails here."""
     ckpt = os.path.join(ROOT, "model_dict", "shipped", f"{script}.pt")
     recorded = torch.load(ckpt, weights_only=True)["eval"]
-    cfg = load_config([f"--ckpt={ckpt}", f"--data={os.path.join(ROOT, config.data)}", "--device=cpu", "--mode=eval"],
+    cfg = script_config([f"--ckpt={ckpt}", f"--data={os.path.join(ROOT, config.data)}", "--device=cpu", "--mode=eval"],
                       script)
     _, model, data = checkpoint_with_data(SHIPPED[script], cfg)
     loss = full_loss(model, data, "val", "cpu", "float32")
@@ -62,8 +63,7 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
     shipped model, on a fresh clone: git status stays clean (every output is in an ignored place)."""
     clone = tmp_path / "clone"
     git("clone", "-q", ROOT, str(clone), cwd=tmp_path)
-    small = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--max_iters=5",
-             "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
+    small = TINY_MODEL + ["--max_iters=5", "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
     for command in ([sys.executable, "gpt.py", *small],
                     [sys.executable, "gpt.py", "--mode=sample", "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20",
                      "--num_samples=1"]):

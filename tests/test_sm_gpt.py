@@ -8,7 +8,7 @@ from conftest import run_main, tiny_args
 import gpt
 import gpt_
 from dualgpt import checkpoint, evaluation, sampling
-from dualgpt.runconfig import load_config
+from dualgpt.runconfig import script_config
 
 CONFIGS = [
     gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, bias=True),
@@ -21,9 +21,9 @@ CONFIGS = [
 
 def pair(cfg, impl, seed=0):
     torch.manual_seed(seed)
-    lb = gpt.GPT(cfg)
-    sm = gpt_.FusedGPT(cfg, attn_impl=impl, kv_cache=True)
-    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "looped", "fused", cfg.n_head))
+    lb = gpt.LBGPT(cfg)
+    sm = gpt_.SMGPT(cfg, attn_impl=impl, kv_cache=True)
+    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
     return lb, sm
 
 
@@ -49,10 +49,10 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         model(x, y)[1].backward()
         opt.step()
-    lb_grads = checkpoint.looped_to_fused({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
+    lb_grads = checkpoint.lb_to_sm({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
     for name, p in sm.named_parameters():
         assert (p.grad - lb_grads[name]).abs().max().item() <= 1e-6, name
-    mapped = checkpoint.looped_to_fused(lb.state_dict(), cfg.n_head)
+    mapped = checkpoint.lb_to_sm(lb.state_dict(), cfg.n_head)
     for name, tensor in sm.state_dict().items():
         assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
 
@@ -60,10 +60,10 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_round_trip_is_exact(cfg):
     torch.manual_seed(1)
-    state = gpt.GPT(cfg).state_dict()
-    fused = checkpoint.looped_to_fused(state, cfg.n_head)
-    assert gpt_.FusedGPT(cfg).load_state_dict(fused) is not None  # loads with no missing/unexpected keys
-    back = checkpoint.fused_to_looped(fused, cfg.n_head)
+    state = gpt.LBGPT(cfg).state_dict()
+    fused = checkpoint.lb_to_sm(state, cfg.n_head)
+    assert gpt_.SMGPT(cfg).load_state_dict(fused) is not None  # loads with no missing/unexpected keys
+    back = checkpoint.sm_to_lb(fused, cfg.n_head)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
 
@@ -123,18 +123,18 @@ def test_cached_logits_equal_full_forward():
 
 def test_checkpoints_load_in_both_scripts(home, corpus, capsys):
     """Train with each script; eval with both: the same val loss either way."""
-    for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
+    for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
         args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", script=script)
         assert run_main(args, cls, script) == 0
     results = {}
     for ckpt in ("gpt", "gpt_"):
-        for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
-            cfg = load_config(tiny_args(home, corpus, script=ckpt) + ["--mode=eval"], script)
+        for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
+            cfg = script_config(tiny_args(home, corpus, script=ckpt) + ["--mode=eval"], script)
             results[ckpt, script] = evaluation.evaluate_checkpoint(cls, cfg)["val"]["loss"]
         assert results[ckpt, "gpt"] == pytest.approx(results[ckpt, "gpt_"], abs=1e-5)
     # and sampling from the other script's checkpoint works, greedily identical
     samples = []
-    for script, cls in (("gpt", gpt.GPT), ("gpt_", gpt_.FusedGPT)):
+    for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
         args = tiny_args(home, corpus, "--mode=sample", "--temperature=0", script="gpt_")
         assert run_main(args + [f"--sample_file={home / script}.sample"], cls, script) == 0
         samples.append((home / f"{script}.sample").read_text().split("\n", 1)[1])
@@ -144,5 +144,5 @@ def test_checkpoints_load_in_both_scripts(home, corpus, capsys):
 def test_resume_needs_the_same_layout(home, corpus, capsys):
     args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train", script="gpt")
     assert run_main(args) == 0
-    assert run_main(args + ["--resume", "--max_iters=4"], gpt_.FusedGPT, "gpt_") == 2
+    assert run_main(args + ["--resume", "--max_iters=4"], gpt_.SMGPT, "gpt_") == 2
     assert "resume it with that script" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Comparing two models head by head (rlhf_heads.py): how far each head moved, how its attention changed,
+and transplanting heads or MLPs from one model into another.
+
+State dicts are in LB-GPT's layout (gpt.py), where head h of layer l is a module of its own, plus columns
+h*hs:(h+1)*hs of its layer's output projection, the slice that reads that head's output. The parameter
+names come from dualgpt/checkpoint.py, which defines the layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dualgpt.checkpoint import (convert_state_dict, head_columns, head_parameter, head_parameters, mlp_parameter,
+                                output_projection, part_of)
+from dualgpt.heads import recording
+
+
+def lb_state(ckpt: dict) -> dict:
+    """A checkpoint's best-val weights in LB-GPT's layout, where head h of layer l is a module of its own."""
+    return convert_state_dict(ckpt["best_model"], ckpt["layout"], "LB-GPT", ckpt["model_config"]["n_head"])
+
+
+def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
+    """||tuned - base|| / ||base|| (Frobenius)."""
+    return ((tuned.double() - base.double()).norm() / base.double().norm()).item()
+
+
+def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> dict[str, torch.Tensor]:
+    """How far each head moved: the relative change of its query, key and value weights and of its slice of the
+    output projection, each (n_layer, n_head); and of each MLP's two matrices, (n_layer, 1)."""
+    change = {name: torch.zeros(n_layer, n_head) for name in ("query", "key", "value", "output")}
+    change.update(mlp_fc=torch.zeros(n_layer, 1), mlp_proj=torch.zeros(n_layer, 1))
+    for layer in range(n_layer):
+        for head in range(n_head):
+            for proj in ("query", "key", "value"):
+                key = head_parameter(layer, head, proj)
+                change[proj][layer, head] = relative_change(tuned[key], base[key])
+            key, cols = output_projection(layer), head_columns(base, head)
+            change["output"][layer, head] = relative_change(tuned[key][:, cols], base[key][:, cols])
+        for part in ("fc", "proj"):
+            key = mlp_parameter(layer, part)
+            change[f"mlp_{part}"][layer, 0] = relative_change(tuned[key], base[key])
+    return change
+
+
+def transplant(target: dict, donor: dict, heads: set[tuple[int, int]] = frozenset(), mlps: set[int] = frozenset(),
+               rest: bool = False) -> dict:
+    """target's weights with some parts taken from donor: heads (layer, head) with their q, k, v and output
+    projection columns, whole MLPs by layer, and with rest=True everything else (embeddings, LayerNorms,
+    the projection's bias). Every part taken is copied exactly."""
+    out = {k: v.clone() for k, v in target.items()}
+    for layer, head in heads:
+        for key in head_parameters(donor, layer, head):
+            out[key] = donor[key].clone()
+        key, cols = output_projection(layer), head_columns(target, head)
+        out[key][:, cols] = donor[key][:, cols]
+    for key in donor:
+        owner = part_of(key)  # ("mlp", layer), ("head", layer) or None for the rest
+        if owner and owner[0] == "mlp" and owner[1] in mlps or rest and owner is None:
+            out[key] = donor[key].clone()
+    return out
+
+
+def part_masks(state: dict, heads: set[tuple[int, int]] = frozenset(), mlps: bool = False) -> dict[str, torch.Tensor]:
+    """An LB-GPT-layout mask (1 = in the part) of the entries that belong to the given heads, and to every MLP
+    if mlps."""
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    ones = {k: torch.ones_like(v) for k, v in state.items()}
+    layers = {owner[1] for owner in map(part_of, state) if owner}
+    return transplant(zeros, ones, heads=set(heads), mlps=layers if mlps else set())
+
+
+@torch.no_grad()
+def attention_divergence(base: nn.Module, tuned: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats, at most log 2) between the two models' attention rows on the same
+    inputs, averaged over every query position: (n_layer, n_head)."""
+    total = torch.zeros(base.config.n_layer, base.config.n_head)
+    with recording(base, tuned):
+        for x in batches:
+            base(x)
+            tuned(x)
+            for layer, (b, t) in enumerate(zip(base.blocks, tuned.blocks)):
+                p, q = b.attn.recorded()[0].double(), t.attn.recorded()[0].double()  # (B, nh, T, T)
+                m = (p + q) / 2
+                kl = lambda a: (a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log())).sum(-1)  # noqa: E731
+                total[layer] += ((kl(p) + kl(q)) / 2).mean((0, 2)).float().cpu()
+    return total / len(batches)

@@ -1,0 +1,337 @@
+"""What rlhf.py and rlhf_heads.py share: the run's setup and its files, seeds drawn by name, policies and the
+reward model, prompts, completions and scores, minibatches, and the RL loop (RLOO and PPO).
+
+Shapes: P prompts of prompt_tokens, completions of completion_tokens; nothing is padded.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import shutil
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from dualgpt import TrainingDiverged, UserError, repo_path
+from dualgpt.checkpoint import convert_state_dict, cpu_copy, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from dualgpt.data import Dataset, resolve_data
+from dualgpt.files import write_json
+from dualgpt.oracles import Oracle, get_oracle
+from dualgpt.preference import (RewardModel, completion_logits, exact_kl, kl_estimators, kl_penalized_reward,
+                                policy_gradient_loss, ppo_loss, rloo_advantages, sample_completions, token_logprobs)
+from dualgpt.runconfig import model_options, require
+from dualgpt.runtime import autocast, progress
+
+TEMPERATURE = 1.0  # completions are sampled, and every log-probability taken, at this temperature
+CHUNK = 256  # sequences per forward pass when sampling or scoring many at once
+RLHF_SCRIPTS = ("gpt_", "gpt")  # rlhf_script: the script whose model class tunes (SM-GPT, LB-GPT)
+
+# Every random draw of the pipeline and the head study has a name here; its seed is derived from the run's seed
+# and the name (and an index, such as the RL step), so no two draws share a stream by accident.
+SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels", "rm.order", "dpo.order",
+              "eval.prompts", "eval.sampling", "bon.sampling", "rl.sampling", "rl.prompts", "ppo.order",
+              "curve.sampling", "heads.batches", "heads.sampling", "heads.kl_by_position")
+
+
+def seed_for(seed: int, name: str, index: int = 0) -> int:
+    """The seed of the draw `name` (one of SEED_NAMES) in a run seeded with `seed`: a hash, so distinct names
+    and indices give unrelated streams."""
+    if name not in SEED_NAMES:
+        raise KeyError(f"{name!r} is not in SEED_NAMES")
+    digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # a non-negative 63-bit seed
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every stage shares, resolved once from the run config."""
+    cfg: dict
+    model_class: type[nn.Module]
+    base_path: str
+    base: dict  # the base checkpoint
+    data: Dataset  # its training text, in its own tokens
+    oracle: Oracle
+    prefix: str  # names this oracle's outputs: rlhf_<oracle>
+
+    def path(self, folder: str, suffix: str) -> str:
+        return repo_path(folder, f"{self.prefix}_{suffix}")
+
+    def generator(self, name: str, index: int = 0, on_device: bool = False) -> torch.Generator:
+        """A generator for the draw `name` (see SEED_NAMES), on the run's device where sampling needs it."""
+        return torch.Generator(device=self.cfg["device"] if on_device else "cpu").manual_seed(
+            seed_for(self.cfg["seed"], name, index))
+
+
+def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size: int = 1) -> Setup:
+    """Check everything a stage will need before any work (and before anything is written). model_classes:
+    rlhf_script -> the script's model class (the scripts import them; the engine never does)."""
+    if cfg["rlhf_script"] not in model_classes:
+        raise UserError(f"rlhf_script must be gpt_ (SM-GPT) or gpt (LB-GPT), got {cfg['rlhf_script']!r}")
+    base_path = cfg["rlhf_base"] if os.path.isabs(cfg["rlhf_base"]) else repo_path(cfg["rlhf_base"])
+    base = load_checkpoint(base_path)
+    block_size = base["model_config"]["block_size"]
+    sequence = cfg["prompt_tokens"] + cfg["completion_tokens"]
+    require([(cfg["prompt_tokens"] >= 1 and cfg["completion_tokens"] >= 1,
+              "prompt_tokens and completion_tokens must be at least 1"),
+             (sequence <= block_size,
+              f"prompt_tokens + completion_tokens = {sequence} does not fit the model's block_size {block_size}"),
+             (cfg["rl_group"] >= 2, "rl_group must be at least 2 (RLOO's baseline needs another sample)"),
+             (cfg["rl_prompts"] >= 1, "rl_prompts must be at least 1"),
+             (cfg["rl_beta"] >= 0 and cfg["rl_lr"] > 0, "rl_lr must be > 0, rl_beta >= 0")])
+    oracle = get_oracle(cfg["oracle"])
+    data = Dataset(resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]), block_size, data_batch_size,
+                   cfg["device"], tokenizer_text=base["tokenizer"])
+    prefix = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", oracle.name) + ("_quick" if cfg["quick"] else "")
+    return Setup(cfg, model_classes[cfg["rlhf_script"]], base_path, base, data, oracle, prefix)
+
+
+# -----------------------------------------------------------------------------------------
+# Models and the files of a run
+
+
+def load_policy(s: Setup, ckpt: dict | None = None, path: str = "") -> nn.Module:
+    """A policy (the base, or a tuned checkpoint) with dropout off: sampling and every log-probability must
+    come from one deterministic function."""
+    ckpt = ckpt or s.base
+    ckpt = dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.0))
+    return model_from_checkpoint(s.model_class, ckpt, path or s.base_path, s.cfg["device"],
+                                 options=model_options(s.cfg, s.model_class)).eval()
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """The reference: a copy in eval mode that no gradient reaches."""
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> None:
+    """A tuned model (policy, or the reward model's body) as an ordinary weights-only checkpoint: gpt.py and
+    gpt_.py sample, eval and study heads from it. rlhf: what made it; extra: more entries (the reward head)."""
+    save_checkpoint(path, make_checkpoint(cpu_copy(model.state_dict()), dataclasses.asdict(model.config), model.layout,
+                                          s.base["tokenizer"], s.base["iter_num"], s.cfg, rlhf=rlhf, **extra))
+
+
+def save_policy(s: Setup, policy: nn.Module, path: str, method: str, step: int) -> None:
+    save_model(s, policy, path, {"method": method, "step": step, "base": s.base_path, "oracle": s.oracle.name})
+
+
+def kept_folder(s: Setup, name: str) -> str:
+    """Where the run `name` keeps copies of its policy along the way."""
+    return s.path("model_dict", f"{name}_steps")
+
+
+def clear_kept(s: Setup, name: str) -> None:
+    """A run starts with no kept checkpoints, so its curve holds only its own steps."""
+    shutil.rmtree(kept_folder(s, name), ignore_errors=True)
+
+
+def keep(s: Setup, policy: nn.Module, name: str, step: int, last_step: int, every: int) -> None:
+    """Keep the policy every `every` steps and at the last step, for the curves at equal KL."""
+    if step % every == 0 or step == last_step:
+        save_policy(s, policy, os.path.join(kept_folder(s, name), f"step{step:05d}.pt"), name, step)
+
+
+def load_reward_model(s: Setup) -> RewardModel:
+    path = s.path("model_dict", "rm.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no reward model at {path}; run python rlhf.py --rlhf_stage=rm first")
+    ckpt = load_checkpoint(path)
+    rm = RewardModel(load_policy(s, ckpt, path))
+    rm.head.load_state_dict(ckpt["reward_head"])
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm.eval()
+
+
+def load_pairs(s: Setup) -> dict:
+    path = s.path("data", "pairs.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no preference pairs at {path}; run python rlhf.py --rlhf_stage=pairs first")
+    return torch.load(path, map_location=s.cfg["device"], weights_only=True)
+
+
+def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preferred and the other completion of each labelled pair: (n, completion_tokens) each."""
+    prefer_a = split["a_preferred"].to(split["a"].device)[:, None]
+    return torch.where(prefer_a, split["a"], split["b"]), torch.where(prefer_a, split["b"], split["a"])
+
+
+# -----------------------------------------------------------------------------------------
+# Prompts, completions, scores
+
+
+def sample_prompts(s: Setup, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n windows of prompt_tokens tokens at random offsets of a split: (n, prompt_tokens)."""
+    ids, length = s.data.splits[split], s.cfg["prompt_tokens"]
+    starts = torch.randint(len(ids) - length, (n,), generator=generator).tolist()
+    return torch.tensor([ids[i:i + length].tolist() for i in starts], dtype=torch.long, device=s.cfg["device"])
+
+
+def eval_prompts(s: Setup) -> torch.Tensor:
+    """The val-split prompts every method is evaluated on (the head study takes its first head_prompts)."""
+    return sample_prompts(s, "val", s.cfg["eval_prompts"], s.generator("eval.prompts"))
+
+
+def complete(s: Setup, model: nn.Module, prompts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """completion_tokens sampled after each prompt, CHUNK prompts at a time: (n, completion_tokens)."""
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        return torch.cat([sample_completions(model, prompts[i:i + CHUNK], s.cfg["completion_tokens"], TEMPERATURE, gen)[0]
+                          for i in range(0, len(prompts), CHUNK)])
+
+
+def texts(s: Setup, completions: torch.Tensor) -> list[str]:
+    return [s.data.tok.decode(row) for row in completions.tolist()]
+
+
+def scores(function, completion_texts: list[str]) -> torch.Tensor:
+    return torch.tensor([function(t) for t in completion_texts], dtype=torch.float64)
+
+
+@torch.no_grad()
+def reward_scores(s: Setup, rm: RewardModel, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    rm.eval()
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        return torch.cat([rm(torch.cat([prompts[i:i + CHUNK], completions[i:i + CHUNK]], dim=1)).float()
+                          for i in range(0, len(prompts), CHUNK)]).double().cpu()
+
+
+def completion_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """log pi(token | prompt, earlier tokens) of each completion token, at the sampling temperature: (B, L)."""
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        return token_logprobs(completion_logits(model, prompts, completions), completions, TEMPERATURE)
+
+
+def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """log pi(completion | prompt) summed over its tokens: (B,)."""
+    return completion_logprobs(s, model, prompts, completions).sum(1)
+
+
+# -----------------------------------------------------------------------------------------
+# Training loops
+
+
+def minibatches(n: int, batch: int, epochs: int, generator: torch.Generator, device: str,
+                desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, indices) over `epochs` passes of n items in a fresh random order each pass, `batch` at a time;
+    with desc, a progress bar."""
+    steps = epochs * math.ceil(n / batch)
+    bar = progress(total=steps, show=bool(desc), desc=desc, unit="step")
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(device)
+        for i in range(0, n, batch):
+            step += 1
+            yield step, order[i:i + batch]
+            bar.update(1)
+    bar.close()
+
+
+def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, step: int,
+            gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """rl_group completions of each of rl_prompts train-split prompts, from the current policy, with their
+    reward: the reward model's score minus rl_beta x the sampled sequence KL (k1) to the base, and each
+    one's leave-one-out advantage within its prompt's group."""
+    cfg = s.cfg
+    prompts = sample_prompts(s, "train", cfg["rl_prompts"], s.generator("rl.prompts", step)).repeat_interleave(
+        cfg["rl_group"], dim=0)
+    completions = complete(s, policy, prompts, gen)
+    with autocast(cfg["device"], cfg["dtype"]):
+        ref_logits = completion_logits(reference, prompts, completions)
+        old_logits = completion_logits(policy, prompts, completions)
+    batch = {"prompts": prompts, "completions": completions, "score": reward_scores(s, rm, prompts, completions).float(),
+             "ref_logprobs": token_logprobs(ref_logits, completions, TEMPERATURE),
+             "old_logprobs": token_logprobs(old_logits, completions, TEMPERATURE),
+             "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1)}
+    batch["reward"] = kl_penalized_reward(batch["score"].to(batch["old_logprobs"].device), batch["old_logprobs"],
+                                          batch["ref_logprobs"], cfg["rl_beta"])
+    batch["advantages"] = rloo_advantages(batch["reward"].view(-1, cfg["rl_group"]), cfg["rl_normalize"]).view(-1)
+    return batch
+
+
+def rloo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+                order: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """One REINFORCE step with the leave-one-out advantages (one optimizer step per rollout)."""
+    loss = policy_gradient_loss(completion_logprobs(s, policy, batch["prompts"], batch["completions"]),
+                                batch["advantages"])
+    step_on(optimizer, loss)
+    return loss, {}
+
+
+def ppo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+               order: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """ppo_epochs passes of ppo_minibatches minibatches over the rollouts (ppo_epochs x ppo_minibatches optimizer
+    steps), the probability ratio to the policy that sampled them clipped; returns the last loss and the mean
+    clip statistics. order: the run's generator of minibatch orders (a new order every pass)."""
+    cfg, n = s.cfg, len(batch["prompts"])
+    stats = []
+    for _, idx in minibatches(n, math.ceil(n / cfg["ppo_minibatches"]), cfg["ppo_epochs"], order, batch["prompts"].device):
+        logprobs = completion_logprobs(s, policy, batch["prompts"][idx], batch["completions"][idx])
+        loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], batch["advantages"][idx], cfg["ppo_clip"])
+        step_on(optimizer, loss)
+        stats.append(minibatch)
+    return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
+
+
+UPDATES = {"rloo": rloo_update, "ppo": ppo_update}
+
+
+def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter], name: str, steps: int,
+             keep_every: int) -> list[dict]:
+    """`steps` steps of RLOO or PPO on `params` of the policy against the frozen base and the reward model,
+    keeping the policy every keep_every steps under `name`; returns the log, one record per step."""
+    cfg = s.cfg
+    reference, rm = frozen(load_policy(s)), load_reward_model(s)
+    optimizer = torch.optim.AdamW(params, lr=cfg["rl_lr"], weight_decay=0.0)
+    sampling, order = s.generator("rl.sampling", on_device=True), s.generator("ppo.order")
+    clear_kept(s, name)
+    log = []
+    bar = progress(total=steps, desc=name, unit="step")
+    for step in range(1, steps + 1):
+        batch = rollout(s, policy, reference, rm, step, sampling)
+        loss, stats = UPDATES[method](s, policy, optimizer, batch, order)
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(f"{name}: loss is {loss.item()} at step {step}; try a lower --rl_lr")
+        estimators = kl_estimators(batch["old_logprobs"], batch["ref_logprobs"])
+        log.append({"step": step, "rm_score": batch["score"].mean().item(), "reward": batch["reward"].mean().item(),
+                    "kl_exact": batch["kl_exact"].mean().item(),
+                    **{f"kl_{k}": v.sum(1).mean().item() for k, v in estimators.items()}, **stats})
+        bar.update(1)
+        bar.set_postfix(rm=f"{log[-1]['rm_score']:+.3f}", kl=f"{log[-1]['kl_exact']:.2f}")
+        keep(s, policy, name, step, steps, keep_every)
+    bar.close()
+    save_policy(s, policy, s.path("model_dict", f"{name}.pt"), name, steps)
+    write_json(s.path("generate_text", f"{name}_log.json"), log)
+    print(f"{name}: {steps} steps, reward-model score {log[0]['rm_score']:+.3f} -> {log[-1]['rm_score']:+.3f}, "
+          f"KL to the base {log[-1]['kl_exact']:.3f} nats per sequence")
+    return log
+
+
+def restrict_training(policy: nn.Module, trainable: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+    """Train only the entries where the mask (an LB-GPT-layout state dict of 0/1) is 1: parameters with none
+    are frozen, the others have their gradients masked. With AdamW and no weight decay a masked entry gets a
+    zero update, so it stays bitwise unchanged. Returns the parameters to optimise."""
+    masks = convert_state_dict(trainable, "LB-GPT", policy.layout, policy.config.n_head)
+    params = []
+    for name, p in policy.named_parameters():
+        mask = masks[name].to(p.device, p.dtype)
+        if not mask.any():
+            p.requires_grad_(False)
+        else:
+            if not mask.all():
+                p.register_hook(lambda grad, mask=mask: grad * mask)
+            params.append(p)
+    return params

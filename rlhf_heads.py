@@ -1,0 +1,238 @@
+"""
+The RLHF head study: which attention heads does preference tuning change? Run it after rlhf.py, on the
+policies rlhf.py tuned (DPO, RLOO, PPO), with the same oracle and --quick as that run:
+
+    python rlhf.py && python rlhf_heads.py
+    python rlhf.py --quick && python rlhf_heads.py --quick
+
+For each tuned policy, in LB-GPT's layout (one module per head, whichever script tuned it): how far each
+head's weights moved, how its attention changed (statistics and the divergence of its maps), which heads
+carry the change (switching each off; transplanting each between base and tuned), and where along the
+completion the KL to the base sits. Then whether tuning one head, attention only or the MLPs only does as
+well as tuning everything (RLOO, head_tuning_steps steps each). Outputs: generate_text/rlhf_<oracle>_heads_*.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import torch
+import torch.nn as nn
+
+import config as default_config
+from dualgpt import UserError
+from dualgpt.checkpoint import load_checkpoint
+from dualgpt.cli import exit_codes
+from dualgpt.files import read_json, write_json
+from dualgpt.head_comparison import attention_divergence, head_weight_change, lb_state, part_masks, transplant
+from dualgpt.heads import head_statistics
+from dualgpt.plots import plot_head_grid, plot_lines, plot_oracle_against_kl
+from dualgpt.preference import RewardModel, completion_logits, exact_kl
+from dualgpt.rlhf_report import curve_point, evaluate_policy, kept_curve
+from dualgpt.runconfig import load_config, require
+from dualgpt.runtime import autocast, progress
+from dualgpt.tuning import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
+                            load_policy, load_reward_model, restrict_training, reward_scores, scores,
+                            sequence_logprobs, setup, texts, train_rl)
+from rlhf import MODEL_CLASSES
+
+METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
+HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of one checkpoint",
+         "rlhf_stage": "rlhf_heads.py is one stage of its own; run rlhf.py first for the policies it studies"}
+
+
+def policy_from_state(s: Setup, state: dict) -> nn.Module:
+    """A policy of the script's class with these (LB-GPT-layout) weights."""
+    return load_policy(s, dict(s.base, best_model=state, layout="LB-GPT"))
+
+
+@torch.no_grad()
+def implicit_margin(s: Setup, policy: nn.Module, pairs: dict) -> float:
+    """DPO's implicit reward margin on held-out pairs, deterministic (no sampling): the mean of
+    dpo_beta x [(log pi(chosen) - log pi_base(chosen)) - (log pi(rejected) - log pi_base(rejected))]."""
+    pc = sequence_logprobs(s, policy, pairs["prompts"], pairs["chosen"])
+    pr = sequence_logprobs(s, policy, pairs["prompts"], pairs["rejected"])
+    return (s.cfg["dpo_beta"] * ((pc - pairs["base_chosen"]) - (pr - pairs["base_rejected"]))).mean().item()
+
+
+@torch.no_grad()
+def sampled_scores(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+                   draw: int = 0) -> tuple[float, float]:
+    """Mean oracle and reward-model score of completions of the prompts, from the random numbers of draw `draw`."""
+    completions = complete(s, policy, prompts, s.generator("heads.sampling", draw, on_device=True))
+    return (scores(s.oracle.score, texts(s, completions)).mean().item(),
+            reward_scores(s, rm, prompts, completions).mean().item())
+
+
+def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+                   heads: list[tuple[int, int]], draws: int = 4) -> dict[str, torch.Tensor | float]:
+    """How much the oracle and reward-model scores drop when each head alone is switched off, against the
+    unmasked model's mean over `draws` samplings. Sampling diverges within a few tokens even from the same
+    random numbers, so each masked score is about an independent draw: "noise" (the spread of the unmasked
+    scores across draws) is the standard deviation of any one drop that is due to sampling alone."""
+    unmasked = torch.tensor([sampled_scores(s, policy, rm, prompts, draw) for draw in range(draws)])  # (draws, 2)
+    shape = (policy.config.n_layer, policy.config.n_head)
+    drops = {"oracle": torch.zeros(shape), "rm": torch.zeros(shape),
+             "noise_oracle": unmasked[:, 0].std().item(), "noise_rm": unmasked[:, 1].std().item()}
+    for layer, head in progress(heads, desc="switching heads off", leave=False):
+        policy.set_head_mask({(layer, head)})
+        masked_oracle, masked_rm = sampled_scores(s, policy, rm, prompts, draws)
+        drops["oracle"][layer, head] = unmasked[:, 0].mean() - masked_oracle
+        drops["rm"][layer, head] = unmasked[:, 1].mean() - masked_rm
+    policy.set_head_mask(set())
+    return drops
+
+
+@torch.no_grad()
+def kl_by_position(s: Setup, policy: nn.Module, reference: nn.Module, prompts: torch.Tensor) -> list[float]:
+    """The exact KL to the base at each completion position, averaged over the policy's own samples."""
+    completions = complete(s, policy, prompts, s.generator("heads.kl_by_position", on_device=True))
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        kl = exact_kl(completion_logits(policy, prompts, completions), completion_logits(reference, prompts, completions),
+                      TEMPERATURE)
+    return kl.mean(0).tolist()
+
+
+def held_out_pairs(s: Setup, base: nn.Module) -> dict:
+    """The first head_pairs held-out pairs, chosen and rejected, with the base's log-probabilities of each."""
+    held_out = load_pairs(s)["val"]
+    chosen, rejected = chosen_rejected(held_out)
+    n = s.cfg["head_pairs"]
+    pairs = {"prompts": held_out["prompts"][:n], "chosen": chosen[:n], "rejected": rejected[:n]}
+    with torch.no_grad():
+        pairs["base_chosen"] = sequence_logprobs(s, base, pairs["prompts"], pairs["chosen"])
+        pairs["base_rejected"] = sequence_logprobs(s, base, pairs["prompts"], pairs["rejected"])
+    return pairs
+
+
+def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_stats: dict, rm: RewardModel,
+                 batches: list[torch.Tensor], prompts: torch.Tensor, pairs: dict, heads: list[tuple[int, int]]) -> dict:
+    """One tuned policy against the base: weights, attention, ablation, margins, transplants, KL by position."""
+    n_layer, n_head = base.config.n_layer, base.config.n_head
+    tuned_state = lb_state(load_checkpoint(s.path("model_dict", f"{method}.pt")))
+    tuned = policy_from_state(s, tuned_state)
+    r = {"weight_change": head_weight_change(base_state, tuned_state, n_layer, n_head),
+         "stat_change": {k: v - base_stats[k] for k, v in head_statistics(tuned, batches).items()},
+         "attention_divergence": attention_divergence(base, tuned, batches),
+         "ablation": ablation_drops(s, tuned, rm, prompts, heads),
+         "margin": implicit_margin(s, tuned, pairs), "kl_by_position": kl_by_position(s, tuned, base, prompts)}
+    # transplants, one head at a time: which heads carry the tuned model's margin and score?
+    into_base, out_of_tuned = torch.zeros(n_layer, n_head), torch.zeros(n_layer, n_head)
+    oracle_into_base = torch.zeros(n_layer, n_head)
+    for layer, head in progress(heads, desc=f"transplanting {method} heads", leave=False):
+        grafted = policy_from_state(s, transplant(base_state, tuned_state, heads={(layer, head)}))
+        into_base[layer, head] = implicit_margin(s, grafted, pairs)
+        oracle_into_base[layer, head] = sampled_scores(s, grafted, rm, prompts)[0]
+        out_of_tuned[layer, head] = r["margin"] - implicit_margin(
+            s, policy_from_state(s, transplant(tuned_state, base_state, heads={(layer, head)})), pairs)
+    r.update(margin_into_base=into_base, margin_lost_from_tuned=out_of_tuned, oracle_into_base=oracle_into_base)
+    r["margin_by_part"] = {part: implicit_margin(s, policy_from_state(s, transplant(base_state, tuned_state, **kw)), pairs)
+                           for part, kw in (("all heads", {"heads": set(heads)}), ("all MLPs", {"mlps": set(range(n_layer))}),
+                                            ("the rest", {"rest": True}))}
+    return r
+
+
+def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[int, int]]) -> dict:
+    """RLOO for head_tuning_steps steps, tuning only the head that carries most of RLOO's margin, only
+    attention, or only the MLPs; each evaluated (oracle score, exact KL) at its kept checkpoints, beside the
+    full RLOO run's kept checkpoints (the same method; at step head_tuning_steps, the same budget)."""
+    source = study["methods"].get("rloo") or next(iter(study["methods"].values()))
+    best = divmod(int(source["margin_into_base"].argmax()), source["margin_into_base"].shape[1])
+    runs = {f"head {best[0]}.{best[1]} only": part_masks(base_state, heads={best}),
+            "attention only": part_masks(base_state, heads=set(heads)),
+            "MLPs only": part_masks(base_state, mlps=True)}
+    base, rm = load_policy(s), load_reward_model(s)
+    reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
+    steps = s.cfg["head_tuning_steps"]
+    gen = s.generator("curve.sampling", on_device=True)
+    curves = {"base (step 0)": [curve_point(0, evaluate_policy(s, base, reference, rm, prompts, 2, gen))],
+              "all weights (the rloo stage's run)": kept_curve(s, "rloo", reference, rm, prompts, 2)}
+    for label, mask in runs.items():
+        name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+        policy = load_policy(s)
+        train_rl(s, "rloo", policy, restrict_training(policy, mask), name, steps, keep_every=steps // 2)
+        curves[label] = kept_curve(s, name, reference, rm, prompts, 2)
+    return {"chosen_head": list(best), "steps": steps, "curves": curves}
+
+
+def as_lists(value):
+    """The study's tensors as nested lists, for JSON."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: as_lists(v) for k, v in value.items()}
+    return value
+
+
+def write_head_study(s: Setup, study: dict) -> None:
+    """One layer x head heatmap PNG per question, a JSON table of every number, and two line plots."""
+    methods = study["methods"]
+    figures = {
+        "weight_change": [(m, [(f"{p} (relative change)", r["weight_change"][p]) for p in ("query", "key", "value", "output")])
+                          for m, r in methods.items()],
+        "attention": [(m, [("attention map divergence (JS, nats)", r["attention_divergence"]),
+                           ("entropy change", r["stat_change"]["entropy"]),
+                           ("previous-token change", r["stat_change"]["previous_token"]),
+                           ("first-token change", r["stat_change"]["first_token"])]) for m, r in methods.items()],
+        "ablation": [(name, [("oracle score drop, head off", ablation["oracle"]),
+                             ("reward-model drop, head off", ablation["rm"])])
+                     for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]],
+        "transplant": [(m, [("margin, tuned head into base", r["margin_into_base"]),
+                            ("margin lost, base head into tuned", r["margin_lost_from_tuned"]),
+                            ("oracle score, tuned head into base", r["oracle_into_base"])]) for m, r in methods.items()],
+    }
+    for name, rows in figures.items():
+        plot_head_grid(rows, f"{s.prefix}: {name.replace('_', ' ')} per head (rows: layers, columns: heads)",
+                       s.path("generate_text", f"heads_{name}.png"))
+    plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
+               f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
+    bon = (read_json(s.path("generate_text", "report.json")) or {}).get("bon_curve", [])
+    plot_oracle_against_kl({"oracle": s.oracle.name, "bon_curve": bon, "rows": [], "curves": study["partial_tuning"]["curves"]},
+                           s.path("generate_text", "heads_oracle_vs_kl.png"))
+    write_json(s.path("generate_text", "heads.json"), as_lists(study))
+    for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]:
+        largest = ablation["oracle"].abs().max().item()
+        print(f"{name}: switching one head off moves the oracle score by at most {largest:.3f}; sampling alone moves "
+              f"it by {ablation['noise_oracle']:.3f} (one standard deviation)")
+    for method, r in methods.items():
+        top = sorted(((r["margin_into_base"][l, h].item(), f"{l}.{h}") for l, h in study["heads"]), reverse=True)[:3]
+        print(f"{method}: margin {r['margin']:+.3f}; by part " + ", ".join(f"{k} {v:+.3f}" for k, v in r["margin_by_part"].items())
+              + "; heads carrying most of it alone: " + ", ".join(f"{name} {v:+.3f}" for v, name in top))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    sys.stdout.reconfigure(line_buffering=True)
+    with exit_codes():
+        cfg = load_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__,
+                          presets={"quick": default_config.RLHF_QUICK}, hints=HINTS)
+        require([(min(cfg["head_batches"], cfg["head_batch_size"], cfg["head_prompts"], cfg["head_pairs"]) >= 1,
+                  "head_batches, head_batch_size, head_prompts and head_pairs must be at least 1"),
+                 (cfg["head_tuning_steps"] >= 2, "head_tuning_steps must be at least 2 (kept at half and at the end)")])
+        s = setup(cfg, MODEL_CLASSES, data_batch_size=cfg["head_batch_size"])
+        methods = [m for m in METHODS if os.path.exists(s.path("model_dict", f"{m}.pt"))]
+        if not methods:
+            raise UserError(f"no tuned policies named {s.prefix}_*: run python rlhf.py"
+                            f"{' --quick' if cfg['quick'] else ''} with the same oracle first")
+        # the inputs every model is measured on: val batches, val prompts, held-out pairs
+        n_layer, n_head = s.base["model_config"]["n_layer"], s.base["model_config"]["n_head"]
+        heads = [(layer, head) for layer in range(n_layer) for head in range(n_head)]
+        base_state = lb_state(s.base)
+        base, rm = policy_from_state(s, base_state), load_reward_model(s)
+        gen = s.generator("heads.batches")
+        batches = [s.data.batch("val", gen)[0] for _ in range(cfg["head_batches"])]
+        prompts = eval_prompts(s)[:cfg["head_prompts"]]
+        pairs = held_out_pairs(s, base)
+        # each tuned policy against the base, head by head
+        base_stats = head_statistics(base, batches)
+        study = {"oracle": s.oracle.name, "heads": heads, "base_ablation": ablation_drops(s, base, rm, prompts, heads),
+                 "methods": {m: study_method(s, m, base, base_state, base_stats, rm, batches, prompts, pairs, heads)
+                             for m in methods}}
+        # tuning parts of the model only, at the same budget
+        study["partial_tuning"] = partial_tuning(s, base_state, study, heads)
+        write_head_study(s, study)
+        return study
+
+
+if __name__ == "__main__":
+    main()

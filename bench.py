@@ -69,7 +69,7 @@ def bench_tokenizer(args) -> str:
     repeats = 1 if args.quick else 5
 
     def cold():
-        tok._reset_cache()
+        tok.clear_cache()
         return tok.encode_ordinary(text)
 
     ours_cold = best_of(cold, repeats)
@@ -99,7 +99,7 @@ def bench_tokenizer(args) -> str:
 def variants():
     import gpt
     import gpt_
-    return [("LB-GPT (looped)", gpt.LBGPT, None), ("SM-GPT matmul", gpt_.SMGPT, "matmul"),
+    return [("LB-GPT", gpt.LBGPT, None), ("SM-GPT matmul", gpt_.SMGPT, "matmul"),
             ("SM-GPT sdpa", gpt_.SMGPT, "sdpa")]
 
 

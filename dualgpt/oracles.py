@@ -1,9 +1,10 @@
 """Programmatic oracles for preference tuning: functions from text to a score that stand in for a
 human labeller (the protocol of Gao et al. 2022, arXiv 2210.10760, and the DPO paper's sentiment task).
 
-An oracle has a score, which labels the preference pairs (the oracle score), and a judge, which reports results. For the
-default sentiment oracle they are two disjoint halves of one lexicon: no stage ever trains or selects on
-the judge's words, so a rise in the judge's score is a rise in sentiment, not in the labeller's words.
+An oracle has a score, which labels the preference pairs (the oracle score), and a judge, which only
+reports results. For the default sentiment oracle they are two disjoint halves of one lexicon: no stage
+ever trains or selects on the judge's words, so a rise in the judge's score is a rise in sentiment, not in
+the oracle score's own words.
 """
 from __future__ import annotations
 

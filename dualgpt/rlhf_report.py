@@ -27,7 +27,7 @@ def distinct_2(completion_texts: list[str]) -> float:
 
 def repetition(text: str) -> float:
     """The fraction of a completion's words that repeat an earlier word of it (any case): a policy that pads
-    its text with the labeller's favourite word shows here."""
+    its text with the oracle score's favourite word shows here."""
     words = WORD.findall(text.lower())
     return (len(words) - len(set(words))) / max(1, len(words))
 

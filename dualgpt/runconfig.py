@@ -50,7 +50,7 @@ def foreign_key(key: str, program: str, keys: dict, hints: dict[str, str]) -> st
     hint = f"; {hints[key]}" if key in hints else ""
     owners = readers().get(key)
     if owners:
-        return f"--{key} is read by {' and '.join(owners)}, not by {program}{hint}"
+        return f"--{key} is read by {', '.join(owners[:-1]) + ' and ' if owners[1:] else ''}{owners[-1]}, not by {program}{hint}"
     close = difflib.get_close_matches(key, keys, n=1)
     return f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else hint)
 

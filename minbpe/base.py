@@ -217,7 +217,7 @@ class Tokenizer:
         self.pattern = pattern
         self.special_tokens: dict[str, int] = {}
         self.vocab = self._build_vocab()
-        self._reset_cache()
+        self.clear_cache()
 
     # --- subclasses override these -------------------------------------------------
     def _split(self, text: str) -> list[str]:
@@ -235,7 +235,8 @@ class Tokenizer:
             vocab[idx] = special.encode("utf-8")
         return vocab
 
-    def _reset_cache(self) -> None:
+    def clear_cache(self) -> None:
+        """Forget every encoded chunk (encoding then starts cold) and rebuild the special-token lookup."""
         self._cache = _ChunkCache(self._encode_chunk)
         self.inverse_special_tokens = {v: k for k, v in self.special_tokens.items()}
 
@@ -253,7 +254,7 @@ class Tokenizer:
         show = verbose or total_bytes * num_merges > LONG_TRAINING and sys.stderr.isatty()
         self.merges, self.vocab = train_bpe(encoded, list(unique.values()), num_merges, show)
         self.special_tokens = {}
-        self._reset_cache()
+        self.clear_cache()
 
     # --- encoding ----------------------------------------------------------------------
     def _encode_chunk(self, chunk_bytes: bytes) -> tuple[int, ...]:
@@ -302,7 +303,7 @@ class Tokenizer:
                 raise ValueError(f"special token {token!r}: id {idx} is already taken by an ordinary token")
         self.special_tokens = dict(special_tokens)
         self.vocab = self._build_vocab()
-        self._reset_cache()
+        self.clear_cache()
 
     # --- files --------------------------------------------------------------------------------
     def save(self, file_prefix: str) -> None:
@@ -371,7 +372,7 @@ class Tokenizer:
         self.pattern, self.merges, self.special_tokens = pattern, merges, special_tokens
         self._set_pattern(pattern)
         self.vocab = self._build_vocab()
-        self._reset_cache()
+        self.clear_cache()
 
     def _set_pattern(self, pattern: str) -> None:
         self.pattern = pattern

@@ -62,7 +62,7 @@ class GPT4Tokenizer(RegexTokenizer):
         self.special_tokens = dict(enc._special_tokens)
         self.vocab = {rank: token for token, rank in ranks.items()}
         self.vocab.update({idx: s.encode("utf-8") for s, idx in self.special_tokens.items()})
-        self._reset_cache()
+        self.clear_cache()
 
     def _chunk_bytes(self, chunk_bytes: bytes) -> bytes:
         return chunk_bytes.translate(self.byte_shuffle)

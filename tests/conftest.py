@@ -99,7 +99,7 @@ NEUTRAL = ["the", "king", "my", "lord", "thou", "art", "what", "shall", "we", "d
 
 def mood_corpus(n_lines: int, seed: int = 0) -> str:
     """Every speaker has a mood: ROMEO's and JULIET's lines use positive words of both lexicon halves, KING's
-    and TYBALT's negative ones. Raising the labeller's (half A) score is easiest by writing a cheerful
+    and TYBALT's negative ones. Raising the oracle score (half A) is easiest by writing a cheerful
     speaker's line, which raises the held-out judge's (half B) score too: the latent factor the judge checks
     that tuning found."""
     rng = random.Random(seed)

@@ -58,7 +58,7 @@ def test_a_flag_preset_applies_only_when_set_and_never_over_a_typed_key():
     (["--compile=maybe"], "compile must be true, false or auto, got 'maybe'"),
     (["--preset=gpu"], "preset must be auto or none, got 'gpu'"),
     (["--rl_lr=1e-4"], "--rl_lr is read by rlhf.py and rlhf_heads.py, not by gpt.py"),
-    (["--attn_impl=matmul"], "--attn_impl is read by gpt_.py and rlhf.py and rlhf_heads.py, not by gpt.py"),
+    (["--attn_impl=matmul"], "--attn_impl is read by gpt_.py, rlhf.py and rlhf_heads.py, not by gpt.py"),
     (["--head_tuning_steps=4"], "--head_tuning_steps is read by rlhf_heads.py, not by gpt.py"),
 ])
 def test_config_errors_are_one_line(argv, message, capsys, tmp_path):

@@ -88,11 +88,11 @@ def test_weight_change_is_zero_against_itself_and_matches_a_hand_computation():
 @pytest.mark.parametrize("cls", [gpt_.SMGPT, gpt.LBGPT])
 def test_tuning_only_one_head_leaves_every_other_parameter_bitwise_unchanged(cls):
     torch.manual_seed(1)
-    looped = gpt.LBGPT(CFG)
+    lb = gpt.LBGPT(CFG)
     policy = cls(CFG)
-    policy.load_state_dict(convert_state_dict(looped.state_dict(), "LB-GPT", policy.layout, CFG.n_head))
+    policy.load_state_dict(convert_state_dict(lb.state_dict(), "LB-GPT", policy.layout, CFG.n_head))
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    params = restrict_training(policy, part_masks(looped.state_dict(), heads={(1, 3)}))
+    params = restrict_training(policy, part_masks(lb.state_dict(), heads={(1, 3)}))
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     x = torch.randint(0, 300, (4, 16))
     for _ in range(3):

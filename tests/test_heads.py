@@ -143,9 +143,9 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
     assert run_main(args + ["--mode=heads"]) == 0
     assert json.loads((out_dir / "gpt.heads.json").read_text())["heads"] == first
     assert run_main(args + ["--mode=heads"], gpt_.SMGPT, "gpt_") == 0
-    fused = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
-    assert [(r["layer"], r["head"]) for r in fused] == [(r["layer"], r["head"]) for r in first]
-    for a, b in zip(first, fused):
+    sm = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
+    assert [(r["layer"], r["head"]) for r in sm] == [(r["layer"], r["head"]) for r in first]
+    for a, b in zip(first, sm):
         assert a["loss_increase"] == pytest.approx(b["loss_increase"], abs=1e-4)
         assert a["entropy"] == pytest.approx(b["entropy"], abs=1e-4)
 

@@ -106,3 +106,12 @@ def test_checkpoints_written_before_the_refactor_load_in_both_scripts(home, writ
         assert run_main(args + ["--mode=sample", "--max_new_tokens=10"], cls, script) == 0
         assert (home / "sample.txt").read_text().startswith(f"# {script}.py samples from")
     assert open(ckpt, "rb").read() == before  # reading never changes a checkpoint
+
+
+def test_the_readme_layout_table_names_every_program_and_engine_module_with_its_line_count():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    rows = dict(re.findall(r"^\| `([\w/.]+\.py)` \| (\d+) \|", readme, flags=re.M))
+    assert set(rows) >= {f"dualgpt/{name}" for name in MODULES} | {f"{name}.py" for name in SCRIPTS} | {"config.py"}
+    for path, count in rows.items():
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            assert sum(1 for _ in f) == int(count), f"README says {path} has {count} lines"

@@ -271,12 +271,12 @@ def test_the_reference_stays_bitwise_unchanged_and_the_policy_moves():
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
 def test_one_step_gives_the_same_update_in_both_scripts(method):
     torch.manual_seed(9)
-    looped = gpt.LBGPT(CFG)
-    fused = gpt_.SMGPT(CFG)
-    fused.load_state_dict(convert_state_dict(looped.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head))
+    lb = gpt.LBGPT(CFG)
+    sm = gpt_.SMGPT(CFG)
+    sm.load_state_dict(convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head))
     prompts, a, b = (torch.randint(0, 300, (6, 8)) for _ in range(3))
     advantages = torch.randn(6)
-    for model in (looped, fused):
+    for model in (lb, sm):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         logp_a = preference.token_logprobs(preference.completion_logits(model, prompts, a), a, 1.0)
         if method == "dpo":
@@ -286,8 +286,8 @@ def test_one_step_gives_the_same_update_in_both_scripts(method):
             loss = preference.policy_gradient_loss(logp_a, advantages)
         loss.backward()
         optimizer.step()
-    mapped = convert_state_dict(looped.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head)
-    for name, tensor in fused.state_dict().items():
+    mapped = convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head)
+    for name, tensor in sm.state_dict().items():
         assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
 
 

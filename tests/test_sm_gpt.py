@@ -61,14 +61,14 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
 def test_round_trip_is_exact(cfg):
     torch.manual_seed(1)
     state = gpt.LBGPT(cfg).state_dict()
-    fused = checkpoint.lb_to_sm(state, cfg.n_head)
-    assert gpt_.SMGPT(cfg).load_state_dict(fused) is not None  # loads with no missing/unexpected keys
-    back = checkpoint.sm_to_lb(fused, cfg.n_head)
+    sm_state = checkpoint.lb_to_sm(state, cfg.n_head)
+    assert gpt_.SMGPT(cfg).load_state_dict(sm_state) is not None  # loads with no missing/unexpected keys
+    back = checkpoint.sm_to_lb(sm_state, cfg.n_head)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_head_h_is_slice_h_of_fused_projection():
+def test_head_h_is_slice_h_of_the_sm_projection():
     cfg = CONFIGS[0]
     lb, sm = pair(cfg, "matmul")
     hs = cfg.n_embd // cfg.n_head

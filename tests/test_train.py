@@ -228,14 +228,14 @@ def test_pay_back_is_the_closed_form():
 
 def test_timings_are_recorded_per_machine_dtype_and_model(home):
     config = gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    looped = compiling.timing_key(gpt.LBGPT(config), "cpu", "float32", 8)
-    fused = compiling.timing_key(gpt_.SMGPT(config), "cpu", "float32", 8)
-    assert looped != fused != compiling.timing_key(gpt.LBGPT(config), "cpu", "bfloat16", 8)
-    assert compiling.load_timing(looped) is None
-    compiling.record_timing(looped, **TIMING)
-    compiling.record_timing(fused, **dict(TIMING, compile_s=10.0))
-    assert compiling.load_timing(looped) == TIMING
-    assert compiling.load_timing(fused)["compile_s"] == 10.0
+    lb = compiling.timing_key(gpt.LBGPT(config), "cpu", "float32", 8)
+    sm = compiling.timing_key(gpt_.SMGPT(config), "cpu", "float32", 8)
+    assert lb != sm != compiling.timing_key(gpt.LBGPT(config), "cpu", "bfloat16", 8)
+    assert compiling.load_timing(lb) is None
+    compiling.record_timing(lb, **TIMING)
+    compiling.record_timing(sm, **dict(TIMING, compile_s=10.0))
+    assert compiling.load_timing(lb) == TIMING
+    assert compiling.load_timing(sm)["compile_s"] == 10.0
     assert sorted(p.name for p in (home / "model_dict").iterdir()) == ["compile_timings.json"]  # no temp file left
 
 

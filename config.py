@@ -87,39 +87,49 @@ mode = "auto"  # auto | train | sample | eval | heads | export (auto: train if t
 # --- RLHF: the base, the task, the evaluation prompts (read by rlhf.py, rlhf_heads.py) -------
 rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from (either script's checkpoint)
 rlhf_script = "gpt_"  # gpt_ | gpt (gpt_: SM-GPT, KV-cache sampling, faster; gpt: LB-GPT, one module per head)
-oracle = "sentiment"  # sentiment | verse | module:function (sentiment: a lexicon, half scores, half judges; verse: ten syllables a line; module:function: your own, text -> float)
-prompt_tokens = 16  # prompt length: windows of the train split (of the val split for evaluation)
+oracle = "sentiment"  # sentiment | verse | module:function (sentiment: a lexicon, half scores, half judges, and AFINN judges; verse: ten syllables a line; module:function: your own, text -> float)
+prompt_tokens = 16  # prompt length: windows of the train split (evaluation: of the val split)
 completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
-eval_prompts = 128  # val-split prompts that every method is evaluated on (the head study uses the first head_prompts)
+eval_prompts = 128  # prompts every method is evaluated on (the head study uses the first head_prompts)
+eval_split = "test"  # test | dev (test: windows of the val split's second half, for every reported number; dev: of its first half, for trying settings)
 dpo_beta = 0.1  # DPO: strength of the pull towards the reference (the head study: the scale of its implicit reward margins)
 quick = False  # a smaller, faster run: the values in RLHF_QUICK below; its outputs are named rlhf_<oracle>_quick_*
 
-# --- RLHF: pairs, reward model, best-of-n, DPO (read by rlhf.py) ----------------------------
-rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval (all: every stage, in this order)
-label_agreement = 0.75  # how often the noisy labels agree with the oracle, as with human raters (sets tau)
-n_pairs = 8192  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from val-split prompts)
+# --- RLHF: the study, pairs, reward model, best-of-n, DPO (read by rlhf.py) -------------------
+rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval | report (all: every stage for each seed, then the report)
+seeds = 1  # replicates: seed, seed + 1, ... each runs every stage (its own pairs, reward model and policies); the report gives means and 95% intervals over them
+label_agreement = 0.75  # how often the noisy labels agree with the oracle score, as with human raters (sets tau)
+n_pairs = 3072  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from dev prompts)
 rm_epochs = 1  # reward model: passes over the pairs
 rm_batch = 64  # reward model: pairs per step
 rm_lr = 1e-3  # reward model: AdamW learning rate
-bon_max_n = 64  # best-of-n for n = 1, 2, 4, ... up to this
-eval_samples = 4  # completions per evaluation prompt
+bon_max_n = 1024  # best-of-n for n = 1, 2, 4, ... up to this (1024: about 5.9 nats)
+bon_prompts = 24  # best-of-n on the first this many evaluation prompts (bon_max_n samples each)
+eval_samples = 4  # completions per evaluation prompt, at the base, each kept checkpoint and the end
+kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares the methods
+keep_points = 5  # each tuning run keeps its policy at this many steps, each twice the one before, the last at the end (the curves at equal KL)
+dpo_methods = "dpo,cdpo,ipo,dpo_soft"  # the DPO losses the dpo stage trains, each from the base (dpo: hard labels; cdpo: labels smoothed by cdpo_epsilon; ipo: IPO; dpo_soft: the pairs' preference probabilities)
+cdpo_epsilon = 0.25  # conservative DPO: the chance a label is flipped (1 - label_agreement)
 dpo_lr = 3e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)
 dpo_epochs = 1  # DPO: passes over the pairs
 dpo_batch = 32  # DPO: pairs per step
 
 # --- RL: RLOO and PPO (read by rlhf.py, rlhf_heads.py) ---------------------------------------
-rl_beta = 0.05  # weight of the sequence KL to the base in the reward
-rl_lr = 1e-4  # AdamW learning rate
-rl_prompts = 16  # train-split prompts per step
-rl_group = 8  # samples per prompt (each baselined by the mean of the others)
-rl_normalize = False  # divide advantages by their group's std (0 for a group of equal rewards)
+rl_beta = 0.05  # weight of the KL to the base in the reward (RLOO: of the sequence's; PPO: of each token's)
+rl_lr = 3e-4  # AdamW learning rate
+rl_prompts = 8  # train-split prompts per step
+rl_group = 8  # samples per prompt (RLOO: each baselined by the mean of the others)
+rl_normalize = False  # RLOO: divide advantages by their group's std (0 for a group of equal rewards)
 
 # --- RL: the pipeline's runs (read by rlhf.py) -----------------------------------------------
-rl_steps = 60  # RLOO and PPO: rollout steps
-keep_every = 20  # keep each tuned policy every this many steps, so methods can be compared at equal KL
+rl_steps = 40  # RLOO and PPO: rollout steps (RLOO: one optimizer step each; PPO: ppo_epochs x ppo_minibatches)
 ppo_epochs = 2  # PPO: passes over each step's rollouts
 ppo_minibatches = 4  # PPO: minibatches per pass
 ppo_clip = 0.2  # PPO: clip the probability ratio to [1 - clip, 1 + clip]
+ppo_value_clip = 0.2  # PPO: clip the value model's change from its rollout-time values to this
+ppo_vf_coef = 0.1  # PPO: weight of the value loss beside the policy loss
+ppo_gamma = 1.0  # PPO: discount along the completion (GAE)
+ppo_lambda = 0.95  # PPO: GAE's lambda
 
 # --- the head study (read by rlhf_heads.py) --------------------------------------------------
 head_batches = 8  # val batches for the attention statistics and map divergence
@@ -133,4 +143,5 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, 
                   learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)
 
 # --quick for rlhf.py and rlhf_heads.py: fewer pairs, prompts and steps (keys typed on the command line still win).
-RLHF_QUICK = dict(n_pairs=2048, bon_max_n=16, eval_prompts=64, eval_samples=2, rl_steps=20, rl_prompts=8, keep_every=10)
+RLHF_QUICK = dict(n_pairs=1024, bon_max_n=64, bon_prompts=16, eval_prompts=48, eval_samples=2, rl_steps=16, keep_points=2,
+                  dpo_methods="dpo,ipo")

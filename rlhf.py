@@ -1,29 +1,35 @@
 """
 RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward model,
-best-of-n, DPO, RLOO and PPO, each measured against the base model on held-out prompts.
+best-of-n, DPO (and conservative DPO, soft-label DPO, IPO), RLOO and PPO, each measured against the base
+model on held-out prompts, at matched KL, over several seeds.
 
-    python rlhf.py                          # the whole pipeline on the shipped SM-GPT model
+    python rlhf.py                          # the whole study on the shipped SM-GPT model, one seed
+    python rlhf.py --seeds=3                # three replicates and the report over them (the shipped one)
     python rlhf.py --quick                  # a smaller, faster version of the same
-    python rlhf.py --rlhf_stage=dpo         # one stage: pairs, rm, bon, dpo, rloo, ppo, eval
+    python rlhf.py --rlhf_stage=dpo         # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
     python rlhf.py --oracle=verse           # tune towards lines of about ten syllables instead
     python rlhf.py --oracle=mymod:score     # your own oracle: a function from text to a float
     python rlhf.py --rlhf_script=gpt        # LB-GPT (one module per head) instead of SM-GPT
     python rlhf_heads.py                    # then: which attention heads did tuning change?
-    python gpt_.py --mode=sample --ckpt=model_dict/rlhf_sentiment_rloo.pt   # a tuned policy is a checkpoint
+    python gpt_.py --mode=sample --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt   # a tuned policy is a checkpoint
 
 The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's controlled sentiment task: a
 program stands in for the human labeller. Prompts are 16-token windows of the train split, completions 32
 tokens sampled from the base at temperature 1, so nothing is ever padded. Labels are noisy Bradley-Terry
 comparisons of two completions of one prompt, with tau set so that they agree with the oracle score about
-75% of the time. The default oracle counts positive minus negative words of a Shakespeare lexicon; half of it
-gives the oracle score, the other half is a judge that no stage trains or selects on. Val-split prompts are
-for evaluation only. The keys are in config.py under the RLHF headings; outputs go to data/, model_dict/ and
-generate_text/, named rlhf_<oracle>_*.
+75% of the time. The default oracle counts positive minus negative words of a Shakespeare lexicon; one half
+of its word families gives the oracle score, the other half and the AFINN lexicon (less those families) are
+judges that no stage trains or selects on. Evaluation prompts come from the val split's second half and
+nothing is tuned on them (the first half, "dev", is for trying settings). Every file a stage writes records
+the run that wrote it, and every reader checks it. The keys are in config.py under the RLHF headings;
+outputs go to data/, model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the
+seeds: rlhf_<oracle>_report.*).
 """
 from __future__ import annotations
 
 import math
 import os
+import platform
 import sys
 import time
 
@@ -32,50 +38,86 @@ import torch
 import config as default_config
 import gpt
 import gpt_
-from dualgpt import UserError
-from dualgpt.checkpoint import load_checkpoint, save_checkpoint
+from dualgpt import UserError, repo_path
+from dualgpt.checkpoint import save_checkpoint
 from dualgpt.cli import exit_codes
+from dualgpt.compiling import machine_name
 from dualgpt.evaluation import full_loss
 from dualgpt.files import read_json, write_json
 from dualgpt.plots import plot_oracle_against_kl, plot_rm_against_oracle
-from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss, preference_probability,
-                                reward_model_loss, tau_for_agreement)
-from dualgpt.rlhf_report import (SCORES, at_equal_kl, distinct_2, evaluate_policy, interval, kept_curve, markdown_table,
-                                 repetition, table_row, win_rates, write_markdown_report, write_samples)
+from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss,
+                                preference_probability, reward_model_loss, tau_for_agreement)
+from dualgpt.rlhf_report import (at_kl, curve_point, distinct_2, evaluate_policy, gains_and_transfer, kept_curve,
+                                 markdown_tables, repetition, sample_wins, score_names, summarise,
+                                 write_markdown_report, write_samples)
 from dualgpt.runconfig import check_choice, load_config, require
 from dualgpt.runtime import autocast
-from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, Setup, chosen_rejected, clear_kept, complete, eval_prompts, frozen,
-                            keep, load_pairs, load_policy, load_reward_model, minibatches, reward_scores, sample_prompts,
-                            save_model, save_policy, scores, sequence_logprobs, setup, step_on, texts, train_rl)
+from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, Setup, check_record, chosen_rejected, clear_outputs, complete, eval_prompts, frozen,
+                            keep_steps, kept_folder, load_pairs, load_policy, load_policy_checkpoint, load_reward_model, minibatches,
+                            reward_scores, sample_prompts, save_model, save_policy, scores, sequence_logprobs, setup,
+                            step_on, texts, train_rl)
 
-STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these, in this order
-CHOICES = {"rlhf_stage": ("all",) + STAGES, "rlhf_script": RLHF_SCRIPTS,
-           "oracle": ("sentiment", "verse", "module:function")}
+STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these for each seed, then "report"
+CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report",), "rlhf_script": RLHF_SCRIPTS,
+           "oracle": ("sentiment", "verse", "module:function"), "eval_split": ("test", "dev")}
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}
-# what a user may have meant by a key that belongs to gpt.py or gpt_.py
+# the DPO losses: (loss kind, label) where the label is 1 (hard), 1 - cdpo_epsilon or the pair's probability
+DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),
+               "dpo_soft": ("sigmoid", "soft")}
+# what a user may have meant by a key that belongs to gpt.py or gpt_.py, or that was renamed
 HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py",
          "max_iters": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
          "max_minutes": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
-         "ckpt": "rlhf.py starts from --rlhf_base and names its outputs after the oracle"}
+         "ckpt": "rlhf.py starts from --rlhf_base and names its outputs after the oracle and the seed",
+         "keep_every": "each run now keeps --keep_points checkpoints, each at twice the step of the one before"}
+
+
+def dpo_methods(cfg: dict) -> list[str]:
+    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()]
+
+
+def methods(cfg: dict) -> list[str]:
+    """Every tuned method of the study, in the order of the report."""
+    return dpo_methods(cfg) + ["rloo", "ppo"]
+
+
+def stage_of(method: str) -> str:
+    return "dpo" if method in DPO_METHODS else method
+
+
+def kl_targets(cfg: dict) -> list[float]:
+    return [float(k) for k in cfg["kl_targets"].split(",") if k.strip()]
 
 
 def check_pipeline_keys(cfg: dict) -> None:
     """The checks of the keys only the pipeline reads (tuning.setup checks the ones it shares with the study)."""
     check_choice(cfg, "rlhf_stage", CHOICES["rlhf_stage"])
-    require([(cfg["n_pairs"] >= 16, "n_pairs must be at least 16"),
+    check_choice(cfg, "eval_split", CHOICES["eval_split"])
+    unknown = [m for m in dpo_methods(cfg) if m not in DPO_METHODS]
+    try:
+        targets = kl_targets(cfg)
+    except ValueError:
+        targets = []
+    require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from {', '.join(DPO_METHODS)}"),
+             (targets and all(k > 0 for k in targets), f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
+             (cfg["seeds"] >= 1, "seeds must be at least 1"),
+             (cfg["n_pairs"] >= 16, "n_pairs must be at least 16"),
              (0.5 < cfg["label_agreement"] < 1, "label_agreement must be in (0.5, 1)"),
+             (0 <= cfg["cdpo_epsilon"] < 0.5, "cdpo_epsilon must be in [0, 0.5)"),
              (cfg["bon_max_n"] >= 2 and cfg["eval_prompts"] >= 2 and cfg["eval_samples"] >= 1,
               "bon_max_n and eval_prompts must be at least 2, eval_samples at least 1"),
+             (1 <= cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be in [1, eval_prompts]"),
              (min(cfg["rm_epochs"], cfg["rm_batch"], cfg["dpo_epochs"], cfg["dpo_batch"], cfg["ppo_epochs"],
-                  cfg["ppo_minibatches"], cfg["rl_steps"], cfg["keep_every"]) >= 1,
-              "rm_epochs, rm_batch, dpo_epochs, dpo_batch, ppo_epochs, ppo_minibatches, rl_steps and keep_every must "
+                  cfg["ppo_minibatches"], cfg["rl_steps"], cfg["keep_points"]) >= 1,
+              "rm_epochs, rm_batch, dpo_epochs, dpo_batch, ppo_epochs, ppo_minibatches, rl_steps and keep_points must "
               "be at least 1"),
-             (min(cfg["dpo_beta"], cfg["dpo_lr"], cfg["rm_lr"], cfg["ppo_clip"]) > 0,
-              "dpo_beta, dpo_lr, rm_lr and ppo_clip must be > 0")])
+             (min(cfg["dpo_beta"], cfg["dpo_lr"], cfg["rm_lr"], cfg["ppo_clip"], cfg["ppo_value_clip"]) > 0,
+              "dpo_beta, dpo_lr, rm_lr, ppo_clip and ppo_value_clip must be > 0"),
+             (0 <= cfg["ppo_gamma"] <= 1 and 0 <= cfg["ppo_lambda"] <= 1, "ppo_gamma and ppo_lambda must be in [0, 1]")])
 
 
 # -----------------------------------------------------------------------------------------
-# The stages, in the order --rlhf_stage=all runs them
+# The stages, in the order --rlhf_stage=all runs them for each seed
 
 
 def stage_pairs(s: Setup) -> dict:
@@ -83,14 +125,11 @@ def stage_pairs(s: Setup) -> dict:
     cfg, base = s.cfg, load_policy(s)
     gen = s.generator("pairs.completions", on_device=True)
     pairs = {}
-    for split, n in (("train", cfg["n_pairs"]), ("val", max(16, cfg["n_pairs"] // 8))):
-        prompts = sample_prompts(s, split, n, s.generator(f"pairs.{split}_prompts"))
+    for split, part, n in (("train", "train", cfg["n_pairs"]), ("val", "dev", max(16, cfg["n_pairs"] // 8))):
+        prompts = sample_prompts(s, part, n, s.generator(f"pairs.{split}_prompts"))
         a, b = complete(s, base, prompts, gen), complete(s, base, prompts, gen)
-        text_a, text_b = texts(s, a), texts(s, b)
-        pairs[split] = {"prompts": prompts, "a": a, "b": b, "oracle_a": scores(s.oracle.score, text_a),
-                        "oracle_b": scores(s.oracle.score, text_b)}
-        if s.oracle.judge:
-            pairs[split].update(judge_a=scores(s.oracle.judge, text_a), judge_b=scores(s.oracle.judge, text_b))
+        pairs[split] = {"prompts": prompts, "a": a, "b": b, "oracle_a": scores(s.oracle.score, texts(s, a)),
+                        "oracle_b": scores(s.oracle.score, texts(s, b))}
     differences = pairs["train"]["oracle_a"] - pairs["train"]["oracle_b"]
     if not differences.any():
         raise UserError(f"the oracle {s.oracle.name!r} gave every pair the same score: there is nothing to prefer")
@@ -104,16 +143,16 @@ def stage_pairs(s: Setup) -> dict:
         decided = p["oracle_a"] != p["oracle_b"]
         agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided].double().mean().item()
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(), "label_agreement": agree}
-    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau)))  # written atomically
-    print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} val, tau {tau:.3f}; labels agree with "
-          f"the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
+    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=s.run_record("pairs")))
+    print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau {tau:.3f}; labels agree "
+          f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
           f"({report['train']['ties']:.0%} are ties)")
     return report
 
 
 def stage_rm(s: Setup) -> dict:
     """A reward model: the base GPT with a scalar head on the last token, trained on the labels (Bradley-Terry)."""
-    cfg, pairs = s.cfg, load_pairs(s)
+    cfg, pairs = s.cfg, load_pairs(s, s.run_record("pairs"))
     rm = RewardModel(load_policy(s)).train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg["rm_lr"], weight_decay=0.0)
     chosen, rejected = chosen_rejected(pairs["train"])
@@ -128,13 +167,13 @@ def stage_rm(s: Setup) -> dict:
     margin = (reward_scores(s, rm, val["prompts"], val["a"]) - reward_scores(s, rm, val["prompts"], val["b"]))
     decided = val["oracle_a"] != val["oracle_b"]
     report = {
-        "val_pairs": len(margin),
+        "held_out_pairs": len(margin),
         "accuracy_on_labels": ((margin > 0) == val["a_preferred"].cpu()).double().mean().item(),
         # the best any model can do on noisy labels: always pick the side the oracle favours
         "label_ceiling": torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item(),
         "accuracy_on_oracle": ((margin > 0) == (val["oracle_a"] > val["oracle_b"]))[decided].double().mean().item(),
     }
-    save_model(s, rm.body, s.path("model_dict", "rm.pt"), dict(report, method="reward model"),
+    save_model(s, rm.body, s.path("model_dict", "rm.pt"), dict(report, method="reward model", run=s.run_record("rm")),
                reward_head=rm.head.state_dict())
     print(f"reward model: held-out accuracy {report['accuracy_on_labels']:.1%} on the noisy labels (ceiling "
           f"{report['label_ceiling']:.1%}), {report['accuracy_on_oracle']:.1%} on the oracle's own preferences")
@@ -142,120 +181,237 @@ def stage_rm(s: Setup) -> dict:
 
 
 def stage_bon(s: Setup) -> dict:
-    """Best-of-n by the reward model, n = 1, 2, 4, ... bon_max_n, on the evaluation prompts."""
-    cfg, base, rm = s.cfg, load_policy(s), load_reward_model(s)
-    prompts = eval_prompts(s)
+    """Best-of-n by the reward model: bon_max_n samples from the base for each of the first bon_prompts
+    evaluation prompts, scored by the oracle, the judges and the reward model (the eval stage reads best-of-n
+    at every n from them)."""
+    cfg, base, rm = s.cfg, load_policy(s), load_reward_model(s, s.run_record("rm"))
+    prompts = eval_prompts(s)[:cfg["bon_prompts"]]
     n_max = cfg["bon_max_n"]
     repeated = prompts.repeat_interleave(n_max, dim=0)
     completions = complete(s, base, repeated, s.generator("bon.sampling", on_device=True))
     completion_texts = texts(s, completions)
-    rm_score = reward_scores(s, rm, repeated, completions).view(-1, n_max)
-    oracle = scores(s.oracle.score, completion_texts).view(-1, n_max)
-    # each sample's win rate against the prompt's other samples (by the oracle score; a tie counts half)
-    beats = (oracle[:, :, None] > oracle[:, None, :]).double() + 0.5 * (oracle[:, :, None] == oracle[:, None, :]).double()
-    values = {"oracle": oracle, "rm": rm_score, "win": (beats.sum(2) - 0.5) / max(1, n_max - 1)}
-    if s.oracle.judge:
-        values["judge"] = scores(s.oracle.judge, completion_texts).view(-1, n_max)
-    rows = []
-    n = 1
-    while n <= n_max:
-        per_prompt = {k: best_of_n_expectation(rm_score, v, n) for k, v in values.items()}
-        rows.append({"n": n, "kl": best_of_n_kl(n), **{k: v.mean().item() for k, v in per_prompt.items()},
-                     **{f"{k}_per_prompt": v.tolist() for k, v in per_prompt.items()}})
-        n *= 2
+    pool = {"rm": reward_scores(s, rm, repeated, completions).view(-1, n_max),
+            "oracle": scores(s.oracle.score, completion_texts).view(-1, n_max),
+            **{f"judge_{name}": scores(judge, completion_texts).view(-1, n_max) for name, judge in s.oracle.judges.items()}}
     first = completions.view(len(prompts), n_max, -1)  # best of the first 16 samples of each prompt, for the samples file
-    chosen = rm_score[:, :min(16, n_max)].argmax(dim=1)
-    result = {"rows": rows, "best_of_16_samples": texts(s, first[torch.arange(len(prompts)), chosen])}
-    write_json(s.path("generate_text", "bon.json"), result)
-    for r in rows:
-        print(f"best-of-{r['n']}: KL {r['kl']:.3f}, oracle score {r['oracle']:+.3f}, reward model {r['rm']:+.3f}"
-              + (f", judge {r['judge']:+.3f}" if "judge" in r else ""))
-    return result
+    chosen = pool["rm"][:, :min(16, n_max)].argmax(dim=1)
+    save_checkpoint(s.path("data", "bon.pt"), {"pool": pool, "run": s.run_record("bon"),
+                                                "best_of_16": texts(s, first[torch.arange(len(prompts)), chosen])})
+    n = n_max
+    print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, oracle score "
+          f"{best_of_n_expectation(pool['rm'], pool['oracle'], n).mean().item():+.3f} (base "
+          f"{pool['oracle'].mean().item():+.3f})")
+    return {"prompts": len(prompts), "samples_per_prompt": n_max}
+
+
+def dpo_label(method: str, cfg: dict, pairs: dict) -> torch.Tensor | float:
+    """The label DPO's loss is given: 1 (the chosen side is preferred), 1 - cdpo_epsilon, or the pair's
+    Bradley-Terry probability that the chosen side is preferred (the soft label)."""
+    kind = DPO_METHODS[method][1]
+    if kind == "smoothed":
+        return 1.0 - cfg["cdpo_epsilon"]
+    if kind == "soft":
+        prob_a = pairs["prob_a"].to(pairs["a"].device)
+        return torch.where(pairs["a_preferred"].to(prob_a.device), prob_a, 1 - prob_a).float()
+    return 1.0
 
 
 def stage_dpo(s: Setup) -> dict:
-    """DPO on the preference pairs, against the frozen base as reference."""
-    cfg, pairs = s.cfg, load_pairs(s)
-    policy = load_policy(s)
-    reference = frozen(policy)
+    """Each DPO loss of dpo_methods on the preference pairs, from the base, against the frozen base as reference,
+    with the same minibatches in the same order."""
+    cfg, pairs = s.cfg, load_pairs(s, s.run_record("pairs"))
     chosen, rejected = chosen_rejected(pairs["train"])
     prompts, n = pairs["train"]["prompts"], len(pairs["train"]["prompts"])
+    reference = frozen(load_policy(s))
     with torch.no_grad():  # the reference never changes: its log-probabilities once, up front
         ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + CHUNK], side[i:i + CHUNK])
                                    for i in range(0, n, CHUNK)]) for side in (chosen, rejected))
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["dpo_lr"], weight_decay=0.0)
     steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
-    clear_kept(s, "dpo")
-    log = []
-    for step, idx in minibatches(n, cfg["dpo_batch"], cfg["dpo_epochs"], s.generator("dpo.order"), prompts.device,
-                                 desc="dpo"):
-        pi_c = sequence_logprobs(s, policy, prompts[idx], chosen[idx])
-        pi_r = sequence_logprobs(s, policy, prompts[idx], rejected[idx])
-        loss = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg["dpo_beta"])
-        step_on(optimizer, loss)
-        margin = cfg["dpo_beta"] * ((pi_c - ref_c[idx]) - (pi_r - ref_r[idx])).detach()
-        log.append({"step": step, "loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
-                    "margin": margin.mean().item()})
-        keep(s, policy, "dpo", step, steps, cfg["keep_every"])
-    save_policy(s, policy, s.path("model_dict", "dpo.pt"), "dpo", steps)
-    write_json(s.path("generate_text", "dpo_log.json"), log)
-    print(f"dpo: {steps} steps, last loss {log[-1]['loss']:.3f} (log 2 = {math.log(2):.3f} at the start)")
-    return {"steps": steps, "log": log}
+    kept = keep_steps(steps, cfg["keep_points"])
+    results = {}
+    for method in DPO_METHODS:
+        clear_outputs(s, method)  # also the losses not trained this time: no earlier run's policy stays behind
+    for method in dpo_methods(cfg):
+        kind, label = DPO_METHODS[method][0], dpo_label(method, cfg, pairs["train"])
+        policy = load_policy(s)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["dpo_lr"], weight_decay=0.0)
+        log = []
+        for step, idx in minibatches(n, cfg["dpo_batch"], cfg["dpo_epochs"], s.generator("dpo.order"), prompts.device,
+                                     desc=method):
+            pi_c = sequence_logprobs(s, policy, prompts[idx], chosen[idx])
+            pi_r = sequence_logprobs(s, policy, prompts[idx], rejected[idx])
+            loss = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg["dpo_beta"],
+                            label[idx] if torch.is_tensor(label) else label, kind)
+            step_on(optimizer, loss)
+            margin = cfg["dpo_beta"] * ((pi_c - ref_c[idx]) - (pi_r - ref_r[idx])).detach()
+            log.append({"step": step, "loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
+                        "margin": margin.mean().item()})
+            if step in kept:
+                save_policy(s, policy, os.path.join(kept_folder(s, method), f"step{step:05d}.pt"), method,
+                            s.run_record("dpo"), step, step)
+        save_policy(s, policy, s.path("model_dict", f"{method}.pt"), method, s.run_record("dpo"), steps, steps)
+        write_json(s.path("generate_text", f"{method}_log.json"), {"run": s.run_record("dpo"), "log": log})
+        print(f"{method}: {steps} steps, last loss {log[-1]['loss']:.3f}, implicit-reward accuracy "
+              f"{log[-1]['reward_accuracy']:.0%}")
+        results[method] = {"steps": steps, "log": log}
+    return results
 
 
 def stage_rl(s: Setup, method: str) -> dict:
-    """RLOO or PPO: policy gradient on the reward model's score minus rl_beta times the sequence KL to the
-    frozen base, with a leave-one-out baseline over rl_group samples of each prompt."""
+    """RLOO or PPO on the reward model's score with a KL penalty to the frozen base (tuning.train_rl)."""
     policy = load_policy(s)
-    return {"log": train_rl(s, method, policy, list(policy.parameters()), method, s.cfg["rl_steps"], s.cfg["keep_every"])}
+    return {"log": train_rl(s, method, policy, list(policy.parameters()), load_reward_model(s, s.run_record("rm")),
+                            method, s.cfg["rl_steps"], s.cfg["keep_points"], s.run_record(method))}
 
 
 def stage_eval(s: Setup) -> dict:
-    """Every method on the same val-split prompts: the report, its two plots and the samples side by side."""
+    """Every method's curve (the base, then each kept checkpoint) on the same evaluation prompts, best-of-n at
+    every n, each method's end point with its val bits per byte and diversity, and its scores at each KL of
+    kl_targets: one seed's results, which the report stage combines over the seeds."""
     cfg = s.cfg
-    base, rm = load_policy(s), load_reward_model(s)
-    reference = frozen(base)
-    prompts = eval_prompts(s)
-    samples = cfg["eval_samples"]
+    base, rm = load_policy(s), load_reward_model(s, s.run_record("rm"))
+    reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
+    names = score_names(s)
+    base_result = evaluate_policy(s, base, reference, rm, prompts, samples, s.generator("curve.sampling", on_device=True))
+    inputs = {stage: s.run_record(stage)["id"] for stage in ("pairs", "rm", "bon", "dpo", "rloo", "ppo")}
+    result = {"seed": s.seed, "inputs": inputs, "methods": {}, "curves": {}, "samples": {}}
     policies = {"base": base}
-    for method in ("dpo", "rloo", "ppo"):
+    for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
-        if os.path.exists(path):
-            policies[method] = load_policy(s, load_checkpoint(path), path)
-    results = {name: evaluate_policy(s, policy, reference, rm, prompts, samples, s.generator("eval.sampling", on_device=True))
-               for name, policy in policies.items()}
-    curves = {method: kept_curve(s, method, reference, rm, prompts, 1) for method in list(policies)[1:]}
-    base_result = results["base"]
-    rows = []
-    for name, r in results.items():
-        val_loss = full_loss(policies[name], s.data, "val", cfg["device"], cfg["dtype"])
-        per_prompt = {k: r[k].mean(1) for k in SCORES if k in r}
-        rows.append(table_row(name, r["kl_exact"], per_prompt, {k: base_result[k].mean(1) for k in per_prompt}, {
-            "kl_k1": r["kl_k1"], "kl_k3": r["kl_k3"], "val_bpb": s.data.bpb(val_loss, "val"),
-            "win_rate": interval(win_rates(r["oracle"], base_result["oracle"])),
-            "distinct_2": distinct_2(r["completions"]),
-            "repetition": sum(map(repetition, r["completions"])) / len(r["completions"])}))
-    bon_result = read_json(s.path("generate_text", "bon.json"))
-    if bon_result is None:
-        print(f"note: no best-of-n results ({s.path('generate_text', 'bon.json')}); python rlhf.py --rlhf_stage=bon "
-              f"adds them")
-    bon = bon_result["rows"] if bon_result else []
-    for row in rows[1:]:  # the trained methods, against best-of-n at the same KL
-        row.update({f"bon_{key}_at_equal_kl": at_equal_kl(bon, row["kl"], key) for key in ("oracle", "judge")})
-    rows[1:1] = [table_row(f"best-of-{b['n']}", b["kl"], {k: torch.tensor(b[f"{k}_per_prompt"]) for k in SCORES
-                                                           if f"{k}_per_prompt" in b},
-                           {k: base_result[k].mean(1) for k in SCORES if k in base_result},
-                           {"win_rate": interval(torch.tensor(b["win_per_prompt"]))}) for b in bon]
-    report = {"oracle": s.oracle.name, "base": s.base_path, "script": cfg["rlhf_script"], "eval_prompts": len(prompts),
-              "samples_per_prompt": samples, "rows": rows, "curves": curves,
-              "bon_curve": [{"n": b["n"], "kl": b["kl"], "oracle": b["oracle"], "rm": b["rm"]} for b in bon]}
-    write_json(s.path("generate_text", "report.json"), report)
-    write_markdown_report(s, report)
-    plot_oracle_against_kl(report, s.path("generate_text", "oracle_vs_kl.png"))
-    plot_rm_against_oracle(report, s.path("generate_text", "rm_vs_oracle.png"))
-    write_samples(s, prompts, results, samples, bon_result["best_of_16_samples"] if bon_result else None)
-    print(markdown_table(report))
+        if not os.path.exists(path):
+            print(f"note: no {method} policy ({path}); python rlhf.py --rlhf_stage={stage_of(method)} adds it")
+            continue
+        record = s.run_record(stage_of(method))
+        policies[method] = load_policy(s, load_policy_checkpoint(path, record), path)
+        result["curves"][method] = kept_curve(s, method, record, reference, rm, prompts, samples, base_result)
+    base_point = curve_point(s, 0, 0, base_result, base_result)
+    ends = {"base": base_point, **{m: curve[-1] for m, curve in result["curves"].items()}}
+    for name, point in ends.items():  # each method's end point: the last point of its curve
+        policy = policies[name]
+        completions = (base_result["completions"][::samples] if name == "base" else evaluate_policy(
+            s, policy, reference, rm, prompts, 1, s.generator("eval.sampling", on_device=True))["completions"])
+        val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
+        result["methods"][name] = dict(point, **gains_and_transfer(point, base_point, names[1:-1]),
+                                       val_bpb=s.data.bpb(val_loss, "val"), distinct_2=distinct_2(completions),
+                                       repetition=sum(map(repetition, completions)) / len(completions))
+        result["samples"][name] = completions
+    result["bon_curve"], best_of_16 = best_of_n_curve(s, base_result)
+    result["methods"].update({f"best-of-{point['n']}": point for point in result["bon_curve"]
+                              if point["n"] in (4, 64, cfg["bon_max_n"])})
+    result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
+                                     {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
+                            for k in kl_targets(cfg)}
+    write_json(s.path("generate_text", "eval.json"), result)
+    write_samples(s, prompts, {k: {"completions": v} for k, v in result["samples"].items()}, 1, best_of_16)
+    print(f"eval (seed {s.seed}): " + ", ".join(f"{m} KL {r['kl']:.2f} oracle {r['oracle']:+.3f}"
+                                                for m, r in result["methods"].items()))
+    return result
+
+
+def best_of_n_curve(s: Setup, base_result: dict) -> tuple[list[dict], list[str] | None]:
+    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the bon stage's pool: each score's expectation under the
+    selection, per prompt (the first bon_prompts evaluation prompts), and the win rate of the selected sample
+    against the base's evaluation samples of the same prompt, the same estimator as every other row."""
+    path = s.path("data", "bon.pt")
+    if not os.path.exists(path):
+        print(f"note: no best-of-n pool ({path}); python rlhf.py --rlhf_stage=bon adds it")
+        return [], None
+    bon = torch.load(path, map_location="cpu", weights_only=True)
+    check_record(bon.get("run"), s.run_record("bon"), path)
+    pool = bon["pool"]
+    n_prompts = pool["rm"].shape[0]
+    values = dict(pool, win=sample_wins(pool["oracle"], base_result["oracle"][:n_prompts]))
+    points, n = [], 1
+    while n <= pool["rm"].shape[1]:
+        per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in values.items()}
+        points.append({"n": n, "step": 0, "optimizer_steps": 0, "kl": best_of_n_kl(n),
+                       **{k: v.mean().item() for k, v in per_prompt.items()},
+                       "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})
+        n *= 2
+    return points, bon["best_of_16"]
+
+
+def stage_report(s: Setup) -> dict:
+    """The study over the seeds: every method's end point and its scores at matched KL, with 95% intervals over
+    the seeds (over prompts where there is one), the differences to best-of-n and between methods, the plots."""
+    cfg = s.cfg
+    per_seed = [seed_result(s.for_seed(cfg["seed"] + k)) for k in range(cfg["seeds"])]
+    judges = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")]
+    keys = ["kl", "oracle", *(f"judge_{j}" for j in judges), "rm", "win", "val_bpb", "distinct_2", "repetition",
+            "gain_oracle", *(f"gain_judge_{j}" for j in judges), *(f"transfer_judge_{j}" for j in judges)]
+    names = [m for m in per_seed[0]["methods"] if all(m in r["methods"] for r in per_seed)]
+    report = {"oracle": s.oracle.name, "base": cfg["rlhf_base"], "script": cfg["rlhf_script"],
+              "seeds": [r["seed"] for r in per_seed], "inputs": {r["seed"]: r["inputs"] for r in per_seed},
+              "eval_prompts": cfg["eval_prompts"], "eval_split": cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
+              "bon_prompts": cfg["bon_prompts"], "bon_max_n": cfg["bon_max_n"], "judges": judges,
+              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "methods": {}, "matched_kl": {}, "pairwise": {}}
+    for name in names:
+        rows = [r["methods"][name] for r in per_seed]
+        report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
+                                   **{k: summarise(rows, k) for k in keys if k in rows[0]}}
+    for target in per_seed[0]["matched_kl"]:
+        at = [r["matched_kl"][target] for r in per_seed]
+        report["matched_kl"][target] = matched_rows(at, ["oracle", *(f"judge_{j}" for j in judges)])
+        report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]])
+    report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
+    report["bon_curve"] = [{k: v for k, v in p.items() if k != "per_prompt"} for p in per_seed[0]["bon_curve"]]
+    write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
+    write_markdown_report(repo_path("generate_text", f"{s.family}_report.md"), report)
+    plot_oracle_against_kl(report, repo_path("generate_text", f"{s.family}_oracle_vs_kl.png"))
+    plot_rm_against_oracle(report, repo_path("generate_text", f"{s.family}_rm_vs_oracle.png"))
+    print(markdown_tables(report))
     return report
+
+
+def seed_result(s: Setup) -> dict:
+    """One seed's eval stage results, refused unless every input it measured is this run's."""
+    path = s.path("generate_text", "eval.json")
+    result = read_json(path)
+    if result is None:
+        raise UserError(f"no evaluation of seed {s.seed} ({path}); run python rlhf.py --rlhf_stage=eval "
+                        f"--seed={s.seed} first")
+    for stage, found in result["inputs"].items():
+        if any(stage_of(m) == stage for m in result["methods"]) or stage in ("pairs", "rm", "bon"):
+            if found != s.run_record(stage)["id"]:
+                raise UserError(f"{path} measured another run's {stage} stage; run python rlhf.py --seed={s.seed} "
+                                f"--rlhf_stage=eval again")
+    return result
+
+
+def matched_rows(at: list[dict], keys: list[str]) -> dict:
+    """At one KL: each method's scores (None where a seed's curve never reaches the KL) and its differences to
+    best-of-n on best-of-n's prompts, paired by prompt."""
+    rows = {}
+    for method in at[0]:
+        if any(a.get(method) is None for a in at):
+            rows[method] = {k: {"mean": None, "reason": "not reached"} for k in keys}
+            continue
+        points = [{"per_prompt": a[method]} for a in at]
+        rows[method] = {k: summarise(points, k) for k in keys}
+        if method != "best-of-n" and all(a.get("best-of-n") for a in at):
+            bon = [{"per_prompt": a["best-of-n"]} for a in at]
+            rows[method].update({f"{k} - best-of-n": summarise(points, k, paired_with=bon) for k in keys})
+    return rows
+
+
+def pairwise_rows(at: list[dict], names: list[str]) -> dict:
+    """At one KL: every pair of tuned methods, the difference in oracle score, paired by prompt."""
+    rows = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if all(x.get(a) and x.get(b) for x in at):
+                rows[f"{a} − {b}"] = summarise([{"per_prompt": x[a]} for x in at], "oracle",
+                                               paired_with=[{"per_prompt": x[b]} for x in at])
+    return rows
+
+
+def strip_per_prompt(value):
+    """The report without the per-prompt lists of its curves (kept in each seed's eval.json)."""
+    if isinstance(value, dict):
+        return {k: strip_per_prompt(v) for k, v in value.items() if k != "per_prompt"}
+    if isinstance(value, list):
+        return [strip_per_prompt(v) for v in value]
+    return value
 
 
 RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,
@@ -269,14 +425,20 @@ def main(argv: list[str] | None = None) -> dict:
                           presets={"quick": default_config.RLHF_QUICK}, hints=HINTS)
         check_pipeline_keys(cfg)
         s = setup(cfg, MODEL_CLASSES)
-        stages = STAGES if cfg["rlhf_stage"] == "all" else (cfg["rlhf_stage"],)
+        stages = STAGES if cfg["rlhf_stage"] == "all" else (() if cfg["rlhf_stage"] == "report" else (cfg["rlhf_stage"],))
         results, timings = {}, {}
-        for stage in stages:
+        for k in range(cfg["seeds"]):
+            replicate = s.for_seed(cfg["seed"] + k)
+            for stage in stages:
+                t0 = time.perf_counter()
+                results.setdefault(stage, []).append(RUN[stage](replicate))
+                timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+                print(f"[seed {replicate.seed}, {stage}: {time.perf_counter() - t0:.0f} s]")
+        if cfg["rlhf_stage"] in ("all", "report"):
             t0 = time.perf_counter()
-            results[stage] = RUN[stage](s)
-            timings[stage] = time.perf_counter() - t0
-            print(f"[{stage}: {timings[stage]:.0f} s]")
-        return {"results": results, "seconds": timings}
+            results["report"] = stage_report(s)
+            timings["report"] = time.perf_counter() - t0
+        return {"results": results, "seconds": timings, "machine": platform.processor() or platform.machine()}
 
 
 if __name__ == "__main__":

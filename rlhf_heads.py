@@ -24,15 +24,15 @@ import config as default_config
 from dualgpt import UserError
 from dualgpt.checkpoint import load_checkpoint
 from dualgpt.cli import exit_codes
-from dualgpt.files import read_json, write_json
+from dualgpt.files import write_json
 from dualgpt.head_comparison import attention_divergence, head_weight_change, lb_state, part_masks, transplant
 from dualgpt.heads import head_statistics
 from dualgpt.plots import plot_head_grid, plot_lines, plot_oracle_against_kl
 from dualgpt.preference import RewardModel, completion_logits, exact_kl
-from dualgpt.rlhf_report import curve_point, evaluate_policy, kept_curve
+from dualgpt.rlhf_report import evaluate_policy, kept_curve
 from dualgpt.runconfig import load_config, require
 from dualgpt.runtime import autocast, progress
-from dualgpt.tuning import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
+from dualgpt.tuning import (STAGE_KEYS, TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
                             load_policy, load_reward_model, restrict_training, reward_scores, scores,
                             sequence_logprobs, setup, texts, train_rl)
 from rlhf import MODEL_CLASSES
@@ -40,6 +40,39 @@ from rlhf import MODEL_CLASSES
 METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
 HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of one checkpoint",
          "rlhf_stage": "rlhf_heads.py is one stage of its own; run rlhf.py first for the policies it studies"}
+
+
+def pipeline_records(s: Setup) -> dict[str, dict]:
+    """The records of the files rlhf.py wrote for this oracle, preset and seed, checked to be one run: each on
+    this base, data, script and seed, and each stage built on the others' files (the study cannot recompute
+    them: it does not read the pipeline's own keys). Tuned policies that do not exist are left out."""
+    paths = {"pairs": s.path("data", "pairs.pt"), "rm": s.path("model_dict", "rm.pt"),
+             **{m: s.path("model_dict", f"{m}.pt") for m in METHODS}}
+    records = {}
+    for name, path in paths.items():
+        if not os.path.exists(path):
+            if name in ("pairs", "rm"):
+                raise UserError(f"no {path}: run python rlhf.py{' --quick' if s.cfg['quick'] else ''} "
+                                f"--seed={s.seed} first")
+            continue
+        found = torch.load(path, map_location="cpu", weights_only=True)
+        records[name] = found["run"] if name == "pairs" else found["rlhf"]["run"]
+    upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
+    expected = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": s.cfg["rlhf_script"]}
+    for name, record in records.items():
+        mismatch = [k for k, v in expected.items() if record.get(k) != v]
+        if name in upstream and record["upstream"] != records["pairs" if upstream[name] == "pairs" else "rm"]["id"]:
+            mismatch.append(f"built on another {upstream[name]} file")
+        if mismatch:
+            raise UserError(f"{paths[name]} belongs to another run ({', '.join(mismatch)}); run python rlhf.py "
+                            f"--seed={s.seed} again with this base, data and rlhf_script")
+    return records
+
+
+def partial_record(s: Setup, records: dict) -> dict:
+    """The record of the study's own RLOO runs: on the pipeline's reward model, with the study's settings."""
+    keys = {k: s.cfg[k] for k in STAGE_KEYS["rloo"] if k in s.cfg} | {"head_tuning_steps": s.cfg["head_tuning_steps"]}
+    return s.record("head study", keys, records["rm"]["id"])
 
 
 def policy_from_state(s: Setup, state: dict) -> nn.Module:
@@ -94,9 +127,9 @@ def kl_by_position(s: Setup, policy: nn.Module, reference: nn.Module, prompts: t
     return kl.mean(0).tolist()
 
 
-def held_out_pairs(s: Setup, base: nn.Module) -> dict:
+def held_out_pairs(s: Setup, base: nn.Module, record: dict) -> dict:
     """The first head_pairs held-out pairs, chosen and rejected, with the base's log-probabilities of each."""
-    held_out = load_pairs(s)["val"]
+    held_out = load_pairs(s, record)["val"]
     chosen, rejected = chosen_rejected(held_out)
     n = s.cfg["head_pairs"]
     pairs = {"prompts": held_out["prompts"][:n], "chosen": chosen[:n], "rejected": rejected[:n]}
@@ -110,7 +143,7 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
                  batches: list[torch.Tensor], prompts: torch.Tensor, pairs: dict, heads: list[tuple[int, int]]) -> dict:
     """One tuned policy against the base: weights, attention, ablation, margins, transplants, KL by position."""
     n_layer, n_head = base.config.n_layer, base.config.n_head
-    tuned_state = lb_state(load_checkpoint(s.path("model_dict", f"{method}.pt")))
+    tuned_state = lb_state(load_checkpoint(s.path("model_dict", f"{method}.pt")))  # checked by pipeline_records
     tuned = policy_from_state(s, tuned_state)
     r = {"weight_change": head_weight_change(base_state, tuned_state, n_layer, n_head),
          "stat_change": {k: v - base_stats[k] for k, v in head_statistics(tuned, batches).items()},
@@ -133,7 +166,7 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
     return r
 
 
-def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[int, int]]) -> dict:
+def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[int, int]], records: dict) -> dict:
     """RLOO for head_tuning_steps steps, tuning only the head that carries most of RLOO's margin, only
     attention, or only the MLPs; each evaluated (oracle score, exact KL) at its kept checkpoints, beside the
     full RLOO run's kept checkpoints (the same method; at step head_tuning_steps, the same budget)."""
@@ -142,17 +175,19 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     runs = {f"head {best[0]}.{best[1]} only": part_masks(base_state, heads={best}),
             "attention only": part_masks(base_state, heads=set(heads)),
             "MLPs only": part_masks(base_state, mlps=True)}
-    base, rm = load_policy(s), load_reward_model(s)
+    base, rm = load_policy(s), load_reward_model(s, records["rm"])
     reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
-    steps = s.cfg["head_tuning_steps"]
-    gen = s.generator("curve.sampling", on_device=True)
-    curves = {"base (step 0)": [curve_point(0, evaluate_policy(s, base, reference, rm, prompts, 2, gen))],
-              "all weights (the rloo stage's run)": kept_curve(s, "rloo", reference, rm, prompts, 2)}
+    steps, own = s.cfg["head_tuning_steps"], partial_record(s, records)
+    base_result = evaluate_policy(s, base, reference, rm, prompts, 2, s.generator("curve.sampling", on_device=True))
+    curves = {}
+    if "rloo" in records:
+        curves["all weights (the rloo stage's run)"] = kept_curve(s, "rloo", records["rloo"], reference, rm, prompts, 2,
+                                                                  base_result)
     for label, mask in runs.items():
         name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
         policy = load_policy(s)
-        train_rl(s, "rloo", policy, restrict_training(policy, mask), name, steps, keep_every=steps // 2)
-        curves[label] = kept_curve(s, name, reference, rm, prompts, 2)
+        train_rl(s, "rloo", policy, restrict_training(policy, mask), rm, name, steps, 2, own)
+        curves[label] = kept_curve(s, name, own, reference, rm, prompts, 2, base_result)
     return {"chosen_head": list(best), "steps": steps, "curves": curves}
 
 
@@ -187,8 +222,7 @@ def write_head_study(s: Setup, study: dict) -> None:
                        s.path("generate_text", f"heads_{name}.png"))
     plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
-    bon = (read_json(s.path("generate_text", "report.json")) or {}).get("bon_curve", [])
-    plot_oracle_against_kl({"oracle": s.oracle.name, "bon_curve": bon, "rows": [], "curves": study["partial_tuning"]["curves"]},
+    plot_oracle_against_kl({"oracle": s.oracle.name, "bon_curve": [], "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
     for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]:
@@ -210,26 +244,27 @@ def main(argv: list[str] | None = None) -> dict:
                   "head_batches, head_batch_size, head_prompts and head_pairs must be at least 1"),
                  (cfg["head_tuning_steps"] >= 2, "head_tuning_steps must be at least 2 (kept at half and at the end)")])
         s = setup(cfg, MODEL_CLASSES, data_batch_size=cfg["head_batch_size"])
-        methods = [m for m in METHODS if os.path.exists(s.path("model_dict", f"{m}.pt"))]
+        records = pipeline_records(s)
+        methods = [m for m in METHODS if m in records]
         if not methods:
             raise UserError(f"no tuned policies named {s.prefix}_*: run python rlhf.py"
-                            f"{' --quick' if cfg['quick'] else ''} with the same oracle first")
+                            f"{' --quick' if cfg['quick'] else ''} with the same oracle and seed first")
         # the inputs every model is measured on: val batches, val prompts, held-out pairs
         n_layer, n_head = s.base["model_config"]["n_layer"], s.base["model_config"]["n_head"]
         heads = [(layer, head) for layer in range(n_layer) for head in range(n_head)]
         base_state = lb_state(s.base)
-        base, rm = policy_from_state(s, base_state), load_reward_model(s)
+        base, rm = policy_from_state(s, base_state), load_reward_model(s, records["rm"])
         gen = s.generator("heads.batches")
         batches = [s.data.batch("val", gen)[0] for _ in range(cfg["head_batches"])]
         prompts = eval_prompts(s)[:cfg["head_prompts"]]
-        pairs = held_out_pairs(s, base)
+        pairs = held_out_pairs(s, base, records["pairs"])
         # each tuned policy against the base, head by head
         base_stats = head_statistics(base, batches)
         study = {"oracle": s.oracle.name, "heads": heads, "base_ablation": ablation_drops(s, base, rm, prompts, heads),
                  "methods": {m: study_method(s, m, base, base_state, base_stats, rm, batches, prompts, pairs, heads)
                              for m in methods}}
         # tuning parts of the model only, at the same budget
-        study["partial_tuning"] = partial_tuning(s, base_state, study, heads)
+        study["partial_tuning"] = partial_tuning(s, base_state, study, heads, records)
         write_head_study(s, study)
         return study
 

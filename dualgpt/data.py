@@ -147,7 +147,7 @@ class Dataset:
                 tokenizer_text = f.read()
         else:
             tok = load_tokenizer_text(tokenizer_text)
-        self.tok, self.tokenizer_text = tok, tokenizer_text
+        self.tok, self.tokenizer_text, self.data_hash = tok, tokenizer_text, data_hash
         tok_hash = hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest()
         stem = os.path.splitext(os.path.basename(path))[0]
         cache = repo_path("data", f"{stem}_{data_hash[:8]}_{tok_hash[:8]}.npy")

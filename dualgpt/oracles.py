@@ -18,34 +18,66 @@ from typing import Callable
 
 from dualgpt import UserError
 
-# Words that carry sentiment in Shakespeare, each list ordered by how often it occurs in Tiny Shakespeare,
-# so that alternating between the halves gives each half a similar share of common and rare words.
-POSITIVE = ["good", "love", "true", "fair", "noble", "honour", "sweet", "heaven", "grace", "peace", "dear", "gentle",
-            "hope", "welcome", "friend", "gracious", "comfort", "joy", "happy", "faith", "kind", "mercy", "worthy",
-            "beauty", "tender", "honest", "virtue", "loving", "brave", "pleasure", "merry", "rich", "blessed", "glad",
-            "glory", "precious", "smile", "bright", "lovely", "delight"]
-NEGATIVE = ["death", "blood", "fear", "dead", "die", "tears", "shame", "sorrow", "kill", "war", "grief", "grave", "hate",
-            "false", "villain", "foul", "woe", "traitor", "weep", "sin", "slain", "fool", "hell", "murder", "sad",
-            "curse", "poison", "base", "sick", "bitter", "despair", "pain", "vile", "wretched", "cruel", "evil",
-            "plague", "tyrant", "wicked", "misery"]
+# Words that carry sentiment in Shakespeare, in word families (love, loving, lovely; grace, gracious; death,
+# dead, die), split into two halves that no family spans: SCORE_* labels the pairs (the oracle score), JUDGE_*
+# only judges. Families were dealt out by frequency in Tiny Shakespeare, each to the half with fewer
+# occurrences so far, so the halves are about as common (positive 1974 and 1977 occurrences, negative 1235 and
+# 1231).
+SCORE_POSITIVE = [("good",), ("true",), ("noble",), ("sweet",), ("dear",), ("gentle",), ("welcome",), ("comfort",),
+                  ("happy",), ("kind",), ("beauty",), ("tender",), ("brave",), ("pleasure",), ("blessed",), ("glad",),
+                  ("precious",), ("bright",)]
+JUDGE_POSITIVE = [("love", "loving", "lovely"), ("grace", "gracious"), ("fair",), ("honour",), ("heaven",), ("peace",),
+                  ("hope",), ("friend",), ("joy",), ("faith",), ("mercy",), ("worthy",), ("honest",), ("virtue",),
+                  ("merry",), ("rich",), ("glory",), ("smile",), ("delight",)]
+SCORE_NEGATIVE = [("death", "dead", "die"), ("kill",), ("grief",), ("hate",), ("villain",), ("traitor",), ("weep",),
+                  ("fool",), ("murder",), ("sad",), ("poison",), ("bitter",), ("despair",), ("vile",), ("cruel",),
+                  ("plague",), ("wicked",)]
+JUDGE_NEGATIVE = [("blood",), ("fear",), ("tears",), ("shame",), ("sorrow",), ("war",), ("grave",), ("false",), ("foul",),
+                  ("woe",), ("sin",), ("slain",), ("hell",), ("curse",), ("base",), ("sick",), ("pain",), ("wretched",),
+                  ("evil",), ("tyrant",), ("misery",)]
 WORD = re.compile(r"[a-z]+")
+
+
+def words(families: list[tuple[str, ...]]) -> list[str]:
+    return [w for family in families for w in family]
+
+
+def same_family(a: str, b: str) -> bool:
+    """A rule of thumb for words of one family that the lists above do not name: the same first four letters
+    (or the whole of a shorter word)."""
+    return a[:4] == b[:4]
 
 
 @dataclasses.dataclass(frozen=True)
 class Oracle:
     name: str
     score: Callable[[str], float]  # the oracle score: what labels the preference pairs
-    judge: Callable[[str], float] | None  # the held-out judge: reports only (None: the oracle has none)
+    judges: dict[str, Callable[[str], float]]  # held-out judges: they only report (empty: the oracle has none)
 
 
 class Lexicon:
-    """Score = positive words minus negative words (whole words, any case)."""
+    """Score = the sum of the weights of the text's words (whole words, any case): by default +1 for a positive
+    word and -1 for a negative one."""
 
-    def __init__(self, positive: list[str], negative: list[str]):
-        self.weights = {**{w: 1 for w in positive}, **{w: -1 for w in negative}}
+    def __init__(self, positive: list[str] = (), negative: list[str] = (), weights: dict[str, float] | None = None):
+        self.weights = weights or {**{w: 1.0 for w in positive}, **{w: -1.0 for w in negative}}
 
     def __call__(self, text: str) -> float:
         return float(sum(self.weights.get(word, 0) for word in WORD.findall(text.lower())))
+
+
+def afinn_judge(excluded: list[str]) -> Lexicon:
+    """The AFINN-165 lexicon (Nielsen 2011: 3,382 English words rated -5 to +5 by hand, built with no regard to
+    this repo), less every word of the families in `excluded` (the oracle score's words): a judge of sentiment
+    that the tuned policies never saw a label from. Needs the afinn package."""
+    try:
+        from afinn import Afinn
+    except ImportError:
+        raise UserError("the afinn judge needs the afinn package: pip install afinn (or -r requirements.txt)") from None
+    afinn = Afinn()
+    valences = afinn.read_word_file(afinn.full_filename("AFINN-en-165.txt"))  # multi-word phrases never match a word
+    return Lexicon(weights={w: float(v) for w, v in valences.items()
+                            if " " not in w and not any(same_family(w, e) for e in excluded)})
 
 
 def syllables(word: str) -> int:
@@ -97,13 +129,15 @@ def checked(oracle_name: str, function: Callable[[str], float]) -> Callable[[str
 
 
 def get_oracle(spec: str) -> Oracle:
-    """sentiment (lexicon half A labels, half B judges) | verse | module:function."""
+    """sentiment (one half of the lexicon scores; the other half and AFINN judge) | verse | module:function."""
     if spec == "sentiment":
-        return Oracle("sentiment", Lexicon(POSITIVE[0::2], NEGATIVE[0::2]), Lexicon(POSITIVE[1::2], NEGATIVE[1::2]))
+        return Oracle("sentiment", Lexicon(words(SCORE_POSITIVE), words(SCORE_NEGATIVE)),
+                      {"lexicon": Lexicon(words(JUDGE_POSITIVE), words(JUDGE_NEGATIVE)),
+                       "afinn": afinn_judge(words(SCORE_POSITIVE + SCORE_NEGATIVE))})
     if spec == "verse":
-        return Oracle("verse", verse, None)
+        return Oracle("verse", verse, {})
     if ":" in spec:
-        oracle = Oracle(spec, checked(spec, user_oracle(spec)), None)
+        oracle = Oracle(spec, checked(spec, user_oracle(spec)), {})
         oracle.score("To be, or not to be: that is the question.")  # fail now, not after minutes of sampling
         return oracle
     raise UserError(f"unknown oracle {spec!r}: use sentiment, verse, or module:function (your own, text -> float)")

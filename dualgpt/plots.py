@@ -110,28 +110,29 @@ def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str, f
     save_figure(fig, path)
 
 
-METHOD_COLOURS = {"dpo": "tab:blue", "rloo": "tab:green", "ppo": "tab:red"}
+METHOD_COLOURS = {"dpo": "tab:blue", "cdpo": "tab:cyan", "ipo": "tab:purple", "dpo_soft": "tab:olive",
+                  "rloo": "tab:green", "ppo": "tab:red"}
 
 
 def plot_oracle_against_kl(report: dict, path: str) -> None:
-    """The oracle's score against sqrt(KL to the base): best-of-n's curve, and every method's kept checkpoints
-    in training order, so that methods are compared at equal KL, not at equal steps."""
+    """The oracle score against sqrt(KL to the base): best-of-n's curve, and every method's kept checkpoints
+    in training order (one line per seed), so that methods are compared at equal KL, not at equal steps."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     bon = report["bon_curve"]
     if bon:
         ax.plot([b["kl"] ** 0.5 for b in bon], [b["oracle"] for b in bon], color="black", marker="s", label="best-of-n")
         for b in bon:
-            ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b["oracle"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
-    for method, points in report["curves"].items():
-        ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p["oracle"] for p in points], marker="o", alpha=0.8,
-                color=METHOD_COLOURS.get(method), label=f"{method} (kept checkpoints)")
-    for row in report["rows"]:
-        if row["method"] in METHOD_COLOURS or row["method"] == "base":
-            ax.errorbar(max(row["kl"], 0.0) ** 0.5, row["oracle"], yerr=row["oracle_ci"], fmt="*", markersize=12,
-                        color=METHOD_COLOURS.get(row["method"], "grey"), label=f"{row['method']} (final, 95% interval)")
+            ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b["oracle"]), fontsize=6, xytext=(3, -9), textcoords="offset points")
+    for seed_index, curves in enumerate(report["curves"].values()):
+        for method, points in curves.items():
+            ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p["oracle"] for p in points], marker="o", alpha=0.7,
+                    markersize=3, color=METHOD_COLOURS.get(method), label=method if seed_index == 0 else None)
+    for target in report.get("matched_kl", {}):
+        ax.axvline(float(target) ** 0.5, color="grey", linewidth=0.6, linestyle=":")
     finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)", "oracle score (mean over held-out prompts)",
-                f"oracle {report['oracle']}: score against distance from the base", path, legend_size=8)
+                f"oracle {report['oracle']}: score against distance from the base ({len(report['curves'])} seeds)",
+                path, legend_size=8)
 
 
 def plot_rm_against_oracle(report: dict, path: str) -> None:
@@ -139,15 +140,14 @@ def plot_rm_against_oracle(report: dict, path: str) -> None:
     reward model's score keeps rising and the oracle score does not, the policy is over-optimising the reward
     model."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     bon = report["bon_curve"]
     if bon:
         ax.plot([b["rm"] for b in bon], [b["oracle"] for b in bon], color="black", marker="s", label="best-of-n, n = 1 ... ")
-    for method, points in report["curves"].items():
-        xs, ys = [p["rm"] for p in points], [p["oracle"] for p in points]
-        ax.plot(xs, ys, marker="o", color=METHOD_COLOURS.get(method), label=f"{method}, kept checkpoints in order")
-        if points:
-            ax.annotate(f"step {points[-1]['step']}", (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for seed_index, curves in enumerate(report["curves"].values()):
+        for method, points in curves.items():
+            ax.plot([p["rm"] for p in points], [p["oracle"] for p in points], marker="o", markersize=3, alpha=0.7,
+                    color=METHOD_COLOURS.get(method), label=f"{method}, kept checkpoints in order" if seed_index == 0 else None)
     finish_plot(fig, ax, "reward-model score", "oracle score",
                 f"oracle {report['oracle']}: reward model against oracle over training", path, legend_size=8)
 

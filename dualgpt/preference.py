@@ -1,5 +1,6 @@
 """Preference tuning, the parts with math in them: noisy Bradley-Terry labels, the reward model and its loss,
-log-probabilities and KL (exact and estimated), DPO, RLOO and PPO losses, best-of-n. rlhf.py runs them.
+log-probabilities and KL (exact and estimated), DPO (with cDPO, soft labels and IPO), RLOO, PPO (per-token
+rewards, GAE, clipped policy and value losses), best-of-n. rlhf.py runs them.
 
 Shapes: B sequences, L completion tokens, V vocabulary. Completions have a fixed length, so nothing is
 padded and every token of every completion counts.
@@ -116,6 +117,13 @@ class RewardModel(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.body.hidden_states(ids)[:, -1]).squeeze(-1)  # (B,)
 
+    def token_values(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+        """The score read at every state before a completion token (prompt + the completion so far): PPO's
+        values V(s_t), (B, L), when this model is the value model (started from the reward model, as in
+        Stiennon et al. 2020)."""
+        ids = torch.cat([prompts, completions], dim=1)
+        return self.head(self.body.hidden_states(ids[:, :-1])[:, prompts.shape[1] - 1:]).squeeze(-1)
+
 
 def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, label: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Bradley-Terry negative log-likelihood of the labels: P(chosen preferred) = sigmoid(r_c - r_r); label is
@@ -129,11 +137,19 @@ def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, label: torch
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023, eq. 7): the reward-model loss with the implicit reward
-    beta * log(pi / pi_ref) of each sequence (sequence log-probabilities in, shape (B,))."""
-    return reward_model_loss(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected),
-                             label)
+             reference_rejected: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0,
+             kind: str = "sigmoid") -> torch.Tensor:
+    """The preference loss on sequence log-probabilities (B,), with h = log(pi(c) / pi_ref(c)) - log(pi(r) / pi_ref(r)):
+    - "sigmoid", DPO (Rafailov et al. 2023, eq. 7): the reward-model loss on the implicit reward beta * h,
+      -[label log sigmoid(beta h) + (1 - label) log sigmoid(-beta h)]. label 1 is DPO on hard labels; 1 - eps is
+      conservative DPO (Mitchell 2023: labels flipped with probability eps); a probability per pair trains on
+      soft labels.
+    - "ipo", IPO (Azar et al. 2023, eq. 17 with tau = beta): (h - (label - 1/2) / beta)^2, which for label 1 is
+      (h - 1 / (2 beta))^2: a regression to a finite margin instead of a push to infinity."""
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if kind == "ipo":
+        return ((h - (label - 0.5) / beta) ** 2).mean()
+    return reward_model_loss(beta * h, torch.zeros_like(h), label)
 
 
 def kl_penalized_reward(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -162,18 +178,52 @@ def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> to
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
              clip: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate per token, each token weighted by its sequence's advantage (no value network).
-    Returns the loss and the fraction of tokens clipped, the approximate KL to the old policy (k3) and
-    the mean probability ratio."""
+    """PPO's clipped surrogate per token, -min(r A, clip(r, 1 - clip, 1 + clip) A) averaged over tokens, with
+    r = pi / pi_old. advantages: per token (B, L), or per sequence (B,) for every token of it. Returns the loss
+    and the fraction of tokens clipped, the approximate KL to the old policy (k3) and the mean ratio."""
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
-    a = advantages[:, None]
+    a = advantages if advantages.dim() == 2 else advantages[:, None]
     loss = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
     with torch.no_grad():
         stats = {"clip_fraction": ((ratio - 1).abs() > clip).float().mean().item(),
                  "approx_kl": kl_estimators(old_logprobs, logprobs)["k3"].mean().item(),  # KL(old || new)
                  "mean_ratio": ratio.mean().item()}
     return loss, stats
+
+
+def token_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, beta: float) -> torch.Tensor:
+    """PPO's reward per token (Stiennon et al. 2020, Ziegler et al. 2019): -beta x (log pi - log pi_ref) at each
+    token, plus the reward model's score at the last. (B,), (B, L), (B, L) -> (B, L); its sum over tokens is
+    kl_penalized_reward."""
+    rewards = -beta * (logprobs - ref_logprobs)
+    rewards[:, -1] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) along the completion: delta_t = r_t + gamma
+    V_{t+1} - V_t (V after the last token is 0: the episode ends), A_t = delta_t + gamma lam A_{t+1}.
+    (B, L), (B, L) -> advantages (B, L) and returns A + V, the value targets."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        running = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def whiten(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the whole batch (PPO's advantages)."""
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's clipped value loss: 1/2 max((V - R)^2, (V_clipped - R)^2), with V_clipped within clip of the values
+    at rollout time, averaged over tokens."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2).mean()
 
 
 # -----------------------------------------------------------------------------------------

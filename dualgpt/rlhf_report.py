@@ -1,5 +1,6 @@
 """Measuring tuned policies and writing what rlhf.py reports: each policy's scores and KL on held-out prompts,
-the curves of kept checkpoints, intervals, win rates, diversity, the markdown table and the sample file."""
+the curves of kept checkpoints, scores at matched KL, intervals over prompts and over seeds, win rates,
+transfer to the held-out judges, diversity, the markdown tables and the sample file."""
 from __future__ import annotations
 
 import math
@@ -8,15 +9,32 @@ import os
 import torch
 import torch.nn as nn
 
-from dualgpt.checkpoint import load_checkpoint
 from dualgpt.files import write_text
 from dualgpt.oracles import WORD
 from dualgpt.preference import RewardModel, completion_logits, exact_kl, kl_estimators, token_logprobs
 from dualgpt.runtime import autocast
-from dualgpt.tuning import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy, reward_scores, scores,
-                            texts)
+from dualgpt.tuning import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy, load_policy_checkpoint,
+                            reward_scores, scores, texts)
 
-SCORES = ("oracle", "judge", "rm")  # what each completion is scored by: the oracle score, the held-out judge, the reward model
+# Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond 30, 1.96)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def score_names(s: Setup) -> list[str]:
+    """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the reward model."""
+    return ["oracle", *(f"judge_{name}" for name in s.oracle.judges), "rm"]
+
+
+def mean_interval(values) -> dict:
+    """Mean and the half-width of its 95% interval: Student's t over a few values (seeds), normal over many
+    (prompts); "ci" is None for a single value."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = len(x)
+    if n < 2:
+        return {"mean": x.mean().item(), "ci": None, "n": n}
+    quantile = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
+    return {"mean": x.mean().item(), "ci": quantile * x.std().item() / math.sqrt(n), "n": n}
 
 
 def distinct_2(completion_texts: list[str]) -> float:
@@ -32,21 +50,19 @@ def repetition(text: str) -> float:
     return (len(words) - len(set(words))) / max(1, len(words))
 
 
-def interval(per_prompt: torch.Tensor) -> tuple[float, float]:
-    """Mean over prompts and the half-width of its 95% confidence interval (normal approximation)."""
-    return per_prompt.mean().item(), 1.96 * per_prompt.std().item() / math.sqrt(len(per_prompt))
-
-
-def win_rates(oracle: torch.Tensor, base_oracle: torch.Tensor) -> torch.Tensor:
-    """Per prompt: how often the method's sample beats the base's sample of the same index (a tie counts half)."""
-    return ((oracle > base_oracle).double() + 0.5 * (oracle == base_oracle).double()).mean(1)
+def sample_wins(oracle: torch.Tensor, base_oracle: torch.Tensor) -> torch.Tensor:
+    """How often each sample beats an independent sample of the base for the same prompt, by the oracle score
+    (a tie counts half): (P, n) samples, (P, m) base samples -> (P, n). The one win-rate estimator of the
+    report: a method's rate is its samples' mean; best-of-n's, the expectation of the selected sample's."""
+    a, b = oracle[:, :, None], base_oracle[:, None, :]
+    return ((a > b).double() + 0.5 * (a == b).double()).mean(2)
 
 
 @torch.no_grad()
 def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
                     samples: int, gen: torch.Generator) -> dict:
-    """Sample `samples` completions of each prompt and score them: oracle, judge and reward model per prompt
-    (P, samples), and the exact sequence KL to the base, with the k1 and k3 estimators beside it."""
+    """Sample `samples` completions of each prompt and score them: the oracle, each judge and the reward model,
+    (P, samples) each; the exact sequence KL to the base per prompt (P,), with the k1 and k3 estimators' means."""
     repeated = prompts.repeat_interleave(samples, dim=0)
     completions = complete(s, policy, repeated, gen)
     completion_texts = texts(s, completions)
@@ -59,95 +75,145 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
         estimators = kl_estimators(token_logprobs(logits, c, TEMPERATURE), token_logprobs(ref_logits, c, TEMPERATURE))
         kl["k1"].append(estimators["k1"].sum(1))
         kl["k3"].append(estimators["k3"].sum(1))
-    result = {"completions": completion_texts, "oracle": scores(s.oracle.score, completion_texts).view(-1, samples),
+    exact = torch.cat(kl["exact"]).double().cpu().clamp_min(0.0).view(-1, samples)  # >= 0; float noise leaves -1e-8
+    result = {"completions": completion_texts, "kl_per_prompt": exact.mean(1),
+              "oracle": scores(s.oracle.score, completion_texts).view(-1, samples),
               "rm": reward_scores(s, rm, repeated, completions).view(-1, samples),
-              **{f"kl_{k}": torch.cat(v).double().mean().item() for k, v in kl.items()}}
-    if s.oracle.judge:
-        result["judge"] = scores(s.oracle.judge, completion_texts).view(-1, samples)
+              "kl_exact": exact.mean().item(), **{f"kl_{k}": torch.cat(kl[k]).double().mean().item() for k in ("k1", "k3")}}
+    for name, judge in s.oracle.judges.items():
+        result[f"judge_{name}"] = scores(judge, completion_texts).view(-1, samples)
     return result
 
 
-def curve_point(step: int, r: dict) -> dict:
-    """One point of a training curve: evaluate_policy's result r, averaged."""
-    return {"step": step, "kl": r["kl_exact"], **{k: r[k].mean().item() for k in SCORES if k in r}}
+def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) -> dict:
+    """One point of a training curve from evaluate_policy's result r: per-prompt means of every score (kept for
+    reading scores at matched KL), their means, the win rate against the base's samples, the KL."""
+    per_prompt = {k: r[k].mean(1) for k in score_names(s)}
+    per_prompt["win"] = sample_wins(r["oracle"], base["oracle"]).mean(1)
+    return {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
+            **{k: v.mean().item() for k, v in per_prompt.items()},
+            "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}
 
 
-def kept_curve(s: Setup, name: str, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
-               samples: int) -> list[dict]:
-    """Every kept checkpoint of the run `name`, in step order, evaluated on the prompts (the same random numbers
-    for each), so that runs can be compared at equal KL."""
+def kept_curve(s: Setup, name: str, record: dict, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+               samples: int, base: dict) -> list[dict]:
+    """The base (step 0) and every kept checkpoint of the run `name`, in step order, evaluated on the prompts
+    with the same random numbers each, so that runs can be compared at equal KL. Each kept file must be the
+    run of `record`'s: one from another run is an error, never a point of the curve."""
     folder = kept_folder(s, name)
-    points = []
+    points = [curve_point(s, 0, 0, base, base)]
     for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         path = os.path.join(folder, file)
-        kept = load_checkpoint(path)
+        kept = load_policy_checkpoint(path, record)
         r = evaluate_policy(s, load_policy(s, kept, path), reference, rm, prompts, samples,
                             s.generator("curve.sampling", on_device=True))
-        points.append(curve_point(kept["rlhf"]["step"], r))
+        points.append(curve_point(s, kept["rlhf"]["step"], kept["rlhf"]["optimizer_steps"], r, base))
     return points
 
 
-def table_row(name: str, kl: float, per_prompt: dict, base: dict | None, extra: dict) -> dict:
-    """One method's line of the report: means with 95% intervals over prompts."""
-    row = {"method": name, "kl": kl, **extra}
-    for key in SCORES:
-        if key in per_prompt:
-            row[key], row[f"{key}_ci"] = interval(per_prompt[key])
-    if base is not None and "judge" in per_prompt:
-        row["judge_gain"], row["judge_gain_ci"] = interval(per_prompt["judge"] - base["judge"])
-    return row
-
-
-def at_equal_kl(bon: list[dict], kl: float, key: str) -> float | None:
-    """Best-of-n's score at a given KL, interpolated linearly in sqrt(KL) between its n; None beyond its range."""
-    points = [(b["kl"] ** 0.5, b[key]) for b in bon if key in b]
-    x = max(kl, 0.0) ** 0.5
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+def at_kl(points: list[dict], kl: float) -> dict | None:
+    """A curve's per-prompt scores at a KL, interpolated linearly between the two points around the first
+    crossing of that KL; None where the curve never reaches it."""
+    for a, b in zip(points, points[1:]):
+        if a["kl"] <= kl <= b["kl"] and b["kl"] > a["kl"]:
+            w = (kl - a["kl"]) / (b["kl"] - a["kl"])
+            return {k: [(1 - w) * x + w * y for x, y in zip(a["per_prompt"][k], b["per_prompt"][k])] for k in a["per_prompt"]}
     return None
 
 
-def markdown_table(report: dict) -> str:
-    def cell(row, key, fmt="{:+.3f}"):
-        if key not in row:
-            return "—"
-        ci = row.get(f"{key}_ci")
-        return fmt.format(row[key]) + (f" ± {ci:.3f}" if ci is not None else "")
+def gains_and_transfer(row: dict, base: dict, judges: list[str]) -> dict:
+    """A method's gain over the base in each score (per prompt), and each judge's gain over the oracle score's
+    gain: the transfer ratio (1: the judge rose as much as the oracle score; 0: not at all)."""
+    out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])] for k in ["oracle", *judges]}
+    oracle_gain = sum(out["gain_oracle"]) / len(out["gain_oracle"])
+    for judge in judges:
+        judge_gain = sum(out[f"gain_{judge}"]) / len(out[f"gain_{judge}"])
+        out[f"transfer_{judge}"] = judge_gain / oracle_gain if oracle_gain else float("nan")
+    return out
 
-    lines = ["| method | KL to base (nats/seq) | oracle score | best-of-n's oracle score at this KL | judge score | "
-             "judge gain over base | win rate vs base (oracle score) | reward model | val bpb | distinct-2 | repetition |",
-             "|" + "---|" * 11]
-    for r in report["rows"]:
-        win = f"{r['win_rate'][0]:.1%} ± {r['win_rate'][1]:.1%}" if "win_rate" in r else "—"
-        bon_oracle = r.get("bon_oracle_at_equal_kl")
-        bon_cell = ("—" if "bon_oracle_at_equal_kl" not in r else "beyond best-of-n" if bon_oracle is None
-                    else f"{bon_oracle:+.3f}")
-        kl = max(r["kl"], 0.0)  # exact KL is >= 0; float noise can leave -1e-8
-        lines.append(f"| {r['method']} | {kl:.3f} | {cell(r, 'oracle')} | {bon_cell} | {cell(r, 'judge')} | "
-                     f"{cell(r, 'judge_gain')} | {win} | {cell(r, 'rm')} | {cell(r, 'val_bpb', '{:.3f}')} | "
-                     f"{cell(r, 'distinct_2', '{:.3f}')} | {cell(r, 'repetition', '{:.3f}')} |")
+
+def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = None) -> dict:
+    """A value of every seed's result, as mean and 95% interval: over seeds where there are several, else over
+    the one seed's prompts. paired_with: subtract the other result's value, prompt by prompt (a difference)."""
+    def per_prompt(result, other):
+        values = result["per_prompt"][key] if key in result.get("per_prompt", {}) else result[key]
+        if other is not None:
+            others = other["per_prompt"][key] if key in other.get("per_prompt", {}) else other[key]
+            n = min(len(values), len(others)) if isinstance(values, list) else None
+            values = [a - b for a, b in zip(values[:n], others[:n])] if n is not None else values - others
+        return values
+
+    values = [per_prompt(r, paired_with[i] if paired_with else None) for i, r in enumerate(per_seed)]
+    if len(values) > 1 or not isinstance(values[0], list):
+        means = [sum(v) / len(v) if isinstance(v, list) else v for v in values]
+        return dict(mean_interval(means), per_seed=means)
+    return dict(mean_interval(values[0]), per_seed=[sum(values[0]) / len(values[0])], over="prompts")
+
+
+def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
+    if summary is None:
+        return "—"
+    if summary.get("mean") is None or math.isnan(summary["mean"]):
+        return "not reached" if summary.get("reason") == "not reached" else "—"
+    ci = summary.get("ci")
+    return fmt.format(summary["mean"]) + (f" ± {fmt.format(ci).lstrip('+')}" if ci is not None else "")
+
+
+def markdown_tables(report: dict) -> str:
+    """The report's three tables: every method at its end point, every method at matched KL against
+    best-of-n, and the methods against each other at matched KL."""
+    judges = report["judges"]
+    over = "seeds" if len(report["seeds"]) > 1 else "prompts (one seed)"
+    head = (["method", "optimizer steps", "KL to base (nats/seq)", "oracle score"] + [f"judge {j}" for j in judges]
+            + ["oracle gain"] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
+            + ["win rate vs base", "val bpb", "distinct-2", "repetition"])
+    lines = [f"**End points** (mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for method, m in report["methods"].items():
+        cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m["oracle"])]
+        cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get("gain_oracle"))]
+        cells += [cell(m.get(f"gain_judge_{j}")) for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
+        cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("val_bpb"), "{:.3f}"), cell(m.get("distinct_2"), "{:.3f}"),
+                  cell(m.get("repetition"), "{:.3f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["KL", "method", "oracle score"] + [f"judge {j}" for j in judges] + ["oracle − best-of-n"] + [
+        f"{j} − best-of-n" for j in judges]
+    lines += ["", f"**At matched KL** (each method's kept checkpoints interpolated to the KL; best-of-n from its curve on "
+                  f"the first {report['bon_prompts']} prompts; differences paired by prompt within a seed, then "
+                  f"mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for target, methods in report["matched_kl"].items():
+        for method, m in methods.items():
+            cells = [target, method, cell(m.get("oracle"))] + [cell(m.get(f"judge_{j}")) for j in judges]
+            cells += [cell(m.get("oracle - best-of-n"))] + [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"**Methods against each other at matched KL** (oracle score, paired by prompt; mean ± 95% interval "
+                  f"over {over}):", "", "| KL | difference | oracle score |", "|---|---|---|"]
+    for target, pairs in report["pairwise"].items():
+        for pair, summary in pairs.items():
+            lines.append(f"| {target} | {pair} | {cell(summary)} |")
     return "\n".join(lines)
 
 
-def write_markdown_report(s: Setup, report: dict) -> None:
-    write_text(s.path("generate_text", "report.md"),
-               f"# RLHF report: oracle {report['oracle']}, {report['script']}.py, base {report['base']}\n\n"
-               f"{report['eval_prompts']} val-split prompts, {report['samples_per_prompt']} completions each (best-of-n: "
-               f"the expectation over its samples). ± is a 95% interval over prompts. KL: exact for the tuned models "
-               f"(summed over the vocabulary at each position of their own samples), log n - (n-1)/n for best-of-n.\n\n"
-               + markdown_table(report) + "\n")
+def write_markdown_report(path: str, report: dict) -> None:
+    write_text(path, f"# RLHF report: oracle {report['oracle']}, {report['script']}.py, base {report['base']}\n\n"
+                     f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} {report['eval_split']} "
+                     f"prompts, {report['samples_per_prompt']} completions each at every point; best-of-n up to "
+                     f"n = {report['bon_max_n']} on the first {report['bon_prompts']} prompts (the expectation over "
+                     f"its samples). KL: exact, summed over the vocabulary at each position of the policy's own "
+                     f"samples; log n - (n-1)/n for best-of-n. Win rate: how often a sample beats an independent "
+                     f"sample of the base, by the oracle score. Transfer: a judge's gain over the oracle score's "
+                     f"gain. The CPU: {report['machine']}.\n\n" + markdown_tables(report) + "\n")
 
 
 def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, best_of_16: list[str] | None,
                   n: int = 8) -> None:
     """The first n evaluation prompts, each with the base's completion, every tuned model's and best-of-16's,
     side by side."""
-    parts = [f"# {s.prefix}: completions of the same val-split prompts (temperature {TEMPERATURE})\n"]
+    parts = [f"# {s.prefix}: completions of the same prompts (temperature {TEMPERATURE})\n"]
     for i in range(min(n, len(prompts))):
         parts.append(f"\n======== prompt {i + 1}\n{s.data.tok.decode(prompts[i].tolist())}\n")
         for name, r in results.items():
             parts.append(f"-------- {name}\n{r['completions'][i * samples]}\n")
-        if best_of_16:
+        if best_of_16 and i < len(best_of_16):
             parts.append(f"-------- best-of-16 by the reward model\n{best_of_16[i]}\n")
     write_text(s.path("generate_text", "samples.txt"), "".join(parts))

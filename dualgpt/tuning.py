@@ -1,5 +1,6 @@
-"""What rlhf.py and rlhf_heads.py share: the run's setup and its files, seeds drawn by name, policies and the
-reward model, prompts, completions and scores, minibatches, and the RL loop (RLOO and PPO).
+"""What rlhf.py and rlhf_heads.py share: the run's setup, its files and the record of what produced each,
+seeds drawn by name, policies and the reward model, prompts, completions and scores, minibatches, and the
+RL loop (RLOO, and PPO with a value model).
 
 Shapes: P prompts of prompt_tokens, completions of completion_tokens; nothing is padded.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -19,11 +21,12 @@ import torch.nn as nn
 
 from dualgpt import TrainingDiverged, UserError, repo_path
 from dualgpt.checkpoint import convert_state_dict, cpu_copy, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from dualgpt.data import Dataset, resolve_data
+from dualgpt.data import Dataset, resolve_data, sha256_file
 from dualgpt.files import write_json
 from dualgpt.oracles import Oracle, get_oracle
-from dualgpt.preference import (RewardModel, completion_logits, exact_kl, kl_estimators, kl_penalized_reward,
-                                policy_gradient_loss, ppo_loss, rloo_advantages, sample_completions, token_logprobs)
+from dualgpt.preference import (RewardModel, completion_logits, exact_kl, gae, kl_estimators, kl_penalized_reward,
+                                policy_gradient_loss, ppo_loss, rloo_advantages, sample_completions, token_logprobs,
+                                token_rewards, value_loss, whiten)
 from dualgpt.runconfig import model_options, require
 from dualgpt.runtime import autocast, progress
 
@@ -34,8 +37,21 @@ RLHF_SCRIPTS = ("gpt_", "gpt")  # rlhf_script: the script whose model class tune
 # Every random draw of the pipeline and the head study has a name here; its seed is derived from the run's seed
 # and the name (and an index, such as the RL step), so no two draws share a stream by accident.
 SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels", "rm.order", "dpo.order",
-              "eval.prompts", "eval.sampling", "bon.sampling", "rl.sampling", "rl.prompts", "ppo.order",
+              "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling", "rl.sampling", "rl.prompts", "ppo.order",
               "curve.sampling", "heads.batches", "heads.sampling", "heads.kl_by_position")
+
+# What each stage's outputs depend on besides the base, the data, the script and the seed: a stage's record
+# hashes these keys and its upstream stage's record, and every reader compares it with the run it reports.
+STAGE_KEYS = {
+    "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs"),
+    "rm": ("rm_epochs", "rm_batch", "rm_lr"),
+    "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split"),
+    "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "cdpo_epsilon", "keep_points"),
+    "rloo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize", "keep_points"),
+    "ppo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "keep_points", "ppo_epochs", "ppo_minibatches",
+            "ppo_clip", "ppo_value_clip", "ppo_vf_coef", "ppo_gamma", "ppo_lambda"),
+}
+UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
 
 
 def seed_for(seed: int, name: str, index: int = 0) -> int:
@@ -49,22 +65,63 @@ def seed_for(seed: int, name: str, index: int = 0) -> int:
 
 @dataclasses.dataclass
 class Setup:
-    """What every stage shares, resolved once from the run config."""
+    """What every stage shares, resolved once from the run config. One replicate of the study: `seed` (the run
+    config's seed, or seed + k for replicate k of --seeds) names its outputs and seeds its random draws."""
     cfg: dict
     model_class: type[nn.Module]
     base_path: str
     base: dict  # the base checkpoint
+    base_hash: str  # of the base checkpoint's file
     data: Dataset  # its training text, in its own tokens
     oracle: Oracle
-    prefix: str  # names this oracle's outputs: rlhf_<oracle>
+    family: str  # names the outputs of this oracle and preset: rlhf_<oracle>[_quick]
+    seed: int
+
+    @property
+    def prefix(self) -> str:
+        """Names one replicate's outputs: rlhf_<oracle>[_quick]_seed<seed>."""
+        return f"{self.family}_seed{self.seed}"
 
     def path(self, folder: str, suffix: str) -> str:
         return repo_path(folder, f"{self.prefix}_{suffix}")
 
+    def for_seed(self, seed: int) -> Setup:
+        """The same setup for another replicate."""
+        return dataclasses.replace(self, seed=seed)
+
     def generator(self, name: str, index: int = 0, on_device: bool = False) -> torch.Generator:
         """A generator for the draw `name` (see SEED_NAMES), on the run's device where sampling needs it."""
         return torch.Generator(device=self.cfg["device"] if on_device else "cpu").manual_seed(
-            seed_for(self.cfg["seed"], name, index))
+            seed_for(self.seed, name, index))
+
+    def run_record(self, stage: str) -> dict:
+        """What produced a stage's outputs: the base, the data, the script, the seed, the stage's keys and its
+        upstream stage's record; "id" hashes them all."""
+        upstream = UPSTREAM[stage]
+        return self.record(stage, {k: self.cfg[k] for k in STAGE_KEYS[stage]},
+                           self.run_record(upstream)["id"] if upstream else None)
+
+    def record(self, stage: str, keys: dict, upstream: str | None) -> dict:
+        """A record of this replicate's base, data, script and seed, with a stage's keys and upstream record's
+        id; "id" hashes them all."""
+        record = {"stage": stage, "seed": self.seed, "base": self.base_hash[:16], "data": self.data.data_hash[:16],
+                  "script": self.cfg["rlhf_script"], "keys": keys, "upstream": upstream}
+        record["id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+        return record
+
+
+def check_record(found: dict | None, expected: dict, path: str) -> None:
+    """A one-line error unless a file's record `found` is the `expected` one: it was written by another run."""
+    if (found or {}).get("id") == expected["id"]:
+        return
+    found = found or {}
+    differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k, v in found.get("keys", {}).items()
+                 if k in expected["keys"] and expected["keys"][k] != v]
+    if found.get("stage") != expected["stage"]:
+        differing.insert(0, f"by the {found.get('stage', 'unknown')} stage")
+    why = "; ".join(differing[:3]) or "an earlier stage, the base, the data or the seed differs"
+    raise UserError(f"{path} was written by another run ({why}); run python rlhf.py --rlhf_stage={expected['stage']} "
+                    f"with these settings first")
 
 
 def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size: int = 1) -> Setup:
@@ -86,8 +143,9 @@ def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size:
     oracle = get_oracle(cfg["oracle"])
     data = Dataset(resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]), block_size, data_batch_size,
                    cfg["device"], tokenizer_text=base["tokenizer"])
-    prefix = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", oracle.name) + ("_quick" if cfg["quick"] else "")
-    return Setup(cfg, model_classes[cfg["rlhf_script"]], base_path, base, data, oracle, prefix)
+    family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", oracle.name) + ("_quick" if cfg["quick"] else "")
+    return Setup(cfg, model_classes[cfg["rlhf_script"]], base_path, base, sha256_file(base_path), data, oracle, family,
+                 cfg["seed"])
 
 
 # -----------------------------------------------------------------------------------------
@@ -118,8 +176,18 @@ def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> No
                                           s.base["tokenizer"], s.base["iter_num"], s.cfg, rlhf=rlhf, **extra))
 
 
-def save_policy(s: Setup, policy: nn.Module, path: str, method: str, step: int) -> None:
-    save_model(s, policy, path, {"method": method, "step": step, "base": s.base_path, "oracle": s.oracle.name})
+def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dict, step: int,
+                optimizer_steps: int) -> None:
+    """A tuned policy with what made it: the method, the step, and the record of the run (see run_record)."""
+    save_model(s, policy, path, {"method": method, "step": step, "optimizer_steps": optimizer_steps, "base": s.base_path,
+                                 "oracle": s.oracle.name, "run": record})
+
+
+def load_policy_checkpoint(path: str, record: dict) -> dict:
+    """A tuned policy's checkpoint, refused unless the run of `record` wrote it."""
+    ckpt = load_checkpoint(path)
+    check_record(ckpt.get("rlhf", {}).get("run"), record, path)
+    return ckpt
 
 
 def kept_folder(s: Setup, name: str) -> str:
@@ -127,22 +195,27 @@ def kept_folder(s: Setup, name: str) -> str:
     return s.path("model_dict", f"{name}_steps")
 
 
-def clear_kept(s: Setup, name: str) -> None:
-    """A run starts with no kept checkpoints, so its curve holds only its own steps."""
+def clear_outputs(s: Setup, name: str) -> None:
+    """A run starts with none of its own files, so nothing of an earlier run enters its curve or the report."""
     shutil.rmtree(kept_folder(s, name), ignore_errors=True)
+    for path in (s.path("model_dict", f"{name}.pt"), s.path("generate_text", f"{name}_log.json")):
+        if os.path.exists(path):
+            os.remove(path)
 
 
-def keep(s: Setup, policy: nn.Module, name: str, step: int, last_step: int, every: int) -> None:
-    """Keep the policy every `every` steps and at the last step, for the curves at equal KL."""
-    if step % every == 0 or step == last_step:
-        save_policy(s, policy, os.path.join(kept_folder(s, name), f"step{step:05d}.pt"), name, step)
+def keep_steps(steps: int, points: int) -> set[int]:
+    """The steps at which a run of `steps` steps keeps its policy: `points` of them, each twice the one before,
+    ending at the last step (1/8, 1/4, 1/2 and all of a run for 4 points), dense where the KL grows fastest."""
+    return {max(1, round(steps / 2 ** (points - i))) for i in range(1, points + 1)}
 
 
-def load_reward_model(s: Setup) -> RewardModel:
+def load_reward_model(s: Setup, record: dict) -> RewardModel:
+    """The reward model, refused unless the run of `record` wrote it; frozen."""
     path = s.path("model_dict", "rm.pt")
     if not os.path.exists(path):
         raise UserError(f"no reward model at {path}; run python rlhf.py --rlhf_stage=rm first")
     ckpt = load_checkpoint(path)
+    check_record(ckpt.get("rlhf", {}).get("run"), record, path)
     rm = RewardModel(load_policy(s, ckpt, path))
     rm.head.load_state_dict(ckpt["reward_head"])
     for p in rm.parameters():
@@ -150,11 +223,14 @@ def load_reward_model(s: Setup) -> RewardModel:
     return rm.eval()
 
 
-def load_pairs(s: Setup) -> dict:
+def load_pairs(s: Setup, record: dict) -> dict:
+    """The preference pairs, refused unless the run of `record` wrote them."""
     path = s.path("data", "pairs.pt")
     if not os.path.exists(path):
         raise UserError(f"no preference pairs at {path}; run python rlhf.py --rlhf_stage=pairs first")
-    return torch.load(path, map_location=s.cfg["device"], weights_only=True)
+    pairs = torch.load(path, map_location=s.cfg["device"], weights_only=True)
+    check_record(pairs.get("run"), record, path)
+    return pairs
 
 
 def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,16 +243,22 @@ def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
 # Prompts, completions, scores
 
 
-def sample_prompts(s: Setup, split: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n windows of prompt_tokens tokens at random offsets of a split: (n, prompt_tokens)."""
-    ids, length = s.data.splits[split], s.cfg["prompt_tokens"]
+def sample_prompts(s: Setup, part: str, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n windows of prompt_tokens tokens at random offsets of one part of the text: (n, prompt_tokens).
+    train: the train split (pairs, RL); dev: the val split's first half (held-out pairs, trying settings);
+    test: its second half (every reported evaluation)."""
+    val = s.data.splits["val"]
+    ids = {"train": s.data.splits["train"], "dev": val[:len(val) // 2], "test": val[len(val) // 2:]}[part]
+    length = s.cfg["prompt_tokens"]
     starts = torch.randint(len(ids) - length, (n,), generator=generator).tolist()
     return torch.tensor([ids[i:i + length].tolist() for i in starts], dtype=torch.long, device=s.cfg["device"])
 
 
 def eval_prompts(s: Setup) -> torch.Tensor:
-    """The val-split prompts every method is evaluated on (the head study takes its first head_prompts)."""
-    return sample_prompts(s, "val", s.cfg["eval_prompts"], s.generator("eval.prompts"))
+    """The prompts every method is evaluated on (the head study takes its first head_prompts): test prompts,
+    or dev prompts with eval_split = dev, for trying settings without touching the test prompts."""
+    split = s.cfg["eval_split"]
+    return sample_prompts(s, split, s.cfg["eval_prompts"], s.generator(f"{'eval' if split == 'test' else 'dev'}.prompts"))
 
 
 def complete(s: Setup, model: nn.Module, prompts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -242,9 +324,9 @@ def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 @torch.no_grad()
 def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, step: int,
             gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """rl_group completions of each of rl_prompts train-split prompts, from the current policy, with their
-    reward: the reward model's score minus rl_beta x the sampled sequence KL (k1) to the base, and each
-    one's leave-one-out advantage within its prompt's group."""
+    """rl_group completions of each of rl_prompts train-split prompts, from the current policy, with the reward
+    model's score, both models' log-probabilities of every token, the exact KL to the base, and the reward
+    that RLOO optimises: the score minus rl_beta x the sampled sequence KL (k1) to the base."""
     cfg = s.cfg
     prompts = sample_prompts(s, "train", cfg["rl_prompts"], s.generator("rl.prompts", step)).repeat_interleave(
         cfg["rl_group"], dim=0)
@@ -256,53 +338,85 @@ def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, 
              "ref_logprobs": token_logprobs(ref_logits, completions, TEMPERATURE),
              "old_logprobs": token_logprobs(old_logits, completions, TEMPERATURE),
              "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1)}
-    batch["reward"] = kl_penalized_reward(batch["score"].to(batch["old_logprobs"].device), batch["old_logprobs"],
-                                          batch["ref_logprobs"], cfg["rl_beta"])
-    batch["advantages"] = rloo_advantages(batch["reward"].view(-1, cfg["rl_group"]), cfg["rl_normalize"]).view(-1)
+    batch["score"] = batch["score"].to(batch["old_logprobs"].device)
+    batch["reward"] = kl_penalized_reward(batch["score"], batch["old_logprobs"], batch["ref_logprobs"], cfg["rl_beta"])
     return batch
 
 
-def rloo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-                order: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """One REINFORCE step with the leave-one-out advantages (one optimizer step per rollout)."""
-    loss = policy_gradient_loss(completion_logprobs(s, policy, batch["prompts"], batch["completions"]),
-                                batch["advantages"])
-    step_on(optimizer, loss)
+@dataclasses.dataclass
+class Learner:
+    """What an RL update changes: the policy, its optimizer, the value model (PPO's critic, None for RLOO) and
+    the generator of minibatch orders."""
+    policy: nn.Module
+    optimizer: torch.optim.Optimizer
+    order: torch.Generator
+    critic: RewardModel | None = None
+
+
+def rloo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, dict]:
+    """One REINFORCE step (one optimizer step per rollout) with each sample's reward baselined by the mean of
+    the other samples of its prompt (leave-one-out)."""
+    advantages = rloo_advantages(batch["reward"].view(-1, s.cfg["rl_group"]), s.cfg["rl_normalize"]).view(-1)
+    loss = policy_gradient_loss(completion_logprobs(s, learner.policy, batch["prompts"], batch["completions"]),
+                                advantages)
+    step_on(learner.optimizer, loss)
     return loss, {}
 
 
-def ppo_update(s: Setup, policy: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-               order: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """ppo_epochs passes of ppo_minibatches minibatches over the rollouts (ppo_epochs x ppo_minibatches optimizer
-    steps), the probability ratio to the policy that sampled them clipped; returns the last loss and the mean
-    clip statistics. order: the run's generator of minibatch orders (a new order every pass)."""
+def ppo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, dict]:
+    """PPO as in Stiennon et al. 2020 and InstructGPT: per-token rewards (the KL penalty at every token, the
+    reward model's score at the last), the critic's values, GAE advantages (whitened) and returns, then
+    ppo_epochs passes of ppo_minibatches minibatches (a new order each pass), each one optimizer step on the
+    clipped policy loss plus ppo_vf_coef x the clipped value loss. Returns the last loss and mean statistics."""
     cfg, n = s.cfg, len(batch["prompts"])
+    prompts, completions = batch["prompts"], batch["completions"]
+    with torch.no_grad(), autocast(cfg["device"], cfg["dtype"]):
+        old_values = learner.critic.token_values(prompts, completions).float()
+    rewards = token_rewards(batch["score"], batch["old_logprobs"], batch["ref_logprobs"], cfg["rl_beta"])
+    advantages, returns = gae(rewards, old_values, cfg["ppo_gamma"], cfg["ppo_lambda"])
+    advantages = whiten(advantages)
     stats = []
-    for _, idx in minibatches(n, math.ceil(n / cfg["ppo_minibatches"]), cfg["ppo_epochs"], order, batch["prompts"].device):
-        logprobs = completion_logprobs(s, policy, batch["prompts"][idx], batch["completions"][idx])
-        loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], batch["advantages"][idx], cfg["ppo_clip"])
-        step_on(optimizer, loss)
-        stats.append(minibatch)
+    for _, idx in minibatches(n, math.ceil(n / cfg["ppo_minibatches"]), cfg["ppo_epochs"], learner.order, prompts.device):
+        logprobs = completion_logprobs(s, learner.policy, prompts[idx], completions[idx])
+        policy_loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], advantages[idx], cfg["ppo_clip"])
+        with autocast(cfg["device"], cfg["dtype"]):
+            values = learner.critic.token_values(prompts[idx], completions[idx]).float()
+        critic_loss = value_loss(values, old_values[idx], returns[idx], cfg["ppo_value_clip"])
+        loss = policy_loss + cfg["ppo_vf_coef"] * critic_loss
+        step_on(learner.optimizer, loss)
+        stats.append(dict(minibatch, value_loss=critic_loss.item()))
     return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
 
 
-UPDATES = {"rloo": rloo_update, "ppo": ppo_update}
+def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
+    return cfg["ppo_epochs"] * cfg["ppo_minibatches"] if method == "ppo" else 1
 
 
-def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter], name: str, steps: int,
-             keep_every: int) -> list[dict]:
-    """`steps` steps of RLOO or PPO on `params` of the policy against the frozen base and the reward model,
-    keeping the policy every keep_every steps under `name`; returns the log, one record per step."""
+def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter], rm: RewardModel, name: str,
+             steps: int, keep_points: int, record: dict) -> list[dict]:
+    """`steps` rollouts of RLOO or PPO on `params` of the policy against the frozen base and the (frozen) reward
+    model, keeping the policy at keep_points evenly spaced steps under `name`, each file with the run's
+    `record`; returns the log, one record per step. PPO's critic starts from the reward model and trains with
+    the policy."""
     cfg = s.cfg
-    reference, rm = frozen(load_policy(s)), load_reward_model(s)
-    optimizer = torch.optim.AdamW(params, lr=cfg["rl_lr"], weight_decay=0.0)
-    sampling, order = s.generator("rl.sampling", on_device=True), s.generator("ppo.order")
-    clear_kept(s, name)
+    reference = frozen(load_policy(s))
+    critic = None
+    if method == "ppo":
+        critic = copy.deepcopy(rm).train()
+        for p in critic.parameters():
+            p.requires_grad_(True)
+        params = params + list(critic.parameters())
+    learner = Learner(policy, torch.optim.AdamW(params, lr=cfg["rl_lr"], weight_decay=0.0), s.generator("ppo.order"),
+                      critic)
+    sampling = s.generator("rl.sampling", on_device=True)
+    update = {"rloo": rloo_update, "ppo": ppo_update}[method]
+    per_rollout, kept = optimizer_steps_per_rollout(cfg, method), keep_steps(steps, keep_points)
+    clear_outputs(s, name)
     log = []
     bar = progress(total=steps, desc=name, unit="step")
     for step in range(1, steps + 1):
         batch = rollout(s, policy, reference, rm, step, sampling)
-        loss, stats = UPDATES[method](s, policy, optimizer, batch, order)
+        loss, stats = update(s, learner, batch)
         if not math.isfinite(loss.item()):
             raise TrainingDiverged(f"{name}: loss is {loss.item()} at step {step}; try a lower --rl_lr")
         estimators = kl_estimators(batch["old_logprobs"], batch["ref_logprobs"])
@@ -311,10 +425,12 @@ def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter
                     **{f"kl_{k}": v.sum(1).mean().item() for k, v in estimators.items()}, **stats})
         bar.update(1)
         bar.set_postfix(rm=f"{log[-1]['rm_score']:+.3f}", kl=f"{log[-1]['kl_exact']:.2f}")
-        keep(s, policy, name, step, steps, keep_every)
+        if step in kept:
+            save_policy(s, policy, os.path.join(kept_folder(s, name), f"step{step:05d}.pt"), name, record, step,
+                        step * per_rollout)
     bar.close()
-    save_policy(s, policy, s.path("model_dict", f"{name}.pt"), name, steps)
-    write_json(s.path("generate_text", f"{name}_log.json"), log)
+    save_policy(s, policy, s.path("model_dict", f"{name}.pt"), name, record, steps, steps * per_rollout)
+    write_json(s.path("generate_text", f"{name}_log.json"), {"run": record, "log": log})
     print(f"{name}: {steps} steps, reward-model score {log[0]['rm_score']:+.3f} -> {log[-1]['rm_score']:+.3f}, "
           f"KL to the base {log[-1]['kl_exact']:.3f} nats per sequence")
     return log

@@ -16,7 +16,7 @@ import gpt  # noqa: E402
 import gpt_  # noqa: E402
 from dualgpt.cli import main  # noqa: E402
 from dualgpt.data import Dataset, resolve_data  # noqa: E402
-from dualgpt.oracles import NEGATIVE, POSITIVE  # noqa: E402
+from dualgpt.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
          "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
@@ -94,6 +94,8 @@ def dataset(cfg: dict) -> Dataset:
 
 # --- rlhf.py: a tiny base model and every stage, shared by test_rlhf.py and test_head_study.py -------------
 
+CHEERFUL = words(SCORE_POSITIVE)[:6] + words(JUDGE_POSITIVE)[:6]  # words of both halves of the lexicon
+GLOOMY = words(SCORE_NEGATIVE)[:6] + words(JUDGE_NEGATIVE)[:6]
 NEUTRAL = ["the", "king", "my", "lord", "thou", "art", "what", "shall", "we", "do", "not", "and", "to", "of", "in"]
 
 
@@ -106,7 +108,7 @@ def mood_corpus(n_lines: int, seed: int = 0) -> str:
     lines = []
     for _ in range(n_lines):
         speaker = rng.choice(["ROMEO", "JULIET", "KING", "TYBALT"])
-        mood = POSITIVE[:12] if speaker in ("ROMEO", "JULIET") else NEGATIVE[:12]
+        mood = CHEERFUL if speaker in ("ROMEO", "JULIET") else GLOOMY
         words = [rng.choice(mood if rng.random() < 0.8 else NEUTRAL) for _ in range(rng.randint(5, 9))]
         lines.append(f"{speaker}:\n{' '.join(words).capitalize()}.\n")
     return "\n".join(lines)
@@ -118,9 +120,9 @@ BASE = TINY_MODEL + ["--batch_size=16", "--dropout=0.0", "--eval_iters=2", "--le
 # above zero (60 steps and 4 samples per prompt gave +0.13 to +0.93, and one failure under other rounding)
 SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "--rl_prompts=16", "--rl_group=8",
           "--rl_lr=1e-3", "--device=cpu", "--dtype=float32"]  # keys rlhf.py and rlhf_heads.py both read
-PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=4", "--eval_samples=8",
-            "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=100", "--ppo_epochs=1", "--ppo_minibatches=2",
-            "--keep_every=50"]  # keys of rlhf.py alone
+PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=16", "--bon_prompts=16",
+            "--eval_samples=8", "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=100", "--ppo_epochs=1",
+            "--ppo_minibatches=2", "--keep_points=2", "--kl_targets=0.5,1"]  # keys of rlhf.py alone
 
 
 def sha256(path) -> str:

@@ -125,14 +125,15 @@ def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
     study = rlhf_heads.main(rlhf_run.shared_args + ["--head_prompts=16", "--head_pairs=32", "--head_batches=2",
                                                     "--head_tuning_steps=30"])
     for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "oracle_vs_kl"):
-        image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_heads_{name}.png")
+        image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_seed1337_heads_{name}.png")
         assert image.shape[0] > 100
-    table = json.loads((home / "generate_text" / "rlhf_sentiment_heads.json").read_text())
+    table = json.loads((home / "generate_text" / "rlhf_sentiment_seed1337_heads.json").read_text())
     assert set(table["methods"]) == {"dpo", "rloo", "ppo"}
     for r in table["methods"].values():
         assert torch.tensor(r["weight_change"]["query"]).shape == (2, 2)
         assert torch.tensor(r["margin_into_base"]).shape == (2, 2)
         assert len(r["kl_by_position"]) == 16
     curves = study["partial_tuning"]["curves"]
-    assert len(curves) == 5  # the base, the full run and the three partial ones
-    assert [len(points) for points in curves.values()] == [1, 2, 2, 2, 2]  # the base; each run's kept checkpoints
+    assert len(curves) == 4  # the full run and the three partial ones, each from the base (step 0)
+    assert [[p["step"] for p in points] for points in curves.values()] == [[0, 50, 100], [0, 15, 30], [0, 15, 30],
+                                                                           [0, 15, 30]]

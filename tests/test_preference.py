@@ -11,7 +11,8 @@ import gpt
 import gpt_
 from dualgpt import UserError, preference
 from dualgpt.checkpoint import convert_state_dict
-from dualgpt.oracles import NEGATIVE, POSITIVE, get_oracle, syllables, verse
+from dualgpt.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
+                             syllables, verse, words)
 from dualgpt.tuning import frozen
 
 # --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------
@@ -176,6 +177,77 @@ def test_ppo_clips_the_ratio():
     assert stats["clip_fraction"] == 0.5
 
 
+def test_gae_by_hand_on_three_tokens():
+    rewards = torch.tensor([[0.1, -0.2, 1.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.4, 0.3]], dtype=torch.float64)
+    gamma, lam = 0.9, 0.8
+    d2 = 1.0 + gamma * 0.0 - 0.3  # the value after the last token is 0
+    d1 = -0.2 + gamma * 0.3 - 0.4
+    d0 = 0.1 + gamma * 0.4 - 0.5
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = preference.gae(rewards, values, gamma, lam)
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2])
+    assert returns[0].tolist() == pytest.approx([a0 + 0.5, a1 + 0.4, a2 + 0.3])
+
+
+def test_gae_with_lambda_and_gamma_one_and_zero_values_is_the_reward_to_go():
+    rewards = torch.randn(4, 6, dtype=torch.float64)
+    advantages, returns = preference.gae(rewards, torch.zeros_like(rewards), 1.0, 1.0)
+    to_go = rewards.flip(1).cumsum(1).flip(1)
+    assert torch.allclose(advantages, to_go)
+    assert torch.allclose(returns, to_go)
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_sum_to_the_sequence_reward():
+    logprobs, ref = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    score = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    rewards = preference.token_rewards(score, logprobs, ref, beta=0.1)
+    assert torch.allclose(rewards[:, :-1], -0.1 * (logprobs - ref)[:, :-1])
+    assert torch.allclose(rewards[:, -1], score - 0.1 * (logprobs - ref)[:, -1])
+    assert torch.allclose(rewards.sum(1), preference.kl_penalized_reward(score, logprobs, ref, 0.1))
+
+
+def test_value_loss_and_its_clipping_by_hand():
+    old = torch.tensor([[0.0, 1.0]])
+    returns = torch.tensor([[1.0, 0.0]])
+    values = torch.tensor([[0.5, 2.0]])  # the first moved 0.5 (clipped to 0.2), the second 1.0 (clipped to 0.2)
+    # token 1: max((0.5-1)^2, (0.2-1)^2) = 0.64; token 2: max((2-0)^2, (1.2-0)^2) = 4
+    assert preference.value_loss(values, old, returns, clip=0.2).item() == pytest.approx(0.5 * (0.64 + 4.0) / 2)
+    assert preference.value_loss(values, old, returns, clip=10.0).item() == pytest.approx(0.5 * (0.25 + 4.0) / 2)
+
+
+def test_whiten_gives_zero_mean_and_unit_std():
+    x = torch.randn(7, 5, dtype=torch.float64) * 3 + 2
+    assert preference.whiten(x).mean().item() == pytest.approx(0.0, abs=1e-12)
+    assert preference.whiten(x).std().item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_conservative_dpo_and_ipo_are_their_papers_formulas():
+    pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64) for _ in range(4))
+    beta, eps = 0.1, 0.25
+    h = (pc - rc) - (pr - rr)
+    cdpo = -((1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)).mean()  # Mitchell 2023
+    assert preference.dpo_loss(pc, pr, rc, rr, beta, label=1 - eps).item() == pytest.approx(cdpo.item())
+    ipo = ((h - 1 / (2 * beta)) ** 2).mean()  # Azar et al. 2023, eq. 17, tau = beta
+    assert preference.dpo_loss(pc, pr, rc, rr, beta, kind="ipo").item() == pytest.approx(ipo.item())
+    soft = torch.rand(6, dtype=torch.float64)
+    by_hand = -(soft * F.logsigmoid(beta * h) + (1 - soft) * F.logsigmoid(-beta * h)).mean()
+    assert preference.dpo_loss(pc, pr, rc, rr, beta, label=soft).item() == pytest.approx(by_hand.item())
+    # IPO on a soft label regresses to (p - 1/2) / beta: no pull at all for a coin flip
+    assert preference.dpo_loss(pc, pr, rc, rr, beta, label=0.5, kind="ipo").item() == pytest.approx((h ** 2).mean().item())
+
+
+def test_the_value_model_reads_the_state_before_each_completion_token():
+    torch.manual_seed(11)
+    vm = preference.RewardModel(gpt.LBGPT(CFG))
+    torch.nn.init.normal_(vm.head.weight)
+    prompts, completions = torch.randint(0, 300, (2, 5)), torch.randint(0, 300, (2, 4))
+    values = vm.token_values(prompts, completions)
+    for t in range(4):  # V(s_t) is the score of prompt + completion[:t]
+        assert torch.allclose(values[:, t], vm(torch.cat([prompts, completions[:, :t]], dim=1)), atol=1e-5)
+
+
 def test_kl_penalty_is_the_sum_over_the_completions_tokens():
     """reward = score - beta * sum over tokens of (log pi - log pi_ref), on sequences of several tokens."""
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]])
@@ -312,15 +384,29 @@ def test_reward_model_reads_the_last_token():
 # --- oracles --------------------------------------------------------------------------------------------
 
 
-def test_the_scorers_and_the_judges_words_are_disjoint_and_counted():
+def test_no_word_and_no_word_family_spans_the_oracle_score_and_the_judges():
     oracle = get_oracle("sentiment")
-    scorer, judge = oracle.score.weights, oracle.judge.weights
-    assert not scorer.keys() & judge.keys()  # no word both labels the pairs and judges the result
-    assert scorer.keys() | judge.keys() == set(POSITIVE) | set(NEGATIVE)
-    assert not set(POSITIVE) & set(NEGATIVE)
-    text = "Good love, good! Death, blood."
-    assert oracle.score(text) == 1.0  # the oracle score's half: good + good - death
-    assert oracle.judge(text) == 0.0  # the judge's half: love - blood
+    scorer, lexicon_judge, afinn = oracle.score.weights, oracle.judges["lexicon"].weights, oracle.judges["afinn"].weights
+    families = SCORE_POSITIVE + SCORE_NEGATIVE + JUDGE_POSITIVE + JUDGE_NEGATIVE
+    assert len({w for f in families for w in f}) == sum(map(len, families))  # each word in one family only
+    assert scorer.keys() == set(words(SCORE_POSITIVE + SCORE_NEGATIVE))
+    assert lexicon_judge.keys() == set(words(JUDGE_POSITIVE + JUDGE_NEGATIVE))
+    for judge in (lexicon_judge, afinn):
+        assert not scorer.keys() & judge.keys()
+        # nor a word of the same family the lists do not name (the same first four letters: loved, lovers, ...)
+        assert not [(a, b) for a in scorer for b in judge if same_family(a, b)]
+    assert {"love", "grace"} <= lexicon_judge.keys()
+    assert "good" not in afinn and "goodness" not in afinn and "death" not in afinn  # the score's families are out
+    assert afinn["love"] == 3  # the lexicon judge's families stay: both judges are held out from the score
+    assert afinn["cheerful"] > 0 and afinn["awful"] < 0  # AFINN's own words remain
+
+
+def test_the_oracle_score_and_the_judges_count_words():
+    oracle = get_oracle("sentiment")
+    text = "Good love, good! Death, blood. A cheerful day."
+    assert oracle.score(text) == 1.0  # the score's families: good + good - death
+    assert oracle.judges["lexicon"](text) == 0.0  # the judge's: love - blood
+    assert oracle.judges["afinn"](text) == 5.0  # love (+3), cheerful (+2); good and death belong to the score
     assert oracle.score("goodness deathly") == 0.0  # whole words only
 
 

@@ -1,5 +1,7 @@
-"""rlhf.py end to end on a small corpus, a tuned policy used as an ordinary checkpoint, and bad input."""
+"""rlhf.py end to end on a small corpus: every stage, the report at matched KL, outputs that never mix runs, a
+tuned policy used as an ordinary checkpoint, and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,61 +10,89 @@ import pytest
 import torch
 from conftest import copy_code, run_main
 
+import dualgpt
 import gpt_
 import rlhf
 import rlhf_heads
 
 
+P = "rlhf_sentiment_seed1337"  # one replicate's outputs
+
+
 def test_every_stage_runs_and_writes_its_files(rlhf_run):
     home, result = rlhf_run.home, rlhf_run.result
-    assert list(result["seconds"]) == list(rlhf.STAGES)
-    for path in ["data/rlhf_sentiment_pairs.pt", "model_dict/rlhf_sentiment_rm.pt", "model_dict/rlhf_sentiment_dpo.pt",
-                 "model_dict/rlhf_sentiment_rloo.pt", "model_dict/rlhf_sentiment_ppo.pt",
-                 "generate_text/rlhf_sentiment_bon.json", "generate_text/rlhf_sentiment_report.json",
-                 "generate_text/rlhf_sentiment_report.md", "generate_text/rlhf_sentiment_samples.txt"]:
+    assert list(result["seconds"]) == list(rlhf.STAGES) + ["report"]
+    for path in [f"data/{P}_pairs.pt", f"data/{P}_bon.pt", f"model_dict/{P}_rm.pt", f"generate_text/{P}_eval.json",
+                 f"generate_text/{P}_samples.txt", "generate_text/rlhf_sentiment_report.json",
+                 "generate_text/rlhf_sentiment_report.md"] + [f"model_dict/{P}_{m}.pt" for m in rlhf.methods(
+                     rlhf.load_config(rlhf_run.args, "rlhf.py"))]:
         assert (home / path).exists(), path
     for png in ["rlhf_sentiment_oracle_vs_kl.png", "rlhf_sentiment_rm_vs_oracle.png"]:
         assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100
-    kept = sorted(p.name for p in (home / "model_dict" / "rlhf_sentiment_rloo_steps").iterdir())
-    assert kept == ["step00050.pt", "step00100.pt"]
+    kept = sorted(p.name for p in (home / "model_dict" / f"{P}_rloo_steps").iterdir())
+    assert kept == ["step00050.pt", "step00100.pt"]  # keep_points=2 of 100 steps
 
 
 def test_labels_agree_with_the_oracle_as_asked(rlhf_run):
-    report = rlhf_run.result["results"]["pairs"]
+    report = rlhf_run.result["results"]["pairs"][0]
     assert 0.6 < report["train"]["label_agreement"] < 0.9  # 0.75 asked, on a few hundred pairs
 
 
 def test_the_reward_model_does_better_than_chance_and_no_better_than_the_noise_allows(rlhf_run):
     """A tiny model trained for seconds: 53-66% on the oracle's preferences across seeds (the closed-form
     bandit test in test_preference.py checks that the loss recovers the reward exactly)."""
-    report = rlhf_run.result["results"]["rm"]
+    report = rlhf_run.result["results"]["rm"][0]
     assert report["accuracy_on_oracle"] > 0.5
     assert report["accuracy_on_labels"] <= report["label_ceiling"] + 0.1  # 128 held-out pairs: within sampling error
 
 
 def test_rloo_raises_the_held_out_judges_score(rlhf_run):
-    rows = {r["method"]: r for r in rlhf_run.result["results"]["eval"]["rows"]}
-    assert rows["rloo"]["judge_gain"] > 0
-    assert rows["rloo"]["kl"] > 0
-    assert rows["base"]["kl"] == pytest.approx(0.0, abs=1e-6)  # two forward passes of equal weights: equal up to rounding
-    assert [r["method"] for r in rows.values()] == ["base", "best-of-1", "best-of-2", "best-of-4", "dpo", "rloo", "ppo"]
+    methods = rlhf_run.result["results"]["report"]["methods"]
+    assert methods["rloo"]["gain_judge_lexicon"]["mean"] > 0
+    assert methods["rloo"]["kl"]["mean"] > 0
+    assert methods["base"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # equal weights: equal up to rounding
+    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "dpo_soft", "rloo", "ppo", "best-of-4", "best-of-16"]
 
 
-def test_ppo_logs_its_clipping(rlhf_run):
-    log = rlhf_run.result["results"]["ppo"]["log"]
-    assert {"clip_fraction", "approx_kl", "mean_ratio", "kl_exact", "kl_k1", "kl_k3"} <= set(log[0])
+def test_every_row_has_the_same_win_rate_estimator_and_optimizer_steps(rlhf_run):
+    """Win rates of tuned methods and of best-of-n both compare with independent base samples: best-of-1 is one
+    base sample against another, 50% up to sampling; PPO took ppo_epochs x ppo_minibatches steps per rollout."""
+    seed = rlhf_run.result["results"]["eval"][0]
+    assert seed["bon_curve"][0]["win"] == pytest.approx(0.5, abs=0.06)
+    assert seed["methods"]["base"]["win"] == pytest.approx(0.5, abs=0.06)
+    assert seed["methods"]["rloo"]["optimizer_steps"] == 100
+    assert seed["methods"]["ppo"]["optimizer_steps"] == 100 * 1 * 2
+    assert seed["methods"]["dpo"]["optimizer_steps"] == 32  # 1024 pairs / 32
+
+
+def test_the_report_compares_methods_at_matched_kl(rlhf_run):
+    report = rlhf_run.result["results"]["report"]
+    assert list(report["matched_kl"]) == ["0.5", "1"]
+    for target, rows in report["matched_kl"].items():
+        assert "best-of-n" in rows
+        for method, row in rows.items():
+            if row["oracle"]["mean"] is not None and method != "best-of-n":
+                assert {"oracle - best-of-n", "judge_lexicon - best-of-n", "judge_afinn - best-of-n"} <= set(row)
+    markdown = (rlhf_run.home / "generate_text" / "rlhf_sentiment_report.md").read_text()
+    assert "**At matched KL**" in markdown
+    assert "| 0.5 | rloo − ppo |" in markdown
+
+
+def test_ppo_logs_its_clipping_and_its_value_loss(rlhf_run):
+    log = rlhf_run.result["results"]["ppo"][0]["log"]
+    assert {"clip_fraction", "approx_kl", "mean_ratio", "value_loss", "kl_exact", "kl_k1", "kl_k3"} <= set(log[0])
 
 
 def test_a_tuned_policy_is_an_ordinary_checkpoint(rlhf_run, capsys):
     home = rlhf_run.home
-    ckpt = home / "model_dict" / "rlhf_sentiment_rloo.pt"
+    ckpt = home / "model_dict" / f"{P}_rloo.pt"
     data = f"--data={home / 'corpus.txt'}"
     for script, cls in (("gpt", None), ("gpt_", gpt_.SMGPT)):
         common = [f"--ckpt={ckpt}", data, "--device=cpu", "--dtype=float32", f"--sample_file={home / 'tuned.txt'}"]
         assert run_main(common + ["--mode=sample", "--max_new_tokens=10"], cls, script) == 0
         assert run_main(common + ["--mode=eval"], cls, script) == 0
     assert run_main([f"--ckpt={ckpt}", data, "--device=cpu", "--mode=heads", "--eval_iters=2"]) == 0
-    assert (home / "generate_text" / "rlhf_sentiment_rloo.heads.png").exists()
+    assert (home / "generate_text" / f"{P}_rloo.heads.png").exists()
     assert run_main([f"--ckpt={ckpt}", data, "--device=cpu", "--mode=train", "--resume", "--max_iters=5"]) == 2
     assert "holds weights only" in capsys.readouterr().err
 
@@ -76,7 +106,10 @@ BAD_INPUT = [
     (["--rlhf_base=model_dict/none.pt"], "no checkpoint at"),
     (["--oracle=happiness"], "unknown oracle 'happiness'"),
     (["--oracle=no_such_module:score"], "cannot load it"),
-    (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo or eval, got 'sft'"),
+    (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, eval or report, got 'sft'"),
+    (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, dpo_soft"),
+    (["--kl_targets=1,x"], "kl_targets must be positive numbers"),
+    (["--keep_every=5"], "unknown config key 'keep_every'; each run now keeps --keep_points checkpoints, each at twice"),
     (["--rlhf_stage=heads"], "rlhf_stage must be"),
     (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by rlhf.py; rlhf.py runs its stages in order "
                        "(--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py"),
@@ -88,7 +121,7 @@ BAD_INPUT = [
 
 
 def outputs(home):
-    return {p: p.read_bytes() for p in (home / "model_dict").glob("rlhf_*.pt")}
+    return {p: p.read_bytes() for p in [*(home / "model_dict").glob("rlhf_*.pt"), *(home / "generate_text").glob("rlhf_*")]}
 
 
 @pytest.mark.parametrize("extra, message", BAD_INPUT)
@@ -120,9 +153,10 @@ def test_bad_input_through_the_real_command_line(rlhf_run):
 def test_report_json_has_the_table(rlhf_run):
     home = rlhf_run.home
     report = json.loads((home / "generate_text" / "rlhf_sentiment_report.json").read_text())
-    for row in report["rows"]:
-        assert {"method", "kl", "oracle", "oracle_ci", "win_rate"} <= set(row)
-    assert torch.load(home / "data" / "rlhf_sentiment_pairs.pt", weights_only=True)["train"]["a"].shape[1] == 16
+    assert report["seeds"] == [1337]
+    for row in report["methods"].values():
+        assert {"kl", "oracle", "judge_lexicon", "judge_afinn", "win"} <= set(row)
+    assert torch.load(home / "data" / f"{P}_pairs.pt", weights_only=True)["train"]["a"].shape[1] == 16
 
 
 def test_lb_gpt_and_the_verse_oracle_run_every_stage_and_the_head_study(rlhf_run):
@@ -130,12 +164,55 @@ def test_lb_gpt_and_the_verse_oracle_run_every_stage_and_the_head_study(rlhf_run
     outputs are rlhf_verse_*, beside the sentiment pipeline's."""
     home = rlhf_run.home
     shared = rlhf_run.shared_args + ["--rlhf_script=gpt", "--oracle=verse", "--eval_prompts=8", "--rl_prompts=4"]
-    pipeline_only = ["--n_pairs=64", "--rm_batch=16", "--dpo_batch=16", "--bon_max_n=2", "--eval_samples=2",
-                     "--rl_steps=4", "--keep_every=2", "--ppo_epochs=1", "--ppo_minibatches=2"]
+    pipeline_only = ["--n_pairs=64", "--rm_batch=16", "--dpo_batch=16", "--bon_max_n=2", "--bon_prompts=4",
+                     "--eval_samples=2", "--rl_steps=4", "--keep_points=2", "--ppo_epochs=1", "--ppo_minibatches=2",
+                     "--dpo_methods=dpo"]
     result = rlhf.main(shared + pipeline_only)
-    assert list(result["seconds"]) == list(rlhf.STAGES)
-    assert "judge" not in result["results"]["eval"]["rows"][0]  # verse has no held-out judge
-    assert torch.load(home / "model_dict" / "rlhf_verse_rloo.pt", weights_only=True)["layout"] == "LB-GPT"
+    assert list(result["seconds"]) == list(rlhf.STAGES) + ["report"]
+    assert not [k for k in result["results"]["eval"][0]["methods"]["base"] if k.startswith("judge")]  # verse has none
+    assert torch.load(home / "model_dict" / "rlhf_verse_seed1337_rloo.pt", weights_only=True)["layout"] == "LB-GPT"
     study = rlhf_heads.main(shared + ["--head_prompts=4", "--head_pairs=8", "--head_batches=1", "--head_tuning_steps=2"])
     assert set(study["methods"]) == {"dpo", "rloo", "ppo"}
-    assert (home / "generate_text" / "rlhf_verse_heads.json").exists()
+    assert (home / "generate_text" / "rlhf_verse_seed1337_heads.json").exists()
+
+
+def copy_of(rlhf_run, tmp_path, monkeypatch):
+    """The pipeline's folder copied, so a test can run stages again without touching the shared one."""
+    home = tmp_path / "run"
+    shutil.copytree(rlhf_run.home, home)
+    monkeypatch.setattr(dualgpt, "ROOT", str(home))
+    args = [a.replace(str(rlhf_run.home), str(home)) for a in rlhf_run.args]
+    return home, args
+
+
+def test_a_rerun_with_other_settings_leaves_no_point_of_the_earlier_run_in_the_curves(rlhf_run, tmp_path, monkeypatch):
+    """keep_points=3, then back to 2 (and the reverse order in between): each time the curves hold exactly the
+    steps of the last run, never a kept checkpoint of the one before (the shipped report once did)."""
+    home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
+    small = ["--dpo_methods=dpo", "--rl_steps=12"]
+    for points, rl_steps, dpo_steps in ((3, [3, 6, 12], [8, 16, 32]), (2, [6, 12], [16, 32])):
+        for stage in ("dpo", "rloo", "ppo", "eval"):
+            rlhf.main(args + small + [f"--keep_points={points}", f"--rlhf_stage={stage}"])
+        curves = json.loads((home / "generate_text" / f"{P}_eval.json").read_text())["curves"]
+        assert {m: [p["step"] for p in c] for m, c in curves.items()} == {
+            "dpo": [0] + dpo_steps, "rloo": [0] + rl_steps, "ppo": [0] + rl_steps}
+        assert not (home / "model_dict" / f"{P}_cdpo.pt").exists()  # a loss not trained this time leaves nothing
+    assert sorted(p.name for p in (home / "model_dict" / f"{P}_rloo_steps").iterdir()) == ["step00006.pt", "step00012.pt"]
+
+
+def test_reading_a_stages_files_from_another_run_is_one_line(rlhf_run, tmp_path, monkeypatch, capsys):
+    """The eval stage alone after rl_lr changed: RLOO's policy is another run's, so it refuses, naming the stage;
+    a kept checkpoint copied in from elsewhere is refused the same way."""
+    home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        rlhf.main(args + ["--rlhf_stage=eval", "--rl_lr=5e-4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {home / 'model_dict' / P}_rloo.pt was written by another run (rl_lr=0.001 there, "
+                          f"0.0005 here); run python rlhf.py --rlhf_stage=rloo with these settings first")
+    assert err.count("\n") == 1
+    stray = home / "model_dict" / f"{P}_ppo_steps" / "step00075.pt"
+    shutil.copy(home / "model_dict" / f"{P}_rloo_steps" / "step00050.pt", stray)  # RLOO's, in PPO's folder
+    with pytest.raises(SystemExit):
+        rlhf.main(args + ["--rlhf_stage=eval"])
+    assert "step00075.pt was written by another run" in capsys.readouterr().err

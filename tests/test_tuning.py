@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dualgpt.checkpoint import REQUIRED, load_checkpoint
-from dualgpt.tuning import SEED_NAMES, minibatches, seed_for
+from dualgpt.tuning import SEED_NAMES, keep_steps, minibatches, seed_for
 
 
 def test_every_named_draw_has_its_own_seed():
@@ -29,9 +29,15 @@ def test_minibatches_cover_every_item_once_per_pass_in_a_new_order_each_pass():
 def test_training_export_and_rlhf_build_the_same_checkpoint(rlhf_run):
     """The base (training), a tuned policy and the reward model (RLHF) share make_checkpoint's entries."""
     common = REQUIRED | {"best_val_loss", "config"}
-    for path in ("base.pt", "model_dict/rlhf_sentiment_rloo.pt", "model_dict/rlhf_sentiment_rm.pt",
-                 "model_dict/rlhf_sentiment_dpo_steps/step00032.pt"):
+    for path in ("base.pt", "model_dict/rlhf_sentiment_seed1337_rloo.pt", "model_dict/rlhf_sentiment_seed1337_rm.pt",
+                 "model_dict/rlhf_sentiment_seed1337_dpo_steps/step00032.pt"):
         ckpt = load_checkpoint(str(rlhf_run.home / path))
         assert common <= ckpt.keys(), path
     assert "optimizer" in load_checkpoint(str(rlhf_run.home / "base.pt"))
-    assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_rloo.pt"))["rlhf"]["step"] == 100
+    assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_rloo.pt"))["rlhf"]["step"] == 100
+
+
+def test_kept_steps_double_up_to_the_end():
+    assert keep_steps(96, 5) == {6, 12, 24, 48, 96}
+    assert keep_steps(40, 4) == {5, 10, 20, 40}
+    assert keep_steps(3, 4) == {1, 2, 3}  # a short run keeps what it can

@@ -331,9 +331,10 @@ def best_of_n_curve(s: Setup, base_result: dict) -> tuple[list[dict], list[str] 
     return points, bon["best_of_16"]
 
 
-def stage_report(s: Setup) -> dict:
+def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
     """The study over the seeds: every method's end point and its scores at matched KL, with 95% intervals over
-    the seeds (over prompts where there is one), the differences to best-of-n and between methods, the plots."""
+    the seeds (over prompts where there is one), the differences to best-of-n and between methods, the plots.
+    seconds: what each stage of this process took, summed over the seeds (recorded as the run's time)."""
     cfg = s.cfg
     per_seed = [seed_result(s.for_seed(cfg["seed"] + k)) for k in range(cfg["seeds"])]
     judges = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")]
@@ -344,7 +345,8 @@ def stage_report(s: Setup) -> dict:
               "seeds": [r["seed"] for r in per_seed], "inputs": {r["seed"]: r["inputs"] for r in per_seed},
               "eval_prompts": cfg["eval_prompts"], "eval_split": cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
               "bon_prompts": cfg["bon_prompts"], "bon_max_n": cfg["bon_max_n"], "judges": judges,
-              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "methods": {}, "matched_kl": {}, "pairwise": {}}
+              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds, "methods": {},
+              "matched_kl": {}, "pairwise": {}}
     for name in names:
         rows = [r["methods"][name] for r in per_seed]
         report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[seed {replicate.seed}, {stage}: {time.perf_counter() - t0:.0f} s]")
         if cfg["rlhf_stage"] in ("all", "report"):
             t0 = time.perf_counter()
-            results["report"] = stage_report(s)
+            results["report"] = stage_report(s, dict(timings))
             timings["report"] = time.perf_counter() - t0
         return {"results": results, "seconds": timings, "machine": platform.processor() or platform.machine()}
 

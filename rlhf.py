@@ -39,11 +39,11 @@ import config as default_config
 import gpt
 import gpt_
 from dualgpt import UserError, repo_path
-from dualgpt.checkpoint import save_checkpoint
+from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.compiling import machine_name
 from dualgpt.evaluation import full_loss
-from dualgpt.files import read_json, write_json
+from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
 from dualgpt.plots import plot_oracle_against_kl, plot_rm_against_oracle
 from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss,
                                 preference_probability, reward_model_loss, tau_for_agreement)
@@ -53,7 +53,7 @@ from dualgpt.rlhf_report import (at_kl, curve_point, distinct_2, evaluate_policy
 from dualgpt.runconfig import check_choice, load_config, require
 from dualgpt.runtime import autocast
 from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, Setup, check_record, chosen_rejected, clear_outputs, complete, eval_prompts, frozen,
-                            keep_steps, kept_folder, load_pairs, load_policy, load_policy_checkpoint, load_reward_model, minibatches,
+                            keep_steps, kept_folder, load_pairs, output_folders, load_policy, load_policy_checkpoint, load_reward_model, minibatches,
                             reward_scores, sample_prompts, save_model, save_policy, scores, sequence_logprobs, setup,
                             step_on, texts, train_rl)
 
@@ -272,6 +272,7 @@ def stage_eval(s: Setup) -> dict:
     base, rm = load_policy(s), load_reward_model(s, s.run_record("rm"))
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
     names = score_names(s)
+    bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
     base_result = evaluate_policy(s, base, reference, rm, prompts, samples, s.generator("curve.sampling", on_device=True))
     inputs = {stage: s.run_record(stage)["id"] for stage in ("pairs", "rm", "bon", "dpo", "rloo", "ppo")}
     result = {"seed": s.seed, "inputs": inputs, "methods": {}, "curves": {}, "samples": {}}
@@ -295,30 +296,35 @@ def stage_eval(s: Setup) -> dict:
                                        val_bpb=s.data.bpb(val_loss, "val"), distinct_2=distinct_2(completions),
                                        repetition=sum(map(repetition, completions)) / len(completions))
         result["samples"][name] = completions
-    result["bon_curve"], best_of_16 = best_of_n_curve(s, base_result)
-    result["methods"].update({f"best-of-{point['n']}": point for point in result["bon_curve"]
-                              if point["n"] in (4, 64, cfg["bon_max_n"])})
+    result["bon_curve"] = best_of_n_curve(bon["pool"], base_result) if bon else []
+    result["methods"].update({f"best-of-{point['n']}": dict(point, **gains_and_transfer(point, base_point, names[1:-1]))
+                              for point in result["bon_curve"] if point["n"] in (4, 64, cfg["bon_max_n"])})
     result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
                                      {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
                             for k in kl_targets(cfg)}
     write_json(s.path("generate_text", "eval.json"), result)
-    write_samples(s, prompts, {k: {"completions": v} for k, v in result["samples"].items()}, 1, best_of_16)
+    write_samples(s, prompts, {k: {"completions": v} for k, v in result["samples"].items()}, 1,
+                  bon["best_of_16"] if bon else None)
     print(f"eval (seed {s.seed}): " + ", ".join(f"{m} KL {r['kl']:.2f} oracle {r['oracle']:+.3f}"
                                                 for m, r in result["methods"].items()))
     return result
 
 
-def best_of_n_curve(s: Setup, base_result: dict) -> tuple[list[dict], list[str] | None]:
-    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the bon stage's pool: each score's expectation under the
-    selection, per prompt (the first bon_prompts evaluation prompts), and the win rate of the selected sample
-    against the base's evaluation samples of the same prompt, the same estimator as every other row."""
+def load_bon(s: Setup) -> dict | None:
+    """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note) if missing."""
     path = s.path("data", "bon.pt")
     if not os.path.exists(path):
         print(f"note: no best-of-n pool ({path}); python rlhf.py --rlhf_stage=bon adds it")
-        return [], None
-    bon = torch.load(path, map_location="cpu", weights_only=True)
-    check_record(bon.get("run"), s.run_record("bon"), path)
-    pool = bon["pool"]
+        return None
+    bon = load_tensors(path, "run python rlhf.py --rlhf_stage=bon again")
+    check_record(bon.get("run") if isinstance(bon, dict) else None, s.run_record("bon"), path)
+    return bon
+
+
+def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict) -> list[dict]:
+    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the selection, per
+    prompt (the first bon_prompts evaluation prompts), and the win rate of the selected sample against the
+    base's evaluation samples of the same prompt, the same estimator as every other row."""
     n_prompts = pool["rm"].shape[0]
     values = dict(pool, win=sample_wins(pool["oracle"], base_result["oracle"][:n_prompts]))
     points, n = [], 1
@@ -328,7 +334,7 @@ def best_of_n_curve(s: Setup, base_result: dict) -> tuple[list[dict], list[str] 
                        **{k: v.mean().item() for k, v in per_prompt.items()},
                        "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})
         n *= 2
-    return points, bon["best_of_16"]
+    return points
 
 
 def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
@@ -368,7 +374,7 @@ def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
 def seed_result(s: Setup) -> dict:
     """One seed's eval stage results, refused unless every input it measured is this run's."""
     path = s.path("generate_text", "eval.json")
-    result = read_json(path)
+    result = read_json(path, f"run python rlhf.py --rlhf_stage=eval --seed={s.seed} again")
     if result is None:
         raise UserError(f"no evaluation of seed {s.seed} ({path}); run python rlhf.py --rlhf_stage=eval "
                         f"--seed={s.seed} first")
@@ -427,19 +433,21 @@ def main(argv: list[str] | None = None) -> dict:
                           presets={"quick": default_config.RLHF_QUICK}, hints=HINTS)
         check_pipeline_keys(cfg)
         s = setup(cfg, MODEL_CLASSES)
-        stages = STAGES if cfg["rlhf_stage"] == "all" else (() if cfg["rlhf_stage"] == "report" else (cfg["rlhf_stage"],))
         results, timings = {}, {}
-        for k in range(cfg["seeds"]):
-            replicate = s.for_seed(cfg["seed"] + k)
-            for stage in stages:
+        with OutputLock(repo_path("model_dict", s.family)):  # one run of an oracle and preset at a time
+            remove_dead_temps(*output_folders(s.family))
+            stages = STAGES if cfg["rlhf_stage"] == "all" else (() if cfg["rlhf_stage"] == "report" else (cfg["rlhf_stage"],))
+            for k in range(cfg["seeds"]):
+                replicate = s.for_seed(cfg["seed"] + k)
+                for stage in stages:
+                    t0 = time.perf_counter()
+                    results.setdefault(stage, []).append(RUN[stage](replicate))
+                    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+                    print(f"[seed {replicate.seed}, {stage}: {time.perf_counter() - t0:.0f} s]")
+            if cfg["rlhf_stage"] in ("all", "report"):
                 t0 = time.perf_counter()
-                results.setdefault(stage, []).append(RUN[stage](replicate))
-                timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
-                print(f"[seed {replicate.seed}, {stage}: {time.perf_counter() - t0:.0f} s]")
-        if cfg["rlhf_stage"] in ("all", "report"):
-            t0 = time.perf_counter()
-            results["report"] = stage_report(s, dict(timings))
-            timings["report"] = time.perf_counter() - t0
+                results["report"] = stage_report(s, dict(timings))
+                timings["report"] = time.perf_counter() - t0
         return {"results": results, "seconds": timings, "machine": platform.processor() or platform.machine()}
 
 

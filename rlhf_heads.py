@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 
 import config as default_config
-from dualgpt import UserError
-from dualgpt.checkpoint import load_checkpoint
+from dualgpt import UserError, repo_path
+from dualgpt.checkpoint import load_checkpoint, load_tensors
 from dualgpt.cli import exit_codes
-from dualgpt.files import write_json
+from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.head_comparison import attention_divergence, head_weight_change, lb_state, part_masks, transplant
 from dualgpt.heads import head_statistics
 from dualgpt.plots import plot_head_grid, plot_lines, plot_oracle_against_kl
@@ -34,7 +34,7 @@ from dualgpt.runconfig import load_config, require
 from dualgpt.runtime import autocast, progress
 from dualgpt.tuning import (STAGE_KEYS, TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
                             load_policy, load_reward_model, restrict_training, reward_scores, scores,
-                            sequence_logprobs, setup, texts, train_rl)
+                            output_folders, sequence_logprobs, setup, texts, train_rl)
 from rlhf import MODEL_CLASSES
 
 METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
@@ -55,8 +55,8 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
                 raise UserError(f"no {path}: run python rlhf.py{' --quick' if s.cfg['quick'] else ''} "
                                 f"--seed={s.seed} first")
             continue
-        found = torch.load(path, map_location="cpu", weights_only=True)
-        records[name] = found["run"] if name == "pairs" else found["rlhf"]["run"]
+        found = load_tensors(path, f"run python rlhf.py --seed={s.seed} again")
+        records[name] = (found.get("run") if name == "pairs" else found.get("rlhf", {}).get("run")) or {}
     upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
     expected = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": s.cfg["rlhf_script"]}
     for name, record in records.items():
@@ -235,6 +235,33 @@ def write_head_study(s: Setup, study: dict) -> None:
               + "; heads carrying most of it alone: " + ", ".join(f"{name} {v:+.3f}" for v, name in top))
 
 
+def head_study(s: Setup) -> dict:
+    """Every tuned policy of the pipeline's run against the base, head by head, then tuning parts of the model."""
+    records = pipeline_records(s)
+    methods = [m for m in METHODS if m in records]
+    if not methods:
+        raise UserError(f"no tuned policies named {s.prefix}_*: run python rlhf.py"
+                        f"{' --quick' if s.cfg['quick'] else ''} with the same oracle and seed first")
+    # the inputs every model is measured on: val batches, val prompts, held-out pairs
+    n_layer, n_head = s.base["model_config"]["n_layer"], s.base["model_config"]["n_head"]
+    heads = [(layer, head) for layer in range(n_layer) for head in range(n_head)]
+    base_state = lb_state(s.base)
+    base, rm = policy_from_state(s, base_state), load_reward_model(s, records["rm"])
+    gen = s.generator("heads.batches")
+    batches = [s.data.batch("val", gen)[0] for _ in range(s.cfg["head_batches"])]
+    prompts = eval_prompts(s)[:s.cfg["head_prompts"]]
+    pairs = held_out_pairs(s, base, records["pairs"])
+    # each tuned policy against the base, head by head
+    base_stats = head_statistics(base, batches)
+    study = {"oracle": s.oracle.name, "heads": heads, "base_ablation": ablation_drops(s, base, rm, prompts, heads),
+             "methods": {m: study_method(s, m, base, base_state, base_stats, rm, batches, prompts, pairs, heads)
+                         for m in methods}}
+    # tuning parts of the model only, at the same budget
+    study["partial_tuning"] = partial_tuning(s, base_state, study, heads, records)
+    write_head_study(s, study)
+    return study
+
+
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)
     with exit_codes():
@@ -244,29 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "head_batches, head_batch_size, head_prompts and head_pairs must be at least 1"),
                  (cfg["head_tuning_steps"] >= 2, "head_tuning_steps must be at least 2 (kept at half and at the end)")])
         s = setup(cfg, MODEL_CLASSES, data_batch_size=cfg["head_batch_size"])
-        records = pipeline_records(s)
-        methods = [m for m in METHODS if m in records]
-        if not methods:
-            raise UserError(f"no tuned policies named {s.prefix}_*: run python rlhf.py"
-                            f"{' --quick' if cfg['quick'] else ''} with the same oracle and seed first")
-        # the inputs every model is measured on: val batches, val prompts, held-out pairs
-        n_layer, n_head = s.base["model_config"]["n_layer"], s.base["model_config"]["n_head"]
-        heads = [(layer, head) for layer in range(n_layer) for head in range(n_head)]
-        base_state = lb_state(s.base)
-        base, rm = policy_from_state(s, base_state), load_reward_model(s, records["rm"])
-        gen = s.generator("heads.batches")
-        batches = [s.data.batch("val", gen)[0] for _ in range(cfg["head_batches"])]
-        prompts = eval_prompts(s)[:cfg["head_prompts"]]
-        pairs = held_out_pairs(s, base, records["pairs"])
-        # each tuned policy against the base, head by head
-        base_stats = head_statistics(base, batches)
-        study = {"oracle": s.oracle.name, "heads": heads, "base_ablation": ablation_drops(s, base, rm, prompts, heads),
-                 "methods": {m: study_method(s, m, base, base_state, base_stats, rm, batches, prompts, pairs, heads)
-                             for m in methods}}
-        # tuning parts of the model only, at the same budget
-        study["partial_tuning"] = partial_tuning(s, base_state, study, heads, records)
-        write_head_study(s, study)
-        return study
+        with OutputLock(repo_path("model_dict", s.family)):  # not while rlhf.py writes what the study reads
+            remove_dead_temps(*output_folders(s.family))
+            return head_study(s)
 
 
 if __name__ == "__main__":

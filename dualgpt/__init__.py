@@ -39,3 +39,8 @@ class UserError(Exception):
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite: reported as one line, exit code 1."""
+
+
+class WriteFailed(Exception):
+    """An output could not be written (disk full, a file-size limit, a read-only folder): the file keeps its last
+    good content, the run stops; reported as one line, exit code 1."""

@@ -8,6 +8,7 @@ the RNG states "rng_cpu", "rng_cuda", "rng_batches" for an exact resume; export 
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -40,20 +41,34 @@ def make_checkpoint(weights: dict, model_config: dict, layout: str, tokenizer: s
 
 
 def save_checkpoint(path: str, state: dict) -> None:
+    """Serialise in memory, then write atomically: a failed write (disk full, a size limit) then says so as an
+    OSError, where torch's own writer reports only a position mismatch."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+        f.write(buffer.getbuffer())
+
+
+def load_tensors(path: str, remedy: str, device: str = "cpu"):
+    """A file torch.save wrote (a checkpoint, RLHF's pairs), loaded without running pickled code; a file that is
+    cut short, emptied or not torch's is a one-line error naming it and the remedy."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file; none of them may reach the user as a traceback
+        detail = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"{path} is not readable (cut short, emptied or not written by this repo: "
+                        f"{e.__class__.__name__}{': ' + detail if detail else ''}); {remedy}") from None
 
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first: python {os.path.basename(sys.argv[0])} --mode=train")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+    remedy = (f"train again, or use the copy {path}.bak if --overwrite left one" if os.path.exists(path + ".bak")
+              else "train it again (or write it again with the command that made it)")
+    ckpt = load_tensors(path, remedy)
     missing = REQUIRED - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
-        raise UserError(f"{path} is not a Dual-GPT checkpoint (missing {', '.join(sorted(missing))})")
+        raise UserError(f"{path} is not a Dual-GPT checkpoint (missing {', '.join(sorted(missing))}); {remedy}")
     ckpt["layout"] = LAYOUT_NAMES.get(ckpt["layout"], ckpt["layout"])
     return ckpt
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch.nn as nn
 
-from dualgpt import TrainingDiverged, UserError
+from dualgpt import TrainingDiverged, UserError, WriteFailed, repo_path
 from dualgpt.evaluation import evaluate_checkpoint, export_checkpoint
+from dualgpt.files import OutputLock, remove_dead_temps
 from dualgpt.heads import analyse_heads
 from dualgpt.runconfig import script_config
 from dualgpt.runtime import Distributed
@@ -21,26 +22,26 @@ ONE_PROCESS_MODES = {"sample": sample, "eval": evaluate_checkpoint, "heads": ana
 
 def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
     mode = cfg["mode"]
-    if mode == "auto":  # train unless a checkpoint is there (or --resume / --overwrite ask to), then sample
-        if os.path.exists(cfg["ckpt"]) and not (cfg["resume"] or cfg["overwrite"]):
-            print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
-                  f"or start over with --overwrite)")
-        else:
-            train(model_class, cfg, ddp)
+    if mode == "auto" and os.path.exists(cfg["ckpt"]) and not (cfg["resume"] or cfg["overwrite"]):
+        print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
+              f"or start over with --overwrite)")
         mode = "sample"
-    elif mode == "train":
-        train(model_class, cfg, ddp)
+    elif mode in ("auto", "train"):  # train (then, in auto mode, sample), holding the checkpoint for the run's life
+        with OutputLock(cfg["ckpt"]) if ddp.master else nullcontext():
+            train(model_class, cfg, ddp)
+        mode = "sample" if mode == "auto" else mode
     if ddp.master and mode in ONE_PROCESS_MODES:  # sampling and analysis run in one process
         ONE_PROCESS_MODES[mode](model_class, cfg)
 
 
 @contextmanager
 def exit_codes(report: bool = True):
-    """The scripts' way out: a user mistake is one line `error: ...` and exit 2, a diverged run one line and
-    exit 1, Ctrl-C exit 130. report: whether this process prints the line (under torchrun, rank 0 only)."""
+    """The scripts' way out: a user mistake is one line `error: ...` and exit 2, a diverged run or a failed write
+    one line and exit 1, Ctrl-C exit 130. report: whether this process prints the line (under torchrun, rank 0
+    only)."""
     try:
         yield
-    except (UserError, TrainingDiverged) as e:
+    except (UserError, TrainingDiverged, WriteFailed) as e:
         if report:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
@@ -58,6 +59,9 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
         with exit_codes(report=ddp.master):
             usage = sys.modules[model_class.__module__].__doc__ or ""
             cfg = script_config(sys.argv[1:] if argv is None else argv, script, usage)
+            if ddp.master:  # what killed runs left behind, never a live run's
+                remove_dead_temps(*{os.path.dirname(os.path.abspath(cfg[k])) for k in ("ckpt", "sample_file")},
+                                  repo_path("data"), repo_path("tokenizers"))
             ddp.start(cfg["device"])
             run_mode(model_class, cfg, ddp)
             clean = True

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dualgpt import repo_path
 from dualgpt.runtime import autocast
-from dualgpt.files import atomic_open
+from dualgpt.files import write_json
 
 
 def timings_path() -> str:
@@ -48,13 +48,25 @@ def timing_key(model: nn.Module, device: str, dtype: str, batch_size: int) -> st
             f"{c.n_embd} vocab {c.vocab_size} block {c.block_size} dropout {c.dropout:g} | batch {batch_size}")
 
 
+TIMING_KEYS = {"compile_s", "eager_step_s", "compiled_step_s"}  # one measurement
+
+
 def read_timings() -> dict:
-    """Every recorded measurement, by timing_key; none if the file is missing or unreadable."""
-    try:
-        with open(timings_path(), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+    """Every recorded measurement, by timing_key; none if the file is missing, and none with a one-line notice if
+    it is unreadable (the next `python bench.py --only=compile` writes it anew)."""
+    path = timings_path()
+    if not os.path.exists(path):
         return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            timings = json.load(f)
+        if isinstance(timings, dict) and all(isinstance(v, dict) and TIMING_KEYS <= v.keys() for v in timings.values()):
+            return timings
+    except (OSError, ValueError):
+        pass
+    print(f"note: {path} is unreadable (cut short or overwritten?); compile=auto treats this machine as unmeasured "
+          f"until python bench.py --only=compile records it again")
+    return {}
 
 
 def load_timing(key: str) -> dict | None:
@@ -64,9 +76,7 @@ def load_timing(key: str) -> dict | None:
 def record_timing(key: str, compile_s: float, eager_step_s: float, compiled_step_s: float) -> None:
     timings = read_timings()
     timings[key] = {"compile_s": compile_s, "eager_step_s": eager_step_s, "compiled_step_s": compiled_step_s}
-    os.makedirs(os.path.dirname(timings_path()), exist_ok=True)
-    with atomic_open(timings_path(), "w", encoding="utf-8") as f:
-        json.dump(timings, f, indent=1)
+    write_json(timings_path(), timings)
 
 
 MIN_GAIN = 0.1  # compile only for at least 10% more steps

@@ -95,13 +95,30 @@ def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) ->
                 tok.load(candidate + ".model")
                 if len(tok.vocab) == vocab_size:
                     return tok, candidate + ".model"
-            except ValueError as e:
-                print(f"note: not using {candidate}.model ({e})")
+                print(f"note: not using {candidate}.model (it has {len(tok.vocab)} tokens, not {vocab_size}); training anew")
+            except ValueError as e:  # minbpe's load names the file and the line: cut short, emptied, garbage
+                print(f"note: not using {candidate}.model, which is unreadable ({e}); training anew")
     tok = RegexTokenizer()
     print(f"training a {vocab_size}-token BPE tokenizer on {os.path.basename(data_path)}")
     tok.train(text, vocab_size)  # shows a bar when it takes long, on a terminal
     tok.save(prefix)
     return tok, prefix + ".model"
+
+
+def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
+    """The token ids cached at path (memory-mapped), or None to encode again: when there is no cache, or, with
+    a one-line notice, when it is unreadable or holds what no encoding gives (cut short, emptied, overwritten)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        if ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids) and 0 <= ids.min() and ids.max() < vocab_size:
+            return ids
+        problem = "its contents are not token ids of this tokenizer"
+    except (ValueError, OSError, EOFError) as e:
+        problem = f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:80]}"
+    print(f"note: the token cache {path} is unreadable ({problem}); encoding the text again")
+    return None
 
 
 def encode_with_progress(tok: RegexTokenizer, text: str, block: int = 1 << 18) -> np.ndarray:
@@ -151,11 +168,12 @@ class Dataset:
         tok_hash = hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest()
         stem = os.path.splitext(os.path.basename(path))[0]
         cache = repo_path("data", f"{stem}_{data_hash[:8]}_{tok_hash[:8]}.npy")
-        if not os.path.exists(cache):
+        ids = load_token_cache(cache, len(tok.vocab))
+        if ids is None:
             ids = encode_with_progress(tok, text)
             with atomic_open(cache, "wb") as f:
                 np.save(f, ids)
-        ids = np.load(cache, mmap_mode="r")
+            ids = np.load(cache, mmap_mode="r")
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
         for split, arr in self.splits.items():

@@ -90,6 +90,7 @@ def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) 
     reading scores at matched KL), their means, the win rate against the base's samples, the KL."""
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
     per_prompt["win"] = sample_wins(r["oracle"], base["oracle"]).mean(1)
+    per_prompt["kl"] = r["kl_per_prompt"]
     return {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
             **{k: v.mean().item() for k, v in per_prompt.items()},
             "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}

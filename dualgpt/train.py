@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from dualgpt import TrainingDiverged, UserError
+from dualgpt import TrainingDiverged, UserError, WriteFailed
 from dualgpt.checkpoint import build_model, cpu_copy, load_checkpoint, log_path, make_checkpoint, save_checkpoint
 from dualgpt.compiling import compile_model, load_timing, should_compile, timing_key
 from dualgpt.data import Dataset, resolve_data
@@ -362,8 +362,12 @@ def describe_run(script: str, model: nn.Module, device: str, dtype: str, peak: f
 def log(ddp: Distributed, log_file: str, record: dict, state: TrainState, t_start: float) -> None:
     """Append a record to the JSON-lines log (rank 0), with the training and wall-clock seconds so far."""
     if ddp.master:
-        with open(log_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(record, train_s=state.train_s, elapsed_s=time.time() - t_start)) + "\n")
+        try:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(record, train_s=state.train_s, elapsed_s=time.time() - t_start)) + "\n")
+        except OSError as e:
+            raise WriteFailed(f"could not append to {log_file} ({e.__class__.__name__}: {e.strerror}); the run "
+                              f"stopped: free some disk space or fix the folder's permissions, then --resume") from None
 
 
 def finish(path: str, state: TrainState, data: Dataset, ddp: Distributed, plot: bool, interrupted: bool) -> None:

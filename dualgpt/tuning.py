@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from dualgpt import TrainingDiverged, UserError, repo_path
-from dualgpt.checkpoint import convert_state_dict, cpu_copy, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from dualgpt.checkpoint import (convert_state_dict, cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
+                                model_from_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data, sha256_file
 from dualgpt.files import write_json
 from dualgpt.oracles import Oracle, get_oracle
@@ -122,6 +123,15 @@ def check_record(found: dict | None, expected: dict, path: str) -> None:
     why = "; ".join(differing[:3]) or "an earlier stage, the base, the data or the seed differs"
     raise UserError(f"{path} was written by another run ({why}); run python rlhf.py --rlhf_stage={expected['stage']} "
                     f"with these settings first")
+
+
+def output_folders(family: str) -> list[str]:
+    """Where the runs of an oracle and preset write: data/, model_dict/ (and its folders of kept checkpoints),
+    generate_text/."""
+    model_dict = repo_path("model_dict")
+    kept = [os.path.join(model_dict, d) for d in (os.listdir(model_dict) if os.path.isdir(model_dict) else [])
+            if d.startswith(family + "_") and os.path.isdir(os.path.join(model_dict, d))]
+    return [repo_path("data"), model_dict, repo_path("generate_text"), *kept]
 
 
 def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size: int = 1) -> Setup:
@@ -228,8 +238,8 @@ def load_pairs(s: Setup, record: dict) -> dict:
     path = s.path("data", "pairs.pt")
     if not os.path.exists(path):
         raise UserError(f"no preference pairs at {path}; run python rlhf.py --rlhf_stage=pairs first")
-    pairs = torch.load(path, map_location=s.cfg["device"], weights_only=True)
-    check_record(pairs.get("run"), record, path)
+    pairs = load_tensors(path, "run python rlhf.py --rlhf_stage=pairs again", s.cfg["device"])
+    check_record(pairs.get("run") if isinstance(pairs, dict) else None, record, path)
     return pairs
 
 

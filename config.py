@@ -127,7 +127,7 @@ ppo_epochs = 2  # PPO: passes over each step's rollouts
 ppo_minibatches = 4  # PPO: minibatches per pass
 ppo_clip = 0.2  # PPO: clip the probability ratio to [1 - clip, 1 + clip]
 ppo_value_clip = 0.2  # PPO: clip the value model's change from its rollout-time values to this
-ppo_vf_coef = 0.1  # PPO: weight of the value loss beside the policy loss
+ppo_value_lr = 3e-4  # PPO: AdamW learning rate of the value model
 ppo_gamma = 1.0  # PPO: discount along the completion (GAE)
 ppo_lambda = 0.95  # PPO: GAE's lambda
 

@@ -47,15 +47,15 @@ from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
 from dualgpt.plots import plot_oracle_against_kl, plot_rm_against_oracle
 from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss,
                                 preference_probability, reward_model_loss, tau_for_agreement)
-from dualgpt.rlhf_report import (at_kl, curve_point, distinct_2, evaluate_policy, gains_and_transfer, kept_curve,
-                                 markdown_tables, repetition, sample_wins, score_names, summarise,
-                                 write_markdown_report, write_samples)
+from dualgpt.rlhf_report import (at_kl, best_of_n_curve, curve_point, distinct_2, evaluate_policy, gains_and_transfer,
+                                 kept_curve, markdown_tables, matched_rows, pairwise_rows, repetition, score_names,
+                                 ratio_summary, strip_per_prompt, summarise, write_markdown_report, write_samples)
 from dualgpt.runconfig import check_choice, load_config, require
 from dualgpt.runtime import autocast
-from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, Setup, check_record, chosen_rejected, clear_outputs, complete, eval_prompts, frozen,
-                            keep_steps, kept_folder, load_pairs, output_folders, load_policy, load_policy_checkpoint, load_reward_model, minibatches,
-                            reward_scores, sample_prompts, save_model, save_policy, scores, sequence_logprobs, setup,
-                            step_on, texts, train_rl)
+from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
+                            eval_prompts, frozen, keep_steps, kept_folder, load_pairs, output_folders, load_policy,
+                            load_policy_checkpoint, load_reward_model, minibatches, reward_scores, sample_prompts,
+                            record_in, save_model, save_policy, scores, sequence_logprobs, setup, step_on, texts, train_rl)
 
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these for each seed, then "report"
 CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report",), "rlhf_script": RLHF_SCRIPTS,
@@ -111,8 +111,8 @@ def check_pipeline_keys(cfg: dict) -> None:
                   cfg["ppo_minibatches"], cfg["rl_steps"], cfg["keep_points"]) >= 1,
               "rm_epochs, rm_batch, dpo_epochs, dpo_batch, ppo_epochs, ppo_minibatches, rl_steps and keep_points must "
               "be at least 1"),
-             (min(cfg["dpo_beta"], cfg["dpo_lr"], cfg["rm_lr"], cfg["ppo_clip"], cfg["ppo_value_clip"]) > 0,
-              "dpo_beta, dpo_lr, rm_lr, ppo_clip and ppo_value_clip must be > 0"),
+             (min(cfg["dpo_beta"], cfg["dpo_lr"], cfg["rm_lr"], cfg["ppo_clip"], cfg["ppo_value_clip"],
+                  cfg["ppo_value_lr"]) > 0, "dpo_beta, dpo_lr, rm_lr, ppo_clip, ppo_value_clip and ppo_value_lr must be > 0"),
              (0 <= cfg["ppo_gamma"] <= 1 and 0 <= cfg["ppo_lambda"] <= 1, "ppo_gamma and ppo_lambda must be in [0, 1]")])
 
 
@@ -143,7 +143,7 @@ def stage_pairs(s: Setup) -> dict:
         decided = p["oracle_a"] != p["oracle_b"]
         agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided].double().mean().item()
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(), "label_agreement": agree}
-    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=s.run_record("pairs")))
+    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=s.new_record("pairs", None)))
     print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau {tau:.3f}; labels agree "
           f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
           f"({report['train']['ties']:.0%} are ties)")
@@ -152,7 +152,7 @@ def stage_pairs(s: Setup) -> dict:
 
 def stage_rm(s: Setup) -> dict:
     """A reward model: the base GPT with a scalar head on the last token, trained on the labels (Bradley-Terry)."""
-    cfg, pairs = s.cfg, load_pairs(s, s.run_record("pairs"))
+    cfg, pairs = s.cfg, load_pairs(s, s.expected("pairs"))
     rm = RewardModel(load_policy(s)).train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg["rm_lr"], weight_decay=0.0)
     chosen, rejected = chosen_rejected(pairs["train"])
@@ -173,8 +173,8 @@ def stage_rm(s: Setup) -> dict:
         "label_ceiling": torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item(),
         "accuracy_on_oracle": ((margin > 0) == (val["oracle_a"] > val["oracle_b"]))[decided].double().mean().item(),
     }
-    save_model(s, rm.body, s.path("model_dict", "rm.pt"), dict(report, method="reward model", run=s.run_record("rm")),
-               reward_head=rm.head.state_dict())
+    save_model(s, rm.body, s.path("model_dict", "rm.pt"),
+               dict(report, method="reward model", run=s.new_record("rm", pairs["run"]["id"])), reward_head=rm.head.state_dict())
     print(f"reward model: held-out accuracy {report['accuracy_on_labels']:.1%} on the noisy labels (ceiling "
           f"{report['label_ceiling']:.1%}), {report['accuracy_on_oracle']:.1%} on the oracle's own preferences")
     return report
@@ -184,7 +184,7 @@ def stage_bon(s: Setup) -> dict:
     """Best-of-n by the reward model: bon_max_n samples from the base for each of the first bon_prompts
     evaluation prompts, scored by the oracle, the judges and the reward model (the eval stage reads best-of-n
     at every n from them)."""
-    cfg, base, rm = s.cfg, load_policy(s), load_reward_model(s, s.run_record("rm"))
+    cfg, base, (rm, rm_record) = s.cfg, load_policy(s), load_reward_model(s, s.expected("rm"))
     prompts = eval_prompts(s)[:cfg["bon_prompts"]]
     n_max = cfg["bon_max_n"]
     repeated = prompts.repeat_interleave(n_max, dim=0)
@@ -195,7 +195,7 @@ def stage_bon(s: Setup) -> dict:
             **{f"judge_{name}": scores(judge, completion_texts).view(-1, n_max) for name, judge in s.oracle.judges.items()}}
     first = completions.view(len(prompts), n_max, -1)  # best of the first 16 samples of each prompt, for the samples file
     chosen = pool["rm"][:, :min(16, n_max)].argmax(dim=1)
-    save_checkpoint(s.path("data", "bon.pt"), {"pool": pool, "run": s.run_record("bon"),
+    save_checkpoint(s.path("data", "bon.pt"), {"pool": pool, "run": s.new_record("bon", rm_record["id"]),
                                                 "best_of_16": texts(s, first[torch.arange(len(prompts)), chosen])})
     n = n_max
     print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, oracle score "
@@ -219,7 +219,8 @@ def dpo_label(method: str, cfg: dict, pairs: dict) -> torch.Tensor | float:
 def stage_dpo(s: Setup) -> dict:
     """Each DPO loss of dpo_methods on the preference pairs, from the base, against the frozen base as reference,
     with the same minibatches in the same order."""
-    cfg, pairs = s.cfg, load_pairs(s, s.run_record("pairs"))
+    cfg, pairs = s.cfg, load_pairs(s, s.expected("pairs"))
+    record = s.new_record("dpo", pairs["run"]["id"])  # one run of the stage: every loss of it
     chosen, rejected = chosen_rejected(pairs["train"])
     prompts, n = pairs["train"]["prompts"], len(pairs["train"]["prompts"])
     reference = frozen(load_policy(s))
@@ -247,10 +248,10 @@ def stage_dpo(s: Setup) -> dict:
             log.append({"step": step, "loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
                         "margin": margin.mean().item()})
             if step in kept:
-                save_policy(s, policy, os.path.join(kept_folder(s, method), f"step{step:05d}.pt"), method,
-                            s.run_record("dpo"), step, step)
-        save_policy(s, policy, s.path("model_dict", f"{method}.pt"), method, s.run_record("dpo"), steps, steps)
-        write_json(s.path("generate_text", f"{method}_log.json"), {"run": s.run_record("dpo"), "log": log})
+                save_policy(s, policy, os.path.join(kept_folder(s, method), f"step{step:05d}.pt"), method, record,
+                            step, step)
+        save_policy(s, policy, s.path("model_dict", f"{method}.pt"), method, record, steps, steps)
+        write_json(s.path("generate_text", f"{method}_log.json"), {"run": record, "log": log})
         print(f"{method}: {steps} steps, last loss {log[-1]['loss']:.3f}, implicit-reward accuracy "
               f"{log[-1]['reward_accuracy']:.0%}")
         results[method] = {"steps": steps, "log": log}
@@ -260,8 +261,9 @@ def stage_dpo(s: Setup) -> dict:
 def stage_rl(s: Setup, method: str) -> dict:
     """RLOO or PPO on the reward model's score with a KL penalty to the frozen base (tuning.train_rl)."""
     policy = load_policy(s)
-    return {"log": train_rl(s, method, policy, list(policy.parameters()), load_reward_model(s, s.run_record("rm")),
-                            method, s.cfg["rl_steps"], s.cfg["keep_points"], s.run_record(method))}
+    rm, rm_record = load_reward_model(s, s.expected("rm"))
+    return {"log": train_rl(s, method, policy, list(policy.parameters()), rm, method, s.cfg["rl_steps"],
+                            s.cfg["keep_points"], s.new_record(method, rm_record["id"]))}
 
 
 def stage_eval(s: Setup) -> dict:
@@ -269,25 +271,26 @@ def stage_eval(s: Setup) -> dict:
     every n, each method's end point with its val bits per byte and diversity, and its scores at each KL of
     kl_targets: one seed's results, which the report stage combines over the seeds."""
     cfg = s.cfg
-    base, rm = load_policy(s), load_reward_model(s, s.run_record("rm"))
+    (rm, rm_record), base = load_reward_model(s, s.expected("rm")), load_policy(s)
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
     names = score_names(s)
     bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
+    inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"], "bon": bon["run"]["id"] if bon else None}
     base_result = evaluate_policy(s, base, reference, rm, prompts, samples, s.generator("curve.sampling", on_device=True))
-    inputs = {stage: s.run_record(stage)["id"] for stage in ("pairs", "rm", "bon", "dpo", "rloo", "ppo")}
-    result = {"seed": s.seed, "inputs": inputs, "methods": {}, "curves": {}, "samples": {}}
+    result = {"seed": s.seed, "methods": {}, "curves": {}, "samples": {}}
     policies = {"base": base}
     for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
         if not os.path.exists(path):
             print(f"note: no {method} policy ({path}); python rlhf.py --rlhf_stage={stage_of(method)} adds it")
             continue
-        record = s.run_record(stage_of(method))
-        policies[method] = load_policy(s, load_policy_checkpoint(path, record), path)
-        result["curves"][method] = kept_curve(s, method, record, reference, rm, prompts, samples, base_result)
+        ckpt = load_policy_checkpoint(path, s.expected(stage_of(method)))
+        inputs[method] = ckpt["rlhf"]["run"]["id"]
+        policies[method] = load_policy(s, ckpt, path)
+        result["curves"][method] = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts, samples, base_result)
     base_point = curve_point(s, 0, 0, base_result, base_result)
     ends = {"base": base_point, **{m: curve[-1] for m, curve in result["curves"].items()}}
-    for name, point in ends.items():  # each method's end point: the last point of its curve
+    for name, point in ends.items():  # each method's end point: the last point of its curve, its final policy
         policy = policies[name]
         completions = (base_result["completions"][::samples] if name == "base" else evaluate_policy(
             s, policy, reference, rm, prompts, 1, s.generator("eval.sampling", on_device=True))["completions"])
@@ -302,6 +305,7 @@ def stage_eval(s: Setup) -> dict:
     result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
                                      {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
                             for k in kl_targets(cfg)}
+    result["run"] = dict(s.new_record("eval", None), inputs=inputs)
     write_json(s.path("generate_text", "eval.json"), result)
     write_samples(s, prompts, {k: {"completions": v} for k, v in result["samples"].items()}, 1,
                   bon["best_of_16"] if bon else None)
@@ -312,29 +316,13 @@ def stage_eval(s: Setup) -> dict:
 
 def load_bon(s: Setup) -> dict | None:
     """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note) if missing."""
-    path = s.path("data", "bon.pt")
+    path = s.path(*STAGE_FILES["bon"])
     if not os.path.exists(path):
         print(f"note: no best-of-n pool ({path}); python rlhf.py --rlhf_stage=bon adds it")
         return None
     bon = load_tensors(path, "run python rlhf.py --rlhf_stage=bon again")
-    check_record(bon.get("run") if isinstance(bon, dict) else None, s.run_record("bon"), path)
+    check_record(record_in(bon), s.expected("bon"), path)
     return bon
-
-
-def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict) -> list[dict]:
-    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the selection, per
-    prompt (the first bon_prompts evaluation prompts), and the win rate of the selected sample against the
-    base's evaluation samples of the same prompt, the same estimator as every other row."""
-    n_prompts = pool["rm"].shape[0]
-    values = dict(pool, win=sample_wins(pool["oracle"], base_result["oracle"][:n_prompts]))
-    points, n = [], 1
-    while n <= pool["rm"].shape[1]:
-        per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in values.items()}
-        points.append({"n": n, "step": 0, "optimizer_steps": 0, "kl": best_of_n_kl(n),
-                       **{k: v.mean().item() for k, v in per_prompt.items()},
-                       "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})
-        n *= 2
-    return points
 
 
 def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
@@ -345,10 +333,11 @@ def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
     per_seed = [seed_result(s.for_seed(cfg["seed"] + k)) for k in range(cfg["seeds"])]
     judges = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")]
     keys = ["kl", "oracle", *(f"judge_{j}" for j in judges), "rm", "win", "val_bpb", "distinct_2", "repetition",
-            "gain_oracle", *(f"gain_judge_{j}" for j in judges), *(f"transfer_judge_{j}" for j in judges)]
+            "gain_oracle", *(f"gain_judge_{j}" for j in judges)]
     names = [m for m in per_seed[0]["methods"] if all(m in r["methods"] for r in per_seed)]
     report = {"oracle": s.oracle.name, "base": cfg["rlhf_base"], "script": cfg["rlhf_script"],
-              "seeds": [r["seed"] for r in per_seed], "inputs": {r["seed"]: r["inputs"] for r in per_seed},
+              "seeds": [r["seed"] for r in per_seed], "inputs": {r["seed"]: r["run"]["inputs"] for r in per_seed},
+              "config": {k: cfg[k] for k in sorted(cfg) if k not in ("device",)},
               "eval_prompts": cfg["eval_prompts"], "eval_split": cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
               "bon_prompts": cfg["bon_prompts"], "bon_max_n": cfg["bon_max_n"], "judges": judges,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds, "methods": {},
@@ -357,12 +346,14 @@ def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
         rows = [r["methods"][name] for r in per_seed]
         report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
                                    **{k: summarise(rows, k) for k in keys if k in rows[0]}}
+        report["methods"][name].update({f"transfer_judge_{j}": ratio_summary(rows, f"gain_judge_{j}", "gain_oracle")
+                                        for j in judges if "gain_oracle" in rows[0]})
     for target in per_seed[0]["matched_kl"]:
         at = [r["matched_kl"][target] for r in per_seed]
         report["matched_kl"][target] = matched_rows(at, ["oracle", *(f"judge_{j}" for j in judges)])
         report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]])
     report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
-    report["bon_curve"] = [{k: v for k, v in p.items() if k != "per_prompt"} for p in per_seed[0]["bon_curve"]]
+    report["bon_curves"] = {r["seed"]: r["bon_curve"] for r in per_seed}
     write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
     write_markdown_report(repo_path("generate_text", f"{s.family}_report.md"), report)
     plot_oracle_against_kl(report, repo_path("generate_text", f"{s.family}_oracle_vs_kl.png"))
@@ -372,54 +363,26 @@ def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
 
 
 def seed_result(s: Setup) -> dict:
-    """One seed's eval stage results, refused unless every input it measured is this run's."""
+    """One seed's eval stage results, refused unless they were measured with these settings on the files that
+    are on disk now (the pairs, reward model, pool and every policy it measured)."""
     path = s.path("generate_text", "eval.json")
     result = read_json(path, f"run python rlhf.py --rlhf_stage=eval --seed={s.seed} again")
     if result is None:
         raise UserError(f"no evaluation of seed {s.seed} ({path}); run python rlhf.py --rlhf_stage=eval "
                         f"--seed={s.seed} first")
-    for stage, found in result["inputs"].items():
-        if any(stage_of(m) == stage for m in result["methods"]) or stage in ("pairs", "rm", "bon"):
-            if found != s.run_record(stage)["id"]:
-                raise UserError(f"{path} measured another run's {stage} stage; run python rlhf.py --seed={s.seed} "
-                                f"--rlhf_stage=eval again")
+    record = result.get("run") if isinstance(result, dict) else None
+    check_record({k: v for k, v in (record or {}).items() if k not in ("id", "inputs")}, s.expected("eval", None), path)
+    now = {"pairs": s.found_record("pairs")["id"], "rm": s.found_record("rm")["id"]}
+    for name in record["inputs"]:
+        if name not in now:
+            policy = s.path(*STAGE_FILES[name]) if name in STAGE_FILES else s.path("model_dict", f"{name}.pt")
+            now[name] = (record_in(load_tensors(policy, f"run python rlhf.py --rlhf_stage={stage_of(name)} again"))
+                         or {}).get("id") if os.path.exists(policy) else None
+    stale = [name for name, found in record["inputs"].items() if now.get(name) != found]
+    if stale:
+        raise UserError(f"{path} measured files that have since been written anew ({', '.join(stale)}); run python "
+                        f"rlhf.py --rlhf_stage=eval --seed={s.seed} again")
     return result
-
-
-def matched_rows(at: list[dict], keys: list[str]) -> dict:
-    """At one KL: each method's scores (None where a seed's curve never reaches the KL) and its differences to
-    best-of-n on best-of-n's prompts, paired by prompt."""
-    rows = {}
-    for method in at[0]:
-        if any(a.get(method) is None for a in at):
-            rows[method] = {k: {"mean": None, "reason": "not reached"} for k in keys}
-            continue
-        points = [{"per_prompt": a[method]} for a in at]
-        rows[method] = {k: summarise(points, k) for k in keys}
-        if method != "best-of-n" and all(a.get("best-of-n") for a in at):
-            bon = [{"per_prompt": a["best-of-n"]} for a in at]
-            rows[method].update({f"{k} - best-of-n": summarise(points, k, paired_with=bon) for k in keys})
-    return rows
-
-
-def pairwise_rows(at: list[dict], names: list[str]) -> dict:
-    """At one KL: every pair of tuned methods, the difference in oracle score, paired by prompt."""
-    rows = {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if all(x.get(a) and x.get(b) for x in at):
-                rows[f"{a} − {b}"] = summarise([{"per_prompt": x[a]} for x in at], "oracle",
-                                               paired_with=[{"per_prompt": x[b]} for x in at])
-    return rows
-
-
-def strip_per_prompt(value):
-    """The report without the per-prompt lists of its curves (kept in each seed's eval.json)."""
-    if isinstance(value, dict):
-        return {k: strip_per_prompt(v) for k, v in value.items() if k != "per_prompt"}
-    if isinstance(value, list):
-        return [strip_per_prompt(v) for v in value]
-    return value
 
 
 RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,

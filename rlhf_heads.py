@@ -32,8 +32,8 @@ from dualgpt.preference import RewardModel, completion_logits, exact_kl
 from dualgpt.rlhf_report import evaluate_policy, kept_curve
 from dualgpt.runconfig import load_config, require
 from dualgpt.runtime import autocast, progress
-from dualgpt.tuning import (STAGE_KEYS, TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
-                            load_policy, load_reward_model, restrict_training, reward_scores, scores,
+from dualgpt.tuning import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
+                            load_policy, load_reward_model, record_in, restrict_training, reward_scores, scores,
                             output_folders, sequence_logprobs, setup, texts, train_rl)
 from rlhf import MODEL_CLASSES
 
@@ -44,8 +44,9 @@ HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_
 
 def pipeline_records(s: Setup) -> dict[str, dict]:
     """The records of the files rlhf.py wrote for this oracle, preset and seed, checked to be one run: each on
-    this base, data, script and seed, and each stage built on the others' files (the study cannot recompute
-    them: it does not read the pipeline's own keys). Tuned policies that do not exist are left out."""
+    this base, data, script, dtype and seed, each stage built on the file of the stage before it that is on
+    disk now, and the RL runs with the RL settings this study uses for its own runs. Tuned policies that do
+    not exist are left out."""
     paths = {"pairs": s.path("data", "pairs.pt"), "rm": s.path("model_dict", "rm.pt"),
              **{m: s.path("model_dict", f"{m}.pt") for m in METHODS}}
     records = {}
@@ -55,24 +56,26 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
                 raise UserError(f"no {path}: run python rlhf.py{' --quick' if s.cfg['quick'] else ''} "
                                 f"--seed={s.seed} first")
             continue
-        found = load_tensors(path, f"run python rlhf.py --seed={s.seed} again")
-        records[name] = (found.get("run") if name == "pairs" else found.get("rlhf", {}).get("run")) or {}
+        records[name] = record_in(load_tensors(path, f"run python rlhf.py --seed={s.seed} again")) or {}
     upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
-    expected = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": s.cfg["rlhf_script"]}
+    identity = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": s.cfg["rlhf_script"],
+                "dtype": s.cfg["dtype"]}
     for name, record in records.items():
-        mismatch = [k for k, v in expected.items() if record.get(k) != v]
-        if name in upstream and record["upstream"] != records["pairs" if upstream[name] == "pairs" else "rm"]["id"]:
+        mismatch = [f"{k} {record.get(k)!r}" for k, v in identity.items() if record.get(k) != v]
+        if name in upstream and record.get("upstream") != records[upstream[name]].get("id"):
             mismatch.append(f"built on another {upstream[name]} file")
+        if name == "rloo":
+            mismatch += [f"{k}={v!r}" for k, v in record.get("keys", {}).items() if k in s.cfg and s.cfg[k] != v]
         if mismatch:
             raise UserError(f"{paths[name]} belongs to another run ({', '.join(mismatch)}); run python rlhf.py "
-                            f"--seed={s.seed} again with this base, data and rlhf_script")
+                            f"--seed={s.seed} again, or give the study the same settings")
     return records
 
 
-def partial_record(s: Setup, records: dict) -> dict:
-    """The record of the study's own RLOO runs: on the pipeline's reward model, with the study's settings."""
-    keys = {k: s.cfg[k] for k in STAGE_KEYS["rloo"] if k in s.cfg} | {"head_tuning_steps": s.cfg["head_tuning_steps"]}
-    return s.record("head study", keys, records["rm"]["id"])
+def partial_record(s: Setup, records: dict, part: str) -> dict:
+    """The record of one of the study's own RLOO runs: on the pipeline's reward model, with the study's
+    settings, tuning `part`."""
+    return s.new_record("rloo", records["rm"]["id"], keys={"head_tuning_steps": s.cfg["head_tuning_steps"], "part": part})
 
 
 def policy_from_state(s: Setup, state: dict) -> nn.Module:
@@ -175,19 +178,20 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     runs = {f"head {best[0]}.{best[1]} only": part_masks(base_state, heads={best}),
             "attention only": part_masks(base_state, heads=set(heads)),
             "MLPs only": part_masks(base_state, mlps=True)}
-    base, rm = load_policy(s), load_reward_model(s, records["rm"])
+    base, (rm, _) = load_policy(s), load_reward_model(s, records["rm"])
     reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
-    steps, own = s.cfg["head_tuning_steps"], partial_record(s, records)
+    steps = s.cfg["head_tuning_steps"]
     base_result = evaluate_policy(s, base, reference, rm, prompts, 2, s.generator("curve.sampling", on_device=True))
     curves = {}
     if "rloo" in records:
-        curves["all weights (the rloo stage's run)"] = kept_curve(s, "rloo", records["rloo"], reference, rm, prompts, 2,
+        final = load_tensors(s.path("model_dict", "rloo.pt"), "run python rlhf.py --rlhf_stage=rloo again")["rlhf"]
+        curves["all weights (the rloo stage's run)"] = kept_curve(s, "rloo", final, reference, rm, prompts, 2,
                                                                   base_result)
     for label, mask in runs.items():
         name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
-        policy = load_policy(s)
+        policy, own = load_policy(s), partial_record(s, records, label)
         train_rl(s, "rloo", policy, restrict_training(policy, mask), rm, name, steps, 2, own)
-        curves[label] = kept_curve(s, name, own, reference, rm, prompts, 2, base_result)
+        curves[label] = kept_curve(s, name, {"run": own, "step": steps}, reference, rm, prompts, 2, base_result)
     return {"chosen_head": list(best), "steps": steps, "curves": curves}
 
 
@@ -222,7 +226,7 @@ def write_head_study(s: Setup, study: dict) -> None:
                        s.path("generate_text", f"heads_{name}.png"))
     plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
-    plot_oracle_against_kl({"oracle": s.oracle.name, "bon_curve": [], "curves": {s.seed: study["partial_tuning"]["curves"]}},
+    plot_oracle_against_kl({"oracle": s.oracle.name, "bon_curves": {}, "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
     for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]:
@@ -246,7 +250,7 @@ def head_study(s: Setup) -> dict:
     n_layer, n_head = s.base["model_config"]["n_layer"], s.base["model_config"]["n_head"]
     heads = [(layer, head) for layer in range(n_layer) for head in range(n_head)]
     base_state = lb_state(s.base)
-    base, rm = policy_from_state(s, base_state), load_reward_model(s, records["rm"])
+    base, (rm, _) = policy_from_state(s, base_state), load_reward_model(s, records["rm"])
     gen = s.generator("heads.batches")
     batches = [s.data.batch("val", gen)[0] for _ in range(s.cfg["head_batches"])]
     prompts = eval_prompts(s)[:s.cfg["head_prompts"]]

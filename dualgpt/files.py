@@ -3,6 +3,7 @@
 temp files, JSON in and out."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,36 +26,42 @@ def temp_path(path: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
 
 
+# what a full disk, a size limit or a read-only or forbidden folder raise: a failed write, not a program error
+DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EIO}
+
+
 @contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
-    """A file that replaces path only when the block succeeds, after its bytes (and the rename) reach the disk.
-    On any failure the temp file is removed and path keeps its last good content; a failure of the disk or
-    the folder (full, a file-size limit, read-only, ...) is raised as one-line WriteFailed."""
+    """A file that replaces path only when the block succeeds, after its bytes (and, where the system allows,
+    the rename) reach the disk. On any failure the temp file is removed and path keeps its last good content;
+    a failure of the disk or the folder (full, a file-size limit, read-only, forbidden) is raised as one-line
+    WriteFailed, anything else (a network error while downloading into it, say) as it is."""
     tmp = temp_path(path)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        f = open(tmp, mode, **kwargs)
-        with f:
+        with open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash
-        finally:
-            os.close(directory)
     except OSError as e:
         with suppress(OSError):
             os.remove(tmp)
-        reason = e.strerror or str(e)[:120]
+        if e.errno not in DISK_ERRORS:
+            raise
         kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
-        raise WriteFailed(f"could not write {path} ({e.__class__.__name__}: {reason}); {kept}, and the run stopped: "
+        raise WriteFailed(f"could not write {path} ({e.__class__.__name__}: {e.strerror}); {kept}, and the run stopped: "
                           f"free some disk space or fix the folder's permissions, then run it again") from None
     except BaseException:
         with suppress(OSError):
             os.remove(tmp)
         raise
+    with suppress(OSError):  # make the rename durable too; not every system lets a folder be opened or synced
+        directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 def write_text(path: str, text: str) -> None:
@@ -94,6 +101,8 @@ def remove_dead_temps(*folders: str) -> list[str]:
     """Remove the temp files that writers which no longer run left in the folders (a killed run's debris);
     never one of a live process. Returns what was removed."""
     removed = []
+    if os.name != "posix":  # os.kill(pid, 0) is no liveness test elsewhere: leave the files
+        return removed
     for folder in folders:
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             match = TEMP.match(name)

@@ -19,18 +19,20 @@ from typing import Callable
 from dualgpt import UserError
 
 # Words that carry sentiment in Shakespeare, in word families (love, loving, lovely; grace, gracious; death,
-# dead, die), split into two halves that no family spans: SCORE_* labels the pairs (the oracle score), JUDGE_*
-# only judges. Families were dealt out by frequency in Tiny Shakespeare, each to the half with fewer
+# dead, die, dying), split into two halves that no family spans: SCORE_* labels the pairs (the oracle score),
+# JUDGE_* only judges. Families were dealt out by frequency in Tiny Shakespeare, each to the half with fewer
 # occurrences so far, so the halves are about as common (positive 1974 and 1977 occurrences, negative 1235 and
-# 1231).
+# 1231, counted before the inflections of die, hate and sad joined their families). A family lists the
+# inflections that same_family's four-letter rule would miss.
 SCORE_POSITIVE = [("good",), ("true",), ("noble",), ("sweet",), ("dear",), ("gentle",), ("welcome",), ("comfort",),
                   ("happy",), ("kind",), ("beauty",), ("tender",), ("brave",), ("pleasure",), ("blessed",), ("glad",),
                   ("precious",), ("bright",)]
 JUDGE_POSITIVE = [("love", "loving", "lovely"), ("grace", "gracious"), ("fair",), ("honour",), ("heaven",), ("peace",),
                   ("hope",), ("friend",), ("joy",), ("faith",), ("mercy",), ("worthy",), ("honest",), ("virtue",),
                   ("merry",), ("rich",), ("glory",), ("smile",), ("delight",)]
-SCORE_NEGATIVE = [("death", "dead", "die"), ("kill",), ("grief",), ("hate",), ("villain",), ("traitor",), ("weep",),
-                  ("fool",), ("murder",), ("sad",), ("poison",), ("bitter",), ("despair",), ("vile",), ("cruel",),
+SCORE_NEGATIVE = [("death", "dead", "die", "died", "dies", "dying"), ("kill",), ("grief",),
+                  ("hate", "hated", "hates", "hating", "hatred"), ("villain",), ("traitor",), ("weep",), ("fool",), ("murder",),
+                  ("sad", "sadly", "sadness", "sadden", "saddened"), ("poison",), ("bitter",), ("despair",), ("vile",), ("cruel",),
                   ("plague",), ("wicked",)]
 JUDGE_NEGATIVE = [("blood",), ("fear",), ("tears",), ("shame",), ("sorrow",), ("war",), ("grave",), ("false",), ("foul",),
                   ("woe",), ("sin",), ("slain",), ("hell",), ("curse",), ("base",), ("sick",), ("pain",), ("wretched",),

@@ -119,10 +119,10 @@ def plot_oracle_against_kl(report: dict, path: str) -> None:
     in training order (one line per seed), so that methods are compared at equal KL, not at equal steps."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    bon = report["bon_curve"]
-    if bon:
-        ax.plot([b["kl"] ** 0.5 for b in bon], [b["oracle"] for b in bon], color="black", marker="s", label="best-of-n")
-        for b in bon:
+    for seed_index, bon in enumerate(report["bon_curves"].values()):
+        ax.plot([b["kl"] ** 0.5 for b in bon], [b["oracle"] for b in bon], color="black", marker="s", markersize=3,
+                alpha=0.7, label="best-of-n" if seed_index == 0 else None)
+        for b in bon if seed_index == 0 else []:
             ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b["oracle"]), fontsize=6, xytext=(3, -9), textcoords="offset points")
     for seed_index, curves in enumerate(report["curves"].values()):
         for method, points in curves.items():
@@ -141,9 +141,9 @@ def plot_rm_against_oracle(report: dict, path: str) -> None:
     model."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    bon = report["bon_curve"]
-    if bon:
-        ax.plot([b["rm"] for b in bon], [b["oracle"] for b in bon], color="black", marker="s", label="best-of-n, n = 1 ... ")
+    for seed_index, bon in enumerate(report["bon_curves"].values()):
+        ax.plot([b["rm"] for b in bon], [b["oracle"] for b in bon], color="black", marker="s", markersize=3, alpha=0.7,
+                label="best-of-n, n = 1 ... " if seed_index == 0 else None)
     for seed_index, curves in enumerate(report["curves"].values()):
         for method, points in curves.items():
             ax.plot([p["rm"] for p in points], [p["oracle"] for p in points], marker="o", markersize=3, alpha=0.7,

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
 
+from dualgpt import UserError
 from dualgpt.files import write_text
 from dualgpt.oracles import WORD
-from dualgpt.preference import RewardModel, completion_logits, exact_kl, kl_estimators, token_logprobs
+from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits, exact_kl,
+                                kl_estimators, token_logprobs)
 from dualgpt.runtime import autocast
 from dualgpt.tuning import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy, load_policy_checkpoint,
                             reward_scores, scores, texts)
@@ -50,12 +53,18 @@ def repetition(text: str) -> float:
     return (len(words) - len(set(words))) / max(1, len(words))
 
 
-def sample_wins(oracle: torch.Tensor, base_oracle: torch.Tensor) -> torch.Tensor:
+def sample_wins(oracle: torch.Tensor, base_oracle: torch.Tensor, coupled: bool = False) -> torch.Tensor:
     """How often each sample beats an independent sample of the base for the same prompt, by the oracle score
     (a tie counts half): (P, n) samples, (P, m) base samples -> (P, n). The one win-rate estimator of the
-    report: a method's rate is its samples' mean; best-of-n's, the expectation of the selected sample's."""
+    report: a method's rate is its samples' mean; best-of-n's, the expectation of the selected sample's.
+    coupled: sample i of both was drawn from the same random numbers (a curve point and the base), so that
+    pair is left out and only independent pairs count."""
     a, b = oracle[:, :, None], base_oracle[:, None, :]
-    return ((a > b).double() + 0.5 * (a == b).double()).mean(2)
+    wins = (a > b).double() + 0.5 * (a == b).double()  # (P, n, m)
+    if not coupled:
+        return wins.mean(2)
+    independent = ~torch.eye(wins.shape[1], wins.shape[2], dtype=torch.bool)
+    return (wins * independent).sum(2) / independent.sum(1)
 
 
 @torch.no_grad()
@@ -89,48 +98,75 @@ def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) 
     """One point of a training curve from evaluate_policy's result r: per-prompt means of every score (kept for
     reading scores at matched KL), their means, the win rate against the base's samples, the KL."""
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
-    per_prompt["win"] = sample_wins(r["oracle"], base["oracle"]).mean(1)
+    per_prompt["win"] = sample_wins(r["oracle"], base["oracle"], coupled=True).mean(1)
     per_prompt["kl"] = r["kl_per_prompt"]
     return {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
             **{k: v.mean().item() for k, v in per_prompt.items()},
             "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}
 
 
-def kept_curve(s: Setup, name: str, record: dict, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
                samples: int, base: dict) -> list[dict]:
     """The base (step 0) and every kept checkpoint of the run `name`, in step order, evaluated on the prompts
-    with the same random numbers each, so that runs can be compared at equal KL. Each kept file must be the
-    run of `record`'s: one from another run is an error, never a point of the curve."""
+    with the same random numbers each, so that runs can be compared at equal KL. final: the "rlhf" entry of
+    the run's final policy. Each kept file must be of that run (one of another run is an error, never a point
+    of the curve), and the last must be the final policy's step (else the end point would not be the policy)."""
     folder = kept_folder(s, name)
     points = [curve_point(s, 0, 0, base, base)]
-    for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step\d+\.pt", f)) if os.path.isdir(folder) else []
+    for file in sorted(files, key=lambda f: int(f[4:-3])):
         path = os.path.join(folder, file)
-        kept = load_policy_checkpoint(path, record)
+        kept = load_policy_checkpoint(path, final["run"])
         r = evaluate_policy(s, load_policy(s, kept, path), reference, rm, prompts, samples,
                             s.generator("curve.sampling", on_device=True))
         points.append(curve_point(s, kept["rlhf"]["step"], kept["rlhf"]["optimizer_steps"], r, base))
+    if points[-1]["step"] != final["step"]:
+        raise UserError(f"the kept checkpoints of {name} in {folder} end at step {points[-1]['step']}, its policy is at "
+                        f"step {final['step']}; run python rlhf.py --rlhf_stage={final['run']['stage']} again")
     return points
 
 
 def at_kl(points: list[dict], kl: float) -> dict | None:
-    """A curve's per-prompt scores at a KL, interpolated linearly between the two points around the first
-    crossing of that KL; None where the curve never reaches it."""
+    """A curve's per-prompt scores at a KL, interpolated between the two points around the first crossing of
+    that KL, linearly in sqrt(KL) (scores grow about linearly in sqrt(KL): Gao et al. 2022), with the KLs of
+    those two points (how wide the gap is that was bridged); None where the curve never reaches the KL."""
     for a, b in zip(points, points[1:]):
         if a["kl"] <= kl <= b["kl"] and b["kl"] > a["kl"]:
-            w = (kl - a["kl"]) / (b["kl"] - a["kl"])
-            return {k: [(1 - w) * x + w * y for x, y in zip(a["per_prompt"][k], b["per_prompt"][k])] for k in a["per_prompt"]}
+            w = (kl ** 0.5 - a["kl"] ** 0.5) / (b["kl"] ** 0.5 - a["kl"] ** 0.5)
+            return {"bracket": [a["kl"], b["kl"]],
+                    "per_prompt": {k: [(1 - w) * x + w * y for x, y in zip(a["per_prompt"][k], b["per_prompt"][k])]
+                                   for k in a["per_prompt"] if k in b["per_prompt"]}}
     return None
 
 
 def gains_and_transfer(row: dict, base: dict, judges: list[str]) -> dict:
-    """A method's gain over the base in each score (per prompt), and each judge's gain over the oracle score's
-    gain: the transfer ratio (1: the judge rose as much as the oracle score; 0: not at all)."""
+    """A method's gain over the base in each score, per prompt (paired: the same prompts), and one seed's
+    transfer ratio for each judge: its mean gain over the oracle score's (1: the judge rose as much as the
+    oracle score; 0: not at all). The report's ratio over seeds is ratio_summary's."""
     out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])] for k in ["oracle", *judges]}
     oracle_gain = sum(out["gain_oracle"]) / len(out["gain_oracle"])
     for judge in judges:
         judge_gain = sum(out[f"gain_{judge}"]) / len(out[f"gain_{judge}"])
         out[f"transfer_{judge}"] = judge_gain / oracle_gain if oracle_gain else float("nan")
     return out
+
+
+def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dict:
+    """The ratio of two mean gains (a judge's over the oracle score's), with a 95% interval by the delta method:
+    over seeds where there are several (the ratio of the seeds' mean gains), else over the one seed's prompts.
+    A ratio of means, not a mean of per-seed ratios, which a gain near zero would blow up."""
+    def units(key):
+        if len(per_seed) > 1:
+            return torch.tensor([sum(r[key]) / len(r[key]) for r in per_seed], dtype=torch.float64)
+        return torch.tensor(per_seed[0][key], dtype=torch.float64)
+
+    top, bottom = units(numerator), units(denominator)
+    if bottom.mean().abs() < 1e-12:
+        return {"mean": float("nan"), "ci": None, "n": len(top)}
+    ratio = (top.mean() / bottom.mean()).item()
+    spread = mean_interval(top - ratio * bottom)  # the delta method: ratio's error = this mean's / mean(bottom)
+    ci = spread["ci"] / abs(bottom.mean().item()) if spread["ci"] is not None else None
+    return {"mean": ratio, "ci": ci, "n": len(top), **({"over": "prompts"} if len(per_seed) == 1 else {})}
 
 
 def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = None) -> dict:
@@ -218,3 +254,55 @@ def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, 
         if best_of_16 and i < len(best_of_16):
             parts.append(f"-------- best-of-16 by the reward model\n{best_of_16[i]}\n")
     write_text(s.path("generate_text", "samples.txt"), "".join(parts))
+
+
+def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict) -> list[dict]:
+    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the selection, per
+    prompt (the first bon_prompts evaluation prompts), and the win rate of the selected sample against the
+    base's evaluation samples of the same prompt, the same estimator as every other row."""
+    n_prompts = pool["rm"].shape[0]
+    values = dict(pool, win=sample_wins(pool["oracle"], base_result["oracle"][:n_prompts]))
+    points, n = [], 1
+    while n <= pool["rm"].shape[1]:
+        per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in values.items()}
+        points.append({"n": n, "step": 0, "optimizer_steps": 0, "kl": best_of_n_kl(n),
+                       **{k: v.mean().item() for k, v in per_prompt.items()},
+                       "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})
+        n *= 2
+    return points
+
+
+def matched_rows(at: list[dict], keys: list[str]) -> dict:
+    """At one KL: each method's scores (None where a seed's curve never reaches the KL) and its differences to
+    best-of-n on best-of-n's prompts, paired by prompt."""
+    rows = {}
+    for method in at[0]:
+        if any(a.get(method) is None for a in at):
+            rows[method] = {k: {"mean": None, "reason": "not reached"} for k in keys}
+            continue
+        points = [a[method] for a in at]
+        rows[method] = {k: summarise(points, k) for k in keys}
+        rows[method]["brackets"] = [a[method]["bracket"] for a in at]  # the kept points each seed bridged
+        if method != "best-of-n" and all(a.get("best-of-n") for a in at):
+            bon = [a["best-of-n"] for a in at]
+            rows[method].update({f"{k} - best-of-n": summarise(points, k, paired_with=bon) for k in keys})
+    return rows
+
+
+def pairwise_rows(at: list[dict], names: list[str]) -> dict:
+    """At one KL: every pair of tuned methods, the difference in oracle score, paired by prompt."""
+    rows = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if all(x.get(a) and x.get(b) for x in at):
+                rows[f"{a} − {b}"] = summarise([x[a] for x in at], "oracle", paired_with=[x[b] for x in at])
+    return rows
+
+
+def strip_per_prompt(value):
+    """The report without the per-prompt lists of its curves (kept in each seed's eval.json)."""
+    if isinstance(value, dict):
+        return {k: strip_per_prompt(v) for k, v in value.items() if k != "per_prompt"}
+    if isinstance(value, list):
+        return [strip_per_prompt(v) for v in value]
+    return value

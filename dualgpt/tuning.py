@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import uuid
 from typing import Iterator
 
 import torch
@@ -46,13 +47,16 @@ SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "
 STAGE_KEYS = {
     "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs"),
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
-    "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split"),
+    "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
     "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "cdpo_epsilon", "keep_points"),
     "rloo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize", "keep_points"),
     "ppo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "keep_points", "ppo_epochs", "ppo_minibatches",
-            "ppo_clip", "ppo_value_clip", "ppo_vf_coef", "ppo_gamma", "ppo_lambda"),
+            "ppo_clip", "ppo_value_clip", "ppo_value_lr", "ppo_gamma", "ppo_lambda"),
+    "eval": ("eval_samples", "eval_prompts", "eval_split", "kl_targets", "seed"),
 }
-UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
+UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm", "eval": None}
+# the file whose record stands for a stage's run, where other files are built on it
+STAGE_FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"), "bon": ("data", "bon.pt")}
 
 
 def seed_for(seed: int, name: str, index: int = 0) -> int:
@@ -95,34 +99,63 @@ class Setup:
         return torch.Generator(device=self.cfg["device"] if on_device else "cpu").manual_seed(
             seed_for(self.seed, name, index))
 
-    def run_record(self, stage: str) -> dict:
-        """What produced a stage's outputs: the base, the data, the script, the seed, the stage's keys and its
-        upstream stage's record; "id" hashes them all."""
-        upstream = UPSTREAM[stage]
-        return self.record(stage, {k: self.cfg[k] for k in STAGE_KEYS[stage]},
-                           self.run_record(upstream)["id"] if upstream else None)
+    def expected(self, stage: str, upstream: str | None | bool = True) -> dict:
+        """What a file of `stage` written for this run must record: this replicate's base, data, script, dtype
+        and seed, the stage's keys, and the id of the upstream file it was built on, as that file is on disk
+        now (upstream=True: read it; or give the id). A file that matches has its own "id" besides."""
+        if upstream is True:
+            upstream = self.found_record(UPSTREAM[stage])["id"] if UPSTREAM[stage] else None
+        return {"stage": stage, "seed": self.seed, "base": self.base_hash[:16], "data": self.data.data_hash[:16],
+                "script": self.cfg["rlhf_script"], "dtype": self.cfg["dtype"],
+                "keys": {k: self.cfg[k] for k in STAGE_KEYS[stage] if k in self.cfg}, "upstream": upstream}
 
-    def record(self, stage: str, keys: dict, upstream: str | None) -> dict:
-        """A record of this replicate's base, data, script and seed, with a stage's keys and upstream record's
-        id; "id" hashes them all."""
-        record = {"stage": stage, "seed": self.seed, "base": self.base_hash[:16], "data": self.data.data_hash[:16],
-                  "script": self.cfg["rlhf_script"], "keys": keys, "upstream": upstream}
-        record["id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    def new_record(self, stage: str, upstream: str | None, keys: dict | None = None) -> dict:
+        """The record of a run of `stage` that starts now, on the upstream file of that id: what expected()
+        asks of it, and an id of its own that no other run shares (so a rerun with the same settings is
+        still another run, and what was built on the earlier one is refused)."""
+        record = self.expected(stage, upstream)
+        record["keys"].update(keys or {})
+        record["id"] = hashlib.sha256(f"{json.dumps(record, sort_keys=True)}{uuid.uuid4()}".encode()).hexdigest()[:16]
         return record
+
+    def found_record(self, stage: str) -> dict:
+        """The record in the file a stage wrote last (its pairs, reward model, pool or policy), checked to be
+        this run's (whose upstream is, in turn, the file on disk now)."""
+        path = self.path(*STAGE_FILES[stage])
+        if not os.path.exists(path):
+            raise UserError(f"no {path}; run python rlhf.py --rlhf_stage={stage} first")
+        content = load_tensors(path, f"run python rlhf.py --rlhf_stage={stage} again")
+        found = record_in(content)
+        check_record(found, self.expected(stage), path)
+        return found
+
+
+def record_in(content) -> dict | None:
+    """The record a file of the pipeline carries: pairs and pools at the top, checkpoints in their "rlhf" entry."""
+    if not isinstance(content, dict):
+        return None
+    record = content.get("run", content.get("rlhf", {}).get("run") if isinstance(content.get("rlhf"), dict) else None)
+    return record if isinstance(record, dict) else None
 
 
 def check_record(found: dict | None, expected: dict, path: str) -> None:
-    """A one-line error unless a file's record `found` is the `expected` one: it was written by another run."""
-    if (found or {}).get("id") == expected["id"]:
+    """A one-line error unless a file's record `found` is what `expected` asks (every entry equal): else the file
+    was written by another run, with other settings, or on an upstream file that has since been written anew."""
+    found = found if isinstance(found, dict) else {}
+    if all(found.get(k) == v for k, v in expected.items()):
         return
-    found = found or {}
-    differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k, v in found.get("keys", {}).items()
-                 if k in expected["keys"] and expected["keys"][k] != v]
     if found.get("stage") != expected["stage"]:
-        differing.insert(0, f"by the {found.get('stage', 'unknown')} stage")
-    why = "; ".join(differing[:3]) or "an earlier stage, the base, the data or the seed differs"
+        why = f"by the {found.get('stage', 'unknown')} stage" if found else "with no record of its run"
+    else:
+        differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k, v in found.get("keys", {}).items()
+                     if k in expected["keys"] and expected["keys"][k] != v]
+        differing += [f"{k} {found.get(k)!r} there, {expected[k]!r} here" for k in ("seed", "script", "dtype", "base",
+                                                                                     "data") if found.get(k) != expected[k]]
+        if found.get("upstream") != expected["upstream"]:
+            differing.append(f"built on an earlier {UPSTREAM[expected['stage']]} file")
+        why = "; ".join(differing[:3])
     raise UserError(f"{path} was written by another run ({why}); run python rlhf.py --rlhf_stage={expected['stage']} "
-                    f"with these settings first")
+                    f"with these settings")
 
 
 def output_folders(family: str) -> list[str]:
@@ -188,15 +221,15 @@ def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> No
 
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dict, step: int,
                 optimizer_steps: int) -> None:
-    """A tuned policy with what made it: the method, the step, and the record of the run (see run_record)."""
+    """A tuned policy with what made it: the method, the step, and the record of the run (Setup.new_record)."""
     save_model(s, policy, path, {"method": method, "step": step, "optimizer_steps": optimizer_steps, "base": s.base_path,
                                  "oracle": s.oracle.name, "run": record})
 
 
-def load_policy_checkpoint(path: str, record: dict) -> dict:
-    """A tuned policy's checkpoint, refused unless the run of `record` wrote it."""
+def load_policy_checkpoint(path: str, expected: dict) -> dict:
+    """A tuned policy's checkpoint, refused unless its record is what `expected` asks."""
     ckpt = load_checkpoint(path)
-    check_record(ckpt.get("rlhf", {}).get("run"), record, path)
+    check_record(record_in(ckpt), expected, path)
     return ckpt
 
 
@@ -219,27 +252,27 @@ def keep_steps(steps: int, points: int) -> set[int]:
     return {max(1, round(steps / 2 ** (points - i))) for i in range(1, points + 1)}
 
 
-def load_reward_model(s: Setup, record: dict) -> RewardModel:
-    """The reward model, refused unless the run of `record` wrote it; frozen."""
+def load_reward_model(s: Setup, expected: dict) -> tuple[RewardModel, dict]:
+    """The reward model (frozen) and its record, refused unless the record is what `expected` asks."""
     path = s.path("model_dict", "rm.pt")
     if not os.path.exists(path):
         raise UserError(f"no reward model at {path}; run python rlhf.py --rlhf_stage=rm first")
     ckpt = load_checkpoint(path)
-    check_record(ckpt.get("rlhf", {}).get("run"), record, path)
+    check_record(record_in(ckpt), expected, path)
     rm = RewardModel(load_policy(s, ckpt, path))
     rm.head.load_state_dict(ckpt["reward_head"])
     for p in rm.parameters():
         p.requires_grad_(False)
-    return rm.eval()
+    return rm.eval(), record_in(ckpt)
 
 
-def load_pairs(s: Setup, record: dict) -> dict:
-    """The preference pairs, refused unless the run of `record` wrote them."""
+def load_pairs(s: Setup, expected: dict) -> dict:
+    """The preference pairs (their record under "run"), refused unless the record is what `expected` asks."""
     path = s.path("data", "pairs.pt")
     if not os.path.exists(path):
         raise UserError(f"no preference pairs at {path}; run python rlhf.py --rlhf_stage=pairs first")
     pairs = load_tensors(path, "run python rlhf.py --rlhf_stage=pairs again", s.cfg["device"])
-    check_record(pairs.get("run") if isinstance(pairs, dict) else None, record, path)
+    check_record(record_in(pairs), expected, path)
     return pairs
 
 
@@ -265,10 +298,12 @@ def sample_prompts(s: Setup, part: str, n: int, generator: torch.Generator) -> t
 
 
 def eval_prompts(s: Setup) -> torch.Tensor:
-    """The prompts every method is evaluated on (the head study takes its first head_prompts): test prompts,
-    or dev prompts with eval_split = dev, for trying settings without touching the test prompts."""
+    """The prompts every method and every seed is evaluated on (the head study takes its first head_prompts):
+    test prompts, or dev prompts with eval_split = dev, for trying settings without touching the test prompts."""
     split = s.cfg["eval_split"]
-    return sample_prompts(s, split, s.cfg["eval_prompts"], s.generator(f"{'eval' if split == 'test' else 'dev'}.prompts"))
+    name = "eval.prompts" if split == "test" else "dev.prompts"
+    # drawn from the run config's seed, not the replicate's: every seed of a study is tested on the same prompts
+    return sample_prompts(s, split, s.cfg["eval_prompts"], torch.Generator().manual_seed(seed_for(s.cfg["seed"], name)))
 
 
 def complete(s: Setup, model: nn.Module, prompts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -377,7 +412,9 @@ def ppo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, d
     """PPO as in Stiennon et al. 2020 and InstructGPT: per-token rewards (the KL penalty at every token, the
     reward model's score at the last), the critic's values, GAE advantages (whitened) and returns, then
     ppo_epochs passes of ppo_minibatches minibatches (a new order each pass), each one optimizer step on the
-    clipped policy loss plus ppo_vf_coef x the clipped value loss. Returns the last loss and mean statistics."""
+    clipped policy loss plus the clipped value loss (the critic's parameters have their own learning rate,
+    ppo_value_lr: with Adam a weight on the value loss would change nothing). Returns the last loss and mean
+    statistics."""
     cfg, n = s.cfg, len(batch["prompts"])
     prompts, completions = batch["prompts"], batch["completions"]
     with torch.no_grad(), autocast(cfg["device"], cfg["dtype"]):
@@ -386,38 +423,45 @@ def ppo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, d
     advantages, returns = gae(rewards, old_values, cfg["ppo_gamma"], cfg["ppo_lambda"])
     advantages = whiten(advantages)
     stats = []
-    for _, idx in minibatches(n, math.ceil(n / cfg["ppo_minibatches"]), cfg["ppo_epochs"], learner.order, prompts.device):
+    for _, idx in minibatches(n, ppo_minibatch_size(cfg), cfg["ppo_epochs"], learner.order, prompts.device):
         logprobs = completion_logprobs(s, learner.policy, prompts[idx], completions[idx])
         policy_loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], advantages[idx], cfg["ppo_clip"])
         with autocast(cfg["device"], cfg["dtype"]):
             values = learner.critic.token_values(prompts[idx], completions[idx]).float()
         critic_loss = value_loss(values, old_values[idx], returns[idx], cfg["ppo_value_clip"])
-        loss = policy_loss + cfg["ppo_vf_coef"] * critic_loss
+        loss = policy_loss + critic_loss
         step_on(learner.optimizer, loss)
         stats.append(dict(minibatch, value_loss=critic_loss.item()))
     return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
 
 
+def ppo_minibatch_size(cfg: dict) -> int:
+    return math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / cfg["ppo_minibatches"])
+
+
 def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
-    return cfg["ppo_epochs"] * cfg["ppo_minibatches"] if method == "ppo" else 1
+    """RLOO: one; PPO: one per minibatch of each pass (ppo_minibatches, or fewer when the rollout is small)."""
+    if method == "rloo":
+        return 1
+    return cfg["ppo_epochs"] * math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / ppo_minibatch_size(cfg))
 
 
 def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter], rm: RewardModel, name: str,
              steps: int, keep_points: int, record: dict) -> list[dict]:
     """`steps` rollouts of RLOO or PPO on `params` of the policy against the frozen base and the (frozen) reward
-    model, keeping the policy at keep_points evenly spaced steps under `name`, each file with the run's
-    `record`; returns the log, one record per step. PPO's critic starts from the reward model and trains with
-    the policy."""
+    model, keeping the policy at keep_points steps (keep_steps) under `name`, each file with the run's `record`;
+    returns the log, one record per step. PPO's critic starts from the reward model and trains with the policy,
+    at its own learning rate."""
     cfg = s.cfg
     reference = frozen(load_policy(s))
+    groups = [{"params": params, "lr": cfg["rl_lr"]}]
     critic = None
     if method == "ppo":
         critic = copy.deepcopy(rm).train()
         for p in critic.parameters():
             p.requires_grad_(True)
-        params = params + list(critic.parameters())
-    learner = Learner(policy, torch.optim.AdamW(params, lr=cfg["rl_lr"], weight_decay=0.0), s.generator("ppo.order"),
-                      critic)
+        groups.append({"params": list(critic.parameters()), "lr": cfg["ppo_value_lr"]})
+    learner = Learner(policy, torch.optim.AdamW(groups, weight_decay=0.0), s.generator("ppo.order"), critic)
     sampling = s.generator("rl.sampling", on_device=True)
     update = {"rloo": rloo_update, "ppo": ppo_update}[method]
     per_rollout, kept = optimizer_steps_per_rollout(cfg, method), keep_steps(steps, keep_points)

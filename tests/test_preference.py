@@ -397,6 +397,7 @@ def test_no_word_and_no_word_family_spans_the_oracle_score_and_the_judges():
         assert not [(a, b) for a in scorer for b in judge if same_family(a, b)]
     assert {"love", "grace"} <= lexicon_judge.keys()
     assert "good" not in afinn and "goodness" not in afinn and "death" not in afinn  # the score's families are out
+    assert not {"died", "dying", "hating", "hatred", "sadly", "sadden", "saddened"} & afinn.keys()  # short stems too
     assert afinn["love"] == 3  # the lexicon judge's families stay: both judges are held out from the score
     assert afinn["cheerful"] > 0 and afinn["awful"] < 0  # AFINN's own words remain
 

@@ -209,10 +209,25 @@ def test_reading_a_stages_files_from_another_run_is_one_line(rlhf_run, tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {home / 'model_dict' / P}_rloo.pt was written by another run (rl_lr=0.001 there, "
-                          f"0.0005 here); run python rlhf.py --rlhf_stage=rloo with these settings first")
+                          f"0.0005 here); run python rlhf.py --rlhf_stage=rloo with these settings")
     assert err.count("\n") == 1
     stray = home / "model_dict" / f"{P}_ppo_steps" / "step00075.pt"
     shutil.copy(home / "model_dict" / f"{P}_rloo_steps" / "step00050.pt", stray)  # RLOO's, in PPO's folder
     with pytest.raises(SystemExit):
         rlhf.main(args + ["--rlhf_stage=eval"])
-    assert "step00075.pt was written by another run" in capsys.readouterr().err
+    assert "step00075.pt was written by another run (by the rloo stage)" in capsys.readouterr().err
+
+
+def test_files_built_on_an_earlier_run_of_a_stage_are_refused_even_with_the_same_settings(rlhf_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """The pairs drawn again with the very same settings are another run: the reward model trained on the old
+    ones is refused, and so is the report of an evaluation that measured the old ones."""
+    home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
+    rlhf.main(args + ["--rlhf_stage=pairs"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        rlhf.main(args + ["--rlhf_stage=bon"])
+    assert f"{P}_rm.pt was written by another run (built on an earlier pairs file)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rlhf.main(args + ["--rlhf_stage=report"])
+    assert f"{P}_rm.pt was written by another run" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """What the clone ships (the dataset, the trained tokenizer, one trained model per script, samples, loss
 curves, attention maps), that they still work, and that running the main job never modifies a tracked file."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -71,3 +72,21 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
         assert result.returncode == 0, result.stderr[-2000:]
     assert os.path.exists(clone / "model_dict" / "gpt.pt")  # the run did write its outputs
     assert git("status", "--porcelain", cwd=clone) == ""
+
+
+def test_the_readmes_rlhf_tables_and_times_are_the_shipped_reports():
+    """Every row of the shipped RLHF report's tables stands in the README as it is, and so do the run's seeds,
+    machine and minutes (from report.json, which the same command wrote)."""
+    shipped = os.path.join(ROOT, "generate_text", "shipped")
+    with open(os.path.join(shipped, "rlhf_sentiment_report.md"), encoding="utf-8") as f:
+        rows = [line for line in f.read().splitlines() if line.startswith("|")]
+    with open(os.path.join(shipped, "rlhf_sentiment_report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert len(rows) > 30
+    missing = [row for row in rows if row not in readme.splitlines()]
+    assert not missing, missing[:3]
+    minutes = sum(report["seconds"].values()) / 60
+    assert f"seeds {', '.join(map(str, report['seeds']))}" in readme
+    assert f"{report['machine']}: {minutes:.0f} min" in readme

@@ -325,12 +325,25 @@ def load_bon(s: Setup) -> dict | None:
     return bon
 
 
-def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
+def record_seconds(s: Setup, stage: str, seconds: float) -> None:
+    """Keep how long a stage took when it last ran for this seed (the report adds them up: the study's time)."""
+    path = s.path("generate_text", "seconds.json")
+    write_json(path, dict(read_json(path, "it is rewritten by the next stage that runs") or {}, **{stage: seconds}))
+
+
+def stage_report(s: Setup) -> dict:
     """The study over the seeds: every method's end point and its scores at matched KL, with 95% intervals over
-    the seeds (over prompts where there is one), the differences to best-of-n and between methods, the plots.
-    seconds: what each stage of this process took, summed over the seeds (recorded as the run's time)."""
+    the seeds (over prompts where there is one), the differences to best-of-n and between methods, the reward
+    models' held-out accuracy, the time each stage took, the plots."""
     cfg = s.cfg
-    per_seed = [seed_result(s.for_seed(cfg["seed"] + k)) for k in range(cfg["seeds"])]
+    replicates = [s.for_seed(cfg["seed"] + k) for k in range(cfg["seeds"])]
+    per_seed = [seed_result(r) for r in replicates]
+    seconds = {}
+    for r in replicates:  # each stage's time when it last ran, summed over the seeds
+        for stage, value in (read_json(r.path("generate_text", "seconds.json"), "run the stages again") or {}).items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
+    reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py --rlhf_stage=rm again")["rlhf"]
+                     for r in replicates]  # seed_result checked that these are the ones measured
     judges = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")]
     keys = ["kl", "oracle", *(f"judge_{j}" for j in judges), "rm", "win", "val_bpb", "distinct_2", "repetition",
             "gain_oracle", *(f"gain_judge_{j}" for j in judges)]
@@ -340,8 +353,10 @@ def stage_report(s: Setup, seconds: dict[str, float]) -> dict:
               "config": {k: cfg[k] for k in sorted(cfg) if k not in ("device",)},
               "eval_prompts": cfg["eval_prompts"], "eval_split": cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
               "bon_prompts": cfg["bon_prompts"], "bon_max_n": cfg["bon_max_n"], "judges": judges,
-              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds, "methods": {},
-              "matched_kl": {}, "pairwise": {}}
+              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds,
+              "reward_model": {k: summarise(reward_models, k) for k in ("accuracy_on_oracle", "accuracy_on_labels",
+                                                                          "label_ceiling")},
+              "methods": {}, "matched_kl": {}, "pairwise": {}}
     for name in names:
         rows = [r["methods"][name] for r in per_seed]
         report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
@@ -405,11 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
                 for stage in stages:
                     t0 = time.perf_counter()
                     results.setdefault(stage, []).append(RUN[stage](replicate))
-                    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
-                    print(f"[seed {replicate.seed}, {stage}: {time.perf_counter() - t0:.0f} s]")
+                    seconds = time.perf_counter() - t0
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+                    record_seconds(replicate, stage, seconds)
+                    print(f"[seed {replicate.seed}, {stage}: {seconds:.0f} s]")
             if cfg["rlhf_stage"] in ("all", "report"):
                 t0 = time.perf_counter()
-                results["report"] = stage_report(s, dict(timings))
+                results["report"] = stage_report(s)
                 timings["report"] = time.perf_counter() - t0
         return {"results": results, "seconds": timings, "machine": platform.processor() or platform.machine()}
 

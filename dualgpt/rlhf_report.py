@@ -204,7 +204,12 @@ def markdown_tables(report: dict) -> str:
     head = (["method", "optimizer steps", "KL to base (nats/seq)", "oracle score"] + [f"judge {j}" for j in judges]
             + ["oracle gain"] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
             + ["win rate vs base", "val bpb", "distinct-2", "repetition"])
-    lines = [f"**End points** (mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |",
+    rm = report["reward_model"]
+    lines = [f"**Reward model**, held-out pairs (mean ± 95% interval over {over}): accuracy on the oracle score's own "
+             f"preferences {cell(rm['accuracy_on_oracle'], '{:.1%}')} (per seed: "
+             f"{', '.join(f'{v:.1%}' for v in rm['accuracy_on_oracle']['per_seed'])}); on the noisy labels "
+             f"{cell(rm['accuracy_on_labels'], '{:.1%}')}, against a ceiling of {cell(rm['label_ceiling'], '{:.1%}')}.",
+             "", f"**End points** (mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for method, m in report["methods"].items():
         cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m["oracle"])]

@@ -99,7 +99,7 @@ quick = False  # a smaller, faster run: the values in RLHF_QUICK below; its outp
 rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval | report (all: every stage for each seed, then the report)
 seeds = 1  # replicates: seed, seed + 1, ... each runs every stage (its own pairs, reward model and policies); the report gives means and 95% intervals over them
 label_agreement = 0.75  # how often the noisy labels agree with the oracle score, as with human raters (sets tau)
-n_pairs = 3072  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from dev prompts)
+n_pairs = 8192  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from dev prompts)
 rm_epochs = 1  # reward model: passes over the pairs
 rm_batch = 64  # reward model: pairs per step
 rm_lr = 1e-3  # reward model: AdamW learning rate
@@ -110,6 +110,7 @@ kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares
 keep_points = 5  # each tuning run keeps its policy at this many steps, each twice the one before, the last at the end (the curves at equal KL)
 dpo_methods = "dpo,cdpo,ipo,dpo_soft"  # the DPO losses the dpo stage trains, each from the base (dpo: hard labels; cdpo: labels smoothed by cdpo_epsilon; ipo: IPO; dpo_soft: the pairs' preference probabilities)
 cdpo_epsilon = 0.25  # conservative DPO: the chance a label is flipped (1 - label_agreement)
+dpo_pairs = 3072  # DPO: train on the first this many pairs (0 = all); a time budget: the reward model learns from all n_pairs
 dpo_lr = 3e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)
 dpo_epochs = 1  # DPO: passes over the pairs
 dpo_batch = 32  # DPO: pairs per step
@@ -143,5 +144,5 @@ GPU_PRESET = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, 
                   learning_rate=1e-3, min_lr=1e-4, eval_interval=500, eval_iters=200)
 
 # --quick for rlhf.py and rlhf_heads.py: fewer pairs, prompts and steps (keys typed on the command line still win).
-RLHF_QUICK = dict(n_pairs=1024, bon_max_n=64, bon_prompts=16, eval_prompts=48, eval_samples=2, rl_steps=16, keep_points=2,
+RLHF_QUICK = dict(n_pairs=1024, dpo_pairs=0, bon_max_n=64, bon_prompts=16, eval_prompts=48, eval_samples=2, rl_steps=16, keep_points=2,
                   dpo_methods="dpo,ipo")

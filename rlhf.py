@@ -101,7 +101,7 @@ def check_pipeline_keys(cfg: dict) -> None:
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from {', '.join(DPO_METHODS)}"),
              (targets and all(k > 0 for k in targets), f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
              (cfg["seeds"] >= 1, "seeds must be at least 1"),
-             (cfg["n_pairs"] >= 16, "n_pairs must be at least 16"),
+             (cfg["n_pairs"] >= 16 and cfg["dpo_pairs"] >= 0, "n_pairs must be at least 16, dpo_pairs at least 0 (all)"),
              (0.5 < cfg["label_agreement"] < 1, "label_agreement must be in (0.5, 1)"),
              (0 <= cfg["cdpo_epsilon"] < 0.5, "cdpo_epsilon must be in [0, 0.5)"),
              (cfg["bon_max_n"] >= 2 and cfg["eval_prompts"] >= 2 and cfg["eval_samples"] >= 1,
@@ -221,8 +221,10 @@ def stage_dpo(s: Setup) -> dict:
     with the same minibatches in the same order."""
     cfg, pairs = s.cfg, load_pairs(s, s.expected("pairs"))
     record = s.new_record("dpo", pairs["run"]["id"])  # one run of the stage: every loss of it
-    chosen, rejected = chosen_rejected(pairs["train"])
-    prompts, n = pairs["train"]["prompts"], len(pairs["train"]["prompts"])
+    n = min(cfg["dpo_pairs"] or len(pairs["train"]["prompts"]), len(pairs["train"]["prompts"]))
+    train = {k: v[:n] for k, v in pairs["train"].items()}  # the first dpo_pairs pairs, the same for every loss
+    chosen, rejected = chosen_rejected(train)
+    prompts = train["prompts"]
     reference = frozen(load_policy(s))
     with torch.no_grad():  # the reference never changes: its log-probabilities once, up front
         ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + CHUNK], side[i:i + CHUNK])
@@ -233,7 +235,7 @@ def stage_dpo(s: Setup) -> dict:
     for method in DPO_METHODS:
         clear_outputs(s, method)  # also the losses not trained this time: no earlier run's policy stays behind
     for method in dpo_methods(cfg):
-        kind, label = DPO_METHODS[method][0], dpo_label(method, cfg, pairs["train"])
+        kind, label = DPO_METHODS[method][0], dpo_label(method, cfg, train)
         policy = load_policy(s)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["dpo_lr"], weight_decay=0.0)
         log = []

@@ -48,7 +48,7 @@ STAGE_KEYS = {
     "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs"),
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
     "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
-    "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "cdpo_epsilon", "keep_points"),
+    "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "dpo_pairs", "cdpo_epsilon", "keep_points"),
     "rloo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize", "keep_points"),
     "ppo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "keep_points", "ppo_epochs", "ppo_minibatches",
             "ppo_clip", "ppo_value_clip", "ppo_value_lr", "ppo_gamma", "ppo_lambda"),

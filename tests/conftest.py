@@ -121,7 +121,7 @@ BASE = TINY_MODEL + ["--batch_size=16", "--dropout=0.0", "--eval_iters=2", "--le
 SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "--rl_prompts=16", "--rl_group=8",
           "--rl_lr=1e-3", "--device=cpu", "--dtype=float32"]  # keys rlhf.py and rlhf_heads.py both read
 PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=16", "--bon_prompts=16",
-            "--eval_samples=8", "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=100", "--ppo_epochs=1",
+            "--eval_samples=4", "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=100", "--ppo_epochs=1",
             "--ppo_minibatches=2", "--keep_points=2", "--kl_targets=0.5,1"]  # keys of rlhf.py alone
 
 

@@ -123,7 +123,7 @@ def test_heatmaps_have_one_cell_per_head(tmp_path):
 def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
     home = rlhf_run.home
     study = rlhf_heads.main(rlhf_run.shared_args + ["--head_prompts=16", "--head_pairs=32", "--head_batches=2",
-                                                    "--head_tuning_steps=30"])
+                                                    "--head_tuning_steps=12"])
     for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "oracle_vs_kl"):
         image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_seed1337_heads_{name}.png")
         assert image.shape[0] > 100
@@ -135,5 +135,5 @@ def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
         assert len(r["kl_by_position"]) == 16
     curves = study["partial_tuning"]["curves"]
     assert len(curves) == 4  # the full run and the three partial ones, each from the base (step 0)
-    assert [[p["step"] for p in points] for points in curves.values()] == [[0, 50, 100], [0, 15, 30], [0, 15, 30],
-                                                                           [0, 15, 30]]
+    assert [[p["step"] for p in points] for points in curves.values()] == [[0, 50, 100], [0, 6, 12], [0, 6, 12],
+                                                                           [0, 6, 12]]

@@ -189,7 +189,7 @@ def test_a_rerun_with_other_settings_leaves_no_point_of_the_earlier_run_in_the_c
     """keep_points=3, then back to 2 (and the reverse order in between): each time the curves hold exactly the
     steps of the last run, never a kept checkpoint of the one before (the shipped report once did)."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
-    small = ["--dpo_methods=dpo", "--rl_steps=12"]
+    small = ["--dpo_methods=dpo", "--rl_steps=12", "--eval_samples=2"]
     for points, rl_steps, dpo_steps in ((3, [3, 6, 12], [8, 16, 32]), (2, [6, 12], [16, 32])):
         for stage in ("dpo", "rloo", "ppo", "eval"):
             rlhf.main(args + small + [f"--keep_points={points}", f"--rlhf_stage={stage}"])

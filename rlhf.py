@@ -53,7 +53,7 @@ from dualgpt.rlhf_report import (at_kl, best_of_n_curve, curve_point, distinct_2
 from dualgpt.runconfig import check_choice, load_config, require
 from dualgpt.runtime import autocast
 from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
-                            eval_prompts, frozen, keep_steps, kept_folder, load_pairs, output_folders, load_policy,
+                            eval_prompts, frozen, keep_steps, kept_folder, load_output, load_pairs, load_policy, output_folders,
                             load_policy_checkpoint, load_reward_model, minibatches, reward_scores, sample_prompts,
                             record_in, save_model, save_policy, scores, sequence_logprobs, setup, step_on, texts, train_rl)
 
@@ -318,13 +318,10 @@ def stage_eval(s: Setup) -> dict:
 
 def load_bon(s: Setup) -> dict | None:
     """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note) if missing."""
-    path = s.path(*STAGE_FILES["bon"])
-    if not os.path.exists(path):
-        print(f"note: no best-of-n pool ({path}); python rlhf.py --rlhf_stage=bon adds it")
+    if not os.path.exists(s.path(*STAGE_FILES["bon"])):
+        print(f"note: no best-of-n pool ({s.path(*STAGE_FILES['bon'])}); python rlhf.py --rlhf_stage=bon adds it")
         return None
-    bon = load_tensors(path, "run python rlhf.py --rlhf_stage=bon again")
-    check_record(record_in(bon), s.expected("bon"), path)
-    return bon
+    return load_output(s, "bon", s.expected("bon"))
 
 
 def record_seconds(s: Setup, stage: str, seconds: float) -> None:

@@ -119,15 +119,20 @@ class Setup:
         return record
 
     def found_record(self, stage: str) -> dict:
-        """The record in the file a stage wrote last (its pairs, reward model, pool or policy), checked to be
-        this run's (whose upstream is, in turn, the file on disk now)."""
-        path = self.path(*STAGE_FILES[stage])
-        if not os.path.exists(path):
-            raise UserError(f"no {path}; run python rlhf.py --rlhf_stage={stage} first")
-        content = load_tensors(path, f"run python rlhf.py --rlhf_stage={stage} again")
-        found = record_in(content)
-        check_record(found, self.expected(stage), path)
-        return found
+        """The record in the file a stage wrote last (its pairs, reward model or pool), checked to be this
+        run's (whose upstream is, in turn, the file on disk now)."""
+        return record_in(load_output(self, stage, self.expected(stage)))
+
+
+def load_output(s: Setup, stage: str, expected: dict, device: str = "cpu") -> dict:
+    """The file a stage wrote (STAGE_FILES: the pairs, the reward model, the best-of-n pool), refused unless its
+    record is what `expected` asks."""
+    path = s.path(*STAGE_FILES[stage])
+    if not os.path.exists(path):
+        raise UserError(f"no {path}; run python rlhf.py --rlhf_stage={stage} first")
+    content = load_tensors(path, f"run python rlhf.py --rlhf_stage={stage} again", device)
+    check_record(record_in(content), expected, path)
+    return content
 
 
 def record_in(content) -> dict | None:
@@ -267,13 +272,8 @@ def load_reward_model(s: Setup, expected: dict) -> tuple[RewardModel, dict]:
 
 
 def load_pairs(s: Setup, expected: dict) -> dict:
-    """The preference pairs (their record under "run"), refused unless the record is what `expected` asks."""
-    path = s.path("data", "pairs.pt")
-    if not os.path.exists(path):
-        raise UserError(f"no preference pairs at {path}; run python rlhf.py --rlhf_stage=pairs first")
-    pairs = load_tensors(path, "run python rlhf.py --rlhf_stage=pairs again", s.cfg["device"])
-    check_record(record_in(pairs), expected, path)
-    return pairs
+    """The preference pairs (their record under "run"), on the run's device."""
+    return load_output(s, "pairs", expected, s.cfg["device"])
 
 
 def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,26 +18,27 @@ def iterations(path) -> int:
     return torch.load(path, weights_only=True)["iter_num"]
 
 
-def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home, corpus):
-    """`python gpt.py` three times: no checkpoint (train, then sample); --resume (train on, then sample);
-    --overwrite (start over, then sample, the old checkpoint kept as .bak). (With a checkpoint and neither
-    flag it only samples: test_train.py's test_auto_mode_trains_then_samples_then_only_samples.)"""
+def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home, corpus, capsys):
+    """`python gpt.py` with no checkpoint trains, then samples (through the real command line); then, in-process,
+    --resume trains on, then samples, and --overwrite starts over, then samples, the old checkpoint kept as .bak.
+    (With a checkpoint and neither flag it only samples: test_train.py's
+    test_auto_mode_trains_then_samples_then_only_samples.)"""
     args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=3")
     ckpt = home / "model_dict" / "gpt.pt"
     rc, out, err = finish(run_script(home, args))
     assert rc == 0, err
     assert iterations(ckpt) == 6
     assert "--- sample 1/1 ---" in out
-    rc, out, err = finish(run_script(home, args + ["--max_iters=12", "--resume"]))
-    assert rc == 0, err
+    assert run_main(args + ["--max_iters=12", "--resume"]) == 0
+    out = capsys.readouterr().out
     assert "resuming" in out
     assert "sampling from it" not in out
     assert iterations(ckpt) == 12
     assert "--- sample 1/1 ---" in out
     assert "(iteration 12," in (home / "generate_text" / "gpt.txt").read_text()
     before = ckpt.read_bytes()
-    rc, out, err = finish(run_script(home, args + ["--max_iters=4", "--overwrite"]))
-    assert rc == 0, err
+    assert run_main(args + ["--max_iters=4", "--overwrite"]) == 0
+    out = capsys.readouterr().out
     assert "resuming" not in out
     assert iterations(ckpt) == 4
     assert (home / "model_dict" / "gpt.pt.bak").read_bytes() == before

@@ -69,10 +69,7 @@ def test_a_second_run_on_a_checkpoint_in_use_is_one_line_and_a_killed_runs_lock_
         first.send_signal(signal.SIGKILL)  # the kernel drops a dead process's lock
         first.wait()
     target = checkpoint_iteration(ckpt) + 3
-    third = subprocess.run([sys.executable, "gpt.py", *tiny_args(home, corpus, "--mode=train", "--resume",
-                                                                 f"--max_iters={target}")],
-                           cwd=home, capture_output=True, text=True, timeout=120)
-    assert third.returncode == 0, third.stderr[-2000:]
+    assert run_main(tiny_args(home, corpus, "--mode=train", "--resume", f"--max_iters={target}")) == 0
     assert checkpoint_iteration(ckpt) == target
 
 

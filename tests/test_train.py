@@ -274,7 +274,7 @@ def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, 
                     reason="torch.compile on CPU needs a C++ compiler, and there is none here")
 def test_compiled_training_matches_eager(home, corpus, capsys):
     """The compiled run really compiled (dynamo built a graph, no fallback note), and matches eager."""
-    args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train")
+    args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", "--n_layer=1")
     assert run_main(args + ["--compile=false", f"--ckpt={home / 'eager.pt'}"]) == 0
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

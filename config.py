@@ -87,7 +87,7 @@ mode = "auto"  # auto | train | sample | eval | heads | export (auto: train if t
 # --- RLHF: the base, the task, the evaluation prompts (read by rlhf.py, rlhf_heads.py) -------
 rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from (either script's checkpoint)
 rlhf_script = "gpt_"  # gpt_ | gpt (gpt_: SM-GPT, KV-cache sampling, faster; gpt: LB-GPT, one module per head)
-oracle = "sentiment"  # sentiment | verse | module:function (sentiment: a lexicon, half scores, half judges, and AFINN judges; verse: ten syllables a line; module:function: your own, text -> float)
+oracle = "auto"  # auto | sentiment | verse | module:function | none (auto: sentiment, or none with --pairs; sentiment: a lexicon, half scores, half judges, and AFINN judges; verse: ten syllables a line; module:function: your own, text -> float; none: measure with the reward model only)
 prompt_tokens = 16  # prompt length: windows of the train split (evaluation: of the val split)
 completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
 eval_prompts = 128  # prompts every method is evaluated on (the head study uses the first head_prompts)
@@ -96,7 +96,11 @@ dpo_beta = 0.1  # DPO: strength of the pull towards the reference (the head stud
 quick = False  # a smaller, faster run: the values in RLHF_QUICK below; its outputs are named rlhf_<oracle>_quick_*
 
 # --- RLHF: the study, pairs, reward model, best-of-n, DPO (read by rlhf.py) -------------------
-rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval | report (all: every stage for each seed, then the report)
+rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval | report | label (all: every stage for each seed, then the report; label: you label pairs of the base's completions in the terminal)
+pairs = ""  # a JSON-lines file of prompt/chosen/rejected texts (yours, or labelled with --rlhf_stage=label) to tune on instead of the oracle's pairs
+pairs_held_out = 0.1  # with --pairs: the share of its pairs held out (the reward model's accuracy; their prompts evaluate every method)
+labels = "data/labels.jsonl"  # --rlhf_stage=label: where your answers go (ties and skips: beside it, *_skipped.jsonl)
+label_target = 200  # --rlhf_stage=label: how many pairs to label
 seeds = 1  # replicates: seed, seed + 1, ... each runs every stage (its own pairs, reward model and policies); the report gives means and 95% intervals over them
 label_agreement = 0.75  # how often the noisy labels agree with the oracle score, as with human raters (sets tau)
 n_pairs = 8192  # preference pairs from train-split prompts (plus n_pairs / 8 held out, from dev prompts)

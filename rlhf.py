@@ -44,11 +44,13 @@ from dualgpt.cli import exit_codes
 from dualgpt.compiling import machine_name
 from dualgpt.evaluation import full_loss
 from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
-from dualgpt.plots import plot_oracle_against_kl, plot_rm_against_oracle
+from dualgpt.plots import plot_rm_against_oracle, plot_score_against_kl
 from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss,
                                 preference_probability, reward_model_loss, tau_for_agreement)
-from dualgpt.rlhf_report import (at_kl, best_of_n_curve, curve_point, distinct_2, evaluate_policy, gains_and_transfer,
-                                 kept_curve, markdown_tables, matched_rows, pairwise_rows, repetition, score_names,
+from dualgpt.preference_data import encode_pairs, read_pairs, write_pairs
+from dualgpt.rlhf_report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point, distinct_2, evaluate_policy,
+                                 gains_and_transfer, kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
+                                 repetition, score_names,
                                  ratio_summary, strip_per_prompt, summarise, write_markdown_report, write_samples)
 from dualgpt.runconfig import check_choice, load_config, require
 from dualgpt.runtime import autocast
@@ -58,8 +60,8 @@ from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, STAGE_FILES, Setup, check_recor
                             record_in, save_model, save_policy, scores, sequence_logprobs, setup, step_on, texts, train_rl)
 
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these for each seed, then "report"
-CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report",), "rlhf_script": RLHF_SCRIPTS,
-           "oracle": ("sentiment", "verse", "module:function"), "eval_split": ("test", "dev")}
+CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report", "label"), "rlhf_script": RLHF_SCRIPTS,
+           "oracle": ("auto", "sentiment", "verse", "module:function", "none"), "eval_split": ("test", "dev")}
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}
 # the DPO losses: (loss kind, label) where the label is 1 (hard), 1 - cdpo_epsilon or the pair's probability
 DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),
@@ -99,6 +101,11 @@ def check_pipeline_keys(cfg: dict) -> None:
     except ValueError:
         targets = []
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from {', '.join(DPO_METHODS)}"),
+             (not (cfg["pairs"] and "dpo_soft" in dpo_methods(cfg)),
+              "dpo_soft trains on the oracle's preference probabilities, which a pairs file does not have; leave it out "
+              "of --dpo_methods"),
+             (0 < cfg["pairs_held_out"] < 1, "pairs_held_out must be in (0, 1)"),
+             (cfg["label_target"] >= 1, "label_target must be at least 1"),
              (targets and all(k > 0 for k in targets), f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
              (cfg["seeds"] >= 1, "seeds must be at least 1"),
              (cfg["n_pairs"] >= 16 and cfg["dpo_pairs"] >= 0, "n_pairs must be at least 16, dpo_pairs at least 0 (all)"),
@@ -121,7 +128,10 @@ def check_pipeline_keys(cfg: dict) -> None:
 
 
 def stage_pairs(s: Setup) -> dict:
-    """Sample two completions of each prompt from the base and label which is preferred, noisily."""
+    """Sample two completions of each prompt from the base and label which is preferred, noisily (or, with
+    --pairs, read them from a file). Also writes them as text, one JSON object per line."""
+    if s.pairs_hash:
+        return import_pairs(s)
     cfg, base = s.cfg, load_policy(s)
     gen = s.generator("pairs.completions", on_device=True)
     pairs = {}
@@ -143,10 +153,43 @@ def stage_pairs(s: Setup) -> dict:
         decided = p["oracle_a"] != p["oracle_b"]
         agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided].double().mean().item()
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(), "label_agreement": agree}
-    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=s.new_record("pairs", None)))
+    record = s.new_record("pairs", None)
+    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=record))
+    write_pairs(s.path("data", "pairs.jsonl"), [
+        {"prompt": prompt, "chosen": c, "rejected": r, "split": split} for split, p in pairs.items()
+        for prompt, c, r in zip(texts(s, p["prompts"]), *(texts(s, side) for side in chosen_rejected(p)))], run=record["id"])
     print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau {tau:.3f}; labels agree "
           f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
-          f"({report['train']['ties']:.0%} are ties)")
+          f"({report['train']['ties']:.0%} are ties); as text: {s.path('data', 'pairs.jsonl')}")
+    return report
+
+
+def import_pairs(s: Setup) -> dict:
+    """The pairs of a file (--pairs): checked line by line, in the base's tokens, a random pairs_held_out share
+    held out (the reward model's accuracy, the evaluation prompts); scored by the oracle where there is one."""
+    cfg, path = s.cfg, s.cfg["pairs"]
+    rows = read_pairs(path)
+    encoded = encode_pairs(rows, s.data.tok, s.base["model_config"]["block_size"], path)
+    n = len(rows)
+    held_out = max(1, round(cfg["pairs_held_out"] * n))
+    smallest = max(cfg["rm_batch"], cfg["dpo_batch"])
+    if n - held_out < smallest:
+        raise UserError(f"{path} has {n} pairs, {n - held_out} to train on after holding {held_out} out: fewer than "
+                        f"one batch ({smallest}, the larger of rm_batch and dpo_batch); label more, or lower --rm_batch "
+                        f"and --dpo_batch")
+    order = torch.randperm(n, generator=s.generator("pairs.held_out"))
+    pairs, report = {}, {"file": path, "prompts_cut": encoded["prompts_cut"]}
+    for split, idx in (("train", order[held_out:]), ("val", order[:held_out])):
+        pairs[split] = {"prompts": encoded["prompts"][idx], "a": encoded["chosen"][idx], "b": encoded["rejected"][idx],
+                        "a_preferred": torch.ones(len(idx), dtype=torch.bool), "lines": encoded["lines"][idx]}
+        if s.oracle:  # the file's texts as they are
+            for side, field in (("a", "chosen"), ("b", "rejected")):
+                pairs[split][f"oracle_{side}"] = scores(s.oracle.score, [rows[i][field] for i in idx.tolist()])
+        report[split] = {"pairs": len(idx)}
+    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, run=s.new_record("pairs", None)))
+    print(f"pairs: {report['train']['pairs']} to train on / {report['val']['pairs']} held out, from {path}"
+          + (f"; {encoded['prompts_cut']} prompts too long for the window keep their last tokens"
+             if encoded["prompts_cut"] else ""))
     return report
 
 
@@ -160,23 +203,23 @@ def stage_rm(s: Setup) -> dict:
     for _, idx in minibatches(len(prompts), cfg["rm_batch"], cfg["rm_epochs"], s.generator("rm.order"), prompts.device,
                               desc="reward model"):
         with autocast(cfg["device"], cfg["dtype"]):
-            r_c = rm(torch.cat([prompts[idx], chosen[idx]], dim=1)).float()
-            r_r = rm(torch.cat([prompts[idx], rejected[idx]], dim=1)).float()
+            r_c, r_r = rm(prompts[idx], chosen[idx]).float(), rm(prompts[idx], rejected[idx]).float()
         step_on(optimizer, reward_model_loss(r_c, r_r))
     val = pairs["val"]
     margin = (reward_scores(s, rm, val["prompts"], val["a"]) - reward_scores(s, rm, val["prompts"], val["b"]))
-    decided = val["oracle_a"] != val["oracle_b"]
-    report = {
-        "held_out_pairs": len(margin),
-        "accuracy_on_labels": ((margin > 0) == val["a_preferred"].cpu()).double().mean().item(),
-        # the best any model can do on noisy labels: always pick the side the oracle favours
-        "label_ceiling": torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item(),
-        "accuracy_on_oracle": ((margin > 0) == (val["oracle_a"] > val["oracle_b"]))[decided].double().mean().item(),
-    }
+    report = {"held_out_pairs": len(margin),
+              "accuracy_on_labels": ((margin > 0) == val["a_preferred"].cpu()).double().mean().item()}
+    if "prob_a" in val:  # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
+        report["label_ceiling"] = torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item()
+    if "oracle_a" in val:
+        decided = val["oracle_a"] != val["oracle_b"]
+        report["accuracy_on_oracle"] = ((margin > 0) == (val["oracle_a"] > val["oracle_b"]))[decided].double().mean().item()
     save_model(s, rm.body, s.path("model_dict", "rm.pt"),
                dict(report, method="reward model", run=s.new_record("rm", pairs["run"]["id"])), reward_head=rm.head.state_dict())
-    print(f"reward model: held-out accuracy {report['accuracy_on_labels']:.1%} on the noisy labels (ceiling "
-          f"{report['label_ceiling']:.1%}), {report['accuracy_on_oracle']:.1%} on the oracle's own preferences")
+    print(f"reward model: held-out accuracy {report['accuracy_on_labels']:.1%} on the labels"
+          + (f" (ceiling {report['label_ceiling']:.1%})" if "label_ceiling" in report else "")
+          + (f", {report['accuracy_on_oracle']:.1%} on the oracle's own preferences" if "accuracy_on_oracle" in report
+             else f" ({len(margin)} held-out pairs)"))
     return report
 
 
@@ -190,17 +233,19 @@ def stage_bon(s: Setup) -> dict:
     repeated = prompts.repeat_interleave(n_max, dim=0)
     completions = complete(s, base, repeated, s.generator("bon.sampling", on_device=True))
     completion_texts = texts(s, completions)
-    pool = {"rm": reward_scores(s, rm, repeated, completions).view(-1, n_max),
-            "oracle": scores(s.oracle.score, completion_texts).view(-1, n_max),
-            **{f"judge_{name}": scores(judge, completion_texts).view(-1, n_max) for name, judge in s.oracle.judges.items()}}
+    pool = {"rm": reward_scores(s, rm, repeated, completions).view(-1, n_max)}
+    if s.oracle:
+        pool["oracle"] = scores(s.oracle.score, completion_texts).view(-1, n_max)
+        pool.update({f"judge_{name}": scores(judge, completion_texts).view(-1, n_max)
+                     for name, judge in s.oracle.judges.items()})
     first = completions.view(len(prompts), n_max, -1)  # best of the first 16 samples of each prompt, for the samples file
     chosen = pool["rm"][:, :min(16, n_max)].argmax(dim=1)
     save_checkpoint(s.path("data", "bon.pt"), {"pool": pool, "run": s.new_record("bon", rm_record["id"]),
                                                 "best_of_16": texts(s, first[torch.arange(len(prompts)), chosen])})
     n = n_max
-    print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, oracle score "
-          f"{best_of_n_expectation(pool['rm'], pool['oracle'], n).mean().item():+.3f} (base "
-          f"{pool['oracle'].mean().item():+.3f})")
+    key = measure(s)
+    print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, {MEASURE_NAMES[key]} "
+          f"{best_of_n_expectation(pool['rm'], pool[key], n).mean().item():+.3f} (base {pool[key].mean().item():+.3f})")
     return {"prompts": len(prompts), "samples_per_prompt": n_max}
 
 
@@ -275,11 +320,11 @@ def stage_eval(s: Setup) -> dict:
     cfg = s.cfg
     (rm, rm_record), base = load_reward_model(s, s.expected("rm")), load_policy(s)
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
-    names = score_names(s)
+    key, judges = measure(s), [name for name in score_names(s) if name.startswith("judge_")]
     bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
     inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"], "bon": bon["run"]["id"] if bon else None}
     base_result = evaluate_policy(s, base, reference, rm, prompts, samples, s.generator("curve.sampling", on_device=True))
-    result = {"seed": s.seed, "methods": {}, "curves": {}, "samples": {}}
+    result = {"seed": s.seed, "prompts": len(prompts), "methods": {}, "curves": {}, "samples": {}}
     policies = {"base": base}
     for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
@@ -297,12 +342,12 @@ def stage_eval(s: Setup) -> dict:
         completions = (base_result["completions"][::samples] if name == "base" else evaluate_policy(
             s, policy, reference, rm, prompts, 1, s.generator("eval.sampling", on_device=True))["completions"])
         val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
-        result["methods"][name] = dict(point, **gains_and_transfer(point, base_point, names[1:-1]),
+        result["methods"][name] = dict(point, **gains_and_transfer(point, base_point, key, judges),
                                        val_bpb=s.data.bpb(val_loss, "val"), distinct_2=distinct_2(completions),
                                        repetition=sum(map(repetition, completions)) / len(completions))
         result["samples"][name] = completions
-    result["bon_curve"] = best_of_n_curve(bon["pool"], base_result) if bon else []
-    result["methods"].update({f"best-of-{point['n']}": dict(point, **gains_and_transfer(point, base_point, names[1:-1]))
+    result["bon_curve"] = best_of_n_curve(bon["pool"], base_result, key) if bon else []
+    result["methods"].update({f"best-of-{point['n']}": dict(point, **gains_and_transfer(point, base_point, key, judges))
                               for point in result["bon_curve"] if point["n"] in (4, 64, cfg["bon_max_n"])})
     result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
                                      {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
@@ -311,7 +356,7 @@ def stage_eval(s: Setup) -> dict:
     write_json(s.path("generate_text", "eval.json"), result)
     write_samples(s, prompts, {k: {"completions": v} for k, v in result["samples"].items()}, 1,
                   bon["best_of_16"] if bon else None)
-    print(f"eval (seed {s.seed}): " + ", ".join(f"{m} KL {r['kl']:.2f} oracle {r['oracle']:+.3f}"
+    print(f"eval (seed {s.seed}): " + ", ".join(f"{m} KL {r['kl']:.2f} {key} {r[key]:+.3f}"
                                                 for m, r in result["methods"].items()))
     return result
 
@@ -343,35 +388,39 @@ def stage_report(s: Setup) -> dict:
             seconds[stage] = seconds.get(stage, 0.0) + value
     reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py --rlhf_stage=rm again")["rlhf"]
                      for r in replicates]  # seed_result checked that these are the ones measured
-    judges = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")]
-    keys = ["kl", "oracle", *(f"judge_{j}" for j in judges), "rm", "win", "val_bpb", "distinct_2", "repetition",
-            "gain_oracle", *(f"gain_judge_{j}" for j in judges)]
+    judges, key = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")], measure(s)
+    keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win", "val_bpb", "distinct_2",
+            "repetition", f"gain_{key}", *(f"gain_judge_{j}" for j in judges)]
     names = [m for m in per_seed[0]["methods"] if all(m in r["methods"] for r in per_seed)]
-    report = {"oracle": s.oracle.name, "base": cfg["rlhf_base"], "script": cfg["rlhf_script"],
+    report = {"oracle": s.oracle and s.oracle.name, "pairs": cfg["pairs"], "measure": key, "base": cfg["rlhf_base"],
+              "script": cfg["rlhf_script"],
               "seeds": [r["seed"] for r in per_seed], "inputs": {r["seed"]: r["run"]["inputs"] for r in per_seed},
               "config": {k: cfg[k] for k in sorted(cfg) if k not in ("device",)},
-              "eval_prompts": cfg["eval_prompts"], "eval_split": cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
-              "bon_prompts": cfg["bon_prompts"], "bon_max_n": cfg["bon_max_n"], "judges": judges,
+              "eval_prompts": per_seed[0].get("prompts", cfg["eval_prompts"]),
+              "eval_split": "held-out pairs'" if cfg["pairs"] else cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
+              "bon_prompts": min(cfg["bon_prompts"], per_seed[0].get("prompts", cfg["bon_prompts"])),
+              "bon_max_n": cfg["bon_max_n"], "judges": judges,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds,
               "reward_model": {k: summarise(reward_models, k) for k in ("accuracy_on_oracle", "accuracy_on_labels",
-                                                                          "label_ceiling")},
+                                                                          "label_ceiling") if k in reward_models[0]},
               "methods": {}, "matched_kl": {}, "pairwise": {}}
     for name in names:
         rows = [r["methods"][name] for r in per_seed]
         report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
                                    **{k: summarise(rows, k) for k in keys if k in rows[0]}}
         report["methods"][name].update({f"transfer_judge_{j}": ratio_summary(rows, f"gain_judge_{j}", "gain_oracle")
-                                        for j in judges if "gain_oracle" in rows[0]})
+                                        for j in judges})
     for target in per_seed[0]["matched_kl"]:
         at = [r["matched_kl"][target] for r in per_seed]
-        report["matched_kl"][target] = matched_rows(at, ["oracle", *(f"judge_{j}" for j in judges)])
-        report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]])
+        report["matched_kl"][target] = matched_rows(at, [key, *(f"judge_{j}" for j in judges)])
+        report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]], key)
     report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
     report["bon_curves"] = {r["seed"]: r["bon_curve"] for r in per_seed}
     write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
     write_markdown_report(repo_path("generate_text", f"{s.family}_report.md"), report)
-    plot_oracle_against_kl(report, repo_path("generate_text", f"{s.family}_oracle_vs_kl.png"))
-    plot_rm_against_oracle(report, repo_path("generate_text", f"{s.family}_rm_vs_oracle.png"))
+    plot_score_against_kl(report, repo_path("generate_text", f"{s.family}_{key}_vs_kl.png"))
+    if s.oracle:
+        plot_rm_against_oracle(report, repo_path("generate_text", f"{s.family}_rm_vs_oracle.png"))
     print(markdown_tables(report))
     return report
 

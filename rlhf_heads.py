@@ -27,7 +27,7 @@ from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.head_comparison import attention_divergence, head_weight_change, lb_state, part_masks, transplant
 from dualgpt.heads import head_statistics
-from dualgpt.plots import plot_head_grid, plot_lines, plot_oracle_against_kl
+from dualgpt.plots import plot_head_grid, plot_lines, plot_score_against_kl
 from dualgpt.preference import RewardModel, completion_logits, exact_kl
 from dualgpt.rlhf_report import evaluate_policy, kept_curve
 from dualgpt.runconfig import load_config, require
@@ -226,7 +226,7 @@ def write_head_study(s: Setup, study: dict) -> None:
                        s.path("generate_text", f"heads_{name}.png"))
     plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
-    plot_oracle_against_kl({"oracle": s.oracle.name, "bon_curves": {}, "curves": {s.seed: study["partial_tuning"]["curves"]}},
+    plot_score_against_kl({"oracle": s.oracle.name, "bon_curves": {}, "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
     for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]:

@@ -2,8 +2,9 @@
 log-probabilities and KL (exact and estimated), DPO (with cDPO, soft labels and IPO), RLOO, PPO (per-token
 rewards, GAE, clipped policy and value losses), best-of-n. rlhf.py runs them.
 
-Shapes: B sequences, L completion tokens, V vocabulary. Completions have a fixed length, so nothing is
-padded and every token of every completion counts.
+Shapes: B sequences, L completion tokens, V vocabulary. Sampled completions have a fixed length; pairs read
+from a file have any lengths, right-padded with PAD, and every function here that reads a completion skips
+its padding.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualgpt.sampling import NextTokenLogits
+
+PAD = -1  # fills prompts and completions of different lengths on the right; no token has this id
 
 # -----------------------------------------------------------------------------------------
 # Labels
@@ -49,14 +52,31 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     """log pi(token) under the distribution sampling draws from: softmax(logits / temperature). (..., V), (...)
     -> (...). Every log-probability in preference tuning goes through here, so none is taken at another
     temperature than the one the tokens were sampled at."""
-    return F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    logprobs = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.clamp_min(0).unsqueeze(-1))
+    return logprobs.squeeze(-1).masked_fill(tokens == PAD, 0.0)  # padding: 0, so a row's sum is its completion's
+
+
+def completion_states(body: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+    """The final hidden states that read a completion, from one forward pass: at the position before each of its
+    tokens, then after its last token: (B, L + 1, C). Prompts (B, P) and completions (B, L) may be right-padded
+    with PAD; each row is packed as its prompt's tokens, its completion's, then padding. Padding on the right
+    changes nothing before it (the model is causal, positions count from the first token), so a padded row's
+    states are those of the row alone. After the end of a shorter completion the states are padding's: unused."""
+    prompt_lengths = (prompts != PAD).sum(1, keepdim=True)  # (B, 1)
+    completion_lengths = (completions != PAD).sum(1, keepdim=True)
+    length = completions.shape[1]
+    where = prompt_lengths + torch.arange(length, device=prompts.device)  # (B, L): each completion token's position
+    ids = torch.cat([prompts, torch.full_like(completions, PAD)], dim=1).scatter(1, where, completions)
+    width = int((prompt_lengths + completion_lengths).max())  # the longest row: the columns after it are all padding
+    states = body.hidden_states(ids[:, :width].clamp_min(0))  # (B, width, C); padding reads as token 0, unseen
+    read = (prompt_lengths - 1 + torch.arange(length + 1, device=prompts.device)).clamp_max(width - 1)
+    return states.gather(1, read.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
 
 
 def completion_logits(model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
-    """The logits that predict each completion token, (B, L, V), from one forward pass over prompt + completion;
-    the output head runs on those positions only (on the prompt's it would be a third of the work, unused)."""
-    ids = torch.cat([prompts, completions], dim=1)
-    return model.lm_head(model.hidden_states(ids[:, :-1])[:, prompts.shape[1] - 1:])
+    """The logits that predict each completion token, (B, L, V); the output head runs on those positions only
+    (on the prompt's it would be work for nothing)."""
+    return model.lm_head(completion_states(model, prompts, completions)[:, :-1])
 
 
 def exact_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -114,15 +134,17 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body.hidden_states(ids)[:, -1]).squeeze(-1)  # (B,)
+    def forward(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+        """The score of each completion after its prompt (either may be right-padded with PAD): (B,)."""
+        states = completion_states(self.body, prompts, completions)  # (B, L + 1, C)
+        last = states[torch.arange(len(states), device=states.device), (completions != PAD).sum(1)]
+        return self.head(last).squeeze(-1)
 
     def token_values(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
         """The score read at every state before a completion token (prompt + the completion so far): PPO's
         values V(s_t), (B, L), when this model is the value model (started from the reward model, as in
         Stiennon et al. 2020)."""
-        ids = torch.cat([prompts, completions], dim=1)
-        return self.head(self.body.hidden_states(ids[:, :-1])[:, prompts.shape[1] - 1:]).squeeze(-1)
+        return self.head(completion_states(self.body, prompts, completions)[:, :-1]).squeeze(-1)
 
 
 def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, label: torch.Tensor | float = 1.0) -> torch.Tensor:

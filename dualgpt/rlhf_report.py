@@ -25,8 +25,18 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 
 def score_names(s: Setup) -> list[str]:
-    """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the reward model."""
-    return ["oracle", *(f"judge_{name}" for name in s.oracle.judges), "rm"]
+    """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the reward model
+    (with no oracle: the reward model alone)."""
+    return (["oracle", *(f"judge_{name}" for name in s.oracle.judges)] if s.oracle else []) + ["rm"]
+
+
+def measure(s: Setup) -> str:
+    """The score the methods are compared by (win rates, matched KL): the oracle's; with no oracle, the reward
+    model's, which the RL stages optimise, so it only says how far each method went on its own terms."""
+    return "oracle" if s.oracle else "rm"
+
+
+MEASURE_NAMES = {"oracle": "oracle score", "rm": "reward-model score"}
 
 
 def mean_interval(values) -> dict:
@@ -53,13 +63,13 @@ def repetition(text: str) -> float:
     return (len(words) - len(set(words))) / max(1, len(words))
 
 
-def sample_wins(oracle: torch.Tensor, base_oracle: torch.Tensor, coupled: bool = False) -> torch.Tensor:
-    """How often each sample beats an independent sample of the base for the same prompt, by the oracle score
-    (a tie counts half): (P, n) samples, (P, m) base samples -> (P, n). The one win-rate estimator of the
+def sample_wins(score: torch.Tensor, base_score: torch.Tensor, coupled: bool = False) -> torch.Tensor:
+    """How often each sample beats an independent sample of the base for the same prompt, by a score (the
+    oracle's, or measure()'s; a tie counts half): (P, n) samples, (P, m) base samples -> (P, n). The one win-rate estimator of the
     report: a method's rate is its samples' mean; best-of-n's, the expectation of the selected sample's.
     coupled: sample i of both was drawn from the same random numbers (a curve point and the base), so that
     pair is left out and only independent pairs count."""
-    a, b = oracle[:, :, None], base_oracle[:, None, :]
+    a, b = score[:, :, None], base_score[:, None, :]
     wins = (a > b).double() + 0.5 * (a == b).double()  # (P, n, m)
     if not coupled:
         return wins.mean(2)
@@ -86,19 +96,20 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
         kl["k3"].append(estimators["k3"].sum(1))
     exact = torch.cat(kl["exact"]).double().cpu().clamp_min(0.0).view(-1, samples)  # >= 0; float noise leaves -1e-8
     result = {"completions": completion_texts, "kl_per_prompt": exact.mean(1),
-              "oracle": scores(s.oracle.score, completion_texts).view(-1, samples),
               "rm": reward_scores(s, rm, repeated, completions).view(-1, samples),
               "kl_exact": exact.mean().item(), **{f"kl_{k}": torch.cat(kl[k]).double().mean().item() for k in ("k1", "k3")}}
-    for name, judge in s.oracle.judges.items():
-        result[f"judge_{name}"] = scores(judge, completion_texts).view(-1, samples)
+    if s.oracle:
+        result["oracle"] = scores(s.oracle.score, completion_texts).view(-1, samples)
+        for name, judge in s.oracle.judges.items():
+            result[f"judge_{name}"] = scores(judge, completion_texts).view(-1, samples)
     return result
 
 
 def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) -> dict:
     """One point of a training curve from evaluate_policy's result r: per-prompt means of every score (kept for
-    reading scores at matched KL), their means, the win rate against the base's samples, the KL."""
+    reading scores at matched KL), their means, the win rate against the base's samples (by measure(s)), the KL."""
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
-    per_prompt["win"] = sample_wins(r["oracle"], base["oracle"], coupled=True).mean(1)
+    per_prompt["win"] = sample_wins(r[measure(s)], base[measure(s)], coupled=True).mean(1)
     per_prompt["kl"] = r["kl_per_prompt"]
     return {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
             **{k: v.mean().item() for k, v in per_prompt.items()},
@@ -139,12 +150,12 @@ def at_kl(points: list[dict], kl: float) -> dict | None:
     return None
 
 
-def gains_and_transfer(row: dict, base: dict, judges: list[str]) -> dict:
-    """A method's gain over the base in each score, per prompt (paired: the same prompts), and one seed's
-    transfer ratio for each judge: its mean gain over the oracle score's (1: the judge rose as much as the
-    oracle score; 0: not at all). The report's ratio over seeds is ratio_summary's."""
-    out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])] for k in ["oracle", *judges]}
-    oracle_gain = sum(out["gain_oracle"]) / len(out["gain_oracle"])
+def gains_and_transfer(row: dict, base: dict, key: str, judges: list[str]) -> dict:
+    """A method's gain over the base in the score `key` (measure()'s) and each judge's, per prompt (paired: the
+    same prompts), and one seed's transfer ratio for each judge: its mean gain over the oracle score's (1: the
+    judge rose as much as the oracle score; 0: not at all). The report's ratio over seeds is ratio_summary's."""
+    out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])] for k in [key, *judges]}
+    oracle_gain = sum(out[f"gain_{key}"]) / len(out[f"gain_{key}"])
     for judge in judges:
         judge_gain = sum(out[f"gain_{judge}"]) / len(out[f"gain_{judge}"])
         out[f"transfer_{judge}"] = judge_gain / oracle_gain if oracle_gain else float("nan")
@@ -199,52 +210,71 @@ def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
 def markdown_tables(report: dict) -> str:
     """The report's three tables: every method at its end point, every method at matched KL against
     best-of-n, and the methods against each other at matched KL."""
-    judges = report["judges"]
+    judges, key = report["judges"], report["measure"]
+    score = MEASURE_NAMES[key]
     over = "seeds" if len(report["seeds"]) > 1 else "prompts (one seed)"
-    head = (["method", "optimizer steps", "KL to base (nats/seq)", "oracle score"] + [f"judge {j}" for j in judges]
-            + ["oracle gain"] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
+    head = (["method", "optimizer steps", "KL to base (nats/seq)", score] + [f"judge {j}" for j in judges]
+            + [score.replace("score", "gain")] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
             + ["win rate vs base", "val bpb", "distinct-2", "repetition"])
-    rm = report["reward_model"]
-    lines = [f"**Reward model**, held-out pairs (mean ± 95% interval over {over}): accuracy on the oracle score's own "
-             f"preferences {cell(rm['accuracy_on_oracle'], '{:.1%}')} (per seed: "
-             f"{', '.join(f'{v:.1%}' for v in rm['accuracy_on_oracle']['per_seed'])}); on the noisy labels "
-             f"{cell(rm['accuracy_on_labels'], '{:.1%}')}, against a ceiling of {cell(rm['label_ceiling'], '{:.1%}')}.",
-             "", f"**End points** (mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    lines = [reward_model_line(report["reward_model"], over), "", f"**End points** (mean ± 95% interval over {over}):",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in report["methods"].items():
-        cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m["oracle"])]
-        cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get("gain_oracle"))]
+        cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m[key])]
+        cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get(f"gain_{key}"))]
         cells += [cell(m.get(f"gain_judge_{j}")) for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
         cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("val_bpb"), "{:.3f}"), cell(m.get("distinct_2"), "{:.3f}"),
                   cell(m.get("repetition"), "{:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["KL", "method", "oracle score"] + [f"judge {j}" for j in judges] + ["oracle − best-of-n"] + [
+    head = ["KL", "method", score] + [f"judge {j}" for j in judges] + [f"{score.split()[0]} − best-of-n"] + [
         f"{j} − best-of-n" for j in judges]
     lines += ["", f"**At matched KL** (each method's kept checkpoints interpolated to the KL; best-of-n from its curve on "
                   f"the first {report['bon_prompts']} prompts; differences paired by prompt within a seed, then "
                   f"mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target, methods in report["matched_kl"].items():
         for method, m in methods.items():
-            cells = [target, method, cell(m.get("oracle"))] + [cell(m.get(f"judge_{j}")) for j in judges]
-            cells += [cell(m.get("oracle - best-of-n"))] + [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
+            cells = [target, method, cell(m.get(key))] + [cell(m.get(f"judge_{j}")) for j in judges]
+            cells += [cell(m.get(f"{key} - best-of-n"))] + [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"**Methods against each other at matched KL** (oracle score, paired by prompt; mean ± 95% interval "
-                  f"over {over}):", "", "| KL | difference | oracle score |", "|---|---|---|"]
+    lines += ["", f"**Methods against each other at matched KL** ({score}, paired by prompt; mean ± 95% interval "
+                  f"over {over}):", "", f"| KL | difference | {score} |", "|---|---|---|"]
     for target, pairs in report["pairwise"].items():
         for pair, summary in pairs.items():
             lines.append(f"| {target} | {pair} | {cell(summary)} |")
     return "\n".join(lines)
 
 
+def reward_model_line(rm: dict, over: str) -> str:
+    """The reward model's held-out accuracy: on the oracle's own preferences and against the labels' ceiling
+    where the pairs came from the oracle; on the held-out labels alone where they came from a file."""
+    line = f"**Reward model**, held-out pairs (mean ± 95% interval over {over}): "
+    if "accuracy_on_oracle" in rm:
+        line += (f"accuracy on the oracle score's own preferences {cell(rm['accuracy_on_oracle'], '{:.1%}')} (per seed: "
+                 f"{', '.join(f'{v:.1%}' for v in rm['accuracy_on_oracle']['per_seed'])}); on the ")
+    else:
+        line += "accuracy on the "
+    line += f"{'noisy ' if 'label_ceiling' in rm else 'held-out '}labels {cell(rm['accuracy_on_labels'], '{:.1%}')}"
+    return line + (f", against a ceiling of {cell(rm['label_ceiling'], '{:.1%}')}." if "label_ceiling" in rm else ".")
+
+
 def write_markdown_report(path: str, report: dict) -> None:
-    write_text(path, f"# RLHF report: oracle {report['oracle']}, {report['script']}.py, base {report['base']}\n\n"
+    if report["oracle"]:
+        source = f"oracle {report['oracle']}" + (f", pairs from {report['pairs']}" if report["pairs"] else "")
+        note, win = "", "by the oracle score"
+    else:
+        source = f"pairs from {report['pairs']}, no oracle"
+        note = ("No oracle: every score below is the reward model's, which the RL stages optimise, so it says how far "
+                "each method went on its own terms, not whether it went where the labels meant; the reward model's "
+                "accuracy on held-out pairs and the side-by-side samples judge that. ")
+        win = "by the reward model's score"
+    transfer = " Transfer: a judge's gain over the oracle score's gain." if report["judges"] else ""
+    write_text(path, f"# RLHF report: {source}, {report['script']}.py, base {report['base']}\n\n{note}"
                      f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} {report['eval_split']} "
                      f"prompts, {report['samples_per_prompt']} completions each at every point; best-of-n up to "
                      f"n = {report['bon_max_n']} on the first {report['bon_prompts']} prompts (the expectation over "
                      f"its samples). KL: exact, summed over the vocabulary at each position of the policy's own "
                      f"samples; log n - (n-1)/n for best-of-n. Win rate: how often a sample beats an independent "
-                     f"sample of the base, by the oracle score. Transfer: a judge's gain over the oracle score's "
-                     f"gain. The CPU: {report['machine']}.\n\n" + markdown_tables(report) + "\n")
+                     f"sample of the base, {win}.{transfer} The CPU: {report['machine']}.\n\n"
+                     + markdown_tables(report) + "\n")
 
 
 def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, best_of_16: list[str] | None,
@@ -253,7 +283,7 @@ def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, 
     side by side."""
     parts = [f"# {s.prefix}: completions of the same prompts (temperature {TEMPERATURE})\n"]
     for i in range(min(n, len(prompts))):
-        parts.append(f"\n======== prompt {i + 1}\n{s.data.tok.decode(prompts[i].tolist())}\n")
+        parts.append(f"\n======== prompt {i + 1}\n{texts(s, prompts[i:i + 1])[0]}\n")
         for name, r in results.items():
             parts.append(f"-------- {name}\n{r['completions'][i * samples]}\n")
         if best_of_16 and i < len(best_of_16):
@@ -261,12 +291,12 @@ def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, 
     write_text(s.path("generate_text", "samples.txt"), "".join(parts))
 
 
-def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict) -> list[dict]:
+def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) -> list[dict]:
     """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the selection, per
-    prompt (the first bon_prompts evaluation prompts), and the win rate of the selected sample against the
-    base's evaluation samples of the same prompt, the same estimator as every other row."""
+    prompt (the first bon_prompts evaluation prompts), and the win rate (by the score `key`) of the selected
+    sample against the base's evaluation samples of the same prompt, the same estimator as every other row."""
     n_prompts = pool["rm"].shape[0]
-    values = dict(pool, win=sample_wins(pool["oracle"], base_result["oracle"][:n_prompts]))
+    values = dict(pool, win=sample_wins(pool[key], base_result[key][:n_prompts]))
     points, n = [], 1
     while n <= pool["rm"].shape[1]:
         per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in values.items()}
@@ -294,13 +324,13 @@ def matched_rows(at: list[dict], keys: list[str]) -> dict:
     return rows
 
 
-def pairwise_rows(at: list[dict], names: list[str]) -> dict:
-    """At one KL: every pair of tuned methods, the difference in oracle score, paired by prompt."""
+def pairwise_rows(at: list[dict], names: list[str], key: str) -> dict:
+    """At one KL: every pair of tuned methods, the difference in the score `key`, paired by prompt."""
     rows = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             if all(x.get(a) and x.get(b) for x in at):
-                rows[f"{a} − {b}"] = summarise([x[a] for x in at], "oracle", paired_with=[x[b] for x in at])
+                rows[f"{a} − {b}"] = summarise([x[a] for x in at], key, paired_with=[x[b] for x in at])
     return rows
 
 

@@ -2,7 +2,8 @@
 seeds drawn by name, policies and the reward model, prompts, completions and scores, minibatches, and the
 RL loop (RLOO, and PPO with a value model).
 
-Shapes: P prompts of prompt_tokens, completions of completion_tokens; nothing is padded.
+Shapes: P prompts of prompt_tokens (those of a pairs file: of any length, right-padded with PAD), completions
+of completion_tokens (those of a pairs file: of any length, padded the same way).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dualgpt.checkpoint import (convert_state_dict, cpu_copy, load_checkpoint, l
 from dualgpt.data import Dataset, resolve_data, sha256_file
 from dualgpt.files import write_json
 from dualgpt.oracles import Oracle, get_oracle
-from dualgpt.preference import (RewardModel, completion_logits, exact_kl, gae, kl_estimators, kl_penalized_reward,
+from dualgpt.preference import (PAD, RewardModel, completion_logits, exact_kl, gae, kl_estimators, kl_penalized_reward,
                                 policy_gradient_loss, ppo_loss, rloo_advantages, sample_completions, token_logprobs,
                                 token_rewards, value_loss, whiten)
 from dualgpt.runconfig import model_options, require
@@ -38,14 +39,15 @@ RLHF_SCRIPTS = ("gpt_", "gpt")  # rlhf_script: the script whose model class tune
 
 # Every random draw of the pipeline and the head study has a name here; its seed is derived from the run's seed
 # and the name (and an index, such as the RL step), so no two draws share a stream by accident.
-SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels", "rm.order", "dpo.order",
-              "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling", "rl.sampling", "rl.prompts", "ppo.order",
-              "curve.sampling", "heads.batches", "heads.sampling", "heads.kl_by_position")
+SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels", "pairs.held_out", "rm.order",
+              "dpo.order", "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling", "rl.sampling", "rl.prompts",
+              "ppo.order", "curve.sampling", "heads.batches", "heads.sampling", "heads.kl_by_position", "label.prompts",
+              "label.completions")
 
 # What each stage's outputs depend on besides the base, the data, the script and the seed: a stage's record
 # hashes these keys and its upstream stage's record, and every reader compares it with the run it reports.
 STAGE_KEYS = {
-    "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs"),
+    "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs", "pairs_held_out"),
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
     "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
     "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "dpo_pairs", "cdpo_epsilon", "keep_points"),
@@ -78,9 +80,11 @@ class Setup:
     base: dict  # the base checkpoint
     base_hash: str  # of the base checkpoint's file
     data: Dataset  # its training text, in its own tokens
-    oracle: Oracle
-    family: str  # names the outputs of this oracle and preset: rlhf_<oracle>[_quick]
+    oracle: Oracle | None  # None: no oracle (pairs from a file)
+    family: str  # names the outputs of this oracle (or pairs file) and preset: rlhf_<oracle>[_quick]
     seed: int
+    pairs_hash: str | None = None  # of the pairs file (--pairs), None when the oracle labels the pairs
+    loaded: dict = dataclasses.field(default_factory=dict, repr=False)  # what prompt_pool read from disk
 
     @property
     def prefix(self) -> str:
@@ -92,7 +96,14 @@ class Setup:
 
     def for_seed(self, seed: int) -> Setup:
         """The same setup for another replicate."""
-        return dataclasses.replace(self, seed=seed)
+        return dataclasses.replace(self, seed=seed, loaded={})
+
+    def prompt_pool(self, split: str) -> torch.Tensor:
+        """The prompts of a pairs file's train or held-out ("val") pairs, as this replicate's pairs stage split
+        them: (n, longest), right-padded with PAD."""
+        if split not in self.loaded:
+            self.loaded[split] = load_pairs(self, self.expected("pairs"))[split]["prompts"]
+        return self.loaded[split]
 
     def generator(self, name: str, index: int = 0, on_device: bool = False) -> torch.Generator:
         """A generator for the draw `name` (see SEED_NAMES), on the run's device where sampling needs it."""
@@ -106,7 +117,7 @@ class Setup:
         if upstream is True:
             upstream = self.found_record(UPSTREAM[stage])["id"] if UPSTREAM[stage] else None
         return {"stage": stage, "seed": self.seed, "base": self.base_hash[:16], "data": self.data.data_hash[:16],
-                "script": self.cfg["rlhf_script"], "dtype": self.cfg["dtype"],
+                "pairs": self.pairs_hash and self.pairs_hash[:16], "script": self.cfg["rlhf_script"], "dtype": self.cfg["dtype"],
                 "keys": {k: self.cfg[k] for k in STAGE_KEYS[stage] if k in self.cfg}, "upstream": upstream}
 
     def new_record(self, stage: str, upstream: str | None, keys: dict | None = None) -> dict:
@@ -155,7 +166,7 @@ def check_record(found: dict | None, expected: dict, path: str) -> None:
         differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k, v in found.get("keys", {}).items()
                      if k in expected["keys"] and expected["keys"][k] != v]
         differing += [f"{k} {found.get(k)!r} there, {expected[k]!r} here" for k in ("seed", "script", "dtype", "base",
-                                                                                     "data") if found.get(k) != expected[k]]
+                                                                                     "data", "pairs") if found.get(k) != expected[k]]
         if found.get("upstream") != expected["upstream"]:
             differing.append(f"built on an earlier {UPSTREAM[expected['stage']]} file")
         why = "; ".join(differing[:3])
@@ -188,12 +199,20 @@ def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size:
              (cfg["rl_group"] >= 2, "rl_group must be at least 2 (RLOO's baseline needs another sample)"),
              (cfg["rl_prompts"] >= 1, "rl_prompts must be at least 1"),
              (cfg["rl_beta"] >= 0 and cfg["rl_lr"] > 0, "rl_lr must be > 0, rl_beta >= 0")])
-    oracle = get_oracle(cfg["oracle"])
+    pairs = cfg.get("pairs", "")  # rlhf.py's key: the head study measures the oracle's runs only
+    if pairs and not os.path.isfile(pairs):
+        raise UserError(f"no pairs file {pairs}")
+    if cfg["oracle"] == "none" and not pairs:
+        raise UserError("--oracle=none: with no oracle the pairs come from a file; run python rlhf.py "
+                        "--pairs=FILE.jsonl (or label some: python rlhf.py --rlhf_stage=label)")
+    cfg = dict(cfg, oracle=("none" if pairs else "sentiment") if cfg["oracle"] == "auto" else cfg["oracle"])
+    oracle = None if cfg["oracle"] == "none" else get_oracle(cfg["oracle"])
     data = Dataset(resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]), block_size, data_batch_size,
                    cfg["device"], tokenizer_text=base["tokenizer"])
-    family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", oracle.name) + ("_quick" if cfg["quick"] else "")
+    name = "pairs-" + os.path.splitext(os.path.basename(pairs))[0] if pairs else oracle.name
+    family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", name) + ("_quick" if cfg["quick"] else "")
     return Setup(cfg, model_classes[cfg["rlhf_script"]], base_path, base, sha256_file(base_path), data, oracle, family,
-                 cfg["seed"])
+                 cfg["seed"], sha256_file(pairs) if pairs else None)
 
 
 # -----------------------------------------------------------------------------------------
@@ -228,7 +247,7 @@ def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dic
                 optimizer_steps: int) -> None:
     """A tuned policy with what made it: the method, the step, and the record of the run (Setup.new_record)."""
     save_model(s, policy, path, {"method": method, "step": step, "optimizer_steps": optimizer_steps, "base": s.base_path,
-                                 "oracle": s.oracle.name, "run": record})
+                                 "oracle": s.oracle and s.oracle.name, "run": record})
 
 
 def load_policy_checkpoint(path: str, expected: dict) -> dict:
@@ -277,7 +296,8 @@ def load_pairs(s: Setup, expected: dict) -> dict:
 
 
 def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The preferred and the other completion of each labelled pair: (n, completion_tokens) each."""
+    """The preferred and the other completion of each labelled pair: (n, completion_tokens) each (a pairs
+    file's: (n, longest), padded)."""
     prefer_a = split["a_preferred"].to(split["a"].device)[:, None]
     return torch.where(prefer_a, split["a"], split["b"]), torch.where(prefer_a, split["b"], split["a"])
 
@@ -286,10 +306,23 @@ def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
 # Prompts, completions, scores
 
 
+def fitting(s: Setup, prompts: torch.Tensor) -> torch.Tensor:
+    """Prompts (right-padded) cut to their last tokens where completion_tokens would not fit after them."""
+    room = s.base["model_config"]["block_size"] - s.cfg["completion_tokens"]
+    lengths = (prompts != PAD).sum(1, keepdim=True)
+    read = (lengths - room).clamp_min(0) + torch.arange(min(room, prompts.shape[1]), device=prompts.device)
+    kept = prompts.gather(1, read.clamp_max(prompts.shape[1] - 1))
+    return kept.masked_fill(read >= lengths, PAD)
+
+
 def sample_prompts(s: Setup, part: str, n: int, generator: torch.Generator) -> torch.Tensor:
     """n windows of prompt_tokens tokens at random offsets of one part of the text: (n, prompt_tokens).
     train: the train split (pairs, RL); dev: the val split's first half (held-out pairs, trying settings);
-    test: its second half (every reported evaluation)."""
+    test: its second half (every reported evaluation). With a pairs file, n of its train pairs' prompts
+    (part train) or held-out pairs' prompts (dev, test), drawn at random, padded."""
+    if s.pairs_hash:
+        pool = s.prompt_pool("train" if part == "train" else "val")
+        return fitting(s, pool[torch.randint(len(pool), (n,), generator=generator)].to(s.cfg["device"]))
     val = s.data.splits["val"]
     ids = {"train": s.data.splits["train"], "dev": val[:len(val) // 2], "test": val[len(val) // 2:]}[part]
     length = s.cfg["prompt_tokens"]
@@ -300,6 +333,8 @@ def sample_prompts(s: Setup, part: str, n: int, generator: torch.Generator) -> t
 def eval_prompts(s: Setup) -> torch.Tensor:
     """The prompts every method and every seed is evaluated on (the head study takes its first head_prompts):
     test prompts, or dev prompts with eval_split = dev, for trying settings without touching the test prompts."""
+    if s.pairs_hash:  # the held-out pairs' prompts, in the order of the file
+        return fitting(s, s.prompt_pool("val")[:s.cfg["eval_prompts"]].to(s.cfg["device"]))
     split = s.cfg["eval_split"]
     name = "eval.prompts" if split == "test" else "dev.prompts"
     # drawn from the run config's seed, not the replicate's: every seed of a study is tested on the same prompts
@@ -307,14 +342,22 @@ def eval_prompts(s: Setup) -> torch.Tensor:
 
 
 def complete(s: Setup, model: nn.Module, prompts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """completion_tokens sampled after each prompt, CHUNK prompts at a time: (n, completion_tokens)."""
+    """completion_tokens sampled after each prompt, CHUNK prompts at a time: (n, completion_tokens). Prompts of
+    one length sample together (a pairs file's prompts differ in length; all others have prompt_tokens)."""
+    lengths = (prompts != PAD).sum(1)
+    out = torch.empty(len(prompts), s.cfg["completion_tokens"], dtype=torch.long, device=prompts.device)
     with autocast(s.cfg["device"], s.cfg["dtype"]):
-        return torch.cat([sample_completions(model, prompts[i:i + CHUNK], s.cfg["completion_tokens"], TEMPERATURE, gen)[0]
-                          for i in range(0, len(prompts), CHUNK)])
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().squeeze(1)
+            group = prompts[rows, :length]
+            out[rows] = torch.cat([sample_completions(model, group[i:i + CHUNK], s.cfg["completion_tokens"],
+                                                      TEMPERATURE, gen)[0] for i in range(0, len(group), CHUNK)])
+    return out
 
 
 def texts(s: Setup, completions: torch.Tensor) -> list[str]:
-    return [s.data.tok.decode(row) for row in completions.tolist()]
+    """Rows of tokens (padding left out) as text."""
+    return [s.data.tok.decode([t for t in row if t != PAD]) for row in completions.tolist()]
 
 
 def scores(function, completion_texts: list[str]) -> torch.Tensor:
@@ -325,7 +368,7 @@ def scores(function, completion_texts: list[str]) -> torch.Tensor:
 def reward_scores(s: Setup, rm: RewardModel, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     rm.eval()
     with autocast(s.cfg["device"], s.cfg["dtype"]):
-        return torch.cat([rm(torch.cat([prompts[i:i + CHUNK], completions[i:i + CHUNK]], dim=1)).float()
+        return torch.cat([rm(prompts[i:i + CHUNK], completions[i:i + CHUNK]).float()
                           for i in range(0, len(prompts), CHUNK)]).double().cpu()
 
 

@@ -185,8 +185,10 @@ def test_validation_accepts_each_listed_rlhf_choice_and_nothing_else(rlhf_run):
         rlhf.setup(load_config(rlhf_run.args + [f"--rlhf_script={script}"], "rlhf.py"), rlhf.MODEL_CLASSES)
     with pytest.raises(UserError, match="rlhf_script must be"):
         rlhf.setup(load_config(rlhf_run.args + ["--rlhf_script=gpt2"], "rlhf.py"), rlhf.MODEL_CLASSES)
+    pairs = f"--pairs={rlhf_run.home / 'data' / 'rlhf_sentiment_seed1337_pairs.jsonl'}"  # none needs a pairs file
     for oracle in rlhf.CHOICES["oracle"]:
         oracle = oracle.replace("module:function", "dualgpt.oracles:verse")
-        rlhf.setup(load_config(rlhf_run.args + [f"--oracle={oracle}"], "rlhf.py"), rlhf.MODEL_CLASSES)
+        rlhf.setup(load_config(rlhf_run.args + [f"--oracle={oracle}"] + [pairs] * (oracle == "none"), "rlhf.py"),
+                   rlhf.MODEL_CLASSES)
     with pytest.raises(UserError, match="unknown oracle"):
         rlhf.setup(load_config(rlhf_run.args + ["--oracle=happiness"], "rlhf.py"), rlhf.MODEL_CLASSES)

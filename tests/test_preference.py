@@ -244,8 +244,10 @@ def test_the_value_model_reads_the_state_before_each_completion_token():
     torch.nn.init.normal_(vm.head.weight)
     prompts, completions = torch.randint(0, 300, (2, 5)), torch.randint(0, 300, (2, 4))
     values = vm.token_values(prompts, completions)
-    for t in range(4):  # V(s_t) is the score of prompt + completion[:t]
-        assert torch.allclose(values[:, t], vm(torch.cat([prompts, completions[:, :t]], dim=1)), atol=1e-5)
+    for t in range(4):  # V(s_t) is the score of prompt + completion[:t], alone or as a padded completion
+        assert torch.allclose(values[:, t], vm(prompts, completions[:, :t]), atol=1e-5)
+        padded = torch.where(torch.arange(4) < t, completions, preference.PAD)
+        assert torch.allclose(values[:, t], vm(prompts, padded), atol=1e-5)
 
 
 def test_kl_penalty_is_the_sum_over_the_completions_tokens():
@@ -373,12 +375,12 @@ def test_reward_model_reads_the_last_token():
     torch.manual_seed(10)
     rm = preference.RewardModel(gpt.LBGPT(CFG))
     torch.nn.init.normal_(rm.head.weight)
-    ids = torch.randint(0, 300, (2, 10))
-    expected = rm.head(rm.body.hidden_states(ids)[:, -1]).squeeze(-1)
-    assert torch.equal(rm(ids), expected)
-    changed = ids.clone()
+    prompts, completions = torch.randint(0, 300, (2, 6)), torch.randint(0, 300, (2, 4))
+    expected = rm.head(rm.body.hidden_states(torch.cat([prompts, completions], dim=1))[:, -1]).squeeze(-1)
+    assert torch.allclose(rm(prompts, completions), expected, atol=1e-6)
+    changed = completions.clone()
     changed[:, -1] = (changed[:, -1] + 1) % 300
-    assert not torch.equal(rm(changed), rm(ids))  # the score depends on the last token
+    assert not torch.equal(rm(prompts, changed), rm(prompts, completions))  # the score depends on the last token
 
 
 # --- oracles --------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ bon_prompts = 24  # best-of-n on the first this many evaluation prompts (bon_max
 eval_samples = 4  # completions per evaluation prompt, at the base, each kept checkpoint and the end
 kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares the methods
 keep_points = 5  # each tuning run keeps its policy at this many steps, each twice the one before, the last at the end (the curves at equal KL)
-dpo_methods = "dpo,cdpo,ipo,dpo_soft"  # the DPO losses the dpo stage trains, each from the base (dpo: hard labels; cdpo: labels smoothed by cdpo_epsilon; ipo: IPO; dpo_soft: the pairs' preference probabilities)
+dpo_methods = "dpo,cdpo,ipo,dpo_soft"  # the DPO losses the dpo stage trains, each from the base (dpo: hard labels; cdpo: labels smoothed by cdpo_epsilon; ipo: IPO; dpo_soft: the pairs' preference probabilities, left out with --pairs)
 cdpo_epsilon = 0.25  # conservative DPO: the chance a label is flipped (1 - label_agreement)
 dpo_pairs = 3072  # DPO: train on the first this many pairs (0 = all); a time budget: the reward model learns from all n_pairs
 dpo_lr = 3e-4  # DPO: AdamW learning rate (far above the 5e-7 used for 7B models: small models need it)

@@ -44,6 +44,7 @@ from dualgpt.cli import exit_codes
 from dualgpt.compiling import machine_name
 from dualgpt.evaluation import full_loss
 from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
+from dualgpt.labelling import label_pairs
 from dualgpt.plots import plot_rm_against_oracle, plot_score_against_kl
 from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss,
                                 preference_probability, reward_model_loss, tau_for_agreement)
@@ -75,7 +76,9 @@ HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one);
 
 
 def dpo_methods(cfg: dict) -> list[str]:
-    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()]
+    """The DPO losses to train; with a pairs file, not dpo_soft (it trains on the oracle's preference
+    probabilities, which a file does not have)."""
+    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip() and not (cfg["pairs"] and m.strip() == "dpo_soft")]
 
 
 def methods(cfg: dict) -> list[str]:
@@ -101,9 +104,6 @@ def check_pipeline_keys(cfg: dict) -> None:
     except ValueError:
         targets = []
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from {', '.join(DPO_METHODS)}"),
-             (not (cfg["pairs"] and "dpo_soft" in dpo_methods(cfg)),
-              "dpo_soft trains on the oracle's preference probabilities, which a pairs file does not have; leave it out "
-              "of --dpo_methods"),
              (0 < cfg["pairs_held_out"] < 1, "pairs_held_out must be in (0, 1)"),
              (cfg["label_target"] >= 1, "label_target must be at least 1"),
              (targets and all(k > 0 for k in targets), f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
@@ -459,6 +459,10 @@ def main(argv: list[str] | None = None) -> dict:
                           presets={"quick": default_config.RLHF_QUICK}, hints=HINTS)
         check_pipeline_keys(cfg)
         s = setup(cfg, MODEL_CLASSES)
+        if cfg["rlhf_stage"] == "label":  # by hand, into its own file: no stage of the study runs
+            labels = cfg["labels"] if os.path.isabs(cfg["labels"]) else repo_path(cfg["labels"])
+            with OutputLock(labels):
+                return {"results": {"label": label_pairs(s)}}
         results, timings = {}, {}
         with OutputLock(repo_path("model_dict", s.family)):  # one run of an oracle and preset at a time
             remove_dead_temps(*output_folders(s.family))

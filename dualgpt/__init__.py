@@ -18,6 +18,8 @@ rlhf_heads.py (its head study). The scripts pass their model classes in; nothing
     cli.py              gpt.py's and gpt_.py's main(): one entry point per mode; the exit codes of every program
     oracles.py          RLHF's programmatic oracles: the oracle score and the held-out judge
     preference.py       RLHF's math: labels, log-probabilities and KL, the reward model, DPO, RLOO, PPO, best-of-n
+    preference_data.py  preference pairs as text (prompt/chosen/rejected JSON lines): checked, encoded, padded
+    labelling.py        --rlhf_stage=label: pairs labelled by hand in the terminal, one key each
     tuning.py           what rlhf.py and rlhf_heads.py share: setup, named seeds, policies, files, the RL loop
     rlhf_report.py      measuring tuned policies, and rlhf.py's report, tables and samples
 """

@@ -1,0 +1,177 @@
+"""Labelling pairs by hand: `python rlhf.py --rlhf_stage=label` shows a prompt and two completions of the base
+model and reads one key: a or b (which is better), t (tie), s (skip), u (undo the last answer), q (quit).
+
+Every answer is appended to a file at once (flushed to disk), so Ctrl-C, a closed terminal or a crash loses at
+most the pair on screen, and the next start resumes after the last answer. A or b goes to the labels file as a
+pair (prompt, chosen, rejected: what --pairs reads); a tie or a skip goes to the file beside it,
+<labels>_skipped.jsonl, so the labels file stays in the standard format. Each line also records the pair's
+number and the base model and seed that sampled it: pair k is always the same prompt and completions (drawn by
+name from the seed), which is what lets a run resume and an undo show the pair again. Keys come one at a time
+from a terminal, or one per line from a pipe (`printf 'a\\nb\\nq\\n' | python rlhf.py --rlhf_stage=label`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+from typing import TextIO
+
+import torch
+
+from dualgpt import UserError, repo_path
+from dualgpt.files import write_text
+from dualgpt.preference_data import FIELDS, pair_line
+from dualgpt.tuning import Setup, complete, load_policy, sample_prompts, texts
+
+KEYS = "a: A is better   b: B is better   t: tie   s: skip   u: undo the last   q: quit"
+
+
+def skipped_path(labels: str) -> str:
+    return os.path.splitext(labels)[0] + "_skipped.jsonl"
+
+
+def read_answers(path: str) -> list[dict]:
+    """The answers in one of the two files, in the order given; none if it does not exist yet."""
+    if not os.path.exists(path):
+        return []
+    answers = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                answer = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                answer = {}
+            if answer is not None and not isinstance(answer, dict) or answer == {} or (
+                    answer and not isinstance(answer.get("pair_index"), int)):
+                raise UserError(f"{path}, line {number}: not an answer of --rlhf_stage=label (a JSON object with the "
+                                f"pair's number); label into another file with --labels=FILE")
+            if answer:
+                answers.append(answer)
+    return answers
+
+
+def append_line(path: str, line: str) -> None:
+    """One answer, on disk before the next pair is shown."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Keys:
+    """One key at a time: from a terminal without waiting for Enter (the terminal put back on exit, also after
+    Ctrl-C), or the first letter of each line from a pipe. None at the end of the input."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.saved = None
+
+    def __enter__(self) -> Keys:
+        if self.stream.isatty():
+            try:
+                import termios
+                import tty
+            except ImportError:  # no termios (Windows): one answer per line, then Enter
+                return self
+            self.saved = termios.tcgetattr(self.stream.fileno())
+            tty.setcbreak(self.stream.fileno())  # Ctrl-C still interrupts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            import termios
+            termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self.saved)
+
+    def read(self) -> str | None:
+        if self.saved is not None:
+            fd = self.stream.fileno()
+            key = os.read(fd, 1).decode("utf-8", errors="replace")
+            if key == "\x1b":  # an arrow or function key: ESC and more bytes, none of them an answer (ESC [ A is up)
+                while select.select([fd], [], [], 0.05)[0]:
+                    os.read(fd, 16)
+                return ""
+            return None if key in ("", "\x04") else key.lower()  # Ctrl-D ends, as at the end of a pipe
+        line = self.stream.readline()
+        return line.strip().lower()[:1] if line else None
+
+
+def candidate(s: Setup, base: torch.nn.Module, k: int) -> tuple[str, str, str]:
+    """Pair k: a prompt of the train split and two completions of it by the base, drawn from the seed by name."""
+    prompt = sample_prompts(s, "train", 1, s.generator("label.prompts", k))
+    a, b = texts(s, complete(s, base, prompt.repeat(2, 1), s.generator("label.completions", k, on_device=True)))
+    return texts(s, prompt)[0], a, b
+
+
+def show(out: TextIO, k: int, labelled: int, target: int, prompt: str, a: str, b: str) -> None:
+    rule = "=" * 72
+    out.write(f"\n{rule}\npair {k + 1} · {labelled} of {target} labelled\n{rule}\n--- prompt ---\n{prompt}\n"
+              f"--- A ---\n{a}\n--- B ---\n{b}\n{'-' * 72}\n{KEYS}\n> ")
+    out.flush()
+
+
+def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> dict:
+    """Label pairs of the base's completions until label_target are labelled, the input ends or q; returns the
+    counts. A file of answers to another base or seed is refused (its pair numbers name other pairs)."""
+    cfg = s.cfg
+    if s.pairs_hash:
+        raise UserError("--rlhf_stage=label samples its pairs from the base model; leave out --pairs (tune on the "
+                        "labels afterwards with --pairs=FILE)")
+    labels = cfg["labels"] if os.path.isabs(cfg["labels"]) else repo_path(cfg["labels"])
+    files = {"labelled": labels, "skipped": skipped_path(labels)}
+    answers = {kind: read_answers(path) for kind, path in files.items()}
+    source = {"base": s.base_hash[:16], "seed": s.seed}
+    for kind, path in files.items():
+        for answer in answers[kind]:
+            if {k: answer.get(k) for k in source} != source:
+                raise UserError(f"{path} holds answers about pairs of another base model or seed ({answer.get('base')}, "
+                                f"seed {answer.get('seed')}; here {source['base']}, seed {source['seed']}); label into "
+                                f"another file with --labels=FILE")
+    os.makedirs(os.path.dirname(labels) or ".", exist_ok=True)
+    base = load_policy(s)
+    k = 1 + max((a["pair_index"] for kind in answers for a in answers[kind]), default=-1)
+    out.write(f"labelling pairs of {cfg['rlhf_base']} into {labels}: which completion of the prompt is better, by "
+              f"whatever you want the model to do more of\n")
+    with Keys(stdin) as keys:
+        while len(answers["labelled"]) < cfg["label_target"]:
+            prompt, a, b = candidate(s, base, k)
+            if a == b:  # nothing to choose between (and nothing to record: a resumed run skips it again)
+                k += 1
+                continue
+            show(out, k, len(answers["labelled"]), cfg["label_target"], prompt, a, b)
+            key = keys.read()
+            while key is not None and key not in "abtsuq" or key == "":
+                out.write(f"press one of a, b, t, s, u, q\n> ")
+                out.flush()
+                key = keys.read()
+            out.write(f"{key or 'end of input'}\n")
+            if key in (None, "q"):
+                break
+            if key == "u":
+                k = undo(files, answers, out) if any(answers.values()) else k
+                continue
+            if key in "ab":
+                pair = {"prompt": prompt, "chosen": a if key == "a" else b, "rejected": b if key == "a" else a}
+                answers["labelled"].append(dict(pair, **source, pair_index=k))
+                append_line(files["labelled"], pair_line(pair, **source, pair_index=k))
+            else:
+                answers["skipped"].append(dict(source, pair_index=k, answer={"t": "tie", "s": "skip"}[key]))
+                append_line(files["skipped"], json.dumps(answers["skipped"][-1]) + "\n")
+            k += 1
+    done = len(answers["labelled"])
+    out.write(f"\n{done} pairs labelled in {labels} ({len(answers['skipped'])} ties or skips in "
+              f"{files['skipped']}); " + (f"the target of {cfg['label_target']} is reached; " if done >= cfg["label_target"]
+                                         else "run the same command to go on; ")
+              + f"tune on them: python rlhf.py --pairs={labels}\n")
+    return {"labelled": done, "skipped": len(answers["skipped"]), "file": labels}
+
+
+def undo(files: dict[str, str], answers: dict[str, list[dict]], out: TextIO) -> int:
+    """Take back the last answer (the highest pair number, in whichever file holds it): that file is rewritten
+    without it. Returns its pair number, to show that pair again."""
+    kind = max((kind for kind in answers if answers[kind]), key=lambda kind: answers[kind][-1]["pair_index"])
+    last = answers[kind].pop()
+    write_text(files[kind], "".join(pair_line(a, **{k: v for k, v in a.items() if k not in FIELDS}) if kind == "labelled"
+                                    else json.dumps(a) + "\n" for a in answers[kind]))
+    out.write(f"undone: pair {last['pair_index'] + 1} ({'labelled' if kind == 'labelled' else last['answer']})\n")
+    return last["pair_index"]

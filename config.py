@@ -87,7 +87,7 @@ mode = "auto"  # auto | train | sample | eval | heads | export (auto: train if t
 # --- RLHF: the base, the task, the evaluation prompts (read by rlhf.py, rlhf_heads.py) -------
 rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from (either script's checkpoint)
 rlhf_script = "gpt_"  # gpt_ | gpt (gpt_: SM-GPT, KV-cache sampling, faster; gpt: LB-GPT, one module per head)
-oracle = "auto"  # auto | sentiment | verse | module:function | none (auto: sentiment, or none with --pairs; sentiment: a lexicon, half scores, half judges, and AFINN judges; verse: ten syllables a line; module:function: your own, text -> float; none: measure with the reward model only)
+oracle = "auto"  # auto | sentiment | verse | dialogue | module:function | none (auto: sentiment, or none with --pairs; sentiment: a lexicon, half scores, half judges, and AFINN judges; verse: ten syllables a line; dialogue: speakers' turns; module:function: your own, text -> float; none: measure with the reward model only)
 prompt_tokens = 16  # prompt length: windows of the train split (evaluation: of the val split)
 completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
 eval_prompts = 128  # prompts every method is evaluated on (the head study uses the first head_prompts)

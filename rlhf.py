@@ -62,7 +62,7 @@ from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, STAGE_FILES, Setup, check_recor
 
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these for each seed, then "report"
 CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report", "label"), "rlhf_script": RLHF_SCRIPTS,
-           "oracle": ("auto", "sentiment", "verse", "module:function", "none"), "eval_split": ("test", "dev")}
+           "oracle": ("auto", "sentiment", "verse", "dialogue", "module:function", "none"), "eval_split": ("test", "dev")}
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}
 # the DPO losses: (loss kind, label) where the label is 1 (hard), 1 - cdpo_epsilon or the pair's probability
 DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),

@@ -162,7 +162,7 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
     out.write(f"\n{done} pairs labelled in {labels} ({len(answers['skipped'])} ties or skips in "
               f"{files['skipped']}); " + (f"the target of {cfg['label_target']} is reached; " if done >= cfg["label_target"]
                                          else "run the same command to go on; ")
-              + f"tune on them: python rlhf.py --pairs={labels}\n")
+              + f"tune on them: python rlhf.py --pairs={os.path.relpath(labels)}\n")
     return {"labelled": done, "skipped": len(answers["skipped"]), "file": labels}
 
 

@@ -12,7 +12,7 @@ import gpt_
 from dualgpt import UserError, preference
 from dualgpt.checkpoint import convert_state_dict
 from dualgpt.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
-                             syllables, verse, words)
+                             dialogue, syllables, verse, words)
 from dualgpt.tuning import frozen
 
 # --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------
@@ -411,6 +411,12 @@ def test_the_oracle_score_and_the_judges_count_words():
     assert oracle.judges["lexicon"](text) == 0.0  # the judge's: love - blood
     assert oracle.judges["afinn"](text) == 5.0  # love (+3), cheerful (+2); good and death belong to the score
     assert oracle.score("goodness deathly") == 0.0  # whole words only
+
+
+def test_dialogue_counts_the_lines_that_name_a_speaker():
+    text = "ly, I am known.\n\nCORIOLANUS:\nWhy, sir?\n\nFirst Citizen:\nAy: 'tis so.\nNot: a speaker:\nKING HENRY VI:\n"
+    assert dialogue(text) == 3.0  # "Ay: 'tis so." and "Not: a speaker:" say something after a colon, or in it
+    assert dialogue("no one speaks here") == 0.0
 
 
 def test_verse_counts_ten_syllables():

@@ -296,7 +296,7 @@ def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(r
     assert (rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]) == (first["prompt"], first["a"], first["b"])
     assert (rows[1]["chosen"], rows[1]["rejected"]) == (second["b"], second["a"])
     assert (labels.parent / "my_labels_skipped.jsonl").read_text() == ""  # the tie, undone
-    assert "2 pairs labelled" in term.screen and f"python rlhf.py --pairs={labels}" in term.screen
+    assert "2 pairs labelled" in term.screen and "python rlhf.py --pairs=data/my_labels.jsonl" in term.screen
 
     # the next start resumes at pair 3; Ctrl-C there loses nothing that was answered
     term = Terminal(rlhf_run.home, args)

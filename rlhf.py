@@ -42,6 +42,7 @@ from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.compiling import machine_name
+from dualgpt.data import sha256_file
 from dualgpt.evaluation import full_loss
 from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
 from dualgpt.labelling import label_pairs
@@ -155,31 +156,38 @@ def stage_pairs(s: Setup) -> dict:
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(), "label_agreement": agree}
     record = s.new_record("pairs", None)
     save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=record))
-    write_pairs(s.path("data", "pairs.jsonl"), [
-        {"prompt": prompt, "chosen": c, "rejected": r, "split": split} for split, p in pairs.items()
-        for prompt, c, r in zip(texts(s, p["prompts"]), *(texts(s, side) for side in chosen_rejected(p)))], run=record["id"])
+    as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split} for split, p in pairs.items()
+               for prompt, c, r in zip(texts(s, p["prompts"]), *(texts(s, side) for side in chosen_rejected(p)))]
+    distinct = [p for p in as_text if p["chosen"] != p["rejected"]]  # two equal samples say nothing as text
+    write_pairs(s.path("data", "pairs.jsonl"), distinct, run=record["id"])
     print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau {tau:.3f}; labels agree "
           f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
-          f"({report['train']['ties']:.0%} are ties); as text: {s.path('data', 'pairs.jsonl')}")
+          f"({report['train']['ties']:.0%} are ties); as text: {s.path('data', 'pairs.jsonl')}"
+          + (f" ({len(as_text) - len(distinct)} with two equal texts left out)" if len(distinct) < len(as_text) else ""))
     return report
 
 
 def import_pairs(s: Setup) -> dict:
-    """The pairs of a file (--pairs): checked line by line, in the base's tokens, a random pairs_held_out share
-    held out (the reward model's accuracy, the evaluation prompts); scored by the oracle where there is one."""
+    """The pairs of a file (--pairs): checked line by line, in the base's tokens, the pairs of a random
+    pairs_held_out share of its prompts held out (the reward model's accuracy; their prompts evaluate every
+    method), so that no held-out prompt is trained on; scored by the oracle where there is one."""
     cfg, path = s.cfg, s.cfg["pairs"]
     rows = read_pairs(path)
+    if sha256_file(path) != s.pairs_hash:
+        raise UserError(f"{path} changed while this run read it; run again when it is written")
     encoded = encode_pairs(rows, s.data.tok, s.base["model_config"]["block_size"], path)
-    n = len(rows)
-    held_out = max(1, round(cfg["pairs_held_out"] * n))
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))  # each prompt once, in the order of the file
+    held_prompts = {prompts[i] for i in torch.randperm(len(prompts), generator=s.generator("pairs.held_out"))[
+        :max(1, round(cfg["pairs_held_out"] * len(prompts)))].tolist()}
+    held = torch.tensor([r["prompt"] in held_prompts for r in rows])
+    n, held_out = len(rows), int(held.sum())
     smallest = max(cfg["rm_batch"], cfg["dpo_batch"])
     if n - held_out < smallest:
         raise UserError(f"{path} has {n} pairs, {n - held_out} to train on after holding {held_out} out: fewer than "
                         f"one batch ({smallest}, the larger of rm_batch and dpo_batch); label more, or lower --rm_batch "
                         f"and --dpo_batch")
-    order = torch.randperm(n, generator=s.generator("pairs.held_out"))
-    pairs, report = {}, {"file": path, "prompts_cut": encoded["prompts_cut"]}
-    for split, idx in (("train", order[held_out:]), ("val", order[:held_out])):
+    pairs, report = {}, {"file": path, "prompts": len(prompts), "prompts_cut": encoded["prompts_cut"]}
+    for split, idx in (("train", (~held).nonzero().squeeze(1)), ("val", held.nonzero().squeeze(1))):
         pairs[split] = {"prompts": encoded["prompts"][idx], "a": encoded["chosen"][idx], "b": encoded["rejected"][idx],
                         "a_preferred": torch.ones(len(idx), dtype=torch.bool), "lines": encoded["lines"][idx]}
         if s.oracle:  # the file's texts as they are
@@ -187,7 +195,8 @@ def import_pairs(s: Setup) -> dict:
                 pairs[split][f"oracle_{side}"] = scores(s.oracle.score, [rows[i][field] for i in idx.tolist()])
         report[split] = {"pairs": len(idx)}
     save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, run=s.new_record("pairs", None)))
-    print(f"pairs: {report['train']['pairs']} to train on / {report['val']['pairs']} held out, from {path}"
+    print(f"pairs: {report['train']['pairs']} to train on / {report['val']['pairs']} held out (the pairs of "
+          f"{len(held_prompts)} of its {len(prompts)} prompts), from {path}"
           + (f"; {encoded['prompts_cut']} prompts too long for the window keep their last tokens"
              if encoded["prompts_cut"] else ""))
     return report

@@ -5,8 +5,10 @@ Every answer is appended to a file at once (flushed to disk), so Ctrl-C, a close
 most the pair on screen, and the next start resumes after the last answer. A or b goes to the labels file as a
 pair (prompt, chosen, rejected: what --pairs reads); a tie or a skip goes to the file beside it,
 <labels>_skipped.jsonl, so the labels file stays in the standard format. Each line also records the pair's
-number and the base model and seed that sampled it: pair k is always the same prompt and completions (drawn by
-name from the seed), which is what lets a run resume and an undo show the pair again. Keys come one at a time
+number and what sampled it (the base model, the data, the script, the lengths, the dtype, the device and the
+seed): with those the same, pair k is always the same prompt and completions (drawn by name from the seed),
+which is what lets a run resume and an undo show the pair again; a file of other settings is refused. Keys
+come one at a time
 from a terminal, or one per line from a pipe (`printf 'a\\nb\\nq\\n' | python rlhf.py --rlhf_stage=label`).
 """
 from __future__ import annotations
@@ -31,30 +33,40 @@ def skipped_path(labels: str) -> str:
     return os.path.splitext(labels)[0] + "_skipped.jsonl"
 
 
-def read_answers(path: str) -> list[dict]:
-    """The answers in one of the two files, in the order given; none if it does not exist yet."""
+def read_answers(path: str, out: TextIO) -> list[dict]:
+    """The answers in one of the two files, in the order given; none if it does not exist yet. A last line cut
+    short (the machine stopped in the middle of writing it) is dropped with a note: that answer is asked again."""
     if not os.path.exists(path):
         return []
-    answers = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                answer = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                answer = {}
-            if answer is not None and not isinstance(answer, dict) or answer == {} or (
-                    answer and not isinstance(answer.get("pair_index"), int)):
-                raise UserError(f"{path}, line {number}: not an answer of --rlhf_stage=label (a JSON object with the "
-                                f"pair's number); label into another file with --labels=FILE")
-            if answer:
-                answers.append(answer)
+        lines = f.read().split("\n")
+    answers = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            answer = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: a write that did not finish
+                out.write(f"note: the last line of {path} was cut short; that answer is asked again\n")
+                write_text(path, "".join(kept + "\n" for kept in lines[:-1] if kept.strip()))
+                break
+            answer = {}
+        if answer is not None and not (isinstance(answer, dict) and isinstance(answer.get("pair_index"), int)):
+            raise UserError(f"{path}, line {number}: not an answer of --rlhf_stage=label (a JSON object with the "
+                            f"pair's number); mend or remove that line, or label into another file with --labels=FILE")
+        if answer:
+            answers.append(answer)
     return answers
 
 
 def append_line(path: str, line: str) -> None:
-    """One answer, on disk before the next pair is shown."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    """One answer, on disk before the next pair is shown (on a line of its own, also after a hand edit that
+    left no newline at the end)."""
+    data = line.encode("utf-8")
+    with open(path, "ab+") as f:  # every write goes to the end, wherever reading left the position
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            data = (b"" if f.read(1) == b"\n" else b"\n") + data
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -82,6 +94,13 @@ class Keys:
         if self.saved is not None:
             import termios
             termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self.saved)
+
+    def forget_typed_ahead(self) -> None:
+        """Drop keys pressed before the pair they would answer was on screen (a double tap, or a key pressed
+        while the next pair was being sampled): every answer is to a pair that was read."""
+        if self.saved is not None:
+            import termios
+            termios.tcflush(self.stream.fileno(), termios.TCIFLUSH)
 
     def read(self) -> str | None:
         if self.saved is not None:
@@ -119,14 +138,16 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
                         "labels afterwards with --pairs=FILE)")
     labels = cfg["labels"] if os.path.isabs(cfg["labels"]) else repo_path(cfg["labels"])
     files = {"labelled": labels, "skipped": skipped_path(labels)}
-    answers = {kind: read_answers(path) for kind, path in files.items()}
-    source = {"base": s.base_hash[:16], "seed": s.seed}
+    answers = {kind: read_answers(path, out) for kind, path in files.items()}
+    source = {"base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": cfg["rlhf_script"],
+              "prompt_tokens": cfg["prompt_tokens"], "completion_tokens": cfg["completion_tokens"], "dtype": cfg["dtype"],
+              "device": cfg["device"], "seed": s.seed}
     for kind, path in files.items():
         for answer in answers[kind]:
-            if {k: answer.get(k) for k in source} != source:
-                raise UserError(f"{path} holds answers about pairs of another base model or seed ({answer.get('base')}, "
-                                f"seed {answer.get('seed')}; here {source['base']}, seed {source['seed']}); label into "
-                                f"another file with --labels=FILE")
+            differ = [f"{k} {answer.get(k)!r} there, {v!r} here" for k, v in source.items() if answer.get(k) != v]
+            if differ:
+                raise UserError(f"{path} holds answers about pairs sampled with other settings ({'; '.join(differ[:2])}): "
+                                f"its pair numbers name other pairs; label into another file with --labels=FILE")
     os.makedirs(os.path.dirname(labels) or ".", exist_ok=True)
     base = load_policy(s)
     k = 1 + max((a["pair_index"] for kind in answers for a in answers[kind]), default=-1)
@@ -138,6 +159,7 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
             if a == b:  # nothing to choose between (and nothing to record: a resumed run skips it again)
                 k += 1
                 continue
+            keys.forget_typed_ahead()
             show(out, k, len(answers["labelled"]), cfg["label_target"], prompt, a, b)
             key = keys.read()
             while key is not None and key not in "abtsuq" or key == "":
@@ -148,7 +170,10 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
             if key in (None, "q"):
                 break
             if key == "u":
-                k = undo(files, answers, out) if any(answers.values()) else k
+                if any(answers.values()):
+                    k = undo(files, answers, out)
+                else:
+                    out.write("nothing to undo\n")
                 continue
             if key in "ab":
                 pair = {"prompt": prompt, "chosen": a if key == "a" else b, "rejected": b if key == "a" else a}

@@ -3,7 +3,7 @@ JSON-lines file, one object per line with the string fields prompt, chosen and r
 out of the way, not read). Reading checks every line and names the first bad one; encoding turns the texts into
 the model's tokens, right-padded with PAD so that pairs of any lengths share a batch.
 
-Shapes: n pairs; prompts (n, Tp), chosen and rejected (n, Tc), each row its tokens then PAD.
+Shapes: n pairs; prompts (n, Tp), chosen and rejected (n, Tc) (one width for both), each row its tokens then PAD.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def read_pairs(path: str) -> list[dict]:
         for number, raw in enumerate(f, start=1):
             where = f"{path}, line {number}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark (Notepad) is not text
             except UnicodeDecodeError as e:
                 raise UserError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
             if not text.strip():
@@ -47,6 +47,10 @@ def read_pairs(path: str) -> list[dict]:
                     raise UserError(f"{where}: no {field!r} field (each line needs {', '.join(FIELDS)})")
                 if not isinstance(row[field], str):
                     raise UserError(f"{where}: {field!r} must be a string, got {type(row[field]).__name__}")
+                try:
+                    row[field].encode("utf-8")
+                except UnicodeEncodeError:  # JSON can spell a lone half of a surrogate pair, "\ud800": no character
+                    raise UserError(f"{where}: {field!r} holds an escape that is no character (a lone surrogate)") from None
             if row["chosen"] == row["rejected"]:
                 raise UserError(f"{where}: chosen and rejected are the same text: nothing is preferred")
             pairs.append({"line": number, **{field: row[field] for field in FIELDS}})
@@ -95,5 +99,6 @@ def encode_pairs(pairs: list[dict], tokenizer, block_size: int, path: str) -> di
         prompts.append(ids["prompt"][-room:])
         chosen.append(ids["chosen"])
         rejected.append(ids["rejected"])
-    return {"prompts": padded(prompts), "chosen": padded(chosen), "rejected": padded(rejected),
+    completions = padded(chosen + rejected)  # both sides to one width: a pair's two completions line up
+    return {"prompts": padded(prompts), "chosen": completions[:len(pairs)], "rejected": completions[len(pairs):],
             "lines": torch.tensor([p["line"] for p in pairs]), "prompts_cut": cut}

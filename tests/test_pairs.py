@@ -187,9 +187,10 @@ BAD_FILES = [
     (b'{"prompt": "a", "chosen": "same", "rejected": "same"}\n', "line 1: chosen and rejected are the same text"),
     (b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n', "line 1: not UTF-8 text"),
     (b'["a", "b", "c"]\n', "line 1: a JSON object with prompt, chosen and rejected is expected, got list"),
+    (b'{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n', "line 1: 'prompt' holds an escape that is no character"),
     (b'{"prompt": "", "chosen": "b", "rejected": "c"}\n' * 64, "line 1: 'prompt' is empty"),
-    (b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 20, "has 20 pairs, 18 to train on after holding 2 out: "
-                                                               "fewer than one batch (32"),
+    (b"".join(b'{"prompt": "a%d", "chosen": "b", "rejected": "c"}\n' % i for i in range(20)),
+     "has 20 pairs, 18 to train on after holding 2 out: fewer than one batch (32"),
 ]
 
 
@@ -317,5 +318,5 @@ def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(r
     # labels of another base are never mixed into this file
     other = subprocess.run([sys.executable, "rlhf.py", "--rlhf_stage=label", *args, "--seed=7"], cwd=rlhf_run.home,
                            input="a\n", capture_output=True, text=True, timeout=120)
-    assert other.returncode == 2 and "holds answers about pairs of another base model or seed" in other.stderr
+    assert other.returncode == 2 and "holds answers about pairs sampled with other settings (seed 1337 there, 7 here)" in other.stderr
     assert [r["line"] for r in read_pairs(str(labels))] == [1, 2, 3, 4]

@@ -56,6 +56,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logprobs.squeeze(-1).masked_fill(tokens == PAD, 0.0)  # padding: 0, so a row's sum is its completion's
 
 
+def trimmed(ids: torch.Tensor) -> torch.Tensor:
+    """Without the columns that are padding in every row (a minibatch of short pairs of a file that has long
+    ones), so that no work is spent on them."""
+    return ids[:, :max(1, int((ids != PAD).sum(1).max()))]
+
+
 def completion_states(body: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     """The final hidden states that read a completion, from one forward pass: at the position before each of its
     tokens, then after its last token: (B, L + 1, C). Prompts (B, P) and completions (B, L) may be right-padded

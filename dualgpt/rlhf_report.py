@@ -262,9 +262,12 @@ def write_markdown_report(path: str, report: dict) -> None:
         note, win = "", "by the oracle score"
     else:
         source = f"pairs from {report['pairs']}, no oracle"
-        note = ("No oracle: every score below is the reward model's, which the RL stages optimise, so it says how far "
-                "each method went on its own terms, not whether it went where the labels meant; the reward model's "
-                "accuracy on held-out pairs and the side-by-side samples judge that. ")
+        note = ("No oracle: every score below is the reward model's. RLOO and PPO optimise it and best-of-n selects "
+                "by it, on the same samples it scores, so by this score they are favoured by construction over DPO, "
+                "which never sees it; it says how far each method went on the reward model's terms, not whether it "
+                "went where the labels meant. The reward model's accuracy on held-out pairs and the side-by-side "
+                "samples judge that; to measure by something you can write down, pass it as --oracle (it only "
+                "measures: the labels stay the file's). ")
         win = "by the reward model's score"
     transfer = " Transfer: a judge's gain over the oracle score's gain." if report["judges"] else ""
     write_text(path, f"# RLHF report: {source}, {report['script']}.py, base {report['base']}\n\n{note}"

@@ -29,7 +29,7 @@ from dualgpt.files import write_json
 from dualgpt.oracles import Oracle, get_oracle
 from dualgpt.preference import (PAD, RewardModel, completion_logits, exact_kl, gae, kl_estimators, kl_penalized_reward,
                                 policy_gradient_loss, ppo_loss, rloo_advantages, sample_completions, token_logprobs,
-                                token_rewards, value_loss, whiten)
+                                token_rewards, trimmed, value_loss, whiten)
 from dualgpt.runconfig import model_options, require
 from dualgpt.runtime import autocast, progress
 
@@ -332,9 +332,12 @@ def sample_prompts(s: Setup, part: str, n: int, generator: torch.Generator) -> t
 
 def eval_prompts(s: Setup) -> torch.Tensor:
     """The prompts every method and every seed is evaluated on (the head study takes its first head_prompts):
-    test prompts, or dev prompts with eval_split = dev, for trying settings without touching the test prompts."""
-    if s.pairs_hash:  # the held-out pairs' prompts, in the order of the file
-        return fitting(s, s.prompt_pool("val")[:s.cfg["eval_prompts"]].to(s.cfg["device"]))
+    test prompts, or dev prompts with eval_split = dev, for trying settings without touching the test prompts.
+    With a pairs file, the first eval_prompts distinct prompts of this seed's held-out pairs, in the order of the
+    file (each seed holds out its own share of them)."""
+    if s.pairs_hash:
+        distinct = list(dict.fromkeys(map(tuple, s.prompt_pool("val").tolist())))[:s.cfg["eval_prompts"]]
+        return fitting(s, torch.tensor(distinct, dtype=torch.long, device=s.cfg["device"]))
     split = s.cfg["eval_split"]
     name = "eval.prompts" if split == "test" else "dev.prompts"
     # drawn from the run config's seed, not the replicate's: every seed of a study is tested on the same prompts
@@ -379,8 +382,8 @@ def completion_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, compl
 
 
 def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
-    """log pi(completion | prompt) summed over its tokens: (B,)."""
-    return completion_logprobs(s, model, prompts, completions).sum(1)
+    """log pi(completion | prompt) summed over its tokens (padding adds 0): (B,)."""
+    return completion_logprobs(s, model, prompts, trimmed(completions)).sum(1)
 
 
 # -----------------------------------------------------------------------------------------

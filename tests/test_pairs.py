@@ -57,6 +57,13 @@ def test_a_padded_batch_gives_every_completion_its_own_log_probability_and_rewar
             for i in range(len(rows["prompts"])):
                 assert abs(padded_logprob[i] - alone(logprob, rows, i, side)) < 1e-5
                 assert abs(padded_reward[i] - alone(rm, rows, i, side)) < 1e-5
+                # and the plain reference: one forward pass over prompt + completion, read by hand
+                prompt, completion = rows["prompts"][i], rows[side][i]
+                ids = torch.cat([prompt, completion])[None]
+                logits = model.lm_head(model.hidden_states(ids))[0, len(prompt) - 1:-1]
+                by_hand = F.log_softmax(logits, -1)[torch.arange(len(completion)), completion].sum()
+                assert abs(padded_logprob[i] - by_hand) < 1e-5
+                assert abs(padded_reward[i] - rm.head(rm.body.hidden_states(ids)[0, -1])) < 1e-5
 
 
 def test_a_padded_dpo_or_reward_model_step_is_the_mean_of_the_unpadded_ones():
@@ -101,6 +108,8 @@ def test_a_long_prompt_keeps_its_last_tokens_and_a_completion_that_cannot_fit_is
     assert encoded["prompts"].tolist() == [[ord(c) for c in "hij"]]  # 8 - 5 (the longer completion) = 3 tokens
     assert encoded["chosen"].tolist() == [[ord(c) for c in "xyz"] + [PAD, PAD]]
     assert encoded["prompts_cut"] == 1
+    whole = encode_pairs([dict(pairs[0], prompt="abc")], Words(), block_size=8, path="p.jsonl")  # 3 + 5: the window
+    assert whole["prompts"].tolist() == [[ord(c) for c in "abc"]] and whole["prompts_cut"] == 0
     with pytest.raises(rlhf.UserError, match="p.jsonl, line 3: the longer completion is 8 tokens, the model's window 8"):
         encode_pairs([dict(pairs[0], rejected="12345678")], Words(), block_size=8, path="p.jsonl")
 
@@ -121,11 +130,12 @@ def test_the_oracles_pairs_are_written_in_the_standard_format_too(rlhf_run):
 
 def subset(rlhf_run, path, n):
     """The first n of the fixture's pairs whose completions, as text, fit the tiny model's window after a prompt
-    (the tiny model samples bytes that decode to U+FFFD, three bytes again: a few come back 2x as long)."""
+    (the tiny model samples bytes that decode to U+FFFD, three bytes again: a few come back 2x as long), written
+    with a byte-order mark as Windows' Notepad does."""
     tok = setup(load_config(rlhf_run.args, "rlhf.py"), rlhf.MODEL_CLASSES).data.tok
     lines = [line for line in open(rlhf_run.home / ORACLE_PAIRS, encoding="utf-8")
              if all(len(tok.encode_ordinary(json.loads(line)[side])) <= 24 for side in ("chosen", "rejected"))]
-    path.write_text("".join(lines[:n]), encoding="utf-8")
+    path.write_text("".join(lines[:n]), encoding="utf-8-sig")
     return path
 
 
@@ -172,6 +182,18 @@ def test_imported_pairs_measured_by_the_oracle_teach_the_reward_model_as_the_ori
     for stage in ("pairs", "rm"):
         result = rlhf.main(args + [f"--rlhf_stage={stage}"])
     assert result["results"]["rm"][0]["accuracy_on_oracle"] > 0.55
+
+
+def test_the_held_out_pairs_share_no_prompt_with_the_trained_ones(rlhf_run, tmp_path):
+    """Pairs that share a prompt go to the same side: a held-out prompt is never trained on."""
+    path = tmp_path / "shared.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"ROMEO:\nline {i // 3}", "chosen": f" love {i}", "rejected": f" hate {i}"})
+                            + "\n" for i in range(120)), encoding="utf-8")
+    rlhf.main(rlhf_run.shared_args + FILE_RUN + [f"--pairs={path}", "--rlhf_stage=pairs", "--pairs_held_out=0.25"])
+    pairs = torch.load(rlhf_run.home / "data" / "rlhf_pairs-shared_seed1337_pairs.pt", weights_only=True)
+    train, val = ({tuple(p) for p in pairs[split]["prompts"].tolist()} for split in ("train", "val"))
+    assert len(val) == 10 and len(train) == 30 and not train & val  # 40 prompts, a quarter held out
+    assert len(pairs["val"]["prompts"]) == 30
 
 
 def outputs(home):
@@ -283,10 +305,12 @@ def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(r
     term.press("a", 2)  # pair 1: A
     term.press("x", 3)  # not an answer: asked again, nothing written
     assert "press one of a, b, t, s, u, q" in term.screen
-    term.press("t", 4)  # pair 2: a tie
-    term.press("u", 5)  # undo the tie: pair 2 again
+    term.press("\x1b[A", 4)  # the up arrow (ESC [ A): not an answer either, though it ends in an "A"
+    assert "A\r\n" not in term.screen.split("press one of")[-1]
+    term.press("t", 5)  # pair 2: a tie
+    term.press("u", 6)  # undo the tie: pair 2 again
     assert "undone: pair 2 (tie)" in term.screen
-    term.press("b", 6)  # pair 2: B
+    term.press("b", 7)  # pair 2: B
     os.write(term.master, b"q")
     assert term.finish() == 0
     rows = [json.loads(line) for line in open(labels, encoding="utf-8")]
@@ -299,21 +323,30 @@ def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(r
     assert (labels.parent / "my_labels_skipped.jsonl").read_text() == ""  # the tie, undone
     assert "2 pairs labelled" in term.screen and "python rlhf.py --pairs=data/my_labels.jsonl" in term.screen
 
-    # the next start resumes at pair 3; Ctrl-C there loses nothing that was answered
+    # the next start resumes at pair 3, and can undo the last answer of the run before; Ctrl-C then loses
+    # nothing that was answered
     term = Terminal(rlhf_run.home, args)
     term.read_until("\n> ")
     assert "pair 3 · 2 of 4 labelled" in term.screen
-    term.press("s", 2)  # pair 3: skipped
+    term.press("u", 2)
+    assert "undone: pair 2 (labelled)" in term.screen and "pair 2 · 1 of 4 labelled" in term.screen
+    assert shown(term.screen, 2) == second
+    term.press("b", 3)  # pair 2: B again
+    term.press("s", 4)  # pair 3: skipped
     os.write(term.master, b"\x03")
     assert term.finish() == 130
     assert [json.loads(line)["pair_index"] for line in open(labels, encoding="utf-8")] == [0, 1]
     assert json.loads((labels.parent / "my_labels_skipped.jsonl").read_text())["answer"] == "skip"
 
-    # answers piped in, one per line: pairs 4 and 5 reach the target of 4, and the labels are a pairs file
+    # answers piped in, one per line: pairs 4 and 5 reach the target of 4, and the labels are a pairs file; a last
+    # line cut short by a crash is dropped with a note
+    with open(labels, "a", encoding="utf-8") as f:
+        f.write('{"prompt": "cut sh')
     piped = subprocess.run([sys.executable, "rlhf.py", "--rlhf_stage=label", *args], cwd=rlhf_run.home, input="a\nb\n",
                            capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0, piped.stderr
     assert "4 pairs labelled" in piped.stdout and "the target of 4 is reached" in piped.stdout
+    assert f"note: the last line of {labels} was cut short" in piped.stdout
     assert [r["line"] for r in read_pairs(str(labels))] == [1, 2, 3, 4]
     # labels of another base are never mixed into this file
     other = subprocess.run([sys.executable, "rlhf.py", "--rlhf_stage=label", *args, "--seed=7"], cwd=rlhf_run.home,

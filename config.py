@@ -71,6 +71,7 @@ max_new_tokens = 300  # tokens per sample
 temperature = 0.8  # 0 = greedy
 top_k = 200  # keep only the k most likely tokens (0 = off)
 top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability (1 = off)
+stop = ""  # end each sample before the first of these strings, separated by | (\n: a newline; "\n\n|ROMEO:" stops at a blank line or at Romeo's turn)
 
 # --- head-level research (read by gpt.py, gpt_.py) -------------------------------------------
 head_mask = ""  # heads to switch off, as layer.head from 0: "0.3,2.1"; applies in every mode of both scripts
@@ -97,9 +98,9 @@ quick = False  # a smaller, faster run: the values in RLHF_QUICK below; its outp
 
 # --- RLHF: the study, pairs, reward model, best-of-n, DPO (read by rlhf.py) -------------------
 rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval | report | label (all: every stage for each seed, then the report; label: you label pairs of the base's completions in the terminal)
-pairs = ""  # a JSON-lines file of prompt/chosen/rejected texts (yours, or labelled with --rlhf_stage=label) to tune on instead of the oracle's pairs
+pairs = ""  # a JSON-lines file of prompt/chosen/rejected texts (yours, or labelled with --rlhf_stage=label) to tune on instead of the oracle's pairs; a path from the current folder
 pairs_held_out = 0.1  # with --pairs: the share of its pairs held out (the reward model's accuracy; their prompts evaluate every method)
-labels = "data/labels.jsonl"  # --rlhf_stage=label: where your answers go (ties and skips: beside it, *_skipped.jsonl)
+labels = "data/labels.jsonl"  # --rlhf_stage=label: where your answers go, under the repository unless absolute (ties and skips: beside it, *_skipped.jsonl)
 label_target = 200  # --rlhf_stage=label: how many pairs to label
 seeds = 1  # replicates: seed, seed + 1, ... each runs every stage (its own pairs, reward model and policies); the report gives means and 95% intervals over them
 label_agreement = 0.75  # how often the noisy labels agree with the oracle score, as with human raters (sets tau)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,38 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperatu
         yield nxt
 
 
+def stop_strings(spec: str) -> list[str]:
+    """--stop: strings separated by |, where \\n is a newline, \\t a tab, \\| a | and \\\\ a backslash."""
+    escapes = {"n": "\n", "t": "\t", "|": "\x00", "\\": "\\"}  # an escaped | is kept apart from the separators
+    text = re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), spec)
+    return [part.replace("\x00", "|") for part in text.split("|") if part]
+
+
+class StopAt:
+    """Streamed text cut before the first occurrence of any stop string. What could still turn out to be the
+    start of one is held back, so that nothing of a stop string is ever printed."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.text, self.shown, self.done = stops, "", 0, False
+
+    def feed(self, piece: str) -> str:
+        """The text that is now safe to show; sets done once a stop string has appeared."""
+        self.text += piece
+        found = [i for i in (self.text.find(stop) for stop in self.stops) if i >= 0]
+        if found:
+            self.text, self.done = self.text[:min(found)], True
+            end = len(self.text)
+        else:  # the last len(longest) - 1 characters may be the start of a stop string
+            end = max(self.shown, len(self.text) - max(map(len, self.stops), default=1) + 1)
+        shown, self.shown = self.text[self.shown:end], end
+        return shown
+
+    def rest(self) -> str:
+        """What was held back when the sample ended without a stop string."""
+        shown, self.shown = self.text[self.shown:], len(self.text)
+        return shown
+
+
 def read_prompt(prompt: str) -> str:
     """The prompt text: as given, or a file's contents for FILE:path; empty starts from a newline."""
     if prompt.startswith("FILE:"):
@@ -83,30 +116,32 @@ def read_prompt(prompt: str) -> str:
 
 
 def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
-    """--mode=sample: stream num_samples continuations of the prompt and write them to sample_file."""
+    """--mode=sample: stream num_samples continuations of the prompt (each ended before the first of the --stop
+    strings, if one comes) and write them to sample_file."""
     ckpt, model = checkpoint_model(model_class, cfg)
     tok = load_tokenizer_text(ckpt["tokenizer"])
     prompt = read_prompt(cfg["prompt"])
     prompt_ids = tok.encode(prompt, allowed_special="none")[-model.config.block_size:]
     gen = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
-    settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed")}
+    settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop")}
     header = (f"# {cfg['script']}.py samples from {cfg['ckpt']} (iteration {ckpt['iter_num']}, "
               f"val loss {ckpt.get('best_val_loss', float('nan')):.4f}); {json.dumps(settings)}\n")
-    samples = []
+    samples, stops = [], stop_strings(cfg["stop"])
     for i in range(cfg["num_samples"]):
         print(f"--- sample {i + 1}/{cfg['num_samples']} ---")
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
         print(prompt, end="", flush=True)
-        text = prompt
+        continuation = StopAt(stops)  # the generated text: the prompt never ends a sample
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=cfg["device"])
         with autocast(cfg["device"], cfg["dtype"]):
             for nxt in generate(model, ids, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"], gen):
-                piece = utf8.decode(tok.vocab[int(nxt[0])])
-                text += piece
-                print(piece, end="", flush=True)
-        text += utf8.decode(b"", final=True)
+                print(continuation.feed(utf8.decode(tok.vocab[int(nxt[0])])), end="", flush=True)
+                if continuation.done:
+                    break
+        if not continuation.done:
+            print(continuation.feed(utf8.decode(b"", final=True)) + continuation.rest(), end="")
         print()
-        samples.append(text)
+        samples.append(prompt + continuation.text)
     with atomic_open(cfg["sample_file"], "w", encoding="utf-8") as f:
         f.write(header + "".join(f"\n--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples)))
     print(f"samples written to {cfg['sample_file']}")

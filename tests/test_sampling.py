@@ -6,6 +6,7 @@ import torch
 from conftest import dataset, make_corpus, run_main, tiny_args
 
 import gpt
+import gpt_
 from dualgpt import checkpoint, evaluation, sampling
 from dualgpt.runconfig import script_config
 
@@ -74,3 +75,28 @@ def test_eval_is_deterministic_and_exact(home, corpus, capsys):
             total += model(x, y)[1].item() * y.numel()
             count += y.numel()
     assert a["val"]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_a_sample_ends_before_the_first_stop_string_with_and_without_the_kv_cache(home, corpus, capsys, kv_cache):
+    """The same sample as without --stop, cut before the first of the stop strings in what was generated;
+    nothing of the stop string is printed."""
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", script="gpt_") + [
+        "--prompt=KING:", "--max_new_tokens=60", "--temperature=1.0", f"--kv_cache={kv_cache}"]
+    assert run_main(args + ["--mode=train"], gpt_.SMGPT, "gpt_") == 0
+    assert run_main(args + ["--mode=sample"], gpt_.SMGPT, "gpt_") == 0
+    whole = (home / "generate_text" / "gpt_.txt").read_text().split("--- sample 1 ---\n")[1][len("KING:"):-1]
+    first, later = whole[20:22], whole[40:43]  # two stop strings: the first to occur ends it
+    escape = lambda t: t.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n").replace("\t", "\\t")  # noqa: E731
+    capsys.readouterr()
+    assert run_main(args + ["--mode=sample", f"--stop={escape(later)}|{escape(first)}"], gpt_.SMGPT, "gpt_") == 0
+    cut = whole[:min(whole.find(first), whole.find(later))]
+    assert (home / "generate_text" / "gpt_.txt").read_text().split("--- sample 1 ---\n")[1] == "KING:" + cut + "\n"
+    printed = capsys.readouterr().out.split("--- sample 1/1 ---\n")[1]
+    assert printed.startswith("KING:" + cut + "\n") and len(cut) <= 20
+
+
+def test_stop_strings_are_split_at_bars_and_unescaped():
+    assert sampling.stop_strings(r"\n\n|ROMEO:") == ["\n\n", "ROMEO:"]
+    assert sampling.stop_strings(r"a\|b|c\\d|") == ["a|b", "c\\d"]
+    assert sampling.stop_strings("") == []

@@ -90,3 +90,29 @@ def test_the_readmes_rlhf_tables_and_times_are_the_shipped_reports():
     minutes = sum(report["seconds"].values()) / 60
     assert f"seeds {', '.join(map(str, report['seeds']))}" in readme
     assert f"{report['machine']}: {minutes:.0f} min" in readme
+
+
+def test_the_readmes_own_preferences_run_is_the_shipped_report_and_labels():
+    """The how-to's figures: its report's reward-model line and end-point rows stand in the README as they are,
+    with the run's machine and minutes; the counts of the shipped labels and their agreement with the dialogue
+    oracle are computed here from the labels files."""
+    from dualgpt.oracles import dialogue
+    shipped = os.path.join(ROOT, "generate_text", "shipped")
+    with open(os.path.join(shipped, "rlhf_pairs-dialogue_labels_report.md"), encoding="utf-8") as f:
+        markdown = f.read().splitlines()
+    with open(os.path.join(shipped, "rlhf_pairs-dialogue_labels_report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    how_to = readme.split("### Your own preferences")[1].split("\n## ")[0]
+    end_points = markdown[markdown.index("**End points** (mean ± 95% interval over seeds):") + 2:]
+    rows = [line for line in end_points[:end_points.index("")]]
+    assert len(rows) > 5 and all(row in how_to.splitlines() for row in rows)
+    assert next(line for line in markdown if line.startswith("**Reward model**")) in how_to
+    assert f"{report['machine']}: {sum(report['seconds'].values()) / 60:.0f} min" in how_to
+    labels = [json.loads(line) for line in open(os.path.join(ROOT, "data", "shipped", "dialogue_labels.jsonl"))]
+    skipped = open(os.path.join(ROOT, "data", "shipped", "dialogue_labels_skipped.jsonl")).read().splitlines()
+    agree = sum(dialogue(p["chosen"]) > dialogue(p["rejected"]) for p in labels)
+    ties = sum(dialogue(p["chosen"]) == dialogue(p["rejected"]) for p in labels)
+    assert (f"{len(labels) + len(skipped)} pairs read, {len(labels)} preferences, {len(skipped)} ties" in how_to)
+    assert f"agrees with {agree} of my {len(labels)} labels, sees a tie in {ties}" in how_to

@@ -146,7 +146,7 @@ def test_bad_input_through_the_real_command_line(rlhf_run):
     result = subprocess.run([sys.executable, "rlhf.py", *args, "--oracle=happiness"], cwd=home, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr == "error: unknown oracle 'happiness': use sentiment, verse, or module:function (your own, text -> float)\n"
+    assert result.stderr == "error: unknown oracle 'happiness': use sentiment, verse, dialogue, or module:function (your own, text -> float)\n"
     assert outputs(home) == before
 
 

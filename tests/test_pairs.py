@@ -6,6 +6,7 @@ import os
 import pty
 import fcntl
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -257,9 +258,11 @@ class Terminal:
     @staticmethod
     def controlling() -> None:
         """In the child: a session of its own, with the pseudo-terminal as its controlling terminal (so that
-        Ctrl-C on it is SIGINT to the program, as at a real terminal)."""
+        Ctrl-C on it is SIGINT to the program, as at a real terminal), and SIGINT's default action, which a
+        shell's background job (CI) would otherwise pass on as ignored."""
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def read_until(self, text: str, count: int = 1, timeout: float = 60) -> None:
         deadline = time.time() + timeout
@@ -276,15 +279,20 @@ class Terminal:
         os.write(self.master, key.encode())
         self.read_until("\n> ", then_prompts)
 
-    def finish(self) -> int:
-        code = self.process.wait(timeout=60)
-        while select.select([self.master], [], [], 0.1)[0]:
-            try:
-                self.screen += os.read(self.master, 65536).decode("utf-8", errors="replace")
-            except OSError:
-                break
+    def finish(self, timeout: float = 60) -> int:
+        """The exit code, reading the screen while waiting (a full terminal would block the program's last lines)."""
+        deadline = time.time() + timeout
+        while self.process.poll() is None or select.select([self.master], [], [], 0)[0]:
+            if time.time() > deadline:
+                self.process.kill()
+                raise AssertionError(f"still running after {timeout} s; the screen ends:\n{self.screen[-3000:]}")
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    self.screen += os.read(self.master, 65536).decode("utf-8", errors="replace")
+                except OSError:  # the program ended and its side of the terminal closed
+                    break
         os.close(self.master)
-        return code
+        return self.process.wait()
 
 
 def shown(screen: str, n: int) -> dict:

@@ -9,13 +9,15 @@ model on held-out prompts, at matched KL, over several seeds.
     python rlhf.py --rlhf_stage=dpo         # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
     python rlhf.py --oracle=verse           # tune towards lines of about ten syllables instead
     python rlhf.py --oracle=mymod:score     # your own oracle: a function from text to a float
+    python rlhf.py --rlhf_stage=label       # label pairs yourself, one key each, into data/labels.jsonl
+    python rlhf.py --pairs=data/labels.jsonl   # tune on them (or on any prompt/chosen/rejected JSON-lines file)
     python rlhf.py --rlhf_script=gpt        # LB-GPT (one module per head) instead of SM-GPT
     python rlhf_heads.py                    # then: which attention heads did tuning change?
     python gpt_.py --mode=sample --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt   # a tuned policy is a checkpoint
 
 The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's controlled sentiment task: a
 program stands in for the human labeller. Prompts are 16-token windows of the train split, completions 32
-tokens sampled from the base at temperature 1, so nothing is ever padded. Labels are noisy Bradley-Terry
+tokens sampled from the base at temperature 1 (pairs from a file have any lengths, padded). Labels are noisy Bradley-Terry
 comparisons of two completions of one prompt, with tau set so that they agree with the oracle score about
 75% of the time. The default oracle counts positive minus negative words of a Shakespeare lexicon; one half
 of its word families gives the oracle score, the other half and the AFINN lexicon (less those families) are
@@ -23,7 +25,7 @@ judges that no stage trains or selects on. Evaluation prompts come from the val 
 nothing is tuned on them (the first half, "dev", is for trying settings). Every file a stage writes records
 the run that wrote it, and every reader checks it. The keys are in config.py under the RLHF headings;
 outputs go to data/, model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the
-seeds: rlhf_<oracle>_report.*).
+seeds: rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
 """
 from __future__ import annotations
 

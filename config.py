@@ -79,11 +79,13 @@ heads_per_layer = False  # --mode=heads: also write one attention-map PNG per la
 
 # --- paths and mode (read by gpt.py, gpt_.py) ------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
-export_to = ""  # --mode=export: where to write a weights-only copy of ckpt (no optimizer state, half the size)
+export_to = ""  # --mode=export: where to write a weights-only copy of ckpt (no optimizer state, half the size), or the folder of the Hugging Face export
+export_format = "pt"  # pt | hf (pt: our checkpoint, weights only; hf: a Hugging Face GPT-2 folder that transformers and tokenizers load)
+import_from = ""  # --mode=import: a Hugging Face GPT-2 folder (config.json, model.safetensors or pytorch_model.bin, tokenizer files) to write as ckpt
 sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
 resume = False  # continue training from ckpt
 overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as <ckpt>.bak)
-mode = "auto"  # auto | train | sample | eval | heads | export (auto: train if there is no ckpt, or with --resume or --overwrite; then sample)
+mode = "auto"  # auto | train | sample | eval | heads | export | import (auto: train if there is no ckpt, or with --resume or --overwrite; then sample)
 
 # --- RLHF: the base, the task, the evaluation prompts (read by rlhf.py, rlhf_heads.py) -------
 rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from (either script's checkpoint)

@@ -31,7 +31,10 @@ class ModelConfig:
     n_head: int
     n_embd: int
     dropout: float = 0.0
-    bias: bool = False
+    bias: bool = False  # biases in every Linear and LayerNorm (GPT-2 has them)
+    gelu: str = "none"  # the MLP's GELU: exact ("none"), or GPT-2's tanh approximation ("tanh")
+    layer_norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output head is the token embedding
 
 
 class Head(nn.Module):
@@ -74,9 +77,15 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head_size = x.shape[-1] // len(self.heads)
-        out = torch.cat([x.new_zeros(*x.shape[:-1], head_size) if i in self.masked else head(x)
-                         for i, head in enumerate(self.heads)], dim=-1)  # (B, T, C)
-        return self.dropout(self.proj(out))
+        outputs = []
+        for i, head in enumerate(self.heads):
+            if i in self.masked:  # switched off: zeros (while recording, it still runs, for its attention map)
+                if head.record:
+                    head(x)
+                outputs.append(x.new_zeros(*x.shape[:-1], head_size))
+            else:
+                outputs.append(head(x))  # (B, T, hs)
+        return self.dropout(self.proj(torch.cat(outputs, dim=-1)))  # (B, T, C)
 
     def mask_heads(self, heads: set[int]) -> None:
         self.masked = set(heads)
@@ -96,11 +105,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.approximate = config.gelu
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -108,9 +118,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, attention: type[nn.Module]):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = attention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
@@ -133,9 +143,10 @@ class LBGPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, self.attention) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight  # tied input and output embeddings
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("proj.weight"):

@@ -11,13 +11,19 @@ from dualgpt import TrainingDiverged, UserError, WriteFailed, repo_path
 from dualgpt.evaluation import evaluate_checkpoint, export_checkpoint
 from dualgpt.files import OutputLock, remove_dead_temps
 from dualgpt.heads import analyse_heads
+from dualgpt.hf_gpt2 import export_hf, import_checkpoint
 from dualgpt.runconfig import script_config
 from dualgpt.runtime import Distributed
 from dualgpt.sampling import sample
 from dualgpt.train import train
 
 
-ONE_PROCESS_MODES = {"sample": sample, "eval": evaluate_checkpoint, "heads": analyse_heads, "export": export_checkpoint}
+def export(model_class: type[nn.Module], cfg: dict) -> None:
+    (export_hf if cfg["export_format"] == "hf" else export_checkpoint)(model_class, cfg)
+
+
+ONE_PROCESS_MODES = {"sample": sample, "eval": evaluate_checkpoint, "heads": analyse_heads, "export": export,
+                     "import": import_checkpoint}
 
 
 def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:

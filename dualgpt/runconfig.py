@@ -9,12 +9,12 @@ import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.runtime import resolve_device, resolve_dtype
 
-MODES = ("auto", "train", "sample", "eval", "heads", "export")
+MODES = ("auto", "train", "sample", "eval", "heads", "export", "import")
 LIMITS = {"max_iters", "max_minutes"}
 # the choices config.py's comments list (a | b | c), as validation accepts them (tests/test_config.py checks both)
 CHOICES = {"device": ("auto", "cpu", "cuda", "cuda:N", "mps"), "dtype": ("auto", "float32", "bfloat16", "float16"),
            "compile": ("true", "false", "auto"), "preset": ("auto", "none"), "attn_impl": ("sdpa", "matmul"),
-           "mode": MODES}
+           "mode": MODES, "export_format": ("pt", "hf")}
 HEADING = re.compile(r"^# --- .+ \(read by (?P<programs>[\w.]+(?:, [\w.]+)*)\) -*$")
 ASSIGNMENT = re.compile(r"^(?P<key>[a-z][a-z0-9_]*) = ")
 
@@ -126,7 +126,7 @@ def parse_value(key: str, value: str, default):
 def validate_model_run(cfg: dict) -> None:
     """The checks of gpt.py's and gpt_.py's keys (rlhf.py and rlhf_heads.py check theirs in their setup)."""
     cfg["compile"] = cfg["compile"].lower()
-    for key in ("mode", "compile") + (("attn_impl",) if "attn_impl" in cfg else ()):
+    for key in ("mode", "compile", "export_format") + (("attn_impl",) if "attn_impl" in cfg else ()):
         check_choice(cfg, key)
     checks = [
         (cfg["n_embd"] % cfg["n_head"] == 0 if cfg["n_head"] > 0 else False,
@@ -175,7 +175,8 @@ def parse_head_mask(spec: str) -> set[tuple[int, int]]:
 
 def model_config(cfg: dict, config_class: type):
     """The model's own config (the script's ModelConfig) from the run config's keys of the same names."""
-    return config_class(**{f.name: cfg[f.name] for f in dataclasses.fields(config_class)})
+    # fields config.py does not set (GPT-2's GELU, LayerNorm epsilon, untied head: imported models) keep their defaults
+    return config_class(**{f.name: cfg[f.name] for f in dataclasses.fields(config_class) if f.name in cfg})
 
 
 def model_options(cfg: dict, model_class: type) -> dict:

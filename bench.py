@@ -20,6 +20,7 @@ import regex as re
 
 from minbpe import RegexTokenizer
 from dualgpt.files import atomic_open
+from dualgpt.tokenizer_files import fast_encoder
 from minbpe.base import get_stats, merge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,10 +87,15 @@ def bench_tokenizer(args) -> str:
         enc = tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
         tik_s = best_of(lambda: enc.encode_ordinary(text), repeats)
         same = enc.encode_ordinary(text) == tok.encode_ordinary(text)
-        for name, s in (("encode, cold cache (fresh tokenizer)", ours_cold), ("encode, warm cache", ours_warm)):
+        timings = [("encode, cold cache (fresh tokenizer)", ours_cold, same), ("encode, warm cache", ours_warm, same)]
+        encoder = fast_encoder(tok)  # the same tokenizer as tokenizer.json, in the tokenizers library (Rust)
+        if encoder is not None:
+            timings.append(("encode, tokenizers library (Rust), one piece", best_of(lambda: encoder([text]), repeats),
+                            encoder([text])[0] == tok.encode_ordinary(text)))
+        for name, s, identical in timings:
             rows.append([name, f"{mb / s:.1f} MB/s", f"tiktoken same ranks: {mb / tik_s:.1f} MB/s",
-                         f"{tik_s / s:.2f}x tiktoken, identical ids: {same}"])
-    return "### Tokenizer (Tiny Shakespeare, pure Python, 1 thread)\n\n" + table(
+                         f"{tik_s / s:.2f}x tiktoken, identical ids: {identical}"])
+    return "### Tokenizer (Tiny Shakespeare, 1 thread: minbpe in pure Python, tiktoken and tokenizers in Rust)\n\n" + table(
         ["what", "ours", "reference", "ratio"], rows)
 
 

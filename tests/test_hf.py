@@ -19,7 +19,7 @@ import gpt
 import gpt_
 from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from dualgpt.data import load_tokenizer_text
-from dualgpt.hf_gpt2 import tokenizer_from_files, tokenizer_json
+from dualgpt.tokenizer_files import fast_encoder, tokenizer_from_files, tokenizer_json
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "  Café  naïve, 1234567 and 89\t\tx\n\n\nend",
          "Oh!!! 'TIS the <|endoftext|> of it... ünïcödé 東京 🙂", "   \n \n\t  trailing spaces   "]
@@ -194,3 +194,18 @@ def test_a_folder_that_is_not_gpt2_is_one_line(bpe_folder, home, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not (home / "x.pt").exists()
+
+
+def test_the_rust_encoder_gives_minbpes_ids_on_the_whole_of_tiny_shakespeare():
+    """The tokenizers library's encoder of the shipped tokenizer (what bench.py times) against minbpe's, on
+    256 kB pieces, as a corpus is encoded."""
+    shipped = os.path.join(ROOT, "tokenizers", "shipped")
+    model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
+    with open(os.path.join(shipped, model), encoding="utf-8") as f:
+        tok = load_tokenizer_text(f.read())
+    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
+        text = f.read() + " <|endoftext|> \r\n 東京 🙂"  # and what Shakespeare lacks
+    pieces = [text[i:i + (1 << 18)] for i in range(0, len(text), 1 << 18)]  # cut anywhere: the same in both
+    fast = [i for piece in fast_encoder(tok)(pieces) for i in piece]
+    slow = [i for piece in pieces for i in tok.encode_ordinary(piece)]
+    assert len(pieces) == 5 and len(fast) > 250_000 and fast == slow

@@ -13,6 +13,8 @@ rlhf_heads.py (its head study). The scripts pass their model classes in; nothing
     evaluation.py       losses over batches and over a whole split, --mode=eval, --mode=export
     sampling.py         next-token logits (with SM-GPT's KV cache), top-k/top-p, generate, --mode=sample
     heads.py            --mode=heads: attention maps, per-head statistics, ablation
+    tokenizer_files.py  byte-level BPE tokenizer files both ways (GPT-2's, the tokenizers library's)
+    hf_gpt2.py          Hugging Face GPT-2 folders both ways: --mode=import, --mode=export --export_format=hf
     head_comparison.py  two models head by head: weight change, attention divergence, transplants (rlhf_heads.py)
     plots.py            every figure (matplotlib, imported only when drawing)
     cli.py              gpt.py's and gpt_.py's main(): one entry point per mode; the exit codes of every program

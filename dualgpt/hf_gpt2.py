@@ -96,9 +96,25 @@ def state_from(hf: dict[str, torch.Tensor], n_layer: int, tied: bool, rows: torc
     return state
 
 
+def download(name: str) -> str:
+    """A model name on the Hugging Face hub (e.g. openai-community/gpt2): its files downloaded by huggingface_hub,
+    if installed, into its cache; the folder. Untested here: this machine cannot reach the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"no folder {name}; to download it from the Hugging Face hub, pip install huggingface_hub") from None
+    try:
+        return snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin",
+                                                       "vocab.json", "merges.txt", "tokenizer.json"])
+    except Exception as e:  # no network, no such model: one line
+        raise UserError(f"could not download {name} from the Hugging Face hub ({e.__class__.__name__})") from None
+
+
 def import_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     """--mode=import: the Hugging Face GPT-2 folder at import_from as a checkpoint of this script at ckpt."""
     folder = cfg["import_from"]
+    if folder and not os.path.isdir(folder) and not os.path.exists(folder):
+        folder = download(folder)
     if not folder or not os.path.isdir(folder):
         raise UserError(f"--mode=import needs --import_from=FOLDER with a Hugging Face GPT-2 model, got {folder!r}")
     if os.path.exists(cfg["ckpt"]) and not cfg["overwrite"]:

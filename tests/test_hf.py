@@ -17,9 +17,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gpt
 import gpt_
+import rlhf
 from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from dualgpt.data import load_tokenizer_text
+from dualgpt.runconfig import load_config
 from dualgpt.tokenizer_files import fast_encoder, tokenizer_from_files, tokenizer_json
+from dualgpt.tuning import complete, load_policy, sample_prompts
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "  Café  naïve, 1234567 and 89\t\tx\n\n\nend",
          "Oh!!! 'TIS the <|endoftext|> of it... ünïcödé 東京 🙂", "   \n \n\t  trailing spaces   "]
@@ -129,7 +132,8 @@ def test_an_imported_gpt2_is_the_same_function_in_both_scripts(bpe_folder, home,
 
 
 def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tmp_path, capsys):
-    """Through the real command line: import; then sample, eval on --data, --mode=heads with a head switched off."""
+    """Through the real command line: import; then sample, eval on --data, --mode=heads with a head switched off,
+    and the imported model as the base of RLHF."""
     folder = tmp_path / "hf"
     hf_model(folder, bpe_folder, SHAPES["3 heads of 8, tanh GELU"])
     copy_code(home)
@@ -144,6 +148,11 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
         assert run_main(common + mode) == 0, mode
     out = capsys.readouterr().out
     assert "val loss" in out and "ROMEO:" in out
+    # and as the base of RLHF: completions of prompts of the data, in its tokens
+    s = rlhf.setup(load_config([f"--rlhf_base={ckpt}", f"--data={corpus}", "--prompt_tokens=4", "--completion_tokens=4",
+                                "--rlhf_script=gpt", "--device=cpu", "--dtype=float32"], "rlhf.py"), rlhf.MODEL_CLASSES)
+    gen = torch.Generator().manual_seed(0)
+    assert complete(s, load_policy(s), sample_prompts(s, "train", 3, gen), gen).shape == (3, 4)
     again = subprocess.run([sys.executable, "gpt.py", "--mode=import", f"--import_from={folder}", *common], cwd=home,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2

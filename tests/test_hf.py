@@ -153,10 +153,9 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
                                 "--rlhf_script=gpt", "--device=cpu", "--dtype=float32"], "rlhf.py"), rlhf.MODEL_CLASSES)
     gen = torch.Generator().manual_seed(0)
     assert complete(s, load_policy(s), sample_prompts(s, "train", 3, gen), gen).shape == (3, 4)
-    again = subprocess.run([sys.executable, "gpt.py", "--mode=import", f"--import_from={folder}", *common], cwd=home,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2
-    assert again.stderr == f"error: {ckpt} exists; import into another --ckpt, or pass --overwrite to replace it\n"
+    capsys.readouterr()
+    assert run_main(["--mode=import", f"--import_from={folder}", *common]) == 2  # never over a checkpoint
+    assert capsys.readouterr().err == f"error: {ckpt} exists; import into another --ckpt, or pass --overwrite to replace it\n"
 
 
 @pytest.mark.parametrize("source", ["imported GPT-2", "trained here"])

@@ -48,7 +48,10 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise install_hint("safetensors") from None
-        state = load_file(safetensors_path)
+        try:
+            state = load_file(safetensors_path)
+        except Exception as e:  # safetensors' own error class: cut short, not a safetensors file
+            raise UserError(f"{safetensors_path} is not readable ({e.__class__.__name__}: {str(e)[:120]})") from None
     elif os.path.exists(bin_path):
         try:
             state = torch.load(bin_path, map_location="cpu", weights_only=True)
@@ -59,27 +62,41 @@ def read_weights(folder: str) -> dict[str, torch.Tensor]:
     return {name.removeprefix("transformer."): tensor for name, tensor in state.items()}
 
 
-def model_config_from(folder: str, vocab_size: int) -> dict:
-    """Our ModelConfig's fields from config.json, refusing what GPT-2's architecture in this repo cannot be."""
+def read_config(folder: str) -> dict:
+    """config.json, refusing what GPT-2's architecture in this repo cannot be."""
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
         raise UserError(f"{folder} has no config.json")
     with open(path, encoding="utf-8") as f:
         hf = json.load(f)
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: a JSON object is expected")
+    sizes = [hf.get(k) for k in ("n_positions", "n_embd", "n_layer", "n_head")]
     refusals = [(hf.get("model_type") != "gpt2", f"model_type {hf.get('model_type')!r}, not gpt2"),
+                (not all(isinstance(v, int) and v > 0 for v in sizes), "n_positions, n_embd, n_layer and n_head must be "
+                                                                       "positive integers"),
+                (all(isinstance(v, int) and v > 0 for v in sizes) and hf["n_embd"] % max(1, hf["n_head"]),
+                 "n_embd is not a multiple of n_head"),
+                (not isinstance(hf.get("layer_norm_epsilon", 1e-5), (int, float)), "layer_norm_epsilon is no number"),
                 (hf.get("activation_function", "gelu_new") not in ACTIVATIONS,
                  f"activation {hf.get('activation_function')!r}"),
-                (hf.get("n_inner") not in (None, 4 * hf["n_embd"]), f"n_inner {hf.get('n_inner')} (ours is 4 x n_embd)"),
+                (hf.get("n_inner") not in (None, 4 * (hf.get("n_embd") or 0)), f"n_inner {hf.get('n_inner')} (ours is 4 x n_embd)"),
                 (not hf.get("scale_attn_weights", True), "attention weights not scaled"),
                 (hf.get("scale_attn_by_inverse_layer_idx", False), "attention scaled by the layer's index"),
                 (hf.get("add_cross_attention", False), "cross-attention")]
     why = [reason for refused, reason in refusals if refused]
     if why:
         raise UserError(f"{path}: {why[0]}; only GPT-2's architecture can be imported")
+    return hf
+
+
+def our_config(hf: dict, vocab_size: int) -> dict:
+    """Our ModelConfig's fields for GPT-2's config.json (GPT-2 always has biases)."""
     return {"vocab_size": vocab_size, "block_size": hf["n_positions"], "n_layer": hf["n_layer"], "n_head": hf["n_head"],
             "n_embd": hf["n_embd"], "dropout": 0.0, "bias": True,
             "gelu": ACTIVATIONS[hf.get("activation_function", "gelu_new")],
-            "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5), "tie_embeddings": hf.get("tie_word_embeddings", True)}
+            "layer_norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
 
 
 def state_from(hf: dict[str, torch.Tensor], n_layer: int, tied: bool, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,6 +116,8 @@ def state_from(hf: dict[str, torch.Tensor], n_layer: int, tied: bool, rows: torc
 def download(name: str) -> str:
     """A model name on the Hugging Face hub (e.g. openai-community/gpt2): its files downloaded by huggingface_hub,
     if installed, into its cache; the folder. Untested here: this machine cannot reach the hub."""
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1:  # a path, not org/model
+        raise UserError(f"no folder {name}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -119,18 +138,20 @@ def import_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
         raise UserError(f"--mode=import needs --import_from=FOLDER with a Hugging Face GPT-2 model, got {folder!r}")
     if os.path.exists(cfg["ckpt"]) and not cfg["overwrite"]:
         raise UserError(f"{cfg['ckpt']} exists; import into another --ckpt, or pass --overwrite to replace it")
-    tokenizer, theirs = tokenizer_from_files(folder)
-    hf = read_weights(folder)
-    rows_in_file = hf["wte.weight"].shape[0]
-    unused = [i for i in range(rows_in_file) if i not in set(theirs.values())]  # rows no token reads (padding)
-    rows = torch.tensor([theirs[i] for i in range(len(theirs))] + unused)
-    config = model_config_from(folder, rows_in_file)
-    model = build_model(model_class, model_class.config_class(**config))
     try:
+        hf_config = read_config(folder)  # first: a folder of another model says so before anything else is read
+        tokenizer, theirs = tokenizer_from_files(folder)
+        hf = read_weights(folder)
+        config = our_config(hf_config, hf["wte.weight"].shape[0])
+        mapped = set(theirs.values())
+        unused = [i for i in range(config["vocab_size"]) if i not in mapped]  # rows no token reads (padding)
+        rows = torch.tensor([theirs[i] for i in range(len(theirs))] + unused)
+        model = build_model(model_class, model_class.config_class(**config))
         model.load_state_dict(convert_state_dict(state_from(hf, config["n_layer"], config["tie_embeddings"], rows),
                                                  "SM-GPT", model.layout, config["n_head"]))
-    except (KeyError, RuntimeError) as e:
-        raise UserError(f"{folder}: weights that do not fit its config.json ({str(e).splitlines()[0][:160]})") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:  # JSON, names, shapes
+        raise UserError(f"{folder}: not a GPT-2 folder this can read ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     save_checkpoint(cfg["ckpt"], make_checkpoint(cpu_copy(model.state_dict()), config, model.layout,
                                                  model_text(tokenizer), 0, cfg, imported_from=os.path.abspath(folder)))
     print(f"imported {folder} ({config['n_layer']} layers x {config['n_head']} heads x {config['n_embd']}, "
@@ -146,8 +167,15 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
         from safetensors.torch import save_file
     except ImportError:
         raise install_hint("safetensors") from None
-    if not cfg["export_to"]:
+    folder = cfg["export_to"]
+    if not folder:
         raise UserError("--mode=export --export_format=hf needs --export_to=FOLDER")
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder) and not cfg["overwrite"]):
+        raise UserError(f"{folder} exists and is not an empty folder; export elsewhere, or pass --overwrite to replace "
+                        f"the files it writes there")
+    if cfg["head_mask"]:
+        raise UserError("--head_mask switches heads off while a model runs; an export writes the weights as they are: "
+                        "leave it out")
     ckpt, model = checkpoint_model(model_class, cfg)
     c = model.config
     sm = convert_state_dict(cpu_copy(model.state_dict()), model.layout, "SM-GPT", c.n_head)
@@ -159,11 +187,11 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
         out[f"{name}.bias"] = sm.get(f"{part}.bias", torch.zeros(weight.shape[0]))
     if not c.tie_embeddings:
         out["lm_head.weight"] = sm["lm_head.weight"]
-    folder = cfg["export_to"]
     os.makedirs(folder, exist_ok=True)
     tokenizer = load_tokenizer_text(ckpt["tokenizer"])
     with atomic_open(os.path.join(folder, "model.safetensors"), "wb") as f:  # saved whole, then renamed into place
-        f.write(safetensors_bytes(save_file, {f"transformer.{k}": v.contiguous() for k, v in out.items()}))
+        f.write(safetensors_bytes(save_file, {k if k == "lm_head.weight" else f"transformer.{k}": v.contiguous()
+                                              for k, v in out.items()}))
     end = tokenizer.special_tokens.get("<|endoftext|>")
     write_json(os.path.join(folder, "config.json"), {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size, "n_positions": c.block_size,
@@ -173,8 +201,9 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
         "scale_attn_weights": True, "tie_word_embeddings": c.tie_embeddings, "bos_token_id": end, "eos_token_id": end})
     write_tokenizer_files(folder, tokenizer)
     # the tokenizer as written, not GPT-2's own pre-tokenizer (ours may split text otherwise)
-    write_json(os.path.join(folder, "tokenizer_config.json"), {"tokenizer_class": "PreTrainedTokenizerFast",
-                                                                "model_max_length": c.block_size})
+    write_json(os.path.join(folder, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size,
+        **({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"} if end is not None else {})})
     print(f"exported {cfg['ckpt']} as a Hugging Face GPT-2 folder: {folder}")
 
 

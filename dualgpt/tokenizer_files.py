@@ -55,6 +55,11 @@ def read_tokenizer_files(folder: str) -> tuple[dict[str, int], list[tuple[str, s
         model = data.get("model", {})
         if model.get("type") != "BPE":
             raise UserError(f"{path}: a {model.get('type')} model; only byte-level BPE (GPT-2's) can be read")
+        if data.get("normalizer") is not None:
+            raise UserError(f"{path}: a {data['normalizer'].get('type')} normalizer changes the text before it is "
+                            f"split; minbpe has none")
+        if any(not t.get("special", False) for t in data.get("added_tokens", [])):
+            raise UserError(f"{path}: added tokens that are not special tokens; minbpe knows special ones only")
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
         return model["vocab"], merges, specials, split_pattern(data.get("pre_tokenizer"), path)
@@ -75,9 +80,11 @@ def split_pattern(pre_tokenizer: dict | None, path: str) -> str:
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return GPT2_SPLIT_PATTERN
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex") and "Regex" in steps[0].get("pattern", {}):
+    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex") and "Regex" in steps[0].get("pattern", {})
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")):
         return steps[0]["pattern"]["Regex"]
-    raise UserError(f"{path}: a pre-tokenizer of {kinds or 'nothing'}, not GPT-2's byte-level split")
+    raise UserError(f"{path}: a pre-tokenizer of {kinds or 'nothing'} (as configured there), not a byte-level split "
+                    f"minbpe makes")
 
 
 def tokenizer_from_files(folder: str) -> tuple[RegexTokenizer, dict[int, int]]:
@@ -97,10 +104,14 @@ def tokenizer_from_files(folder: str) -> tuple[RegexTokenizer, dict[int, int]]:
                             f"makes one that does")
         tokenizer.merges[(ids[parts[0]], ids[parts[1]])] = ids[parts[0] + parts[1]] = 256 + rank
     tokenizer.vocab = tokenizer._build_vocab()
-    if specials is None:
-        specials = {text: i for text, i in vocab.items() if as_bytes(text) not in ids}
+    if specials is None:  # vocab.json: its tokens that no byte or merge makes, if they look like <|endoftext|>
+        specials = {text: i for text, i in vocab.items() if as_bytes(text) not in ids and text.startswith("<")
+                    and text.endswith(">")}
     first_special = 256 + len(merges)
-    tokenizer.register_special_tokens({text: first_special + k for k, text in enumerate(specials)})
+    try:
+        tokenizer.register_special_tokens({text: first_special + k for k, text in enumerate(specials)})
+    except ValueError as e:  # minbpe's .model file cannot hold a special token with whitespace in it
+        raise UserError(f"{folder}: {e}") from None
     theirs = {}
     for text, i in vocab.items():
         if text not in specials:
@@ -141,7 +152,8 @@ def tokenizer_json(tokenizer: RegexTokenizer, special: bool = True) -> dict:
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {as_text(token): i for i, token in tokenizer.vocab.items() if i not in
                             tokenizer.inverse_special_tokens},
-                  "merges": [[as_text(tokenizer.vocab[a]), as_text(tokenizer.vocab[b])] for (a, b), _ in pairs]},
+                  # "a b": the form every version of the library reads (a byte-level token never holds a space)
+                  "merges": [f"{as_text(tokenizer.vocab[a])} {as_text(tokenizer.vocab[b])}" for (a, b), _ in pairs]},
     }
 
 
@@ -150,7 +162,7 @@ def write_tokenizer_files(folder: str, tokenizer: RegexTokenizer) -> None:
     spec = tokenizer_json(tokenizer)
     write_json(os.path.join(folder, "tokenizer.json"), spec)
     write_json(os.path.join(folder, "vocab.json"), {**spec["model"]["vocab"], **tokenizer.special_tokens})
-    write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in spec["model"]["merges"]))
+    write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{merge}\n" for merge in spec["model"]["merges"]))
 
 
 def fast_encoder(tokenizer: RegexTokenizer) -> Callable[[list[str]], list[list[int]]] | None:

@@ -158,7 +158,7 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
     assert capsys.readouterr().err == f"error: {ckpt} exists; import into another --ckpt, or pass --overwrite to replace it\n"
 
 
-@pytest.mark.parametrize("source", ["imported GPT-2", "trained here"])
+@pytest.mark.parametrize("source", ["imported GPT-2", "imported untied GPT-2", "trained here"])
 def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_ids(bpe_folder, home, corpus, tmp_path,
                                                                                     source):
     """An imported GPT-2 (biases, tanh GELU, GPT-2's split) and a model trained here (no biases, exact GELU, GPT-4's
@@ -168,7 +168,8 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
         assert run_main(args, gpt_.SMGPT, "gpt_") == 0
         ckpt_path = home / "model_dict" / "gpt_.pt"
     else:
-        hf_model(tmp_path / "hf", bpe_folder, SHAPES["3 heads of 8, tanh GELU"])
+        hf_model(tmp_path / "hf", bpe_folder, SHAPES["4 heads of 4, untied, .bin" if "untied" in source
+                                                     else "3 heads of 8, tanh GELU"])
         ckpt_path = home / "imported.pt"
         assert run_main(["--mode=import", f"--import_from={tmp_path / 'hf'}", f"--ckpt={ckpt_path}"], gpt_.SMGPT,
                         "gpt_") == 0
@@ -185,18 +186,40 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
         ids = ids[:model.config.block_size]
         with torch.no_grad():
             assert (model(torch.tensor([ids]))[0][0] - theirs(torch.tensor([ids])).logits[0]).abs().max() < 1e-4
+    assert theirs.config.tie_word_embeddings == ("untied" not in source)
+    # a second export into the same folder, or one with a head switched off, is one line
+    for extra in ([], ["--head_mask=0.0", "--overwrite"]):
+        assert run_main([f"--ckpt={ckpt_path}", "--mode=export", "--export_format=hf", f"--export_to={out}", *extra],
+                        gpt_.SMGPT, "gpt_") == 2
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model_type": "llama"}, "model_type 'llama', not gpt2"),
-    ({"n_inner": 50}, "n_inner 50 (ours is 4 x n_embd)"),
-    ({"activation_function": "relu"}, "activation 'relu'"),
-])
-def test_a_folder_that_is_not_gpt2_is_one_line(bpe_folder, home, tmp_path, capsys, change, message):
+def edit_config(**change):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(config, **change)))
+    return edit
+
+
+BAD_FOLDERS = {
+    "another model": (edit_config(model_type="llama"), "model_type 'llama', not gpt2"),
+    "another MLP": (edit_config(n_inner=50), "n_inner 50 (ours is 4 x n_embd)"),
+    "another activation": (edit_config(activation_function="relu"), "activation 'relu'"),
+    "heads that do not divide the width": (edit_config(n_head=5), "n_embd is not a multiple of n_head"),
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{n_embd: 24"), "not a GPT-2 folder this can read"),
+    "weights cut short": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:500]),
+                          "model.safetensors is not readable"),
+    "a normalizer": (lambda f: (f / "tokenizer.json").write_text(json.dumps(dict(
+        json.loads((f / "tokenizer.json").read_text()), normalizer={"type": "Lowercase"}))), "a Lowercase normalizer"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_FOLDERS))
+def test_a_folder_that_is_not_gpt2_is_one_line(bpe_folder, home, tmp_path, capsys, bad):
     folder = tmp_path / "hf"
     hf_model(folder, bpe_folder, SHAPES["3 heads of 8, tanh GELU"])
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(config, **change)))
+    shutil.copy(bpe_folder / "tokenizer.json", folder / "tokenizer.json")
+    damage, message = BAD_FOLDERS[bad]
+    damage(folder)
     capsys.readouterr()  # (transformers' own progress bar)
     assert run_main(["--mode=import", f"--import_from={folder}", f"--ckpt={home / 'x.pt'}"]) == 2
     err = capsys.readouterr().err

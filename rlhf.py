@@ -40,7 +40,7 @@ import torch
 import config as default_config
 import gpt
 import gpt_
-from dualgpt import UserError, repo_path
+from dualgpt import UserError, in_repo, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.compiling import machine_name
@@ -471,8 +471,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_pipeline_keys(cfg)
         s = setup(cfg, MODEL_CLASSES)
         if cfg["rlhf_stage"] == "label":  # by hand, into its own file: no stage of the study runs
-            labels = cfg["labels"] if os.path.isabs(cfg["labels"]) else repo_path(cfg["labels"])
-            with OutputLock(labels):
+            with OutputLock(in_repo(cfg["labels"])):
                 return {"results": {"label": label_pairs(s)}}
         results, timings = {}, {}
         with OutputLock(repo_path("model_dict", s.family)):  # one run of an oracle and preset at a time

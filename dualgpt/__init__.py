@@ -37,6 +37,11 @@ def repo_path(*parts: str) -> str:
     return os.path.join(ROOT, *parts)
 
 
+def in_repo(path: str) -> str:
+    """A path from config.py or the command line: as it is if absolute, else under the repository."""
+    return path if os.path.isabs(path) else repo_path(path)
+
+
 class UserError(Exception):
     """A mistake in the user's input: reported as one line `error: ...`, exit code 2."""
 

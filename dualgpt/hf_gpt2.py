@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -164,7 +163,7 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
     """--mode=export --export_format=hf: ckpt's best weights and tokenizer as a Hugging Face GPT-2 folder at
     export_to (biases a model of ours does not have are written as zeros: the same function)."""
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
         raise install_hint("safetensors") from None
     folder = cfg["export_to"]
@@ -190,8 +189,8 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     tokenizer = load_tokenizer_text(ckpt["tokenizer"])
     with atomic_open(os.path.join(folder, "model.safetensors"), "wb") as f:  # saved whole, then renamed into place
-        f.write(safetensors_bytes(save_file, {k if k == "lm_head.weight" else f"transformer.{k}": v.contiguous()
-                                              for k, v in out.items()}))
+        f.write(save({k if k == "lm_head.weight" else f"transformer.{k}": v.contiguous() for k, v in out.items()},
+                     metadata={"format": "pt"}))
     end = tokenizer.special_tokens.get("<|endoftext|>")
     write_json(os.path.join(folder, "config.json"), {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size, "n_positions": c.block_size,
@@ -206,10 +205,3 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
         **({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"} if end is not None else {})})
     print(f"exported {cfg['ckpt']} as a Hugging Face GPT-2 folder: {folder}")
 
-
-def safetensors_bytes(save_file, tensors: dict[str, torch.Tensor]) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model.safetensors")
-        save_file(tensors, path, metadata={"format": "pt"})
-        with open(path, "rb") as f:
-            return f.read()

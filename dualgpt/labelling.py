@@ -21,9 +21,8 @@ from typing import TextIO
 
 import torch
 
-from dualgpt import UserError, repo_path
+from dualgpt import UserError, in_repo
 from dualgpt.files import write_text
-from dualgpt.preference_data import FIELDS, pair_line
 from dualgpt.tuning import Setup, complete, load_policy, sample_prompts, texts
 
 KEYS = "a: A is better   b: B is better   t: tie   s: skip   u: undo the last   q: quit"
@@ -56,6 +55,12 @@ def read_answers(path: str, out: TextIO) -> list[dict]:
         if answer:
             answers.append(answer)
     return answers
+
+
+def answer_line(answer: dict) -> str:
+    """One answer as a line of its file (a preference: the standard fields first, as preference_data writes them;
+    non-ASCII text as it is)."""
+    return json.dumps(answer, ensure_ascii=False) + "\n"
 
 
 def append_line(path: str, line: str) -> None:
@@ -136,7 +141,7 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
     if s.pairs_hash:
         raise UserError("--rlhf_stage=label samples its pairs from the base model; leave out --pairs (tune on the "
                         "labels afterwards with --pairs=FILE)")
-    labels = cfg["labels"] if os.path.isabs(cfg["labels"]) else repo_path(cfg["labels"])
+    labels = in_repo(cfg["labels"])
     files = {"labelled": labels, "skipped": skipped_path(labels)}
     answers = {kind: read_answers(path, out) for kind, path in files.items()}
     source = {"base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": cfg["rlhf_script"],
@@ -163,7 +168,7 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
             show(out, k, len(answers["labelled"]), cfg["label_target"], prompt, a, b)
             key = keys.read()
             while key is not None and key not in "abtsuq" or key == "":
-                out.write(f"press one of a, b, t, s, u, q\n> ")
+                out.write("press one of a, b, t, s, u, q\n> ")
                 out.flush()
                 key = keys.read()
             out.write(f"{key or 'end of input'}\n")
@@ -175,13 +180,13 @@ def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -
                 else:
                     out.write("nothing to undo\n")
                 continue
-            if key in "ab":
-                pair = {"prompt": prompt, "chosen": a if key == "a" else b, "rejected": b if key == "a" else a}
-                answers["labelled"].append(dict(pair, **source, pair_index=k))
-                append_line(files["labelled"], pair_line(pair, **source, pair_index=k))
+            if key in "ab":  # a pair in the standard fields, then what sampled it
+                kind, answer = "labelled", dict(prompt=prompt, chosen=a if key == "a" else b,
+                                                rejected=b if key == "a" else a, **source, pair_index=k)
             else:
-                answers["skipped"].append(dict(source, pair_index=k, answer={"t": "tie", "s": "skip"}[key]))
-                append_line(files["skipped"], json.dumps(answers["skipped"][-1]) + "\n")
+                kind, answer = "skipped", dict(source, pair_index=k, answer={"t": "tie", "s": "skip"}[key])
+            answers[kind].append(answer)
+            append_line(files[kind], answer_line(answer))
             k += 1
     done = len(answers["labelled"])
     out.write(f"\n{done} pairs labelled in {labels} ({len(answers['skipped'])} ties or skips in "
@@ -196,7 +201,6 @@ def undo(files: dict[str, str], answers: dict[str, list[dict]], out: TextIO) -> 
     without it. Returns its pair number, to show that pair again."""
     kind = max((kind for kind in answers if answers[kind]), key=lambda kind: answers[kind][-1]["pair_index"])
     last = answers[kind].pop()
-    write_text(files[kind], "".join(pair_line(a, **{k: v for k, v in a.items() if k not in FIELDS}) if kind == "labelled"
-                                    else json.dumps(a) + "\n" for a in answers[kind]))
+    write_text(files[kind], "".join(map(answer_line, answers[kind])))
     out.write(f"undone: pair {last['pair_index'] + 1} ({'labelled' if kind == 'labelled' else last['answer']})\n")
     return last["pair_index"]

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from dualgpt import TrainingDiverged, UserError, repo_path
+from dualgpt import TrainingDiverged, UserError, in_repo, repo_path
 from dualgpt.checkpoint import (convert_state_dict, cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data, sha256_file
@@ -101,8 +101,9 @@ class Setup:
     def prompt_pool(self, split: str) -> torch.Tensor:
         """The prompts of a pairs file's train or held-out ("val") pairs, as this replicate's pairs stage split
         them: (n, longest), right-padded with PAD."""
-        if split not in self.loaded:
-            self.loaded[split] = load_pairs(self, self.expected("pairs"))[split]["prompts"]
+        if not self.loaded:  # one read of the file for both splits
+            pairs = load_pairs(self, self.expected("pairs"))
+            self.loaded.update({name: pairs[name]["prompts"] for name in ("train", "val")})
         return self.loaded[split]
 
     def generator(self, name: str, index: int = 0, on_device: bool = False) -> torch.Generator:
@@ -188,7 +189,7 @@ def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size:
     rlhf_script -> the script's model class (the scripts import them; the engine never does)."""
     if cfg["rlhf_script"] not in model_classes:
         raise UserError(f"rlhf_script must be gpt_ (SM-GPT) or gpt (LB-GPT), got {cfg['rlhf_script']!r}")
-    base_path = cfg["rlhf_base"] if os.path.isabs(cfg["rlhf_base"]) else repo_path(cfg["rlhf_base"])
+    base_path = in_repo(cfg["rlhf_base"])
     base = load_checkpoint(base_path)
     block_size = base["model_config"]["block_size"]
     sequence = cfg["prompt_tokens"] + cfg["completion_tokens"]

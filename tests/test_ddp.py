@@ -9,7 +9,6 @@ import torch
 from conftest import copy_code, run_main, tiny_args
 
 import gpt
-import gpt_
 from dualgpt.evaluation import evaluate_checkpoint
 from dualgpt.runconfig import script_config
 

@@ -1,7 +1,7 @@
 """Tokenizer files of the byte-level BPE family, both ways: GPT-2's vocab.json + merges.txt and the tokenizers
 library's tokenizer.json read into minbpe's RegexTokenizer (same tokens, same merges in the same order, raw bytes
 as ids 0-255) with the map from our ids to theirs; a RegexTokenizer of ours written as those files; and, where
-the tokenizers library is installed, a Rust-speed encoder of a corpus that gives minbpe's ids exactly.
+the tokenizers library is installed, its Rust encoder of a corpus, which gives minbpe's ids exactly.
 
 The files hold tokens as text: GPT-2's byte-to-unicode table writes each byte as a printable character.
 """
@@ -165,12 +165,24 @@ def write_tokenizer_files(folder: str, tokenizer: RegexTokenizer) -> None:
     write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{merge}\n" for merge in spec["model"]["merges"]))
 
 
-def fast_encoder(tokenizer: RegexTokenizer) -> Callable[[list[str]], list[list[int]]] | None:
+def rust_threads() -> int:
+    """The threads the tokenizers library encodes a batch with: one where TOKENIZERS_PARALLELISM turns its
+    parallelism off, else RAYON_NUM_THREADS where set, else the cores this process may use."""
+    if os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "off", "false", "f", "no", "n", "0"):
+        return 1
+    if os.environ.get("RAYON_NUM_THREADS", "").isdigit() and int(os.environ["RAYON_NUM_THREADS"]) > 0:
+        return int(os.environ["RAYON_NUM_THREADS"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def rust_encoder(tokenizer: RegexTokenizer) -> Callable[[list[str]], list[list[int]]] | None:
     """The tokenizers library's encoder of our tokenizer, for pieces of a corpus (in parallel, in Rust): the ids
     of encode_ordinary, exactly (tested on the whole of Tiny Shakespeare). None without the library."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
         return None
-    fast = Tokenizer.from_str(json.dumps(tokenizer_json(tokenizer, special=False)))
-    return lambda pieces: [encoding.ids for encoding in fast.encode_batch(pieces, add_special_tokens=False)]
+    rust = Tokenizer.from_str(json.dumps(tokenizer_json(tokenizer, special=False)))
+    # encode_batch_fast (newer releases) leaves out the character offsets, which a corpus does not need
+    encode_batch = getattr(rust, "encode_batch_fast", rust.encode_batch)
+    return lambda pieces: [encoding.ids for encoding in encode_batch(pieces, add_special_tokens=False)]

@@ -1,12 +1,15 @@
 """What a new user types, as the README says: the real scripts in a subprocess (from a copy of the code, so
 their output folders are private), with output going to a pipe, as in a log."""
 import json
+import os
 import re
 
+import numpy as np
 import torch
 from conftest import run_main, run_script, tiny_args
 
 from dualgpt import train
+from dualgpt.data import load_tokenizer_text
 
 
 def finish(proc, timeout=300):
@@ -25,8 +28,12 @@ def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home,
     test_auto_mode_trains_then_samples_then_only_samples.)"""
     args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=3")
     ckpt = home / "model_dict" / "gpt.pt"
-    rc, out, err = finish(run_script(home, args))
+    # with 4 threads for it, the corpus is encoded by the tokenizers library (a dev dependency): minbpe's ids
+    rc, out, err = finish(run_script(home, args, env={**os.environ, "RAYON_NUM_THREADS": "4"}))
     assert rc == 0, err
+    assert f"encoding {corpus.name} (" in out and "with the tokenizers library, 4 threads" in out
+    tok = load_tokenizer_text(torch.load(ckpt, weights_only=True)["tokenizer"])
+    assert np.load(next((home / "data").glob("corpus_*.npy"))).tolist() == tok.encode_ordinary(corpus.read_text())
     assert iterations(ckpt) == 6
     assert "--- sample 1/1 ---" in out
     assert run_main(args + ["--max_iters=12", "--resume"]) == 0

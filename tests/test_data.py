@@ -73,12 +73,15 @@ def test_non_utf8_and_too_small(home, tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
 
 
-def test_piecewise_encoding_equals_one_encode():
+@pytest.mark.parametrize("threads", [1, 4])  # minbpe; the tokenizers library, 4 pieces at a time
+def test_piecewise_encoding_equals_one_encode(threads, monkeypatch, capsys):
+    monkeypatch.setattr(data, "rust_threads", lambda: threads)
     text = make_corpus(400, seed=3)
     tok = RegexTokenizer()
     tok.train(text, 320)
-    ids = data.encode_with_progress(tok, text, block=500)  # forces many pieces
+    ids = data.encode_corpus(tok, text, "corpus.txt", block=500)  # forces many pieces
     assert ids.tolist() == tok.encode_ordinary(text)
+    assert ("with the tokenizers library, 4 threads" if threads == 4 else "with minbpe") in capsys.readouterr().out
 
 
 def test_dataset_cache_split_and_bits_per_byte(home, corpus):

@@ -18,10 +18,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import gpt
 import gpt_
 import rlhf
+from dualgpt import data
 from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from dualgpt.data import load_tokenizer_text
 from dualgpt.runconfig import load_config
-from dualgpt.tokenizer_files import fast_encoder, tokenizer_from_files, tokenizer_json
+from dualgpt.tokenizer_files import rust_encoder, tokenizer_from_files, tokenizer_json
 from dualgpt.tuning import complete, load_policy, sample_prompts
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "  Café  naïve, 1234567 and 89\t\tx\n\n\nend",
@@ -73,7 +73,7 @@ def test_the_tokenizer_json_we_write_encodes_as_minbpe():
     shipped = os.path.join(ROOT, "tokenizers", "shipped")
     model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
     with open(os.path.join(shipped, model), encoding="utf-8") as f:
-        ours = load_tokenizer_text(f.read())
+        ours = data.load_tokenizer_text(f.read())
     ours.register_special_tokens({"<|endoftext|>": len(ours.vocab)})
     theirs = Tokenizer.from_str(json.dumps(tokenizer_json(ours)))
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
@@ -121,7 +121,7 @@ def test_an_imported_gpt2_is_the_same_function_in_both_scripts(bpe_folder, home,
                         script) == 0
         ckpt = load_checkpoint(str(ckpt_path))
         model = model_from_checkpoint(cls, ckpt, str(ckpt_path), "cpu").eval()
-        tok = load_tokenizer_text(ckpt["tokenizer"])
+        tok = data.load_tokenizer_text(ckpt["tokenizer"])
         order = their_ids(tok, hf_tokenizer)
         for text in TEXTS:
             ids = tok.encode(text, allowed_special="all")[:model.config.block_size]
@@ -178,7 +178,7 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
                      "--device=cpu"], gpt_.SMGPT, "gpt_") == 0
     ckpt = load_checkpoint(str(ckpt_path))
     model = model_from_checkpoint(gpt_.SMGPT, ckpt, str(ckpt_path), "cpu").eval()
-    tok = load_tokenizer_text(ckpt["tokenizer"])
+    tok = data.load_tokenizer_text(ckpt["tokenizer"])
     theirs, their_tokenizer = GPT2LMHeadModel.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
     for text in TEXTS[:2] + TEXTS[3:]:  # (the tiny model's tokenizer has no <|endoftext|>)
         ids = tok.encode(text)
@@ -227,16 +227,27 @@ def test_a_folder_that_is_not_gpt2_is_one_line(bpe_folder, home, tmp_path, capsy
     assert not (home / "x.pt").exists()
 
 
-def test_the_rust_encoder_gives_minbpes_ids_on_the_whole_of_tiny_shakespeare():
-    """The tokenizers library's encoder of the shipped tokenizer (what bench.py times) against minbpe's, on
-    256 kB pieces, as a corpus is encoded."""
+def test_a_corpus_goes_through_the_tokenizers_library_with_minbpes_ids(monkeypatch, capsys):
+    """The whole of Tiny Shakespeare (and what it lacks) encoded as a corpus is, with 4 threads, through the
+    tokenizers library, and gives minbpe's ids; without the library, or with fewer threads, minbpe encodes it."""
     shipped = os.path.join(ROOT, "tokenizers", "shipped")
     model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
     with open(os.path.join(shipped, model), encoding="utf-8") as f:
-        tok = load_tokenizer_text(f.read())
+        tok = data.load_tokenizer_text(f.read())
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
-        text = f.read() + " <|endoftext|> \r\n 東京 🙂"  # and what Shakespeare lacks
-    pieces = [text[i:i + (1 << 18)] for i in range(0, len(text), 1 << 18)]  # cut anywhere: the same in both
-    fast = [i for piece in fast_encoder(tok)(pieces) for i in piece]
-    slow = [i for piece in pieces for i in tok.encode_ordinary(piece)]
-    assert len(pieces) == 5 and len(fast) > 250_000 and fast == slow
+        text = f.read() + "\nOh <|endoftext|> \r\n 東京 🙂  \n\n1234567\t end"
+    calls = []
+    monkeypatch.setattr(data, "rust_encoder", lambda tok: (lambda batch: calls.append(len(batch)) or encode(batch)))
+    monkeypatch.setattr(data, "rust_threads", lambda: 4)
+    encode = rust_encoder(tok)
+    ids = data.encode_corpus(tok, text, "input.txt").tolist()
+    assert calls == [4, 1] and "with the tokenizers library, 4 threads" in capsys.readouterr().out  # 5 pieces
+    assert len(ids) > 250_000 and ids == tok.encode_ordinary(text)
+    head = text[:5000]
+    monkeypatch.setattr(data, "rust_threads", lambda: 3)
+    assert data.encode_corpus(tok, head, "input.txt").tolist() == tok.encode_ordinary(head)
+    monkeypatch.setattr(data, "rust_threads", lambda: 4)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # not installed
+    monkeypatch.setattr(data, "rust_encoder", rust_encoder)
+    assert data.encode_corpus(tok, head, "input.txt").tolist() == tok.encode_ordinary(head)
+    assert calls == [4, 1] and capsys.readouterr().out.count("with minbpe") == 2

@@ -3,6 +3,7 @@ curves, attention maps), that they still work, and that running the main job nev
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,26 @@ def test_the_readmes_own_preferences_run_is_the_shipped_report_and_labels():
     ties = sum(dialogue(p["chosen"]) == dialogue(p["rejected"]) for p in labels)
     assert (f"{len(labels) + len(skipped)} pairs read, {len(labels)} preferences, {len(skipped)} ties" in how_to)
     assert f"agrees with {agree} of my {len(labels)} labels, sees a tie in {ties}" in how_to
+
+
+def test_the_readmes_tokenizer_benchmark_is_the_shipped_bench_output():
+    """Each figure of the README's tokenizer table is in the matching row of the shipped `python bench.py
+    --only=tokenizer` output, and the table names that output's CPU and core count."""
+    numbers = lambda line: set(re.findall(r"\d+(?:\.\d+)?", line))  # noqa: E731
+    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_tokenizer.md"), encoding="utf-8") as f:
+        shipped = f.read().splitlines()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read().splitlines()
+    header = next(i for i, line in enumerate(readme) if line.startswith("| tokenizer (Tiny Shakespeare"))
+    cpu, cores = re.match(r"(.+?) \(\w+\), (\d+) CPUs", shipped[2]).groups()
+    assert f"{cpu}, {cores} cores |" in readme[header] and "command: `python bench.py --only=tokenizer`" in shipped[2]
+    pairs = {"`RegexTokenizer` training": "train RegexTokenizer", "encode, warm chunk cache": "encode, warm cache",
+             "encode, cold cache": "encode, cold cache", "regex split alone": "regex split alone",
+             "encode, `tokenizers` library, cold, 1 thread": "encode, tokenizers library, cold, 1 thread",
+             "encode, `tokenizers` library, cold, 2 threads": "encode, tokenizers library, cold, 2 threads"}
+    rows = readme[header + 2:readme.index("", header)]
+    assert len(rows) == len(pairs)
+    for row in rows:
+        ours = next(theirs for mine, theirs in pairs.items() if row.startswith(f"| {mine}"))
+        figures = next(line for line in shipped if line.startswith(f"| {ours}"))
+        assert numbers(row) <= numbers(figures), (row, figures)

@@ -3,6 +3,8 @@ their output folders are private), with output going to a pipe, as in a log."""
 import json
 import os
 import re
+import time
+import types
 
 import numpy as np
 import torch
@@ -87,13 +89,16 @@ def test_no_limit_at_all_is_a_one_line_error(home, corpus, capsys):
     assert err.count("\n") == 1
 
 
-def test_a_time_budget_is_evaluated_at_evenly_spaced_points(home, corpus):
+def test_a_time_budget_is_evaluated_at_evenly_spaced_points(home, corpus, monkeypatch):
+    """With a clock on which every step lasts exactly 1/16 s (so that a busy machine cannot move a step across
+    a point), a 1.2-second budget with 4 points is evaluated at the start and after the first step to end at or
+    past each 0.3 s: steps 5, 10, 15 and 20 (0.3125, 0.625, 0.9375 and 1.25 s)."""
+    clock = iter(range(10 ** 6))
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) / 16, time=time.time))
     args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_points=4", "--mode=train")
     assert run_main(args) == 0
     evals = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "val_loss" in r]
-    assert len(evals) == 5  # the start, then each quarter of the 1.2-second budget
-    for k, record in enumerate(evals):
-        assert record["train_s"] >= k * 0.3
+    assert [(r["iter"], r["train_s"]) for r in evals] == [(0, 0.0), (5, 0.3125), (10, 0.625), (15, 0.9375), (20, 1.25)]
 
 
 def test_data_too_small_fails_before_the_tokenizer_is_trained(home, tmp_path):

@@ -10,6 +10,8 @@ Prints markdown tables and writes them to generate_text/bench.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -21,7 +23,8 @@ import regex as re
 from minbpe import RegexTokenizer
 from dualgpt.files import atomic_open
 from dualgpt.compiling import machine_name
-from dualgpt.data import RUST_ENCODER_MIN_THREADS, corpus_pieces
+from dualgpt import data
+from dualgpt.data import corpus_pieces
 from dualgpt.tokenizer_files import rust_encoder, rust_threads
 from minbpe.base import get_stats, merge
 
@@ -79,39 +82,42 @@ def bench_tokenizer(args) -> str:
     ours_warm = best_of(lambda: tok.encode_ordinary(text), repeats)
     split_s = best_of(lambda: tok.compiled_pattern.findall(text), repeats)
     rows.append(["regex split alone", f"{mb / split_s:.1f} MB/s", "", ""])
+    reference = tok.encode_ordinary(text)
     try:
         import tiktoken
     except ImportError:
-        rows.append(["encode (cold cache / warm cache)", f"{mb / ours_cold:.1f} / {mb / ours_warm:.1f} MB/s",
-                     "tiktoken not installed", ""])
+        tik_s, tik_same = None, "tiktoken not installed"
     else:
         ranks = {token: idx for idx, token in tok.vocab.items()}
         enc = tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
-        tik_s = best_of(lambda: enc.encode_ordinary(text), repeats)
-        same = enc.encode_ordinary(text) == tok.encode_ordinary(text)
-        timings = [("encode, cold cache (fresh tokenizer)", ours_cold, same), ("encode, warm cache", ours_warm, same)]
-        # the same tokenizer as tokenizer.json in the tokenizers library (Rust), on the pieces data.py encodes a
-        # corpus in; built anew for each timing, as its word cache would otherwise be warm
-        encoder, threads = rust_encoder(tok), rust_threads()
-        if encoder is not None:
-            pieces = corpus_pieces(text)
-            identical = [i for ids in encoder(pieces) for i in ids] == tok.encode_ordinary(text)
+        tik_s, tik_same = best_of(lambda: enc.encode_ordinary(text), repeats), enc.encode_ordinary(text) == reference
+    timings = [("encode, cold cache (fresh tokenizer)", ours_cold, f"as tiktoken: {tik_same}"),
+               ("encode, warm cache", ours_warm, f"as tiktoken: {tik_same}")]
+    if rust_encoder(tok) is not None:
+        # the tokenizers library (Rust) with the same tokenizer, on the pieces data.py encodes a corpus in, built
+        # anew for each timing (its word cache would otherwise be warm): a piece at a time, and data.py's own path
+        pieces = corpus_pieces(text)
 
-            def one_thread():
-                encode = rust_encoder(tok)
-                return [encode([piece]) for piece in pieces]  # a batch of one piece runs on one thread
+        def one_thread() -> list[int]:
+            encode = rust_encoder(tok)
+            return [i for piece in pieces for i in encode([piece])[0]]  # a batch of one piece runs on one thread
 
-            timings += [("encode, tokenizers library, cold, 1 thread (a piece at a time)",
-                         best_of(one_thread, repeats), identical),
-                        (f"encode, tokenizers library, cold, {threads} threads (all {len(pieces)} pieces at once)",
-                         best_of(lambda: rust_encoder(tok)(pieces), repeats), identical)]
-        for name, s, identical in timings:
-            rows.append([name, f"{mb / s:.1f} MB/s", f"tiktoken same ranks: {mb / tik_s:.1f} MB/s",
-                         f"{tik_s / s:.2f}x tiktoken, identical ids: {identical}"])
-        rows.append(["a corpus is encoded (data.py) by",
-                     "the tokenizers library" if encoder and threads >= RUST_ENCODER_MIN_THREADS else "minbpe",
-                     f"{threads} threads here", f"the tokenizers library from {RUST_ENCODER_MIN_THREADS} on, if installed"])
-    return "### Tokenizer (Tiny Shakespeare; minbpe in pure Python and tiktoken in Rust on 1 thread, the tokenizers library in Rust)\n\n" + table(
+        def data_path() -> list[int]:
+            with contextlib.redirect_stdout(io.StringIO()):
+                return data.encode_corpus(tok, text, "", rust=True).tolist()
+
+        timings += [("encode, tokenizers library, cold, 1 thread", best_of(one_thread, repeats),
+                     f"as minbpe: {one_thread() == reference}"),
+                    (f"encode, tokenizers library, cold, {min(rust_threads(), len(pieces))} threads (data.py's path, "
+                     f"{len(pieces)} pieces)", best_of(data_path, repeats), f"as minbpe: {data_path() == reference}")]
+    for name, s, same in timings:
+        rows.append([name, f"{mb / s:.1f} MB/s", f"tiktoken same ranks: {mb / tik_s:.1f} MB/s" if tik_s else
+                     "tiktoken not installed", (f"{tik_s / s:.2f}x tiktoken, " if tik_s else "") + f"same ids {same}"])
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        data.encode_corpus(tok, text, os.path.basename(args.data))
+    rows.append(["a corpus here (data.py)", said.getvalue().strip(), f"{rust_threads()} threads here",
+                 f"the tokenizers library from {data.RUST_ENCODER_MIN_THREADS} pieces at once, if installed"])
+    return "### Tokenizer (Tiny Shakespeare; minbpe in pure Python, tiktoken in Rust on 1 thread)\n\n" + table(
         ["what", "ours", "reference", "ratio"], rows)
 
 

@@ -122,14 +122,15 @@ def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
     return None
 
 
-# One thread of the tokenizers library encodes about half as fast as minbpe (3.3-3.8 MB/s against 6.5 from a cold
-# cache and 11 from a warm one, 2-core AMD EPYC; bench.py measures both on yours), so it pays from 4 threads on.
+# One thread of the tokenizers library encodes two thirds as fast as minbpe from a cold cache and 0.4x as fast as
+# minbpe from a warm one; two threads draw level with the cold cache (generate_text/shipped/bench_tokenizer.md,
+# 2-core AMD EPYC). 4 is an extrapolation from the 2 threads measured there; bench.py measures both on yours.
 RUST_ENCODER_MIN_THREADS = 4
 
 
-def corpus_pieces(text: str, block: int = 1 << 18) -> list[str]:
-    """text in ~256 KB pieces cut just before a letter that starts a line, where the split pattern always
-    breaks, so the pieces' ids, one after another, equal those of one encode() call."""
+def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
+    """text in ~64 KB pieces cut just before a letter that starts a line, where the GPT-2 and GPT-4 split
+    patterns always break, so the pieces' ids, one after another, equal those of one encode() call."""
     pieces, start = [], 0
     while start < len(text):
         end = min(start + block, len(text))
@@ -140,17 +141,20 @@ def corpus_pieces(text: str, block: int = 1 << 18) -> list[str]:
     return pieces
 
 
-def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 18) -> np.ndarray:
-    """The ids of text, encoded in corpus_pieces: through the tokenizers library (Rust, in parallel: the same
-    ids, tested on the whole of Tiny Shakespeare) where it is installed and has RUST_ENCODER_MIN_THREADS
-    threads, else through minbpe, the reference."""
+def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 16,
+                  rust: bool | None = None) -> np.ndarray:
+    """The ids of text, encoded in corpus_pieces by the tokenizers library (Rust, a piece per thread: the same
+    ids, tested on the whole of Tiny Shakespeare) where it is installed and RUST_ENCODER_MIN_THREADS pieces can
+    be encoded at once, else by minbpe, the reference. rust=True or False makes the choice (bench.py)."""
     pieces = corpus_pieces(text, block)
-    threads = rust_threads()
-    encode = rust_encoder(tok) if threads >= RUST_ENCODER_MIN_THREADS else None
+    threads = min(rust_threads(), len(pieces))
+    rust_encode = rust_encoder(tok) if (threads >= RUST_ENCODER_MIN_THREADS if rust is None else rust) else None
     print(f"encoding {name} ({len(text) / 1e6:.1f} M characters) with "
-          + (f"the tokenizers library, {threads} threads" if encode else "minbpe"))
-    step = threads if encode else 1  # pieces at a time: one per thread, so that the bar moves
-    encode = encode or (lambda batch: [tok.encode_ordinary(piece) for piece in batch])
+          + (f"the tokenizers library, {threads} threads" if rust_encode else "minbpe"))
+    if rust_encode:
+        encode, step = rust_encode, 4 * threads  # 4 pieces per thread at a time: balanced, and the bar moves
+    else:
+        encode, step = (lambda batch: [tok.encode_ordinary(piece) for piece in batch]), 1
     dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
     ids = []
     with progress(total=len(pieces), desc="encoding", unit="piece") as bar:

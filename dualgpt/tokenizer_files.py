@@ -137,7 +137,13 @@ def model_text(tokenizer: RegexTokenizer) -> str:
 def tokenizer_json(tokenizer: RegexTokenizer, special: bool = True) -> dict:
     """A tokenizer of ours as the `tokenizers` library's tokenizer.json: its split pattern, byte level, its BPE
     merges in order and (unless special=False: special-token strings then read as ordinary text, as in minbpe's
-    encode_ordinary) its special tokens, with our ids."""
+    encode_ordinary) its special tokens, with our ids. A tokenizer with two tokens of the same bytes (two merges
+    that spell one string) cannot be written: the file names each token once."""
+    seen = {}
+    for i, token in tokenizer.vocab.items():
+        if seen.setdefault(token, i) != i:
+            raise UserError(f"tokens {seen[token]} and {i} of this tokenizer are the same bytes ({token!r}); the "
+                            f"tokenizers library's files name each token once, so it cannot be written as them")
     pairs = sorted(tokenizer.merges.items(), key=lambda item: item[1])
     return {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
@@ -165,24 +171,36 @@ def write_tokenizer_files(folder: str, tokenizer: RegexTokenizer) -> None:
     write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{merge}\n" for merge in spec["model"]["merges"]))
 
 
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # a cgroup v2 CPU quota: "<quota> <period>" in microseconds, or "max ..."
+
+
 def rust_threads() -> int:
     """The threads the tokenizers library encodes a batch with: one where TOKENIZERS_PARALLELISM turns its
-    parallelism off, else RAYON_NUM_THREADS where set, else the cores this process may use."""
+    parallelism off, else RAYON_NUM_THREADS where set, else the cores this process may use (its CPU affinity,
+    within a cgroup v2 CPU quota such as `docker --cpus`, as Rust counts them)."""
     if os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "off", "false", "f", "no", "n", "0"):
         return 1
     if os.environ.get("RAYON_NUM_THREADS", "").isdigit() and int(os.environ["RAYON_NUM_THREADS"]) > 0:
         return int(os.environ["RAYON_NUM_THREADS"])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]  # "max 100000" when there is no quota
+        return max(1, min(cores, int(quota) // int(period))) if quota != "max" else cores
+    except (OSError, ValueError):
+        return cores
 
 
 def rust_encoder(tokenizer: RegexTokenizer) -> Callable[[list[str]], list[list[int]]] | None:
     """The tokenizers library's encoder of our tokenizer, for pieces of a corpus (in parallel, in Rust): the ids
-    of encode_ordinary, exactly (tested on the whole of Tiny Shakespeare). None without the library."""
+    of encode_ordinary (tested on the whole of Tiny Shakespeare). None without the library, or for a tokenizer
+    its files cannot hold."""
     try:
         from tokenizers import Tokenizer
-    except ImportError:
+        spec = tokenizer_json(tokenizer, special=False)
+    except (ImportError, UserError):
         return None
-    rust = Tokenizer.from_str(json.dumps(tokenizer_json(tokenizer, special=False)))
+    rust = Tokenizer.from_str(json.dumps(spec))
     # encode_batch_fast (newer releases) leaves out the character offsets, which a corpus does not need
     encode_batch = getattr(rust, "encode_batch_fast", rust.encode_batch)
     return lambda pieces: [encoding.ids for encoding in encode_batch(pieces, add_special_tokens=False)]

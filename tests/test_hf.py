@@ -18,11 +18,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import gpt
 import gpt_
 import rlhf
-from dualgpt import data
+from dualgpt import UserError, data, tokenizer_files
 from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
 from dualgpt.runconfig import load_config
 from dualgpt.tokenizer_files import rust_encoder, tokenizer_from_files, tokenizer_json
 from dualgpt.tuning import complete, load_policy, sample_prompts
+from minbpe import RegexTokenizer
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "  Café  naïve, 1234567 and 89\t\tx\n\n\nend",
          "Oh!!! 'TIS the <|endoftext|> of it... ünïcödé 東京 🙂", "   \n \n\t  trailing spaces   "]
@@ -229,7 +230,8 @@ def test_a_folder_that_is_not_gpt2_is_one_line(bpe_folder, home, tmp_path, capsy
 
 def test_a_corpus_goes_through_the_tokenizers_library_with_minbpes_ids(monkeypatch, capsys):
     """The whole of Tiny Shakespeare (and what it lacks) encoded as a corpus is, with 4 threads, through the
-    tokenizers library, and gives minbpe's ids; without the library, or with fewer threads, minbpe encodes it."""
+    tokenizers library, 16 pieces at a time, and gives minbpe's ids; minbpe encodes it without the library, with
+    fewer threads, or with fewer pieces than 4."""
     shipped = os.path.join(ROOT, "tokenizers", "shipped")
     model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
     with open(os.path.join(shipped, model), encoding="utf-8") as f:
@@ -241,13 +243,43 @@ def test_a_corpus_goes_through_the_tokenizers_library_with_minbpes_ids(monkeypat
     monkeypatch.setattr(data, "rust_threads", lambda: 4)
     encode = rust_encoder(tok)
     ids = data.encode_corpus(tok, text, "input.txt").tolist()
-    assert calls == [4, 1] and "with the tokenizers library, 4 threads" in capsys.readouterr().out  # 5 pieces
+    assert calls == [16, 2] and "with the tokenizers library, 4 threads" in capsys.readouterr().out  # 18 pieces
     assert len(ids) > 250_000 and ids == tok.encode_ordinary(text)
-    head = text[:5000]
-    monkeypatch.setattr(data, "rust_threads", lambda: 3)
-    assert data.encode_corpus(tok, head, "input.txt").tolist() == tok.encode_ordinary(head)
+    head = text[:300_000]  # 5 pieces
+    for threads, pieces in [(3, 5), (4, 3), (8, 1)]:
+        monkeypatch.setattr(data, "rust_threads", lambda: threads)
+        assert data.encode_corpus(tok, head[:65_536 * pieces], "input.txt").tolist() == tok.encode_ordinary(head[:65_536 * pieces])
     monkeypatch.setattr(data, "rust_threads", lambda: 4)
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # not installed
     monkeypatch.setattr(data, "rust_encoder", rust_encoder)
     assert data.encode_corpus(tok, head, "input.txt").tolist() == tok.encode_ordinary(head)
-    assert calls == [4, 1] and capsys.readouterr().out.count("with minbpe") == 2
+    assert calls == [16, 2] and capsys.readouterr().out.count("with minbpe") == 4
+
+
+def test_the_tokenizers_library_threads(monkeypatch, tmp_path):
+    """As the library counts them: TOKENIZERS_PARALLELISM off is one, RAYON_NUM_THREADS where it is a positive
+    number, else the usable cores within a cgroup v2 quota."""
+    for name in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(tokenizer_files, "CGROUP_CPU_MAX", str(cpu_max))
+    assert tokenizer_files.rust_threads() == 8  # no cgroup file
+    for quota, threads in [("max 100000", 8), ("250000 100000", 2), ("50000 100000", 1), ("2000000 100000", 8)]:
+        cpu_max.write_text(quota + "\n")
+        assert tokenizer_files.rust_threads() == threads
+    for rayon, threads in [("3", 3), ("0", 8), ("abc", 8), ("", 8)]:
+        monkeypatch.setenv("RAYON_NUM_THREADS", rayon)
+        assert tokenizer_files.rust_threads() == threads
+    for value, threads in [("false", 1), ("0", 1), ("OFF", 1), ("true", 8), ("1", 8)]:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
+        assert tokenizer_files.rust_threads() == threads
+
+
+def test_a_tokenizer_with_two_tokens_of_the_same_bytes_is_not_written_nor_encoded_by_the_library():
+    tok = RegexTokenizer()
+    tok.merges = {(97, 98): 256, (98, 99): 257, (256, 99): 258, (97, 257): 259}  # "abc" twice: ab+c, a+bc
+    tok.vocab = tok._build_vocab()
+    with pytest.raises(UserError, match="tokens 258 and 259 .* the same bytes"):
+        tokenizer_json(tok)
+    assert rust_encoder(tok) is None

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import huggingface_hub.constants
 import pytest
 import torch
 from conftest import ROOT, copy_code, run_main, tiny_args
@@ -130,6 +131,33 @@ def test_an_imported_gpt2_is_the_same_function_in_both_scripts(bpe_folder, home,
                 ours = model(torch.tensor([ids]))[0][0]
                 theirs = reference(torch.tensor([[order[i] for i in ids]])).logits[0][:, order]
             assert (ours - theirs).abs().max().item() < 1e-4, (script, text)
+
+
+def test_a_model_name_is_read_through_huggingface_hub_here_from_its_cache(bpe_folder, home, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The hub path as far as it goes with no network: `--import_from=someone/tiny-gpt2` through the real command
+    line, with huggingface_hub offline (HF_HUB_OFFLINE=1, as on a machine without network) and the model in the
+    hub's own cache layout, gives the checkpoint that its folder gives; a name the cache lacks is one line. The
+    download itself stays untested: nothing here reaches the hub."""
+    hub = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    hf_model(hub / "snapshots" / ("a" * 40), bpe_folder, SHAPES["3 heads of 8, tanh GELU"])
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("a" * 40)
+    copy_code(home)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "gpt.py", "--mode=import", "--import_from=someone/tiny-gpt2",
+                             f"--ckpt={home / 'named.pt'}"], cwd=home, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert run_main(["--mode=import", f"--import_from={hub / 'snapshots' / ('a' * 40)}", f"--ckpt={home / 'folder.pt'}"]) == 0
+    named, folder = (load_checkpoint(str(home / name)) for name in ("named.pt", "folder.pt"))
+    assert named["tokenizer"] == folder["tokenizer"] and named["model"].keys() == folder["model"].keys()
+    assert all(torch.equal(named["model"][key], folder["model"][key]) for key in folder["model"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    capsys.readouterr()
+    assert run_main(["--mode=import", "--import_from=someone/missing", f"--ckpt={home / 'missing.pt'}"]) == 2
+    assert capsys.readouterr().err == ("error: could not download someone/missing from the Hugging Face hub "
+                                       "(LocalEntryNotFoundError)\n")
 
 
 def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tmp_path, capsys):

@@ -256,6 +256,21 @@ def test_a_folder_that_is_not_gpt2_is_one_line(bpe_folder, home, tmp_path, capsy
     assert not (home / "x.pt").exists()
 
 
+def test_without_safetensors_import_and_export_say_what_to_install_in_one_line(bpe_folder, home, tmp_path, monkeypatch,
+                                                                            capsys):
+    folder = tmp_path / "hf"
+    hf_model(folder, bpe_folder, SHAPES["3 heads of 8, tanh GELU"])
+    shipped = os.path.join(ROOT, "model_dict", "shipped", "gpt_.pt")
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # not installed
+    capsys.readouterr()
+    for argv in (["--mode=import", f"--import_from={folder}", f"--ckpt={home / 'x.pt'}"],
+                 ["--mode=export", "--export_format=hf", f"--ckpt={shipped}", f"--export_to={tmp_path / 'out'}"]):
+        assert run_main(argv, gpt_.SMGPT, "gpt_") == 2
+        assert capsys.readouterr().err == "error: this needs the safetensors package: pip install safetensors\n"
+    assert not (home / "x.pt").exists() and not (tmp_path / "out").exists()
+
+
 def test_a_corpus_goes_through_the_tokenizers_library_with_minbpes_ids(monkeypatch, capsys):
     """The whole of Tiny Shakespeare (and what it lacks) encoded as a corpus is, with 4 threads, through the
     tokenizers library, 16 pieces at a time, and gives minbpe's ids; minbpe encodes it without the library, with

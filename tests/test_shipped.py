@@ -62,15 +62,21 @@ def git(*args, cwd):
                     reason="needs git and a git checkout")
 def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path):
     """`python gpt.py` (small, to keep the test short) and the README's command that samples from the
-    shipped model, on a fresh clone: git status stays clean (every output is in an ignored place)."""
+    shipped model, on a fresh clone: git status stays clean (every output is in an ignored place). Neither
+    imports an optional library (-X importtime lists every module imported; the corpus encoded by minbpe)."""
     clone = tmp_path / "clone"
     git("clone", "-q", ROOT, str(clone), cwd=tmp_path)
     small = TINY_MODEL + ["--max_iters=5", "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
-    for command in ([sys.executable, "gpt.py", *small],
-                    [sys.executable, "gpt.py", "--mode=sample", "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20",
-                     "--num_samples=1"]):
-        result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300)
+    optional = {"transformers", "safetensors", "tokenizers", "huggingface_hub", "tiktoken"}
+    for command in ([sys.executable, "-X", "importtime", "gpt.py", *small],
+                    [sys.executable, "-X", "importtime", "gpt.py", "--mode=sample", "--ckpt=model_dict/shipped/gpt.pt",
+                     "--max_new_tokens=20", "--num_samples=1"]):
+        result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "RAYON_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-2000:]
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "torch" in imported and not imported & optional, imported & optional
     assert os.path.exists(clone / "model_dict" / "gpt.pt")  # the run did write its outputs
     assert git("status", "--porcelain", cwd=clone) == ""
 

@@ -24,7 +24,6 @@ from minbpe import RegexTokenizer
 from dualgpt.files import atomic_open
 from dualgpt.compiling import machine_name
 from dualgpt import data
-from dualgpt.data import corpus_pieces
 from dualgpt.tokenizer_files import rust_encoder, rust_threads
 from minbpe.base import get_stats, merge
 
@@ -86,7 +85,7 @@ def bench_tokenizer(args) -> str:
     try:
         import tiktoken
     except ImportError:
-        tik_s, tik_same = None, "tiktoken not installed"
+        tik_s, tik_same = None, "n/a (tiktoken not installed)"
     else:
         ranks = {token: idx for idx, token in tok.vocab.items()}
         enc = tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
@@ -95,8 +94,9 @@ def bench_tokenizer(args) -> str:
                ("encode, warm cache", ours_warm, f"as tiktoken: {tik_same}")]
     if rust_encoder(tok) is not None:
         # the tokenizers library (Rust) with the same tokenizer, on the pieces data.py encodes a corpus in, built
-        # anew for each timing (its word cache would otherwise be warm): a piece at a time, and data.py's own path
-        pieces = corpus_pieces(text)
+        # anew for each timing (its word cache would otherwise be warm; data.py builds it too, about 20 ms for
+        # 8192 tokens): a piece at a time, and data.py's own path
+        pieces = data.corpus_pieces(text)
 
         def one_thread() -> list[int]:
             encode = rust_encoder(tok)

@@ -123,8 +123,8 @@ def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
 
 
 # One thread of the tokenizers library encodes two thirds as fast as minbpe from a cold cache and 0.4x as fast as
-# minbpe from a warm one; two threads draw level with the cold cache (generate_text/shipped/bench_tokenizer.md,
-# 2-core AMD EPYC). 4 is an extrapolation from the 2 threads measured there; bench.py measures both on yours.
+# minbpe from a warm one; two threads come within 6% of the cold cache (generate_text/shipped/bench_tokenizer.md,
+# 2-CPU AMD EPYC). 4 is an extrapolation from the 2 threads measured there; bench.py measures both on yours.
 RUST_ENCODER_MIN_THREADS = 4
 
 

@@ -171,23 +171,26 @@ def write_tokenizer_files(folder: str, tokenizer: RegexTokenizer) -> None:
     write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{merge}\n" for merge in spec["model"]["merges"]))
 
 
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # a cgroup v2 CPU quota: "<quota> <period>" in microseconds, or "max ..."
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # a container's cgroup v2 CPU quota: "<quota> <period>" (µs), or "max ..."
 
 
 def rust_threads() -> int:
     """The threads the tokenizers library encodes a batch with: one where TOKENIZERS_PARALLELISM turns its
-    parallelism off, else RAYON_NUM_THREADS where set, else the cores this process may use (its CPU affinity,
-    within a cgroup v2 CPU quota such as `docker --cpus`, as Rust counts them)."""
+    parallelism off, else RAYON_NUM_THREADS where it is a positive number, else the cores this process may use
+    (its CPU affinity, within a container's cgroup v2 CPU quota such as `docker --cpus`)."""
     if os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "off", "false", "f", "no", "n", "0"):
         return 1
-    if os.environ.get("RAYON_NUM_THREADS", "").isdigit() and int(os.environ["RAYON_NUM_THREADS"]) > 0:
-        return int(os.environ["RAYON_NUM_THREADS"])
+    try:
+        if int(os.environ.get("RAYON_NUM_THREADS", "0")) > 0:
+            return int(os.environ["RAYON_NUM_THREADS"])
+    except ValueError:
+        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         with open(CGROUP_CPU_MAX) as f:
-            quota, period = f.read().split()[:2]  # "max 100000" when there is no quota
-        return max(1, min(cores, int(quota) // int(period))) if quota != "max" else cores
-    except (OSError, ValueError):
+            quota, period = f.read().split()[:2]
+        return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
         return cores
 
 

@@ -24,7 +24,8 @@ def iterations(path) -> int:
 
 
 def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home, corpus, capsys):
-    """`python gpt.py` with no checkpoint trains, then samples (through the real command line); then, in-process,
+    """`python gpt.py` with no checkpoint trains, then samples (through the real command line, its corpus encoded
+    by the tokenizers library, given 4 threads, with minbpe's ids); then, in-process,
     --resume trains on, then samples, and --overwrite starts over, then samples, the old checkpoint kept as .bak.
     (With a checkpoint and neither flag it only samples: test_train.py's
     test_auto_mode_trains_then_samples_then_only_samples.)"""
@@ -92,9 +93,10 @@ def test_no_limit_at_all_is_a_one_line_error(home, corpus, capsys):
 
 
 def test_a_time_budget_is_evaluated_at_evenly_spaced_points(home, corpus, monkeypatch):
-    """With a clock on which every step lasts exactly 1/16 s (so that a busy machine cannot move a step across
-    a point), a 1.2-second budget with 4 points is evaluated at the start and after the first step to end at or
-    past each 0.3 s: steps 5, 10, 15 and 20 (0.3125, 0.625, 0.9375 and 1.25 s)."""
+    """On a clock where every step lasts exactly 1/16 s (train.py reads it twice a step, and this run does not
+    compile), so that a busy machine cannot move a step across a point: a 1.2-second budget with 4 points is
+    evaluated at the start and after the first step to end at or past each 0.3 s: steps 5, 10, 15 and 20
+    (0.3125, 0.625, 0.9375 and 1.25 s)."""
     clock = iter(range(10 ** 6))
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) / 16, time=time.time))
     args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_points=4", "--mode=train")

@@ -105,8 +105,13 @@ def read_only_between_saves(folder, process) -> None:
     """Make folder read-only for the running process: a read-only bind mount in its own mount namespace when
     running as root (root writes through permission bits), else the permission bits."""
     if os.geteuid() == 0:
-        subprocess.run(["nsenter", "-t", str(process.pid), "-m", "mount", "-o", "remount,bind,ro", str(folder)],
-                       check=True, capture_output=True, text=True)
+        for _ in range(200):  # the remount is refused ("busy") while the run has a file there open for writing
+            remount = subprocess.run(["nsenter", "-t", str(process.pid), "-m", "mount", "-o", "remount,bind,ro",
+                                      str(folder)], capture_output=True, text=True)
+            if remount.returncode == 0 or "busy" not in remount.stderr:
+                break
+            time.sleep(0.01)
+        remount.check_returncode()
     else:
         folder.chmod(0o555)
 

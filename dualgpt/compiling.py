@@ -111,9 +111,11 @@ def compile_model(model: nn.Module, batch_size: int, block_size: int, device: st
     compiled = torch.compile(model)
     rng = torch.get_rng_state(), torch.cuda.get_rng_state() if device.startswith("cuda") else None
     try:
-        x = torch.zeros(batch_size, block_size, dtype=torch.long, device=device)
+        # a batch as training's: two distinct contiguous tensors (an aliased or strided pair fails the guards and
+        # compiles everything again at the first step)
+        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
         with autocast(device, dtype):
-            loss = compiled(x, x)[1]
+            loss = compiled(x, y)[1]
         loss.backward()
         return compiled
     except Exception as e:  # any compiler failure: eager training still works

@@ -225,7 +225,9 @@ class Dataset:
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         else:
             xy = xy.to(self.device)
-        return xy[:, :-1], xy[:, 1:]
+        # contiguous, like the batch torch.compile is warmed up on: a strided view would fail its guard and
+        # compile everything a second time at the first step
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
     def windows(self, split: str):
         """Every token of the split once: non-overlapping block_size windows, in batches."""

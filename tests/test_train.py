@@ -273,7 +273,8 @@ def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, 
 @pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "g++", "c++", "clang"))),
                     reason="torch.compile on CPU needs a C++ compiler, and there is none here")
 def test_compiled_training_matches_eager(home, corpus, capsys):
-    """The compiled run really compiled (dynamo built a graph, no fallback note), and matches eager."""
+    """The compiled run really compiled (dynamo built a graph, no fallback note), once (the training batches pass
+    the guards of the warm-up batch: no second compile at the first step), and matches eager."""
     args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", "--n_layer=1")
     assert run_main(args + ["--compile=false", f"--ckpt={home / 'eager.pt'}"]) == 0
     torch._dynamo.reset()
@@ -282,7 +283,7 @@ def test_compiled_training_matches_eager(home, corpus, capsys):
     out = capsys.readouterr().out
     assert "compiling the model" in out
     assert "torch.compile failed" not in out
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     eager, compiled = state_of(home / "eager.pt"), state_of(home / "compiled.pt")
     assert all((eager[k] - compiled[k]).abs().max().item() < 1e-4 for k in eager)
 

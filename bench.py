@@ -19,11 +19,12 @@ import sys
 import time
 
 import regex as re
+import torch
 
-from minbpe import RegexTokenizer
-from dualgpt.files import atomic_open
-from dualgpt.compiling import machine_name
 from dualgpt import data
+from dualgpt.compiling import machine_name
+from dualgpt.files import atomic_open
+from minbpe import RegexTokenizer
 from dualgpt.tokenizer_files import rust_encoder, rust_threads
 from minbpe.base import get_stats, merge
 
@@ -134,7 +135,6 @@ def variants():
 def build(cls, impl, shape, device):
     """A model with the same weights for every variant: LB-GPT's initialisation, mapped."""
     import gpt
-    import torch
     from dualgpt.checkpoint import convert_state_dict
     torch.manual_seed(0)
     cfg = gpt.ModelConfig(**shape)
@@ -161,7 +161,6 @@ def shapes(args, device):
 
 def saved_activation_bytes(model, x, y) -> int:
     """Bytes of distinct tensors autograd keeps for backward in one forward: the activation memory."""
-    import torch
     seen = {}
 
     def pack(t):
@@ -175,7 +174,6 @@ def saved_activation_bytes(model, x, y) -> int:
 
 
 def bench_train(args) -> str:
-    import torch
     from dualgpt.runtime import matmul_peak, resolve_device
     from dualgpt.train import flops_per_token, make_optimizer
     device = resolve_device("auto")
@@ -210,7 +208,6 @@ def bench_train(args) -> str:
 
 
 def bench_sample(args) -> str:
-    import torch
     from dualgpt.runtime import resolve_device
     from dualgpt.sampling import generate
     device = resolve_device("auto")
@@ -311,7 +308,6 @@ def bench_compile(args) -> str:
     use here, with the compile time from a cold cache; records them for compile=auto (dualgpt/compiling.py)."""
     import tempfile
 
-    import torch
 
     import config
     import gpt
@@ -382,6 +378,7 @@ def bench_rlhf(args) -> str:
             f"{resolve_dtype('auto', device)}\n\n" + table(["stage", "time"], rows))
 
 
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample, "quality": bench_quality,
             "compile": bench_compile, "rlhf": bench_rlhf}
 
@@ -405,8 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.exists(args.data):
         parser.exit(2, f"error: data file {args.data} not found; run `python gpt.py` once to download it, "
                        f"or pass --data=PATH\n")
-    header = (f"## Dual-GPT benchmarks\n\n{machine_name('cpu')}, {os.cpu_count()} CPUs, "
-              f"Python {platform.python_version()}, command: `python bench.py {' '.join(argv or sys.argv[1:])}`")
+    # instruction-set limits in the environment (an emulated AVX2 laptop) belong to the command
+    limits = "".join(f"{name}={os.environ[name]} " for name in ISA_LIMITS if name in os.environ)
+    header = (f"## Dual-GPT benchmarks\n\n{machine_name('cpu')}, {os.cpu_count()} CPUs, Python "
+              f"{platform.python_version()}, torch {torch.__version__}, command: "
+              f"`{limits}python bench.py {' '.join(argv or sys.argv[1:])}`")
     out = [header]
     print(header + "\n", flush=True)
     for name in sections:

@@ -147,3 +147,20 @@ def test_the_readmes_tokenizer_benchmark_is_the_shipped_bench_output():
         ours = next(theirs for mine, theirs in pairs.items() if row.startswith(f"| {mine}"))
         figures = next(line for line in shipped if line.startswith(f"| {ours}"))
         assert numbers(row) and numbers(row) <= numbers(figures), (row, figures)
+
+
+@pytest.mark.parametrize("name", ["bench_train_sample.md", "bench_compile.md", "bench_compile_avx2.md"])
+def test_the_readmes_benchmark_tables_are_the_shipped_bench_outputs(name):
+    """Each section of a shipped `python bench.py` output (its title, which names the CPU, and every row of its
+    table) stands in the README as it is, with the file's name."""
+    with open(os.path.join(ROOT, "generate_text", "shipped", name), encoding="utf-8") as f:
+        shipped = f.read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    lines = readme.splitlines()
+    assert name in readme and "command: `" in shipped.splitlines()[2]
+    titles = [line[4:] for line in shipped.splitlines() if line.startswith("### ")]
+    rows = [line for line in shipped.splitlines() if line.startswith("| ")]
+    assert titles and len(rows) >= 3
+    missing = [line for line in titles + rows if line not in lines]
+    assert not missing, missing[:3]

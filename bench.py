@@ -24,8 +24,8 @@ import torch
 from dualgpt import data
 from dualgpt.compiling import machine_name
 from dualgpt.files import atomic_open
-from minbpe import RegexTokenizer
 from dualgpt.tokenizer_files import rust_encoder, rust_threads
+from minbpe import RegexTokenizer
 from minbpe.base import get_stats, merge
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -308,11 +308,10 @@ def bench_compile(args) -> str:
     use here, with the compile time from a cold cache; records them for compile=auto (dualgpt/compiling.py)."""
     import tempfile
 
-
     import config
     import gpt
     import gpt_
-    from dualgpt.compiling import compile_model, machine_name, pays_back_after_s, record_timing, timing_key
+    from dualgpt.compiling import compile_model, pays_back_after_s, record_timing, timing_key
     from dualgpt.runtime import resolve_device, resolve_dtype
     from dualgpt.train import make_optimizer
     device = resolve_device("auto")
@@ -359,7 +358,6 @@ def bench_rlhf(args) -> str:
     import config
     import dualgpt
     import rlhf
-    from dualgpt.compiling import machine_name
     from dualgpt.runtime import resolve_device, resolve_dtype
     base = os.path.join(HERE, config.rlhf_base)
     argv = [f"--rlhf_base={base}", f"--data={args.data}"] + (["--quick"] if args.quick else [])

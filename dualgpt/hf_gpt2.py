@@ -131,7 +131,7 @@ def download(name: str) -> str:
 def import_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     """--mode=import: the Hugging Face GPT-2 folder at import_from as a checkpoint of this script at ckpt."""
     folder = cfg["import_from"]
-    if folder and not os.path.isdir(folder) and not os.path.exists(folder):
+    if folder and not os.path.exists(folder):  # not a path here: a hub name
         folder = download(folder)
     if not folder or not os.path.isdir(folder):
         raise UserError(f"--mode=import needs --import_from=FOLDER with a Hugging Face GPT-2 model, got {folder!r}")

@@ -113,7 +113,7 @@ def test_the_readmes_own_preferences_run_is_the_shipped_report_and_labels():
         readme = f.read()
     how_to = readme.split("### Your own preferences")[1].split("\n## ")[0]
     end_points = markdown[markdown.index("**End points** (mean ± 95% interval over seeds):") + 2:]
-    rows = [line for line in end_points[:end_points.index("")]]
+    rows = end_points[:end_points.index("")]
     assert len(rows) > 5 and all(row in how_to.splitlines() for row in rows)
     assert next(line for line in markdown if line.startswith("**Reward model**")) in how_to
     assert f"{report['machine']}: {sum(report['seconds'].values()) / 60:.0f} min" in how_to

@@ -10,8 +10,6 @@ Prints markdown tables and writes them to generate_text/bench.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import platform
 import statistics
@@ -21,12 +19,10 @@ import time
 import regex as re
 import torch
 
-from dualgpt import data
-from dualgpt.compiling import machine_name
 from dualgpt.files import atomic_open
-from dualgpt.tokenizer_files import rust_encoder, rust_threads
+from dualgpt.runtime import machine_name
 from minbpe import RegexTokenizer
-from minbpe.base import get_stats, merge
+from minbpe.base import train_classic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "data", "input.txt")
@@ -57,17 +53,11 @@ def bench_tokenizer(args) -> str:
     # classic: a full recount per merge; time the first merges on the full text and scale linearly
     # (later merges scan fewer tokens, so this overstates the classic time by a little)
     classic_merges = 3 if args.quick else 8
-    ids = [list(ch.encode("utf-8")) for ch in re.findall(tok.compiled_pattern, text)]
-    classic = []
+    chunks = [ch.encode("utf-8") for ch in re.findall(tok.compiled_pattern, text)]
     t0 = time.perf_counter()
-    for idx in range(256, 256 + classic_merges):  # the public minbpe training loop
-        stats = {}
-        for chunk_ids in ids:
-            get_stats(chunk_ids, stats)
-        classic.append(max(stats, key=stats.get))
-        ids = [merge(chunk_ids, classic[-1], idx) for chunk_ids in ids]
+    classic, _ = train_classic(chunks, classic_merges)  # the public minbpe training loop
     classic_s = (time.perf_counter() - t0) / classic_merges * (vocab_size - 256)
-    assert classic == list(tok.merges)[:classic_merges], "trainer disagrees with the classic algorithm"
+    assert list(classic) == list(tok.merges)[:classic_merges], "trainer disagrees with the classic loop"
 
     rows = [[f"train RegexTokenizer, vocab {vocab_size}, {mb:.2f} MB", f"{train_s:.2f} s",
              f"classic (est. from {classic_merges} merges): {classic_s:.0f} s", f"{classic_s / train_s:.0f}x faster"]]
@@ -93,31 +83,9 @@ def bench_tokenizer(args) -> str:
         tik_s, tik_same = best_of(lambda: enc.encode_ordinary(text), repeats), enc.encode_ordinary(text) == reference
     timings = [("encode, cold cache (fresh tokenizer)", ours_cold, f"as tiktoken: {tik_same}"),
                ("encode, warm cache", ours_warm, f"as tiktoken: {tik_same}")]
-    if rust_encoder(tok) is not None:
-        # the tokenizers library (Rust) with the same tokenizer, on the pieces data.py encodes a corpus in, built
-        # anew for each timing (its word cache would otherwise be warm; data.py builds it too, about 20 ms for
-        # 8192 tokens): a piece at a time, and data.py's own path
-        pieces = data.corpus_pieces(text)
-
-        def one_thread() -> list[int]:
-            encode = rust_encoder(tok)
-            return [i for piece in pieces for i in encode([piece])[0]]  # a batch of one piece runs on one thread
-
-        def data_path() -> list[int]:
-            with contextlib.redirect_stdout(io.StringIO()):
-                return data.encode_corpus(tok, text, "", rust=True).tolist()
-
-        timings += [("encode, tokenizers library, cold, 1 thread", best_of(one_thread, repeats),
-                     f"as minbpe: {one_thread() == reference}"),
-                    (f"encode, tokenizers library, cold, {min(rust_threads(), len(pieces))} threads (data.py's path, "
-                     f"{len(pieces)} pieces)", best_of(data_path, repeats), f"as minbpe: {data_path() == reference}")]
     for name, s, same in timings:
         rows.append([name, f"{mb / s:.1f} MB/s", f"tiktoken same ranks: {mb / tik_s:.1f} MB/s" if tik_s else
                      "tiktoken not installed", (f"{tik_s / s:.2f}x tiktoken, " if tik_s else "") + f"same ids {same}"])
-    with contextlib.redirect_stdout(io.StringIO()) as said:
-        data.encode_corpus(tok, text, os.path.basename(args.data))
-    rows.append(["a corpus here (data.py)", said.getvalue().strip(), f"{rust_threads()} threads here",
-                 f"the tokenizers library from {data.RUST_ENCODER_MIN_THREADS} pieces at once, if installed"])
     return "### Tokenizer (Tiny Shakespeare; minbpe in pure Python, tiktoken in Rust on 1 thread)\n\n" + table(
         ["what", "ours", "reference", "ratio"], rows)
 
@@ -305,15 +273,15 @@ def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) 
 
 def bench_compile(args) -> str:
     """Eager against compiled training steps for config.py's model in both scripts, at the dtype training would
-    use here, with the compile time from a cold cache; records them for compile=auto (dualgpt/compiling.py)."""
+    use here, with the compile time from a cold cache, and the run length from which compiling buys 10%
+    more steps: compile_s / (1 - 1.1 * compiled_step_s / eager_step_s)."""
     import tempfile
 
     import config
     import gpt
     import gpt_
-    from dualgpt.compiling import compile_model, pays_back_after_s, record_timing, timing_key
     from dualgpt.runtime import resolve_device, resolve_dtype
-    from dualgpt.train import make_optimizer
+    from dualgpt.train import compile_model, make_optimizer
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
     shape = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
@@ -333,47 +301,45 @@ def bench_compile(args) -> str:
         compiled = compile_model(model, config.batch_size, shape["block_size"], device, dtype)
         compile_s = time.perf_counter() - t0
         compiled_s = timed_steps(compiled, optimizer, batches, args.steps, device, dtype)
-        timing = {"compile_s": compile_s, "eager_step_s": eager_s, "compiled_step_s": compiled_s}
-        record_timing(timing_key(model, device, dtype, config.batch_size), **timing)
-        pays_after = pays_back_after_s(timing)
-        budget_s = config.max_minutes * 60
+        saved = 1 - 1.1 * compiled_s / eager_s  # the share of a step's time compiling must save
         rows.append([name, f"{eager_s * 1000:.1f} ms", f"{compiled_s * 1000:.1f} ms", f"{eager_s / compiled_s:.2f}x",
-                     f"{compile_s:.0f} s", f"{pays_after:.0f} s" if pays_after < float("inf") else "never",
-                     "on" if budget_s >= pays_after else "off"])
+                     f"{compile_s:.0f} s", f"{compile_s / saved:.0f} s" if saved > 0 else "never"])
         print(f"  compile {name}: eager {eager_s * 1000:.1f} ms, compiled {compiled_s * 1000:.1f} ms, "
               f"compiling {compile_s:.0f} s", file=sys.stderr, flush=True)
     return (f"### torch.compile: {machine_name(device)}, {dtype}, config.py's model ({shape['n_layer']}x{shape['n_head']}"
             f"x{shape['n_embd']}, block {shape['block_size']}, vocab {shape['vocab_size']}, batch {config.batch_size}), "
             f"median of {args.steps} steps, compile time from a cold cache\n\n"
-            + table(["script", "eager step", "compiled step", "speed-up", "compiling", "10% more steps in runs of",
-                     f"auto, {config.max_minutes:g}-minute budget"], rows)
-            + "\n\nrecorded in model_dict/compile_timings.json, where compile=auto reads it")
+            + table(["script", "eager step", "compiled step", "speed-up", "compiling", "10% more steps in runs of"],
+                    rows))
 
 
 def bench_rlhf(args) -> str:
-    """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), with every output
-    in a temporary folder so the user's own results are left alone."""
+    """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), run as a
+    user runs it, in a copy of the code so that the user's own results are left alone."""
+    import re as plain_re
+    import shutil
+    import subprocess
     import tempfile
 
-    import config
-    import dualgpt
-    import rlhf
-    from dualgpt.runtime import resolve_device, resolve_dtype
-    base = os.path.join(HERE, config.rlhf_base)
-    argv = [f"--rlhf_base={base}", f"--data={args.data}"] + (["--quick"] if args.quick else [])
-    previous = dualgpt.ROOT
+    argv = ["--quick"] if args.quick else []
     with tempfile.TemporaryDirectory() as root:
-        dualgpt.ROOT = root
-        try:
-            t0 = time.perf_counter()
-            result = rlhf.main(argv)
-            total = time.perf_counter() - t0
-        finally:
-            dualgpt.ROOT = previous
-    device = resolve_device("auto")
-    rows = [[stage, f"{seconds:.0f} s"] for stage, seconds in result["seconds"].items()] + [["total", f"{total:.0f} s"]]
-    return (f"### rlhf.py {' '.join(argv[2:]) or '(defaults)'}: seconds per stage, {machine_name(device)}, "
-            f"{resolve_dtype('auto', device)}\n\n" + table(["stage", "time"], rows))
+        for name in ("gpt.py", "gpt_.py", "rlhf.py", "config.py", "rlhf_config.py", "dualgpt", "minbpe",
+                     "rlhf_lib", "model_dict/shipped"):
+            copy = shutil.copytree if os.path.isdir(os.path.join(HERE, name)) else shutil.copy
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            copy(os.path.join(HERE, name), os.path.join(root, name))
+        t0 = time.perf_counter()
+        result = subprocess.run([sys.executable, "rlhf.py", f"--data={args.data}", *argv], cwd=root,
+                                capture_output=True, text=True)
+        total = time.perf_counter() - t0
+    if result.returncode != 0:
+        return f"### rlhf.py {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
+    seconds: dict[str, float] = {}
+    for stage, s in plain_re.findall(r"^\[seed \d+, (\w+): (\d+) s\]$", result.stdout, flags=plain_re.M):
+        seconds[stage] = seconds.get(stage, 0.0) + float(s)
+    rows = [[stage, f"{s:.0f} s"] for stage, s in seconds.items()] + [["total", f"{total:.0f} s"]]
+    return (f"### rlhf.py {' '.join(argv) or '(defaults)'}: seconds per stage, {machine_name('cpu')}\n\n"
+            + table(["stage", "time"], rows))
 
 
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")

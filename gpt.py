@@ -46,8 +46,8 @@ class Head(nn.Module):
         self.key = nn.Linear(config.n_embd, head_size, bias=config.bias)
         self.query = nn.Linear(config.n_embd, head_size, bias=config.bias)
         self.value = nn.Linear(config.n_embd, head_size, bias=config.bias)
-        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
-                             persistent=False)
+        causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer("tril", causal, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.record = False  # keep this head's attention weights and output (for head research)
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -56,8 +56,12 @@ class Head(nn.Module):
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
-        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T) affinities
-        wei = wei.masked_fill(~self.tril[:T, :T], float("-inf"))  # a token never sees the future
+        # affinities, scaled by 1/sqrt(head_size) so that their variance stays near 1 at init: otherwise
+        # softmax saturates towards one-hot and each query would listen to a single key
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T)
+        # the causal mask: position t sees positions <= t only, so every position learns to predict its
+        # next token without seeing it, and the T predictions of one sequence train in one pass
+        wei = wei.masked_fill(~self.tril[:T, :T], float("-inf"))
         wei = F.softmax(wei, dim=-1)
         out = self.dropout(wei) @ self.value(x)  # (B, T, hs)
         if self.record:
@@ -79,7 +83,7 @@ class MultiHeadAttention(nn.Module):
         head_size = x.shape[-1] // len(self.heads)
         outputs = []
         for i, head in enumerate(self.heads):
-            if i in self.masked:  # switched off: zeros (while recording, it still runs, for its attention map)
+            if i in self.masked:  # switched off: zeros (recording, it still runs for its map)
                 if head.record:
                     head(x)
                 outputs.append(x.new_zeros(*x.shape[:-1], head_size))
@@ -124,17 +128,16 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), *attn_args)  # attn_args: a layer's KV cache in gpt_.py
+        # residual connections: each block adds to x, so gradients reach early layers unchanged
+        x = x + self.attn(self.ln_1(x), *attn_args)  # attn_args: gpt_.py's KV cache of the layer
         return x + self.mlp(self.ln_2(x))
 
 
 class LBGPT(nn.Module):
-    """GPT-2 style decoder. gpt_.py subclasses it and swaps `attention` for single-matmul heads."""
+    """GPT-2 style decoder: token and position embeddings, n_layer blocks, a final LayerNorm and the
+    output head. gpt_.py subclasses it, swapping `attention` for single-matmul heads."""
 
-    config_class = ModelConfig  # the shared engine builds models of either script through these three
     attention: type[nn.Module] = MultiHeadAttention
-    layout = "LB-GPT"  # written into checkpoints, so each script knows how to read the other's
-    run_options: tuple[str, ...] = ()  # config keys the command line passes to __init__ (gpt_.py has two)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -146,9 +149,11 @@ class LBGPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+            self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens (GPT-2 ties them)
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+        # GPT-2's residual init: each block adds two projections to the residual stream, so their
+        # weights shrink with depth and the stream's variance stays put as layers are stacked
+        for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -159,28 +164,33 @@ class LBGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
-        """idx (B, T) token ids -> the final LayerNorm's output (B, T, C), what the head reads.
-        cache (gpt_.py's KVCache) holds the keys and values of the tokens before idx."""
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) token ids -> the final LayerNorm's output (B, T, C), what the head reads."""
         T = idx.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x) if cache is None else block(x, cache.layers[i])
+        for block in self.blocks:
+            x = block(x)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given."""
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    # --- what the engine (dualgpt/) asks of a model class --------------------------------------
+
+    config_class = ModelConfig  # the engine builds either script's models through these
+    layout = "LB-GPT"  # written into checkpoints
+    run_options: tuple[str, ...] = ()  # config keys passed to __init__ (gpt_.py has two)
 
     def new_kv_cache(self) -> None:
-        """LB-GPT samples without a cache: every step re-reads the window (gpt_.py returns a KV cache)."""
+        """LB-GPT samples without a cache: every step re-reads the window (gpt_.py has one)."""
         return None
 
     def set_head_mask(self, mask: set[tuple[int, int]]) -> None:
@@ -189,7 +199,7 @@ class LBGPT(nn.Module):
             block.attn.mask_heads({h for layer, h in mask if layer == i})
 
     def record_attention(self, on: bool) -> None:
-        """Keep every head's attention weights and output on the next forward passes (head research)."""
+        """Keep every head's attention weights and output on the next forward passes."""
         for block in self.blocks:
             block.attn.set_record(on)
 

@@ -46,9 +46,9 @@ class SingleMatmulAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
-                             persistent=False)
-        self.register_buffer("head_gate", torch.ones(config.n_head), persistent=False)  # 0 switches a head off
+        causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer("tril", causal, persistent=False)
+        self.register_buffer("head_gate", torch.ones(config.n_head), persistent=False)  # 0: head off
         self.impl = "sdpa"
         self.masked: set[int] = set()
         self.record = False  # keep attention weights and head outputs (forces the matmul path)
@@ -96,18 +96,41 @@ class SingleMatmulAttention(nn.Module):
 
 
 class SMGPT(LBGPT):
-    """LB-GPT with SingleMatmulAttention. attn_impl: "sdpa" (torch's scaled_dot_product_attention, flash kernels on
-    GPUs) or "matmul" (the explicit form); kv_cache: sample with a key/value cache."""
+    """LB-GPT with SingleMatmulAttention. attn_impl: "sdpa" (torch's scaled_dot_product_attention,
+    flash kernels on GPUs) or "matmul" (the explicit form); kv_cache: sample with a key/value cache."""
 
     attention = SingleMatmulAttention
-    layout = "SM-GPT"
-    run_options = ("attn_impl", "kv_cache")  # config keys the command line passes to __init__
 
     def __init__(self, config: ModelConfig, attn_impl: str = "sdpa", kv_cache: bool = True):
         super().__init__(config)
         for block in self.blocks:
             block.attn.impl = attn_impl
         self.use_kv_cache = kv_cache
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """LB-GPT's; with a cache, idx (B, T) holds the tokens after the cached ones, which sit at
+        the positions after theirs and attend to them through each layer's cached keys and values."""
+        if cache is None:
+            return super().hidden_states(idx)
+        start, T = cache.length, idx.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device)))
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, layer_cache)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """LB-GPT's forward; with a cache (sampling), the logits of the tokens after the cached ones."""
+        if cache is None:
+            return super().forward(idx, targets)
+        return self.lm_head(self.hidden_states(idx, cache)), None
+
+    # --- what the engine asks of a model class (see gpt.py) ------------------------------------
+
+    layout = "SM-GPT"
+    run_options = ("attn_impl", "kv_cache")
 
     def new_kv_cache(self) -> KVCache | None:
         """Sampling with this cache runs one pass over the prompt, then one token per step."""

@@ -23,13 +23,12 @@ comparisons of two completions of one prompt, with tau set so that they agree wi
 of its word families gives the oracle score, the other half and the AFINN lexicon (less those families) are
 judges that no stage trains or selects on. Evaluation prompts come from the val split's second half and
 nothing is tuned on them (the first half, "dev", is for trying settings). Every file a stage writes records
-the run that wrote it, and every reader checks it. The keys are in config.py under the RLHF headings;
+the run that wrote it, and every reader checks it. The keys are in rlhf_config.py;
 outputs go to data/, model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the
 seeds: rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
@@ -37,39 +36,34 @@ import time
 
 import torch
 
-import config as default_config
-import gpt
-import gpt_
 from dualgpt import UserError, in_repo, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
-from dualgpt.compiling import machine_name
 from dualgpt.data import sha256_file
 from dualgpt.evaluation import full_loss
 from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
-from dualgpt.labelling import label_pairs
-from dualgpt.plots import plot_rm_against_oracle, plot_score_against_kl
-from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, dpo_loss,
-                                preference_probability, reward_model_loss, tau_for_agreement)
-from dualgpt.preference_data import encode_pairs, read_pairs, write_pairs
-from dualgpt.rlhf_report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point, distinct_2, evaluate_policy,
-                                 gains_and_transfer, kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
-                                 repetition, score_names,
-                                 ratio_summary, strip_per_prompt, summarise, write_markdown_report, write_samples)
-from dualgpt.runconfig import check_choice, load_config, require
-from dualgpt.runtime import autocast
-from dualgpt.tuning import (CHUNK, RLHF_SCRIPTS, STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
-                            eval_prompts, frozen, keep_steps, kept_folder, load_output, load_pairs, load_policy, output_folders,
-                            load_policy_checkpoint, load_reward_model, minibatches, reward_scores, sample_prompts,
-                            record_in, save_model, save_policy, scores, sequence_logprobs, setup, step_on, texts, train_rl)
+from dualgpt.runconfig import check_choice, require
+from dualgpt.runtime import machine_name
+from rlhf_lib.labelling import label_pairs
+from rlhf_lib.pairs import encode_pairs, read_pairs, write_pairs
+from rlhf_lib.plots import plot_rm_against_oracle, plot_score_against_kl
+from rlhf_lib.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
+                                 tau_for_agreement)
+from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point, distinct_2,
+                             evaluate_policy, gains_and_transfer, kept_curve, markdown_tables, matched_rows,
+                             measure, pairwise_rows, ratio_summary, repetition, score_names,
+                             strip_per_prompt, summarise, write_markdown_report, write_samples)
+from rlhf_lib.study import (CHUNK, MODEL_CLASSES, STAGE_FILES, Setup, check_record, chosen_rejected,
+                            clear_outputs, complete,
+                            eval_prompts, frozen, load_output, load_pairs, load_policy,
+                            load_policy_checkpoint, load_reward_model, output_folders, record_in,
+                            reward_scores, rlhf_run_config, sample_prompts, save_model, scores,
+                            sequence_logprobs, setup, texts)
+from rlhf_lib.training import DPO_METHODS, train_dpo, train_reward_model, train_rl
 
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these for each seed, then "report"
-CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report", "label"), "rlhf_script": RLHF_SCRIPTS,
+CHOICES = {"rlhf_stage": ("all",) + STAGES + ("report", "label"), "rlhf_script": tuple(MODEL_CLASSES),
            "oracle": ("auto", "sentiment", "verse", "dialogue", "module:function", "none"), "eval_split": ("test", "dev")}
-MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}
-# the DPO losses: (loss kind, label) where the label is 1 (hard), 1 - cdpo_epsilon or the pair's probability
-DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),
-               "dpo_soft": ("sigmoid", "soft")}
 # what a user may have meant by a key that belongs to gpt.py or gpt_.py, or that was renamed
 HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py",
          "max_iters": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
@@ -206,16 +200,8 @@ def import_pairs(s: Setup) -> dict:
 
 def stage_rm(s: Setup) -> dict:
     """A reward model: the base GPT with a scalar head on the last token, trained on the labels (Bradley-Terry)."""
-    cfg, pairs = s.cfg, load_pairs(s, s.expected("pairs"))
-    rm = RewardModel(load_policy(s)).train()
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg["rm_lr"], weight_decay=0.0)
-    chosen, rejected = chosen_rejected(pairs["train"])
-    prompts = pairs["train"]["prompts"]
-    for _, idx in minibatches(len(prompts), cfg["rm_batch"], cfg["rm_epochs"], s.generator("rm.order"), prompts.device,
-                              desc="reward model"):
-        with autocast(cfg["device"], cfg["dtype"]):
-            r_c, r_r = rm(prompts[idx], chosen[idx]).float(), rm(prompts[idx], rejected[idx]).float()
-        step_on(optimizer, reward_model_loss(r_c, r_r))
+    pairs = load_pairs(s, s.expected("pairs"))
+    rm = train_reward_model(s, pairs)
     val = pairs["val"]
     margin = (reward_scores(s, rm, val["prompts"], val["a"]) - reward_scores(s, rm, val["prompts"], val["b"]))
     report = {"held_out_pairs": len(margin),
@@ -260,18 +246,6 @@ def stage_bon(s: Setup) -> dict:
     return {"prompts": len(prompts), "samples_per_prompt": n_max}
 
 
-def dpo_label(method: str, cfg: dict, pairs: dict) -> torch.Tensor | float:
-    """The label DPO's loss is given: 1 (the chosen side is preferred), 1 - cdpo_epsilon, or the pair's
-    Bradley-Terry probability that the chosen side is preferred (the soft label)."""
-    kind = DPO_METHODS[method][1]
-    if kind == "smoothed":
-        return 1.0 - cfg["cdpo_epsilon"]
-    if kind == "soft":
-        prob_a = pairs["prob_a"].to(pairs["a"].device)
-        return torch.where(pairs["a_preferred"].to(prob_a.device), prob_a, 1 - prob_a).float()
-    return 1.0
-
-
 def stage_dpo(s: Setup) -> dict:
     """Each DPO loss of dpo_methods on the preference pairs, from the base, against the frozen base as reference,
     with the same minibatches in the same order."""
@@ -285,34 +259,12 @@ def stage_dpo(s: Setup) -> dict:
     with torch.no_grad():  # the reference never changes: its log-probabilities once, up front
         ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + CHUNK], side[i:i + CHUNK])
                                    for i in range(0, n, CHUNK)]) for side in (chosen, rejected))
-    steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
-    kept = keep_steps(steps, cfg["keep_points"])
     results = {}
     for method in DPO_METHODS:
         clear_outputs(s, method)  # also the losses not trained this time: no earlier run's policy stays behind
     for method in dpo_methods(cfg):
-        kind, label = DPO_METHODS[method][0], dpo_label(method, cfg, train)
-        policy = load_policy(s)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["dpo_lr"], weight_decay=0.0)
-        log = []
-        for step, idx in minibatches(n, cfg["dpo_batch"], cfg["dpo_epochs"], s.generator("dpo.order"), prompts.device,
-                                     desc=method):
-            pi_c = sequence_logprobs(s, policy, prompts[idx], chosen[idx])
-            pi_r = sequence_logprobs(s, policy, prompts[idx], rejected[idx])
-            loss = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg["dpo_beta"],
-                            label[idx] if torch.is_tensor(label) else label, kind)
-            step_on(optimizer, loss)
-            margin = cfg["dpo_beta"] * ((pi_c - ref_c[idx]) - (pi_r - ref_r[idx])).detach()
-            log.append({"step": step, "loss": loss.item(), "reward_accuracy": (margin > 0).float().mean().item(),
-                        "margin": margin.mean().item()})
-            if step in kept:
-                save_policy(s, policy, os.path.join(kept_folder(s, method), f"step{step:05d}.pt"), method, record,
-                            step, step)
-        save_policy(s, policy, s.path("model_dict", f"{method}.pt"), method, record, steps, steps)
-        write_json(s.path("generate_text", f"{method}_log.json"), {"run": record, "log": log})
-        print(f"{method}: {steps} steps, last loss {log[-1]['loss']:.3f}, implicit-reward accuracy "
-              f"{log[-1]['reward_accuracy']:.0%}")
-        results[method] = {"steps": steps, "log": log}
+        log = train_dpo(s, method, train, (ref_c, ref_r), record)
+        results[method] = {"steps": len(log), "log": log}
     return results
 
 
@@ -466,10 +418,9 @@ RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)  # each stage's line at once, also in a log file
     with exit_codes():
-        cfg = load_config(sys.argv[1:] if argv is None else argv, "rlhf.py", __doc__,
-                          presets={"quick": default_config.RLHF_QUICK}, hints=HINTS)
+        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf.py", __doc__, HINTS)
         check_pipeline_keys(cfg)
-        s = setup(cfg, MODEL_CLASSES)
+        s = setup(cfg)
         if cfg["rlhf_stage"] == "label":  # by hand, into its own file: no stage of the study runs
             with OutputLock(in_repo(cfg["labels"])):
                 return {"results": {"label": label_pairs(s)}}

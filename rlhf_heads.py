@@ -20,22 +20,22 @@ import sys
 import torch
 import torch.nn as nn
 
-import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import load_checkpoint, load_tensors
 from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
-from dualgpt.head_comparison import attention_divergence, head_weight_change, lb_state, part_masks, transplant
 from dualgpt.heads import head_statistics
-from dualgpt.plots import plot_head_grid, plot_lines, plot_score_against_kl
-from dualgpt.preference import RewardModel, completion_logits, exact_kl
-from dualgpt.rlhf_report import evaluate_policy, kept_curve
-from dualgpt.runconfig import load_config, require
+from dualgpt.runconfig import require
 from dualgpt.runtime import autocast, progress
-from dualgpt.tuning import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
-                            load_policy, load_reward_model, record_in, restrict_training, reward_scores, scores,
-                            output_folders, sequence_logprobs, setup, texts, train_rl)
-from rlhf import MODEL_CLASSES
+from rlhf_lib.head_comparison import (attention_divergence, head_weight_change, lb_state, part_masks,
+                                      transplant)
+from rlhf_lib.plots import plot_head_grid, plot_lines, plot_score_against_kl
+from rlhf_lib.preference import RewardModel, completion_logits, exact_kl
+from rlhf_lib.report import evaluate_policy, kept_curve
+from rlhf_lib.study import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
+                            load_policy, load_reward_model, output_folders, record_in, reward_scores,
+                            rlhf_run_config, scores, sequence_logprobs, setup, texts)
+from rlhf_lib.training import restrict_training, train_rl
 
 METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
 HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of one checkpoint",
@@ -269,12 +269,11 @@ def head_study(s: Setup) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)
     with exit_codes():
-        cfg = load_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__,
-                          presets={"quick": default_config.RLHF_QUICK}, hints=HINTS)
+        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__, HINTS)
         require([(min(cfg["head_batches"], cfg["head_batch_size"], cfg["head_prompts"], cfg["head_pairs"]) >= 1,
                   "head_batches, head_batch_size, head_prompts and head_pairs must be at least 1"),
                  (cfg["head_tuning_steps"] >= 2, "head_tuning_steps must be at least 2 (kept at half and at the end)")])
-        s = setup(cfg, MODEL_CLASSES, data_batch_size=cfg["head_batch_size"])
+        s = setup(cfg, data_batch_size=cfg["head_batch_size"])
         with OutputLock(repo_path("model_dict", s.family)):  # not while rlhf.py writes what the study reads
             remove_dead_temps(*output_folders(s.family))
             return head_study(s)

@@ -1,29 +1,20 @@
 """
-The engine shared by the programs: gpt.py (LB-GPT), gpt_.py (SM-GPT), rlhf.py (the RLHF pipeline) and
-rlhf_heads.py (its head study). The scripts pass their model classes in; nothing here imports them.
+The core engine of gpt.py (LB-GPT) and gpt_.py (SM-GPT). The scripts pass their model classes in;
+nothing here imports them, nor the RLHF layer (rlhf_lib/) built on top. In reading order:
 
-    runconfig.py        config.py + --key=value overrides -> the run config of one program (its own keys)
-    runtime.py          device, dtype, autocast, DDP, Ctrl-C, progress output, matmul peak
-    files.py            atomic writes (a temp file renamed over the target), JSON in and out
+    cli.py              main(): parse the run config, run its mode (each mode's module loaded then)
+    runconfig.py        config.py, a config file and --key=value overrides -> the run config, checked
+    runtime.py          device, dtype, autocast, DDP, Ctrl-C, progress bars, the matmul peak
+    files.py            atomic writes, the output lock, a dead run's temp files, JSON in and out
     data.py             the text, its BPE tokenizer and token cache, batches
-    checkpoint.py       the checkpoint dict (built in one place), save and load (never unpickling code),
-                        the LB-GPT <-> SM-GPT weight mapping and LB-GPT's parameter names
-    compiling.py        torch.compile, and whether it pays on this machine (compile=auto)
-    train.py            the training loop
+    checkpoint.py       the checkpoint dict, save and load (never unpickling code), LB <-> SM weights
+    train.py            the training loop (--mode=train), a Run object carrying its state
     evaluation.py       losses over batches and over a whole split, --mode=eval, --mode=export
-    sampling.py         next-token logits (with SM-GPT's KV cache), top-k/top-p, generate, --mode=sample
-    heads.py            --mode=heads: attention maps, per-head statistics, ablation
+    sampling.py         next-token logits (SM-GPT's KV cache), top-k/top-p, --mode=sample
+    plots.py            matplotlib on a file-only backend, atomic PNGs, the loss curve
+    heads.py            --mode=heads: attention maps, per-head statistics, ablation, their figures
     tokenizer_files.py  byte-level BPE tokenizer files both ways (GPT-2's, the tokenizers library's)
-    hf_gpt2.py          Hugging Face GPT-2 folders both ways: --mode=import, --mode=export --export_format=hf
-    head_comparison.py  two models head by head: weight change, attention divergence, transplants (rlhf_heads.py)
-    plots.py            every figure (matplotlib, imported only when drawing)
-    cli.py              gpt.py's and gpt_.py's main(): one entry point per mode; the exit codes of every program
-    oracles.py          RLHF's programmatic oracles: the oracle score and the held-out judge
-    preference.py       RLHF's math: labels, log-probabilities and KL, the reward model, DPO, RLOO, PPO, best-of-n
-    preference_data.py  preference pairs as text (prompt/chosen/rejected JSON lines): checked, encoded, padded
-    labelling.py        --rlhf_stage=label: pairs labelled by hand in the terminal, one key each
-    tuning.py           what rlhf.py and rlhf_heads.py share: setup, named seeds, policies, files, the RL loop
-    rlhf_report.py      measuring tuned policies, and rlhf.py's report, tables and samples
+    hf_gpt2.py          Hugging Face GPT-2 folders both ways: --mode=import, --export_format=hf
 """
 from __future__ import annotations
 

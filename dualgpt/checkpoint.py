@@ -23,7 +23,6 @@ from dualgpt.files import atomic_open
 from dualgpt.runconfig import model_options, parse_head_mask
 
 REQUIRED = {"model", "best_model", "model_config", "layout", "tokenizer", "iter_num"}
-LAYOUT_NAMES = {"looped": "LB-GPT", "fused": "SM-GPT"}  # what checkpoints written before the models' names called them
 
 
 def log_path(ckpt: str) -> str:
@@ -69,8 +68,13 @@ def load_checkpoint(path: str) -> dict:
     missing = REQUIRED - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
         raise UserError(f"{path} is not a Dual-GPT checkpoint (missing {', '.join(sorted(missing))}); {remedy}")
-    ckpt["layout"] = LAYOUT_NAMES.get(ckpt["layout"], ckpt["layout"])
     return ckpt
+
+
+def layout_of(ckpt: dict) -> str:
+    """The model whose layout a checkpoint's weights are in: "SM-GPT" (one c_attn per layer) or
+    "LB-GPT" (q, k, v per head). Read from the weights, so that checkpoints of every version load."""
+    return "SM-GPT" if any(".attn.c_attn." in name for name in ckpt["best_model"]) else "LB-GPT"
 
 
 # -----------------------------------------------------------------------------------------
@@ -78,40 +82,6 @@ def load_checkpoint(path: str) -> dict:
 # c_attn (every head's query rows, then every head's key rows, then value). The mapping is lossless.
 
 HEAD_KEY = re.compile(r"(.*\.attn\.)heads\.(\d+)\.(query|key|value)\.(weight|bias)$")
-PART = re.compile(r"blocks\.(\d+)\.(?:(mlp)\.|attn\.(?:heads\.|proj\.weight$))")  # what heads and MLPs own
-
-
-def head_parameter(layer: int, head: int, proj: str, kind: str = "weight") -> str:
-    """The name of a head's query, key or value weight (or bias) in LB-GPT's layout."""
-    return f"blocks.{layer}.attn.heads.{head}.{proj}.{kind}"
-
-
-def head_parameters(state: dict, layer: int, head: int) -> list[str]:
-    """Every entry of one head in an LB-GPT state dict (biases only where the model has them)."""
-    names = [head_parameter(layer, head, proj, kind) for proj in ("query", "key", "value") for kind in ("weight", "bias")]
-    return [name for name in names if name in state]
-
-
-def output_projection(layer: int) -> str:
-    """A layer's attention output projection: column block h reads head h's output."""
-    return f"blocks.{layer}.attn.proj.weight"
-
-
-def mlp_parameter(layer: int, part: str) -> str:
-    return f"blocks.{layer}.mlp.{part}.weight"
-
-
-def head_columns(state: dict, head: int) -> slice:
-    """The columns of a layer's output projection that read head `head`'s output."""
-    hs = state[head_parameter(0, 0, "query")].shape[0]
-    return slice(head * hs, (head + 1) * hs)
-
-
-def part_of(name: str) -> tuple[str, int] | None:
-    """("mlp", layer) or ("head", layer) for an entry that an MLP or the heads own; None for the rest
-    (embeddings, LayerNorms, the output projection's bias)."""
-    m = PART.match(name)
-    return (("mlp" if m.group(2) else "head"), int(m.group(1))) if m else None
 
 
 def lb_to_sm(state: dict, n_head: int) -> dict:
@@ -182,7 +152,7 @@ def model_from_checkpoint(model_class: type[nn.Module], ckpt: dict, path: str, d
     """A checkpoint's best-val weights (either layout) in a model of model_class, on device."""
     try:
         model = build_model(model_class, model_class.config_class(**ckpt["model_config"]), head_mask, options)
-        model.load_state_dict(convert_state_dict(ckpt["best_model"], ckpt["layout"], model.layout, model.config.n_head))
+        model.load_state_dict(convert_state_dict(ckpt["best_model"], layout_of(ckpt), model.layout, model.config.n_head))
     except (TypeError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     return model.to(device)

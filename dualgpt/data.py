@@ -12,10 +12,9 @@ import torch
 
 import config as default_config
 from dualgpt import UserError, repo_path
+from dualgpt.files import atomic_open
 from dualgpt.runtime import progress
 from minbpe import RegexTokenizer
-from dualgpt.files import atomic_open
-from dualgpt.tokenizer_files import rust_encoder, rust_threads
 
 
 def sha256_file(path: str) -> str:
@@ -122,12 +121,6 @@ def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
     return None
 
 
-# One thread of the tokenizers library encodes two thirds as fast as minbpe from a cold cache and 0.4x as fast as
-# minbpe from a warm one; two threads come within 6% of the cold cache (generate_text/shipped/bench_tokenizer.md,
-# 2-CPU AMD EPYC). 4 is an extrapolation from the 2 threads measured there; bench.py measures both on yours.
-RUST_ENCODER_MIN_THREADS = 4
-
-
 def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
     """text in ~64 KB pieces cut just before a letter that starts a line, where the GPT-2 and GPT-4 split
     patterns always break, so the pieces' ids, one after another, equal those of one encode() call."""
@@ -141,26 +134,14 @@ def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
     return pieces
 
 
-def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 16,
-                  rust: bool | None = None) -> np.ndarray:
-    """The ids of text, encoded in corpus_pieces by the tokenizers library (Rust, a piece per thread: the same
-    ids, tested on the whole of Tiny Shakespeare) where it is installed and RUST_ENCODER_MIN_THREADS pieces can
-    be encoded at once, else by minbpe, the reference. rust=True or False makes the choice (bench.py)."""
+def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 16) -> np.ndarray:
+    """The ids of text, encoded by minbpe piece by piece (the same ids as one encode() call), so that
+    the progress bar moves."""
     pieces = corpus_pieces(text, block)
-    threads = min(rust_threads(), len(pieces))
-    rust_encode = rust_encoder(tok) if (threads >= RUST_ENCODER_MIN_THREADS if rust is None else rust) else None
-    print(f"encoding {name} ({len(text) / 1e6:.1f} M characters) with "
-          + (f"the tokenizers library, {threads} threads" if rust_encode else "minbpe"))
-    if rust_encode:
-        encode, step = rust_encode, 4 * threads  # 4 pieces per thread at a time: balanced, and the bar moves
-    else:
-        encode, step = (lambda batch: [tok.encode_ordinary(piece) for piece in batch]), 1
+    print(f"encoding {name} ({len(text) / 1e6:.1f} M characters)")
     dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
-    ids = []
-    with progress(total=len(pieces), desc="encoding", unit="piece") as bar:
-        for batch in (pieces[i:i + step] for i in range(0, len(pieces), step)):
-            ids += [np.array(piece_ids, dtype=dtype) for piece_ids in encode(batch)]
-            bar.update(len(batch))
+    ids = [np.array(tok.encode_ordinary(piece), dtype=dtype)
+           for piece in progress(pieces, desc="encoding", unit="piece")]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
 
 

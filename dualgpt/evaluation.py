@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from dualgpt.checkpoint import checkpoint_with_data, convert_state_dict, cpu_copy, make_checkpoint, save_checkpoint
+from dualgpt.checkpoint import (checkpoint_with_data, convert_state_dict, cpu_copy, layout_of,
+                                make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset
 from dualgpt.runtime import autocast, progress
 
@@ -66,9 +67,10 @@ def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     eval_result = {"val_loss": loss, "val_bpb": data.bpb(loss, "val"), "dtype": "float32"}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["export_to"])), exist_ok=True)
     # weights only: its best-val weights, in the layout it was written in, and no optimizer or RNG state
-    weights = convert_state_dict(cpu_copy(model.state_dict()), model.layout, ckpt["layout"], model.config.n_head)
+    layout = layout_of(ckpt)
+    weights = convert_state_dict(cpu_copy(model.state_dict()), model.layout, layout, model.config.n_head)
     save_checkpoint(cfg["export_to"], make_checkpoint(
-        weights, ckpt["model_config"], ckpt["layout"], ckpt["tokenizer"], ckpt["iter_num"], ckpt.get("config", {}),
+        weights, ckpt["model_config"], layout, ckpt["tokenizer"], ckpt["iter_num"], ckpt.get("config", {}),
         best_val_loss=ckpt.get("best_val_loss", math.nan), train_s=ckpt.get("train_s", 0.0), eval=eval_result))
     print(f"exported the best weights of {cfg['ckpt']} (iteration {ckpt['iter_num']}) to {cfg['export_to']}: "
           f"val loss {loss:.4f}, {eval_result['val_bpb']:.4f} bits per byte (float32, whole val split)")

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from dualgpt import repo_path
 from dualgpt.checkpoint import checkpoint_with_data
-from dualgpt.plots import plot_attention, plot_head_heatmap
+from dualgpt.plots import pyplot, save_figure
 from dualgpt.runconfig import parse_head_mask
 from dualgpt.runtime import autocast, progress
 from dualgpt.sampling import read_prompt
@@ -145,3 +145,54 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
         json.dump(report, f, indent=1)
     print("wrote " + ", ".join(files))
     return report
+
+
+# --- the figures of --mode=heads -----------------------------------------------------------------
+
+
+def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, path: str) -> None:
+    """A grid of attention maps: rows are layers, columns heads; weights[layer] is (nh, T, T)."""
+    plt = pyplot()
+    n_layer, n_head, T = len(weights), weights[0].shape[0], weights[0].shape[-1]
+    size = max(2.5, T * 0.14)
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.5, size * n_layer + 1), squeeze=False,
+                             layout="constrained")
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = ax.imshow(weights[layer][head].cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+            ax.set_xticks(range(T))
+            ax.set_yticks(range(T))
+            ax.set_xticklabels(labels, rotation=90, fontsize=5)
+            ax.set_yticklabels(labels, fontsize=5)
+            ax.set_xlabel("attended token (key)", fontsize=7)
+            ax.set_ylabel("query token", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.suptitle(title, fontsize=14)
+    save_figure(fig, path)
+
+
+def draw_head_cells(ax, grid: np.ndarray, fmt: str, fontsize: float, **imshow_options):
+    """A layer x head grid as an image with each value written in its cell; returns the image."""
+    image = ax.imshow(grid, **imshow_options)
+    for (layer, head), value in np.ndenumerate(grid):
+        ax.text(head, layer, fmt.format(value), ha="center", va="center", fontsize=fontsize, color="grey")
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_yticks(range(grid.shape[0]))
+    return image
+
+
+def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str, fmt: str = "{:+.3f}",
+                      cmap: str = "magma") -> None:
+    """One cell per head: values (n_layer, n_head), each written in its cell."""
+    plt = pyplot()
+    n_layer, n_head = values.shape
+    fig, ax = plt.subplots(figsize=(1.2 * n_head + 2.5, 0.9 * n_layer + 1.8))
+    image = draw_head_cells(ax, values.numpy(), fmt, 8, cmap=cmap)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=label)
+    fig.tight_layout()
+    save_figure(fig, path)

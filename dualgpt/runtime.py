@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import sys
 import time
@@ -90,6 +91,20 @@ def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) ->
         if n >= max_n or 2 * n ** 3 / best > 0.005:
             return best
         n *= 2
+
+
+def machine_name(device: str) -> str:
+    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction set
+    torch uses (what every benchmark and report names beside its figures)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:

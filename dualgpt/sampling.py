@@ -38,7 +38,7 @@ class NextTokenLogits:
             logits, _ = self.model(ids[:, -1:], cache=self.cache)
         else:
             self.cache = self.model.new_kv_cache()  # None for LB-GPT: a plain forward pass
-            logits, _ = self.model(ids, cache=self.cache)
+            logits, _ = self.model(ids) if self.cache is None else self.model(ids, cache=self.cache)
         return logits[:, -1, :]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Callable
 
 from dualgpt import UserError
 from dualgpt.files import write_json, write_text
@@ -134,11 +133,10 @@ def model_text(tokenizer: RegexTokenizer) -> str:
             return f.read()
 
 
-def tokenizer_json(tokenizer: RegexTokenizer, special: bool = True) -> dict:
+def tokenizer_json(tokenizer: RegexTokenizer) -> dict:
     """A tokenizer of ours as the `tokenizers` library's tokenizer.json: its split pattern, byte level, its BPE
-    merges in order and (unless special=False: special-token strings then read as ordinary text, as in minbpe's
-    encode_ordinary) its special tokens, with our ids. A tokenizer with two tokens of the same bytes (two merges
-    that spell one string) cannot be written: the file names each token once."""
+    merges in order and its special tokens, with our ids. A tokenizer with two tokens of the same bytes (two
+    merges that spell one string) cannot be written: the file names each token once."""
     seen = {}
     for i, token in tokenizer.vocab.items():
         if seen.setdefault(token, i) != i:
@@ -149,7 +147,7 @@ def tokenizer_json(tokenizer: RegexTokenizer, special: bool = True) -> dict:
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
         "added_tokens": [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True}
-                         for text, i in (tokenizer.special_tokens.items() if special else ())],
+                         for text, i in tokenizer.special_tokens.items()],
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
@@ -169,41 +167,3 @@ def write_tokenizer_files(folder: str, tokenizer: RegexTokenizer) -> None:
     write_json(os.path.join(folder, "tokenizer.json"), spec)
     write_json(os.path.join(folder, "vocab.json"), {**spec["model"]["vocab"], **tokenizer.special_tokens})
     write_text(os.path.join(folder, "merges.txt"), "#version: 0.2\n" + "".join(f"{merge}\n" for merge in spec["model"]["merges"]))
-
-
-CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # a container's cgroup v2 CPU quota: "<quota> <period>" (µs), or "max ..."
-
-
-def rust_threads() -> int:
-    """The threads the tokenizers library encodes a batch with: one where TOKENIZERS_PARALLELISM turns its
-    parallelism off, else RAYON_NUM_THREADS where it is a positive number, else the cores this process may use
-    (its CPU affinity, within a container's cgroup v2 CPU quota such as `docker --cpus`)."""
-    if os.environ.get("TOKENIZERS_PARALLELISM", "true").lower() in ("", "off", "false", "f", "no", "n", "0"):
-        return 1
-    try:
-        if int(os.environ.get("RAYON_NUM_THREADS", "0")) > 0:
-            return int(os.environ["RAYON_NUM_THREADS"])
-    except ValueError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        with open(CGROUP_CPU_MAX) as f:
-            quota, period = f.read().split()[:2]
-        return cores if quota == "max" else max(1, min(cores, int(quota) // int(period)))
-    except (OSError, ValueError, ZeroDivisionError):
-        return cores
-
-
-def rust_encoder(tokenizer: RegexTokenizer) -> Callable[[list[str]], list[list[int]]] | None:
-    """The tokenizers library's encoder of our tokenizer, for pieces of a corpus (in parallel, in Rust): the ids
-    of encode_ordinary (tested on the whole of Tiny Shakespeare). None without the library, or for a tokenizer
-    its files cannot hold."""
-    try:
-        from tokenizers import Tokenizer
-        spec = tokenizer_json(tokenizer, special=False)
-    except (ImportError, UserError):
-        return None
-    rust = Tokenizer.from_str(json.dumps(spec))
-    # encode_batch_fast (newer releases) leaves out the character offsets, which a corpus does not need
-    encode_batch = getattr(rust, "encode_batch_fast", rust.encode_batch)
-    return lambda pieces: [encoding.ids for encoding in encode_batch(pieces, add_special_tokens=False)]

@@ -17,11 +17,10 @@ import torch
 import torch.nn as nn
 
 from dualgpt import TrainingDiverged, UserError, WriteFailed
-from dualgpt.checkpoint import build_model, cpu_copy, load_checkpoint, log_path, make_checkpoint, save_checkpoint
-from dualgpt.compiling import compile_model, load_timing, should_compile, timing_key
+from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoint, log_path,
+                                make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.evaluation import estimate_loss
-from dualgpt.plots import plot_losses
 from dualgpt.runconfig import model_config, model_options, parse_head_mask
 from dualgpt.runtime import Distributed, StopRequest, autocast, matmul_peak, training_bar
 
@@ -30,11 +29,11 @@ from dualgpt.runtime import Distributed, StopRequest, autocast, matmul_peak, tra
 class TrainState:
     """Where a run is: what a checkpoint stores besides weights, optimizer and RNG states."""
     iter_num: int = 0
-    train_s: float = 0.0  # seconds spent in training steps and compiling (not in evaluation): the budget's clock
+    train_s: float = 0.0  # seconds of training steps and compiling: the time budget's clock
     compile_s: float = 0.0  # of which compiling: the learning-rate schedule's clock leaves it out
     best_val: float = math.inf
     best_state: dict | None = None  # the weights of the best val loss so far, on the CPU
-    next_eval_s: float = 0.0  # with a time budget: the training time at which the next evaluation is due
+    next_eval_s: float = 0.0  # with a time budget: the training time of the next evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +58,8 @@ class Limits:
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
     """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows the run's
-    progress: the fraction of decay_iters steps done, or of the time budget budget_s (the clock), whichever
-    is further along (0 = not in force), so it ends fully decayed at whichever limit ends the run."""
+    progress: the fraction of decay_iters steps done, or of the time budget budget_s, whichever is
+    further along (0 = not in force), so it ends fully decayed at whichever limit ends the run."""
     learning_rate: float
     min_lr: float
     warmup_iters: int
@@ -70,155 +69,17 @@ class LRSchedule:
     def __call__(self, it: int, train_s: float = 0.0) -> float:
         if it < self.warmup_iters:
             return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
-        progress = max((it - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters) if self.decay_iters else 0,
+        steps = max(1, self.decay_iters - self.warmup_iters)
+        progress = max((it - self.warmup_iters) / steps if self.decay_iters else 0,
                        train_s / self.budget_s if self.budget_s else 0)
         if progress >= 1:
             return self.min_lr
-        return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.learning_rate - self.min_lr)
-
-
-def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
-    """Micro-batches per optimizer step on each process: grad_accum_steps shared out across the processes,
-    or one each when there are more processes than grad_accum_steps (a step then holds world batches)."""
-    if grad_accum_steps < world:
-        return 1
-    if grad_accum_steps % world:
-        raise UserError(f"grad_accum_steps={grad_accum_steps} cannot be split across {world} processes; "
-                        f"use a multiple of {world} (each process runs grad_accum_steps / {world} micro-steps)")
-    return grad_accum_steps // world
-
-
-def flops_per_token(model: nn.Module) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied head
-    does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd * block_size."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
-    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
-
-
-def make_optimizer(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                   device: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and LayerNorm weights)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
-
-
-def check_previous_run(path: str, layout: str, model_config_values: dict, resume: bool, overwrite: bool,
-                       ddp: Distributed) -> dict | None:
-    """The checkpoint to resume, or None for a fresh run (which never silently replaces one)."""
-    if resume:
-        ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt:
-            raise UserError(f"{path} holds weights only (no optimizer state), so it cannot be resumed; sample, eval "
-                            f"or study heads with it, or train a new model with --ckpt=ANOTHER_PATH")
-        if ckpt["layout"] != layout:
-            raise UserError(f"{path} was written with {ckpt['layout']} attention; resume it with that script "
-                            f"(sample and eval work from either)")
-        for key, value in ckpt["model_config"].items():
-            if model_config_values[key] != value:
-                raise UserError(f"{path} was trained with {key}={value}, but the config says "
-                                f"{model_config_values[key]}; pass --{key}={value} to resume it")
-        return ckpt
-    if os.path.exists(path):
-        if not overwrite:
-            raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite to start over "
-                            f"(the old one is kept as {os.path.basename(path)}.bak)")
-        ddp.barrier()  # every rank has seen the old checkpoint before rank 0 moves it
-        if ddp.master:
-            for old in (path, log_path(path)):
-                if os.path.exists(old):
-                    os.replace(old, old + ".bak")
-    return None
-
-
-def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer, batch_gen: torch.Generator,
-            ddp: Distributed, device: str, seed: int, eval_every_s: float) -> TrainState:
-    """Weights, optimizer and RNG streams of a checkpoint, so the run continues exactly where it stopped."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    batch_gen.set_state(ckpt["rng_batches"])
-    if len(ckpt["rng_cpu"]) == ddp.world:  # exact resume needs the same number of processes
-        torch.set_rng_state(ckpt["rng_cpu"][ddp.rank])
-        if device.startswith("cuda") and ckpt.get("rng_cuda"):
-            torch.cuda.set_rng_state(ckpt["rng_cuda"][ddp.rank])
-    else:
-        torch.manual_seed(seed + ddp.rank + ckpt["iter_num"])
-    state = TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt.get("compile_s", 0.0), ckpt["best_val_loss"],
-                       ckpt["best_model"])
-    state.next_eval_s = next_evaluation(state.train_s, eval_every_s)
-    return state
-
-
-def next_evaluation(train_s: float, eval_every_s: float) -> float:
-    """With a time budget, evaluations fall on multiples of eval_every_s: the next one after train_s."""
-    return (math.floor(train_s / eval_every_s) + 1) * eval_every_s if eval_every_s else 0.0
-
-
-def evaluate(model: nn.Module, data: Dataset, state: TrainState, eval_iters: int, seed: int, device: str,
-             dtype: str, ddp: Distributed, eval_every_s: float) -> dict[str, float]:
-    """Train and val loss over fixed batches, averaged across processes; keeps the best val weights and
-    schedules the next evaluation of a time budget."""
-    losses = {k: ddp.mean(v, device) for k, v in estimate_loss(model, data, eval_iters, seed, device, dtype).items()}
-    if not all(math.isfinite(v) for v in losses.values()):
-        raise TrainingDiverged(f"loss is {losses['train']} at iteration {state.iter_num}")
-    if losses["val"] < state.best_val:
-        state.best_val = losses["val"]
-        state.best_state = cpu_copy(model.state_dict())
-    state.next_eval_s = next_evaluation(state.train_s, eval_every_s)
-    return losses
-
-
-def save(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, batch_gen: torch.Generator,
-         data: Dataset, run_config: dict, ddp: Distributed, device: str) -> None:
-    """Write the checkpoint (rank 0), with every rank's RNG state for an exact resume."""
-    rng_cpu = ddp.gather(torch.get_rng_state())  # every rank's dropout stream
-    rng_cuda = ddp.gather(torch.cuda.get_rng_state()) if device.startswith("cuda") else []
-    if not ddp.master:
-        return
-    save_checkpoint(path, make_checkpoint(
-        model.state_dict(), dataclasses.asdict(model.config), model.layout, data.tokenizer_text, state.iter_num,
-        run_config, best_weights=state.best_state, best_val_loss=state.best_val, optimizer=optimizer.state_dict(),
-        train_s=state.train_s, compile_s=state.compile_s, rng_cpu=rng_cpu, rng_cuda=rng_cuda,
-        rng_batches=batch_gen.get_state()))
-
-
-def optimizer_step(train_model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   data: Dataset, batch_gen: torch.Generator, micro_steps: int, grad_clip: float, device: str,
-                   dtype: str, ddp: Distributed) -> torch.Tensor:
-    """Accumulate gradients over micro_steps batches, clip, step; returns the last micro-batch's loss."""
-    for micro in range(micro_steps):
-        x, y = data.batch("train", batch_gen)
-        # all-reduce gradients only on the last micro-step
-        sync = nullcontext() if not ddp.active or micro == micro_steps - 1 else train_model.no_sync()
-        with sync, autocast(device, dtype):
-            _, loss = train_model(x, y)
-        with sync:
-            scaler.scale(loss / micro_steps).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) -> Dataset:
-    """The dataset; rank 0 goes first, since it may train the tokenizer and write the token cache."""
-    if not ddp.master:
-        ddp.barrier()
-    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
-    data = Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"], vocab_size=cfg["vocab_size"],
-                   tokenizer_text=tokenizer_text, rank=ddp.rank, world=ddp.world)
-    if ddp.master:
-        ddp.barrier()
-    return data
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+        return self.min_lr + cosine * (self.learning_rate - self.min_lr)
 
 
 class Meter:
-    """Tokens per second and MFU of the training steps since the last log point. MFU never exceeds 100%: a
+    """Tokens per second and MFU of the training steps since the last read. MFU never exceeds 100%: a
     faster rate than the measured matmul peak raises the peak (the machine can evidently do that)."""
 
     def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
@@ -237,144 +98,366 @@ class Meter:
         return self.tokens_per_s, flops_per_s / self.peak
 
 
+@dataclasses.dataclass
+class Run:
+    """One training run: its settings, the objects it trains with, and where it is (state)."""
+    cfg: dict
+    ddp: Distributed
+    data: Dataset
+    model: nn.Module  # what is evaluated and saved
+    train_model: nn.Module  # what the steps run: the model, compiled and wrapped for DDP where asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batch_gen: torch.Generator  # the batch stream, shared by every rank
+    limits: Limits
+    schedule: LRSchedule
+    meter: Meter
+    state: TrainState
+    micro_steps: int  # micro-batches per optimizer step on this process
+    resumed_at: int | None  # the step the resumed checkpoint already evaluated
+    lr: float = 0.0
+    t_start: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def device(self) -> str:
+        return self.cfg["device"]
+
+    @property
+    def dtype(self) -> str:
+        return self.cfg["dtype"]
+
+    @property
+    def timed(self) -> bool:
+        """Whether a time budget is in force (the bar and the evaluations then follow the clock)."""
+        return bool(self.limits.budget_s)
+
+    @property
+    def eval_every_s(self) -> float:
+        return self.limits.budget_s / self.cfg["eval_points"]
+
+
 def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = None) -> None:
     """--mode=train: train a model of model_class as cfg says, checkpointing to cfg["ckpt"]."""
-    ddp = ddp or Distributed()
-    device, dtype, path, log_file = cfg["device"], cfg["dtype"], cfg["ckpt"], log_path(cfg["ckpt"])
-    micro_steps = micro_steps_per_process(cfg["grad_accum_steps"], ddp.world)
-    config = model_config(cfg, model_class.config_class)
-    resume_ckpt = check_previous_run(path, model_class.layout, dataclasses.asdict(config), cfg["resume"],
-                                     cfg["overwrite"], ddp)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    # setup: data, then model and optimizer; every rank starts from the same weights
-    data = load_training_data(cfg, resume_ckpt and resume_ckpt["tokenizer"], ddp)
-    torch.manual_seed(cfg["seed"])
-    model = build_model(model_class, config, parse_head_mask(cfg["head_mask"]), model_options(cfg, model_class))
-    model.to(device)
-    optimizer = make_optimizer(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device)
-    torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
-    batch_gen = torch.Generator().manual_seed(cfg["seed"])  # shared: every rank draws the global batch
-    limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
-    eval_every_s = limits.budget_s / cfg["eval_points"]  # with a time budget; else every eval_interval steps
-    # restore: continue exactly where a checkpoint stopped
-    state = TrainState()
-    if resume_ckpt is not None:
-        state = restore(resume_ckpt, model, optimizer, batch_gen, ddp, device, cfg["seed"], eval_every_s)
-        ddp.print(f"resuming {path} at iteration {state.iter_num}")
-    resumed_at = state.iter_num if resume_ckpt is not None else None  # that checkpoint already holds this evaluation
-
-    tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
-    meter = Meter(tokens_per_step, flops_per_token(model) * tokens_per_step, matmul_peak(device, dtype) * ddp.world)
-    ddp.print(describe_run(cfg["script"], model, device, dtype, meter.peak, data, tokens_per_step, cfg["batch_size"],
-                           cfg["grad_accum_steps"], micro_steps, ddp.world, cfg["block_size"], limits))
-    train_model = model
-    timing = load_timing(timing_key(model, device, dtype, cfg["batch_size"]))
-    compiling, reason = should_compile(cfg["compile"], limits.budget_s, limits.max_iters, timing)
-    if reason:
-        ddp.print(reason)
-    if compiling:
-        t_compile = time.perf_counter()
-        ddp.print("compiling the model (torch.compile; the time counts against the budget)")
-        train_model = compile_model(model, cfg["batch_size"], cfg["block_size"], device, dtype)
-        compile_s = time.perf_counter() - t_compile
-        state.compile_s += compile_s
-        state.train_s += compile_s
-    if ddp.active:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None)
-    scaler = torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda"))
-    # the schedule's clock counts training steps only: compiling counts against the budget but does not age the
-    # learning rate (else a 60 s compile in a 3-minute budget starts the cosine a third of the way down)
-    schedule = LRSchedule(cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"] or
-                          cfg["max_iters"], max(limits.budget_s - state.compile_s, 1e-9) if limits.budget_s else 0.0)
-    lr, t_start = schedule(state.iter_num, state.train_s - state.compile_s), time.time()
-    timed = bool(limits.budget_s)  # the bar counts seconds of the budget, else steps
-    bar = training_bar(limits.budget_s if timed else limits.max_iters, state.train_s if timed else state.iter_num,
-                       timed, disable=not ddp.master)
+    run = start(model_class, cfg, ddp or Distributed())
+    state, done, stopping = run.state, False, False
+    bar = training_bar(run.limits.budget_s if run.timed else run.limits.max_iters,
+                       state.train_s if run.timed else state.iter_num, run.timed,
+                       disable=not run.ddp.master)
     try:
         with StopRequest() as stop:
             while True:
                 # stop at a limit, or after Ctrl-C: every rank at the same step
-                done, stopping = ddp.agree(limits.reached(state), stop.requested, device=device)
+                done, stopping = run.ddp.agree(run.limits.reached(state), stop.requested,
+                                               device=run.device)
                 # evaluate on schedule and at the end, then checkpoint what was evaluated
-                due = state.train_s >= state.next_eval_s if timed else state.iter_num % cfg["eval_interval"] == 0
-                if (due or done) and state.iter_num != resumed_at:
-                    losses = evaluate(model, data, state, cfg["eval_iters"], cfg["seed"], device, dtype, ddp, eval_every_s)
-                    log(ddp, log_file, {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                        "train_bpb": data.bpb(losses["train"], "train"),
-                                        "val_bpb": data.bpb(losses["val"], "val"), "lr": lr,
-                                        "tokens_per_s": meter.tokens_per_s}, state, t_start)
-                    ddp.print(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss {losses['train']:.4f} "
-                              f"({data.bpb(losses['train'], 'train'):.3f} bpb), val loss {losses['val']:.4f} "
-                              f"({data.bpb(losses['val'], 'val'):.3f} bpb)")
-                    save(path, model, optimizer, state, batch_gen, data, cfg, ddp, device)
+                due = (state.train_s >= state.next_eval_s if run.timed
+                       else state.iter_num % cfg["eval_interval"] == 0)
+                if (due or done) and state.iter_num != run.resumed_at:
+                    evaluate(run)
+                    save(run)
                 elif stopping:  # Ctrl-C between evaluations: keep where it stopped
-                    save(path, model, optimizer, state, batch_gen, data, cfg, ddp, device)
+                    save(run)
                 if done or stopping:
                     break
-                # one optimizer step at the scheduled learning rate
-                t_step = time.perf_counter()
-                lr = schedule(state.iter_num, state.train_s - state.compile_s)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = optimizer_step(train_model, optimizer, scaler, data, batch_gen, micro_steps, cfg["grad_clip"],
-                                      device, dtype, ddp)
-                state.iter_num += 1
-                logging = state.iter_num % cfg["log_interval"] == 0
-                if logging:  # reading the loss waits for the device, so only at log points
-                    loss_value = ddp.mean(loss.item(), device)
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(f"loss is {loss_value} at iteration {state.iter_num}")
-                step_s = time.perf_counter() - t_step
-                state.train_s += step_s
-                meter.add(step_s)
-                bar.update(min(step_s, max(0.0, bar.total - bar.n)) if timed else 1)
-                if logging:
-                    tokens_per_s, mfu = meter.read()
-                    log(ddp, log_file, {"iter": state.iter_num, "loss": loss_value, "bpb": data.bpb(loss_value, "train"),
-                                        "lr": lr, "tokens_per_s": tokens_per_s, "mfu": mfu}, state, t_start)
-                    bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.0%}")
+                training_step(run, bar)
     except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e}; stopped without saving, the last good checkpoint {path} is kept "
-                               f"(try a lower --learning_rate)") from None
+        raise TrainingDiverged(f"{e}; stopped without saving, the last good checkpoint "
+                               f"{cfg['ckpt']} is kept (try a lower --learning_rate)") from None
     finally:
         bar.close()
-    finish(path, state, data, ddp, plot=done, interrupted=stopping)
+    finish(run, plot=done, interrupted=stopping)
 
 
-def describe_run(script: str, model: nn.Module, device: str, dtype: str, peak: float, data: Dataset,
-                 tokens_per_step: int, batch_size: int, grad_accum_steps: int, micro_steps: int, world: int,
-                 block_size: int, limits: Limits) -> str:
-    """The start-up line: model size, device, data, how many tokens a step holds (and of what), and when
-    training stops."""
-    note = ""
-    if grad_accum_steps < world:
-        note = (f"; grad_accum_steps={grad_accum_steps} is fewer than the {world} processes, so each runs one "
-                f"micro-batch per step")
-    return (f"{script}.py: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {device} {dtype} "
-            f"(matmul peak {peak / 1e9:,.0f} GFLOP/s), {len(data.splits['train']):,} train / "
-            f"{len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step (batch_size {batch_size} x "
-            f"grad_accum_steps {micro_steps} x {world} processes x block_size {block_size}{note}); {limits.describe()}")
+def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
+    """Everything a run trains with: the data, the model and optimizer, restored from the checkpoint
+    when resuming, compiled and wrapped for DDP where asked."""
+    device, dtype = cfg["device"], cfg["dtype"]
+    micro_steps = micro_steps_per_process(cfg["grad_accum_steps"], ddp.world)
+    config = model_config(cfg, model_class.config_class)
+    previous = check_previous_run(cfg, model_class.layout, dataclasses.asdict(config), ddp)
+    data = load_training_data(cfg, previous and previous["tokenizer"], ddp)
+    torch.manual_seed(cfg["seed"])  # every rank starts from the same weights
+    model = build_model(model_class, config, parse_head_mask(cfg["head_mask"]),
+                        model_options(cfg, model_class)).to(device)
+    optimizer = make_optimizer(model, cfg["weight_decay"], cfg["learning_rate"],
+                               (cfg["beta1"], cfg["beta2"]), device)
+    torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
+    batch_gen = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
+    limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
+    tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
+    meter = Meter(tokens_per_step, flops_per_token(model) * tokens_per_step,
+                  matmul_peak(device, dtype) * ddp.world)
+    run = Run(cfg, ddp, data, model, model, optimizer,
+              torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
+              batch_gen, limits, LRSchedule(0, 0, 0, 0), meter, TrainState(), micro_steps, None)
+    if previous is not None:  # continue exactly where the checkpoint stopped
+        restore(run, previous)
+        ddp.print(f"resuming {cfg['ckpt']} at iteration {run.state.iter_num}")
+    ddp.print(describe(run))
+    if cfg["compile"]:
+        t_compile = time.perf_counter()
+        ddp.print("compiling the model (torch.compile; the time counts against the budget)")
+        run.train_model = compile_model(model, cfg["batch_size"], cfg["block_size"], device, dtype)
+        compile_s = time.perf_counter() - t_compile
+        run.state.compile_s += compile_s
+        run.state.train_s += compile_s
+    if ddp.active:
+        run.train_model = nn.parallel.DistributedDataParallel(
+            run.train_model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None)
+    # the schedule's clock counts training steps only: compiling counts against the budget but
+    # does not age the learning rate (else a 60 s compile in a 3-minute budget starts the cosine
+    # a third of the way down)
+    budget_s = max(limits.budget_s - run.state.compile_s, 1e-9) if limits.budget_s else 0.0
+    run.schedule = LRSchedule(cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"],
+                              cfg["lr_decay_iters"] or cfg["max_iters"], budget_s)
+    run.lr = run.schedule(run.state.iter_num, run.state.train_s - run.state.compile_s)
+    return run
 
 
-def log(ddp: Distributed, log_file: str, record: dict, state: TrainState, t_start: float) -> None:
-    """Append a record to the JSON-lines log (rank 0), with the training and wall-clock seconds so far."""
+def training_step(run: Run, bar) -> None:
+    """One optimizer step at the scheduled learning rate; at log points, read and log the loss."""
+    state, cfg = run.state, run.cfg
+    t_step = time.perf_counter()
+    run.lr = run.schedule(state.iter_num, state.train_s - state.compile_s)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    loss = optimizer_step(run)
+    state.iter_num += 1
+    logging = state.iter_num % cfg["log_interval"] == 0
+    if logging:  # reading the loss waits for the device, so only at log points
+        loss_value = run.ddp.mean(loss.item(), run.device)
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss is {loss_value} at iteration {state.iter_num}")
+    step_s = time.perf_counter() - t_step
+    state.train_s += step_s
+    run.meter.add(step_s)
+    bar.update(min(step_s, max(0.0, bar.total - bar.n)) if run.timed else 1)
+    if logging:
+        tokens_per_s, mfu = run.meter.read()
+        log(run, {"iter": state.iter_num, "loss": loss_value, "bpb": run.data.bpb(loss_value, "train"),
+                  "lr": run.lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+        bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{run.lr:.2e}",
+                        tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.0%}")
+
+
+def optimizer_step(run: Run) -> torch.Tensor:
+    """Accumulate gradients over the micro-batches, clip, step; returns the last micro-batch's loss."""
+    model, ddp = run.train_model, run.ddp
+    for micro in range(run.micro_steps):
+        x, y = run.data.batch("train", run.batch_gen)
+        # all-reduce gradients only on the last micro-step
+        last = micro == run.micro_steps - 1
+        sync = nullcontext() if not ddp.active or last else model.no_sync()
+        with sync, autocast(run.device, run.dtype):
+            _, loss = model(x, y)
+        with sync:
+            run.scaler.scale(loss / run.micro_steps).backward()
+    if run.cfg["grad_clip"] > 0:
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg["grad_clip"])
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def evaluate(run: Run) -> None:
+    """Train and val loss over fixed batches, averaged across processes: logged, printed, the best
+    val weights kept, and the next evaluation of a time budget scheduled."""
+    state, data = run.state, run.data
+    losses = estimate_loss(run.model, data, run.cfg["eval_iters"], run.cfg["seed"], run.device,
+                           run.dtype)
+    losses = {k: run.ddp.mean(v, run.device) for k, v in losses.items()}
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise TrainingDiverged(f"loss is {losses['train']} at iteration {state.iter_num}")
+    if losses["val"] < state.best_val:
+        state.best_val = losses["val"]
+        state.best_state = cpu_copy(run.model.state_dict())
+    state.next_eval_s = next_evaluation(state.train_s, run.eval_every_s if run.timed else 0.0)
+    bpb = {split: data.bpb(loss, split) for split, loss in losses.items()}
+    log(run, {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+              "train_bpb": bpb["train"], "val_bpb": bpb["val"], "lr": run.lr,
+              "tokens_per_s": run.meter.tokens_per_s})
+    run.ddp.print(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss "
+                  f"{losses['train']:.4f} ({bpb['train']:.3f} bpb), val loss {losses['val']:.4f} "
+                  f"({bpb['val']:.3f} bpb)")
+
+
+def next_evaluation(train_s: float, eval_every_s: float) -> float:
+    """With a time budget, evaluations fall on multiples of eval_every_s: the next one after train_s."""
+    return (math.floor(train_s / eval_every_s) + 1) * eval_every_s if eval_every_s else 0.0
+
+
+def save(run: Run) -> None:
+    """Write the checkpoint (rank 0), with every rank's RNG state for an exact resume."""
+    rng_cpu = run.ddp.gather(torch.get_rng_state())  # every rank's dropout stream
+    on_cuda = run.device.startswith("cuda")
+    rng_cuda = run.ddp.gather(torch.cuda.get_rng_state()) if on_cuda else []
+    if not run.ddp.master:
+        return
+    state, model = run.state, run.model
+    save_checkpoint(run.cfg["ckpt"], make_checkpoint(
+        model.state_dict(), dataclasses.asdict(model.config), model.layout, run.data.tokenizer_text,
+        state.iter_num, run.cfg, best_weights=state.best_state, best_val_loss=state.best_val,
+        optimizer=run.optimizer.state_dict(), train_s=state.train_s, compile_s=state.compile_s,
+        rng_cpu=rng_cpu, rng_cuda=rng_cuda, rng_batches=run.batch_gen.get_state()))
+
+
+def check_previous_run(cfg: dict, layout: str, model_config_values: dict,
+                       ddp: Distributed) -> dict | None:
+    """The checkpoint to resume, or None for a fresh run (which never silently replaces one)."""
+    path = cfg["ckpt"]
+    if cfg["resume"]:
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path} holds weights only (no optimizer state), so it cannot be resumed; "
+                            f"sample, eval or study heads with it, or train a new model with "
+                            f"--ckpt=ANOTHER_PATH")
+        if layout_of(ckpt) != layout:
+            raise UserError(f"{path} was written with {layout_of(ckpt)} attention; resume it with that "
+                            f"script (sample and eval work from either)")
+        for key, value in ckpt["model_config"].items():
+            if model_config_values[key] != value:
+                raise UserError(f"{path} was trained with {key}={value}, but the config says "
+                                f"{model_config_values[key]}; pass --{key}={value} to resume it")
+        return ckpt
+    if os.path.exists(path):
+        if not cfg["overwrite"]:
+            raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite to "
+                            f"start over (the old one is kept as {os.path.basename(path)}.bak)")
+        ddp.barrier()  # every rank has seen the old checkpoint before rank 0 moves it
+        if ddp.master:
+            for old in (path, log_path(path)):
+                if os.path.exists(old):
+                    os.replace(old, old + ".bak")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return None
+
+
+def restore(run: Run, ckpt: dict) -> None:
+    """Weights, optimizer and RNG streams of a checkpoint, so the run continues exactly where it
+    stopped."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.batch_gen.set_state(ckpt["rng_batches"])
+    ddp = run.ddp
+    if len(ckpt["rng_cpu"]) == ddp.world:  # exact resume needs the same number of processes
+        torch.set_rng_state(ckpt["rng_cpu"][ddp.rank])
+        if run.device.startswith("cuda") and ckpt.get("rng_cuda"):
+            torch.cuda.set_rng_state(ckpt["rng_cuda"][ddp.rank])
+    else:
+        torch.manual_seed(run.cfg["seed"] + ddp.rank + ckpt["iter_num"])
+    run.state = TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt.get("compile_s", 0.0),
+                           ckpt["best_val_loss"], ckpt["best_model"])
+    run.state.next_eval_s = next_evaluation(run.state.train_s, run.eval_every_s if run.timed else 0.0)
+    run.resumed_at = run.state.iter_num  # that checkpoint already holds this step's evaluation
+
+
+def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) -> Dataset:
+    """The dataset; rank 0 goes first, since it may train the tokenizer and write the token cache."""
+    if not ddp.master:
+        ddp.barrier()
+    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
+    data = Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"],
+                   vocab_size=cfg["vocab_size"], tokenizer_text=tokenizer_text, rank=ddp.rank,
+                   world=ddp.world)
     if ddp.master:
-        try:
-            with open(log_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(record, train_s=state.train_s, elapsed_s=time.time() - t_start)) + "\n")
-        except OSError as e:
-            raise WriteFailed(f"could not append to {log_file} ({e.__class__.__name__}: {e.strerror}); the run "
-                              f"stopped: free some disk space or fix the folder's permissions, then --resume") from None
+        ddp.barrier()
+    return data
 
 
-def finish(path: str, state: TrainState, data: Dataset, ddp: Distributed, plot: bool, interrupted: bool) -> None:
+def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
+    """Micro-batches per optimizer step on each process: grad_accum_steps shared out across the
+    processes, or one each when there are more processes (a step then holds world batches)."""
+    if grad_accum_steps < world:
+        return 1
+    if grad_accum_steps % world:
+        raise UserError(f"grad_accum_steps={grad_accum_steps} cannot be split across {world} "
+                        f"processes; use a multiple of {world} (each process runs grad_accum_steps / "
+                        f"{world} micro-steps)")
+    return grad_accum_steps // world
+
+
+def flops_per_token(model: nn.Module) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied head
+    does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd * block_size."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def make_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
+                   betas: tuple[float, float], device: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and LayerNorm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
+
+
+def compile_model(model: nn.Module, batch_size: int, block_size: int, device: str,
+                  dtype: str) -> nn.Module:
+    """torch.compile the model and compile it now, on a dummy batch with the RNG state put back (so a
+    resumed run stays exact); if compiling fails (no C++ compiler, say) train without it."""
+    compiled = torch.compile(model)
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state() if device.startswith("cuda") else None
+    try:
+        # two distinct contiguous tensors, as training's batches: an aliased or strided pair fails
+        # dynamo's guards and compiles everything again at the first step
+        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
+        with autocast(device, dtype):
+            loss = compiled(x, y)[1]
+        loss.backward()
+        return compiled
+    except Exception as e:  # any compiler failure: eager training still works
+        print(f"note: torch.compile failed ({e.__class__.__name__}: "
+              f"{str(e).splitlines()[0][:100]}); training without it (--compile=false skips it)")
+        return model
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1])
+
+
+def describe(run: Run) -> str:
+    """The start-up line: model size, device, data, the tokens of a step, when training stops."""
+    cfg, ddp, splits = run.cfg, run.ddp, run.data.splits
+    note = ""
+    if cfg["grad_accum_steps"] < ddp.world:
+        note = (f"; grad_accum_steps={cfg['grad_accum_steps']} is fewer than the {ddp.world} "
+                f"processes, so each runs one micro-batch per step")
+    n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
+    return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {run.device} {run.dtype} (matmul peak "
+            f"{run.meter.peak / 1e9:,.0f} GFLOP/s), {len(splits['train']):,} train / "
+            f"{len(splits['val']):,} val tokens, {run.meter.tokens_per_step:,} tokens per step "
+            f"(batch_size {cfg['batch_size']} x grad_accum_steps {run.micro_steps} x {ddp.world} "
+            f"processes x block_size {cfg['block_size']}{note}); {run.limits.describe()}")
+
+
+def log(run: Run, record: dict) -> None:
+    """Append a record to the JSON-lines log (rank 0), with the training and wall-clock seconds."""
+    if not run.ddp.master:
+        return
+    path = log_path(run.cfg["ckpt"])
+    line = dict(record, train_s=run.state.train_s, elapsed_s=time.time() - run.t_start)
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as e:
+        raise WriteFailed(f"could not append to {path} ({e.__class__.__name__}: {e.strerror}); the "
+                          f"run stopped: free some disk space or fix the folder's permissions, then "
+                          f"--resume") from None
+
+
+def finish(run: Run, plot: bool, interrupted: bool) -> None:
     """Report where the run ended; draw the loss curve at the end of a run; exit 130 after Ctrl-C."""
-    ddp.print(f"saved {path} at iteration {state.iter_num} after {state.train_s / 60:.1f} min of training (best val "
-              f"loss {state.best_val:.4f}, {data.bpb(state.best_val, 'val'):.3f} bpb); log: {log_path(path)}")
+    path, state, ddp = run.cfg["ckpt"], run.state, run.ddp
+    ddp.print(f"saved {path} at iteration {state.iter_num} after {state.train_s / 60:.1f} min of "
+              f"training (best val loss {state.best_val:.4f}, "
+              f"{run.data.bpb(state.best_val, 'val'):.3f} bpb); log: {log_path(path)}")
     if ddp.master and plot:
+        from dualgpt.plots import plot_losses  # matplotlib only when drawing
         plot_path = os.path.splitext(path)[0] + ".loss.png"
         plot_losses(log_path(path), plot_path, f"{os.path.basename(path)}: bits per byte")
         ddp.print(f"loss curve: {plot_path}")

@@ -25,8 +25,9 @@ class RegexTokenizer(Tokenizer):
     def _split(self, text: str) -> list[str]:
         return self.compiled_pattern.findall(text)
 
-    def train(self, text: str, vocab_size: int, verbose: bool = False) -> None:
-        self._train_chunks(self._split(text), vocab_size, verbose)
+    def train(self, text: str, vocab_size: int, verbose: bool = False, classic: bool = False) -> None:
+        """Learn vocab_size - 256 merges from text; classic=True runs the readable classic loop."""
+        self._train_chunks(self._split(text), vocab_size, verbose, classic)
 
     def encode(self, text: str, allowed_special: str | set = "none_raise") -> list[int]:
         """Encode text. allowed_special: "all", "none" (specials are plain text),

@@ -16,11 +16,12 @@ import gpt  # noqa: E402
 import gpt_  # noqa: E402
 from dualgpt.cli import main  # noqa: E402
 from dualgpt.data import Dataset, resolve_data  # noqa: E402
-from dualgpt.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
+from rlhf_lib.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
          "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
-CODE = ["gpt.py", "gpt_.py", "rlhf.py", "rlhf_heads.py", "config.py", "dualgpt", "minbpe"]  # what a user's clone runs
+CODE = ["gpt.py", "gpt_.py", "rlhf.py", "rlhf_heads.py", "config.py", "rlhf_config.py", "config", "dualgpt", "minbpe",
+        "rlhf_lib"]  # what a user's clone runs
 
 
 def make_corpus(n_lines: int, seed: int = 0) -> str:

@@ -10,9 +10,11 @@ from conftest import ROOT, copy_code, run_main
 
 import config
 import rlhf
+import rlhf_config
 import rlhf_heads
 from dualgpt import UserError, runtime
-from dualgpt.runconfig import CHOICES, defaults, load_config, readers, script_config
+from dualgpt.runconfig import CHOICES, defaults, load_config, script_config
+from rlhf_lib.study import CORE_KEYS, SHARED_KEYS, rlhf_run_config, setup
 
 
 def test_config_overrides_are_typed():
@@ -28,15 +30,32 @@ def test_config_overrides_are_typed():
 
 
 def test_a_flag_preset_applies_only_when_set_and_never_over_a_typed_key():
-    preset = config.RLHF_QUICK
+    preset = rlhf_config.QUICK
     assert {"rl_steps", "n_pairs"} <= preset.keys()
-    plain = load_config(["--device=cpu", "--rl_steps=7"], "rlhf.py", presets={"quick": preset})
-    assert plain["n_pairs"] == config.n_pairs
+    plain = rlhf_run_config(["--device=cpu", "--rl_steps=7"], "rlhf.py", "", {})
+    assert plain["n_pairs"] == rlhf_config.n_pairs
     assert plain["rl_steps"] == 7
-    quick = load_config(["--device=cpu", "--quick", "--rl_steps=7"], "rlhf.py", presets={"quick": preset})
-    assert quick["n_pairs"] == preset["n_pairs"] != config.n_pairs
+    quick = rlhf_run_config(["--device=cpu", "--quick", "--rl_steps=7"], "rlhf.py", "", {})
+    assert quick["n_pairs"] == preset["n_pairs"] != rlhf_config.n_pairs
     assert quick["rl_steps"] == 7  # typed, so the preset's value does not replace it
     assert {k: quick[k] for k in preset.keys() - {"rl_steps"}} == {k: v for k, v in preset.items() if k != "rl_steps"}
+
+
+def test_a_config_file_sets_keys_as_nanogpt_does_and_typed_keys_still_win(tmp_path):
+    """`python gpt.py config/gpu.py`: the lecture scale from the shipped file, its limits obeyed, a typed key
+    over it; a file with a wrong key, type or syntax is one line naming it."""
+    gpu = os.path.join(ROOT, "config", "gpu.py")
+    cfg = script_config([gpu, "--device=cpu", "--n_layer=2"], "gpt")
+    assert (cfg["n_embd"], cfg["block_size"], cfg["max_iters"], cfg["max_minutes"]) == (384, 256, 5000, 0)
+    assert cfg["n_layer"] == 2 and cfg["learning_rate"] == 1e-3
+    for text, message in [("n_layr = 3\n", "unknown config key 'n_layr'"),
+                          ("n_layer = 'six'\n", "n_layer = 'six', expected int"),
+                          ("n_layer = = 3\n", "SyntaxError")]:
+        (tmp_path / "bad.py").write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            script_config([str(tmp_path / "bad.py"), "--device=cpu"], "gpt")
+    with pytest.raises(UserError, match="cannot read config file"):
+        script_config([str(tmp_path / "missing.py"), "--device=cpu"], "gpt")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -55,11 +74,8 @@ def test_a_flag_preset_applies_only_when_set_and_never_over_a_typed_key():
     (["--device=cuda:7"] if not torch.cuda.is_available() else ["--device=tpu"], "device"),
     (["n_layer=3"], "unexpected argument"),
     (["--resume", "--overwrite"], "contradict"),
-    (["--compile=maybe"], "compile must be true, false or auto, got 'maybe'"),
-    (["--preset=gpu"], "preset must be auto or none, got 'gpu'"),
-    (["--rl_lr=1e-4"], "--rl_lr is read by rlhf.py and rlhf_heads.py, not by gpt.py"),
-    (["--attn_impl=matmul"], "--attn_impl is read by gpt_.py, rlhf.py and rlhf_heads.py, not by gpt.py"),
-    (["--head_tuning_steps=4"], "--head_tuning_steps is read by rlhf_heads.py, not by gpt.py"),
+    (["--compile=maybe"], "--compile=maybe: expected bool"),
+    (["--rl_lr=1e-4"], "unknown config key 'rl_lr'"),  # the core knows nothing of the RLHF layer
 ])
 def test_config_errors_are_one_line(argv, message, capsys, tmp_path):
     assert run_main(["--mode=eval", f"--ckpt={tmp_path / 'none.pt'}"] + argv) == 2
@@ -77,23 +93,18 @@ def test_dtype_auto(monkeypatch):
     assert runtime.resolve_dtype("float32", "cpu") == "float32"
 
 
-PROGRAMS = ("gpt.py", "gpt_.py", "rlhf.py", "rlhf_heads.py")
-
-
-def test_every_key_of_config_py_is_read_by_a_named_program_that_exists():
-    read_by = readers()
-    assert read_by.keys() == defaults().keys()
-    for key, programs in read_by.items():
-        assert programs, f"{key} has no heading naming its programs"
-        assert set(programs) <= set(PROGRAMS), key
-    for program in PROGRAMS:
-        assert os.path.exists(os.path.join(ROOT, program))
-    # what the programs read: the model scripts never an RLHF key, rlhf.py never a training or head-study key
-    assert {"n_layer", "max_minutes", "mode", "head_mask"} <= {k for k, p in read_by.items() if "gpt.py" in p}
-    assert not {k for k, p in read_by.items() if "gpt.py" in p} & {"rl_lr", "rlhf_stage", "oracle", "head_prompts"}
-    rlhf_keys = {k for k, p in read_by.items() if "rlhf.py" in p}
-    assert {"rl_lr", "rlhf_stage", "oracle", "device", "seed"} <= rlhf_keys
-    assert not rlhf_keys & {"max_minutes", "max_iters", "mode", "n_layer", "head_prompts", "learning_rate"}
+def test_each_config_file_owns_its_keys_and_every_key_is_read():
+    """config.py's keys are gpt.py's and gpt_.py's (the RLHF programs read CORE_KEYS of them); rlhf_config.py's
+    are the RLHF layer's, head_* the head study's alone. Every key is read somewhere in its programs' code."""
+    core, own = defaults(config), defaults(rlhf_config)
+    assert not core.keys() & own.keys()
+    assert set(CORE_KEYS) <= core.keys()
+    assert list(own)[:len(SHARED_KEYS)] == list(SHARED_KEYS)  # rlhf_config.py's first section, as it says
+    code = {path: open(os.path.join(ROOT, path), encoding="utf-8").read() for path in
+            [os.path.join(folder, name) for folder in ("dualgpt", "rlhf_lib") for name in
+             os.listdir(os.path.join(ROOT, folder)) if name.endswith(".py")] + ["rlhf.py", "rlhf_heads.py"]}
+    for key in core.keys() | own.keys():
+        assert any(f'"{key}"' in text for text in code.values()), f"no program reads {key}"
 
 
 def help_keys(output: str) -> set[str]:
@@ -103,13 +114,11 @@ def help_keys(output: str) -> set[str]:
 def test_help_lists_each_programs_own_keys(capsys):
     """`python gpt.py --help` in-process, and `python rlhf.py --help` through the real command line."""
     assert run_main(["--help"]) == 0
-    gpt_help = help_keys(capsys.readouterr().out)
-    assert gpt_help == {k for k, p in readers().items() if "gpt.py" in p}
-    assert "rl_lr" not in gpt_help
+    assert help_keys(capsys.readouterr().out) == defaults(config).keys()
     result = subprocess.run([sys.executable, os.path.join(ROOT, "rlhf.py"), "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0
-    assert help_keys(result.stdout) == {k for k, p in readers().items() if "rlhf.py" in p}
+    assert help_keys(result.stdout) == set(CORE_KEYS) | {k for k in defaults(rlhf_config) if not k.startswith("head_")}
 
 
 def test_a_key_of_another_program_is_one_line_through_the_real_command_line(tmp_path):
@@ -131,16 +140,18 @@ def test_a_key_of_another_program_is_one_line_through_the_real_command_line(tmp_
     ("rlhf_heads.py", ["--rlhf_stage=heads"], "--rlhf_stage is read by rlhf.py, not by rlhf_heads.py"),
     ("rlhf_heads.py", ["--n_pairs=64"], "--n_pairs is read by rlhf.py, not by rlhf_heads.py"),
     ("rlhf_heads.py", ["--rl_steps=4"], "--rl_steps is read by rlhf.py, not by rlhf_heads.py"),
+    ("rlhf_heads.py", ["--n_layer=2"], "--n_layer is read by gpt.py and gpt_.py, not by rlhf_heads.py"),
 ])
 def test_the_rlhf_programs_refuse_keys_they_do_not_read(program, argv, message):
+    hints = {"rlhf.py": rlhf.HINTS, "rlhf_heads.py": rlhf_heads.HINTS}[program]
     with pytest.raises(UserError, match=re.escape(message)):
-        load_config(argv, program, hints={"rlhf.py": rlhf.HINTS, "rlhf_heads.py": rlhf_heads.HINTS}[program])
+        rlhf_run_config(argv, program, "", hints)
 
 
-def listed_choices() -> dict[str, tuple[str, ...]]:
-    """Every `a | b | c` list in config.py's comments, by key."""
+def listed_choices(module) -> dict[str, tuple[str, ...]]:
+    """Every `a | b | c` list in a config file's comments, by key."""
     out = {}
-    with open(config.__file__, encoding="utf-8") as f:
+    with open(module.__file__, encoding="utf-8") as f:
         for line in f:
             m = re.match(r"^(\w+) = .*?#\s*(?:[^:|]*: )?([\w:]+(?: \| [\w:]+)+)", line)
             if m:
@@ -148,11 +159,11 @@ def listed_choices() -> dict[str, tuple[str, ...]]:
     return out
 
 
-def test_the_choices_config_py_lists_are_exactly_the_ones_validation_accepts():
-    listed = listed_choices()
-    accepted = {**CHOICES, **rlhf.CHOICES}
+@pytest.mark.parametrize("module, accepted", [(config, CHOICES), (rlhf_config, rlhf.CHOICES)])
+def test_the_choices_each_config_file_lists_are_exactly_the_ones_validation_accepts(module, accepted):
+    listed = listed_choices(module)
     assert listed == {k: accepted[k] for k in listed}
-    assert set(listed) == set(accepted)  # every validated choice is listed, and every list is validated
+    assert set(listed) == set(accepted) & defaults(module).keys()  # every validated choice is listed
 
 
 @pytest.mark.parametrize("key", sorted(set(CHOICES) - {"device"}))
@@ -168,27 +179,30 @@ def test_validation_accepts_each_listed_device_and_nothing_else():
     for device in CHOICES["device"]:
         device = device.replace("N", "0")
         try:
-            assert load_config([f"--device={device}"], "gpt.py")["device"].startswith(device.split(":")[0] if device != "auto" else "")
+            assert load_config([f"--device={device}"], "gpt.py", defaults())["device"].startswith(device.split(":")[0] if device != "auto" else "")
         except UserError as e:  # a listed device this machine lacks: refused as missing, not as unknown
             assert "not available" in str(e), e
     with pytest.raises(UserError, match="device must be auto, cpu, cuda, cuda:N or mps"):
-        load_config(["--device=tpu"], "gpt.py")
+        load_config(["--device=tpu"], "gpt.py", defaults())
 
 
 def test_validation_accepts_each_listed_rlhf_choice_and_nothing_else(rlhf_run):
     """rlhf.py's listed stages, scripts and oracles (module:function as a real module) against its validation."""
     for stage in rlhf.CHOICES["rlhf_stage"]:
-        rlhf.check_pipeline_keys(load_config(rlhf_run.args + [f"--rlhf_stage={stage}"], "rlhf.py"))
+        rlhf.check_pipeline_keys(pipeline_config(rlhf_run.args + [f"--rlhf_stage={stage}"]))
     with pytest.raises(UserError, match="rlhf_stage must be"):
-        rlhf.check_pipeline_keys(load_config(rlhf_run.args + ["--rlhf_stage=heads"], "rlhf.py"))
+        rlhf.check_pipeline_keys(pipeline_config(rlhf_run.args + ["--rlhf_stage=heads"]))
     for script in rlhf.CHOICES["rlhf_script"]:
-        rlhf.setup(load_config(rlhf_run.args + [f"--rlhf_script={script}"], "rlhf.py"), rlhf.MODEL_CLASSES)
+        setup(pipeline_config(rlhf_run.args + [f"--rlhf_script={script}"]))
     with pytest.raises(UserError, match="rlhf_script must be"):
-        rlhf.setup(load_config(rlhf_run.args + ["--rlhf_script=gpt2"], "rlhf.py"), rlhf.MODEL_CLASSES)
+        setup(pipeline_config(rlhf_run.args + ["--rlhf_script=gpt2"]))
     pairs = f"--pairs={rlhf_run.home / 'data' / 'rlhf_sentiment_seed1337_pairs.jsonl'}"  # none needs a pairs file
     for oracle in rlhf.CHOICES["oracle"]:
-        oracle = oracle.replace("module:function", "dualgpt.oracles:verse")
-        rlhf.setup(load_config(rlhf_run.args + [f"--oracle={oracle}"] + [pairs] * (oracle == "none"), "rlhf.py"),
-                   rlhf.MODEL_CLASSES)
+        oracle = oracle.replace("module:function", "rlhf_lib.oracles:verse")
+        setup(pipeline_config(rlhf_run.args + [f"--oracle={oracle}"] + [pairs] * (oracle == "none")))
     with pytest.raises(UserError, match="unknown oracle"):
-        rlhf.setup(load_config(rlhf_run.args + ["--oracle=happiness"], "rlhf.py"), rlhf.MODEL_CLASSES)
+        setup(pipeline_config(rlhf_run.args + ["--oracle=happiness"]))
+
+
+def pipeline_config(argv: list[str]) -> dict:
+    return rlhf_run_config(argv, "rlhf.py", "", rlhf.HINTS)

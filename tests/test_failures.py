@@ -233,16 +233,6 @@ def test_a_corrupt_tokenizer_is_trained_again_with_a_notice(trained, home, corpu
     assert "training a 300-token BPE tokenizer" in out
 
 
-@pytest.mark.parametrize("how", list(DAMAGE))
-def test_corrupt_compile_timings_are_ignored_with_a_notice(home, corpus, capsys, how):
-    timings = home / "model_dict" / "compile_timings.json"
-    timings.parent.mkdir(parents=True)
-    timings.write_text('{"key": {"compile_s": 1.0, "eager_step_s": 0.1, "compiled_step_s": 0.05}}')
-    damage(timings, how)
-    assert run_main(tiny_args(home, corpus, "--mode=train", "--max_iters=1", "--eval_interval=1")) == 0
-    assert f"note: {timings} is unreadable" in capsys.readouterr().out
-
-
 @pytest.fixture
 def rlhf_copy(rlhf_run, tmp_path, monkeypatch):
     """The RLHF pipeline's folder copied, so its files can be damaged without touching the shared one."""

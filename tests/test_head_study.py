@@ -9,9 +9,9 @@ import gpt
 import gpt_
 import rlhf_heads
 from dualgpt.checkpoint import convert_state_dict
-from dualgpt.head_comparison import head_weight_change, part_masks, transplant
-from dualgpt.plots import plot_head_grid
-from dualgpt.tuning import restrict_training
+from rlhf_lib.head_comparison import head_weight_change, part_masks, transplant
+from rlhf_lib.plots import plot_head_grid
+from rlhf_lib.training import restrict_training
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=True)
 

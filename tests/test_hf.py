@@ -17,12 +17,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gpt
 import gpt_
-import rlhf
-from dualgpt import UserError, data, tokenizer_files
+from dualgpt import UserError, data
 from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
-from dualgpt.runconfig import load_config
-from dualgpt.tokenizer_files import rust_encoder, tokenizer_from_files, tokenizer_json
-from dualgpt.tuning import complete, load_policy, sample_prompts
+from dualgpt.tokenizer_files import tokenizer_from_files, tokenizer_json
+from rlhf_lib.study import complete, load_policy, rlhf_run_config, sample_prompts, setup
 from minbpe import RegexTokenizer
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "  Café  naïve, 1234567 and 89\t\tx\n\n\nend",
@@ -78,7 +76,7 @@ def test_the_tokenizer_json_we_write_encodes_as_minbpe():
     ours.register_special_tokens({"<|endoftext|>": len(ours.vocab)})
     theirs = Tokenizer.from_str(json.dumps(tokenizer_json(ours)))
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
-        shakespeare = f.read()[:20_000]
+        shakespeare = f.read()  # the whole of Tiny Shakespeare
     for text in TEXTS + [shakespeare]:
         ids = ours.encode(text, allowed_special="all")
         assert theirs.encode(text).ids == ids
@@ -175,8 +173,8 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
     out = capsys.readouterr().out
     assert "val loss" in out and "ROMEO:" in out
     # and as the base of RLHF: completions of prompts of the data, in its tokens
-    s = rlhf.setup(load_config([f"--rlhf_base={ckpt}", f"--data={corpus}", "--prompt_tokens=4", "--completion_tokens=4",
-                                "--rlhf_script=gpt", "--device=cpu", "--dtype=float32"], "rlhf.py"), rlhf.MODEL_CLASSES)
+    s = setup(rlhf_run_config([f"--rlhf_base={ckpt}", f"--data={corpus}", "--prompt_tokens=4", "--completion_tokens=4",
+                                "--rlhf_script=gpt", "--device=cpu", "--dtype=float32"], "rlhf.py", "", {}))
     gen = torch.Generator().manual_seed(0)
     assert complete(s, load_policy(s), sample_prompts(s, "train", 3, gen), gen).shape == (3, 4)
     capsys.readouterr()
@@ -268,64 +266,9 @@ def test_without_safetensors_import_and_export_say_what_to_install_in_one_line(b
     assert not (home / "x.pt").exists() and not (tmp_path / "out").exists()
 
 
-def test_a_corpus_goes_through_the_tokenizers_library_with_minbpes_ids(monkeypatch, capsys):
-    """The whole of Tiny Shakespeare (and what it lacks) encoded as a corpus is, with 4 threads, through the
-    tokenizers library, 16 pieces at a time, and gives minbpe's ids; minbpe encodes it without the library, with
-    fewer threads, or with fewer pieces than 4."""
-    shipped = os.path.join(ROOT, "tokenizers", "shipped")
-    model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
-    with open(os.path.join(shipped, model), encoding="utf-8") as f:
-        tok = data.load_tokenizer_text(f.read())
-    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
-        text = f.read() + "\nOh <|endoftext|> \r\n 東京 🙂  \n\n1234567\t end"
-    calls = []
-    monkeypatch.setattr(data, "rust_encoder", lambda tok: (lambda batch: calls.append(len(batch)) or encode(batch)))
-    monkeypatch.setattr(data, "rust_threads", lambda: 4)
-    encode = rust_encoder(tok)
-    ids = data.encode_corpus(tok, text, "input.txt").tolist()
-    assert calls == [16, 2] and "with the tokenizers library, 4 threads" in capsys.readouterr().out  # 18 pieces
-    assert len(ids) > 250_000 and ids == tok.encode_ordinary(text)
-    head = text[:300_000]  # 5 pieces
-    for threads, pieces in [(3, 5), (4, 3), (8, 1)]:
-        monkeypatch.setattr(data, "rust_threads", lambda threads=threads: threads)
-        assert data.encode_corpus(tok, head[:65_536 * pieces], "input.txt").tolist() == tok.encode_ordinary(head[:65_536 * pieces])
-    monkeypatch.setattr(data, "rust_threads", lambda: 4)
-    monkeypatch.setitem(sys.modules, "tokenizers", None)  # not installed
-    monkeypatch.setattr(data, "rust_encoder", rust_encoder)
-    assert data.encode_corpus(tok, head, "input.txt").tolist() == tok.encode_ordinary(head)
-    assert calls == [16, 2] and capsys.readouterr().out.count("with minbpe") == 4
-
-
-def test_the_tokenizers_library_threads(monkeypatch, tmp_path):
-    """TOKENIZERS_PARALLELISM off is one, RAYON_NUM_THREADS where it is a positive number, else the usable cores
-    within a cgroup v2 quota; nothing garbled is a traceback."""
-    for name in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    cpu_max = tmp_path / "cpu.max"
-    monkeypatch.setattr(tokenizer_files, "CGROUP_CPU_MAX", str(cpu_max))
-    assert tokenizer_files.rust_threads() == 8  # no cgroup file
-    for quota, threads in [("max 100000", 8), ("250000 100000", 2), ("50000 100000", 1), ("2000000 100000", 8)]:
-        cpu_max.write_text(quota + "\n")
-        assert tokenizer_files.rust_threads() == threads
-    for garbled in ("1 0", "max", ""):
-        cpu_max.write_text(garbled)
-        assert tokenizer_files.rust_threads() == 8
-    for rayon, threads in [("3", 3), ("0", 8), ("abc", 8), ("", 8), ("²", 8)]:
-        monkeypatch.setenv("RAYON_NUM_THREADS", rayon)
-        assert tokenizer_files.rust_threads() == threads
-    for value, threads in [("false", 1), ("0", 1), ("OFF", 1), ("true", 8), ("1", 8)]:
-        monkeypatch.setenv("TOKENIZERS_PARALLELISM", value)
-        assert tokenizer_files.rust_threads() == threads
-    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the CPU count
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
-    assert tokenizer_files.rust_threads() == 6
-
-
-def test_a_tokenizer_with_two_tokens_of_the_same_bytes_is_not_written_nor_encoded_by_the_library():
+def test_a_tokenizer_with_two_tokens_of_the_same_bytes_is_not_written_as_tokenizer_files():
     tok = RegexTokenizer()
     tok.merges = {(97, 98): 256, (98, 99): 257, (256, 99): 258, (97, 257): 259}  # "abc" twice: ab+c, a+bc
     tok.vocab = tok._build_vocab()
     with pytest.raises(UserError, match="tokens 258 and 259 .* the same bytes"):
         tokenizer_json(tok)
-    assert rust_encoder(tok) is None

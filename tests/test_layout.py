@@ -1,5 +1,5 @@
-"""The layout: gpt.py and gpt_.py are the models, rlhf.py and rlhf_heads.py scripts beside them, dualgpt/ the
-shared engine that never imports them."""
+"""The layout: gpt.py and gpt_.py are the models, dualgpt/ the core engine that never imports them nor the
+RLHF layer (rlhf_lib/, rlhf_config.py, with rlhf.py and rlhf_heads.py as its scripts)."""
 import ast
 import json
 import os
@@ -28,26 +28,50 @@ def imported_modules(path: str) -> set[str]:
 
 
 SCRIPTS = {"gpt", "gpt_", "rlhf", "rlhf_heads", "bench"}
-PACKAGE = os.path.join(ROOT, "dualgpt")
-MODULES = sorted(name for name in os.listdir(PACKAGE) if name.endswith(".py") and name != "__init__.py")
 
 
-def test_the_engine_never_imports_the_scripts_nor_minbpes_file_writer():
-    assert len(MODULES) >= 15
-    for name in MODULES:
-        path = os.path.join(PACKAGE, name)
-        roots = {module.split(".")[0] for module in imported_modules(path)}
-        assert not roots & SCRIPTS, f"{path} imports {roots & SCRIPTS}"
+def modules(package: str) -> list[str]:
+    folder = os.path.join(ROOT, package)
+    return sorted(name for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py")
+
+
+def import_roots(path: str) -> set[str]:
+    return {module.split(".")[0] for module in imported_modules(path)}
+
+
+def test_the_core_never_imports_a_script_nor_the_rlhf_layer_nor_minbpes_file_writer():
+    for name in modules("dualgpt"):
+        path = os.path.join(ROOT, "dualgpt", name)
+        roots = import_roots(path)
+        assert not roots & (SCRIPTS | {"rlhf_lib", "rlhf_config"}), f"{path} imports {roots}"
         tree = ast.parse(open(path, encoding="utf-8").read())
         from_minbpe = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                        and (node.module or "").startswith("minbpe") for alias in node.names}
         assert "atomic_open" not in from_minbpe, path
 
 
-def test_the_package_map_lists_every_module_once():
-    import dualgpt
-    listed = re.findall(r"^    (\w+\.py) ", dualgpt.__doc__, flags=re.M)
-    assert sorted(listed) == MODULES
+def test_no_script_imports_another_script_but_the_model_files():
+    """rlhf.py, rlhf_heads.py, bench.py and the RLHF layer import gpt.py and gpt_.py (the models) and no
+    other script; bench.py runs the RLHF pipeline as a user does, in a process of its own."""
+    paths = [os.path.join(ROOT, "rlhf_lib", name) for name in modules("rlhf_lib")]
+    paths += [os.path.join(ROOT, f"{script}.py") for script in ("rlhf", "rlhf_heads", "bench")]
+    for path in paths:
+        roots = import_roots(path)
+        assert not roots & (SCRIPTS - {"gpt", "gpt_"}), f"{path} imports {roots & SCRIPTS}"
+
+
+def test_every_training_loop_of_the_rlhf_layer_is_in_training_py():
+    """An optimizer steps (backward) only in rlhf_lib/training.py, among the RLHF layer's files."""
+    paths = [os.path.join("rlhf_lib", name) for name in modules("rlhf_lib")] + ["rlhf.py", "rlhf_heads.py"]
+    stepping = [path for path in paths if ".backward(" in open(os.path.join(ROOT, path), encoding="utf-8").read()]
+    assert stepping == [os.path.join("rlhf_lib", "training.py")]
+
+
+@pytest.mark.parametrize("package", ["dualgpt", "rlhf_lib"])
+def test_each_package_map_lists_every_module_once(package):
+    doc = __import__(package).__doc__
+    listed = re.findall(r"^    (\w+\.py) ", doc, flags=re.M)
+    assert sorted(listed) == modules(package)
 
 
 def test_the_pipeline_and_the_head_study_are_separate_scripts():
@@ -106,12 +130,3 @@ def test_checkpoints_written_before_the_refactor_load_in_both_scripts(home, writ
         assert run_main(args + ["--mode=sample", "--max_new_tokens=10"], cls, script) == 0
         assert (home / "sample.txt").read_text().startswith(f"# {script}.py samples from")
     assert open(ckpt, "rb").read() == before  # reading never changes a checkpoint
-
-
-def test_the_readme_layout_table_names_every_program_and_engine_module_with_its_line_count():
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    rows = dict(re.findall(r"^\| `([\w/.]+\.py)` \| (\d+) \|", readme, flags=re.M))
-    assert set(rows) >= {f"dualgpt/{name}" for name in MODULES} | {f"{name}.py" for name in SCRIPTS} | {"config.py"}
-    for path, count in rows.items():
-        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
-            assert sum(1 for _ in f) == int(count), f"README says {path} has {count} lines"

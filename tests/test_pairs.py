@@ -20,10 +20,9 @@ from conftest import copy_code
 import gpt
 import gpt_
 import rlhf
-from dualgpt.preference import PAD, RewardModel, completion_logits, dpo_loss, reward_model_loss, token_logprobs
-from dualgpt.preference_data import encode_pairs, read_pairs
-from dualgpt.runconfig import load_config
-from dualgpt.tuning import sample_prompts, setup
+from rlhf_lib.preference import PAD, RewardModel, completion_logits, dpo_loss, reward_model_loss, token_logprobs
+from rlhf_lib.pairs import encode_pairs, read_pairs
+from rlhf_lib.study import rlhf_run_config, sample_prompts, setup
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=24, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 ORACLE_PAIRS = "data/rlhf_sentiment_seed1337_pairs.jsonl"  # the pipeline fixture's pairs, as text
@@ -121,7 +120,7 @@ def test_the_oracles_pairs_are_written_in_the_standard_format_too(rlhf_run):
     lines = [json.loads(line) for line in open(rlhf_run.home / ORACLE_PAIRS, encoding="utf-8")]
     assert len(lines) == len(pairs["train"]["prompts"]) + len(pairs["val"]["prompts"])
     assert all(isinstance(line[f], str) for line in lines for f in ("prompt", "chosen", "rejected"))
-    s = setup(load_config(rlhf_run.args, "rlhf.py"), rlhf.MODEL_CLASSES)
+    s = setup(rlhf_run_config(rlhf_run.args, "rlhf.py", "", {}))
     first = pairs["train"]
     chosen = torch.where(first["a_preferred"][0], first["a"][0], first["b"][0])
     assert lines[0]["chosen"] == s.data.tok.decode(chosen.tolist())
@@ -133,7 +132,7 @@ def subset(rlhf_run, path, n):
     """The first n of the fixture's pairs whose completions, as text, fit the tiny model's window after a prompt
     (the tiny model samples bytes that decode to U+FFFD, three bytes again: a few come back 2x as long), written
     with a byte-order mark as Windows' Notepad does."""
-    tok = setup(load_config(rlhf_run.args, "rlhf.py"), rlhf.MODEL_CLASSES).data.tok
+    tok = setup(rlhf_run_config(rlhf_run.args, "rlhf.py", "", {})).data.tok
     lines = [line for line in open(rlhf_run.home / ORACLE_PAIRS, encoding="utf-8")
              if all(len(tok.encode_ordinary(json.loads(line)[side])) <= 24 for side in ("chosen", "rejected"))]
     path.write_text("".join(lines[:n]), encoding="utf-8-sig")
@@ -166,7 +165,7 @@ def test_every_stage_tunes_on_a_files_pairs_and_with_no_oracle_the_report_says_s
     samples = (rlhf_run.home / "generate_text" / f"{family}_seed1337_samples.txt").read_text()
     assert "-------- rloo" in samples and "-------- base" in samples
     # the RL stages' prompts are the file's train prompts (cut to leave room for the completion)
-    s = setup(load_config(args, "rlhf.py"), rlhf.MODEL_CLASSES)
+    s = setup(rlhf_run_config(args, "rlhf.py", "", {}))
     file_prompts = {tuple(p) for p in (s.data.tok.encode_ordinary(r["prompt"]) for r in read_pairs(str(pairs)))}
     drawn = sample_prompts(s, "train", 16, torch.Generator().manual_seed(0))
     room = 32 - s.cfg["completion_tokens"]

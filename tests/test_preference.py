@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 import gpt
 import gpt_
-from dualgpt import UserError, preference
+from dualgpt import UserError
+from rlhf_lib import preference
 from dualgpt.checkpoint import convert_state_dict
-from dualgpt.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
+from rlhf_lib.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
                              dialogue, syllables, verse, words)
-from dualgpt.tuning import frozen
+from rlhf_lib.study import frozen
 
 # --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------
 

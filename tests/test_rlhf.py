@@ -14,6 +14,7 @@ import dualgpt
 import gpt_
 import rlhf
 import rlhf_heads
+from rlhf_lib.study import rlhf_run_config
 
 
 P = "rlhf_sentiment_seed1337"  # one replicate's outputs
@@ -25,7 +26,7 @@ def test_every_stage_runs_and_writes_its_files(rlhf_run):
     for path in [f"data/{P}_pairs.pt", f"data/{P}_bon.pt", f"model_dict/{P}_rm.pt", f"generate_text/{P}_eval.json",
                  f"generate_text/{P}_samples.txt", "generate_text/rlhf_sentiment_report.json",
                  "generate_text/rlhf_sentiment_report.md"] + [f"model_dict/{P}_{m}.pt" for m in rlhf.methods(
-                     rlhf.load_config(rlhf_run.args, "rlhf.py"))]:
+                     rlhf_run_config(rlhf_run.args, "rlhf.py", "", {}))]:
         assert (home / path).exists(), path
     for png in ["rlhf_sentiment_oracle_vs_kl.png", "rlhf_sentiment_rm_vs_oracle.png"]:
         assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100

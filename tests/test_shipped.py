@@ -68,29 +68,38 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
     git("clone", "-q", ROOT, str(clone), cwd=tmp_path)
     small = TINY_MODEL + ["--max_iters=5", "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
     optional = {"transformers", "safetensors", "tokenizers", "huggingface_hub", "tiktoken"}
-    for command in ([sys.executable, "-X", "importtime", "gpt.py", *small],
-                    [sys.executable, "-X", "importtime", "gpt.py", "--mode=sample", "--ckpt=model_dict/shipped/gpt.pt",
-                     "--max_new_tokens=20", "--num_samples=1"]):
-        result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "RAYON_NUM_THREADS": "1"})
+    # what a mode does not use is not loaded: neither the Hugging Face code nor head research, nor (to
+    # sample) the training loop and matplotlib; nor ever the RLHF layer
+    unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "rlhf_lib", "rlhf_config"}
+    for command, not_loaded in (([sys.executable, "-X", "importtime", "gpt.py", *small], unused),
+                                ([sys.executable, "-X", "importtime", "gpt.py", "--mode=sample",
+                                  "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20", "--num_samples=1"],
+                                 unused | {"dualgpt.train", "dualgpt.plots", "matplotlib"})):
+        result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-                    if line.startswith("import time:")}
+        modules = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                   if line.startswith("import time:")}
+        imported = modules | {module.split(".")[0] for module in modules}
         assert "torch" in imported and not imported & optional, imported & optional
+        assert "dualgpt.sampling" in imported and not imported & not_loaded, imported & not_loaded
     assert os.path.exists(clone / "model_dict" / "gpt.pt")  # the run did write its outputs
     assert git("status", "--porcelain", cwd=clone) == ""
 
 
-def test_the_readmes_rlhf_tables_and_times_are_the_shipped_reports():
-    """Every row of the shipped RLHF report's tables stands in the README as it is, and so do the run's seeds,
+def doc(name: str) -> str:
+    with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_rlhf_docs_tables_and_times_are_the_shipped_reports():
+    """Every row of the shipped RLHF report's tables stands in docs/rlhf.md as it is, and so do the run's seeds,
     machine and minutes (from report.json, which the same command wrote)."""
     shipped = os.path.join(ROOT, "generate_text", "shipped")
     with open(os.path.join(shipped, "rlhf_sentiment_report.md"), encoding="utf-8") as f:
         rows = [line for line in f.read().splitlines() if line.startswith("|")]
     with open(os.path.join(shipped, "rlhf_sentiment_report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    readme = doc("rlhf.md")
     assert len(rows) > 30
     missing = [row for row in rows if row not in readme.splitlines()]
     assert not missing, missing[:3]
@@ -99,19 +108,17 @@ def test_the_readmes_rlhf_tables_and_times_are_the_shipped_reports():
     assert f"{report['machine']}: {minutes:.0f} min" in readme
 
 
-def test_the_readmes_own_preferences_run_is_the_shipped_report_and_labels():
-    """The how-to's figures: its report's reward-model line and end-point rows stand in the README as they are,
+def test_the_own_preferences_run_is_the_shipped_report_and_labels():
+    """The how-to's figures (docs/own-preferences.md): its report's reward-model line and end-point rows stand in the README as they are,
     with the run's machine and minutes; the counts of the shipped labels and their agreement with the dialogue
     oracle are computed here from the labels files."""
-    from dualgpt.oracles import dialogue
+    from rlhf_lib.oracles import dialogue
     shipped = os.path.join(ROOT, "generate_text", "shipped")
     with open(os.path.join(shipped, "rlhf_pairs-dialogue_labels_report.md"), encoding="utf-8") as f:
         markdown = f.read().splitlines()
     with open(os.path.join(shipped, "rlhf_pairs-dialogue_labels_report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    how_to = readme.split("### Your own preferences")[1].split("\n## ")[0]
+    how_to = doc("own-preferences.md")
     end_points = markdown[markdown.index("**End points** (mean ± 95% interval over seeds):") + 2:]
     rows = end_points[:end_points.index("")]
     assert len(rows) > 5 and all(row in how_to.splitlines() for row in rows)
@@ -125,42 +132,38 @@ def test_the_readmes_own_preferences_run_is_the_shipped_report_and_labels():
     assert f"agrees with {agree} of my {len(labels)} labels, sees a tie in {ties}" in how_to
 
 
-def test_the_readmes_tokenizer_benchmark_is_the_shipped_bench_output():
-    """Each figure of the README's tokenizer table is in the matching row of the shipped `python bench.py
-    --only=tokenizer` output, and the table names that output's CPU and core count."""
-    numbers = lambda line: set(re.findall(r"\d+(?:\.\d+)?", line))  # noqa: E731
-    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_tokenizer.md"), encoding="utf-8") as f:
-        shipped = f.read().splitlines()
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read().splitlines()
-    header = next(i for i, line in enumerate(readme) if line.startswith("| tokenizer (Tiny Shakespeare"))
-    cpu, cores = re.match(r"(.+?) \(\w+\), (\d+) CPUs", shipped[2]).groups()
-    assert f"{cpu}, {cores} CPUs |" in readme[header] and "command: `python bench.py --only=tokenizer`" in shipped[2]
-    pairs = {"`RegexTokenizer` training": "train RegexTokenizer", "encode, warm chunk cache": "encode, warm cache",
-             "encode, cold cache": "encode, cold cache", "regex split alone": "regex split alone",
-             "encode, `tokenizers` library, cold, 1 thread": "encode, tokenizers library, cold, 1 thread",
-             "encode, `tokenizers` library, cold, 2 threads": "encode, tokenizers library, cold, 2 threads",
-             "a corpus here": "a corpus here"}
-    rows = readme[header + 2:readme.index("", header)]
-    assert len(rows) == len(pairs)
-    for row in rows:
-        ours = next(theirs for mine, theirs in pairs.items() if row.startswith(f"| {mine}"))
-        figures = next(line for line in shipped if line.startswith(f"| {ours}"))
-        assert numbers(row) and numbers(row) <= numbers(figures), (row, figures)
-
-
-@pytest.mark.parametrize("name", ["bench_train_sample.md", "bench_compile.md", "bench_compile_avx2.md"])
-def test_the_readmes_benchmark_tables_are_the_shipped_bench_outputs(name):
+@pytest.mark.parametrize("name", ["bench_tokenizer.md", "bench_train_sample.md", "bench_compile.md"])
+def test_the_benchmark_tables_in_the_docs_are_the_shipped_bench_outputs(name):
     """Each section of a shipped `python bench.py` output (its title, which names the CPU, and every row of its
-    table) stands in the README as it is, with the file's name."""
+    table) stands in docs/benchmarks.md as it is, with the file's name and the command that wrote it."""
     with open(os.path.join(ROOT, "generate_text", "shipped", name), encoding="utf-8") as f:
         shipped = f.read()
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    lines = readme.splitlines()
-    assert name in readme and "command: `" in shipped.splitlines()[2]
-    titles = [line[4:] for line in shipped.splitlines() if line.startswith("### ")]
+    page = doc("benchmarks.md")
+    lines = page.splitlines()
+    command = re.search(r"command: (`[^`]+`)", shipped.splitlines()[2]).group(1)
+    assert name in page and command in page
+    titles = [line for line in shipped.splitlines() if line.startswith("### ")]
     rows = [line for line in shipped.splitlines() if line.startswith("| ")]
     assert titles and len(rows) >= 3
     missing = [line for line in titles + rows if line not in lines]
     assert not missing, missing[:3]
+
+
+def test_the_readmes_figures_are_the_shipped_files():
+    """The README's val bits per byte is the shipped LB-GPT checkpoint's recorded figure, its sample excerpt
+    stands in the shipped sample, its picture exists, its KV-cache ratio is the shipped benchmark's, and
+    every page it links to exists; it fits on one screen's worth of bytes (10 KB)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert len(readme.encode("utf-8")) <= 10_000
+    recorded = torch.load(os.path.join(ROOT, "model_dict", "shipped", "gpt.pt"), weights_only=True)["eval"]
+    assert f"val {recorded['val_bpb']:.3f} bits per byte" in readme
+    excerpt = re.search(r"```\n(ROMEO:\n.*?)\n```", readme, flags=re.S).group(1)
+    with open(os.path.join(ROOT, "generate_text", "shipped", "gpt.txt"), encoding="utf-8") as f:
+        assert excerpt in f.read()
+    for link in re.findall(r"\]\(([^)#]+)\)", readme):
+        assert os.path.exists(os.path.join(ROOT, link)), link
+    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_train_sample.md"), encoding="utf-8") as f:
+        kv = next(line for line in f if "inside the window) | SM-GPT sdpa, KV cache" in line)
+    ratio = kv.split("|")[4].strip()
+    assert f"KV cache samples {ratio} LB-GPT's" in readme

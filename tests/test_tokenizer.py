@@ -89,6 +89,11 @@ def test_training_and_encoding_equal_classic(seed):
         tok.train(text, vocab_size)
     expected = classic_train(chunks_of(tok, text), vocab_size)
     assert list(tok.merges.items()) == list(expected.items())  # same merges, same order
+    fast = dict(tok.merges)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok.train(text, vocab_size, classic=True)  # the library's own classic loop: the same again
+    assert list(tok.merges.items()) == list(fast.items())
     for probe in (text, random_corpus(rng), text[::-1]):
         assert tok.encode(probe) == classic_encode(chunks_of(tok, probe), expected)
         assert tok.decode(tok.encode(probe)) == probe
@@ -121,9 +126,10 @@ def test_vocab_size_too_small():
 
 def test_stops_early_with_warning():
     tok = RegexTokenizer()
-    with pytest.warns(UserWarning, match="no adjacent pairs left"):
-        tok.train("ab", 300)
-    assert tok.merges == {(97, 98): 256}
+    for classic in (False, True):
+        with pytest.warns(UserWarning, match="no adjacent pairs left"):
+            tok.train("ab", 300, classic=classic)
+        assert tok.merges == {(97, 98): 256}
 
 
 def test_progress_bar_when_verbose(capsys, shakespeare_like):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dualgpt.checkpoint import REQUIRED, load_checkpoint
-from dualgpt.tuning import SEED_NAMES, keep_steps, minibatches, seed_for
+from rlhf_lib.study import SEED_NAMES, keep_steps, seed_for
+from rlhf_lib.training import minibatches
 
 
 def test_every_named_draw_has_its_own_seed():

@@ -14,7 +14,7 @@ import torch
 
 from dualgpt import UserError
 from dualgpt.files import atomic_open
-from dualgpt.preference import PAD
+from rlhf_lib.preference import PAD
 
 FIELDS = ("prompt", "chosen", "rejected")
 

@@ -1,6 +1,5 @@
-"""What rlhf.py and rlhf_heads.py share: the run's setup, its files and the record of what produced each,
-seeds drawn by name, policies and the reward model, prompts, completions and scores, minibatches, and the
-RL loop (RLOO, and PPO with a value model).
+"""What rlhf.py and rlhf_heads.py share: their config, the run's setup, its files and the record of what
+produced each, seeds drawn by name, policies and the reward model, prompts, completions and scores.
 
 Shapes: P prompts of prompt_tokens (those of a pairs file: of any length, right-padded with PAD), completions
 of completion_tokens (those of a pairs file: of any length, padded the same way).
@@ -11,27 +10,50 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import uuid
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 
-from dualgpt import TrainingDiverged, UserError, in_repo, repo_path
-from dualgpt.checkpoint import (convert_state_dict, cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
+import config as core_config
+import gpt
+import gpt_
+import rlhf_config
+from dualgpt import UserError, in_repo, repo_path
+from dualgpt.checkpoint import (cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data, sha256_file
-from dualgpt.files import write_json
-from dualgpt.oracles import Oracle, get_oracle
-from dualgpt.preference import (PAD, RewardModel, completion_logits, exact_kl, gae, kl_estimators, kl_penalized_reward,
-                                policy_gradient_loss, ppo_loss, rloo_advantages, sample_completions, token_logprobs,
-                                token_rewards, trimmed, value_loss, whiten)
-from dualgpt.runconfig import model_options, require
-from dualgpt.runtime import autocast, progress
+from dualgpt.runconfig import defaults, load_config, model_options, require
+from dualgpt.runtime import autocast
+from rlhf_lib.oracles import Oracle, get_oracle
+from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions, token_logprobs,
+                                 trimmed)
+
+MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}  # rlhf_script -> the model that tunes
+# the keys of config.py the RLHF programs read; the rest of config.py is gpt.py's and gpt_.py's
+CORE_KEYS = ("data", "data_url", "data_sha256", "device", "dtype", "seed", "attn_impl", "kv_cache")
+# the keys of rlhf_config.py that both programs read (its first section); the pipeline reads every other
+# key but the head study's head_*, and the head study reads these and its own head_*
+SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens", "eval_prompts",
+               "eval_split", "dpo_beta", "rl_beta", "rl_lr", "rl_prompts", "rl_group", "rl_normalize",
+               "quick")
+
+
+def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> dict:
+    """The run config of rlhf.py or rlhf_heads.py: CORE_KEYS of config.py and the keys of
+    rlhf_config.py the program reads, --quick applying rlhf_config.QUICK."""
+    core, own = defaults(core_config), defaults(rlhf_config)
+    study = {k for k in own if k.startswith("head_")}
+    reads = (set(SHARED_KEYS) | study) if program == "rlhf_heads.py" else own.keys() - study
+    keys = {k: core[k] for k in CORE_KEYS} | {k: v for k, v in own.items() if k in reads}
+    owners = {k: "gpt.py and gpt_.py" for k in core.keys() - set(CORE_KEYS)}
+    owners |= {k: "rlhf_heads.py" if k in study else "rlhf.py" for k in own.keys() - keys.keys()}
+    return load_config(argv, program, keys, usage, presets={"quick": rlhf_config.QUICK}, hints=hints,
+                       owners=owners)
+
 
 TEMPERATURE = 1.0  # completions are sampled, and every log-probability taken, at this temperature
 CHUNK = 256  # sequences per forward pass when sampling or scoring many at once
@@ -184,10 +206,9 @@ def output_folders(family: str) -> list[str]:
     return [repo_path("data"), model_dict, repo_path("generate_text"), *kept]
 
 
-def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size: int = 1) -> Setup:
-    """Check everything a stage will need before any work (and before anything is written). model_classes:
-    rlhf_script -> the script's model class (the scripts import them; the engine never does)."""
-    if cfg["rlhf_script"] not in model_classes:
+def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
+    """Check everything a stage will need before any work (and before anything is written)."""
+    if cfg["rlhf_script"] not in MODEL_CLASSES:
         raise UserError(f"rlhf_script must be gpt_ (SM-GPT) or gpt (LB-GPT), got {cfg['rlhf_script']!r}")
     base_path = in_repo(cfg["rlhf_base"])
     base = load_checkpoint(base_path)
@@ -212,7 +233,7 @@ def setup(cfg: dict, model_classes: dict[str, type[nn.Module]], data_batch_size:
                    cfg["device"], tokenizer_text=base["tokenizer"])
     name = "pairs-" + os.path.splitext(os.path.basename(pairs))[0] if pairs else oracle.name
     family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", name) + ("_quick" if cfg["quick"] else "")
-    return Setup(cfg, model_classes[cfg["rlhf_script"]], base_path, base, sha256_file(base_path), data, oracle, family,
+    return Setup(cfg, MODEL_CLASSES[cfg["rlhf_script"]], base_path, base, sha256_file(base_path), data, oracle, family,
                  cfg["seed"], sha256_file(pairs) if pairs else None)
 
 
@@ -385,170 +406,3 @@ def completion_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, compl
 def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
     """log pi(completion | prompt) summed over its tokens (padding adds 0): (B,)."""
     return completion_logprobs(s, model, prompts, trimmed(completions)).sum(1)
-
-
-# -----------------------------------------------------------------------------------------
-# Training loops
-
-
-def minibatches(n: int, batch: int, epochs: int, generator: torch.Generator, device: str,
-                desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
-    """(step, indices) over `epochs` passes of n items in a fresh random order each pass, `batch` at a time;
-    with desc, a progress bar."""
-    steps = epochs * math.ceil(n / batch)
-    bar = progress(total=steps, show=bool(desc), desc=desc, unit="step")
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for i in range(0, n, batch):
-            step += 1
-            yield step, order[i:i + batch]
-            bar.update(1)
-    bar.close()
-
-
-def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-@torch.no_grad()
-def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, step: int,
-            gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """rl_group completions of each of rl_prompts train-split prompts, from the current policy, with the reward
-    model's score, both models' log-probabilities of every token, the exact KL to the base, and the reward
-    that RLOO optimises: the score minus rl_beta x the sampled sequence KL (k1) to the base."""
-    cfg = s.cfg
-    prompts = sample_prompts(s, "train", cfg["rl_prompts"], s.generator("rl.prompts", step)).repeat_interleave(
-        cfg["rl_group"], dim=0)
-    completions = complete(s, policy, prompts, gen)
-    with autocast(cfg["device"], cfg["dtype"]):
-        ref_logits = completion_logits(reference, prompts, completions)
-        old_logits = completion_logits(policy, prompts, completions)
-    batch = {"prompts": prompts, "completions": completions, "score": reward_scores(s, rm, prompts, completions).float(),
-             "ref_logprobs": token_logprobs(ref_logits, completions, TEMPERATURE),
-             "old_logprobs": token_logprobs(old_logits, completions, TEMPERATURE),
-             "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1)}
-    batch["score"] = batch["score"].to(batch["old_logprobs"].device)
-    batch["reward"] = kl_penalized_reward(batch["score"], batch["old_logprobs"], batch["ref_logprobs"], cfg["rl_beta"])
-    return batch
-
-
-@dataclasses.dataclass
-class Learner:
-    """What an RL update changes: the policy, its optimizer, the value model (PPO's critic, None for RLOO) and
-    the generator of minibatch orders."""
-    policy: nn.Module
-    optimizer: torch.optim.Optimizer
-    order: torch.Generator
-    critic: RewardModel | None = None
-
-
-def rloo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, dict]:
-    """One REINFORCE step (one optimizer step per rollout) with each sample's reward baselined by the mean of
-    the other samples of its prompt (leave-one-out)."""
-    advantages = rloo_advantages(batch["reward"].view(-1, s.cfg["rl_group"]), s.cfg["rl_normalize"]).view(-1)
-    loss = policy_gradient_loss(completion_logprobs(s, learner.policy, batch["prompts"], batch["completions"]),
-                                advantages)
-    step_on(learner.optimizer, loss)
-    return loss, {}
-
-
-def ppo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, dict]:
-    """PPO as in Stiennon et al. 2020 and InstructGPT: per-token rewards (the KL penalty at every token, the
-    reward model's score at the last), the critic's values, GAE advantages (whitened) and returns, then
-    ppo_epochs passes of ppo_minibatches minibatches (a new order each pass), each one optimizer step on the
-    clipped policy loss plus the clipped value loss (the critic's parameters have their own learning rate,
-    ppo_value_lr: with Adam a weight on the value loss would change nothing). Returns the last loss and mean
-    statistics."""
-    cfg, n = s.cfg, len(batch["prompts"])
-    prompts, completions = batch["prompts"], batch["completions"]
-    with torch.no_grad(), autocast(cfg["device"], cfg["dtype"]):
-        old_values = learner.critic.token_values(prompts, completions).float()
-    rewards = token_rewards(batch["score"], batch["old_logprobs"], batch["ref_logprobs"], cfg["rl_beta"])
-    advantages, returns = gae(rewards, old_values, cfg["ppo_gamma"], cfg["ppo_lambda"])
-    advantages = whiten(advantages)
-    stats = []
-    for _, idx in minibatches(n, ppo_minibatch_size(cfg), cfg["ppo_epochs"], learner.order, prompts.device):
-        logprobs = completion_logprobs(s, learner.policy, prompts[idx], completions[idx])
-        policy_loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], advantages[idx], cfg["ppo_clip"])
-        with autocast(cfg["device"], cfg["dtype"]):
-            values = learner.critic.token_values(prompts[idx], completions[idx]).float()
-        critic_loss = value_loss(values, old_values[idx], returns[idx], cfg["ppo_value_clip"])
-        loss = policy_loss + critic_loss
-        step_on(learner.optimizer, loss)
-        stats.append(dict(minibatch, value_loss=critic_loss.item()))
-    return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
-
-
-def ppo_minibatch_size(cfg: dict) -> int:
-    return math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / cfg["ppo_minibatches"])
-
-
-def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
-    """RLOO: one; PPO: one per minibatch of each pass (ppo_minibatches, or fewer when the rollout is small)."""
-    if method == "rloo":
-        return 1
-    return cfg["ppo_epochs"] * math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / ppo_minibatch_size(cfg))
-
-
-def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter], rm: RewardModel, name: str,
-             steps: int, keep_points: int, record: dict) -> list[dict]:
-    """`steps` rollouts of RLOO or PPO on `params` of the policy against the frozen base and the (frozen) reward
-    model, keeping the policy at keep_points steps (keep_steps) under `name`, each file with the run's `record`;
-    returns the log, one record per step. PPO's critic starts from the reward model and trains with the policy,
-    at its own learning rate."""
-    cfg = s.cfg
-    reference = frozen(load_policy(s))
-    groups = [{"params": params, "lr": cfg["rl_lr"]}]
-    critic = None
-    if method == "ppo":
-        critic = copy.deepcopy(rm).train()
-        for p in critic.parameters():
-            p.requires_grad_(True)
-        groups.append({"params": list(critic.parameters()), "lr": cfg["ppo_value_lr"]})
-    learner = Learner(policy, torch.optim.AdamW(groups, weight_decay=0.0), s.generator("ppo.order"), critic)
-    sampling = s.generator("rl.sampling", on_device=True)
-    update = {"rloo": rloo_update, "ppo": ppo_update}[method]
-    per_rollout, kept = optimizer_steps_per_rollout(cfg, method), keep_steps(steps, keep_points)
-    clear_outputs(s, name)
-    log = []
-    bar = progress(total=steps, desc=name, unit="step")
-    for step in range(1, steps + 1):
-        batch = rollout(s, policy, reference, rm, step, sampling)
-        loss, stats = update(s, learner, batch)
-        if not math.isfinite(loss.item()):
-            raise TrainingDiverged(f"{name}: loss is {loss.item()} at step {step}; try a lower --rl_lr")
-        estimators = kl_estimators(batch["old_logprobs"], batch["ref_logprobs"])
-        log.append({"step": step, "rm_score": batch["score"].mean().item(), "reward": batch["reward"].mean().item(),
-                    "kl_exact": batch["kl_exact"].mean().item(),
-                    **{f"kl_{k}": v.sum(1).mean().item() for k, v in estimators.items()}, **stats})
-        bar.update(1)
-        bar.set_postfix(rm=f"{log[-1]['rm_score']:+.3f}", kl=f"{log[-1]['kl_exact']:.2f}")
-        if step in kept:
-            save_policy(s, policy, os.path.join(kept_folder(s, name), f"step{step:05d}.pt"), name, record, step,
-                        step * per_rollout)
-    bar.close()
-    save_policy(s, policy, s.path("model_dict", f"{name}.pt"), name, record, steps, steps * per_rollout)
-    write_json(s.path("generate_text", f"{name}_log.json"), {"run": record, "log": log})
-    print(f"{name}: {steps} steps, reward-model score {log[0]['rm_score']:+.3f} -> {log[-1]['rm_score']:+.3f}, "
-          f"KL to the base {log[-1]['kl_exact']:.3f} nats per sequence")
-    return log
-
-
-def restrict_training(policy: nn.Module, trainable: dict[str, torch.Tensor]) -> list[nn.Parameter]:
-    """Train only the entries where the mask (an LB-GPT-layout state dict of 0/1) is 1: parameters with none
-    are frozen, the others have their gradients masked. With AdamW and no weight decay a masked entry gets a
-    zero update, so it stays bitwise unchanged. Returns the parameters to optimise."""
-    masks = convert_state_dict(trainable, "LB-GPT", policy.layout, policy.config.n_head)
-    params = []
-    for name, p in policy.named_parameters():
-        mask = masks[name].to(p.device, p.dtype)
-        if not mask.any():
-            p.requires_grad_(False)
-        else:
-            if not mask.all():
-                p.register_hook(lambda grad, mask=mask: grad * mask)
-            params.append(p)
-    return params

@@ -3,21 +3,57 @@ and transplanting heads or MLPs from one model into another.
 
 State dicts are in LB-GPT's layout (gpt.py), where head h of layer l is a module of its own, plus columns
 h*hs:(h+1)*hs of its layer's output projection, the slice that reads that head's output. The parameter
-names come from dualgpt/checkpoint.py, which defines the layout.
+names are LB-GPT's module names (gpt.py).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn as nn
 
-from dualgpt.checkpoint import (convert_state_dict, head_columns, head_parameter, head_parameters, mlp_parameter,
-                                output_projection, part_of)
+from dualgpt.checkpoint import convert_state_dict, layout_of
 from dualgpt.heads import recording
+
+PART = re.compile(r"blocks\.(\d+)\.(?:(mlp)\.|attn\.(?:heads\.|proj\.weight$))")  # heads', MLPs'
+
+
+def head_parameter(layer: int, head: int, proj: str, kind: str = "weight") -> str:
+    """The name of a head's query, key or value weight (or bias) in LB-GPT's layout."""
+    return f"blocks.{layer}.attn.heads.{head}.{proj}.{kind}"
+
+
+def head_parameters(state: dict, layer: int, head: int) -> list[str]:
+    """Every entry of one head in an LB-GPT state dict (biases only where the model has them)."""
+    names = [head_parameter(layer, head, proj, kind) for proj in ("query", "key", "value") for kind in ("weight", "bias")]
+    return [name for name in names if name in state]
+
+
+def output_projection(layer: int) -> str:
+    """A layer's attention output projection: column block h reads head h's output."""
+    return f"blocks.{layer}.attn.proj.weight"
+
+
+def mlp_parameter(layer: int, part: str) -> str:
+    return f"blocks.{layer}.mlp.{part}.weight"
+
+
+def head_columns(state: dict, head: int) -> slice:
+    """The columns of a layer's output projection that read head `head`'s output."""
+    hs = state[head_parameter(0, 0, "query")].shape[0]
+    return slice(head * hs, (head + 1) * hs)
+
+
+def part_of(name: str) -> tuple[str, int] | None:
+    """("mlp", layer) or ("head", layer) for an entry that an MLP or the heads own; None for the rest
+    (embeddings, LayerNorms, the output projection's bias)."""
+    m = PART.match(name)
+    return (("mlp" if m.group(2) else "head"), int(m.group(1))) if m else None
 
 
 def lb_state(ckpt: dict) -> dict:
     """A checkpoint's best-val weights in LB-GPT's layout, where head h of layer l is a module of its own."""
-    return convert_state_dict(ckpt["best_model"], ckpt["layout"], "LB-GPT", ckpt["model_config"]["n_head"])
+    return convert_state_dict(ckpt["best_model"], layout_of(ckpt), "LB-GPT", ckpt["model_config"]["n_head"])
 
 
 def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:

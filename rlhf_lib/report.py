@@ -12,11 +12,11 @@ import torch.nn as nn
 
 from dualgpt import UserError
 from dualgpt.files import write_text
-from dualgpt.oracles import WORD
-from dualgpt.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits, exact_kl,
+from rlhf_lib.oracles import WORD
+from rlhf_lib.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits, exact_kl,
                                 kl_estimators, token_logprobs)
 from dualgpt.runtime import autocast
-from dualgpt.tuning import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy, load_policy_checkpoint,
+from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy, load_policy_checkpoint,
                             reward_scores, scores, texts)
 
 # Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond 30, 1.96)

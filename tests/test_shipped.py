@@ -81,7 +81,7 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
                    if line.startswith("import time:")}
         imported = modules | {module.split(".")[0] for module in modules}
         assert "torch" in imported and not imported & optional, imported & optional
-        assert "dualgpt.sampling" in imported and not imported & not_loaded, imported & not_loaded
+        assert "dualgpt.checkpoint" in imported and not imported & not_loaded, imported & not_loaded
     assert os.path.exists(clone / "model_dict" / "gpt.pt")  # the run did write its outputs
     assert git("status", "--porcelain", cwd=clone) == ""
 

@@ -56,11 +56,11 @@ class Head(nn.Module):
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
-        # affinities, scaled by 1/sqrt(head_size) so that their variance stays near 1 at init: otherwise
-        # softmax saturates towards one-hot and each query would listen to a single key
+        # affinities, scaled by 1/sqrt(head_size) so that their variance stays near 1 at init:
+        # otherwise softmax saturates towards one-hot and each query listens to a single key
         wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, T)
-        # the causal mask: position t sees positions <= t only, so every position learns to predict its
-        # next token without seeing it, and the T predictions of one sequence train in one pass
+        # the causal mask: position t sees positions <= t only, so each position learns to predict
+        # its next token without seeing it, and the T predictions of a sequence train in one pass
         wei = wei.masked_fill(~self.tril[:T, :T], float("-inf"))
         wei = F.softmax(wei, dim=-1)
         out = self.dropout(wei) @ self.value(x)  # (B, T, hs)
@@ -134,8 +134,8 @@ class Block(nn.Module):
 
 
 class LBGPT(nn.Module):
-    """GPT-2 style decoder: token and position embeddings, n_layer blocks, a final LayerNorm and the
-    output head. gpt_.py subclasses it, swapping `attention` for single-matmul heads."""
+    """GPT-2 style decoder: token and position embeddings, n_layer blocks, a final LayerNorm and
+    the output head. gpt_.py subclasses it, swapping `attention` for single-matmul heads."""
 
     attention: type[nn.Module] = MultiHeadAttention
 
@@ -149,7 +149,7 @@ class LBGPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens (GPT-2 ties them)
+            self.lm_head.weight = self.wte.weight  # one matrix embeds and unembeds (GPT-2)
         self.apply(self._init_weights)
         # GPT-2's residual init: each block adds two projections to the residual stream, so their
         # weights shrink with depth and the stream's variance stays put as layers are stacked
@@ -176,7 +176,7 @@ class LBGPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets (B, T) are given."""
+        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy given targets (B, T)."""
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None

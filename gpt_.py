@@ -6,7 +6,7 @@ gpt.py), plus the KV cache that computing every head at once makes easy.
 
     python gpt_.py                         # same keys and modes as gpt.py
     python gpt_.py --attn_impl=matmul      # the explicit textbook attention instead of SDPA
-    python gpt_.py --mode=eval --ckpt=model_dict/gpt.pt   # checkpoints of either script load in both
+    python gpt_.py --mode=eval --ckpt=model_dict/gpt.pt  # either script's checkpoints load
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class SingleMatmulAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("tril", causal, persistent=False)
-        self.register_buffer("head_gate", torch.ones(config.n_head), persistent=False)  # 0: head off
+        gate = torch.ones(config.n_head)  # 0 switches a head off
+        self.register_buffer("head_gate", gate, persistent=False)
         self.impl = "sdpa"
         self.masked: set[int] = set()
         self.record = False  # keep attention weights and head outputs (forces the matmul path)
@@ -57,7 +58,9 @@ class SingleMatmulAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs = C // self.n_head
+        # each (B, nh, T, hs): heads become a batch dimension
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
         past = 0
         if cache is not None:
             if cache.k is not None:
@@ -68,7 +71,8 @@ class SingleMatmulAttention(nn.Module):
             if past and T > 1:
                 raise ValueError("with a non-empty cache, feed one token at a time")
             # causal within the new tokens; a single new token may attend to everything cached
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout.p if self.training else 0.0,
+            p = self.attn_dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p,
                                                is_causal=T > 1)
         else:
             att = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, nh, T, past + T)
@@ -79,7 +83,7 @@ class SingleMatmulAttention(nn.Module):
                 self._recorded = (att.detach(), y.detach())
         if self.masked:
             y = y * self.head_gate.view(1, -1, 1, 1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side, as torch.cat does in gpt.py
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side (gpt.py: torch.cat)
         return self.resid_dropout(self.proj(y))
 
     def mask_heads(self, heads: set[int]) -> None:
@@ -97,7 +101,7 @@ class SingleMatmulAttention(nn.Module):
 
 class SMGPT(LBGPT):
     """LB-GPT with SingleMatmulAttention. attn_impl: "sdpa" (torch's scaled_dot_product_attention,
-    flash kernels on GPUs) or "matmul" (the explicit form); kv_cache: sample with a key/value cache."""
+    flash kernels on GPUs) or "matmul" (the explicit form); kv_cache: sample with a KV cache."""
 
     attention = SingleMatmulAttention
 
@@ -109,12 +113,13 @@ class SMGPT(LBGPT):
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """LB-GPT's; with a cache, idx (B, T) holds the tokens after the cached ones, which sit at
-        the positions after theirs and attend to them through each layer's cached keys and values."""
+        the positions after theirs and attend to them through each layer's cached keys, values."""
         if cache is None:
             return super().hidden_states(idx)
         start, T = cache.length, idx.shape[1]
         if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+            limit = self.config.block_size
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {limit}")
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(start, start + T, device=idx.device)))
         for block, layer_cache in zip(self.blocks, cache.layers):
             x = block(x, layer_cache)
@@ -122,7 +127,7 @@ class SMGPT(LBGPT):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None):
-        """LB-GPT's forward; with a cache (sampling), the logits of the tokens after the cached ones."""
+        """LB-GPT's forward; with a cache (sampling), the logits of the tokens after the cached."""
         if cache is None:
             return super().forward(idx, targets)
         return self.lm_head(self.hidden_states(idx, cache)), None

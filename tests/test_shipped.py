@@ -167,3 +167,22 @@ def test_the_readmes_figures_are_the_shipped_files():
         kv = next(line for line in f if "inside the window) | SM-GPT sdpa, KV cache" in line)
     ratio = kv.split("|")[4].strip()
     assert f"KV cache samples {ratio} LB-GPT's" in readme
+
+
+def test_the_rlhf_head_study_page_quotes_the_shipped_study():
+    """docs/rlhf-heads.md's margins, attention divergences and partial-tuning end points are the shipped
+    head study's (generate_text/shipped/rlhf_sentiment_seed1337_heads.json, written by rlhf_heads.py)."""
+    page = " ".join(doc("rlhf-heads.md").split())  # line breaks read as spaces
+    with open(os.path.join(ROOT, "generate_text", "shipped", "rlhf_sentiment_seed1337_heads.json"),
+              encoding="utf-8") as f:
+        study = json.load(f)
+    for method, result in study["methods"].items():
+        margin = f"{result['margin']:+.3f}".replace("-", "−")
+        assert f"{method.upper()} {margin}" in page or f"{method.upper()}'s is negative ({margin}" in page
+        divergence = [x for row in result["attention_divergence"] for x in row]
+        assert f"{sum(divergence) / len(divergence):.4f} " in page, method
+    curves = study["partial_tuning"]["curves"]
+    kls = [f"{curves[name][-1]['kl']:.2f}" for name in ("head 0.0 only", "attention only", "MLPs only")]
+    assert f"KL {kls[0]}, {kls[1]} and {kls[2]} nats" in page
+    for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "oracle_vs_kl"):
+        assert f"rlhf_sentiment_seed1337_heads_{name}.png" in page

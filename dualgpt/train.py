@@ -110,11 +110,11 @@ class Run:
     scaler: torch.amp.GradScaler
     batch_gen: torch.Generator  # the batch stream, shared by every rank
     limits: Limits
-    schedule: LRSchedule
     meter: Meter
     state: TrainState
     micro_steps: int  # micro-batches per optimizer step on this process
     resumed_at: int | None  # the step the resumed checkpoint already evaluated
+    schedule: LRSchedule | None = None  # set once compiling is done: it leaves compile time out
     lr: float = 0.0
     t_start: float = dataclasses.field(default_factory=time.time)
 
@@ -189,7 +189,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
                   matmul_peak(device, dtype) * ddp.world)
     run = Run(cfg, ddp, data, model, model, optimizer,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
-              batch_gen, limits, LRSchedule(0, 0, 0, 0), meter, TrainState(), micro_steps, None)
+              batch_gen, limits, meter, TrainState(), micro_steps, None)
     if previous is not None:  # continue exactly where the checkpoint stopped
         restore(run, previous)
         ddp.print(f"resuming {cfg['ckpt']} at iteration {run.state.iter_num}")

@@ -7,25 +7,38 @@ Benchmarks, measured as ratios within one run (never as timed test assertions).
 
 Prints markdown tables and writes them to generate_text/bench.md.
 """
-from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 
 import regex as re
 import torch
 
+from dualgpt import UserError
+from dualgpt.cli import exit_codes
 from dualgpt.files import atomic_open
+from dualgpt.runconfig import declarations, defaults, load_config
 from dualgpt.runtime import machine_name
 from minbpe import RegexTokenizer
 from minbpe.base import train_classic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = os.path.join(HERE, "data", "input.txt")
+
+
+class Keys:
+    """bench.py's keys (python bench.py --steps=3), declared as config.py's are."""
+    only = "tokenizer,train,sample,quality,compile,rlhf"  # sections, comma-separated
+    data = os.path.join(HERE, "data", "input.txt")  # the text every section reads
+    vocab_size: "[256, 2**16]" = 4096  # the tokenizer section's vocabulary
+    steps: "[1, 10000]" = 10  # timed training steps per variant
+    quick = False  # fewer repeats and smaller shapes: a smoke run
+    budget: "(0, 86400]" = 67.0  # seconds of training per run in the quality section
+    dtype: "float32 | bfloat16" = "float32"  # the training-step section's autocast dtype
+    lecture_batch: "[0, 4096]" = 0  # batch at the lecture shape (0: 16 on CPU, 64 on GPU)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -348,24 +361,18 @@ SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {', '.join(SECTIONS)}")
-    parser.add_argument("--data", default=DEFAULT_DATA, help="text file (default: data/input.txt)")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller shapes: a smoke run")
-    parser.add_argument("--budget", type=float, default=67.0, help="seconds of training per run in the quality section")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="training-step section: autocast dtype (the same for every variant)")
-    parser.add_argument("--lecture_batch", type=int, default=0, help="batch at the lecture shape (default 16 on CPU, 64 on GPU)")
-    args = parser.parse_args(argv)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown:
-        parser.exit(2, f"error: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}\n")
-    if not os.path.exists(args.data):
-        parser.exit(2, f"error: data file {args.data} not found; run `python gpt.py` once to download it, "
-                       f"or pass --data=PATH\n")
+    with exit_codes():
+        cfg = load_config(sys.argv[1:] if argv is None else argv, "bench.py", defaults(Keys),
+                          declarations(Keys), __doc__)
+        sections = [s.strip() for s in cfg["only"].split(",") if s.strip()]
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown or not sections:
+            raise UserError(f"unknown section {(unknown or [''])[0]!r}; choose from "
+                            f"{', '.join(SECTIONS)}")
+        if not os.path.isfile(cfg["data"]):
+            raise UserError(f"data file {cfg['data']} not found; run `python gpt.py` once to "
+                            f"download it, or pass --data=PATH")
+    args = types.SimpleNamespace(**cfg)
     # instruction-set limits in the environment (an emulated AVX2 laptop) belong to the command
     limits = "".join(f"{name}={os.environ[name]} " for name in ISA_LIMITS if name in os.environ)
     header = (f"## Dual-GPT benchmarks\n\n{machine_name('cpu')}, {os.cpu_count()} CPUs, Python "

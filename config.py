@@ -6,6 +6,10 @@ command line sets several at once, as in nanoGPT: `python gpt.py config/gpu.py` 
 The defaults suit a laptop CPU: `python gpt.py` trains for 5 minutes and writes recognisably
 Shakespeare-like text. For minutes of CPU time, many small steps (block 64, batch 12) and a large
 BPE vocabulary train best; config/gpu.py is the lecture's scale for one GPU.
+
+A key's annotation is the one declaration of the values it takes, a range ("[0, 1)": 0 included,
+1 not; ">= 1") or choices ("sdpa | matmul"): anything else is refused, in one line, before any
+work starts. Numbers must be finite.
 """
 
 # --- data ----------------------------------------------------------------------------------------
@@ -15,53 +19,53 @@ data_url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tin
 data_sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of data_url
 
 # --- system --------------------------------------------------------------------------------------
-device = "auto"  # auto | cpu | cuda | cuda:N | mps
-dtype = "auto"  # auto | float32 | bfloat16 | float16 (auto: bfloat16 where the chip is native)
-seed = 1337  # seeds weights, batches, dropout and sampling
+device: "auto | cpu | cuda | cuda:N | mps" = "auto"
+dtype: "auto | float32 | bfloat16 | float16" = "auto"  # auto: bfloat16 where the chip is native
+seed: "[0, 2**63)" = 1337  # seeds weights, batches, dropout and sampling
 compile = False  # torch.compile the model (15-60 s up front; can pay back on long runs)
 
 # --- tokenizer -----------------------------------------------------------------------------------
-vocab_size = 8192  # BPE vocabulary (>= 256), trained on `data` and cached in tokenizers/
+vocab_size: "[256, 2**20]" = 8192  # BPE vocabulary, trained on `data`, cached in tokenizers/
 
 # --- model ---------------------------------------------------------------------------------------
-n_layer = 4  # transformer blocks
-n_head = 4  # attention heads per block
-n_embd = 128  # embedding width; must be divisible by n_head
-block_size = 64  # context length in tokens
-dropout = 0.1  # dropout probability, in [0, 1)
+n_layer: "[1, 1024]" = 4  # transformer blocks
+n_head: "[1, 1024]" = 4  # attention heads per block
+n_embd: "[1, 2**16]" = 128  # embedding width, divisible by n_head
+block_size: "[1, 2**20]" = 64  # context length in tokens
+dropout: "[0, 1)" = 0.1  # dropout probability
 bias = False  # biases in Linear layers and LayerNorms
 
 # --- training ------------------------------------------------------------------------------------
-batch_size = 12  # sequences per micro-batch (also the batch of --mode=eval and --mode=heads)
-grad_accum_steps = 1  # micro-batches per optimizer step
+batch_size: "[1, 2**20]" = 12  # sequences per micro-batch (also of --mode=eval and heads)
+grad_accum_steps: "[1, 2**20]" = 1  # micro-batches per optimizer step
 # Training stops at the first limit in force (0 = none of that kind). A limit you set (typed, or
 # in a config file) is obeyed and the other, unless set too, is off: --max_iters=3000 trains 3000.
-max_iters = 0  # stop after this many optimizer steps
-max_minutes = 5.0  # stop after this many minutes of training (evaluation excluded)
-learning_rate = 2e-3  # peak learning rate
-min_lr = 2e-4  # learning rate at the end of the cosine decay
-warmup_iters = 100  # linear warm-up steps
-lr_decay_iters = 0  # step at which the cosine decay reaches min_lr; 0 = at the end of the run
-weight_decay = 0.1  # AdamW weight decay, on weight matrices only
-beta1 = 0.9  # AdamW beta1
-beta2 = 0.99  # AdamW beta2
-grad_clip = 1.0  # clip the gradient norm to this (0 = off)
-eval_interval = 500  # evaluate and checkpoint every this many steps (step-limited runs)
-eval_points = 10  # with a time budget: evaluate and checkpoint at this many evenly spaced points
-eval_iters = 50  # batches per split in each evaluation (also --mode=heads' val batches)
-log_interval = 10  # steps between reads of the loss (bar, log, NaN check; each read syncs)
+max_iters: ">= 0" = 0  # stop after this many optimizer steps
+max_minutes: ">= 0" = 5.0  # stop after this many minutes of training (evaluation excluded)
+learning_rate: "> 0" = 2e-3  # peak learning rate
+min_lr: ">= 0" = 2e-4  # learning rate at the end of the cosine decay
+warmup_iters: ">= 0" = 100  # linear warm-up steps
+lr_decay_iters: ">= 0" = 0  # step where the cosine decay reaches min_lr; 0 = the end of the run
+weight_decay: ">= 0" = 0.1  # AdamW weight decay, on weight matrices only
+beta1: "[0, 1)" = 0.9  # AdamW beta1
+beta2: "[0, 1)" = 0.99  # AdamW beta2
+grad_clip: ">= 0" = 1.0  # clip the gradient norm to this (0 = off)
+eval_interval: ">= 1" = 500  # evaluate and checkpoint every this many steps (step-limited runs)
+eval_points: "[1, 2**20]" = 10  # with a time budget: evaluate and checkpoint this many times
+eval_iters: "[1, 2**20]" = 50  # batches per split in each evaluation (and --mode=heads)
+log_interval: ">= 1" = 10  # steps between reads of the loss (bar, log, NaN check; each read syncs)
 
 # --- SM-GPT's attention (gpt_.py) ----------------------------------------------------------------
-attn_impl = "sdpa"  # sdpa | matmul (sdpa: torch's fused attention; matmul: the textbook form)
+attn_impl: "sdpa | matmul" = "sdpa"  # sdpa: torch's fused attention; matmul: the textbook form
 kv_cache = True  # sample with a key/value cache
 
 # --- sampling ------------------------------------------------------------------------------------
 prompt = ""  # text to continue, or FILE:path; empty starts from a newline
-num_samples = 2  # samples to generate
-max_new_tokens = 300  # tokens per sample
-temperature = 0.8  # 0 = greedy
-top_k = 200  # keep only the k most likely tokens (0 = off)
-top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability (1 = off)
+num_samples: "[1, 2**20]" = 2  # samples to generate
+max_new_tokens: "[0, 2**20]" = 300  # tokens per sample
+temperature: ">= 0" = 0.8  # 0 = greedy
+top_k: ">= 0" = 200  # keep only the k most likely tokens (0 = off)
+top_p: "(0, 1]" = 1.0  # nucleus sampling: the smallest set with this probability (1 = off)
 stop = ""  # end a sample before the first of these strings, |-separated ("\n\n|ROMEO:")
 
 # --- head-level research -------------------------------------------------------------------------
@@ -71,10 +75,10 @@ heads_per_layer = False  # --mode=heads: also write one attention-map PNG per la
 # --- paths and mode ------------------------------------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
 export_to = ""  # --mode=export: the file (pt) or folder (hf) to write
-export_format = "pt"  # pt | hf (pt: our checkpoint, weights only; hf: a Hugging Face GPT-2 folder)
+export_format: "pt | hf" = "pt"  # pt: our checkpoint, weights only; hf: a Hugging Face folder
 import_from = ""  # --mode=import: a Hugging Face GPT-2 folder (or hub name) to write as ckpt
 sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
 resume = False  # continue training from ckpt
 overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as .bak)
 # auto: train if there is no ckpt (or with --resume or --overwrite), then sample
-mode = "auto"  # auto | train | sample | eval | heads | export | import
+mode: "auto | train | sample | eval | heads | export | import" = "auto"

@@ -7,65 +7,65 @@ attn_impl and kv_cache; the pipeline's keys are rlhf.py's alone, head_* rlhf_hea
 
 # --- both programs: the base, the task, evaluation, RL -------------------------------------------
 rlhf_base = "model_dict/shipped/gpt_.pt"  # the pretrained model every stage starts from
-rlhf_script = "gpt_"  # gpt_ | gpt (gpt_: SM-GPT, samples with a KV cache; gpt: LB-GPT)
+rlhf_script: "gpt_ | gpt" = "gpt_"  # gpt_: SM-GPT, samples with a KV cache; gpt: LB-GPT
 # auto: sentiment, or none with --pairs; sentiment: a lexicon (half scores, half judges) and AFINN;
 # verse: ten syllables a line; dialogue: speakers' turns; module:function: your own, text -> float
-oracle = "auto"  # auto | sentiment | verse | dialogue | module:function | none
-prompt_tokens = 16  # prompt length: windows of the train split (evaluation: of the val split)
-completion_tokens = 32  # completion length, sampled at temperature 1 with no top-k/top-p
-eval_prompts = 128  # prompts every method is evaluated on (the head study: head_prompts of them)
-eval_split = "test"  # test | dev (test: the val split's second half; dev: its first half)
-dpo_beta = 0.1  # DPO: strength of the pull towards the reference
-rl_beta = 0.05  # weight of the KL to the base in the reward (RLOO: per sequence; PPO: per token)
-rl_lr = 3e-4  # RLOO and PPO: AdamW learning rate
-rl_prompts = 8  # train-split prompts per step
-rl_group = 8  # samples per prompt (RLOO: each baselined by the mean of the others)
+oracle: "auto | sentiment | verse | dialogue | module:function | none" = "auto"
+prompt_tokens: "[1, 2**20]" = 16  # prompt length: train-split windows (evaluation: val split)
+completion_tokens: "[1, 2**20]" = 32  # completion length (sampled at temperature 1)
+eval_prompts: "[2, 2**20]" = 128  # prompts every method is evaluated on
+eval_split: "test | dev" = "test"  # test: the val split's second half; dev: its first half
+dpo_beta: "> 0" = 0.1  # DPO: strength of the pull towards the reference
+rl_beta: ">= 0" = 0.05  # the KL to the base in the reward (RLOO: per sequence; PPO: per token)
+rl_lr: "> 0" = 3e-4  # RLOO and PPO: AdamW learning rate
+rl_prompts: "[1, 2**20]" = 8  # train-split prompts per step
+rl_group: "[2, 2**20]" = 8  # samples per prompt (RLOO: each baselined by the mean of the others)
 rl_normalize = False  # RLOO: divide advantages by their group's std
 quick = False  # a smaller, faster run: the values in QUICK below (outputs: rlhf_<oracle>_quick_*)
 
 # --- the pipeline: pairs, reward model, best-of-n, DPO -------------------------------------------
 # all: every stage for each seed, then the report; label: label pairs of the base yourself
-rlhf_stage = "all"  # all | pairs | rm | bon | dpo | rloo | ppo | eval | report | label
+rlhf_stage: "all | pairs | rm | bon | dpo | rloo | ppo | eval | report | label" = "all"
 pairs = ""  # a JSON-lines file of prompt/chosen/rejected texts to tune on instead of the oracle's
-pairs_held_out = 0.1  # with --pairs: the share of its prompts held out (evaluation, rm accuracy)
+pairs_held_out: "(0, 1)" = 0.1  # with --pairs: the share of its prompts held out
 labels = "data/labels.jsonl"  # --rlhf_stage=label: where your answers go (ties, skips: beside it)
-label_target = 200  # --rlhf_stage=label: how many pairs to label
-seeds = 1  # replicates seed, seed + 1, ...; the report gives means and 95% intervals over them
-label_agreement = 0.75  # how often the noisy labels agree with the oracle score (sets tau)
-n_pairs = 8192  # preference pairs from train-split prompts (plus n_pairs / 8 held out)
-rm_epochs = 1  # reward model: passes over the pairs
-rm_batch = 64  # reward model: pairs per step
-rm_lr = 1e-3  # reward model: AdamW learning rate
-bon_max_n = 1024  # best-of-n for n = 1, 2, 4, ... up to this (1024: about 5.9 nats)
-bon_prompts = 24  # best-of-n on the first this many evaluation prompts
-eval_samples = 4  # completions per evaluation prompt, at the base and each kept checkpoint
+label_target: ">= 1" = 200  # --rlhf_stage=label: how many pairs to label
+seeds: "[1, 1000]" = 1  # replicates: seed, seed + 1, ... (means and 95% intervals over them)
+label_agreement: "(0.5, 1)" = 0.75  # how often noisy labels agree with the oracle (sets tau)
+n_pairs: "[16, 2**24]" = 8192  # pairs from train-split prompts (and n_pairs / 8 held out)
+rm_epochs: "[1, 2**20]" = 1  # reward model: passes over the pairs
+rm_batch: "[1, 2**20]" = 64  # reward model: pairs per step
+rm_lr: "> 0" = 1e-3  # reward model: AdamW learning rate
+bon_max_n: "[2, 2**20]" = 1024  # best-of-n for n = 1, 2, 4, ... up to this (1024: about 5.9 nats)
+bon_prompts: "[1, 2**20]" = 24  # best-of-n on the first this many evaluation prompts
+eval_samples: "[1, 2**20]" = 4  # completions per evaluation prompt and checkpoint
 kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares the methods
-keep_points = 5  # checkpoints kept per tuning run, each at twice the step of the one before
+keep_points: "[1, 64]" = 5  # checkpoints kept per tuning run, each at twice the step before
 # dpo: hard labels; cdpo: labels smoothed by cdpo_epsilon; ipo: IPO; dpo_soft: the pairs'
 # preference probabilities (left out with --pairs)
 dpo_methods = "dpo,cdpo,ipo,dpo_soft"  # the DPO losses the dpo stage trains, each from the base
-cdpo_epsilon = 0.25  # conservative DPO: the chance a label is flipped
-dpo_pairs = 3072  # DPO: train on the first this many pairs (0 = all)
-dpo_lr = 3e-4  # DPO: AdamW learning rate (small models need far more than 7B models' 5e-7)
-dpo_epochs = 1  # DPO: passes over the pairs
-dpo_batch = 32  # DPO: pairs per step
+cdpo_epsilon: "[0, 0.5)" = 0.25  # conservative DPO: the chance a label is flipped
+dpo_pairs: "[0, 2**24]" = 3072  # DPO: train on the first this many pairs (0 = all)
+dpo_lr: "> 0" = 3e-4  # DPO: AdamW learning rate (small models need far more than 7B models' 5e-7)
+dpo_epochs: "[1, 2**20]" = 1  # DPO: passes over the pairs
+dpo_batch: "[1, 2**20]" = 32  # DPO: pairs per step
 
 # --- the pipeline: RLOO and PPO ------------------------------------------------------------------
-rl_steps = 40  # rollouts (RLOO: one optimizer step each; PPO: ppo_epochs x ppo_minibatches)
-ppo_epochs = 2  # PPO: passes over each step's rollouts
-ppo_minibatches = 4  # PPO: minibatches per pass
-ppo_clip = 0.2  # PPO: clip the probability ratio to [1 - clip, 1 + clip]
-ppo_value_clip = 0.2  # PPO: clip the value model's change from its rollout-time values to this
-ppo_value_lr = 3e-4  # PPO: AdamW learning rate of the value model
-ppo_gamma = 1.0  # PPO: discount along the completion (GAE)
-ppo_lambda = 0.95  # PPO: GAE's lambda
+rl_steps: "[1, 2**20]" = 40  # rollouts (RLOO: an optimizer step each; PPO: epochs x minibatches)
+ppo_epochs: "[1, 2**20]" = 2  # PPO: passes over each step's rollouts
+ppo_minibatches: "[1, 2**20]" = 4  # PPO: minibatches per pass
+ppo_clip: "> 0" = 0.2  # PPO: clip the probability ratio to [1 - clip, 1 + clip]
+ppo_value_clip: "> 0" = 0.2  # PPO: clip the value model's change from rollout time to this
+ppo_value_lr: "> 0" = 3e-4  # PPO: AdamW learning rate of the value model
+ppo_gamma: "[0, 1]" = 1.0  # PPO: discount along the completion (GAE)
+ppo_lambda: "[0, 1]" = 0.95  # PPO: GAE's lambda
 
 # --- the head study (rlhf_heads.py) --------------------------------------------------------------
-head_batches = 8  # val batches for the attention statistics and map divergence
-head_batch_size = 12  # sequences per val batch
-head_prompts = 64  # val prompts sampled for each head switched off or transplanted
-head_pairs = 128  # held-out pairs for the implicit reward margins
-head_tuning_steps = 20  # RLOO steps tuning one part (kept at half and at the end)
+head_batches: "[1, 2**20]" = 8  # val batches for the attention statistics and map divergence
+head_batch_size: "[1, 2**20]" = 12  # sequences per val batch
+head_prompts: "[1, 2**20]" = 64  # val prompts sampled for each head switched off or transplanted
+head_pairs: "[1, 2**20]" = 128  # held-out pairs for the implicit reward margins
+head_tuning_steps: "[2, 2**20]" = 20  # RLOO steps tuning one part (kept at half and at the end)
 
 # --quick: fewer pairs, prompts and steps (keys typed on the command line still win)
 QUICK = dict(n_pairs=1024, dpo_pairs=0, bon_max_n=64, bon_prompts=16, eval_prompts=48,

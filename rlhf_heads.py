@@ -25,7 +25,6 @@ from dualgpt.checkpoint import load_checkpoint, load_tensors
 from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.heads import head_statistics
-from dualgpt.runconfig import require
 from dualgpt.runtime import autocast, progress
 from rlhf_lib.head_comparison import (attention_divergence, head_weight_change, lb_state, part_masks,
                                       transplant)
@@ -270,9 +269,6 @@ def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)
     with exit_codes():
         cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__, HINTS)
-        require([(min(cfg["head_batches"], cfg["head_batch_size"], cfg["head_prompts"], cfg["head_pairs"]) >= 1,
-                  "head_batches, head_batch_size, head_prompts and head_pairs must be at least 1"),
-                 (cfg["head_tuning_steps"] >= 2, "head_tuning_steps must be at least 2 (kept at half and at the end)")])
         s = setup(cfg, data_batch_size=cfg["head_batch_size"])
         with OutputLock(repo_path("model_dict", s.family)):  # not while rlhf.py writes what the study reads
             remove_dead_temps(*output_folders(s.family))

@@ -51,8 +51,8 @@ def exit_codes(report: bool = True):
     try:
         yield
     except (UserError, TrainingDiverged, WriteFailed) as e:
-        if report:
-            print(f"error: {e}", file=sys.stderr)
+        if report:  # one line, even where the message quotes a value with a line break in it
+            print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

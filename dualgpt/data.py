@@ -115,7 +115,7 @@ def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
         if ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids) and 0 <= ids.min() and ids.max() < vocab_size:
             return ids
         problem = "its contents are not token ids of this tokenizer"
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # a cache: whatever np.load makes of a damaged header, encode again
         problem = f"{e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:80]}"
     print(f"note: the token cache {path} is unreadable ({problem}); encoding the text again")
     return None

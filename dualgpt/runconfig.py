@@ -3,23 +3,63 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 
 import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.runtime import resolve_device, resolve_dtype
 
-MODES = ("auto", "train", "sample", "eval", "heads", "export", "import")
 LIMITS = {"max_iters", "max_minutes"}
-# the choices config.py's comments list (a | b | c), as validation accepts them (tests check both)
-CHOICES = {"device": ("auto", "cpu", "cuda", "cuda:N", "mps"),
-           "dtype": ("auto", "float32", "bfloat16", "float16"), "attn_impl": ("sdpa", "matmul"),
-           "mode": MODES, "export_format": ("pt", "hf")}
+INTERVAL = re.compile(r"([\[(])(.+), (.+)([\])])")  # "[0, 1)": closed at 0, open at 1
+PLACEHOLDERS = {"N": r"\d+", "module": r"[\w.]+", "function": r"\w+"}  # in a choice: cuda:N
 
 
 def defaults(module=default_config) -> dict:
     """A config module's settings: its lower-case names of plain values."""
     return {k: v for k, v in vars(module).items()
             if k.islower() and not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
+def declarations(module=default_config) -> dict[str, str]:
+    """Each key's declared values, the annotation beside its default: a range ("[0, 1)", ">= 1")
+    or choices ("sdpa | matmul"). The one place a key's limits are written."""
+    return {k: v for k, v in getattr(module, "__annotations__", {}).items() if isinstance(v, str)}
+
+
+def bound(text: str) -> int | float:
+    base, power, exponent = text.partition("**")
+    return int(base) ** int(exponent) if power else int(text) if text.isdigit() else float(text)
+
+
+def allowed(value, rule: str) -> bool:
+    """Whether a value is within its declared rule (see declarations)."""
+    if "|" in rule:
+        patterns = (re.sub(r"\b(N|module|function)\b", lambda m: PLACEHOLDERS[m[1]], choice)
+                    for choice in rule.split(" | "))
+        return any(re.fullmatch(pattern, str(value)) for pattern in patterns)
+    if rule.startswith(">"):
+        limit = bound(rule.lstrip(">= "))
+        return value >= limit if rule.startswith(">=") else value > limit
+    opening, low, high, closing = INTERVAL.fullmatch(rule).groups()
+    above = value >= bound(low) if opening == "[" else value > bound(low)
+    return above and (value <= bound(high) if closing == "]" else value < bound(high))
+
+
+def check_declared(cfg: dict, rules: dict[str, str]) -> None:
+    """Refuse, in one line and before any work, a value outside its key's declaration, a number
+    that is not finite, and an integer beyond 64 bits (torch would refuse it mid-run)."""
+    for key, value in cfg.items():
+        rule = rules.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:
+            raise UserError(f"{key} must fit in 64 bits, got {value}")
+        if rule and not allowed(value, rule):
+            choices = rule.split(" | ")
+            wanted = (f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1
+                      else f"{rule}" if rule.startswith(">") else f"in {rule}")
+            raise UserError(f"{key} must be {wanted}, got {value!r}")
 
 
 def read_config_file(path: str, keys: dict) -> dict:
@@ -32,7 +72,7 @@ def read_config_file(path: str, keys: dict) -> dict:
         exec(compile(source, path, "exec"), {}, values)  # the user's own file, as nanoGPT runs it
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path} ({e.__class__.__name__})") from None
-    except Exception as e:  # a mistake in the file is the user's: one line, never a traceback
+    except (Exception, SystemExit) as e:  # a mistake in the file is the user's: one line
         raise UserError(f"config file {path}: {e.__class__.__name__}: {e}") from None
     for key, value in values.items():
         if key not in keys:
@@ -55,18 +95,19 @@ def foreign_key(key: str, program: str, keys: dict, hints: dict, owners: dict) -
     return f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else hint)
 
 
-def load_config(argv: list[str], program: str, keys: dict, usage: str = "",
+def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str], usage: str = "",
                 presets: dict[str, dict] | None = None, hints: dict | None = None,
                 owners: dict | None = None) -> dict:
-    """The run config of `python <program> argv...` over `keys` (key -> default). A *.py argument is
-    a config file; --help prints usage and the keys. presets: {flag key: values} that replace the
-    defaults where the flag is set (rlhf.py's --quick). A key of another program is a one-line error
-    naming its owner (owners: key -> programs; hints: key -> what to type instead)."""
+    """The run config of `python <program> argv...` over `keys` (key -> default), each value checked
+    against its declaration in `rules`. A *.py argument is a config file; --help prints usage and
+    the keys. presets: {flag key: values} that replace the defaults where the flag is set (rlhf.py's
+    --quick). A key of another program is a one-line error naming its owner (owners: key ->
+    programs; hints: key -> what to type instead)."""
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(usage.strip() + f"\n\nconfig keys of {program}:\n"
-                  + "\n".join(f"  --{k}={v!r}" for k, v in keys.items()))
+            print(usage.strip() + f"\n\nconfig keys of {program} (default, allowed values):\n"
+                  + "\n".join(f"  --{k}={v!r}  {rules.get(k, '')}" for k, v in keys.items()))
             raise SystemExit(0)
         if arg.endswith(".py") and not arg.startswith("--"):
             overrides.update(read_config_file(arg, keys))
@@ -84,26 +125,21 @@ def load_config(argv: list[str], program: str, keys: dict, usage: str = "",
     cfg.update(overrides)
     if LIMITS & overrides.keys():  # a limit the user set is obeyed: the ones not set are off
         cfg.update({key: 0 for key in LIMITS - overrides.keys()})
-    cfg["device"] = resolve_device(cfg["device"])
-    cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])
+    check_declared(cfg, rules)
+    if "device" in cfg:
+        cfg["device"] = resolve_device(cfg["device"])
+        cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])
     return cfg
 
 
 def script_config(argv: list[str], script: str, usage: str = "") -> dict:
     """The checked run config of `python <script>.py argv...` (gpt or gpt_), with its default paths."""
-    cfg = load_config(argv, f"{script}.py", defaults(), usage)
+    cfg = load_config(argv, f"{script}.py", defaults(), declarations(), usage)
     cfg["script"] = script
     cfg["ckpt"] = cfg["ckpt"] or repo_path("model_dict", f"{script}.pt")
     cfg["sample_file"] = cfg["sample_file"] or repo_path("generate_text", f"{script}.txt")
     validate_model_run(cfg)
     return cfg
-
-
-def check_choice(cfg: dict, key: str, choices: tuple[str, ...] | None = None) -> None:
-    """A one-line error unless cfg[key] is one of the choices (CHOICES[key] by default)."""
-    choices = choices or CHOICES[key]
-    if cfg[key] not in choices:
-        raise UserError(f"{key} must be {', '.join(choices[:-1])} or {choices[-1]}, got {cfg[key]!r}")
 
 
 def parse_value(key: str, value: str, default):
@@ -123,36 +159,17 @@ def parse_value(key: str, value: str, default):
 
 
 def validate_model_run(cfg: dict) -> None:
-    """The checks of gpt.py's and gpt_.py's keys (the RLHF layer checks its own)."""
-    for key in ("mode", "export_format", "attn_impl"):
-        check_choice(cfg, key)
+    """The checks that relate gpt.py's keys to each other (each key's own range is declared)."""
     training = cfg["mode"] in ("auto", "train")
     require([
-        (cfg["n_head"] > 0 and cfg["n_embd"] % cfg["n_head"] == 0,
+        (cfg["n_embd"] % cfg["n_head"] == 0,
          f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})"),
-        (cfg["n_layer"] >= 1, "n_layer must be at least 1"),
-        (cfg["block_size"] >= 1, "block_size must be at least 1"),
-        (0 <= cfg["dropout"] < 1, f"dropout must be in [0, 1), got {cfg['dropout']}"),
-        (cfg["vocab_size"] >= 256,
-         f"vocab_size must be at least 256 (the byte alphabet), got {cfg['vocab_size']}"),
-        (cfg["batch_size"] >= 1 and cfg["grad_accum_steps"] >= 1,
-         "batch_size and grad_accum_steps must be >= 1"),
-        (cfg["max_iters"] >= 0 and cfg["max_minutes"] >= 0, "max_iters and max_minutes must be >= 0"),
         (cfg["max_iters"] or cfg["max_minutes"] or not training,
          "no training limit: set --max_iters=STEPS or --max_minutes=MINUTES (0 means no limit of "
          "that kind)"),
-        (min(cfg["eval_interval"], cfg["eval_points"], cfg["eval_iters"], cfg["log_interval"]) >= 1,
-         "eval_interval, eval_points, eval_iters and log_interval must be >= 1"),
-        (cfg["learning_rate"] > 0 and 0 <= cfg["min_lr"] <= cfg["learning_rate"],
-         "learning_rate must be > 0 and min_lr in [0, learning_rate]"),
-        (cfg["warmup_iters"] >= 0
-         and (cfg["lr_decay_iters"] == 0 or cfg["lr_decay_iters"] >= cfg["warmup_iters"]),
-         "warmup_iters must be >= 0 and lr_decay_iters 0 (the end of the run) or >= warmup_iters"),
-        (cfg["temperature"] >= 0, "temperature must be >= 0 (0 = greedy)"),
-        (cfg["top_k"] >= 0, "top_k must be >= 0 (0 = off)"),
-        (0 < cfg["top_p"] <= 1, "top_p must be in (0, 1]"),
-        (cfg["num_samples"] >= 1 and cfg["max_new_tokens"] >= 0,
-         "num_samples must be >= 1, max_new_tokens >= 0"),
+        (cfg["min_lr"] <= cfg["learning_rate"], "min_lr must be at most learning_rate"),
+        (cfg["lr_decay_iters"] == 0 or cfg["lr_decay_iters"] >= cfg["warmup_iters"],
+         "lr_decay_iters must be 0 (the end of the run) or >= warmup_iters"),
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict each other"),
     ])
     parse_head_mask(cfg["head_mask"])

@@ -117,6 +117,9 @@ class Run:
     schedule: LRSchedule | None = None  # set once compiling is done: it leaves compile time out
     lr: float = 0.0
     t_start: float = dataclasses.field(default_factory=time.time)
+    # --overwrite: the old checkpoint and log, moved to .bak only at the first write, so that a run
+    # that fails before it has anything to save leaves them where they were
+    set_aside: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def device(self) -> str:
@@ -174,7 +177,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     device, dtype = cfg["device"], cfg["dtype"]
     micro_steps = micro_steps_per_process(cfg["grad_accum_steps"], ddp.world)
     config = model_config(cfg, model_class.config_class)
-    previous = check_previous_run(cfg, model_class.layout, dataclasses.asdict(config), ddp)
+    previous = check_previous_run(cfg, model_class.layout, dataclasses.asdict(config))
     data = load_training_data(cfg, previous and previous["tokenizer"], ddp)
     torch.manual_seed(cfg["seed"])  # every rank starts from the same weights
     model = build_model(model_class, config, parse_head_mask(cfg["head_mask"]),
@@ -190,6 +193,8 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     run = Run(cfg, ddp, data, model, model, optimizer,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
               batch_gen, limits, meter, TrainState(), micro_steps, None)
+    if previous is None and cfg["overwrite"]:
+        run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
     if previous is not None:  # continue exactly where the checkpoint stopped
         restore(run, previous)
         ddp.print(f"resuming {cfg['ckpt']} at iteration {run.state.iter_num}")
@@ -295,6 +300,7 @@ def save(run: Run) -> None:
     rng_cuda = run.ddp.gather(torch.cuda.get_rng_state()) if on_cuda else []
     if not run.ddp.master:
         return
+    set_aside_previous(run)
     state, model = run.state, run.model
     save_checkpoint(run.cfg["ckpt"], make_checkpoint(
         model.state_dict(), dataclasses.asdict(model.config), model.layout, run.data.tokenizer_text,
@@ -303,8 +309,13 @@ def save(run: Run) -> None:
         rng_cpu=rng_cpu, rng_cuda=rng_cuda, rng_batches=run.batch_gen.get_state()))
 
 
-def check_previous_run(cfg: dict, layout: str, model_config_values: dict,
-                       ddp: Distributed) -> dict | None:
+def set_aside_previous(run: Run) -> None:
+    for old in run.set_aside:
+        os.replace(old, old + ".bak")
+    run.set_aside = []
+
+
+def check_previous_run(cfg: dict, layout: str, model_config_values: dict) -> dict | None:
     """The checkpoint to resume, or None for a fresh run (which never silently replaces one)."""
     path = cfg["ckpt"]
     if cfg["resume"]:
@@ -325,11 +336,6 @@ def check_previous_run(cfg: dict, layout: str, model_config_values: dict,
         if not cfg["overwrite"]:
             raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite to "
                             f"start over (the old one is kept as {os.path.basename(path)}.bak)")
-        ddp.barrier()  # every rank has seen the old checkpoint before rank 0 moves it
-        if ddp.master:
-            for old in (path, log_path(path)):
-                if os.path.exists(old):
-                    os.replace(old, old + ".bak")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return None
 
@@ -439,6 +445,7 @@ def log(run: Run, record: dict) -> None:
     """Append a record to the JSON-lines log (rank 0), with the training and wall-clock seconds."""
     if not run.ddp.master:
         return
+    set_aside_previous(run)
     path = log_path(run.cfg["ckpt"])
     line = dict(record, train_s=run.state.train_s, elapsed_s=time.time() - run.t_start)
     try:

@@ -37,8 +37,12 @@ def read_answers(path: str, out: TextIO) -> list[dict]:
     short (the machine stopped in the middle of writing it) is dropped with a note: that answer is asked again."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); label into another file with "
+                        f"--labels=FILE") from None
     answers = []
     for number, line in enumerate(lines, start=1):
         try:

@@ -26,7 +26,7 @@ from dualgpt import UserError, in_repo, repo_path
 from dualgpt.checkpoint import (cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data, sha256_file
-from dualgpt.runconfig import defaults, load_config, model_options, require
+from dualgpt.runconfig import declarations, defaults, load_config, model_options, require
 from dualgpt.runtime import autocast
 from rlhf_lib.oracles import Oracle, get_oracle
 from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions, token_logprobs,
@@ -51,8 +51,9 @@ def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> d
     keys = {k: core[k] for k in CORE_KEYS} | {k: v for k, v in own.items() if k in reads}
     owners = {k: "gpt.py and gpt_.py" for k in core.keys() - set(CORE_KEYS)}
     owners |= {k: "rlhf_heads.py" if k in study else "rlhf.py" for k in own.keys() - keys.keys()}
-    return load_config(argv, program, keys, usage, presets={"quick": rlhf_config.QUICK}, hints=hints,
-                       owners=owners)
+    rules = declarations(core_config) | declarations(rlhf_config)
+    return load_config(argv, program, keys, rules, usage, presets={"quick": rlhf_config.QUICK},
+                       hints=hints, owners=owners)
 
 
 TEMPERATURE = 1.0  # completions are sampled, and every log-probability taken, at this temperature
@@ -208,19 +209,12 @@ def output_folders(family: str) -> list[str]:
 
 def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
     """Check everything a stage will need before any work (and before anything is written)."""
-    if cfg["rlhf_script"] not in MODEL_CLASSES:
-        raise UserError(f"rlhf_script must be gpt_ (SM-GPT) or gpt (LB-GPT), got {cfg['rlhf_script']!r}")
     base_path = in_repo(cfg["rlhf_base"])
     base = load_checkpoint(base_path)
     block_size = base["model_config"]["block_size"]
     sequence = cfg["prompt_tokens"] + cfg["completion_tokens"]
-    require([(cfg["prompt_tokens"] >= 1 and cfg["completion_tokens"] >= 1,
-              "prompt_tokens and completion_tokens must be at least 1"),
-             (sequence <= block_size,
-              f"prompt_tokens + completion_tokens = {sequence} does not fit the model's block_size {block_size}"),
-             (cfg["rl_group"] >= 2, "rl_group must be at least 2 (RLOO's baseline needs another sample)"),
-             (cfg["rl_prompts"] >= 1, "rl_prompts must be at least 1"),
-             (cfg["rl_beta"] >= 0 and cfg["rl_lr"] > 0, "rl_lr must be > 0, rl_beta >= 0")])
+    require([(sequence <= block_size, f"prompt_tokens + completion_tokens = {sequence} does not fit "
+                                      f"the model's block_size {block_size}")])
     pairs = cfg.get("pairs", "")  # rlhf.py's key: the head study measures the oracle's runs only
     if pairs and not os.path.isfile(pairs):
         raise UserError(f"no pairs file {pairs}")

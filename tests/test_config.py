@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import ROOT, copy_code, run_main
 
+import bench
 import config
 import rlhf
 import rlhf_config
 import rlhf_heads
 from dualgpt import UserError, runtime
-from dualgpt.runconfig import CHOICES, defaults, load_config, script_config
-from rlhf_lib.study import CORE_KEYS, SHARED_KEYS, rlhf_run_config, setup
+from dualgpt.runconfig import allowed, check_declared, declarations, defaults, script_config
+from rlhf_lib.study import CORE_KEYS, MODEL_CLASSES, SHARED_KEYS, rlhf_run_config, setup
 
 
 def test_config_overrides_are_typed():
@@ -63,10 +64,10 @@ def test_a_config_file_sets_keys_as_nanogpt_does_and_typed_keys_still_win(tmp_pa
     (["--n_layer=three"], "--n_layer=three: expected int"),
     (["--resume=maybe"], "--resume=maybe: expected bool"),
     (["--n_embd=100", "--n_head=3"], "divisible by n_head"),
-    (["--block_size=0"], "block_size must be at least 1"),
+    (["--block_size=0"], "block_size must be in [1, 2**20], got 0"),
     (["--dropout=1.0"], "dropout must be in [0, 1)"),
     (["--dropout=-0.1"], "dropout must be in [0, 1)"),
-    (["--vocab_size=100"], "vocab_size must be at least 256"),
+    (["--vocab_size=100"], "vocab_size must be in [256, 2**20]"),
     (["--mode=dance"], "mode must be"),
     (["--dtype=float8"], "dtype must be"),
     (["--top_p=0"], "top_p must be in (0, 1]"),
@@ -148,60 +149,89 @@ def test_the_rlhf_programs_refuse_keys_they_do_not_read(program, argv, message):
         rlhf_run_config(argv, program, "", hints)
 
 
-def listed_choices(module) -> dict[str, tuple[str, ...]]:
-    """Every `a | b | c` list in a config file's comments, by key."""
-    out = {}
-    with open(module.__file__, encoding="utf-8") as f:
-        for line in f:
-            m = re.match(r"^(\w+) = .*?#\s*(?:[^:|]*: )?([\w:]+(?: \| [\w:]+)+)", line)
-            if m:
-                out[m.group(1)] = tuple(m.group(2).split(" | "))
-    return out
+PROGRAM_KEYS = [(config, defaults(config)), (rlhf_config, defaults(rlhf_config)),
+                (bench.Keys, defaults(bench.Keys))]
 
 
-@pytest.mark.parametrize("module, accepted", [(config, CHOICES), (rlhf_config, rlhf.CHOICES)])
-def test_the_choices_each_config_file_lists_are_exactly_the_ones_validation_accepts(module, accepted):
-    listed = listed_choices(module)
-    assert listed == {k: accepted[k] for k in listed}
-    assert set(listed) == set(accepted) & defaults(module).keys()  # every validated choice is listed
+@pytest.mark.parametrize("module, keys", PROGRAM_KEYS)
+def test_every_declaration_reads_and_allows_its_own_default(module, keys):
+    rules = declarations(module)
+    assert rules and rules.keys() <= keys.keys()
+    for key, rule in rules.items():
+        assert allowed(keys[key], rule), (key, rule)
 
 
-@pytest.mark.parametrize("key", sorted(set(CHOICES) - {"device"}))
-def test_validation_accepts_each_listed_choice_of_the_model_scripts_and_nothing_else(key, tmp_path):
-    """Each value config.py lists for the key passes validation; a value it does not list fails it."""
-    for value in CHOICES[key]:
-        script_config([f"--{key}={value}", "--device=cpu"], "gpt_")
-    with pytest.raises(UserError, match=f"{key} must be"):
-        script_config([f"--{key}=unlisted", "--device=cpu"], "gpt_")
+@pytest.mark.parametrize("rule, inside, outside", [
+    ("[0, 1)", [0, 0.5, 0.999], [-1e-9, 1, 1.5, float("nan")]),
+    ("(0, 1]", [1e-9, 1], [0, 1.0001]),
+    ("[1, 2**20]", [1, 2**20], [0, 2**20 + 1, -1]),
+    ("(0.5, 1)", [0.75], [0.5, 1]),
+    (">= 0", [0, 10**30], [-1, -1e-300]),
+    ("> 0", [1e-300], [0, -1]),
+    ("sdpa | matmul", ["sdpa", "matmul"], ["SDPA", " sdpa", "", "sdpa|matmul"]),
+    ("auto | cuda:N", ["auto", "cuda:0", "cuda:12"], ["cuda:", "cuda:x", "cuda:N", "cuda:-1"]),
+    ("module:function | none", ["a.b:c", "none"], ["a.b", ":c", "a:b:c"]),
+])
+def test_a_declaration_allows_exactly_its_values(rule, inside, outside):
+    """Against the closed form: a bracket includes its bound, a parenthesis excludes it."""
+    assert all(allowed(v, rule) for v in inside)
+    assert not any(allowed(v, rule) for v in outside)
+
+
+@pytest.mark.parametrize("module, keys", PROGRAM_KEYS[:2])
+def test_each_declared_choice_passes_and_an_unlisted_value_fails(module, keys):
+    for key, rule in declarations(module).items():
+        if "|" not in rule:
+            continue
+        for value in rule.split(" | "):
+            value = value.replace("N", "0").replace("module:function", "rlhf_lib.oracles:verse")
+            check_declared({key: value}, declarations(module))
+        with pytest.raises(UserError, match=f"{key} must be"):
+            check_declared({key: "unlisted"}, declarations(module))
+
+
+def test_the_declared_choices_are_the_ones_the_code_knows():
+    assert set(rlhf_config.__annotations__["rlhf_script"].split(" | ")) == set(MODEL_CLASSES)
+    stages = set(rlhf_config.__annotations__["rlhf_stage"].split(" | "))
+    assert stages == set(rlhf.STAGES) | {"all", "report", "label"}
+    assert set(config.__annotations__["export_format"].split(" | ")) == {"pt", "hf"}
 
 
 def test_validation_accepts_each_listed_device_and_nothing_else():
-    for device in CHOICES["device"]:
+    for device in config.__annotations__["device"].split(" | "):
         device = device.replace("N", "0")
         try:
-            assert load_config([f"--device={device}"], "gpt.py", defaults())["device"].startswith(device.split(":")[0] if device != "auto" else "")
-        except UserError as e:  # a listed device this machine lacks: refused as missing, not as unknown
+            assert script_config([f"--device={device}"], "gpt")["device"].startswith(
+                device.split(":")[0] if device != "auto" else "")
+        except UserError as e:  # a listed device this machine lacks: refused as missing, not unknown
             assert "not available" in str(e), e
     with pytest.raises(UserError, match="device must be auto, cpu, cuda, cuda:N or mps"):
-        load_config(["--device=tpu"], "gpt.py", defaults())
+        script_config(["--device=tpu"], "gpt")
 
 
-def test_validation_accepts_each_listed_rlhf_choice_and_nothing_else(rlhf_run):
-    """rlhf.py's listed stages, scripts and oracles (module:function as a real module) against its validation."""
-    for stage in rlhf.CHOICES["rlhf_stage"]:
-        rlhf.check_pipeline_keys(pipeline_config(rlhf_run.args + [f"--rlhf_stage={stage}"]))
-    with pytest.raises(UserError, match="rlhf_stage must be"):
-        rlhf.check_pipeline_keys(pipeline_config(rlhf_run.args + ["--rlhf_stage=heads"]))
-    for script in rlhf.CHOICES["rlhf_script"]:
+def test_the_declared_rlhf_choices_reach_the_stages_that_use_them(rlhf_run):
+    """Every script and oracle rlhf_config.py declares (module:function as a real module) sets up."""
+    for script in rlhf_config.__annotations__["rlhf_script"].split(" | "):
         setup(pipeline_config(rlhf_run.args + [f"--rlhf_script={script}"]))
-    with pytest.raises(UserError, match="rlhf_script must be"):
-        setup(pipeline_config(rlhf_run.args + ["--rlhf_script=gpt2"]))
-    pairs = f"--pairs={rlhf_run.home / 'data' / 'rlhf_sentiment_seed1337_pairs.jsonl'}"  # none needs a pairs file
-    for oracle in rlhf.CHOICES["oracle"]:
+    pairs = f"--pairs={rlhf_run.home / 'data' / 'rlhf_sentiment_seed1337_pairs.jsonl'}"
+    for oracle in rlhf_config.__annotations__["oracle"].split(" | "):
         oracle = oracle.replace("module:function", "rlhf_lib.oracles:verse")
         setup(pipeline_config(rlhf_run.args + [f"--oracle={oracle}"] + [pairs] * (oracle == "none")))
-    with pytest.raises(UserError, match="unknown oracle"):
+    with pytest.raises(UserError, match="oracle must be auto, sentiment"):
         setup(pipeline_config(rlhf_run.args + ["--oracle=happiness"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    # the four inputs that passed the checks and failed inside a library before keys were declared
+    (["--mode=sample", "--seed=9999999999999999999999"], "seed must fit in 64 bits, got 9999999999999999999999"),
+    (["--mode=train", "--beta1=1e9"], "beta1 must be in [0, 1), got 1000000000.0"),
+    (["--mode=train", "--beta2=-inf"], "beta2 must be a finite number, got -inf"),
+    (["--mode=train", "--beta2= 3 "], "beta2 must be in [0, 1), got 3.0"),
+])
+def test_values_a_library_would_refuse_are_refused_before_any_work(argv, message, home, capsys):
+    assert run_main(argv + [f"--data={home / 'missing.txt'}"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not os.listdir(home)  # refused before any work: nothing read, nothing written
 
 
 def pipeline_config(argv: list[str]) -> dict:

@@ -21,10 +21,13 @@ import gpt
 import gpt_
 import rlhf
 import rlhf_config
+import rlhf_heads
 from dualgpt import UserError
 from dualgpt.runconfig import defaults
 from rlhf_lib.labelling import read_answers
 from rlhf_lib.pairs import read_pairs
+from rlhf_lib.study import CORE_KEYS as STUDY_CORE_KEYS
+from rlhf_lib.study import SHARED_KEYS, rlhf_run_config, setup
 
 SCALE = int(os.environ.get("DUALGPT_FUZZ", "1"))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -115,6 +118,10 @@ MODES = {  # the run of each mode the keys are fuzzed on: tiny, bounded by both 
 CORE_KEYS = sorted(defaults(config))
 
 
+def rlhf_heads_keys() -> set[str]:
+    return set(STUDY_CORE_KEYS) | set(SHARED_KEYS) | {k for k in defaults(rlhf_config) if k.startswith("head_")}
+
+
 @settings(max_examples=160 * SCALE, **SETTINGS)
 @given(script=st.sampled_from(["gpt", "gpt_"]), mode=st.sampled_from(sorted(MODES)),
        overrides=st.lists(st.tuples(st.sampled_from(CORE_KEYS), VALUES), min_size=1, max_size=2))
@@ -175,6 +182,19 @@ def test_random_keys_and_values_of_bench_py(overrides, capsys, monkeypatch):
     except SystemExit as e:
         code = e.code
     outcome_is_sound(code, capsys.readouterr().err)
+
+
+@settings(max_examples=30 * SCALE, **SETTINGS)
+@given(overrides=st.lists(st.tuples(st.sampled_from(sorted(rlhf_heads_keys())), VALUES),
+                          min_size=1, max_size=2))
+def test_random_keys_and_values_of_rlhf_heads_py(rlhf_run, capsys, overrides):
+    """rlhf_heads.py's config and the setup every stage starts with (the study itself is not run)."""
+    argv = rlhf_run.shared_args + [f"--{key}={value}" for key, value in overrides]
+    with no_hang():
+        try:
+            setup(rlhf_run_config(argv, "rlhf_heads.py", "", rlhf_heads.HINTS))
+        except UserError:  # what exit_codes prints as one line, exit 2: anything else fails the case
+            pass
 
 
 # --- damaged and random files, for every reader ------------------------------------------------------
@@ -291,8 +311,8 @@ def test_random_preference_and_label_files(tmp_path_factory, content):
         with no_hang():
             try:
                 reader(str(path))
-            except UserError as e:
-                assert "\n" not in str(e)
+            except UserError:  # printed as one line, exit 2
+                pass
         if path.read_bytes() != content:
             kept = content.decode().split("\n")[:-1]
             assert path.read_bytes().decode() == "".join(k + "\n" for k in kept if k.strip())

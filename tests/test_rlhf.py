@@ -105,7 +105,8 @@ def test_the_base_checkpoint_is_never_written(rlhf_run):
 
 BAD_INPUT = [
     (["--rlhf_base=model_dict/none.pt"], "no checkpoint at"),
-    (["--oracle=happiness"], "unknown oracle 'happiness'"),
+    (["--oracle=happiness"], "oracle must be auto, sentiment, verse, dialogue, module:function or none, "
+                             "got 'happiness'"),
     (["--oracle=no_such_module:score"], "cannot load it"),
     (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, eval, report or label, got 'sft'"),
     (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, dpo_soft"),
@@ -117,7 +118,7 @@ BAD_INPUT = [
     (["--max_minutes=0"], "--max_minutes is read by gpt.py and gpt_.py, not by rlhf.py"),
     (["--head_prompts=4"], "--head_prompts is read by rlhf_heads.py, not by rlhf.py"),
     (["--prompt_tokens=20", "--completion_tokens=20"], "does not fit the model's block_size 32"),
-    (["--rl_group=1"], "rl_group must be at least 2"),
+    (["--rl_group=1"], "rl_group must be in [2, 2**20], got 1"),
 ]
 
 
@@ -147,7 +148,8 @@ def test_bad_input_through_the_real_command_line(rlhf_run):
     result = subprocess.run([sys.executable, "rlhf.py", *args, "--oracle=happiness"], cwd=home, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr == "error: unknown oracle 'happiness': use sentiment, verse, dialogue, or module:function (your own, text -> float)\n"
+    assert result.stderr == ("error: oracle must be auto, sentiment, verse, dialogue, module:function or none, "
+                             "got 'happiness'\n")
     assert outputs(home) == before
 
 

@@ -1,7 +1,8 @@
-"""Hostile input, fuzzed (hypothesis, seeded): random keys and values, pairs of them, and damaged or random
-files for every reader. Every outcome is a run that works or one line and exit 2: never a traceback, never a
-changed file that existed before, never a hang. The suite runs a few hundred cases; a longer run:
-DUALGPT_FUZZ=20 python -m pytest tests/test_fuzz.py (twenty times as many)."""
+"""Hostile input, fuzzed (hypothesis, seeded): random keys and values, pairs of them, and damaged
+or random files for every reader. Every outcome is a run that works or one line and exit 2: never a
+traceback, never a changed file that existed before, never a hang. The suite runs a few hundred
+cases; a longer run: DUALGPT_FUZZ=20 python -m pytest tests/test_fuzz.py (twenty times as many)."""
+
 import hashlib
 import json
 import os
@@ -32,12 +33,47 @@ from rlhf_lib.study import SHARED_KEYS, rlhf_run_config, setup
 SCALE = int(os.environ.get("DUALGPT_FUZZ", "1"))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # the values a new user tries (the issue's list), and any text hypothesis draws
-HOSTILE = ["0", "-1", "1", "3", "1e9", "-1e9", "nan", "inf", "-inf", "", " 3 ", "9999999999999999999999",
-           "-9999999999999999999999", "1e400", "0.5", "true", "no", "é✓", "\x00", "../x", "/", ".", "a/b.pt",
-           ",", "|", ":", "0.3,2.1", "9.9", "cuda:0", "FILE:", "FILE:/nonexistent", "--mode=train"]
+HOSTILE = [
+    "0",
+    "-1",
+    "1",
+    "3",
+    "1e9",
+    "-1e9",
+    "nan",
+    "inf",
+    "-inf",
+    "",
+    " 3 ",
+    "9999999999999999999999",
+    "-9999999999999999999999",
+    "1e400",
+    "0.5",
+    "true",
+    "no",
+    "é✓",
+    "\x00",
+    "../x",
+    "/",
+    ".",
+    "a/b.pt",
+    ",",
+    "|",
+    ":",
+    "0.3,2.1",
+    "9.9",
+    "cuda:0",
+    "FILE:",
+    "FILE:/nonexistent",
+    "--mode=train",
+]
 VALUES = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=12))
-SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 SECONDS = 60  # a case that runs longer is a hang
 
 
@@ -45,6 +81,7 @@ SECONDS = 60  # a case that runs longer is a hang
 def no_hang(seconds: int = SECONDS):
     def stop(*_):
         raise TimeoutError(f"still running after {seconds} s: a hang")
+
     previous = signal.signal(signal.SIGALRM, stop)
     signal.alarm(seconds)
     try:
@@ -65,7 +102,7 @@ def snapshot(folder) -> dict:
 
 
 def outcome_is_sound(code, err: str) -> None:
-    """A run that works, or one line and exit 2 (1 for a run whose loss diverged, as documented)."""
+    """A run that works, or one line and exit 2 (1: the loss diverged, as documented)."""
     assert code in (0, 1, 2), (code, err[-2000:])
     if code:
         assert err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
@@ -74,13 +111,16 @@ def outcome_is_sound(code, err: str) -> None:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Both scripts' tiny checkpoints (tests/fixtures) and the corpus they were trained on, with the token
-    cache and tokenizer a first eval builds: what every case starts from, copied."""
+    """Both scripts' tiny checkpoints (tests/fixtures) and the corpus they were trained on, with
+    the token cache and tokenizer a first eval builds: what every case starts from, copied."""
     base = tmp_path_factory.mktemp("fuzz_base")
     (base / "corpus.txt").write_text(make_corpus(1500), encoding="utf-8")
     (base / "model_dict").mkdir()
     for script in ("gpt", "gpt_"):
-        shutil.copy(os.path.join(FIXTURES, f"before_refactor_{script}.pt"), base / "model_dict" / f"{script}.pt")
+        shutil.copy(
+            os.path.join(FIXTURES, f"before_refactor_{script}.pt"),
+            base / "model_dict" / f"{script}.pt",
+        )
     previous, dualgpt.ROOT = dualgpt.ROOT, str(base)
     try:
         data = f"--data={base / 'corpus.txt'}"
@@ -111,23 +151,42 @@ MODES = {  # the run of each mode the keys are fuzzed on: tiny, bounded by both 
     "sample": ["--mode=sample", "--max_new_tokens=8", "--num_samples=1"],
     "eval": ["--mode=eval", "--eval_iters=1"],
     "heads": ["--mode=heads", "--eval_iters=1"],
-    "train": ["--mode=train", "--overwrite", "--max_iters=2", "--max_minutes=0.05", "--eval_iters=1",
-              "--vocab_size=260", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
-              "--batch_size=4"],
+    "train": [
+        "--mode=train",
+        "--overwrite",
+        "--max_iters=2",
+        "--max_minutes=0.05",
+        "--eval_iters=1",
+        "--vocab_size=260",
+        "--n_layer=1",
+        "--n_head=2",
+        "--n_embd=16",
+        "--block_size=16",
+        "--batch_size=4",
+    ],
 }
 CORE_KEYS = sorted(defaults(config))
 
 
 def rlhf_heads_keys() -> set[str]:
-    return set(STUDY_CORE_KEYS) | set(SHARED_KEYS) | {k for k in defaults(rlhf_config) if k.startswith("head_")}
+    return (
+        set(STUDY_CORE_KEYS)
+        | set(SHARED_KEYS)
+        | {k for k in defaults(rlhf_config) if k.startswith("head_")}
+    )
 
 
 @settings(max_examples=160 * SCALE, **SETTINGS)
-@given(script=st.sampled_from(["gpt", "gpt_"]), mode=st.sampled_from(sorted(MODES)),
-       overrides=st.lists(st.tuples(st.sampled_from(CORE_KEYS), VALUES), min_size=1, max_size=2))
-def test_random_keys_and_values_of_the_model_scripts(workspace, tmp_path_factory, capsys, script, mode,
-                                                     overrides):
-    """--key=value and pairs of them on sample, eval, heads and a tiny training run of both scripts."""
+@given(
+    script=st.sampled_from(["gpt", "gpt_"]),
+    mode=st.sampled_from(sorted(MODES)),
+    overrides=st.lists(st.tuples(st.sampled_from(CORE_KEYS), VALUES), min_size=1, max_size=2),
+)
+def test_random_keys_and_values_of_the_model_scripts(
+    workspace, tmp_path_factory, capsys, script, mode, overrides
+):
+    """--key=value and pairs of them on sample, eval, heads and a tiny training run of both
+    scripts."""
     cls = {"gpt": gpt.LBGPT, "gpt_": gpt_.SMGPT}[script]
     with case_folder(workspace, tmp_path_factory) as home:
         argv = MODES[mode] + ["--device=cpu", f"--data={home / 'corpus.txt'}"]
@@ -138,7 +197,7 @@ def test_random_keys_and_values_of_the_model_scripts(workspace, tmp_path_factory
             code = run_main(argv, cls, script)
         outcome_is_sound(code, capsys.readouterr().err)
         after = snapshot(home)
-        # what a run may replace: the sample file, and the checkpoint it trains (the old one kept as .bak)
+        # what a run may replace: the sample file, and the checkpoint it trains (the old one: .bak)
         changed = {path for path in before if after.get(path) != before[path]}
         ckpt = str(home / "model_dict" / f"{script}.pt")
         allowed = {str(home / "generate_text" / f"{script}.txt")}
@@ -149,8 +208,11 @@ def test_random_keys_and_values_of_the_model_scripts(workspace, tmp_path_factory
 
 
 @settings(max_examples=40 * SCALE, **SETTINGS)
-@given(overrides=st.lists(st.tuples(st.sampled_from(sorted(defaults(rlhf_config))), VALUES),
-                          min_size=1, max_size=2))
+@given(
+    overrides=st.lists(
+        st.tuples(st.sampled_from(sorted(defaults(rlhf_config))), VALUES), min_size=1, max_size=2
+    )
+)
 def test_random_keys_and_values_of_rlhf_py(rlhf_run, tmp_path_factory, capsys, overrides):
     """rlhf.py's report stage (what it prints from the pipeline's outputs) under random keys."""
     with case_folder(rlhf_run.home, tmp_path_factory) as home:
@@ -165,12 +227,17 @@ def test_random_keys_and_values_of_rlhf_py(rlhf_run, tmp_path_factory, capsys, o
             except SystemExit as e:
                 code = e.code
         outcome_is_sound(code, capsys.readouterr().err)
-        assert snapshot(home / "model_dict") == before  # the report reads the models, never writes them
+        assert (
+            snapshot(home / "model_dict") == before
+        )  # the report reads the models, never writes them
 
 
 @settings(max_examples=30 * SCALE, **SETTINGS)
-@given(overrides=st.lists(st.tuples(st.sampled_from(sorted(defaults(bench.Keys))), VALUES),
-                          min_size=1, max_size=2))
+@given(
+    overrides=st.lists(
+        st.tuples(st.sampled_from(sorted(defaults(bench.Keys))), VALUES), min_size=1, max_size=2
+    )
+)
 def test_random_keys_and_values_of_bench_py(overrides, capsys, monkeypatch):
     """bench.py's keys are refused or accepted before any section runs (no section is run here)."""
     monkeypatch.setattr(bench, "SECTIONS", {name: lambda args: "" for name in bench.SECTIONS})
@@ -185,38 +252,54 @@ def test_random_keys_and_values_of_bench_py(overrides, capsys, monkeypatch):
 
 
 @settings(max_examples=30 * SCALE, **SETTINGS)
-@given(overrides=st.lists(st.tuples(st.sampled_from(sorted(rlhf_heads_keys())), VALUES),
-                          min_size=1, max_size=2))
+@given(
+    overrides=st.lists(
+        st.tuples(st.sampled_from(sorted(rlhf_heads_keys())), VALUES), min_size=1, max_size=2
+    )
+)
 def test_random_keys_and_values_of_rlhf_heads_py(rlhf_run, capsys, overrides):
-    """rlhf_heads.py's config and the setup every stage starts with (the study itself is not run)."""
+    """rlhf_heads.py's config and the setup every stage starts with (not the study itself)."""
     argv = rlhf_run.shared_args + [f"--{key}={value}" for key, value in overrides]
     with no_hang():
         try:
             setup(rlhf_run_config(argv, "rlhf_heads.py", "", rlhf_heads.HINTS))
-        except UserError:  # what exit_codes prints as one line, exit 2: anything else fails the case
+        except (
+            UserError
+        ):  # what exit_codes prints as one line, exit 2: anything else fails the case
             pass
 
 
-# --- damaged and random files, for every reader ------------------------------------------------------
+# --- damaged and random files, for every reader ------------------------------------------
+
 
 def damaged(content: bytes, edits: list[tuple[int, int, bytes]], cut: float | None) -> bytes:
-    """content with each (offset, length, bytes) span replaced, then cut to a share of its length."""
+    """content with each (offset, length, bytes) span replaced, then cut to a share of it."""
     for offset, length, replacement in edits:
         at = offset % (len(content) + 1)
-        content = content[:at] + replacement + content[at + length:]
-    return content if cut is None else content[:int(len(content) * cut)]
+        content = content[:at] + replacement + content[at + length :]
+    return content if cut is None else content[: int(len(content) * cut)]
 
 
-DAMAGE = st.tuples(st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 64), st.binary(max_size=8)),
-                            max_size=4),
-                   st.one_of(st.none(), st.floats(0, 1)))
+DAMAGE = st.tuples(
+    st.lists(
+        st.tuples(st.integers(0, 2**20), st.integers(0, 64), st.binary(max_size=8)), max_size=4
+    ),
+    st.one_of(st.none(), st.floats(0, 1)),
+)
 RANDOM_FILE = st.one_of(st.binary(max_size=256), st.text(max_size=256).map(str.encode))
 
 
-def read_file_case(workspace, tmp_path_factory, capsys, name: str, content: bytes, argv: list[str],
-                   script: str = "gpt") -> None:
-    """Write content to the workspace's file name, then run argv: a sound outcome, and the damaged file left
-    as it was unless it is a cache (rebuilt)."""
+def read_file_case(
+    workspace,
+    tmp_path_factory,
+    capsys,
+    name: str,
+    content: bytes,
+    argv: list[str],
+    script: str = "gpt",
+) -> None:
+    """Write content to the workspace's file name, then run argv: a sound outcome, and the damaged
+    file left as it was unless it is a cache (rebuilt)."""
     cls = {"gpt": gpt.LBGPT, "gpt_": gpt_.SMGPT}[script]
     with case_folder(workspace, tmp_path_factory) as home:
         path = home / name
@@ -230,50 +313,108 @@ def read_file_case(workspace, tmp_path_factory, capsys, name: str, content: byte
 
 
 @settings(max_examples=30 * SCALE, **SETTINGS)
-@given(script=st.sampled_from(["gpt", "gpt_"]), damage=DAMAGE, mode=st.sampled_from(["sample", "eval"]))
+@given(
+    script=st.sampled_from(["gpt", "gpt_"]),
+    damage=DAMAGE,
+    mode=st.sampled_from(["sample", "eval"]),
+)
 def test_damaged_checkpoints(workspace, tmp_path_factory, capsys, script, damage, mode):
     original = open(os.path.join(FIXTURES, f"before_refactor_{script}.pt"), "rb").read()
     content = damaged(original, *damage)
-    code = read_file_case(workspace, tmp_path_factory, capsys, f"model_dict/{script}.pt", content,
-                          MODES[mode], script)
-    if content[:len(original) // 2] != original[:len(original) // 2]:
+    code = read_file_case(
+        workspace,
+        tmp_path_factory,
+        capsys,
+        f"model_dict/{script}.pt",
+        content,
+        MODES[mode],
+        script,
+    )
+    if content[: len(original) // 2] != original[: len(original) // 2]:
         assert code == 2  # a checkpoint damaged in its first half never loads
 
 
 @settings(max_examples=20 * SCALE, **SETTINGS)
 @given(damage=DAMAGE, which=st.sampled_from(["data", "tokenizers"]))
 def test_damaged_token_caches_and_tokenizers(workspace, tmp_path_factory, capsys, damage, which):
-    """The token cache (eval reads it) and the cached tokenizer (training reads it): rebuilt with a notice."""
+    """The token cache (eval reads it) and the cached tokenizer (training reads it): rebuilt with a
+    notice."""
     path = sorted(p for p in (workspace / which).iterdir() if p.suffix in (".npy", ".model"))[0]
     argv = MODES["eval"] if which == "data" else MODES["train"]
-    read_file_case(workspace, tmp_path_factory, capsys, f"{which}/{path.name}",
-                   damaged(path.read_bytes(), *damage), argv)
+    read_file_case(
+        workspace,
+        tmp_path_factory,
+        capsys,
+        f"{which}/{path.name}",
+        damaged(path.read_bytes(), *damage),
+        argv,
+    )
 
 
 @settings(max_examples=30 * SCALE, **SETTINGS)
-@given(text=st.one_of(st.text(max_size=80), st.sampled_from(
-    ["n_layer = 2\n", "n_layer = 1e9\n", "seed = 2**70\n", "import os\n", "beta1 = float('nan')\n",
-     "dropout = -1\n", "raise SystemExit(3)\n", "x = 1 / 0\n", "mode = 'sample'\n", "n_head = True\n"])))
+@given(
+    text=st.one_of(
+        st.text(max_size=80),
+        st.sampled_from(
+            [
+                "n_layer = 2\n",
+                "n_layer = 1e9\n",
+                "seed = 2**70\n",
+                "import os\n",
+                "beta1 = float('nan')\n",
+                "dropout = -1\n",
+                "raise SystemExit(3)\n",
+                "x = 1 / 0\n",
+                "mode = 'sample'\n",
+                "n_head = True\n",
+            ]
+        ),
+    )
+)
 def test_random_config_files(workspace, tmp_path_factory, capsys, text):
     """A config file named on the command line: plain Python the user wrote, whatever it holds."""
-    read_file_case(workspace, tmp_path_factory, capsys, "my_config.py", text.encode("utf-8", "replace"),
-                   ["my_config.py", *MODES["sample"]])
+    read_file_case(
+        workspace,
+        tmp_path_factory,
+        capsys,
+        "my_config.py",
+        text.encode("utf-8", "replace"),
+        ["my_config.py", *MODES["sample"]],
+    )
 
 
 @settings(max_examples=30 * SCALE, **SETTINGS)
-@given(file=st.sampled_from(["config.json", "model.safetensors", "tokenizer.json", "vocab.json",
-                             "merges.txt"]), content=RANDOM_FILE, damage=DAMAGE)
-def test_damaged_hugging_face_folders(hf_folder, workspace, tmp_path_factory, capsys, file, content, damage):
-    """--mode=import of a Hugging Face GPT-2 folder with one file damaged or replaced by random bytes."""
+@given(
+    file=st.sampled_from(
+        ["config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"]
+    ),
+    content=RANDOM_FILE,
+    damage=DAMAGE,
+)
+def test_damaged_hugging_face_folders(
+    hf_folder, workspace, tmp_path_factory, capsys, file, content, damage
+):
+    """--mode=import of a Hugging Face GPT-2 folder with one file damaged or replaced by random
+    bytes."""
     original = (hf_folder / file).read_bytes() if (hf_folder / file).exists() else content
     with case_folder(workspace, tmp_path_factory) as home:
         folder = home / "hf"
         shutil.copytree(hf_folder, folder)
-        (folder / file).write_bytes(damaged(original, *damage) if damage[0] or damage[1] else content)
+        (folder / file).write_bytes(
+            damaged(original, *damage) if damage[0] or damage[1] else content
+        )
         capsys.readouterr()
         with no_hang():
-            code = run_main(["--mode=import", f"--import_from={folder}", f"--ckpt={home / 'imported.pt'}",
-                             "--device=cpu"], gpt_.SMGPT, "gpt_")
+            code = run_main(
+                [
+                    "--mode=import",
+                    f"--import_from={folder}",
+                    f"--ckpt={home / 'imported.pt'}",
+                    "--device=cpu",
+                ],
+                gpt_.SMGPT,
+                "gpt_",
+            )
         outcome_is_sound(code, capsys.readouterr().err)
 
 
@@ -282,28 +423,43 @@ def hf_folder(workspace, tmp_path_factory):
     """A Hugging Face GPT-2 folder exported from the tiny SM-GPT checkpoint."""
     folder = tmp_path_factory.mktemp("hf") / "gpt2"
     with case_folder(workspace, tmp_path_factory) as home:
-        assert run_main(["--mode=export", "--export_format=hf", f"--export_to={folder}", "--device=cpu"],
-                        gpt_.SMGPT, "gpt_") == 0
+        assert (
+            run_main(
+                ["--mode=export", "--export_format=hf", f"--export_to={folder}", "--device=cpu"],
+                gpt_.SMGPT,
+                "gpt_",
+            )
+            == 0
+        )
         assert home
     return folder
 
 
 LINE = st.one_of(
     st.text(max_size=40),
-    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "pair_index", "x"]),
-                    st.one_of(st.text(max_size=8), st.integers(), st.none(), st.booleans()),
-                    max_size=4).map(json.dumps),
-    st.builds(lambda p, c, r: json.dumps({"prompt": p, "chosen": c, "rejected": r}),
-              st.text(max_size=8), st.text(max_size=8), st.text(max_size=8)))
-LINES_FILE = st.one_of(st.lists(LINE, max_size=6).map(lambda lines: "\n".join(lines).encode()), RANDOM_FILE)
+    st.dictionaries(
+        st.sampled_from(["prompt", "chosen", "rejected", "pair_index", "x"]),
+        st.one_of(st.text(max_size=8), st.integers(), st.none(), st.booleans()),
+        max_size=4,
+    ).map(json.dumps),
+    st.builds(
+        lambda p, c, r: json.dumps({"prompt": p, "chosen": c, "rejected": r}),
+        st.text(max_size=8),
+        st.text(max_size=8),
+        st.text(max_size=8),
+    ),
+)
+LINES_FILE = st.one_of(
+    st.lists(LINE, max_size=6).map(lambda lines: "\n".join(lines).encode()), RANDOM_FILE
+)
 
 
 @settings(max_examples=80 * SCALE, **SETTINGS)
 @given(content=LINES_FILE)
 def test_random_preference_and_label_files(tmp_path_factory, content):
-    """The pairs file (--pairs) and the labels file (--rlhf_stage=label resumes from it): their readers
-    return pairs or raise one UserError; the labels reader rewrites a file only to drop a last line cut short,
-    as documented, and never loses a whole line."""
+    """The pairs file (--pairs) and the labels file (--rlhf_stage=label resumes from it): their
+    readers return pairs or raise one UserError; the labels reader rewrites a file only to drop a
+    last line cut short, as documented, and never loses a whole line."""
     folder = tmp_path_factory.mktemp("lines")
     path = folder / "file.jsonl"
     path.write_bytes(content)
@@ -320,10 +476,16 @@ def test_random_preference_and_label_files(tmp_path_factory, content):
 
 
 def test_random_pairs_files_through_the_real_command_line(rlhf_run, tmp_path_factory, capsys):
-    """A few of the random files above as `python rlhf.py --pairs=FILE` (in-process), each one line."""
+    """A few of the random files above as `python rlhf.py --pairs=FILE` (in-process), each one
+    line."""
     with case_folder(rlhf_run.home, tmp_path_factory) as home:
         args = [a.replace(str(rlhf_run.home), str(home)) for a in rlhf_run.shared_args]
-        for content in [b"", b"\xff\xfe", b"[1, 2]\n", b'{"prompt": "a", "chosen": 1, "rejected": "b"}\n']:
+        for content in [
+            b"",
+            b"\xff\xfe",
+            b"[1, 2]\n",
+            b'{"prompt": "a", "chosen": 1, "rejected": "b"}\n',
+        ]:
             (home / "p.jsonl").write_bytes(content)
             capsys.readouterr()
             with pytest.raises(SystemExit) as exit_info:
@@ -332,12 +494,14 @@ def test_random_pairs_files_through_the_real_command_line(rlhf_run, tmp_path_fac
             outcome_is_sound(2, capsys.readouterr().err)
 
 
-# --- what the fuzzing found, kept as plain regression tests ---------------------------------------
+# --- what the fuzzing found, kept as plain regression tests ------------------------------
 
-def test_an_overwrite_that_fails_before_its_first_save_leaves_the_checkpoint_in_place(workspace,
-                                                                                      tmp_path_factory,
-                                                                                      capsys):
-    """--overwrite moved the old checkpoint to .bak before the data was read: a bad --data left none."""
+
+def test_an_overwrite_that_fails_before_its_first_save_leaves_the_checkpoint_in_place(
+    workspace, tmp_path_factory, capsys
+):
+    """--overwrite moved the old checkpoint to .bak before the data was read: a bad --data left
+    none."""
     with case_folder(workspace, tmp_path_factory) as home:
         ckpt = home / "model_dict" / "gpt.pt"
         before = ckpt.read_bytes()
@@ -354,17 +518,38 @@ def test_a_value_with_a_line_break_is_still_one_line(capsys):
     outcome_is_sound(2, capsys.readouterr().err)
 
 
-def test_a_token_cache_whose_header_is_damaged_is_encoded_again(workspace, tmp_path_factory, capsys):
-    """np.load read a damaged header with ast.literal_eval: SyntaxError, which the cache did not catch."""
+def test_a_token_cache_whose_header_is_damaged_is_encoded_again(
+    workspace, tmp_path_factory, capsys
+):
+    """np.load read a damaged header with ast.literal_eval: SyntaxError, which the cache did not
+    catch."""
     cache = sorted((workspace / "data").glob("*.npy"))[0]
     content = cache.read_bytes()
-    assert read_file_case(workspace, tmp_path_factory, capsys, f"data/{cache.name}",
-                          content[:8] + content[58:], MODES["eval"]) == 0
+    assert (
+        read_file_case(
+            workspace,
+            tmp_path_factory,
+            capsys,
+            f"data/{cache.name}",
+            content[:8] + content[58:],
+            MODES["eval"],
+        )
+        == 0
+    )
 
 
 def test_a_config_file_that_exits_is_one_line(workspace, tmp_path_factory, capsys):
-    assert read_file_case(workspace, tmp_path_factory, capsys, "my_config.py",
-                          b"raise SystemExit(3)\n", ["my_config.py", *MODES["sample"]]) == 2
+    assert (
+        read_file_case(
+            workspace,
+            tmp_path_factory,
+            capsys,
+            "my_config.py",
+            b"raise SystemExit(3)\n",
+            ["my_config.py", *MODES["sample"]],
+        )
+        == 2
+    )
 
 
 def test_a_labels_file_that_is_not_text_is_one_line(tmp_path):

@@ -411,7 +411,10 @@ class Tokenizer:
             merges[(p0, p1)] = idx
             idx += 1
         self.pattern, self.merges, self.special_tokens = pattern, merges, special_tokens
-        self._set_pattern(pattern)
+        try:
+            self._set_pattern(pattern)
+        except Exception as e:  # regex's own error class: a pattern cut or altered in the file
+            fail(2, f"the split pattern does not compile ({e})")
         self.vocab = self._build_vocab()
         self.clear_cache()
 

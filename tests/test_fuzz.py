@@ -556,3 +556,12 @@ def test_a_labels_file_that_is_not_text_is_one_line(tmp_path):
     (tmp_path / "labels.jsonl").write_bytes(b"\x80")
     with pytest.raises(UserError, match="is not UTF-8 text"):
         read_answers(str(tmp_path / "labels.jsonl"), open(os.devnull, "w"))
+
+
+@pytest.mark.parametrize("damage", [[(107, 2, b"")], [(54, 1, b"")]])
+def test_a_tokenizer_whose_split_pattern_is_damaged_is_trained_again(workspace, tmp_path_factory,
+                                                                     capsys, damage):
+    """The long run's find: a pattern that no longer compiles raised regex's own error, not ValueError."""
+    model = sorted((workspace / "tokenizers").glob("*.model"))[0]
+    assert read_file_case(workspace, tmp_path_factory, capsys, f"tokenizers/{model.name}",
+                          damaged(model.read_bytes(), damage, None), MODES["train"]) == 0

@@ -186,3 +186,15 @@ def test_the_rlhf_head_study_page_quotes_the_shipped_study():
     assert f"KL {kls[0]}, {kls[1]} and {kls[2]} nats" in page
     for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "oracle_vs_kl"):
         assert f"rlhf_sentiment_seed1337_heads_{name}.png" in page
+
+
+def test_the_long_fuzz_run_the_docs_quote_is_the_shipped_one():
+    """docs/development.md's count of fuzzed cases is the sum over the shipped long run's statistics
+    (hypothesis's own count of the examples it ran), none of them failing, with its command."""
+    with open(os.path.join(ROOT, "generate_text", "shipped", "fuzz_long.txt"), encoding="utf-8") as f:
+        shipped = f.read()
+    runs = [(int(a), int(b)) for a, b in re.findall(r"(\d+) passing examples?, (\d+) failing", shipped)]
+    assert runs and not any(failing for _, failing in runs)
+    page = doc("development.md")
+    command = re.search(r"^command: (.+)$", shipped, flags=re.M).group(1)
+    assert f"{sum(passing for passing, _ in runs):,} cases" in page and command in page

@@ -1,7 +1,7 @@
 """Hostile input, fuzzed (hypothesis, seeded): random keys and values, pairs of them, and damaged
 or random files for every reader. Every outcome is a run that works or one line and exit 2: never a
 traceback, never a changed file that existed before, never a hang. The suite runs a few hundred
-cases; a longer run: DUALGPT_FUZZ=20 python -m pytest tests/test_fuzz.py (twenty times as many)."""
+cases; DUALGPT_FUZZ=10 runs ten times as many (generate_text/shipped/fuzz_long.txt is such a run)."""
 
 import hashlib
 import json

@@ -1,7 +1,7 @@
 """Hostile input, fuzzed (hypothesis, seeded): random keys and values, pairs of them, and damaged
 or random files for every reader. Every outcome is a run that works or one line and exit 2: never a
-traceback, never a changed file that existed before, never a hang. The suite runs a few hundred
-cases; DUALGPT_FUZZ=10 runs ten times as many (generate_text/shipped/fuzz_long.txt is such a run)."""
+traceback, never a changed file that existed before, never a hang. The suite runs a few
+hundred cases; DUALGPT_FUZZ=10 ten times as many (generate_text/shipped/fuzz_long.txt)."""
 
 import hashlib
 import json
@@ -561,7 +561,7 @@ def test_a_labels_file_that_is_not_text_is_one_line(tmp_path):
 @pytest.mark.parametrize("damage", [[(107, 2, b"")], [(54, 1, b"")]])
 def test_a_tokenizer_whose_split_pattern_is_damaged_is_trained_again(workspace, tmp_path_factory,
                                                                      capsys, damage):
-    """The long run's find: a pattern that no longer compiles raised regex's own error, not ValueError."""
+    """The long run's find: a pattern that no longer compiles raised regex's own error."""
     model = sorted((workspace / "tokenizers").glob("*.model"))[0]
     assert read_file_case(workspace, tmp_path_factory, capsys, f"tokenizers/{model.name}",
                           damaged(model.read_bytes(), damage, None), MODES["train"]) == 0

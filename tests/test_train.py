@@ -162,7 +162,8 @@ def test_resume_with_other_shape_is_an_error(home, corpus, capsys):
 
 
 def test_max_minutes_budget_decays_fully_and_plots(home, corpus):
-    args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_interval=50", "--mode=train")
+    args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_interval=50", "--mode=train",
+                     "--log_interval=1")  # the last step logged: its lr is the end of the schedule
     t0 = time.time()
     assert run_main(args) == 0
     wall = time.time() - t0

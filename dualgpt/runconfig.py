@@ -35,7 +35,8 @@ def bound(text: str) -> int | float:
 def allowed(value, rule: str) -> bool:
     """Whether a value is within its declared rule (see declarations)."""
     if "|" in rule:
-        patterns = (re.sub(r"\b(N|module|function)\b", lambda m: PLACEHOLDERS[m[1]], choice)
+        placeholder = r"\b(" + "|".join(PLACEHOLDERS) + r")\b"
+        patterns = (re.sub(placeholder, lambda m: PLACEHOLDERS[m[1]], choice)
                     for choice in rule.split(" | "))
         return any(re.fullmatch(pattern, str(value)) for pattern in patterns)
     if rule.startswith(">"):
@@ -98,11 +99,11 @@ def foreign_key(key: str, program: str, keys: dict, hints: dict, owners: dict) -
 def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str], usage: str = "",
                 presets: dict[str, dict] | None = None, hints: dict | None = None,
                 owners: dict | None = None) -> dict:
-    """The run config of `python <program> argv...` over `keys` (key -> default), each value checked
-    against its declaration in `rules`. A *.py argument is a config file; --help prints usage and
-    the keys. presets: {flag key: values} that replace the defaults where the flag is set (rlhf.py's
-    --quick). A key of another program is a one-line error naming its owner (owners: key ->
-    programs; hints: key -> what to type instead)."""
+    """The run config of `python <program> argv...` over `keys` (key -> default), each value
+    checked against its declaration in `rules`. A *.py argument is a config file; --help prints
+    usage and the keys. presets: {flag key: values} that replace the defaults where the flag is set
+    (rlhf.py's --quick). A key of another program is a one-line error naming its owner (owners:
+    key -> programs; hints: key -> what to type instead)."""
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):

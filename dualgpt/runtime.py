@@ -25,8 +25,6 @@ def resolve_device(device: str) -> str:
         raise UserError(f"device {device!r} requested but CUDA is not available; use --device=cpu")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("device 'mps' requested but MPS is not available; use --device=cpu")
-    if device != "cpu" and not device.startswith(("cuda", "mps")):
-        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device

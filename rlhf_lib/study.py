@@ -58,7 +58,6 @@ def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> d
 
 TEMPERATURE = 1.0  # completions are sampled, and every log-probability taken, at this temperature
 CHUNK = 256  # sequences per forward pass when sampling or scoring many at once
-RLHF_SCRIPTS = ("gpt_", "gpt")  # rlhf_script: the script whose model class tunes (SM-GPT, LB-GPT)
 
 # Every random draw of the pipeline and the head study has a name here; its seed is derived from the run's seed
 # and the name (and an index, such as the RL step), so no two draws share a stream by accident.

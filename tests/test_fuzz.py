@@ -101,6 +101,15 @@ def snapshot(folder) -> dict:
     return out
 
 
+def exit_code(main, argv: list[str]):
+    """A program's main() in-process: its exit code (0 when it returns)."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
 def outcome_is_sound(code, err: str) -> None:
     """A run that works, or one line and exit 2 (1: the loss diverged, as documented)."""
     assert code in (0, 1, 2), (code, err[-2000:])
@@ -221,11 +230,7 @@ def test_random_keys_and_values_of_rlhf_py(rlhf_run, tmp_path_factory, capsys, o
         before = snapshot(home / "model_dict")
         capsys.readouterr()
         with no_hang():
-            try:
-                rlhf.main(argv)
-                code = 0
-            except SystemExit as e:
-                code = e.code
+            code = exit_code(rlhf.main, argv)
         outcome_is_sound(code, capsys.readouterr().err)
         assert (
             snapshot(home / "model_dict") == before
@@ -243,11 +248,7 @@ def test_random_keys_and_values_of_bench_py(overrides, capsys, monkeypatch):
     monkeypatch.setattr(bench, "SECTIONS", {name: lambda args: "" for name in bench.SECTIONS})
     monkeypatch.setattr(bench, "atomic_open", lambda *a, **k: open(os.devnull, "w"))
     capsys.readouterr()
-    try:
-        bench.main([f"--{key}={value}" for key, value in overrides])
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    code = exit_code(bench.main, [f"--{key}={value}" for key, value in overrides])
     outcome_is_sound(code, capsys.readouterr().err)
 
 
@@ -297,6 +298,7 @@ def read_file_case(
     content: bytes,
     argv: list[str],
     script: str = "gpt",
+    rebuilt: bool = False,
 ) -> None:
     """Write content to the workspace's file name, then run argv: a sound outcome, and the damaged
     file left as it was unless it is a cache (rebuilt)."""
@@ -309,6 +311,7 @@ def read_file_case(
         with no_hang():
             code = run_main([*argv, "--device=cpu", f"--data={home / 'corpus.txt'}"], cls, script)
         outcome_is_sound(code, capsys.readouterr().err)
+        assert rebuilt or path.read_bytes() == content
         return code
 
 
@@ -348,6 +351,7 @@ def test_damaged_token_caches_and_tokenizers(workspace, tmp_path_factory, capsys
         f"{which}/{path.name}",
         damaged(path.read_bytes(), *damage),
         argv,
+        rebuilt=True,
     )
 
 
@@ -533,6 +537,7 @@ def test_a_token_cache_whose_header_is_damaged_is_encoded_again(
             f"data/{cache.name}",
             content[:8] + content[58:],
             MODES["eval"],
+            rebuilt=True,
         )
         == 0
     )
@@ -564,4 +569,5 @@ def test_a_tokenizer_whose_split_pattern_is_damaged_is_trained_again(workspace, 
     """The long run's find: a pattern that no longer compiles raised regex's own error."""
     model = sorted((workspace / "tokenizers").glob("*.model"))[0]
     assert read_file_case(workspace, tmp_path_factory, capsys, f"tokenizers/{model.name}",
-                          damaged(model.read_bytes(), damage, None), MODES["train"]) == 0
+                          damaged(model.read_bytes(), damage, None), MODES["train"],
+                          rebuilt=True) == 0

@@ -154,9 +154,44 @@ def saved_activation_bytes(model, x, y) -> int:
     return sum(seen.values())
 
 
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured matmul rate (FLOP/s) for the dtype: the denominator of MFU.
+
+    The size grows from 256 until one product takes 5 ms (so a CPU that only emulates bf16 spends
+    a fraction of a second here, not a minute), and the rate is the best of several timings, since
+    a single one varies by 1.5x on a busy machine."""
+    gen = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams untouched
+    n, best = 256, 0.0
+    while True:
+        a, b = (torch.randn(n, n, device=device, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
+        a @ b  # warm-up
+        for _ in range(repeats):
+            synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+        if n >= max_n or 2 * n ** 3 / best > 0.005:
+            return best
+        n *= 2
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied head
+    does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd * block_size."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
 def bench_train(args) -> str:
-    from dualgpt.runtime import matmul_peak, resolve_device
-    from dualgpt.train import flops_per_token, make_optimizer
+    from dualgpt.runtime import resolve_device
+    from dualgpt.train import make_optimizer
     device = resolve_device("auto")
     peak = matmul_peak(device, args.dtype)
     rows = []
@@ -231,7 +266,7 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
 
     import gpt_
     from dualgpt.evaluation import evaluate_checkpoint
-    from dualgpt.runconfig import script_config
+    from dualgpt.runconfig import model_config, script_config
     from dualgpt.train import train
     ckpt = os.path.join(workdir, "quality.pt")
     for leftover in (ckpt, ckpt[:-3] + ".jsonl"):
@@ -243,10 +278,12 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
     train(gpt_.SMGPT, cfg)
     steps = [r for r in map(json.loads, open(ckpt[:-3] + ".jsonl")) if "loss" in r]
     result = evaluate_checkpoint(gpt_.SMGPT, dict(cfg, mode="eval"))
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0
+    model = gpt_.SMGPT(model_config(cfg, gpt_.SMGPT.config_class))
+    flops_per_s = flops_per_token(model) * tokens_per_s
     return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"], "dtype": cfg["dtype"],
-            "iters": steps[-1]["iter"] if steps else 0,
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0,
-            "mfu": statistics.median(r["mfu"] for r in steps) if steps else 0.0}
+            "iters": steps[-1]["iter"] if steps else 0, "tokens_per_s": tokens_per_s,
+            "mfu": flops_per_s / matmul_peak(cfg["device"], cfg["dtype"])}
 
 
 def bench_quality(args) -> str:
@@ -269,7 +306,7 @@ def bench_quality(args) -> str:
 
 def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) -> float:
     """Median seconds of a training step (forward, backward, AdamW) after two warm-up steps."""
-    from dualgpt.runtime import autocast, synchronize
+    from dualgpt.runtime import autocast
     times = []
     for step in range(steps + 2):
         x, y = batches[step % len(batches)]

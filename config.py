@@ -13,10 +13,7 @@ work starts. Numbers must be finite.
 """
 
 # --- data ----------------------------------------------------------------------------------------
-data = "data/input.txt"  # training text (UTF-8): a local path, or an http(s) URL to download
-data_url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
-            "input.txt")
-data_sha256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of data_url
+data = "data/input.txt"  # training text (UTF-8): Tiny Shakespeare, shipped with the clone
 
 # --- system --------------------------------------------------------------------------------------
 device: "auto | cpu | cuda | cuda:N | mps" = "auto"

@@ -13,12 +13,14 @@ import math
 import os
 import re
 import sys
+import tempfile
 
 import torch
 import torch.nn as nn
 
+from minbpe import RegexTokenizer
+
 from dualgpt import UserError
-from dualgpt.data import Dataset, resolve_data
 from dualgpt.files import atomic_open
 from dualgpt.runconfig import model_options, parse_head_mask
 
@@ -69,6 +71,17 @@ def load_checkpoint(path: str) -> dict:
     if missing:
         raise UserError(f"{path} is not a Dual-GPT checkpoint (missing {', '.join(sorted(missing))}); {remedy}")
     return ckpt
+
+
+def load_tokenizer_text(model_text: str) -> RegexTokenizer:
+    """A tokenizer from the .model text stored in a checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "t.model")
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.write(model_text)
+        tok = RegexTokenizer()
+        tok.load(path)
+    return tok
 
 
 def layout_of(ckpt: dict) -> str:
@@ -164,12 +177,3 @@ def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.
     ckpt = load_checkpoint(cfg["ckpt"])
     return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
                                        model_options(cfg, model_class))
-
-
-def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
-    """For the eval, export and heads modes: the checkpoint, its best model, and the data encoded with the
-    checkpoint's own tokenizer at its block size."""
-    ckpt, model = checkpoint_model(model_class, cfg)
-    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
-    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
-    return ckpt, model, data

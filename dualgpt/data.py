@@ -1,17 +1,16 @@
-"""The training text: found or downloaded, tokenized with a cached BPE tokenizer, split 90/10, batched."""
+"""The training text: read, tokenized with a cached BPE tokenizer, split 90/10, batched."""
 from __future__ import annotations
 
 import hashlib
 import math
 import os
-import tempfile
-import urllib.request
 
 import numpy as np
 import torch
 
 import config as default_config
 from dualgpt import UserError, repo_path
+from dualgpt.checkpoint import load_tokenizer_text
 from dualgpt.files import atomic_open
 from dualgpt.runtime import progress
 from minbpe import RegexTokenizer
@@ -25,39 +24,10 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def download(url: str, path: str, sha256: str | None) -> None:
-    """Fetch url to path with a progress bar; checksum verified before the file is kept."""
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, atomic_open(path, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            h = hashlib.sha256()
-            with progress(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-                for block in iter(lambda: r.read(1 << 16), b""):
-                    f.write(block)
-                    h.update(block)
-                    bar.update(len(block))
-            if sha256 and h.hexdigest() != sha256:
-                raise UserError(f"{url}: checksum mismatch (got sha256 {h.hexdigest()[:16]}..., "
-                                f"expected {sha256[:16]}...); the file was not kept")
-    except OSError as e:
-        raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); put the text file at {path} "
-                        f"or pass --data=PATH") from None
-
-
-def resolve_data(data: str, data_url: str, data_sha256: str) -> str:
-    """The local path of the training text, downloading it if it is the default (from data_url, checked
-    against data_sha256) or a URL."""
-    if data.startswith(("http://", "https://")):
-        path = repo_path("data", os.path.basename(data.split("?")[0]) or "download.txt")
-        if not os.path.exists(path):
-            download(data, path, data_sha256 if data == data_url else None)
-        return path
-    if data == default_config.data:  # the default lives in the repo, wherever the script is run from
-        path = repo_path(data)
-        if not os.path.exists(path):
-            download(data_url, path, data_sha256)
-    else:
-        path = os.path.abspath(data)
+def resolve_data(data: str) -> str:
+    """The local path of the training text: config.py's default lives in the repository (the clone
+    ships it), wherever the script is run from; any other path is the user's."""
+    path = repo_path(data) if data == default_config.data else os.path.abspath(data)
     if not os.path.isfile(path):
         raise UserError(f"data file {data} not found; pass --data=PATH to a UTF-8 text file")
     return path
@@ -69,17 +39,6 @@ def read_text(path: str) -> str:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it or pass another --data") from None
-
-
-def load_tokenizer_text(model_text: str) -> RegexTokenizer:
-    """A tokenizer from the .model text stored in a checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "t.model")
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(model_text)
-        tok = RegexTokenizer()
-        tok.load(path)
-    return tok
 
 
 def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) -> tuple[RegexTokenizer, str]:

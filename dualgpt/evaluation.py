@@ -8,28 +8,19 @@ import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from dualgpt.checkpoint import (checkpoint_with_data, convert_state_dict, cpu_copy, layout_of,
+from dualgpt.checkpoint import (checkpoint_model, convert_state_dict, cpu_copy, layout_of,
                                 make_checkpoint, save_checkpoint)
-from dualgpt.data import Dataset
+from dualgpt.data import Dataset, resolve_data
 from dualgpt.runtime import autocast, progress
 
 
-@torch.no_grad()
-def estimate_loss(model: nn.Module, data: Dataset, eval_iters: int, seed: int, device: str,
-                  dtype: str) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time (own generator)."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(seed + 1)
-        losses = []
-        for _ in range(eval_iters):
-            x, y = data.batch(split, gen)
-            with autocast(device, dtype):
-                losses.append(model(x, y)[1].item())
-        out[split] = sum(losses) / len(losses)
-    model.train()
-    return out
+def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
+    """For the eval, export and heads modes: the checkpoint, its best model, and the data encoded with the
+    checkpoint's own tokenizer at its block size."""
+    ckpt, model = checkpoint_model(model_class, cfg)
+    path = resolve_data(cfg["data"])
+    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
+    return ckpt, model, data
 
 
 @torch.no_grad()

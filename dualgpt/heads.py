@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import repo_path
-from dualgpt.checkpoint import checkpoint_with_data
+from dualgpt.evaluation import checkpoint_with_data
 from dualgpt.plots import pyplot, save_figure
 from dualgpt.runconfig import parse_head_mask
 from dualgpt.runtime import autocast, progress

@@ -63,34 +63,6 @@ def autocast(device: str, dtype: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) -> float:
-    """This machine's measured matmul rate (FLOP/s) for the dtype: the denominator of MFU.
-
-    The size grows from 256 until one product takes 5 ms (so a CPU that only emulates bf16 spends a
-    fraction of a second here, not a minute), and the rate is the best of several timings, since a single
-    one varies by 1.5x on a busy machine. A size that small can understate the peak a little; training's
-    Meter raises it if a faster rate is ever seen, so MFU stays at most 100%."""
-    gen = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams untouched
-    n, best = 256, 0.0
-    while True:
-        a, b = (torch.randn(n, n, device=device, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
-        a @ b  # warm-up
-        for _ in range(repeats):
-            synchronize(device)
-            t0 = time.perf_counter()
-            a @ b
-            synchronize(device)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-        if n >= max_n or 2 * n ** 3 / best > 0.005:
-            return best
-        n *= 2
-
-
 def machine_name(device: str) -> str:
     """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction set
     torch uses (what every benchmark and report names beside its figures)."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualgpt import UserError
-from dualgpt.data import load_tokenizer_text
+from dualgpt.checkpoint import load_tokenizer_text
 from dualgpt.checkpoint import checkpoint_model
 from dualgpt.runtime import autocast
 from dualgpt.files import atomic_open

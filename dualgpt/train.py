@@ -20,9 +20,8 @@ from dualgpt import TrainingDiverged, UserError, WriteFailed
 from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoint, log_path,
                                 make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data
-from dualgpt.evaluation import estimate_loss
 from dualgpt.runconfig import model_config, model_options, parse_head_mask
-from dualgpt.runtime import Distributed, StopRequest, autocast, matmul_peak, training_bar
+from dualgpt.runtime import Distributed, StopRequest, autocast, training_bar
 
 
 @dataclasses.dataclass
@@ -79,23 +78,18 @@ class LRSchedule:
 
 
 class Meter:
-    """Tokens per second and MFU of the training steps since the last read. MFU never exceeds 100%: a
-    faster rate than the measured matmul peak raises the peak (the machine can evidently do that)."""
+    """Tokens per second of the training steps since the last read."""
 
-    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
-        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
-        self.steps, self.seconds, self.tokens_per_s = 0, 0.0, 0.0
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.steps, self.seconds, self.tokens_per_s = tokens_per_step, 0, 0.0, 0.0
 
     def add(self, step_s: float) -> None:
         self.steps, self.seconds = self.steps + 1, self.seconds + step_s
 
-    def read(self) -> tuple[float, float]:
-        """(tokens/s, MFU) since the last read."""
+    def read(self) -> float:
         self.tokens_per_s = self.steps * self.tokens_per_step / self.seconds
-        flops_per_s = self.steps * self.flops_per_step / self.seconds
-        self.peak = max(self.peak, flops_per_s)
         self.steps, self.seconds = 0, 0.0
-        return self.tokens_per_s, flops_per_s / self.peak
+        return self.tokens_per_s
 
 
 @dataclasses.dataclass
@@ -188,8 +182,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     batch_gen = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
     limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
     tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
-    meter = Meter(tokens_per_step, flops_per_token(model) * tokens_per_step,
-                  matmul_peak(device, dtype) * ddp.world)
+    meter = Meter(tokens_per_step)
     run = Run(cfg, ddp, data, model, model, optimizer,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
               batch_gen, limits, meter, TrainState(), micro_steps, None)
@@ -238,11 +231,11 @@ def training_step(run: Run, bar) -> None:
     run.meter.add(step_s)
     bar.update(min(step_s, max(0.0, bar.total - bar.n)) if run.timed else 1)
     if logging:
-        tokens_per_s, mfu = run.meter.read()
+        tokens_per_s = run.meter.read()
         log(run, {"iter": state.iter_num, "loss": loss_value, "bpb": run.data.bpb(loss_value, "train"),
-                  "lr": run.lr, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                  "lr": run.lr, "tokens_per_s": tokens_per_s})
         bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{run.lr:.2e}",
-                        tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.0%}")
+                        tok_s=f"{tokens_per_s:,.0f}")
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
@@ -264,6 +257,24 @@ def optimizer_step(run: Run) -> torch.Tensor:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, data: Dataset, eval_iters: int, seed: int, device: str,
+                  dtype: str) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split; the same batches every time (own generator)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(seed + 1)
+        losses = []
+        for _ in range(eval_iters):
+            x, y = data.batch(split, gen)
+            with autocast(device, dtype):
+                losses.append(model(x, y)[1].item())
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
 
 
 def evaluate(run: Run) -> None:
@@ -363,7 +374,7 @@ def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) 
     """The dataset; rank 0 goes first, since it may train the tokenizer and write the token cache."""
     if not ddp.master:
         ddp.barrier()
-    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
+    path = resolve_data(cfg["data"])
     data = Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"],
                    vocab_size=cfg["vocab_size"], tokenizer_text=tokenizer_text, rank=ddp.rank,
                    world=ddp.world)
@@ -382,14 +393,6 @@ def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
                         f"processes; use a multiple of {world} (each process runs grad_accum_steps / "
                         f"{world} micro-steps)")
     return grad_accum_steps // world
-
-
-def flops_per_token(model: nn.Module) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied head
-    does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd * block_size."""
-    c = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
-    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 def make_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
@@ -434,8 +437,8 @@ def describe(run: Run) -> str:
         note = (f"; grad_accum_steps={cfg['grad_accum_steps']} is fewer than the {ddp.world} "
                 f"processes, so each runs one micro-batch per step")
     n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
-    return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {run.device} {run.dtype} (matmul peak "
-            f"{run.meter.peak / 1e9:,.0f} GFLOP/s), {len(splits['train']):,} train / "
+    return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {run.device} {run.dtype}, "
+            f"{len(splits['train']):,} train / "
             f"{len(splits['val']):,} val tokens, {run.meter.tokens_per_step:,} tokens per step "
             f"(batch_size {cfg['batch_size']} x grad_accum_steps {run.micro_steps} x {ddp.world} "
             f"processes x block_size {cfg['block_size']}{note}); {run.limits.describe()}")

@@ -34,7 +34,7 @@ from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_com
 
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}  # rlhf_script -> the model that tunes
 # the keys of config.py the RLHF programs read; the rest of config.py is gpt.py's and gpt_.py's
-CORE_KEYS = ("data", "data_url", "data_sha256", "device", "dtype", "seed", "attn_impl", "kv_cache")
+CORE_KEYS = ("data", "device", "dtype", "seed", "attn_impl", "kv_cache")
 # the keys of rlhf_config.py that both programs read (its first section); the pipeline reads every other
 # key but the head study's head_*, and the head study reads these and its own head_*
 SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens", "eval_prompts",
@@ -222,7 +222,7 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
                         "--pairs=FILE.jsonl (or label some: python rlhf.py --rlhf_stage=label)")
     cfg = dict(cfg, oracle=("none" if pairs else "sentiment") if cfg["oracle"] == "auto" else cfg["oracle"])
     oracle = None if cfg["oracle"] == "none" else get_oracle(cfg["oracle"])
-    data = Dataset(resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]), block_size, data_batch_size,
+    data = Dataset(resolve_data(cfg["data"]), block_size, data_batch_size,
                    cfg["device"], tokenizer_text=base["tokenizer"])
     name = "pairs-" + os.path.splitext(os.path.basename(pairs))[0] if pairs else oracle.name
     family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", name) + ("_quick" if cfg["quick"] else "")

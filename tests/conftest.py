@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: two workers share the cores
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # before torch loads
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -89,7 +92,7 @@ def run_script(home, args, script="gpt.py", **kwargs):
 
 def dataset(cfg: dict) -> Dataset:
     """The training data of a run config, as --mode=train builds it."""
-    path = resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"])
+    path = resolve_data(cfg["data"])
     return Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"], vocab_size=cfg["vocab_size"])
 
 
@@ -166,3 +169,12 @@ def rlhf_run(pipeline, monkeypatch) -> Pipeline:
     """The pipeline, with its folder as the repository root for the test."""
     monkeypatch.setattr(dualgpt, "ROOT", str(pipeline.home))
     return pipeline
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist, every test of the RLHF pipeline runs in one worker, so the session's
+    pipeline (the suite's slowest fixture) is built once."""
+    for item in items:
+        if "pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("rlhf_pipeline"))

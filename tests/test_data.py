@@ -1,8 +1,5 @@
-"""The data pipeline: finding or downloading the text, the tokenizer and token caches, batches, bits per byte."""
-import functools
-import http.server
+"""The data pipeline: finding the text, the tokenizer and token caches, batches, bits per byte."""
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -21,45 +18,12 @@ def test_missing_data_file(home, capsys):
     assert err.count("\n") == 1
 
 
-def test_offline_download_fails_with_hint(home, corpus, capsys):
-    url = "http://127.0.0.1:9/input.txt"  # nothing listens on the discard port
-    assert run_main(tiny_args(home, corpus) + ["--data=data/input.txt", f"--data_url={url}", "--mode=train"]) == 2
-    err = capsys.readouterr().err
-    assert "could not download" in err
-    assert "--data=PATH" in err
-    assert err.count("\n") == 1
-    assert not (home / "data" / "input.txt").exists()
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """Serves tmp_path/www on 127.0.0.1 (loopback only)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_download_verifies_checksum(home, corpus, http_server, capsys):
-    root, base = http_server
-    (root / "shakes.txt").write_text(corpus.read_text())
-    url = f"{base}/shakes.txt"
-    args = tiny_args(home, corpus) + ["--data=data/input.txt", f"--data_url={url}", "--mode=train"]
-    assert run_main(args + ["--data_sha256=" + "0" * 64]) == 2
-    assert "checksum mismatch" in capsys.readouterr().err
-    assert not (home / "data" / "input.txt").exists()
-    assert not list((home / "data").glob("*tmp"))
-    cfg = script_config(args + ["--data_sha256=" + data.sha256_file(str(corpus))], "gpt")
-    assert data.resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]) == str(home / "data" / "input.txt")
-    assert (home / "data" / "input.txt").read_text() == corpus.read_text()
-    # --data=URL downloads to data/<name> (checksum only for the canonical URL)
-    cfg = script_config(tiny_args(home, corpus) + [f"--data={url}"], "gpt")
-    assert data.resolve_data(cfg["data"], cfg["data_url"], cfg["data_sha256"]) == str(home / "data" / "shakes.txt")
+def test_the_default_data_is_found_in_the_repository_from_any_folder(home, corpus, monkeypatch, tmp_path):
+    (home / "data").mkdir()
+    (home / "data" / "input.txt").write_text(corpus.read_text(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert data.resolve_data("data/input.txt") == str(home / "data" / "input.txt")
+    assert data.resolve_data(str(corpus)) == str(corpus)
 
 
 def test_non_utf8_and_too_small(home, tmp_path, capsys):

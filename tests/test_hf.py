@@ -17,8 +17,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gpt
 import gpt_
-from dualgpt import UserError, data
-from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from dualgpt import UserError
+from dualgpt.checkpoint import load_checkpoint, load_tokenizer_text, model_from_checkpoint
 from dualgpt.tokenizer_files import tokenizer_from_files, tokenizer_json
 from rlhf_lib.study import complete, load_policy, rlhf_run_config, sample_prompts, setup
 from minbpe import RegexTokenizer
@@ -72,7 +72,7 @@ def test_the_tokenizer_json_we_write_encodes_as_minbpe():
     shipped = os.path.join(ROOT, "tokenizers", "shipped")
     model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
     with open(os.path.join(shipped, model), encoding="utf-8") as f:
-        ours = data.load_tokenizer_text(f.read())
+        ours = load_tokenizer_text(f.read())
     ours.register_special_tokens({"<|endoftext|>": len(ours.vocab)})
     theirs = Tokenizer.from_str(json.dumps(tokenizer_json(ours)))
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
@@ -120,7 +120,7 @@ def test_an_imported_gpt2_is_the_same_function_in_both_scripts(bpe_folder, home,
                         script) == 0
         ckpt = load_checkpoint(str(ckpt_path))
         model = model_from_checkpoint(cls, ckpt, str(ckpt_path), "cpu").eval()
-        tok = data.load_tokenizer_text(ckpt["tokenizer"])
+        tok = load_tokenizer_text(ckpt["tokenizer"])
         order = their_ids(tok, hf_tokenizer)
         for text in TEXTS:
             ids = tok.encode(text, allowed_special="all")[:model.config.block_size]
@@ -202,7 +202,7 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
                      "--device=cpu"], gpt_.SMGPT, "gpt_") == 0
     ckpt = load_checkpoint(str(ckpt_path))
     model = model_from_checkpoint(gpt_.SMGPT, ckpt, str(ckpt_path), "cpu").eval()
-    tok = data.load_tokenizer_text(ckpt["tokenizer"])
+    tok = load_tokenizer_text(ckpt["tokenizer"])
     theirs, their_tokenizer = GPT2LMHeadModel.from_pretrained(out).eval(), AutoTokenizer.from_pretrained(out)
     for text in TEXTS[:2] + TEXTS[3:]:  # (the tiny model's tokenizer has no <|endoftext|>)
         ids = tok.encode(text)

@@ -73,7 +73,8 @@ def bench_tokenizer(args) -> str:
     assert list(classic) == list(tok.merges)[:classic_merges], "trainer disagrees with the classic loop"
 
     rows = [[f"train RegexTokenizer, vocab {vocab_size}, {mb:.2f} MB", f"{train_s:.2f} s",
-             f"classic (est. from {classic_merges} merges): {classic_s:.0f} s", f"{classic_s / train_s:.0f}x faster"]]
+             f"classic (est. from {classic_merges} merges): {classic_s:.0f} s",
+             f"{classic_s / train_s:.0f}x faster"]]
 
     repeats = 1 if args.quick else 5
 
@@ -92,13 +93,17 @@ def bench_tokenizer(args) -> str:
         tik_s, tik_same = None, "n/a (tiktoken not installed)"
     else:
         ranks = {token: idx for idx, token in tok.vocab.items()}
-        enc = tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=ranks, special_tokens={})
-        tik_s, tik_same = best_of(lambda: enc.encode_ordinary(text), repeats), enc.encode_ordinary(text) == reference
+        enc = tiktoken.Encoding("bench", pat_str=tok.pattern, mergeable_ranks=ranks,
+                                special_tokens={})
+        tik_s, tik_same = best_of(lambda: enc.encode_ordinary(text),
+                                  repeats), enc.encode_ordinary(text) == reference
     timings = [("encode, cold cache (fresh tokenizer)", ours_cold, f"as tiktoken: {tik_same}"),
                ("encode, warm cache", ours_warm, f"as tiktoken: {tik_same}")]
     for name, s, same in timings:
-        rows.append([name, f"{mb / s:.1f} MB/s", f"tiktoken same ranks: {mb / tik_s:.1f} MB/s" if tik_s else
-                     "tiktoken not installed", (f"{tik_s / s:.2f}x tiktoken, " if tik_s else "") + f"same ids {same}"])
+        rows.append([name, f"{mb / s:.1f} MB/s", "tiktoken same ranks: "
+                     f"{mb / tik_s:.1f} MB/s" if tik_s else
+                     "tiktoken not installed",
+                     (f"{tik_s / s:.2f}x tiktoken, " if tik_s else "") + f"same ids {same}"])
     return "### Tokenizer (Tiny Shakespeare; minbpe in pure Python, tiktoken in Rust on 1 thread)\n\n" + table(
         ["what", "ours", "reference", "ratio"], rows)
 
@@ -121,27 +126,36 @@ def build(cls, impl, shape, device):
     cfg = gpt.ModelConfig(**shape)
     reference = gpt.LBGPT(cfg)
     model = cls(cfg, attn_impl=impl) if impl else cls(cfg)
-    model.load_state_dict(convert_state_dict(reference.state_dict(), reference.layout, model.layout, cfg.n_head))
+    model.load_state_dict(convert_state_dict(reference.state_dict(), reference.layout,
+                                             model.layout, cfg.n_head))
     return model.to(device)
 
 
 def shapes(args, device):
     """The default config and the lecture shape; on CPU the lecture batch is smaller (stated)."""
     import config
-    default = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-                   n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
-    # the lecture model is character level: byte level (vocab 256) is the nearest our tokenizer gives
-    lecture = dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=config.bias)
+    default = dict(vocab_size=config.vocab_size, block_size=config.block_size,
+                   n_layer=config.n_layer,
+                   n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                   bias=config.bias)
+    # the lecture model is character level: byte level (vocab 256) is the nearest our tokenizer
+    # gives
+    lecture = dict(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2,
+                   bias=config.bias)
     lecture_batch = args.lecture_batch or (64 if device.startswith("cuda") else 16)
     if args.quick:
         lecture_batch = 4
-    # dropout 0 is where CPU SDPA can use its fused flash kernel (with dropout it runs the math path)
-    return [("default", default, config.batch_size), (f"lecture (batch {lecture_batch})", lecture, lecture_batch),
-            (f"lecture, dropout 0 (batch {lecture_batch})", dict(lecture, dropout=0.0), lecture_batch)]
+    # dropout 0 is where CPU SDPA can use its fused flash kernel (with dropout it runs the math
+    # path)
+    return [("default", default, config.batch_size),
+            (f"lecture (batch {lecture_batch})", lecture, lecture_batch),
+            (f"lecture, dropout 0 (batch {lecture_batch})", dict(lecture, dropout=0.0),
+             lecture_batch)]
 
 
 def saved_activation_bytes(model, x, y) -> int:
-    """Bytes of distinct tensors autograd keeps for backward in one forward: the activation memory."""
+    """Bytes of distinct tensors autograd keeps for backward in one forward: the activation
+    memory."""
     seen = {}
 
     def pack(t):
@@ -165,10 +179,12 @@ def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) ->
     The size grows from 256 until one product takes 5 ms (so a CPU that only emulates bf16 spends
     a fraction of a second here, not a minute), and the rate is the best of several timings, since
     a single one varies by 1.5x on a busy machine."""
-    gen = torch.Generator(device=device).manual_seed(0)  # leaves the training RNG streams untouched
+    # leaves the training RNG streams untouched
+    gen = torch.Generator(device=device).manual_seed(0)
     n, best = 256, 0.0
     while True:
-        a, b = (torch.randn(n, n, device=device, generator=gen).to(getattr(torch, dtype)) for _ in range(2))
+        a, b = (torch.randn(n, n, device=device,
+                            generator=gen).to(getattr(torch, dtype)) for _ in range(2))
         a @ b  # warm-up
         for _ in range(repeats):
             synchronize(device)
@@ -182,8 +198,9 @@ def matmul_peak(device: str, dtype: str, max_n: int = 2048, repeats: int = 5) ->
 
 
 def flops_per_token(model: torch.nn.Module) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied head
-    does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd * block_size."""
+    """Training FLOPs per token: 6 per weight that multiplies (embedding lookups do not; the tied
+    head does) plus attention's score and weighted-sum matmuls, 12 * n_layer * n_embd *
+    block_size."""
     c = model.config
     n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
@@ -199,9 +216,11 @@ def bench_train(args) -> str:
         base = None
         for name, cls, impl in variants():
             model = build(cls, impl, shape, device)
-            opt = make_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99), device=device)
+            opt = make_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99),
+                                 device=device)
             gen = torch.Generator().manual_seed(0)
-            x, y = torch.randint(0, shape["vocab_size"], (2, batch, shape["block_size"]), generator=gen).to(device)
+            x, y = torch.randint(0, shape["vocab_size"], (2, batch, shape["block_size"]),
+                                 generator=gen).to(device)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             step_s = timed_steps(model, opt, [(x, y)], args.steps, device, args.dtype)
@@ -212,14 +231,19 @@ def bench_train(args) -> str:
                 memory = f"{saved_activation_bytes(model, x, y) / 2**20:.0f} MiB saved"
             tokens = batch * shape["block_size"]
             mfu = flops_per_token(model) * tokens / step_s / peak
-            rows.append([shape_name, name, f"{step_s * 1000:.0f} ms", f"{tokens / step_s:,.0f}", f"{mfu:.0%}",
+            rows.append([shape_name, name, f"{step_s * 1000:.0f} ms", f"{tokens / step_s:,.0f}",
+                         f"{mfu:.0%}",
                          f"{base / step_s:.2f}x", memory])
-            print(f"  {shape_name} {name}: {step_s * 1000:.0f} ms/step", file=sys.stderr, flush=True)
+            print(f"  {shape_name} {name}: {step_s * 1000:.0f} ms/step", file=sys.stderr,
+                  flush=True)
     memory_note = ("peak GPU memory allocated" if device.startswith("cuda") else
-                   "activation memory: bytes autograd saves for backward in one step (CPU has no peak counter)")
-    return (f"### Training step: forward + backward + AdamW, {args.dtype}, {device}, median of {args.steps} steps "
+                   "activation memory: bytes autograd saves for backward in one step (CPU has no "
+                   "peak counter)")
+    return (f"### Training step: forward + backward + AdamW, {args.dtype}, {device}, median of "
+            f"{args.steps} steps "
             f"(matmul peak {peak / 1e9:,.0f} GFLOP/s)\n\n"
-            + table(["shape", "variant", "step", "tokens/s", "MFU", "speed vs LB-GPT", "memory"], rows)
+            + table(["shape", "variant", "step", "tokens/s", "MFU", "speed vs LB-GPT", "memory"],
+                    rows)
             + f"\n\nmemory: {memory_note}")
 
 
@@ -228,7 +252,8 @@ def bench_sample(args) -> str:
     from dualgpt.sampling import generate
     device = resolve_device("auto")
     shape = dict(shapes(args, device)[1][1], dropout=0.0)
-    prompt = torch.randint(0, shape["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0)).to(device)
+    prompt = torch.randint(0, shape["vocab_size"], (1, 6),
+                           generator=torch.Generator().manual_seed(0)).to(device)
     lengths = [(250, "inside the window"), (1000, "past the window")]
     if args.quick:
         lengths = [(50, "inside the window"), (300, "past the window")]
@@ -249,19 +274,25 @@ def bench_sample(args) -> str:
                 same = "same tokens" if torch.equal(tokens, base_tokens) else "DIFFERENT tokens"
                 rows.append([f"{new_tokens} ({where})", label, f"{new_tokens / elapsed:,.0f}",
                              f"{base / elapsed:.2f}x", same])
-                print(f"  sample {new_tokens} {label}: {new_tokens / elapsed:.0f} tok/s", file=sys.stderr, flush=True)
+                print(f"  sample {new_tokens} {label}: {new_tokens / elapsed:.0f} tok/s",
+                      file=sys.stderr, flush=True)
     return (f"### Sampling: new tokens/s, 6-token prompt, block {shape['block_size']}, "
-            f"{shape['n_layer']} layers x {shape['n_head']} heads x {shape['n_embd']}, {device}, batch 1\n\n"
-            + table(["new tokens", "variant", "tokens/s", "speed vs LB-GPT", "output vs LB-GPT"], rows))
+            f"{shape['n_layer']} layers x {shape['n_head']} heads x {shape['n_embd']}, {device}, "
+            "batch 1\n\n"
+            + table(["new tokens", "variant", "tokens/s", "speed vs LB-GPT", "output vs LB-GPT"],
+                    rows))
 
 
-# nanoGPT's documented CPU recipe ("baby GPT", character level), here byte level = character level for this text
-NANOGPT_BABY = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+# nanoGPT's documented CPU recipe ("baby GPT", character level), here byte level = character level
+# for this text
+NANOGPT_BABY = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                    dropout=0.0,
                     learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, bias=False)
 
 
 def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict:
-    """Train gpt_.py for a wall-clock budget with config overrides; score it on the whole val split."""
+    """Train gpt_.py for a wall-clock budget with config overrides; score it on the whole val
+    split."""
     import json
 
     import gpt_
@@ -273,7 +304,8 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
         if os.path.exists(leftover):
             os.remove(leftover)
     argv = [f"--{k}={v}" for k, v in overrides.items()] + [
-        f"--max_minutes={budget_s / 60}", "--eval_interval=1000000000", "--mode=train", f"--ckpt={ckpt}", f"--data={data}"]
+        f"--max_minutes={budget_s / 60}", "--eval_interval=1000000000", "--mode=train",
+        f"--ckpt={ckpt}", f"--data={data}"]
     cfg = script_config(argv, "gpt_")
     train(gpt_.SMGPT, cfg)
     steps = [r for r in map(json.loads, open(ckpt[:-3] + ".jsonl")) if "loss" in r]
@@ -281,7 +313,8 @@ def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0
     model = gpt_.SMGPT(model_config(cfg, gpt_.SMGPT.config_class))
     flops_per_s = flops_per_token(model) * tokens_per_s
-    return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"], "dtype": cfg["dtype"],
+    return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"],
+            "dtype": cfg["dtype"],
             "iters": steps[-1]["iter"] if steps else 0, "tokens_per_s": tokens_per_s,
             "mfu": flops_per_s / matmul_peak(cfg["device"], cfg["dtype"])}
 
@@ -291,17 +324,20 @@ def bench_quality(args) -> str:
 
     import config
     runs = [("nanoGPT baby GPT shape, vocab 256 (byte level)", NANOGPT_BABY),
-            (f"defaults ({config.n_layer}x{config.n_head}x{config.n_embd}, block {config.block_size}, "
+            (f"defaults ({config.n_layer}x{config.n_head}x{config.n_embd}, block "
+             f"{config.block_size}, "
              f"vocab {config.vocab_size})", {})]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name, overrides in runs:
             r = train_for(overrides, args.budget, workdir, args.data)
-            rows.append([name, r["dtype"], f"{r['iters']:,}", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}",
+            rows.append([name, r["dtype"], f"{r['iters']:,}", f"{r['tokens_per_s']:,.0f}",
+                         f"{r['mfu']:.1%}",
                          f"{r['val_loss']:.4f}", f"**{r['val_bpb']:.3f}**"])
-    return (f"### Time to quality: gpt_.py trained for {args.budget:g} s of wall time (evaluation excluded), "
-            f"val bits per byte over the whole val split\n\n"
-            + table(["configuration", "dtype", "steps", "tokens/s", "MFU", "val loss/token", "val bpb"], rows))
+    return (f"### Time to quality: gpt_.py trained for {args.budget:g} s of wall time (evaluation "
+            f"excluded), val bits per byte over the whole val split\n\n"
+            + table(["configuration", "dtype", "steps", "tokens/s", "MFU", "val loss/token",
+                     "val bpb"], rows))
 
 
 def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) -> float:
@@ -322,9 +358,9 @@ def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) 
 
 
 def bench_compile(args) -> str:
-    """Eager against compiled training steps for config.py's model in both scripts, at the dtype training would
-    use here, with the compile time from a cold cache, and the run length from which compiling buys 10%
-    more steps: compile_s / (1 - 1.1 * compiled_step_s / eager_step_s)."""
+    """Eager against compiled training steps for config.py's model in both scripts, at the dtype
+    training would use here, with the compile time from a cold cache, and the run length from which
+    compiling buys 10% more steps: compile_s / (1 - 1.1 * compiled_step_s / eager_step_s)."""
     import tempfile
 
     import config
@@ -334,10 +370,13 @@ def bench_compile(args) -> str:
     from dualgpt.train import compile_model, make_optimizer
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
-    shape = dict(vocab_size=config.vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-                 n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+    shape = dict(vocab_size=config.vocab_size, block_size=config.block_size,
+                 n_layer=config.n_layer,
+                 n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                 bias=config.bias)
     gen = torch.Generator().manual_seed(0)
-    batches = [tuple(torch.randint(0, shape["vocab_size"], (2, config.batch_size, shape["block_size"]),
+    batches = [tuple(torch.randint(0, shape["vocab_size"],
+                                   (2, config.batch_size, shape["block_size"]),
                                    generator=gen).to(device)) for _ in range(4)]
     rows = []
     for name, cls in (("LB-GPT (gpt.py)", gpt.LBGPT), ("SM-GPT (gpt_.py)", gpt_.SMGPT)):
@@ -345,27 +384,33 @@ def bench_compile(args) -> str:
         model = cls(gpt.ModelConfig(**shape)).to(device)
         optimizer = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device)
         eager_s = timed_steps(model, optimizer, batches, args.steps, device, dtype)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dualgpt-inductor-")  # a cold compile
+        # a cold compile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dualgpt-inductor-")
         torch._dynamo.reset()
         t0 = time.perf_counter()
         compiled = compile_model(model, config.batch_size, shape["block_size"], device, dtype)
         compile_s = time.perf_counter() - t0
         compiled_s = timed_steps(compiled, optimizer, batches, args.steps, device, dtype)
         saved = 1 - 1.1 * compiled_s / eager_s  # the share of a step's time compiling must save
-        rows.append([name, f"{eager_s * 1000:.1f} ms", f"{compiled_s * 1000:.1f} ms", f"{eager_s / compiled_s:.2f}x",
+        rows.append([name, f"{eager_s * 1000:.1f} ms", f"{compiled_s * 1000:.1f} ms",
+                     f"{eager_s / compiled_s:.2f}x",
                      f"{compile_s:.0f} s", f"{compile_s / saved:.0f} s" if saved > 0 else "never"])
-        print(f"  compile {name}: eager {eager_s * 1000:.1f} ms, compiled {compiled_s * 1000:.1f} ms, "
+        print(f"  compile {name}: eager {eager_s * 1000:.1f} ms, compiled "
+              f"{compiled_s * 1000:.1f} ms, "
               f"compiling {compile_s:.0f} s", file=sys.stderr, flush=True)
-    return (f"### torch.compile: {machine_name(device)}, {dtype}, config.py's model ({shape['n_layer']}x{shape['n_head']}"
-            f"x{shape['n_embd']}, block {shape['block_size']}, vocab {shape['vocab_size']}, batch {config.batch_size}), "
+    return (f"### torch.compile: {machine_name(device)}, {dtype}, config.py's model "
+            f"({shape['n_layer']}x{shape['n_head']}"
+            f"x{shape['n_embd']}, block {shape['block_size']}, vocab {shape['vocab_size']}, batch "
+            f"{config.batch_size}), "
             f"median of {args.steps} steps, compile time from a cold cache\n\n"
-            + table(["script", "eager step", "compiled step", "speed-up", "compiling", "10% more steps in runs of"],
+            + table(["script", "eager step", "compiled step", "speed-up", "compiling",
+                     "10% more steps in runs of"],
                     rows))
 
 
 def bench_rlhf(args) -> str:
-    """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), run as a
-    user runs it, in a copy of the code so that the user's own results are left alone."""
+    """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), run
+    as a user runs it, in a copy of the code so that the user's own results are left alone."""
     import re as plain_re
     import shutil
     import subprocess
@@ -373,27 +418,32 @@ def bench_rlhf(args) -> str:
 
     argv = ["--quick"] if args.quick else []
     with tempfile.TemporaryDirectory() as root:
-        for name in ("gpt.py", "gpt_.py", "rlhf.py", "config.py", "rlhf_config.py", "dualgpt", "minbpe",
+        for name in ("gpt.py", "gpt_.py", "rlhf.py", "config.py", "rlhf_config.py", "dualgpt",
+                     "minbpe",
                      "rlhf_lib", "model_dict/shipped"):
             copy = shutil.copytree if os.path.isdir(os.path.join(HERE, name)) else shutil.copy
             os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
             copy(os.path.join(HERE, name), os.path.join(root, name))
         t0 = time.perf_counter()
-        result = subprocess.run([sys.executable, "rlhf.py", f"--data={args.data}", *argv], cwd=root,
+        result = subprocess.run([sys.executable, "rlhf.py", f"--data={args.data}", *argv],
+                                cwd=root,
                                 capture_output=True, text=True)
         total = time.perf_counter() - t0
     if result.returncode != 0:
         return f"### rlhf.py {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
     seconds: dict[str, float] = {}
-    for stage, s in plain_re.findall(r"^\[seed \d+, (\w+): (\d+) s\]$", result.stdout, flags=plain_re.M):
+    for stage, s in plain_re.findall(r"^\[seed \d+, (\w+): (\d+) s\]$", result.stdout,
+                                     flags=plain_re.M):
         seconds[stage] = seconds.get(stage, 0.0) + float(s)
     rows = [[stage, f"{s:.0f} s"] for stage, s in seconds.items()] + [["total", f"{total:.0f} s"]]
-    return (f"### rlhf.py {' '.join(argv) or '(defaults)'}: seconds per stage, {machine_name('cpu')}\n\n"
+    return (f"### rlhf.py {' '.join(argv) or '(defaults)'}: seconds per stage, "
+            f"{machine_name('cpu')}\n\n"
             + table(["stage", "time"], rows))
 
 
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample, "quality": bench_quality,
+SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample,
+            "quality": bench_quality,
             "compile": bench_compile, "rlhf": bench_rlhf}
 
 

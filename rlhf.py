@@ -1,31 +1,32 @@
-"""
-RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward model,
-best-of-n, DPO (and conservative DPO, soft-label DPO, IPO), RLOO and PPO, each measured against the base
-model on held-out prompts, at matched KL, over several seeds.
+""" RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward
+model, best-of-n, DPO (and conservative DPO, soft-label DPO, IPO), RLOO and PPO, each measured
+against the base model on held-out prompts, at matched KL, over several seeds.
 
     python rlhf.py                          # the whole study on the shipped SM-GPT model, one seed
-    python rlhf.py --seeds=3                # three replicates and the report over them (the shipped one)
-    python rlhf.py --quick                  # a smaller, faster version of the same
-    python rlhf.py --rlhf_stage=dpo         # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
-    python rlhf.py --oracle=verse           # tune towards lines of about ten syllables instead
-    python rlhf.py --oracle=mymod:score     # your own oracle: a function from text to a float
-    python rlhf.py --rlhf_stage=label       # label pairs yourself, one key each, into data/labels.jsonl
-    python rlhf.py --pairs=data/labels.jsonl   # tune on them (or on any prompt/chosen/rejected JSON-lines file)
-    python rlhf.py --rlhf_script=gpt        # LB-GPT (one module per head) instead of SM-GPT
-    python rlhf_heads.py                    # then: which attention heads did tuning change?
-    python gpt_.py --mode=sample --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt   # a tuned policy is a checkpoint
+    python rlhf.py --seeds=3                # three replicates and the report over them (the
+    shipped one) python rlhf.py --quick                  # a smaller, faster version of the same
+    python rlhf.py --rlhf_stage=dpo         # one stage: pairs, rm, bon, dpo, rloo, ppo, eval,
+    report python rlhf.py --oracle=verse           # tune towards lines of about ten syllables
+    instead python rlhf.py --oracle=mymod:score     # your own oracle: a function from text to a
+    float python rlhf.py --rlhf_stage=label       # label pairs yourself, one key each, into
+    data/labels.jsonl python rlhf.py --pairs=data/labels.jsonl   # tune on them (or on any
+    prompt/chosen/rejected JSON-lines file) python rlhf.py --rlhf_script=gpt        # LB-GPT (one
+    module per head) instead of SM-GPT python rlhf_heads.py                    # then: which
+    attention heads did tuning change? python gpt_.py --mode=sample
+    --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt   # a tuned policy is a checkpoint
 
-The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's controlled sentiment task: a
-program stands in for the human labeller. Prompts are 16-token windows of the train split, completions 32
-tokens sampled from the base at temperature 1 (pairs from a file have any lengths, padded). Labels are noisy Bradley-Terry
-comparisons of two completions of one prompt, with tau set so that they agree with the oracle score about
-75% of the time. The default oracle counts positive minus negative words of a Shakespeare lexicon; one half
-of its word families gives the oracle score, the other half and the AFINN lexicon (less those families) are
-judges that no stage trains or selects on. Evaluation prompts come from the val split's second half and
-nothing is tuned on them (the first half, "dev", is for trying settings). Every file a stage writes records
-the run that wrote it, and every reader checks it. The keys are in rlhf_config.py;
-outputs go to data/, model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the
-seeds: rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
+The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's controlled sentiment
+task: a program stands in for the human labeller. Prompts are 16-token windows of the train split,
+completions 32 tokens sampled from the base at temperature 1 (pairs from a file have any lengths,
+padded). Labels are noisy Bradley-Terry comparisons of two completions of one prompt, with tau set
+so that they agree with the oracle score about 75% of the time. The default oracle counts positive
+minus negative words of a Shakespeare lexicon; one half of its word families gives the oracle
+score, the other half and the AFINN lexicon (less those families) are judges that no stage trains
+or selects on. Evaluation prompts come from the val split's second half and nothing is tuned on
+them (the first half, "dev", is for trying settings). Every file a stage writes records the run
+that wrote it, and every reader checks it. The keys are in rlhf_config.py; outputs go to data/,
+model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the seeds:
+rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ from rlhf_lib.plots import plot_rm_against_oracle, plot_score_against_kl
 from rlhf_lib.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
                                  tau_for_agreement)
 from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point, distinct_2,
-                             evaluate_policy, gains_and_transfer, kept_curve, markdown_tables, matched_rows,
+                             evaluate_policy, gains_and_transfer, kept_curve, markdown_tables,
+                             matched_rows,
                              measure, pairwise_rows, ratio_summary, repetition, score_names,
                              strip_per_prompt, summarise, write_markdown_report, write_samples)
 from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_rejected,
@@ -62,18 +64,22 @@ from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_reje
                             sequence_logprobs, setup, texts)
 from rlhf_lib.training import DPO_METHODS, train_dpo, train_reward_model, train_rl
 
-STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")  # "all" runs these for each seed, then "report"
+# "all" runs these for each seed, then "report"
+STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
 # what a user may have meant by a key that belongs to gpt.py or gpt_.py, or that was renamed
-HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py",
+HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one); the head study "
+         "is python rlhf_heads.py",
          "max_iters": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
          "max_minutes": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
-         "ckpt": "rlhf.py starts from --rlhf_base and names its outputs after the oracle and the seed",
-         "keep_every": "each run now keeps --keep_points checkpoints, each at twice the step of the one before"}
+         "ckpt": "rlhf.py starts from --rlhf_base and names its outputs after the oracle and "
+         "the seed",
+         "keep_every": "each run now keeps --keep_points checkpoints, each at twice the step of "
+         "the one before"}
 
 
 def dpo_methods(cfg: dict) -> list[str]:
-    """The DPO losses to train; with a pairs file, not dpo_soft (it trains on the oracle's preference
-    probabilities, which a file does not have)."""
+    """The DPO losses to train; with a pairs file, not dpo_soft (it trains on the oracle's
+    preference probabilities, which a file does not have)."""
     return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip() and not (cfg["pairs"] and m.strip() == "dpo_soft")]
 
 
@@ -101,7 +107,8 @@ def check_pipeline_keys(cfg: dict) -> None:
                            f"{', '.join(DPO_METHODS)}"),
              (targets and all(0 < k < math.inf for k in targets),
               f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
-             (cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be at most eval_prompts")])
+             (cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be at most "
+              "eval_prompts")])
 
 
 # -----------------------------------------------------------------------------------------
@@ -109,105 +116,132 @@ def check_pipeline_keys(cfg: dict) -> None:
 
 
 def stage_pairs(s: Setup) -> dict:
-    """Sample two completions of each prompt from the base and label which is preferred, noisily (or, with
+    """Sample two completions of each prompt from the base and label which is preferred, noisily
+    (or, with
     --pairs, read them from a file). Also writes them as text, one JSON object per line."""
     if s.pairs_hash:
         return import_pairs(s)
     cfg, base = s.cfg, load_policy(s)
     gen = s.generator("pairs.completions", on_device=True)
     pairs = {}
-    for split, part, n in (("train", "train", cfg["n_pairs"]), ("val", "dev", max(16, cfg["n_pairs"] // 8))):
+    for split, part, n in (("train", "train", cfg["n_pairs"]),
+                           ("val", "dev", max(16, cfg["n_pairs"] // 8))):
         prompts = sample_prompts(s, part, n, s.generator(f"pairs.{split}_prompts"))
         a, b = complete(s, base, prompts, gen), complete(s, base, prompts, gen)
-        pairs[split] = {"prompts": prompts, "a": a, "b": b, "oracle_a": scores(s.oracle.score, texts(s, a)),
+        pairs[split] = {"prompts": prompts, "a": a, "b": b,
+                        "oracle_a": scores(s.oracle.score, texts(s, a)),
                         "oracle_b": scores(s.oracle.score, texts(s, b))}
     differences = pairs["train"]["oracle_a"] - pairs["train"]["oracle_b"]
     if not differences.any():
-        raise UserError(f"the oracle {s.oracle.name!r} gave every pair the same score: there is nothing to prefer")
+        raise UserError(f"the oracle {s.oracle.name!r} gave every pair the same score: there is "
+                        "nothing to prefer")
     tau = tau_for_agreement(differences, cfg["label_agreement"])
     label_gen = s.generator("pairs.labels")
     report = {"tau": tau}
     for split, p in pairs.items():
         prob_a = preference_probability(p["oracle_a"], p["oracle_b"], tau)
         p["prob_a"] = prob_a
-        p["a_preferred"] = torch.rand(len(prob_a), generator=label_gen, dtype=torch.float64) < prob_a
+        p["a_preferred"] = torch.rand(len(prob_a), generator=label_gen,
+                                      dtype=torch.float64) < prob_a
         decided = p["oracle_a"] != p["oracle_b"]
         agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided].double().mean().item()
-        report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(), "label_agreement": agree}
+        report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(),
+                         "label_agreement": agree}
     record = s.new_record("pairs", None)
     save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=record))
-    as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split} for split, p in pairs.items()
-               for prompt, c, r in zip(texts(s, p["prompts"]), *(texts(s, side) for side in chosen_rejected(p)))]
-    distinct = [p for p in as_text if p["chosen"] != p["rejected"]]  # two equal samples say nothing as text
+    as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split} for split,
+               p in pairs.items()
+               for prompt, c, r in zip(texts(s, p["prompts"]),
+                                       *(texts(s, side) for side in chosen_rejected(p)))]
+    # two equal samples say nothing as text
+    distinct = [p for p in as_text if p["chosen"] != p["rejected"]]
     write_pairs(s.path("data", "pairs.jsonl"), distinct, run=record["id"])
-    print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau {tau:.3f}; labels agree "
-          f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose scores differ "
-          f"({report['train']['ties']:.0%} are ties); as text: {s.path('data', 'pairs.jsonl')}"
-          + (f" ({len(as_text) - len(distinct)} with two equal texts left out)" if len(distinct) < len(as_text) else ""))
+    print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau "
+          f"{tau:.3f}; labels agree "
+          f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose "
+          f"scores differ ({report['train']['ties']:.0%} are ties); as text: "
+          f"{s.path('data', 'pairs.jsonl')}"
+          + (f" ({len(as_text) - len(distinct)} with two equal texts "
+             "left out)" if len(distinct) < len(as_text) else ""))
     return report
 
 
 def import_pairs(s: Setup) -> dict:
-    """The pairs of a file (--pairs): checked line by line, in the base's tokens, the pairs of a random
-    pairs_held_out share of its prompts held out (the reward model's accuracy; their prompts evaluate every
-    method), so that no held-out prompt is trained on; scored by the oracle where there is one."""
+    """The pairs of a file (--pairs): checked line by line, in the base's tokens, the pairs of a
+    random pairs_held_out share of its prompts held out (the reward model's accuracy; their prompts
+    evaluate every method), so that no held-out prompt is trained on; scored by the oracle where
+    there is one."""
     cfg, path = s.cfg, s.cfg["pairs"]
     rows = read_pairs(path)
     if sha256_file(path) != s.pairs_hash:
         raise UserError(f"{path} changed while this run read it; run again when it is written")
     encoded = encode_pairs(rows, s.data.tok, s.base["model_config"]["block_size"], path)
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))  # each prompt once, in the order of the file
-    held_prompts = {prompts[i] for i in torch.randperm(len(prompts), generator=s.generator("pairs.held_out"))[
+    # each prompt once, in the order of the file
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    held_prompts = {prompts[i] for i in torch.randperm(len(prompts),
+                                                       generator=s.generator("pairs.held_out"))[
         :max(1, round(cfg["pairs_held_out"] * len(prompts)))].tolist()}
     held = torch.tensor([r["prompt"] in held_prompts for r in rows])
     n, held_out = len(rows), int(held.sum())
     smallest = max(cfg["rm_batch"], cfg["dpo_batch"])
     if n - held_out < smallest:
-        raise UserError(f"{path} has {n} pairs, {n - held_out} to train on after holding {held_out} out: fewer than "
-                        f"one batch ({smallest}, the larger of rm_batch and dpo_batch); label more, or lower --rm_batch "
-                        f"and --dpo_batch")
-    pairs, report = {}, {"file": path, "prompts": len(prompts), "prompts_cut": encoded["prompts_cut"]}
-    for split, idx in (("train", (~held).nonzero().squeeze(1)), ("val", held.nonzero().squeeze(1))):
-        pairs[split] = {"prompts": encoded["prompts"][idx], "a": encoded["chosen"][idx], "b": encoded["rejected"][idx],
-                        "a_preferred": torch.ones(len(idx), dtype=torch.bool), "lines": encoded["lines"][idx]}
+        raise UserError(f"{path} has {n} pairs, {n - held_out} to train on after holding "
+                        f"{held_out} out: fewer than "
+                        f"one batch ({smallest}, the larger of rm_batch and dpo_batch); label "
+                        f"more, or lower --rm_batch and --dpo_batch")
+    pairs, report = {}, {"file": path, "prompts": len(prompts),
+                         "prompts_cut": encoded["prompts_cut"]}
+    for split, idx in (("train", (~held).nonzero().squeeze(1)),
+                       ("val", held.nonzero().squeeze(1))):
+        pairs[split] = {"prompts": encoded["prompts"][idx], "a": encoded["chosen"][idx],
+                        "b": encoded["rejected"][idx],
+                        "a_preferred": torch.ones(len(idx), dtype=torch.bool),
+                        "lines": encoded["lines"][idx]}
         if s.oracle:  # the file's texts as they are
             for side, field in (("a", "chosen"), ("b", "rejected")):
-                pairs[split][f"oracle_{side}"] = scores(s.oracle.score, [rows[i][field] for i in idx.tolist()])
+                pairs[split][f"oracle_{side}"] = scores(s.oracle.score,
+                                                        [rows[i][field] for i in idx.tolist()])
         report[split] = {"pairs": len(idx)}
     save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, run=s.new_record("pairs", None)))
-    print(f"pairs: {report['train']['pairs']} to train on / {report['val']['pairs']} held out (the pairs of "
-          f"{len(held_prompts)} of its {len(prompts)} prompts), from {path}"
+    print(f"pairs: {report['train']['pairs']} to train on / {report['val']['pairs']} held out "
+          f"(the pairs of {len(held_prompts)} of its {len(prompts)} prompts), from {path}"
           + (f"; {encoded['prompts_cut']} prompts too long for the window keep their last tokens"
              if encoded["prompts_cut"] else ""))
     return report
 
 
 def stage_rm(s: Setup) -> dict:
-    """A reward model: the base GPT with a scalar head on the last token, trained on the labels (Bradley-Terry)."""
+    """A reward model: the base GPT with a scalar head on the last token, trained on the labels
+    (Bradley-Terry)."""
     pairs = load_pairs(s, s.expected("pairs"))
     rm = train_reward_model(s, pairs)
     val = pairs["val"]
-    margin = (reward_scores(s, rm, val["prompts"], val["a"]) - reward_scores(s, rm, val["prompts"], val["b"]))
+    margin = (reward_scores(s, rm, val["prompts"], val["a"]) - reward_scores(s, rm,
+                                                                             val["prompts"],
+                                                                             val["b"]))
     report = {"held_out_pairs": len(margin),
               "accuracy_on_labels": ((margin > 0) == val["a_preferred"].cpu()).double().mean().item()}
-    if "prob_a" in val:  # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
+    # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
+    if "prob_a" in val:
         report["label_ceiling"] = torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item()
     if "oracle_a" in val:
         decided = val["oracle_a"] != val["oracle_b"]
         report["accuracy_on_oracle"] = ((margin > 0) == (val["oracle_a"] > val["oracle_b"]))[decided].double().mean().item()
     save_model(s, rm.body, s.path("model_dict", "rm.pt"),
-               dict(report, method="reward model", run=s.new_record("rm", pairs["run"]["id"])), reward_head=rm.head.state_dict())
+               dict(report, method="reward model", run=s.new_record("rm", pairs["run"]["id"])),
+               reward_head=rm.head.state_dict())
     print(f"reward model: held-out accuracy {report['accuracy_on_labels']:.1%} on the labels"
           + (f" (ceiling {report['label_ceiling']:.1%})" if "label_ceiling" in report else "")
-          + (f", {report['accuracy_on_oracle']:.1%} on the oracle's own preferences" if "accuracy_on_oracle" in report
+          + (f", {report['accuracy_on_oracle']:.1%} on the oracle's own "
+             "preferences" if "accuracy_on_oracle" in report
              else f" ({len(margin)} held-out pairs)"))
     return report
 
 
 def stage_bon(s: Setup) -> dict:
-    """Best-of-n by the reward model: bon_max_n samples from the base for each of the first bon_prompts
-    evaluation prompts, scored by the oracle, the judges and the reward model (the eval stage reads best-of-n
-    at every n from them)."""
+    """Best-of-n by the reward model: bon_max_n samples from the base for each of the first
+    bon_prompts evaluation prompts, scored by the oracle, the judges and the reward model (the eval
+    stage reads best-of-n at every n from them)."""
     cfg, base, (rm, rm_record) = s.cfg, load_policy(s), load_reward_model(s, s.expected("rm"))
     prompts = eval_prompts(s)[:cfg["bon_prompts"]]
     n_max = cfg["bon_max_n"]
@@ -219,33 +253,41 @@ def stage_bon(s: Setup) -> dict:
         pool["oracle"] = scores(s.oracle.score, completion_texts).view(-1, n_max)
         pool.update({f"judge_{name}": scores(judge, completion_texts).view(-1, n_max)
                      for name, judge in s.oracle.judges.items()})
-    first = completions.view(len(prompts), n_max, -1)  # best of the first 16 samples of each prompt, for the samples file
+    # best of the first 16 samples of each prompt, for the samples file
+    first = completions.view(len(prompts), n_max, -1)
     chosen = pool["rm"][:, :min(16, n_max)].argmax(dim=1)
-    save_checkpoint(s.path("data", "bon.pt"), {"pool": pool, "run": s.new_record("bon", rm_record["id"]),
-                                                "best_of_16": texts(s, first[torch.arange(len(prompts)), chosen])})
+    save_checkpoint(s.path("data", "bon.pt"),
+                    {"pool": pool, "run": s.new_record("bon", rm_record["id"]),
+                                                "best_of_16": texts(s,
+                                                                    first[torch.arange(len(prompts)), chosen])})
     n = n_max
     key = measure(s)
-    print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, {MEASURE_NAMES[key]} "
-          f"{best_of_n_expectation(pool['rm'], pool[key], n).mean().item():+.3f} (base {pool[key].mean().item():+.3f})")
+    print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, "
+          f"{MEASURE_NAMES[key]} "
+          f"{best_of_n_expectation(pool['rm'], pool[key], n).mean().item():+.3f} (base "
+          f"{pool[key].mean().item():+.3f})")
     return {"prompts": len(prompts), "samples_per_prompt": n_max}
 
 
 def stage_dpo(s: Setup) -> dict:
-    """Each DPO loss of dpo_methods on the preference pairs, from the base, against the frozen base as reference,
-    with the same minibatches in the same order."""
+    """Each DPO loss of dpo_methods on the preference pairs, from the base, against the frozen base
+    as reference, with the same minibatches in the same order."""
     cfg, pairs = s.cfg, load_pairs(s, s.expected("pairs"))
     record = s.new_record("dpo", pairs["run"]["id"])  # one run of the stage: every loss of it
     n = min(cfg["dpo_pairs"] or len(pairs["train"]["prompts"]), len(pairs["train"]["prompts"]))
-    train = {k: v[:n] for k, v in pairs["train"].items()}  # the first dpo_pairs pairs, the same for every loss
+    # the first dpo_pairs pairs, the same for every loss
+    train = {k: v[:n] for k, v in pairs["train"].items()}
     chosen, rejected = chosen_rejected(train)
     prompts = train["prompts"]
     reference = frozen(load_policy(s))
     with torch.no_grad():  # the reference never changes: its log-probabilities once, up front
-        ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + CHUNK], side[i:i + CHUNK])
+        ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + CHUNK],
+                                                     side[i:i + CHUNK])
                                    for i in range(0, n, CHUNK)]) for side in (chosen, rejected))
     results = {}
     for method in DPO_METHODS:
-        clear_outputs(s, method)  # also the losses not trained this time: no earlier run's policy stays behind
+        # also the losses not trained this time: no earlier run's policy stays behind
+        clear_outputs(s, method)
     for method in dpo_methods(cfg):
         log = train_dpo(s, method, train, (ref_c, ref_r), record)
         results[method] = {"steps": len(log), "log": log}
@@ -253,51 +295,67 @@ def stage_dpo(s: Setup) -> dict:
 
 
 def stage_rl(s: Setup, method: str) -> dict:
-    """RLOO or PPO on the reward model's score with a KL penalty to the frozen base (tuning.train_rl)."""
+    """RLOO or PPO on the reward model's score with a KL penalty to the frozen base
+    (tuning.train_rl)."""
     policy = load_policy(s)
     rm, rm_record = load_reward_model(s, s.expected("rm"))
-    return {"log": train_rl(s, method, policy, list(policy.parameters()), rm, method, s.cfg["rl_steps"],
+    return {"log": train_rl(s, method, policy, list(policy.parameters()), rm, method,
+                            s.cfg["rl_steps"],
                             s.cfg["keep_points"], s.new_record(method, rm_record["id"]))}
 
 
 def stage_eval(s: Setup) -> dict:
-    """Every method's curve (the base, then each kept checkpoint) on the same evaluation prompts, best-of-n at
-    every n, each method's end point with its val bits per byte and diversity, and its scores at each KL of
-    kl_targets: one seed's results, which the report stage combines over the seeds."""
+    """Every method's curve (the base, then each kept checkpoint) on the same evaluation prompts,
+    best-of-n at every n, each method's end point with its val bits per byte and diversity, and its
+    scores at each KL of kl_targets: one seed's results, which the report stage combines over the
+    seeds."""
     cfg = s.cfg
     (rm, rm_record), base = load_reward_model(s, s.expected("rm")), load_policy(s)
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
     key, judges = measure(s), [name for name in score_names(s) if name.startswith("judge_")]
     bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
-    inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"], "bon": bon["run"]["id"] if bon else None}
-    base_result = evaluate_policy(s, base, reference, rm, prompts, samples, s.generator("curve.sampling", on_device=True))
+    inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"],
+              "bon": bon["run"]["id"] if bon else None}
+    base_result = evaluate_policy(s, base, reference, rm, prompts, samples,
+                                  s.generator("curve.sampling", on_device=True))
     result = {"seed": s.seed, "prompts": len(prompts), "methods": {}, "curves": {}, "samples": {}}
     policies = {"base": base}
     for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
         if not os.path.exists(path):
-            print(f"note: no {method} policy ({path}); python rlhf.py --rlhf_stage={stage_of(method)} adds it")
+            print(f"note: no {method} policy ({path}); python rlhf.py "
+                  f"--rlhf_stage={stage_of(method)} adds it")
             continue
         ckpt = load_policy_checkpoint(path, s.expected(stage_of(method)))
         inputs[method] = ckpt["rlhf"]["run"]["id"]
         policies[method] = load_policy(s, ckpt, path)
-        result["curves"][method] = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts, samples, base_result)
+        result["curves"][method] = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts,
+                                              samples, base_result)
     base_point = curve_point(s, 0, 0, base_result, base_result)
     ends = {"base": base_point, **{m: curve[-1] for m, curve in result["curves"].items()}}
-    for name, point in ends.items():  # each method's end point: the last point of its curve, its final policy
+    # each method's end point: the last point of its curve, its final policy
+    for name, point in ends.items():
         policy = policies[name]
         completions = (base_result["completions"][::samples] if name == "base" else evaluate_policy(
-            s, policy, reference, rm, prompts, 1, s.generator("eval.sampling", on_device=True))["completions"])
+            s, policy, reference, rm, prompts, 1,
+            s.generator("eval.sampling", on_device=True))["completions"])
         val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
         result["methods"][name] = dict(point, **gains_and_transfer(point, base_point, key, judges),
-                                       val_bpb=s.data.bpb(val_loss, "val"), distinct_2=distinct_2(completions),
-                                       repetition=sum(map(repetition, completions)) / len(completions))
+                                       val_bpb=s.data.bpb(val_loss, "val"),
+                                       distinct_2=distinct_2(completions),
+                                       repetition=sum(map(repetition,
+                                                          completions)) / len(completions))
         result["samples"][name] = completions
     result["bon_curve"] = best_of_n_curve(bon["pool"], base_result, key) if bon else []
-    result["methods"].update({f"best-of-{point['n']}": dict(point, **gains_and_transfer(point, base_point, key, judges))
-                              for point in result["bon_curve"] if point["n"] in (4, 64, cfg["bon_max_n"])})
+    result["methods"].update({f"best-of-{point['n']}": dict(point,
+                                                            **gains_and_transfer(point,
+                                                                                 base_point, key,
+                                                                                 judges))
+                              for point in result["bon_curve"] if point["n"] in (4, 64,
+                                                                                 cfg["bon_max_n"])})
     result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
-                                     {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
+                                     {"best-of-n": result["bon_curve"],
+                                      **result["curves"]}.items()}
                             for k in kl_targets(cfg)}
     result["run"] = dict(s.new_record("eval", None), inputs=inputs)
     write_json(s.path("generate_text", "eval.json"), result)
@@ -309,58 +367,73 @@ def stage_eval(s: Setup) -> dict:
 
 
 def load_bon(s: Setup) -> dict | None:
-    """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note) if missing."""
+    """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note)
+    if missing."""
     if not os.path.exists(s.path(*STAGE_FILES["bon"])):
-        print(f"note: no best-of-n pool ({s.path(*STAGE_FILES['bon'])}); python rlhf.py --rlhf_stage=bon adds it")
+        print(f"note: no best-of-n pool ({s.path(*STAGE_FILES['bon'])}); python rlhf.py "
+              "--rlhf_stage=bon adds it")
         return None
     return load_output(s, "bon", s.expected("bon"))
 
 
 def record_seconds(s: Setup, stage: str, seconds: float) -> None:
-    """Keep how long a stage took when it last ran for this seed (the report adds them up: the study's time)."""
+    """Keep how long a stage took when it last ran for this seed (the report adds them up: the
+    study's time)."""
     path = s.path("generate_text", "seconds.json")
-    write_json(path, dict(read_json(path, "it is rewritten by the next stage that runs") or {}, **{stage: seconds}))
+    write_json(path, dict(read_json(path, "it is rewritten by the next stage that runs") or {},
+                          **{stage: seconds}))
 
 
 def stage_report(s: Setup) -> dict:
-    """The study over the seeds: every method's end point and its scores at matched KL, with 95% intervals over
-    the seeds (over prompts where there is one), the differences to best-of-n and between methods, the reward
-    models' held-out accuracy, the time each stage took, the plots."""
+    """The study over the seeds: every method's end point and its scores at matched KL, with 95%
+    intervals over the seeds (over prompts where there is one), the differences to best-of-n and
+    between methods, the reward models' held-out accuracy, the time each stage took, the plots."""
     cfg = s.cfg
     replicates = [s.for_seed(cfg["seed"] + k) for k in range(cfg["seeds"])]
     per_seed = [seed_result(r) for r in replicates]
     seconds = {}
     for r in replicates:  # each stage's time when it last ran, summed over the seeds
-        for stage, value in (read_json(r.path("generate_text", "seconds.json"), "run the stages again") or {}).items():
+        for stage, value in (read_json(r.path("generate_text", "seconds.json"),
+                                       "run the stages again") or {}).items():
             seconds[stage] = seconds.get(stage, 0.0) + value
-    reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py --rlhf_stage=rm again")["rlhf"]
+    reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py "
+                                  "--rlhf_stage=rm again")["rlhf"]
                      for r in replicates]  # seed_result checked that these are the ones measured
     judges, key = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")], measure(s)
-    keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win", "val_bpb", "distinct_2",
+    keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win", "val_bpb",
+            "distinct_2",
             "repetition", f"gain_{key}", *(f"gain_judge_{j}" for j in judges)]
     names = [m for m in per_seed[0]["methods"] if all(m in r["methods"] for r in per_seed)]
-    report = {"oracle": s.oracle and s.oracle.name, "pairs": cfg["pairs"], "measure": key, "base": cfg["rlhf_base"],
+    report = {"oracle": s.oracle and s.oracle.name, "pairs": cfg["pairs"], "measure": key,
+              "base": cfg["rlhf_base"],
               "script": cfg["rlhf_script"],
-              "seeds": [r["seed"] for r in per_seed], "inputs": {r["seed"]: r["run"]["inputs"] for r in per_seed},
+              "seeds": [r["seed"] for r in per_seed],
+              "inputs": {r["seed"]: r["run"]["inputs"] for r in per_seed},
               "config": {k: cfg[k] for k in sorted(cfg) if k not in ("device",)},
               "eval_prompts": per_seed[0].get("prompts", cfg["eval_prompts"]),
-              "eval_split": "held-out pairs'" if cfg["pairs"] else cfg["eval_split"], "samples_per_prompt": cfg["eval_samples"],
-              "bon_prompts": min(cfg["bon_prompts"], per_seed[0].get("prompts", cfg["bon_prompts"])),
+              "eval_split": "held-out pairs'" if cfg["pairs"] else cfg["eval_split"],
+              "samples_per_prompt": cfg["eval_samples"],
+              "bon_prompts": min(cfg["bon_prompts"],
+                                 per_seed[0].get("prompts", cfg["bon_prompts"])),
               "bon_max_n": cfg["bon_max_n"], "judges": judges,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds,
-              "reward_model": {k: summarise(reward_models, k) for k in ("accuracy_on_oracle", "accuracy_on_labels",
+              "reward_model": {k: summarise(reward_models, k) for k in ("accuracy_on_oracle",
+                                                                        "accuracy_on_labels",
                                                                           "label_ceiling") if k in reward_models[0]},
               "methods": {}, "matched_kl": {}, "pairwise": {}}
     for name in names:
         rows = [r["methods"][name] for r in per_seed]
         report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
                                    **{k: summarise(rows, k) for k in keys if k in rows[0]}}
-        report["methods"][name].update({f"transfer_judge_{j}": ratio_summary(rows, f"gain_judge_{j}", "gain_oracle")
+        report["methods"][name].update({f"transfer_judge_{j}": ratio_summary(rows,
+                                                                             f"gain_judge_{j}",
+                                                                             "gain_oracle")
                                         for j in judges})
     for target in per_seed[0]["matched_kl"]:
         at = [r["matched_kl"][target] for r in per_seed]
         report["matched_kl"][target] = matched_rows(at, [key, *(f"judge_{j}" for j in judges)])
-        report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]], key)
+        report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]],
+                                                   key)
     report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
     report["bon_curves"] = {r["seed"]: r["bon_curve"] for r in per_seed}
     write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
@@ -373,30 +446,35 @@ def stage_report(s: Setup) -> dict:
 
 
 def seed_result(s: Setup) -> dict:
-    """One seed's eval stage results, refused unless they were measured with these settings on the files that
-    are on disk now (the pairs, reward model, pool and every policy it measured)."""
+    """One seed's eval stage results, refused unless they were measured with these settings on the
+    files that are on disk now (the pairs, reward model, pool and every policy it measured)."""
     path = s.path("generate_text", "eval.json")
     result = read_json(path, f"run python rlhf.py --rlhf_stage=eval --seed={s.seed} again")
     if result is None:
-        raise UserError(f"no evaluation of seed {s.seed} ({path}); run python rlhf.py --rlhf_stage=eval "
-                        f"--seed={s.seed} first")
+        raise UserError(f"no evaluation of seed {s.seed} ({path}); run python rlhf.py "
+                        f"--rlhf_stage=eval --seed={s.seed} first")
     record = result.get("run") if isinstance(result, dict) else None
-    check_record({k: v for k, v in (record or {}).items() if k not in ("id", "inputs")}, s.expected("eval", None), path)
+    check_record({k: v for k, v in (record or {}).items() if k not in ("id", "inputs")},
+                 s.expected("eval", None), path)
     now = {"pairs": s.found_record("pairs")["id"], "rm": s.found_record("rm")["id"]}
     for name in record["inputs"]:
         if name not in now:
-            policy = s.path(*STAGE_FILES[name]) if name in STAGE_FILES else s.path("model_dict", f"{name}.pt")
-            now[name] = (record_in(load_tensors(policy, f"run python rlhf.py --rlhf_stage={stage_of(name)} again"))
+            policy = s.path(*STAGE_FILES[name]) if name in STAGE_FILES else s.path("model_dict",
+                                                                                   f"{name}.pt")
+            now[name] = (record_in(load_tensors(policy, "run python rlhf.py "
+                                                f"--rlhf_stage={stage_of(name)} again"))
                          or {}).get("id") if os.path.exists(policy) else None
     stale = [name for name, found in record["inputs"].items() if now.get(name) != found]
     if stale:
-        raise UserError(f"{path} measured files that have since been written anew ({', '.join(stale)}); run python "
+        raise UserError(f"{path} measured files that have since been written anew "
+                        f"({', '.join(stale)}); run python "
                         f"rlhf.py --rlhf_stage=eval --seed={s.seed} again")
     return result
 
 
 RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,
-       "rloo": lambda s: stage_rl(s, "rloo"), "ppo": lambda s: stage_rl(s, "ppo"), "eval": stage_eval}
+       "rloo": lambda s: stage_rl(s, "rloo"), "ppo": lambda s: stage_rl(s, "ppo"),
+       "eval": stage_eval}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -409,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict:
             with OutputLock(in_repo(cfg["labels"])):
                 return {"results": {"label": label_pairs(s)}}
         results, timings = {}, {}
-        with OutputLock(repo_path("model_dict", s.family)):  # one run of an oracle and preset at a time
+        # one run of an oracle and preset at a time
+        with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
             stages = STAGES if cfg["rlhf_stage"] == "all" else (() if cfg["rlhf_stage"] == "report" else (cfg["rlhf_stage"],))
             for k in range(cfg["seeds"]):
@@ -425,7 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
                 results["report"] = stage_report(s)
                 timings["report"] = time.perf_counter() - t0
-        return {"results": results, "seconds": timings, "machine": platform.processor() or platform.machine()}
+        return {"results": results, "seconds": timings,
+                "machine": platform.processor() or platform.machine()}
 
 
 if __name__ == "__main__":

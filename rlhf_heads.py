@@ -1,15 +1,15 @@
-"""
-The RLHF head study: which attention heads does preference tuning change? Run it after rlhf.py, on the
-policies rlhf.py tuned (DPO, RLOO, PPO), with the same oracle and --quick as that run:
+""" The RLHF head study: which attention heads does preference tuning change? Run it after rlhf.py,
+on the policies rlhf.py tuned (DPO, RLOO, PPO), with the same oracle and --quick as that run:
 
     python rlhf.py && python rlhf_heads.py
     python rlhf.py --quick && python rlhf_heads.py --quick
 
-For each tuned policy, in LB-GPT's layout (one module per head, whichever script tuned it): how far each
-head's weights moved, how its attention changed (statistics and the divergence of its maps), which heads
-carry the change (switching each off; transplanting each between base and tuned), and where along the
-completion the KL to the base sits. Then whether tuning one head, attention only or the MLPs only does as
-well as tuning everything (RLOO, head_tuning_steps steps each). Outputs: generate_text/rlhf_<oracle>_heads_*.
+For each tuned policy, in LB-GPT's layout (one module per head, whichever script tuned it): how far
+each head's weights moved, how its attention changed (statistics and the divergence of its maps),
+which heads carry the change (switching each off; transplanting each between base and tuned), and
+where along the completion the KL to the base sits. Then whether tuning one head, attention only or
+the MLPs only does as well as tuning everything (RLOO, head_tuning_steps steps each). Outputs:
+generate_text/rlhf_<oracle>_heads_*.
 """
 from __future__ import annotations
 
@@ -26,55 +26,66 @@ from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.heads import head_statistics
 from dualgpt.runtime import autocast, progress
-from rlhf_lib.head_comparison import (attention_divergence, head_weight_change, lb_state, part_masks,
+from rlhf_lib.head_comparison import (attention_divergence, head_weight_change, lb_state,
+                                      part_masks,
                                       transplant)
 from rlhf_lib.plots import plot_head_grid, plot_lines, plot_score_against_kl
 from rlhf_lib.preference import RewardModel, completion_logits, exact_kl
 from rlhf_lib.report import evaluate_policy, kept_curve
-from rlhf_lib.study import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
-                            load_policy, load_reward_model, output_folders, record_in, reward_scores,
+from rlhf_lib.study import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen,
+                            load_pairs,
+                            load_policy, load_reward_model, output_folders, record_in,
+                            reward_scores,
                             rlhf_run_config, scores, sequence_logprobs, setup, texts)
 from rlhf_lib.training import restrict_training, train_rl
 
 METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
-HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of one checkpoint",
-         "rlhf_stage": "rlhf_heads.py is one stage of its own; run rlhf.py first for the policies it studies"}
+HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of "
+         "one checkpoint",
+         "rlhf_stage": "rlhf_heads.py is one stage of its own; run rlhf.py first for the policies "
+         "it studies"}
 
 
 def pipeline_records(s: Setup) -> dict[str, dict]:
-    """The records of the files rlhf.py wrote for this oracle, preset and seed, checked to be one run: each on
-    this base, data, script, dtype and seed, each stage built on the file of the stage before it that is on
-    disk now, and the RL runs with the RL settings this study uses for its own runs. Tuned policies that do
-    not exist are left out."""
+    """The records of the files rlhf.py wrote for this oracle, preset and seed, checked to be one
+    run: each on this base, data, script, dtype and seed, each stage built on the file of the stage
+    before it that is on disk now, and the RL runs with the RL settings this study uses for its own
+    runs. Tuned policies that do not exist are left out."""
     paths = {"pairs": s.path("data", "pairs.pt"), "rm": s.path("model_dict", "rm.pt"),
              **{m: s.path("model_dict", f"{m}.pt") for m in METHODS}}
     records = {}
     for name, path in paths.items():
         if not os.path.exists(path):
             if name in ("pairs", "rm"):
-                raise UserError(f"no {path}: run python rlhf.py{' --quick' if s.cfg['quick'] else ''} "
+                raise UserError(f"no {path}: run python "
+                                f"rlhf.py{' --quick' if s.cfg['quick'] else ''} "
                                 f"--seed={s.seed} first")
             continue
-        records[name] = record_in(load_tensors(path, f"run python rlhf.py --seed={s.seed} again")) or {}
+        records[name] = record_in(load_tensors(path, "run python rlhf.py "
+                                               f"--seed={s.seed} again")) or {}
     upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
-    identity = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16], "script": s.cfg["rlhf_script"],
+    identity = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16],
+                "script": s.cfg["rlhf_script"],
                 "dtype": s.cfg["dtype"]}
     for name, record in records.items():
         mismatch = [f"{k} {record.get(k)!r}" for k, v in identity.items() if record.get(k) != v]
         if name in upstream and record.get("upstream") != records[upstream[name]].get("id"):
             mismatch.append(f"built on another {upstream[name]} file")
         if name == "rloo":
-            mismatch += [f"{k}={v!r}" for k, v in record.get("keys", {}).items() if k in s.cfg and s.cfg[k] != v]
+            mismatch += [f"{k}={v!r}" for k,
+                         v in record.get("keys", {}).items() if k in s.cfg and s.cfg[k] != v]
         if mismatch:
-            raise UserError(f"{paths[name]} belongs to another run ({', '.join(mismatch)}); run python rlhf.py "
-                            f"--seed={s.seed} again, or give the study the same settings")
+            raise UserError(f"{paths[name]} belongs to another run ({', '.join(mismatch)}); run "
+                            f"python rlhf.py --seed={s.seed} again, or give the study the same "
+                            "settings")
     return records
 
 
 def partial_record(s: Setup, records: dict, part: str) -> dict:
-    """The record of one of the study's own RLOO runs: on the pipeline's reward model, with the study's
-    settings, tuning `part`."""
-    return s.new_record("rloo", records["rm"]["id"], keys={"head_tuning_steps": s.cfg["head_tuning_steps"], "part": part})
+    """The record of one of the study's own RLOO runs: on the pipeline's reward model, with the
+    study's settings, tuning `part`."""
+    return s.new_record("rloo", records["rm"]["id"],
+                        keys={"head_tuning_steps": s.cfg["head_tuning_steps"], "part": part})
 
 
 def policy_from_state(s: Setup, state: dict) -> nn.Module:
@@ -85,7 +96,8 @@ def policy_from_state(s: Setup, state: dict) -> nn.Module:
 @torch.no_grad()
 def implicit_margin(s: Setup, policy: nn.Module, pairs: dict) -> float:
     """DPO's implicit reward margin on held-out pairs, deterministic (no sampling): the mean of
-    dpo_beta x [(log pi(chosen) - log pi_base(chosen)) - (log pi(rejected) - log pi_base(rejected))]."""
+    dpo_beta x [(log pi(chosen) - log pi_base(chosen)) - (log pi(rejected) - log
+    pi_base(rejected))]."""
     pc = sequence_logprobs(s, policy, pairs["prompts"], pairs["chosen"])
     pr = sequence_logprobs(s, policy, pairs["prompts"], pairs["rejected"])
     return (s.cfg["dpo_beta"] * ((pc - pairs["base_chosen"]) - (pr - pairs["base_rejected"]))).mean().item()
@@ -94,19 +106,24 @@ def implicit_margin(s: Setup, policy: nn.Module, pairs: dict) -> float:
 @torch.no_grad()
 def sampled_scores(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
                    draw: int = 0) -> tuple[float, float]:
-    """Mean oracle and reward-model score of completions of the prompts, from the random numbers of draw `draw`."""
+    """Mean oracle and reward-model score of completions of the prompts, from the random numbers of
+    draw `draw`."""
     completions = complete(s, policy, prompts, s.generator("heads.sampling", draw, on_device=True))
     return (scores(s.oracle.score, texts(s, completions)).mean().item(),
             reward_scores(s, rm, prompts, completions).mean().item())
 
 
 def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
-                   heads: list[tuple[int, int]], draws: int = 4) -> dict[str, torch.Tensor | float]:
-    """How much the oracle and reward-model scores drop when each head alone is switched off, against the
-    unmasked model's mean over `draws` samplings. Sampling diverges within a few tokens even from the same
-    random numbers, so each masked score is about an independent draw: "noise" (the spread of the unmasked
-    scores across draws) is the standard deviation of any one drop that is due to sampling alone."""
-    unmasked = torch.tensor([sampled_scores(s, policy, rm, prompts, draw) for draw in range(draws)])  # (draws, 2)
+                   heads: list[tuple[int, int]], draws: int = 4) -> dict[str,
+                                                                         torch.Tensor | float]:
+    """How much the oracle and reward-model scores drop when each head alone is switched off,
+    against the unmasked model's mean over `draws` samplings. Sampling diverges within a few tokens
+    even from the same random numbers, so each masked score is about an independent draw: "noise"
+    (the spread of the unmasked scores across draws) is the standard deviation of any one drop that
+    is due to sampling alone."""
+    # (draws, 2)
+    unmasked = torch.tensor([sampled_scores(s, policy, rm, prompts,
+                                            draw) for draw in range(draws)])
     shape = (policy.config.n_layer, policy.config.n_head)
     drops = {"oracle": torch.zeros(shape), "rm": torch.zeros(shape),
              "noise_oracle": unmasked[:, 0].std().item(), "noise_rm": unmasked[:, 1].std().item()}
@@ -120,17 +137,21 @@ def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.
 
 
 @torch.no_grad()
-def kl_by_position(s: Setup, policy: nn.Module, reference: nn.Module, prompts: torch.Tensor) -> list[float]:
-    """The exact KL to the base at each completion position, averaged over the policy's own samples."""
+def kl_by_position(s: Setup, policy: nn.Module, reference: nn.Module,
+                   prompts: torch.Tensor) -> list[float]:
+    """The exact KL to the base at each completion position, averaged over the policy's own
+    samples."""
     completions = complete(s, policy, prompts, s.generator("heads.kl_by_position", on_device=True))
     with autocast(s.cfg["device"], s.cfg["dtype"]):
-        kl = exact_kl(completion_logits(policy, prompts, completions), completion_logits(reference, prompts, completions),
+        kl = exact_kl(completion_logits(policy, prompts, completions),
+                      completion_logits(reference, prompts, completions),
                       TEMPERATURE)
     return kl.mean(0).tolist()
 
 
 def held_out_pairs(s: Setup, base: nn.Module, record: dict) -> dict:
-    """The first head_pairs held-out pairs, chosen and rejected, with the base's log-probabilities of each."""
+    """The first head_pairs held-out pairs, chosen and rejected, with the base's log-probabilities
+    of each."""
     held_out = load_pairs(s, record)["val"]
     chosen, rejected = chosen_rejected(held_out)
     n = s.cfg["head_pairs"]
@@ -141,17 +162,22 @@ def held_out_pairs(s: Setup, base: nn.Module, record: dict) -> dict:
     return pairs
 
 
-def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_stats: dict, rm: RewardModel,
-                 batches: list[torch.Tensor], prompts: torch.Tensor, pairs: dict, heads: list[tuple[int, int]]) -> dict:
-    """One tuned policy against the base: weights, attention, ablation, margins, transplants, KL by position."""
+def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_stats: dict,
+                 rm: RewardModel,
+                 batches: list[torch.Tensor], prompts: torch.Tensor, pairs: dict,
+                 heads: list[tuple[int, int]]) -> dict:
+    """One tuned policy against the base: weights, attention, ablation, margins, transplants, KL by
+    position."""
     n_layer, n_head = base.config.n_layer, base.config.n_head
-    tuned_state = lb_state(load_checkpoint(s.path("model_dict", f"{method}.pt")))  # checked by pipeline_records
+    # checked by pipeline_records
+    tuned_state = lb_state(load_checkpoint(s.path("model_dict", f"{method}.pt")))
     tuned = policy_from_state(s, tuned_state)
     r = {"weight_change": head_weight_change(base_state, tuned_state, n_layer, n_head),
          "stat_change": {k: v - base_stats[k] for k, v in head_statistics(tuned, batches).items()},
          "attention_divergence": attention_divergence(base, tuned, batches),
          "ablation": ablation_drops(s, tuned, rm, prompts, heads),
-         "margin": implicit_margin(s, tuned, pairs), "kl_by_position": kl_by_position(s, tuned, base, prompts)}
+         "margin": implicit_margin(s, tuned, pairs),
+         "kl_by_position": kl_by_position(s, tuned, base, prompts)}
     # transplants, one head at a time: which heads carry the tuned model's margin and score?
     into_base, out_of_tuned = torch.zeros(n_layer, n_head), torch.zeros(n_layer, n_head)
     oracle_into_base = torch.zeros(n_layer, n_head)
@@ -160,18 +186,27 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
         into_base[layer, head] = implicit_margin(s, grafted, pairs)
         oracle_into_base[layer, head] = sampled_scores(s, grafted, rm, prompts)[0]
         out_of_tuned[layer, head] = r["margin"] - implicit_margin(
-            s, policy_from_state(s, transplant(tuned_state, base_state, heads={(layer, head)})), pairs)
-    r.update(margin_into_base=into_base, margin_lost_from_tuned=out_of_tuned, oracle_into_base=oracle_into_base)
-    r["margin_by_part"] = {part: implicit_margin(s, policy_from_state(s, transplant(base_state, tuned_state, **kw)), pairs)
-                           for part, kw in (("all heads", {"heads": set(heads)}), ("all MLPs", {"mlps": set(range(n_layer))}),
+            s, policy_from_state(s, transplant(tuned_state, base_state, heads={(layer, head)})),
+            pairs)
+    r.update(margin_into_base=into_base, margin_lost_from_tuned=out_of_tuned,
+             oracle_into_base=oracle_into_base)
+    r["margin_by_part"] = {part: implicit_margin(s,
+                                                 policy_from_state(s,
+                                                                   transplant(base_state,
+                                                                              tuned_state,
+                                                                              **kw)), pairs)
+                           for part, kw in (("all heads", {"heads": set(heads)}),
+                                            ("all MLPs", {"mlps": set(range(n_layer))}),
                                             ("the rest", {"rest": True}))}
     return r
 
 
-def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[int, int]], records: dict) -> dict:
-    """RLOO for head_tuning_steps steps, tuning only the head that carries most of RLOO's margin, only
-    attention, or only the MLPs; each evaluated (oracle score, exact KL) at its kept checkpoints, beside the
-    full RLOO run's kept checkpoints (the same method; at step head_tuning_steps, the same budget)."""
+def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[int, int]],
+                   records: dict) -> dict:
+    """RLOO for head_tuning_steps steps, tuning only the head that carries most of RLOO's margin,
+    only attention, or only the MLPs; each evaluated (oracle score, exact KL) at its kept
+    checkpoints, beside the full RLOO run's kept checkpoints (the same method; at step
+    head_tuning_steps, the same budget)."""
     source = study["methods"].get("rloo") or next(iter(study["methods"].values()))
     best = divmod(int(source["margin_into_base"].argmax()), source["margin_into_base"].shape[1])
     runs = {f"head {best[0]}.{best[1]} only": part_masks(base_state, heads={best}),
@@ -180,17 +215,21 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     base, (rm, _) = load_policy(s), load_reward_model(s, records["rm"])
     reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
     steps = s.cfg["head_tuning_steps"]
-    base_result = evaluate_policy(s, base, reference, rm, prompts, 2, s.generator("curve.sampling", on_device=True))
+    base_result = evaluate_policy(s, base, reference, rm, prompts, 2,
+                                  s.generator("curve.sampling", on_device=True))
     curves = {}
     if "rloo" in records:
-        final = load_tensors(s.path("model_dict", "rloo.pt"), "run python rlhf.py --rlhf_stage=rloo again")["rlhf"]
-        curves["all weights (the rloo stage's run)"] = kept_curve(s, "rloo", final, reference, rm, prompts, 2,
+        final = load_tensors(s.path("model_dict", "rloo.pt"), "run python rlhf.py "
+                             "--rlhf_stage=rloo again")["rlhf"]
+        curves["all weights (the rloo stage's run)"] = kept_curve(s, "rloo", final, reference, rm,
+                                                                  prompts, 2,
                                                                   base_result)
     for label, mask in runs.items():
         name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
         policy, own = load_policy(s), partial_record(s, records, label)
         train_rl(s, "rloo", policy, restrict_training(policy, mask), rm, name, steps, 2, own)
-        curves[label] = kept_curve(s, name, {"run": own, "step": steps}, reference, rm, prompts, 2, base_result)
+        curves[label] = kept_curve(s, name, {"run": own, "step": steps}, reference, rm, prompts,
+                                   2, base_result)
     return {"chosen_head": list(best), "steps": steps, "curves": curves}
 
 
@@ -204,47 +243,64 @@ def as_lists(value):
 
 
 def write_head_study(s: Setup, study: dict) -> None:
-    """One layer x head heatmap PNG per question, a JSON table of every number, and two line plots."""
+    """One layer x head heatmap PNG per question, a JSON table of every number, and two line
+    plots."""
     methods = study["methods"]
     figures = {
-        "weight_change": [(m, [(f"{p} (relative change)", r["weight_change"][p]) for p in ("query", "key", "value", "output")])
+        "weight_change": [(m, [(f"{p} (relative change)",
+                                r["weight_change"][p]) for p in ("query", "key", "value",
+                                                                 "output")])
                           for m, r in methods.items()],
         "attention": [(m, [("attention map divergence (JS, nats)", r["attention_divergence"]),
                            ("entropy change", r["stat_change"]["entropy"]),
                            ("previous-token change", r["stat_change"]["previous_token"]),
-                           ("first-token change", r["stat_change"]["first_token"])]) for m, r in methods.items()],
+                           ("first-token change",
+                            r["stat_change"]["first_token"])]) for m, r in methods.items()],
         "ablation": [(name, [("oracle score drop, head off", ablation["oracle"]),
                              ("reward-model drop, head off", ablation["rm"])])
-                     for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]],
+                     for name, ablation in [("base", study["base_ablation"])] + [(m,
+                                                                                  r["ablation"]) for m, r in methods.items()]],
         "transplant": [(m, [("margin, tuned head into base", r["margin_into_base"]),
                             ("margin lost, base head into tuned", r["margin_lost_from_tuned"]),
-                            ("oracle score, tuned head into base", r["oracle_into_base"])]) for m, r in methods.items()],
+                            ("oracle score, tuned head into base",
+                             r["oracle_into_base"])]) for m, r in methods.items()],
     }
     for name, rows in figures.items():
-        plot_head_grid(rows, f"{s.prefix}: {name.replace('_', ' ')} per head (rows: layers, columns: heads)",
+        plot_head_grid(rows, f"{s.prefix}: {name.replace('_', ' ')} per head (rows: layers, "
+                       "columns: heads)",
                        s.path("generate_text", f"heads_{name}.png"))
-    plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position", "exact KL to the base (nats)",
-               f"{s.prefix}: where along the completion the KL sits", s.path("generate_text", "heads_kl_by_position.png"))
-    plot_score_against_kl({"oracle": s.oracle.name, "bon_curves": {}, "curves": {s.seed: study["partial_tuning"]["curves"]}},
+    plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position",
+               "exact KL to the base (nats)",
+               f"{s.prefix}: where along the completion the KL sits",
+               s.path("generate_text", "heads_kl_by_position.png"))
+    plot_score_against_kl({"oracle": s.oracle.name, "bon_curves": {},
+                           "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
-    for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]:
+    for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m,
+                                                                r in methods.items()]:
         largest = ablation["oracle"].abs().max().item()
-        print(f"{name}: switching one head off moves the oracle score by at most {largest:.3f}; sampling alone moves "
-              f"it by {ablation['noise_oracle']:.3f} (one standard deviation)")
+        print(f"{name}: switching one head off moves the oracle score by at most {largest:.3f}; "
+              f"sampling alone moves it by {ablation['noise_oracle']:.3f} (one standard "
+              "deviation)")
     for method, r in methods.items():
-        top = sorted(((r["margin_into_base"][l, h].item(), f"{l}.{h}") for l, h in study["heads"]), reverse=True)[:3]
-        print(f"{method}: margin {r['margin']:+.3f}; by part " + ", ".join(f"{k} {v:+.3f}" for k, v in r["margin_by_part"].items())
-              + "; heads carrying most of it alone: " + ", ".join(f"{name} {v:+.3f}" for v, name in top))
+        top = sorted(((r["margin_into_base"][l, h].item(), f"{l}.{h}") for l,
+                      h in study["heads"]), reverse=True)[:3]
+        print(f"{method}: margin {r['margin']:+.3f}; "
+              "by part " + ", ".join(f"{k} {v:+.3f}" for k, v in r["margin_by_part"].items())
+              + "; heads carrying most of it "
+              "alone: " + ", ".join(f"{name} {v:+.3f}" for v, name in top))
 
 
 def head_study(s: Setup) -> dict:
-    """Every tuned policy of the pipeline's run against the base, head by head, then tuning parts of the model."""
+    """Every tuned policy of the pipeline's run against the base, head by head, then tuning parts
+    of the model."""
     records = pipeline_records(s)
     methods = [m for m in METHODS if m in records]
     if not methods:
         raise UserError(f"no tuned policies named {s.prefix}_*: run python rlhf.py"
-                        f"{' --quick' if s.cfg['quick'] else ''} with the same oracle and seed first")
+                        f"{' --quick' if s.cfg['quick'] else ''} with the same oracle and "
+                        "seed first")
     # the inputs every model is measured on: val batches, val prompts, held-out pairs
     n_layer, n_head = s.base["model_config"]["n_layer"], s.base["model_config"]["n_head"]
     heads = [(layer, head) for layer in range(n_layer) for head in range(n_head)]
@@ -256,8 +312,10 @@ def head_study(s: Setup) -> dict:
     pairs = held_out_pairs(s, base, records["pairs"])
     # each tuned policy against the base, head by head
     base_stats = head_statistics(base, batches)
-    study = {"oracle": s.oracle.name, "heads": heads, "base_ablation": ablation_drops(s, base, rm, prompts, heads),
-             "methods": {m: study_method(s, m, base, base_state, base_stats, rm, batches, prompts, pairs, heads)
+    study = {"oracle": s.oracle.name, "heads": heads,
+             "base_ablation": ablation_drops(s, base, rm, prompts, heads),
+             "methods": {m: study_method(s, m, base, base_state, base_stats, rm, batches, prompts,
+                                         pairs, heads)
                          for m in methods}}
     # tuning parts of the model only, at the same budget
     study["partial_tuning"] = partial_tuning(s, base_state, study, heads, records)
@@ -268,9 +326,11 @@ def head_study(s: Setup) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)
     with exit_codes():
-        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__, HINTS)
+        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__,
+                              HINTS)
         s = setup(cfg, data_batch_size=cfg["head_batch_size"])
-        with OutputLock(repo_path("model_dict", s.family)):  # not while rlhf.py writes what the study reads
+        # not while rlhf.py writes what the study reads
+        with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
             return head_study(s)
 

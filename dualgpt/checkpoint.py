@@ -1,10 +1,11 @@
 """Checkpoints: written atomically, read without unpickling code, and loadable by either script.
 
 A checkpoint is a dict of tensors and plain values, built by make_checkpoint alone: "model" (latest
-weights), "best_model" (best-val weights, used by sample/eval/heads), "best_val_loss", "model_config",
-"layout" (the model that wrote the weights: "LB-GPT" for gpt.py, "SM-GPT" for gpt_.py), "config" (the run
-config), "iter_num", "tokenizer" (the .model text); training adds "optimizer", "train_s", "compile_s" and
-the RNG states "rng_cpu", "rng_cuda", "rng_batches" for an exact resume; export adds "eval", RLHF "rlhf".
+weights), "best_model" (best-val weights, used by sample/eval/heads), "best_val_loss",
+"model_config", "layout" (the model that wrote the weights: "LB-GPT" for gpt.py, "SM-GPT" for
+gpt_.py), "config" (the run config), "iter_num", "tokenizer" (the .model text); training adds
+"optimizer", "train_s", "compile_s" and the RNG states "rng_cpu", "rng_cuda", "rng_batches" for an
+exact resume; export adds "eval", RLHF "rlhf".
 """
 from __future__ import annotations
 
@@ -32,18 +33,21 @@ def log_path(ckpt: str) -> str:
     return os.path.splitext(ckpt)[0] + ".jsonl"
 
 
-def make_checkpoint(weights: dict, model_config: dict, layout: str, tokenizer: str, iter_num: int, run_config: dict,
-                    best_weights: dict | None = None, best_val_loss: float = math.nan, **extra) -> dict:
-    """The one place a checkpoint dict is built (training, export, every RLHF save). best_weights default to
-    weights; extra: what only some writers add (optimizer and RNG states, "eval", "rlhf", the reward head)."""
+def make_checkpoint(weights: dict, model_config: dict, layout: str, tokenizer: str, iter_num: int,
+                    run_config: dict,
+                    best_weights: dict | None = None, best_val_loss: float = math.nan,
+                    **extra) -> dict:
+    """The one place a checkpoint dict is built (training, export, every RLHF save). best_weights
+    default to weights; extra: what only some writers add (optimizer and RNG states, "eval",
+    "rlhf", the reward head)."""
     return {"model": weights, "best_model": weights if best_weights is None else best_weights,
             "best_val_loss": best_val_loss, "model_config": dict(model_config), "layout": layout,
             "tokenizer": tokenizer, "iter_num": iter_num, "config": dict(run_config), **extra}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Serialise in memory, then write atomically: a failed write (disk full, a size limit) then says so as an
-    OSError, where torch's own writer reports only a position mismatch."""
+    """Serialise in memory, then write atomically: a failed write (disk full, a size limit) then
+    says so as an OSError, where torch's own writer reports only a position mismatch."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with atomic_open(path, "wb") as f:
@@ -51,25 +55,30 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_tensors(path: str, remedy: str, device: str = "cpu"):
-    """A file torch.save wrote (a checkpoint, RLHF's pairs), loaded without running pickled code; a file that is
-    cut short, emptied or not torch's is a one-line error naming it and the remedy."""
+    """A file torch.save wrote (a checkpoint, RLHF's pairs), loaded without running pickled code; a
+    file that is cut short, emptied or not torch's is a one-line error naming it and the remedy."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file; none of them may reach the user as a traceback
+    # torch raises many kinds for a bad file; none of them may reach the user as a traceback
+    except Exception as e:
         detail = (str(e).splitlines() or [""])[0][:120]
         raise UserError(f"{path} is not readable (cut short, emptied or not written by this repo: "
-                        f"{e.__class__.__name__}{': ' + detail if detail else ''}); {remedy}") from None
+                        f"{e.__class__.__name__}{': ' + detail if detail else ''}); "
+                        f"{remedy}") from None
 
 
 def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first: python {os.path.basename(sys.argv[0])} --mode=train")
-    remedy = (f"train again, or use the copy {path}.bak if --overwrite left one" if os.path.exists(path + ".bak")
+        raise UserError(f"no checkpoint at {path}; train one first: python "
+                        f"{os.path.basename(sys.argv[0])} --mode=train")
+    remedy = (f"train again, or use the copy {path}.bak if --overwrite "
+              "left one" if os.path.exists(path + ".bak")
               else "train it again (or write it again with the command that made it)")
     ckpt = load_tensors(path, remedy)
     missing = REQUIRED - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
-        raise UserError(f"{path} is not a Dual-GPT checkpoint (missing {', '.join(sorted(missing))}); {remedy}")
+        raise UserError(f"{path} is not a Dual-GPT checkpoint (missing "
+                        f"{', '.join(sorted(missing))}); {remedy}")
     return ckpt
 
 
@@ -86,19 +95,22 @@ def load_tokenizer_text(model_text: str) -> RegexTokenizer:
 
 def layout_of(ckpt: dict) -> str:
     """The model whose layout a checkpoint's weights are in: "SM-GPT" (one c_attn per layer) or
-    "LB-GPT" (q, k, v per head). Read from the weights, so that checkpoints of every version load."""
+    "LB-GPT" (q, k, v per head). Read from the weights, so that checkpoints of every version
+    load."""
     return "SM-GPT" if any(".attn.c_attn." in name for name in ckpt["best_model"]) else "LB-GPT"
 
 
-# -----------------------------------------------------------------------------------------
-# LB-GPT keeps q, k, v per head (blocks.i.attn.heads.h.query.weight, ...); SM-GPT stacks them into one
-# c_attn (every head's query rows, then every head's key rows, then value). The mapping is lossless.
+# ----------------------------------------------------------------------------------------- LB-GPT
+# keeps q, k, v per head (blocks.i.attn.heads.h.query.weight, ...); SM-GPT stacks them into one
+# c_attn (every head's query rows, then every head's key rows, then value). The mapping is
+# lossless.
 
 HEAD_KEY = re.compile(r"(.*\.attn\.)heads\.(\d+)\.(query|key|value)\.(weight|bias)$")
 
 
 def lb_to_sm(state: dict, n_head: int) -> dict:
-    """LB-GPT state dict -> SM-GPT: stack every head's query, then key, then value rows into c_attn."""
+    """LB-GPT state dict -> SM-GPT: stack every head's query, then key, then value rows into
+    c_attn."""
     out, prefixes = {}, set()
     for name, tensor in state.items():
         m = HEAD_KEY.match(name)
@@ -108,7 +120,8 @@ def lb_to_sm(state: dict, n_head: int) -> dict:
             out[name] = tensor
     for prefix, param in sorted(prefixes):
         out[f"{prefix}c_attn.{param}"] = torch.cat([state[f"{prefix}heads.{h}.{proj}.{param}"]
-                                                    for proj in ("query", "key", "value") for h in range(n_head)])
+                                                    for proj in ("query", "key",
+                                                                 "value") for h in range(n_head)])
     return out
 
 
@@ -137,43 +150,52 @@ def convert_state_dict(state: dict, layout: str, to_layout: str, n_head: int) ->
 
 
 def cpu_copy(state: dict) -> dict:
-    """A CPU copy of a state dict in which tensors that shared memory still do: the tied embedding and output
-    head are stored once, not twice (4 MB of the default model's 7 MB)."""
+    """A CPU copy of a state dict in which tensors that shared memory still do: the tied embedding
+    and output head are stored once, not twice (4 MB of the default model's 7 MB)."""
     copies, out = {}, {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.stride())
         if key not in copies:
             copies[key] = tensor.detach().to("cpu", copy=True)
         out[name] = copies[key]
     return out
 
 
-def build_model(model_class: type[nn.Module], config, head_mask: set[tuple[int, int]] = frozenset(),
+def build_model(model_class: type[nn.Module], config,
+                head_mask: set[tuple[int, int]] = frozenset(),
                 options: dict | None = None) -> nn.Module:
-    """A model of the script's class with the given ModelConfig, switched-off heads and run options."""
+    """A model of the script's class with the given ModelConfig, switched-off heads and run
+    options."""
     model = model_class(config, **(options or {}))
     for layer, head in sorted(head_mask):
         if layer >= config.n_layer or head >= config.n_head:
-            raise UserError(f"head_mask: head {layer}.{head} does not exist (the model has {config.n_layer} "
+            raise UserError(f"head_mask: head {layer}.{head} does not exist (the model has "
+                            f"{config.n_layer} "
                             f"layers x {config.n_head} heads, numbered from 0)")
     model.set_head_mask(set(head_mask))
     return model
 
 
 def model_from_checkpoint(model_class: type[nn.Module], ckpt: dict, path: str, device: str,
-                          head_mask: set[tuple[int, int]] = frozenset(), options: dict | None = None) -> nn.Module:
+                          head_mask: set[tuple[int, int]] = frozenset(),
+                          options: dict | None = None) -> nn.Module:
     """A checkpoint's best-val weights (either layout) in a model of model_class, on device."""
     try:
-        model = build_model(model_class, model_class.config_class(**ckpt["model_config"]), head_mask, options)
-        model.load_state_dict(convert_state_dict(ckpt["best_model"], layout_of(ckpt), model.layout, model.config.n_head))
+        model = build_model(model_class, model_class.config_class(**ckpt["model_config"]),
+                            head_mask, options)
+        model.load_state_dict(convert_state_dict(ckpt["best_model"], layout_of(ckpt),
+                                                 model.layout, model.config.n_head))
     except (TypeError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{path}: incompatible checkpoint "
+                        f"({str(e).splitlines()[0][:160]})") from None
     return model.to(device)
 
 
 def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module]:
-    """For the sample, eval and heads modes: the checkpoint at --ckpt and its best model, with the run's head
-    mask and model options."""
+    """For the sample, eval and heads modes: the checkpoint at --ckpt and its best model, with the
+    run's head mask and model options."""
     ckpt = load_checkpoint(cfg["ckpt"])
-    return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"], parse_head_mask(cfg["head_mask"]),
+    return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"],
+                                       parse_head_mask(cfg["head_mask"]),
                                        model_options(cfg, model_class))

@@ -1,5 +1,6 @@
-"""The command line of gpt.py and gpt_.py: parse the run config, run its mode, turn mistakes into one
-line. Each mode's module is imported when that mode runs: sampling never loads the Hugging Face code."""
+"""The command line of gpt.py and gpt_.py: parse the run config, run its mode, turn mistakes into
+one line. Each mode's module is imported when that mode runs: sampling never loads the Hugging Face
+code."""
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,10 @@ from dualgpt.runconfig import script_config
 from dualgpt.runtime import Distributed
 
 # mode -> (module, function) of the modes that run in one process
-ONE_PROCESS_MODES = {"sample": ("sampling", "sample"), "eval": ("evaluation", "evaluate_checkpoint"),
-                     "heads": ("heads", "analyse_heads"), "import": ("hf_gpt2", "import_checkpoint")}
+ONE_PROCESS_MODES = {"sample": ("sampling", "sample"),
+                     "eval": ("evaluation", "evaluate_checkpoint"),
+                     "heads": ("heads", "analyse_heads"),
+                     "import": ("hf_gpt2", "import_checkpoint")}
 
 
 def mode_function(mode: str, cfg: dict):
@@ -34,7 +37,8 @@ def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
         print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
               f"or start over with --overwrite)")
         mode = "sample"
-    elif mode in ("auto", "train"):  # train (then sample), holding the checkpoint for the run's life
+    # train (then sample), holding the checkpoint for the run's life
+    elif mode in ("auto", "train"):
         from dualgpt.train import train
         with OutputLock(cfg["ckpt"]) if ddp.master else nullcontext():
             train(model_class, cfg, ddp)
@@ -45,9 +49,9 @@ def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
 
 @contextmanager
 def exit_codes(report: bool = True):
-    """The programs' way out: a user mistake is one line `error: ...` and exit 2, a diverged run or a
-    failed write one line and exit 1, Ctrl-C exit 130. report: whether this process prints the line
-    (under torchrun, rank 0 only)."""
+    """The programs' way out: a user mistake is one line `error: ...` and exit 2, a diverged run or
+    a failed write one line and exit 1, Ctrl-C exit 130. report: whether this process prints the
+    line (under torchrun, rank 0 only)."""
     try:
         yield
     except (UserError, TrainingDiverged, WriteFailed) as e:
@@ -60,8 +64,8 @@ def exit_codes(report: bool = True):
 
 
 def main(model_class: type[nn.Module], script: str, argv: list[str] | None = None) -> None:
-    """`python <script>.py [config file] --key=value ...`: exit 2 with one line for a user mistake, 1
-    if training diverged, 130 after Ctrl-C."""
+    """`python <script>.py [config file] --key=value ...`: exit 2 with one line for a user mistake,
+    1 if training diverged, 130 after Ctrl-C."""
     ddp = Distributed()
     clean = False
     try:
@@ -69,7 +73,8 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             usage = sys.modules[model_class.__module__].__doc__ or ""
             cfg = script_config(sys.argv[1:] if argv is None else argv, script, usage)
             if ddp.master:  # what killed runs left behind, never a live run's
-                folders = {os.path.dirname(os.path.abspath(cfg[k])) for k in ("ckpt", "sample_file")}
+                folders = {os.path.dirname(os.path.abspath(cfg[k])) for k in ("ckpt",
+                                                                              "sample_file")}
                 remove_dead_temps(*folders, repo_path("data"), repo_path("tokenizers"))
             ddp.start(cfg["device"])
             run_mode(model_class, cfg, ddp)

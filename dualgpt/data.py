@@ -38,13 +38,15 @@ def read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it or pass another --data") from None
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it or pass "
+                        "another --data") from None
 
 
-def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) -> tuple[RegexTokenizer, str]:
-    """Train a RegexTokenizer on text, or reuse one for the same data and vocab size: the one a previous run
-    saved in tokenizers/, else the one the repository ships in tokenizers/shipped/ (read, never written).
-    Returns (tokenizer, path of its .model file)."""
+def get_tokenizer(text: str, data_path: str, data_hash: str,
+                  vocab_size: int) -> tuple[RegexTokenizer, str]:
+    """Train a RegexTokenizer on text, or reuse one for the same data and vocab size: the one a
+    previous run saved in tokenizers/, else the one the repository ships in tokenizers/shipped/
+    (read, never written). Returns (tokenizer, path of its .model file)."""
     name = f"{os.path.splitext(os.path.basename(data_path))[0]}_v{vocab_size}_{data_hash[:8]}"
     prefix = repo_path("tokenizers", name)
     for candidate in (prefix, repo_path("tokenizers", "shipped", name)):
@@ -54,9 +56,12 @@ def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) ->
                 tok.load(candidate + ".model")
                 if len(tok.vocab) == vocab_size:
                     return tok, candidate + ".model"
-                print(f"note: not using {candidate}.model (it has {len(tok.vocab)} tokens, not {vocab_size}); training anew")
-            except ValueError as e:  # minbpe's load names the file and the line: cut short, emptied, garbage
-                print(f"note: not using {candidate}.model, which is unreadable ({e}); training anew")
+                print(f"note: not using {candidate}.model (it has {len(tok.vocab)} tokens, not "
+                      f"{vocab_size}); training anew")
+            # minbpe's load names the file and the line: cut short, emptied, garbage
+            except ValueError as e:
+                print(f"note: not using {candidate}.model, which is unreadable ({e}); "
+                      "training anew")
     tok = RegexTokenizer()
     print(f"training a {vocab_size}-token BPE tokenizer on {os.path.basename(data_path)}")
     tok.train(text, vocab_size)  # shows a bar when it takes long, on a terminal
@@ -65,13 +70,15 @@ def get_tokenizer(text: str, data_path: str, data_hash: str, vocab_size: int) ->
 
 
 def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
-    """The token ids cached at path (memory-mapped), or None to encode again: when there is no cache, or, with
-    a one-line notice, when it is unreadable or holds what no encoding gives (cut short, emptied, overwritten)."""
+    """The token ids cached at path (memory-mapped), or None to encode again: when there is no
+    cache, or, with a one-line notice, when it is unreadable or holds what no encoding gives (cut
+    short, emptied, overwritten)."""
     if not os.path.exists(path):
         return None
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        if ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids) and 0 <= ids.min() and ids.max() < vocab_size:
+        token_ids = ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids)
+        if token_ids and 0 <= ids.min() and ids.max() < vocab_size:
             return ids
         problem = "its contents are not token ids of this tokenizer"
     except Exception as e:  # a cache: whatever np.load makes of a damaged header, encode again
@@ -81,8 +88,9 @@ def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
 
 
 def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
-    """text in ~64 KB pieces cut just before a letter that starts a line, where the GPT-2 and GPT-4 split
-    patterns always break, so the pieces' ids, one after another, equal those of one encode() call."""
+    """text in ~64 KB pieces cut just before a letter that starts a line, where the GPT-2 and GPT-4
+    split patterns always break, so the pieces' ids, one after another, equal those of one encode()
+    call."""
     pieces, start = [], 0
     while start < len(text):
         end = min(start + block, len(text))
@@ -94,8 +102,8 @@ def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
 
 
 def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 16) -> np.ndarray:
-    """The ids of text, encoded by minbpe piece by piece (the same ids as one encode() call), so that
-    the progress bar moves."""
+    """The ids of text, encoded by minbpe piece by piece (the same ids as one encode() call), so
+    that the progress bar moves."""
     pieces = corpus_pieces(text, block)
     print(f"encoding {name} ({len(text) / 1e6:.1f} M characters)")
     dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
@@ -105,13 +113,14 @@ def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 1
 
 
 def check_size(path: str, block_size: int) -> None:
-    """Fail before the slow steps (tokenizer training, encoding) when the text cannot fill one val window:
-    a token is at least one byte, so n bytes give at most n - int(0.9 n) val tokens."""
+    """Fail before the slow steps (tokenizer training, encoding) when the text cannot fill one val
+    window: a token is at least one byte, so n bytes give at most n - int(0.9 n) val tokens."""
     n_bytes = os.path.getsize(path)
     most_val_tokens = n_bytes - int(0.9 * n_bytes)
     if most_val_tokens < block_size + 1:
-        raise UserError(f"{path} is too small: {n_bytes} bytes make at most {most_val_tokens} val tokens, fewer than "
-                        f"block_size + 1 = {block_size + 1}; use more text or a smaller --block_size")
+        raise UserError(f"{path} is too small: {n_bytes} bytes make at most {most_val_tokens} val "
+                        f"tokens, fewer than block_size + 1 = {block_size + 1}; use more text or "
+                        "a smaller --block_size")
 
 
 class Dataset:
@@ -120,7 +129,8 @@ class Dataset:
     The tokenizer is the one given as .model text (a checkpoint's), else one of vocab_size tokens
     trained on the text (cached in tokenizers/)."""
 
-    def __init__(self, path: str, block_size: int, batch_size: int, device: str, *, vocab_size: int = 0,
+    def __init__(self, path: str, block_size: int, batch_size: int, device: str, *,
+                 vocab_size: int = 0,
                  tokenizer_text: str | None = None, rank: int = 0, world: int = 1):
         text = read_text(path)
         check_size(path, block_size)
@@ -145,28 +155,31 @@ class Dataset:
         self.splits = {"train": ids[:n], "val": ids[n:]}
         for split, arr in self.splits.items():
             if len(arr) < block_size + 1:
-                raise UserError(f"{path} is too small: its {split} split has {len(arr)} tokens, fewer than "
-                                f"block_size + 1 = {block_size + 1}; use more text or a smaller --block_size")
+                raise UserError(f"{path} is too small: its {split} split has {len(arr)} tokens, "
+                                f"fewer than block_size + 1 = {block_size + 1}; use more text or "
+                                "a smaller --block_size")
         token_bytes = np.array([len(tok.vocab[i]) for i in range(len(tok.vocab))], dtype=np.int64)
         # bytes per token of each split: converts loss per token into bits per byte
-        self.bytes_per_token = {s: float(token_bytes[a].sum()) / len(a) for s, a in self.splits.items()}
+        self.bytes_per_token = {s: float(token_bytes[a].sum()) / len(a) for s,
+                                a in self.splits.items()}
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.rank, self.world = rank, world
 
     def batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch_size random windows. With several processes every rank draws the same global batch of
-        batch_size x world windows and keeps its own slice, so the samples seen do not depend on the
-        number of processes: 2 ranks of batch b see exactly what 1 process of batch 2b sees."""
+        """batch_size random windows. With several processes every rank draws the same global batch
+        of batch_size x world windows and keeps its own slice, so the samples seen do not depend on
+        the number of processes: 2 ranks of batch b see exactly what 1 process of batch 2b sees."""
         data, T, b = self.splits[split], self.block_size, self.batch_size
-        offsets = torch.randint(len(data) - T, (b * self.world,), generator=generator)[self.rank * b:(self.rank + 1) * b]
+        offsets = torch.randint(len(data) - T, (b * self.world,),
+                                generator=generator)[self.rank * b:(self.rank + 1) * b]
         offsets = offsets.tolist()
         xy = torch.from_numpy(np.stack([data[i:i + T + 1] for i in offsets]).astype(np.int64))
         if self.device.startswith("cuda"):
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         else:
             xy = xy.to(self.device)
-        # contiguous, like the batch torch.compile is warmed up on: a strided view would fail its guard and
-        # compile everything a second time at the first step
+        # contiguous, like the batch torch.compile is warmed up on: a strided view would fail its
+        # guard and compile everything a second time at the first step
         return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
     def windows(self, split: str):

@@ -1,4 +1,5 @@
-"""Losses: over fixed random batches (during training) and over every token of a split (--mode=eval)."""
+"""Losses: over fixed random batches (during training) and over every token of a split
+(--mode=eval)."""
 from __future__ import annotations
 
 import math
@@ -14,12 +15,14 @@ from dualgpt.data import Dataset, resolve_data
 from dualgpt.runtime import autocast, progress
 
 
-def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module, Dataset]:
-    """For the eval, export and heads modes: the checkpoint, its best model, and the data encoded with the
-    checkpoint's own tokenizer at its block size."""
+def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module,
+                                                                           Dataset]:
+    """For the eval, export and heads modes: the checkpoint, its best model, and the data encoded
+    with the checkpoint's own tokenizer at its block size."""
     ckpt, model = checkpoint_model(model_class, cfg)
     path = resolve_data(cfg["data"])
-    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"], tokenizer_text=ckpt["tokenizer"])
+    data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"],
+                   tokenizer_text=ckpt["tokenizer"])
     return ckpt, model, data
 
 
@@ -28,7 +31,8 @@ def full_loss(model: nn.Module, data: Dataset, split: str, device: str, dtype: s
     """Exact mean loss over every token of the split (deterministic)."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in progress(data.windows(split), total=data.n_windows_batches(split), desc=f"eval {split}", leave=False):
+    for x, y in progress(data.windows(split), total=data.n_windows_batches(split),
+                         desc=f"eval {split}", leave=False):
         with autocast(device, dtype):
             loss = model(x, y)[1]
         total += loss.item() * y.numel()
@@ -48,21 +52,29 @@ def evaluate_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
 
 
 def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
-    """--mode=export: a weights-only copy of ckpt at export_to, with its float32 loss over the whole val split."""
+    """--mode=export: a weights-only copy of ckpt at export_to, with its float32 loss over the
+    whole val split."""
     if not cfg["export_to"]:
         raise UserError("--mode=export needs --export_to=PATH for the weights-only copy")
     if os.path.abspath(cfg["export_to"]) == os.path.abspath(cfg["ckpt"]):
-        raise UserError("--export_to must differ from --ckpt (the export keeps no optimizer state to resume from)")
+        raise UserError("--export_to must differ from --ckpt (the export keeps no optimizer state "
+                        "to resume from)")
     ckpt, model, data = checkpoint_with_data(model_class, cfg)
     loss = full_loss(model, data, "val", cfg["device"], "float32")
     eval_result = {"val_loss": loss, "val_bpb": data.bpb(loss, "val"), "dtype": "float32"}
     os.makedirs(os.path.dirname(os.path.abspath(cfg["export_to"])), exist_ok=True)
-    # weights only: its best-val weights, in the layout it was written in, and no optimizer or RNG state
+    # weights only: its best-val weights, in the layout it was written in, and no optimizer or RNG
+    # state
     layout = layout_of(ckpt)
-    weights = convert_state_dict(cpu_copy(model.state_dict()), model.layout, layout, model.config.n_head)
+    weights = convert_state_dict(cpu_copy(model.state_dict()), model.layout, layout,
+                                 model.config.n_head)
     save_checkpoint(cfg["export_to"], make_checkpoint(
-        weights, ckpt["model_config"], layout, ckpt["tokenizer"], ckpt["iter_num"], ckpt.get("config", {}),
-        best_val_loss=ckpt.get("best_val_loss", math.nan), train_s=ckpt.get("train_s", 0.0), eval=eval_result))
-    print(f"exported the best weights of {cfg['ckpt']} (iteration {ckpt['iter_num']}) to {cfg['export_to']}: "
-          f"val loss {loss:.4f}, {eval_result['val_bpb']:.4f} bits per byte (float32, whole val split)")
+        weights, ckpt["model_config"], layout, ckpt["tokenizer"], ckpt["iter_num"],
+        ckpt.get("config", {}),
+        best_val_loss=ckpt.get("best_val_loss", math.nan), train_s=ckpt.get("train_s", 0.0),
+        eval=eval_result))
+    print(f"exported the best weights of {cfg['ckpt']} (iteration {ckpt['iter_num']}) to "
+          f"{cfg['export_to']}: "
+          f"val loss {loss:.4f}, {eval_result['val_bpb']:.4f} bits per byte (float32, whole "
+          "val split)")
     return eval_result

@@ -1,4 +1,5 @@
-"""Head-level research (--mode=heads): attention maps, per-head statistics, and ablation of one head at a time."""
+"""Head-level research (--mode=heads): attention maps, per-head statistics, and ablation of one
+head at a time."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,8 @@ from minbpe.base import render_token
 
 @contextmanager
 def recording(*models: nn.Module):
-    """Within the block, every head of the models keeps its attention weights and output of the last forward."""
+    """Within the block, every head of the models keeps its attention weights and output of the
+    last forward."""
     for model in models:
         model.record_attention(True)
     try:
@@ -33,7 +35,8 @@ def recording(*models: nn.Module):
 
 @torch.no_grad()
 def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-head averages over every query position of the batches; each value is (n_layer, n_head)."""
+    """Per-head averages over every query position of the batches; each value is (n_layer,
+    n_head)."""
     sums: dict[str, torch.Tensor] = {}
     with recording(model):
         for x in batches:
@@ -42,23 +45,26 @@ def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
                 att, out = block.attn.recorded()  # (B, nh, T, T), (B, nh, T, hs)
                 T = att.shape[-1]
                 pos = torch.arange(T, device=att.device)
+                distance = (pos[:, None] - pos[None, :]).clamp_min(0)  # how far back each key is
                 stats = {
                     "entropy": -(att * att.clamp_min(1e-12).log()).sum(-1).mean((0, 2)),
-                    "mean_distance": (att * (pos[:, None] - pos[None, :]).clamp_min(0)).sum(-1).mean((0, 2)),
-                    "previous_token": att[..., 1:, :].diagonal(offset=0, dim1=-2, dim2=-1).mean((0, 2)),
+                    "mean_distance": (att * distance).sum(-1).mean((0, 2)),
+                    "previous_token": att[..., 1:, :].diagonal(dim1=-2, dim2=-1).mean((0, 2)),
                     "first_token": att[..., 1:, 0].mean((0, 2)),
                     "output_norm": out.norm(dim=-1).mean((0, 2)),
                 }
                 for name, value in stats.items():
-                    sums.setdefault(name, torch.zeros(len(model.blocks), value.numel()))[layer] += value.float().cpu()
+                    total = sums.setdefault(name, torch.zeros(len(model.blocks), value.numel()))
+                    total[layer] += value.float().cpu()
     return {name: total / len(batches) for name, total in sums.items()}
 
 
 @torch.no_grad()
-def ablation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], base_mask: set[tuple[int, int]],
+def ablation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             base_mask: set[tuple[int, int]],
              device: str, dtype: str) -> tuple[float, torch.Tensor]:
-    """Loss over the batches with base_mask's heads off, and its increase when each other head is also
-    switched off alone: (loss, (n_layer, n_head) increases)."""
+    """Loss over the batches with base_mask's heads off, and its increase when each other head is
+    also switched off alone: (loss, (n_layer, n_head) increases)."""
 
     def loss() -> float:
         total = 0.0
@@ -70,7 +76,8 @@ def ablation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
     base = loss()
     n_layer, n_head = model.config.n_layer, model.config.n_head
     delta = torch.zeros(n_layer, n_head)
-    for layer, head in progress([(l, h) for l in range(n_layer) for h in range(n_head)], desc="ablating heads", leave=False):
+    for layer, head in progress([(l, h) for l in range(n_layer) for h in range(n_head)],
+                                desc="ablating heads", leave=False):
         model.set_head_mask(base_mask | {(layer, head)})
         delta[layer, head] = loss() - base
     model.set_head_mask(base_mask)
@@ -93,13 +100,15 @@ def print_head_table(rows: list[dict]) -> None:
     print(f"{'head':>6} {'+loss':>8} {'+bpb':>7} {'entropy':>8} {'distance':>9} {'prev tok':>9} "
           f"{'first tok':>10} {'out norm':>9}")
     for r in rows:
-        print(f"{r['layer']:>4}.{r['head']:<1} {r['loss_increase']:>+8.4f} {r['bpb_increase']:>+7.3f} "
+        print(f"{r['layer']:>4}.{r['head']:<1} {r['loss_increase']:>+8.4f} "
+              f"{r['bpb_increase']:>+7.3f} "
               f"{r['entropy']:>8.3f} {r['mean_distance']:>9.2f} {r['previous_token']:>9.3f} "
               f"{r['first_token']:>10.3f} {r['output_norm']:>9.3f}")
 
 
 def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
-    """--mode=heads: attention maps of a prompt, per-head statistics and ablation over the val split."""
+    """--mode=heads: attention maps of a prompt, per-head statistics and ablation over the val
+    split."""
     ckpt, model, data = checkpoint_with_data(model_class, cfg)
     model.eval()
     name = os.path.splitext(os.path.basename(cfg["ckpt"]))[0]
@@ -123,7 +132,8 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
     gen = torch.Generator().manual_seed(cfg["seed"])
     batches = [data.batch("val", gen) for _ in range(cfg["eval_iters"])]
     stats = head_statistics(model, [x for x, _ in batches])
-    base, delta = ablation(model, batches, parse_head_mask(cfg["head_mask"]), cfg["device"], cfg["dtype"])
+    base, delta = ablation(model, batches, parse_head_mask(cfg["head_mask"]), cfg["device"],
+                           cfg["dtype"])
     files.append(prefix + ".ablation.png")
     plot_head_heatmap(delta, f"{name}: val loss increase when one head is switched off",
                       "val loss increase (nats/token)", files[-1])
@@ -136,9 +146,11 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
             row.update({k: v[layer, head].item() for k, v in stats.items()})
             rows.append(row)
     rows.sort(key=lambda r: -r["loss_increase"])
-    print(f"val loss {base:.4f} ({data.bpb(base, 'val'):.3f} bpb) over {len(batches)} batches; heads by importance:")
+    print(f"val loss {base:.4f} ({data.bpb(base, 'val'):.3f} bpb) over {len(batches)} batches; "
+          "heads by importance:")
     print_head_table(rows)
-    report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"], "head_mask": cfg["head_mask"],
+    report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"],
+              "head_mask": cfg["head_mask"],
               "val_batches": len(batches), "val_loss": base, "heads": rows}
     files.append(prefix + ".heads.json")
     with atomic_open(files[-1], "w", encoding="utf-8") as f:
@@ -155,12 +167,14 @@ def plot_attention(weights: list[torch.Tensor], labels: list[str], title: str, p
     plt = pyplot()
     n_layer, n_head, T = len(weights), weights[0].shape[0], weights[0].shape[-1]
     size = max(2.5, T * 0.14)
-    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.5, size * n_layer + 1), squeeze=False,
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head + 1.5, size * n_layer + 1),
+                             squeeze=False,
                              layout="constrained")
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer][head]
-            image = ax.imshow(weights[layer][head].cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            image = ax.imshow(weights[layer][head].cpu().numpy(), cmap="viridis", vmin=0.0,
+                              vmax=1.0)
             ax.set_title(f"layer {layer}, head {head}", fontsize=9)
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
@@ -177,13 +191,15 @@ def draw_head_cells(ax, grid: np.ndarray, fmt: str, fontsize: float, **imshow_op
     """A layer x head grid as an image with each value written in its cell; returns the image."""
     image = ax.imshow(grid, **imshow_options)
     for (layer, head), value in np.ndenumerate(grid):
-        ax.text(head, layer, fmt.format(value), ha="center", va="center", fontsize=fontsize, color="grey")
+        ax.text(head, layer, fmt.format(value), ha="center", va="center", fontsize=fontsize,
+                color="grey")
     ax.set_xticks(range(grid.shape[1]))
     ax.set_yticks(range(grid.shape[0]))
     return image
 
 
-def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str, fmt: str = "{:+.3f}",
+def plot_head_heatmap(values: torch.Tensor, title: str, label: str, path: str,
+                      fmt: str = "{:+.3f}",
                       cmap: str = "magma") -> None:
     """One cell per head: values (n_layer, n_head), each written in its cell."""
     plt = pyplot()

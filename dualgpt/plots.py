@@ -21,7 +21,8 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
-def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str, legend_size: float | None = None) -> None:
+def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str,
+                legend_size: float | None = None) -> None:
     """Label the axes, draw the grid and legend, and save: the end of every line plot."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -42,8 +43,8 @@ def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
 
 
 def plot_losses(log_file: str, path: str, title: str) -> None:
-    """Bits per byte against training minutes, from the JSON-lines log: the train and val evaluations, and
-    the loss of the logged training steps (smoothed)."""
+    """Bits per byte against training minutes, from the JSON-lines log: the train and val
+    evaluations, and the loss of the logged training steps (smoothed)."""
     plt = pyplot()
     with open(log_file, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
@@ -52,8 +53,10 @@ def plot_losses(log_file: str, path: str, title: str) -> None:
     minutes = [r["train_s"] / 60 for r in evals]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if steps:
-        ax.plot([r["train_s"] / 60 for r in steps], smoothed([r["bpb"] for r in steps]), linewidth=1, alpha=0.6,
+        ax.plot([r["train_s"] / 60 for r in steps], smoothed([r["bpb"] for r in steps]),
+                linewidth=1, alpha=0.6,
                 color="grey", label="training steps (batch loss, smoothed)")
     ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train (evaluation)")
     ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val (evaluation)")
-    finish_plot(fig, ax, "training time, minutes (evaluation excluded)", "bits per byte", title, path)
+    finish_plot(fig, ax, "training time, minutes (evaluation excluded)", "bits per byte", title,
+                path)

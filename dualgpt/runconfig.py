@@ -1,4 +1,5 @@
-"""The run config: config.py's values, then a config file and --key=value overrides, checked once."""
+"""The run config: config.py's values, then a config file and --key=value overrides, checked
+once."""
 from __future__ import annotations
 
 import dataclasses
@@ -88,7 +89,8 @@ def read_config_file(path: str, keys: dict) -> dict:
 
 
 def foreign_key(key: str, program: str, keys: dict, hints: dict, owners: dict) -> str:
-    """The message for a key that `program` does not read: who reads it, and what to type instead."""
+    """The message for a key that `program` does not read: who reads it, and what to type
+    instead."""
     hint = f"; {hints[key]}" if key in hints else ""
     if key in owners:
         return f"--{key} is read by {owners[key]}, not by {program}{hint}"
@@ -114,7 +116,8 @@ def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str]
             overrides.update(read_config_file(arg, keys))
             continue
         if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}; use --key=value (or name a config file)")
+            raise UserError(f"unexpected argument {arg!r}; use --key=value (or name a "
+                            "config file)")
         key, eq, value = arg[2:].partition("=")
         if key not in keys:
             raise UserError(foreign_key(key, program, keys, hints or {}, owners or {}))
@@ -134,7 +137,8 @@ def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str]
 
 
 def script_config(argv: list[str], script: str, usage: str = "") -> dict:
-    """The checked run config of `python <script>.py argv...` (gpt or gpt_), with its default paths."""
+    """The checked run config of `python <script>.py argv...` (gpt or gpt_), with its default
+    paths."""
     cfg = load_config(argv, f"{script}.py", defaults(), declarations(), usage)
     cfg["script"] = script
     cfg["ckpt"] = cfg["ckpt"] or repo_path("model_dict", f"{script}.pt")
@@ -155,7 +159,8 @@ def parse_value(key: str, value: str, default):
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise UserError(f"--{key}={value}: expected {type(default).__name__} like {default!r}") from None
+        raise UserError(f"--{key}={value}: expected {type(default).__name__} like "
+                        f"{default!r}") from None
     return value
 
 
@@ -171,7 +176,8 @@ def validate_model_run(cfg: dict) -> None:
         (cfg["min_lr"] <= cfg["learning_rate"], "min_lr must be at most learning_rate"),
         (cfg["lr_decay_iters"] == 0 or cfg["lr_decay_iters"] >= cfg["warmup_iters"],
          "lr_decay_iters must be 0 (the end of the run) or >= warmup_iters"),
-        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict each other"),
+        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict "
+         "each other"),
     ])
     parse_head_mask(cfg["head_mask"])
 
@@ -189,7 +195,8 @@ def parse_head_mask(spec: str) -> set[tuple[int, int]]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         layer, dot, head = item.partition(".")
         if not (dot and layer.isdigit() and head.isdigit()):
-            raise UserError(f"head_mask: {item!r} is not layer.head (example: --head_mask=0.3,2.1)")
+            raise UserError(f"head_mask: {item!r} is not layer.head (example: "
+                            "--head_mask=0.3,2.1)")
         mask.add((int(layer), int(head)))
     return mask
 
@@ -202,5 +209,6 @@ def model_config(cfg: dict, config_class: type):
 
 
 def model_options(cfg: dict, model_class: type) -> dict:
-    """The run-time options a model class takes besides its config (gpt_.py: attn_impl, kv_cache)."""
+    """The run-time options a model class takes besides its config (gpt_.py: attn_impl,
+    kv_cache)."""
     return {key: cfg[key] for key in model_class.run_options}

@@ -31,9 +31,9 @@ def resolve_device(device: str) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32 matmul rate;
-    elsewhere bf16 is emulated and far slower than float32. Asks oneDNN, which runs the matmuls (and honours
-    ONEDNN_MAX_CPU_ISA), else reads the CPU flags."""
+    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32
+    matmul rate; elsewhere bf16 is emulated and far slower than float32. Asks oneDNN, which runs
+    the matmuls (and honours ONEDNN_MAX_CPU_ISA), else reads the CPU flags."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -64,31 +64,35 @@ def autocast(device: str, dtype: str):
 
 
 def machine_name(device: str) -> str:
-    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction set
-    torch uses (what every benchmark and report names beside its figures)."""
+    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction
+    set torch uses (what every benchmark and report names beside its figures)."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            name = next(line.split(":",
+                                   1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:
-    """A tqdm bar on a terminal; none when the output goes to a file or pipe, where its carriage-return
-    updates would pile up in the log, or when show is False."""
+    """A tqdm bar on a terminal; none when the output goes to a file or pipe, where its
+    carriage-return updates would pile up in the log, or when show is False."""
     return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
 class PlainProgress:
-    """The training bar for logs (output not a terminal): the same facts as plain lines, every every_s
-    seconds. Same interface as the tqdm bar the loop uses: update(), set_postfix(), close(), n, total."""
+    """The training bar for logs (output not a terminal): the same facts as plain lines, every
+    every_s seconds. Same interface as the tqdm bar the loop uses: update(), set_postfix(),
+    close(), n, total."""
 
-    def __init__(self, total: float, initial: float, unit: str, every_s: float = 30.0, disable: bool = False):
-        self.total, self.n, self.unit, self.every_s, self.disable = total, initial, unit, every_s, disable
+    def __init__(self, total: float, initial: float, unit: str, every_s: float = 30.0,
+                 disable: bool = False):
+        self.total, self.n, self.unit, self.every_s = total, initial, unit, every_s
+        self.disable = disable
         self.postfix: dict = {}
         self.last = time.perf_counter()
 
@@ -104,7 +108,8 @@ class PlainProgress:
         self.last = time.perf_counter()
         if not self.disable:
             details = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-            print(f"training: {self.n:.0f}/{self.total:.0f} {self.unit} {details}".rstrip(), flush=True)
+            print(f"training: {self.n:.0f}/{self.total:.0f} {self.unit} {details}".rstrip(),
+                  flush=True)
 
     def close(self) -> None:
         self.print()
@@ -114,13 +119,16 @@ def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tq
     """The training progress bar: in seconds of the time budget (timed) or in steps."""
     if not sys.stderr.isatty():
         return PlainProgress(total, initial, "s" if timed else "it", disable=disable)
-    return tqdm(total=total, initial=initial, desc="training", unit="s" if timed else "it", dynamic_ncols=True,
-                disable=disable, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} [{elapsed}<{remaining}{postfix}]"
+    return tqdm(total=total, initial=initial, desc="training", unit="s" if timed else "it",
+                dynamic_ncols=True,
+                disable=disable, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} "
+                "[{elapsed}<{remaining}{postfix}]"
                 if timed else None)
 
 
 class Distributed:
-    """The torchrun process group when launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK), else one process."""
+    """The torchrun process group when launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK), else
+    one process."""
 
     def __init__(self):
         self.rank = int(os.environ.get("RANK", 0))
@@ -137,18 +145,19 @@ class Distributed:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
     def stop(self, clean: bool) -> None:
-        """Tear down; after a normal finish all ranks first meet (gloo aborts if one leaves while another
-        still works), after an error they do not wait for each other."""
+        """Tear down; after a normal finish all ranks first meet (gloo aborts if one leaves while
+        another still works), after an error they do not wait for each other."""
         if torch.distributed.is_initialized():
             if clean:
                 torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def leave(self) -> None:
-        """End a torchrun process that finished its work (the group destroyed, every file written and closed)
-        without the interpreter's shutdown: there, torch's gloo teardown now and then aborts the process
-        ("terminate called without an active exception", after Python has finished; about 1 in 20 runs of
-        tests/test_ddp.py with torch 2.13 on CPU), which turns a complete run into a failed one."""
+        """End a torchrun process that finished its work (the group destroyed, every file written
+        and closed) without the interpreter's shutdown: there, torch's gloo teardown now and then
+        aborts the process ("terminate called without an active exception", after Python has
+        finished; about 1 in 20 runs of tests/test_ddp.py with torch 2.13 on CPU), which turns a
+        complete run into a failed one."""
         if self.active:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -182,7 +191,8 @@ class Distributed:
             torch.distributed.barrier()
 
     def print(self, message: str) -> None:
-        """Print on rank 0 only, above any progress bar, at once (also when the output is a log file)."""
+        """Print on rank 0 only, above any progress bar, at once (also when the output is a log
+        file)."""
         if self.master:
             tqdm.write(message)
             sys.stdout.flush()

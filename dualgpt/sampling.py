@@ -1,4 +1,5 @@
-"""Sampling: next-token logits (with gpt_.py's KV cache where the model has one), top-k/top-p, --mode=sample."""
+"""Sampling: next-token logits (with gpt_.py's KV cache where the model has one), top-k/top-p,
+--mode=sample."""
 from __future__ import annotations
 
 import codecs
@@ -19,11 +20,11 @@ from dualgpt.files import atomic_open
 class NextTokenLogits:
     """Called with the ids so far (B, T), returns the logits of the next token (B, vocab).
 
-    With the model's KV cache (gpt_.py) the first call reads the prompt and each later call only the
-    newest token. Positions are learned and absolute, so once the sequence outgrows block_size the window
-    slides by one token each step and every cached key and value (all computed at their old positions)
-    is stale: each such step re-reads the last block_size tokens, which costs exactly what sampling
-    without a cache costs, and gives the same tokens."""
+    With the model's KV cache (gpt_.py) the first call reads the prompt and each later call only
+    the newest token. Positions are learned and absolute, so once the sequence outgrows block_size
+    the window slides by one token each step and every cached key and value (all computed at their
+    old positions) is stale: each such step re-reads the last block_size tokens, which costs
+    exactly what sampling without a cache costs, and gives the same tokens."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -38,7 +39,8 @@ class NextTokenLogits:
             logits, _ = self.model(ids[:, -1:], cache=self.cache)
         else:
             self.cache = self.model.new_kv_cache()  # None for LB-GPT: a plain forward pass
-            logits, _ = self.model(ids) if self.cache is None else self.model(ids, cache=self.cache)
+            logits, _ = self.model(ids) if self.cache is None else self.model(ids,
+                                                                              cache=self.cache)
         return logits[:, -1, :]
 
 
@@ -50,13 +52,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        # keep the token that crosses top_p
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
 
 @torch.no_grad()
-def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0,
              top_p: float = 1.0, generator: torch.Generator | None = None):
     """Yield max_new_tokens next-token tensors (B,) continuing ids (B, T)."""
     model.eval()
@@ -73,15 +77,17 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperatu
 
 
 def stop_strings(spec: str) -> list[str]:
-    """--stop: strings separated by |, where \\n is a newline, \\t a tab, \\| a | and \\\\ a backslash."""
-    escapes = {"n": "\n", "t": "\t", "|": "\x00", "\\": "\\"}  # an escaped | is kept apart from the separators
+    """--stop: strings separated by |, where \\n is a newline, \\t a tab, \\| a | and \\\\ a
+    backslash."""
+    # an escaped | is kept apart from the separators
+    escapes = {"n": "\n", "t": "\t", "|": "\x00", "\\": "\\"}
     text = re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), spec)
     return [part.replace("\x00", "|") for part in text.split("|") if part]
 
 
 class StopAt:
-    """Streamed text cut before the first occurrence of any stop string. What could still turn out to be the
-    start of one is held back, so that nothing of a stop string is ever printed."""
+    """Streamed text cut before the first occurrence of any stop string. What could still turn out
+    to be the start of one is held back, so that nothing of a stop string is ever printed."""
 
     def __init__(self, stops: list[str]):
         self.stops, self.text, self.shown, self.done = stops, "", 0, False
@@ -105,36 +111,41 @@ class StopAt:
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text: as given, or a file's contents for FILE:path; empty starts from a newline."""
+    """The prompt text: as given, or a file's contents for FILE:path; empty starts from a
+    newline."""
     if prompt.startswith("FILE:"):
         try:
             with open(prompt[5:], encoding="utf-8") as f:
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read prompt file {prompt[5:]} ({e.__class__.__name__})") from None
+            raise UserError(f"cannot read prompt file {prompt[5:]} "
+                            f"({e.__class__.__name__})") from None
     return prompt or "\n"
 
 
 def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
-    """--mode=sample: stream num_samples continuations of the prompt (each ended before the first of the --stop
-    strings, if one comes) and write them to sample_file."""
+    """--mode=sample: stream num_samples continuations of the prompt (each ended before the first
+    of the --stop strings, if one comes) and write them to sample_file."""
     ckpt, model = checkpoint_model(model_class, cfg)
     tok = load_tokenizer_text(ckpt["tokenizer"])
     prompt = read_prompt(cfg["prompt"])
     prompt_ids = tok.encode(prompt, allowed_special="none")[-model.config.block_size:]
     gen = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
-    settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed", "stop")}
+    settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed",
+                                    "stop")}
     header = (f"# {cfg['script']}.py samples from {cfg['ckpt']} (iteration {ckpt['iter_num']}, "
               f"val loss {ckpt.get('best_val_loss', float('nan')):.4f}); {json.dumps(settings)}\n")
     samples, stops = [], stop_strings(cfg["stop"])
     for i in range(cfg["num_samples"]):
         print(f"--- sample {i + 1}/{cfg['num_samples']} ---")
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
+        # tokens may split characters
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         print(prompt, end="", flush=True)
         continuation = StopAt(stops)  # the generated text: the prompt never ends a sample
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=cfg["device"])
         with autocast(cfg["device"], cfg["dtype"]):
-            for nxt in generate(model, ids, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"], gen):
+            for nxt in generate(model, ids, cfg["max_new_tokens"], cfg["temperature"],
+                                cfg["top_k"], cfg["top_p"], gen):
                 print(continuation.feed(utf8.decode(tok.vocab[int(nxt[0])])), end="", flush=True)
                 if continuation.done:
                     break
@@ -143,6 +154,7 @@ def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
         print()
         samples.append(prompt + continuation.text)
     with atomic_open(cfg["sample_file"], "w", encoding="utf-8") as f:
-        f.write(header + "".join(f"\n--- sample {i + 1} ---\n{s}\n" for i, s in enumerate(samples)))
+        f.write(header + "".join(f"\n--- sample {i + 1} ---\n{s}\n" for i,
+                                 s in enumerate(samples)))
     print(f"samples written to {cfg['sample_file']}")
     return samples

@@ -1,8 +1,9 @@
-"""Training (--mode=train): the loop of gpt.py and gpt_.py, read top to bottom like nanoGPT's train.py.
+"""Training (--mode=train): the loop of gpt.py and gpt_.py, read top to bottom like nanoGPT's
+train.py.
 
-One process, or several under torchrun (DistributedDataParallel: gloo on CPU, NCCL on CUDA). A run stops
-at max_iters steps or after max_minutes of training (evaluation excluded), evaluates and checkpoints
-along the way, and can be stopped with Ctrl-C and resumed exactly with --resume.
+One process, or several under torchrun (DistributedDataParallel: gloo on CPU, NCCL on CUDA). A run
+stops at max_iters steps or after max_minutes of training (evaluation excluded), evaluates and
+checkpoints along the way, and can be stopped with Ctrl-C and resumed exactly with --resume.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """When a run ends: after max_iters steps or budget_s seconds of training, whichever comes first
-    (0 = no limit of that kind)."""
+    """When a run ends: after max_iters steps or budget_s seconds of training, whichever comes
+    first (0 = no limit of that kind)."""
     max_iters: int
     budget_s: float
 
@@ -56,9 +57,10 @@ class Limits:
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows the run's
-    progress: the fraction of decay_iters steps done, or of the time budget budget_s, whichever is
-    further along (0 = not in force), so it ends fully decayed at whichever limit ends the run."""
+    """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows the
+    run's progress: the fraction of decay_iters steps done, or of the time budget budget_s,
+    whichever is further along (0 = not in force), so it ends fully decayed at whichever limit ends
+    the run."""
     learning_rate: float
     min_lr: float
     warmup_iters: int
@@ -81,7 +83,8 @@ class Meter:
     """Tokens per second of the training steps since the last read."""
 
     def __init__(self, tokens_per_step: int):
-        self.tokens_per_step, self.steps, self.seconds, self.tokens_per_s = tokens_per_step, 0, 0.0, 0.0
+        self.tokens_per_step, self.tokens_per_s = tokens_per_step, 0.0
+        self.steps, self.seconds = 0, 0.0
 
     def add(self, step_s: float) -> None:
         self.steps, self.seconds = self.steps + 1, self.seconds + step_s
@@ -99,7 +102,8 @@ class Run:
     ddp: Distributed
     data: Dataset
     model: nn.Module  # what is evaluated and saved
-    train_model: nn.Module  # what the steps run: the model, compiled and wrapped for DDP where asked
+    # what the steps run: the model, compiled and wrapped for DDP where asked
+    train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     batch_gen: torch.Generator  # the batch stream, shared by every rank
@@ -125,7 +129,8 @@ class Run:
 
     @property
     def timed(self) -> bool:
-        """Whether a time budget is in force (the bar and the evaluations then follow the clock)."""
+        """Whether a time budget is in force (the bar and the evaluations then follow the
+        clock)."""
         return bool(self.limits.budget_s)
 
     @property
@@ -166,8 +171,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
 
 
 def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
-    """Everything a run trains with: the data, the model and optimizer, restored from the checkpoint
-    when resuming, compiled and wrapped for DDP where asked."""
+    """Everything a run trains with: the data, the model and optimizer, restored from the
+    checkpoint when resuming, compiled and wrapped for DDP where asked."""
     device, dtype = cfg["device"], cfg["dtype"]
     micro_steps = micro_steps_per_process(cfg["grad_accum_steps"], ddp.world)
     config = model_config(cfg, model_class.config_class)
@@ -232,14 +237,16 @@ def training_step(run: Run, bar) -> None:
     bar.update(min(step_s, max(0.0, bar.total - bar.n)) if run.timed else 1)
     if logging:
         tokens_per_s = run.meter.read()
-        log(run, {"iter": state.iter_num, "loss": loss_value, "bpb": run.data.bpb(loss_value, "train"),
+        log(run, {"iter": state.iter_num, "loss": loss_value,
+                  "bpb": run.data.bpb(loss_value, "train"),
                   "lr": run.lr, "tokens_per_s": tokens_per_s})
         bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{run.lr:.2e}",
                         tok_s=f"{tokens_per_s:,.0f}")
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
-    """Accumulate gradients over the micro-batches, clip, step; returns the last micro-batch's loss."""
+    """Accumulate gradients over the micro-batches, clip, step; returns the last micro-batch's
+    loss."""
     model, ddp = run.train_model, run.ddp
     for micro in range(run.micro_steps):
         x, y = run.data.batch("train", run.batch_gen)
@@ -300,7 +307,8 @@ def evaluate(run: Run) -> None:
 
 
 def next_evaluation(train_s: float, eval_every_s: float) -> float:
-    """With a time budget, evaluations fall on multiples of eval_every_s: the next one after train_s."""
+    """With a time budget, evaluations fall on multiples of eval_every_s: the next one after
+    train_s."""
     return (math.floor(train_s / eval_every_s) + 1) * eval_every_s if eval_every_s else 0.0
 
 
@@ -314,7 +322,8 @@ def save(run: Run) -> None:
     set_aside_previous(run)
     state, model = run.state, run.model
     save_checkpoint(run.cfg["ckpt"], make_checkpoint(
-        model.state_dict(), dataclasses.asdict(model.config), model.layout, run.data.tokenizer_text,
+        model.state_dict(), dataclasses.asdict(model.config), model.layout,
+        run.data.tokenizer_text,
         state.iter_num, run.cfg, best_weights=state.best_state, best_val_loss=state.best_val,
         optimizer=run.optimizer.state_dict(), train_s=state.train_s, compile_s=state.compile_s,
         rng_cpu=rng_cpu, rng_cuda=rng_cuda, rng_batches=run.batch_gen.get_state()))
@@ -332,12 +341,12 @@ def check_previous_run(cfg: dict, layout: str, model_config_values: dict) -> dic
     if cfg["resume"]:
         ckpt = load_checkpoint(path)
         if "optimizer" not in ckpt:
-            raise UserError(f"{path} holds weights only (no optimizer state), so it cannot be resumed; "
-                            f"sample, eval or study heads with it, or train a new model with "
-                            f"--ckpt=ANOTHER_PATH")
+            raise UserError(f"{path} holds weights only (no optimizer state), so it cannot be "
+                            "resumed; sample, eval or study heads with it, or train a new "
+                            f"model with --ckpt=ANOTHER_PATH")
         if layout_of(ckpt) != layout:
-            raise UserError(f"{path} was written with {layout_of(ckpt)} attention; resume it with that "
-                            f"script (sample and eval work from either)")
+            raise UserError(f"{path} was written with {layout_of(ckpt)} attention; resume it "
+                            f"with that script (sample and eval work from either)")
         for key, value in ckpt["model_config"].items():
             if model_config_values[key] != value:
                 raise UserError(f"{path} was trained with {key}={value}, but the config says "
@@ -345,8 +354,9 @@ def check_previous_run(cfg: dict, layout: str, model_config_values: dict) -> dic
         return ckpt
     if os.path.exists(path):
         if not cfg["overwrite"]:
-            raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite to "
-                            f"start over (the old one is kept as {os.path.basename(path)}.bak)")
+            raise UserError(f"{path} already exists; pass --resume to continue it, or "
+                            "--overwrite to start over (the old one is kept as "
+                            f"{os.path.basename(path)}.bak)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return None
 
@@ -366,12 +376,14 @@ def restore(run: Run, ckpt: dict) -> None:
         torch.manual_seed(run.cfg["seed"] + ddp.rank + ckpt["iter_num"])
     run.state = TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt.get("compile_s", 0.0),
                            ckpt["best_val_loss"], ckpt["best_model"])
-    run.state.next_eval_s = next_evaluation(run.state.train_s, run.eval_every_s if run.timed else 0.0)
+    run.state.next_eval_s = next_evaluation(run.state.train_s,
+                                            run.eval_every_s if run.timed else 0.0)
     run.resumed_at = run.state.iter_num  # that checkpoint already holds this step's evaluation
 
 
 def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) -> Dataset:
-    """The dataset; rank 0 goes first, since it may train the tokenizer and write the token cache."""
+    """The dataset; rank 0 goes first, since it may train the tokenizer and write the token
+    cache."""
     if not ddp.master:
         ddp.barrier()
     path = resolve_data(cfg["data"])
@@ -390,8 +402,8 @@ def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
         return 1
     if grad_accum_steps % world:
         raise UserError(f"grad_accum_steps={grad_accum_steps} cannot be split across {world} "
-                        f"processes; use a multiple of {world} (each process runs grad_accum_steps / "
-                        f"{world} micro-steps)")
+                        f"processes; use a multiple of {world} (each process runs "
+                        f"grad_accum_steps / {world} micro-steps)")
     return grad_accum_steps // world
 
 
@@ -401,19 +413,21 @@ def make_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                             fused=device.startswith("cuda"))
 
 
 def compile_model(model: nn.Module, batch_size: int, block_size: int, device: str,
                   dtype: str) -> nn.Module:
-    """torch.compile the model and compile it now, on a dummy batch with the RNG state put back (so a
-    resumed run stays exact); if compiling fails (no C++ compiler, say) train without it."""
+    """torch.compile the model and compile it now, on a dummy batch with the RNG state put back (so
+    a resumed run stays exact); if compiling fails (no C++ compiler, say) train without it."""
     compiled = torch.compile(model)
     rng = torch.get_rng_state(), torch.cuda.get_rng_state() if device.startswith("cuda") else None
     try:
         # two distinct contiguous tensors, as training's batches: an aliased or strided pair fails
         # dynamo's guards and compiles everything again at the first step
-        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long, device=device) for _ in range(2))
+        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long,
+                            device=device) for _ in range(2))
         with autocast(device, dtype):
             loss = compiled(x, y)[1]
         loss.backward()
@@ -455,13 +469,15 @@ def log(run: Run, record: dict) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
     except OSError as e:
-        raise WriteFailed(f"could not append to {path} ({e.__class__.__name__}: {e.strerror}); the "
-                          f"run stopped: free some disk space or fix the folder's permissions, then "
-                          f"--resume") from None
+        raise WriteFailed(f"could not append to {path} ({e.__class__.__name__}: "
+                          f"{e.strerror}); the "
+                          "run stopped: free some disk space or fix the folder's "
+                          f"permissions, then --resume") from None
 
 
 def finish(run: Run, plot: bool, interrupted: bool) -> None:
-    """Report where the run ended; draw the loss curve at the end of a run; exit 130 after Ctrl-C."""
+    """Report where the run ended; draw the loss curve at the end of a run; exit 130 after
+    Ctrl-C."""
     path, state, ddp = run.cfg["ckpt"], run.state, run.ddp
     ddp.print(f"saved {path} at iteration {state.iter_num} after {state.train_s / 60:.1f} min of "
               f"training (best val loss {state.best_val:.4f}, "

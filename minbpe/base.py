@@ -17,7 +17,8 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 MODEL_VERSION = "minbpe v1"
-# training costs about (unique chunk bytes x merges); above this (a few seconds) show a progress bar
+# training costs about (unique chunk bytes x merges); above this (a few seconds) show a progress
+# bar
 LONG_TRAINING = 1_000_000_000
 # encoder cache bound: keeps memory flat on an unbounded stream of new chunks
 CACHE_SIZE = 1 << 18
@@ -45,11 +46,12 @@ def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
 
 
 def train_classic(chunks: list[bytes], num_merges: int) -> tuple[dict, dict]:
-    """The classic BPE training loop, as upstream minbpe writes it: count every adjacent pair over all
-    chunks, merge the most frequent into a new token everywhere, repeat. Ties go to the pair seen first
-    (max keeps the first of equal counts, and the counts are in first-seen order). Every merge recounts
-    the whole text, so on Tiny Shakespeare at 4096 tokens it takes about half an hour: train_bpe below
-    gives exactly these merges (tested) in under a second. Returns (merges, vocab)."""
+    """The classic BPE training loop, as upstream minbpe writes it: count every adjacent pair over
+    all chunks, merge the most frequent into a new token everywhere, repeat. Ties go to the pair
+    seen first (max keeps the first of equal counts, and the counts are in first-seen order). Every
+    merge recounts the whole text, so on Tiny Shakespeare at 4096 tokens it takes about half an
+    hour: train_bpe below gives exactly these merges (tested) in under a second. Returns (merges,
+    vocab)."""
     ids = [list(chunk) for chunk in chunks]
     merges = {}
     vocab = {idx: bytes([idx]) for idx in range(256)}
@@ -99,7 +101,8 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
             os.remove(tmp)
 
 
-def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list[int], list[int], list[int]]:
+def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list[int], list[int],
+                                                                            list[int]]:
     """Merge (a, b) -> new_id in ids.
 
     Returns (new ids, start indices of old pairs that touch a merged token,
@@ -121,7 +124,8 @@ def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list
             out.append(new_id)
             # old pairs starting at i-1, i, i+1 touch the merged tokens; skip i-1 if the
             # previous merge already listed it (it ended at i-1)
-            old_sites.extend((i - 1, i, i + 1) if not old_sites or old_sites[-1] < i - 1 else (i, i + 1))
+            old_sites.extend((i - 1, i, i + 1) if not old_sites or old_sites[-1] < i - 1 else (i,
+                                                                                               i + 1))
             new_sites.extend((m - 1, m) if not new_sites or new_sites[-1] < m - 1 else (m,))
             start = i + 2
             i = start
@@ -138,8 +142,8 @@ def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list
 
 
 def most_frequent(heap: list, pair_count: dict) -> list[tuple[int, int]]:
-    """Pop every current pair of the highest count off the heap of (-count, pair); entries whose count
-    has changed since they were pushed are stale and dropped."""
+    """Pop every current pair of the highest count off the heap of (-count, pair); entries whose
+    count has changed since they were pushed are stale and dropped."""
     best: list[tuple[int, int]] = []
     while heap and not best:
         neg, pair = heapq.heappop(heap)
@@ -152,14 +156,16 @@ def most_frequent(heap: list, pair_count: dict) -> list[tuple[int, int]]:
     return best
 
 
-def train_bpe(chunks: list[bytes], counts: list[int], num_merges: int, show_progress: bool) -> tuple[dict, dict]:
-    """Incremental BPE training over deduplicated chunks (first-appearance order, each with its count).
+def train_bpe(chunks: list[bytes], counts: list[int], num_merges: int,
+              show_progress: bool) -> tuple[dict, dict]:
+    """Incremental BPE training over deduplicated chunks (first-appearance order, each with its
+    count).
 
-    Gives exactly train_classic's merges (tested on hundreds of corpora), but instead of recounting the
-    whole text at every merge it keeps the pair counts and changes only those next to where the merged
-    pair occurred (`where` remembers which chunks may hold a pair), and finds the most frequent pair with
-    a heap of counts (stale entries are skipped; ties resolved by first occurrence, as max does there).
-    Returns (merges, vocab).
+    Gives exactly train_classic's merges (tested on hundreds of corpora), but instead of recounting
+    the whole text at every merge it keeps the pair counts and changes only those next to where the
+    merged pair occurred (`where` remembers which chunks may hold a pair), and finds the most
+    frequent pair with a heap of counts (stale entries are skipped; ties resolved by first
+    occurrence, as max does there). Returns (merges, vocab).
     """
     seqs = [list(c) for c in chunks]
     pair_count: dict[tuple[int, int], int] = {}
@@ -183,7 +189,8 @@ def train_bpe(chunks: list[bytes], counts: list[int], num_merges: int, show_prog
 
     merges: dict[tuple[int, int], int] = {}
     vocab = {i: bytes([i]) for i in range(256)}
-    bar = tqdm(total=num_merges, desc="bpe merges", unit="merge", disable=not show_progress, leave=False)
+    bar = tqdm(total=num_merges, desc="bpe merges", unit="merge", disable=not show_progress,
+               leave=False)
     for i in range(num_merges):
         # pop the best count, resolving ties by first occurrence
         best = most_frequent(heap, pair_count)
@@ -272,17 +279,21 @@ class Tokenizer:
         return vocab
 
     def clear_cache(self) -> None:
-        """Forget every encoded chunk (encoding then starts cold) and rebuild the special-token lookup."""
+        """Forget every encoded chunk (encoding then starts cold) and rebuild the special-token
+        lookup."""
         self._cache = _ChunkCache(self._encode_chunk)
         self.inverse_special_tokens = {v: k for k, v in self.special_tokens.items()}
 
     # --- training ----------------------------------------------------------------------
-    def _train_chunks(self, chunks: list[str], vocab_size: int, verbose: bool, classic: bool = False) -> None:
+    def _train_chunks(self, chunks: list[str], vocab_size: int, verbose: bool,
+                      classic: bool = False) -> None:
         if vocab_size < 256:
-            raise ValueError(f"vocab_size must be at least 256 (the byte alphabet), got {vocab_size}")
+            raise ValueError("vocab_size must be at least 256 (the byte alphabet), got "
+                             f"{vocab_size}")
         num_merges = vocab_size - 256
         if classic:  # the loop to read; the same merges as below, many times slower
-            self.merges, self.vocab = train_classic([ch.encode("utf-8") for ch in chunks], num_merges)
+            self.merges, self.vocab = train_classic([ch.encode("utf-8") for ch in chunks],
+                                                    num_merges)
             self.special_tokens = {}
             self.clear_cache()
             return
@@ -291,7 +302,8 @@ class Tokenizer:
             unique[ch] = unique.get(ch, 0) + 1
         encoded = [ch.encode("utf-8") for ch in unique]
         total_bytes = sum(len(b) for b in encoded)
-        # a long run shows a bar on its own, but only on a terminal (in a log it would be carriage-return noise)
+        # a long run shows a bar on its own, but only on a terminal (in a log it would be
+        # carriage-return noise)
         show = verbose or total_bytes * num_merges > LONG_TRAINING and sys.stderr.isatty()
         self.merges, self.vocab = train_bpe(encoded, list(unique.values()), num_merges, show)
         self.special_tokens = {}
@@ -308,7 +320,8 @@ class Tokenizer:
         """
         ids = list(self._chunk_bytes(chunk_bytes))
         get, inf = self.merges.get, float("inf")
-        ranks = list(map(get, zip(ids, ids[1:]), repeat(inf)))  # ranks[i]: rank of (ids[i], ids[i+1])
+        # ranks[i]: rank of (ids[i], ids[i+1])
+        ranks = list(map(get, zip(ids, ids[1:]), repeat(inf)))
         while ranks:
             rank = min(ranks)
             if rank == inf:
@@ -339,18 +352,22 @@ class Tokenizer:
             if not token:
                 raise ValueError("a special token must be a non-empty string")
             if any(ch.isspace() for ch in token):
-                raise ValueError(f"special token {token!r} contains whitespace, which the .model format cannot store")
+                raise ValueError(f"special token {token!r} contains whitespace, which the .model "
+                                 "format cannot store")
             if idx in self.vocab and self.vocab[idx] != token.encode("utf-8"):
-                raise ValueError(f"special token {token!r}: id {idx} is already taken by an ordinary token")
+                raise ValueError(f"special token {token!r}: id {idx} is already taken by an "
+                                 "ordinary token")
         self.special_tokens = dict(special_tokens)
         self.vocab = self._build_vocab()
         self.clear_cache()
 
     # --- files --------------------------------------------------------------------------------
     def save(self, file_prefix: str) -> None:
-        """Write <prefix>.model (loadable, public minbpe format) and <prefix>.vocab (for humans)."""
+        """Write <prefix>.model (loadable, public minbpe format) and <prefix>.vocab (for
+        humans)."""
         if "\n" in self.pattern or "\r" in self.pattern:
-            raise ValueError("the split pattern contains a line break, which the .model format cannot store")
+            raise ValueError("the split pattern contains a line break, which the .model format "
+                             "cannot store")
         with atomic_open(file_prefix + ".model", "w", encoding="utf-8", newline="\n") as f:
             f.write(f"{MODEL_VERSION}\n{self.pattern}\n{len(self.special_tokens)}\n")
             for special, idx in self.special_tokens.items():
@@ -363,19 +380,22 @@ class Tokenizer:
                 s = render_token(token)
                 if idx in inverted:
                     p0, p1 = inverted[idx]
-                    f.write(f"[{render_token(self.vocab[p0])}][{render_token(self.vocab[p1])}] -> [{s}] {idx}\n")
+                    f.write(f"[{render_token(self.vocab[p0])}][{render_token(self.vocab[p1])}] -> "
+                            f"[{s}] {idx}\n")
                 else:
                     f.write(f"[{s}] {idx}\n")
 
     def load(self, model_file: str) -> None:
-        """Read a .model file; raises ValueError naming the file and line, and changes nothing on error."""
+        """Read a .model file; raises ValueError naming the file and line, and changes nothing on
+        error."""
         if not str(model_file).endswith(".model"):
             raise ValueError(f"{model_file}: expected a .model file")
         try:
             with open(model_file, encoding="utf-8", newline="\n") as f:
                 lines = f.read().split("\n")
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{model_file}: cannot read tokenizer file ({e.__class__.__name__}: {e})") from None
+            raise ValueError(f"{model_file}: cannot read tokenizer file "
+                             f"({e.__class__.__name__}: {e})") from None
         if lines and lines[-1] == "":
             lines.pop()
 
@@ -383,7 +403,8 @@ class Tokenizer:
             raise ValueError(f"{model_file}, line {lineno}: {what}")
 
         if len(lines) < 3:
-            fail(len(lines) + 1, "file is truncated (expected version, pattern and special-token count)")
+            fail(len(lines) + 1, "file is truncated (expected version, pattern and "
+                 "special-token count)")
         if lines[0].strip() != MODEL_VERSION:
             fail(1, f"unsupported version {lines[0].strip()[:40]!r} (expected {MODEL_VERSION!r})")
         pattern = lines[1].rstrip("\r")
@@ -407,7 +428,8 @@ class Tokenizer:
                 fail(n + 1, f"expected a merge '<id> <id>', got {lines[n][:40]!r}")
             p0, p1 = int(parts[0]), int(parts[1])
             if p0 >= idx or p1 >= idx:
-                fail(n + 1, f"merge ({p0}, {p1}) refers to a token that does not exist yet (next id {idx})")
+                fail(n + 1, f"merge ({p0}, {p1}) refers to a token that does not exist yet (next "
+                     f"id {idx})")
             merges[(p0, p1)] = idx
             idx += 1
         self.pattern, self.merges, self.special_tokens = pattern, merges, special_tokens

@@ -8,7 +8,8 @@ from .base import Tokenizer
 
 class BasicTokenizer(Tokenizer):
 
-    def train(self, text: str, vocab_size: int, verbose: bool = False, classic: bool = False) -> None:
+    def train(self, text: str, vocab_size: int, verbose: bool = False,
+              classic: bool = False) -> None:
         """Learn vocab_size - 256 merges from text; classic=True runs the readable classic loop."""
         self._train_chunks([text] if text else [], vocab_size, verbose, classic)
 

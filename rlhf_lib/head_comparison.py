@@ -1,9 +1,9 @@
-"""Comparing two models head by head (rlhf_heads.py): how far each head moved, how its attention changed,
-and transplanting heads or MLPs from one model into another.
+"""Comparing two models head by head (rlhf_heads.py): how far each head moved, how its attention
+changed, and transplanting heads or MLPs from one model into another.
 
-State dicts are in LB-GPT's layout (gpt.py), where head h of layer l is a module of its own, plus columns
-h*hs:(h+1)*hs of its layer's output projection, the slice that reads that head's output. The parameter
-names are LB-GPT's module names (gpt.py).
+State dicts are in LB-GPT's layout (gpt.py), where head h of layer l is a module of its own, plus
+columns h*hs:(h+1)*hs of its layer's output projection, the slice that reads that head's output.
+The parameter names are LB-GPT's module names (gpt.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def head_parameter(layer: int, head: int, proj: str, kind: str = "weight") -> st
 
 def head_parameters(state: dict, layer: int, head: int) -> list[str]:
     """Every entry of one head in an LB-GPT state dict (biases only where the model has them)."""
-    names = [head_parameter(layer, head, proj, kind) for proj in ("query", "key", "value") for kind in ("weight", "bias")]
+    names = [head_parameter(layer, head, proj, kind) for proj in ("query", "key",
+                                                                  "value") for kind in ("weight",
+                                                                                        "bias")]
     return [name for name in names if name in state]
 
 
@@ -45,15 +47,17 @@ def head_columns(state: dict, head: int) -> slice:
 
 
 def part_of(name: str) -> tuple[str, int] | None:
-    """("mlp", layer) or ("head", layer) for an entry that an MLP or the heads own; None for the rest
-    (embeddings, LayerNorms, the output projection's bias)."""
+    """("mlp", layer) or ("head", layer) for an entry that an MLP or the heads own; None for the
+    rest (embeddings, LayerNorms, the output projection's bias)."""
     m = PART.match(name)
     return (("mlp" if m.group(2) else "head"), int(m.group(1))) if m else None
 
 
 def lb_state(ckpt: dict) -> dict:
-    """A checkpoint's best-val weights in LB-GPT's layout, where head h of layer l is a module of its own."""
-    return convert_state_dict(ckpt["best_model"], layout_of(ckpt), "LB-GPT", ckpt["model_config"]["n_head"])
+    """A checkpoint's best-val weights in LB-GPT's layout, where head h of layer l is a module of
+    its own."""
+    return convert_state_dict(ckpt["best_model"], layout_of(ckpt), "LB-GPT",
+                              ckpt["model_config"]["n_head"])
 
 
 def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
@@ -61,9 +65,11 @@ def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
     return ((tuned.double() - base.double()).norm() / base.double().norm()).item()
 
 
-def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> dict[str, torch.Tensor]:
-    """How far each head moved: the relative change of its query, key and value weights and of its slice of the
-    output projection, each (n_layer, n_head); and of each MLP's two matrices, (n_layer, 1)."""
+def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> dict[str,
+                                                                                   torch.Tensor]:
+    """How far each head moved: the relative change of its query, key and value weights and of its
+    slice of the output projection, each (n_layer, n_head); and of each MLP's two matrices,
+    (n_layer, 1)."""
     change = {name: torch.zeros(n_layer, n_head) for name in ("query", "key", "value", "output")}
     change.update(mlp_fc=torch.zeros(n_layer, 1), mlp_proj=torch.zeros(n_layer, 1))
     for layer in range(n_layer):
@@ -72,18 +78,20 @@ def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> di
                 key = head_parameter(layer, head, proj)
                 change[proj][layer, head] = relative_change(tuned[key], base[key])
             key, cols = output_projection(layer), head_columns(base, head)
-            change["output"][layer, head] = relative_change(tuned[key][:, cols], base[key][:, cols])
+            change["output"][layer, head] = relative_change(tuned[key][:, cols],
+                                                            base[key][:, cols])
         for part in ("fc", "proj"):
             key = mlp_parameter(layer, part)
             change[f"mlp_{part}"][layer, 0] = relative_change(tuned[key], base[key])
     return change
 
 
-def transplant(target: dict, donor: dict, heads: set[tuple[int, int]] = frozenset(), mlps: set[int] = frozenset(),
+def transplant(target: dict, donor: dict, heads: set[tuple[int, int]] = frozenset(),
+               mlps: set[int] = frozenset(),
                rest: bool = False) -> dict:
-    """target's weights with some parts taken from donor: heads (layer, head) with their q, k, v and output
-    projection columns, whole MLPs by layer, and with rest=True everything else (embeddings, LayerNorms,
-    the projection's bias). Every part taken is copied exactly."""
+    """target's weights with some parts taken from donor: heads (layer, head) with their q, k, v
+    and output projection columns, whole MLPs by layer, and with rest=True everything else
+    (embeddings, LayerNorms, the projection's bias). Every part taken is copied exactly."""
     out = {k: v.clone() for k, v in target.items()}
     for layer, head in heads:
         for key in head_parameters(donor, layer, head):
@@ -97,9 +105,10 @@ def transplant(target: dict, donor: dict, heads: set[tuple[int, int]] = frozense
     return out
 
 
-def part_masks(state: dict, heads: set[tuple[int, int]] = frozenset(), mlps: bool = False) -> dict[str, torch.Tensor]:
-    """An LB-GPT-layout mask (1 = in the part) of the entries that belong to the given heads, and to every MLP
-    if mlps."""
+def part_masks(state: dict, heads: set[tuple[int, int]] = frozenset(),
+               mlps: bool = False) -> dict[str, torch.Tensor]:
+    """An LB-GPT-layout mask (1 = in the part) of the entries that belong to the given heads, and
+    to every MLP if mlps."""
     zeros = {k: torch.zeros_like(v) for k, v in state.items()}
     ones = {k: torch.ones_like(v) for k, v in state.items()}
     layers = {owner[1] for owner in map(part_of, state) if owner}
@@ -107,17 +116,20 @@ def part_masks(state: dict, heads: set[tuple[int, int]] = frozenset(), mlps: boo
 
 
 @torch.no_grad()
-def attention_divergence(base: nn.Module, tuned: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
-    """Jensen-Shannon divergence (nats, at most log 2) between the two models' attention rows on the same
-    inputs, averaged over every query position: (n_layer, n_head)."""
+def attention_divergence(base: nn.Module, tuned: nn.Module,
+                         batches: list[torch.Tensor]) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats, at most log 2) between the two models' attention rows on
+    the same inputs, averaged over every query position: (n_layer, n_head)."""
     total = torch.zeros(base.config.n_layer, base.config.n_head)
     with recording(base, tuned):
         for x in batches:
             base(x)
             tuned(x)
             for layer, (b, t) in enumerate(zip(base.blocks, tuned.blocks)):
-                p, q = b.attn.recorded()[0].double(), t.attn.recorded()[0].double()  # (B, nh, T, T)
+                # (B, nh, T, T)
+                p, q = b.attn.recorded()[0].double(), t.attn.recorded()[0].double()
                 m = (p + q) / 2
-                kl = lambda a: (a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log())).sum(-1)  # noqa: E731
+                # noqa: E731
+                kl = lambda a: (a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log())).sum(-1)
                 total[layer] += ((kl(p) + kl(q)) / 2).mean((0, 2)).float().cpu()
     return total / len(batches)

@@ -1,6 +1,7 @@
-"""Measuring tuned policies and writing what rlhf.py reports: each policy's scores and KL on held-out prompts,
-the curves of kept checkpoints, scores at matched KL, intervals over prompts and over seeds, win rates,
-transfer to the held-out judges, diversity, the markdown tables and the sample file."""
+"""Measuring tuned policies and writing what rlhf.py reports: each policy's scores and KL on
+held-out prompts, the curves of kept checkpoints, scores at matched KL, intervals over prompts and
+over seeds, win rates, transfer to the held-out judges, diversity, the markdown tables and the
+sample file."""
 from __future__ import annotations
 
 import math
@@ -13,26 +14,32 @@ import torch.nn as nn
 from dualgpt import UserError
 from dualgpt.files import write_text
 from rlhf_lib.oracles import WORD
-from rlhf_lib.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits, exact_kl,
+from rlhf_lib.preference import (RewardModel, best_of_n_expectation, best_of_n_kl,
+                                 completion_logits, exact_kl,
                                 kl_estimators, token_logprobs)
 from dualgpt.runtime import autocast
-from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy, load_policy_checkpoint,
+from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
+                            load_policy_checkpoint,
                             reward_scores, scores, texts)
 
 # Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond 30, 1.96)
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
+         2.048, 2.045, 2.042)
 
 
 def score_names(s: Setup) -> list[str]:
-    """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the reward model
-    (with no oracle: the reward model alone)."""
-    return (["oracle", *(f"judge_{name}" for name in s.oracle.judges)] if s.oracle else []) + ["rm"]
+    """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the
+    reward model (with no oracle: the reward model alone)."""
+    return (["oracle",
+             *(f"judge_{name}" for name in s.oracle.judges)] if s.oracle else []) + ["rm"]
 
 
 def measure(s: Setup) -> str:
-    """The score the methods are compared by (win rates, matched KL): the oracle's; with no oracle, the reward
-    model's, which the RL stages optimise, so it only says how far each method went on its own terms."""
+    """The score the methods are compared by (win rates, matched KL): the oracle's; with no oracle,
+    the reward model's, which the RL stages optimise, so it only says how far each method went on
+    its own terms."""
     return "oracle" if s.oracle else "rm"
 
 
@@ -40,8 +47,8 @@ MEASURE_NAMES = {"oracle": "oracle score", "rm": "reward-model score"}
 
 
 def mean_interval(values) -> dict:
-    """Mean and the half-width of its 95% interval: Student's t over a few values (seeds), normal over many
-    (prompts); "ci" is None for a single value."""
+    """Mean and the half-width of its 95% interval: Student's t over a few values (seeds), normal
+    over many (prompts); "ci" is None for a single value."""
     x = torch.as_tensor(values, dtype=torch.float64).flatten()
     n = len(x)
     if n < 2:
@@ -51,24 +58,27 @@ def mean_interval(values) -> dict:
 
 
 def distinct_2(completion_texts: list[str]) -> float:
-    """Unique word bigrams over all bigrams, across all completions: low when completions repeat each other."""
+    """Unique word bigrams over all bigrams, across all completions: low when completions repeat
+    each other."""
     bigrams = [pair for t in completion_texts for pair in zip(t.split(), t.split()[1:])]
     return len(set(bigrams)) / max(1, len(bigrams))
 
 
 def repetition(text: str) -> float:
-    """The fraction of a completion's words that repeat an earlier word of it (any case): a policy that pads
-    its text with the oracle score's favourite word shows here."""
+    """The fraction of a completion's words that repeat an earlier word of it (any case): a policy
+    that pads its text with the oracle score's favourite word shows here."""
     words = WORD.findall(text.lower())
     return (len(words) - len(set(words))) / max(1, len(words))
 
 
-def sample_wins(score: torch.Tensor, base_score: torch.Tensor, coupled: bool = False) -> torch.Tensor:
-    """How often each sample beats an independent sample of the base for the same prompt, by a score (the
-    oracle's, or measure()'s; a tie counts half): (P, n) samples, (P, m) base samples -> (P, n). The one win-rate estimator of the
-    report: a method's rate is its samples' mean; best-of-n's, the expectation of the selected sample's.
-    coupled: sample i of both was drawn from the same random numbers (a curve point and the base), so that
-    pair is left out and only independent pairs count."""
+def sample_wins(score: torch.Tensor, base_score: torch.Tensor,
+                coupled: bool = False) -> torch.Tensor:
+    """How often each sample beats an independent sample of the base for the same prompt, by a
+    score (the oracle's, or measure()'s; a tie counts half): (P, n) samples, (P, m) base samples ->
+    (P, n). The one win-rate estimator of the report: a method's rate is its samples' mean;
+    best-of-n's, the expectation of the selected sample's. coupled: sample i of both was drawn from
+    the same random numbers (a curve point and the base), so that pair is left out and only
+    independent pairs count."""
     a, b = score[:, :, None], base_score[:, None, :]
     wins = (a > b).double() + 0.5 * (a == b).double()  # (P, n, m)
     if not coupled:
@@ -78,10 +88,12 @@ def sample_wins(score: torch.Tensor, base_score: torch.Tensor, coupled: bool = F
 
 
 @torch.no_grad()
-def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel,
+                    prompts: torch.Tensor,
                     samples: int, gen: torch.Generator) -> dict:
-    """Sample `samples` completions of each prompt and score them: the oracle, each judge and the reward model,
-    (P, samples) each; the exact sequence KL to the base per prompt (P,), with the k1 and k3 estimators' means."""
+    """Sample `samples` completions of each prompt and score them: the oracle, each judge and the
+    reward model, (P, samples) each; the exact sequence KL to the base per prompt (P,), with the k1
+    and k3 estimators' means."""
     repeated = prompts.repeat_interleave(samples, dim=0)
     completions = complete(s, policy, repeated, gen)
     completion_texts = texts(s, completions)
@@ -89,15 +101,19 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
     for i in range(0, len(repeated), CHUNK):
         p, c = repeated[i:i + CHUNK], completions[i:i + CHUNK]
         with autocast(s.cfg["device"], s.cfg["dtype"]):
-            logits, ref_logits = completion_logits(policy, p, c), completion_logits(reference, p, c)
+            logits, ref_logits = completion_logits(policy, p, c), completion_logits(reference, p,
+                                                                                    c)
         kl["exact"].append(exact_kl(logits, ref_logits, TEMPERATURE).sum(1))
-        estimators = kl_estimators(token_logprobs(logits, c, TEMPERATURE), token_logprobs(ref_logits, c, TEMPERATURE))
+        estimators = kl_estimators(token_logprobs(logits, c, TEMPERATURE),
+                                   token_logprobs(ref_logits, c, TEMPERATURE))
         kl["k1"].append(estimators["k1"].sum(1))
         kl["k3"].append(estimators["k3"].sum(1))
-    exact = torch.cat(kl["exact"]).double().cpu().clamp_min(0.0).view(-1, samples)  # >= 0; float noise leaves -1e-8
+    # >= 0; float noise leaves -1e-8
+    exact = torch.cat(kl["exact"]).double().cpu().clamp_min(0.0).view(-1, samples)
     result = {"completions": completion_texts, "kl_per_prompt": exact.mean(1),
               "rm": reward_scores(s, rm, repeated, completions).view(-1, samples),
-              "kl_exact": exact.mean().item(), **{f"kl_{k}": torch.cat(kl[k]).double().mean().item() for k in ("k1", "k3")}}
+              "kl_exact": exact.mean().item(),
+              **{f"kl_{k}": torch.cat(kl[k]).double().mean().item() for k in ("k1", "k3")}}
     if s.oracle:
         result["oracle"] = scores(s.oracle.score, completion_texts).view(-1, samples)
         for name, judge in s.oracle.judges.items():
@@ -106,8 +122,9 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
 
 
 def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) -> dict:
-    """One point of a training curve from evaluate_policy's result r: per-prompt means of every score (kept for
-    reading scores at matched KL), their means, the win rate against the base's samples (by measure(s)), the KL."""
+    """One point of a training curve from evaluate_policy's result r: per-prompt means of every
+    score (kept for reading scores at matched KL), their means, the win rate against the base's
+    samples (by measure(s)), the KL."""
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
     per_prompt["win"] = sample_wins(r[measure(s)], base[measure(s)], coupled=True).mean(1)
     per_prompt["kl"] = r["kl_per_prompt"]
@@ -116,45 +133,55 @@ def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) 
             "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}
 
 
-def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: RewardModel, prompts: torch.Tensor,
+def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: RewardModel,
+               prompts: torch.Tensor,
                samples: int, base: dict) -> list[dict]:
-    """The base (step 0) and every kept checkpoint of the run `name`, in step order, evaluated on the prompts
-    with the same random numbers each, so that runs can be compared at equal KL. final: the "rlhf" entry of
-    the run's final policy. Each kept file must be of that run (one of another run is an error, never a point
-    of the curve), and the last must be the final policy's step (else the end point would not be the policy)."""
+    """The base (step 0) and every kept checkpoint of the run `name`, in step order, evaluated on
+    the prompts with the same random numbers each, so that runs can be compared at equal KL. final:
+    the "rlhf" entry of the run's final policy. Each kept file must be of that run (one of another
+    run is an error, never a point of the curve), and the last must be the final policy's step
+    (else the end point would not be the policy)."""
     folder = kept_folder(s, name)
     points = [curve_point(s, 0, 0, base, base)]
-    files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step\d+\.pt", f)) if os.path.isdir(folder) else []
+    files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step\d+\.pt",
+                                                                 f)) if os.path.isdir(folder) else []
     for file in sorted(files, key=lambda f: int(f[4:-3])):
         path = os.path.join(folder, file)
         kept = load_policy_checkpoint(path, final["run"])
         r = evaluate_policy(s, load_policy(s, kept, path), reference, rm, prompts, samples,
                             s.generator("curve.sampling", on_device=True))
-        points.append(curve_point(s, kept["rlhf"]["step"], kept["rlhf"]["optimizer_steps"], r, base))
+        points.append(curve_point(s, kept["rlhf"]["step"], kept["rlhf"]["optimizer_steps"], r,
+                                  base))
     if points[-1]["step"] != final["step"]:
-        raise UserError(f"the kept checkpoints of {name} in {folder} end at step {points[-1]['step']}, its policy is at "
-                        f"step {final['step']}; run python rlhf.py --rlhf_stage={final['run']['stage']} again")
+        raise UserError(f"the kept checkpoints of {name} in {folder} end at step "
+                        f"{points[-1]['step']}, its policy is at "
+                        f"step {final['step']}; run python rlhf.py "
+                        f"--rlhf_stage={final['run']['stage']} again")
     return points
 
 
 def at_kl(points: list[dict], kl: float) -> dict | None:
-    """A curve's per-prompt scores at a KL, interpolated between the two points around the first crossing of
-    that KL, linearly in sqrt(KL) (scores grow about linearly in sqrt(KL): Gao et al. 2022), with the KLs of
-    those two points (how wide the gap is that was bridged); None where the curve never reaches the KL."""
+    """A curve's per-prompt scores at a KL, interpolated between the two points around the first
+    crossing of that KL, linearly in sqrt(KL) (scores grow about linearly in sqrt(KL): Gao et al.
+    2022), with the KLs of those two points (how wide the gap is that was bridged); None where the
+    curve never reaches the KL."""
     for a, b in zip(points, points[1:]):
         if a["kl"] <= kl <= b["kl"] and b["kl"] > a["kl"]:
             w = (kl ** 0.5 - a["kl"] ** 0.5) / (b["kl"] ** 0.5 - a["kl"] ** 0.5)
             return {"bracket": [a["kl"], b["kl"]],
-                    "per_prompt": {k: [(1 - w) * x + w * y for x, y in zip(a["per_prompt"][k], b["per_prompt"][k])]
+                    "per_prompt": {k: [(1 - w) * x + w * y for x,
+                                       y in zip(a["per_prompt"][k], b["per_prompt"][k])]
                                    for k in a["per_prompt"] if k in b["per_prompt"]}}
     return None
 
 
 def gains_and_transfer(row: dict, base: dict, key: str, judges: list[str]) -> dict:
-    """A method's gain over the base in the score `key` (measure()'s) and each judge's, per prompt (paired: the
-    same prompts), and one seed's transfer ratio for each judge: its mean gain over the oracle score's (1: the
-    judge rose as much as the oracle score; 0: not at all). The report's ratio over seeds is ratio_summary's."""
-    out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])] for k in [key, *judges]}
+    """A method's gain over the base in the score `key` (measure()'s) and each judge's, per prompt
+    (paired: the same prompts), and one seed's transfer ratio for each judge: its mean gain over
+    the oracle score's (1: the judge rose as much as the oracle score; 0: not at all). The report's
+    ratio over seeds is ratio_summary's."""
+    out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k],
+                                               base["per_prompt"][k])] for k in [key, *judges]}
     oracle_gain = sum(out[f"gain_{key}"]) / len(out[f"gain_{key}"])
     for judge in judges:
         judge_gain = sum(out[f"gain_{judge}"]) / len(out[f"gain_{judge}"])
@@ -163,9 +190,10 @@ def gains_and_transfer(row: dict, base: dict, key: str, judges: list[str]) -> di
 
 
 def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dict:
-    """The ratio of two mean gains (a judge's over the oracle score's), with a 95% interval by the delta method:
-    over seeds where there are several (the ratio of the seeds' mean gains), else over the one seed's prompts.
-    A ratio of means, not a mean of per-seed ratios, which a gain near zero would blow up."""
+    """The ratio of two mean gains (a judge's over the oracle score's), with a 95% interval by the
+    delta method: over seeds where there are several (the ratio of the seeds' mean gains), else
+    over the one seed's prompts. A ratio of means, not a mean of per-seed ratios, which a gain near
+    zero would blow up."""
     def units(key):
         if len(per_seed) > 1:
             return torch.tensor([sum(r[key]) / len(r[key]) for r in per_seed], dtype=torch.float64)
@@ -175,27 +203,33 @@ def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dic
     if bottom.mean().abs() < 1e-12:
         return {"mean": float("nan"), "ci": None, "n": len(top)}
     ratio = (top.mean() / bottom.mean()).item()
-    spread = mean_interval(top - ratio * bottom)  # the delta method: ratio's error = this mean's / mean(bottom)
+    # the delta method: ratio's error = this mean's / mean(bottom)
+    spread = mean_interval(top - ratio * bottom)
     ci = spread["ci"] / abs(bottom.mean().item()) if spread["ci"] is not None else None
-    return {"mean": ratio, "ci": ci, "n": len(top), **({"over": "prompts"} if len(per_seed) == 1 else {})}
+    return {"mean": ratio, "ci": ci, "n": len(top),
+            **({"over": "prompts"} if len(per_seed) == 1 else {})}
 
 
 def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = None) -> dict:
-    """A value of every seed's result, as mean and 95% interval: over seeds where there are several, else over
-    the one seed's prompts. paired_with: subtract the other result's value, prompt by prompt (a difference)."""
+    """A value of every seed's result, as mean and 95% interval: over seeds where there are
+    several, else over the one seed's prompts. paired_with: subtract the other result's value,
+    prompt by prompt (a difference)."""
     def per_prompt(result, other):
         values = result["per_prompt"][key] if key in result.get("per_prompt", {}) else result[key]
         if other is not None:
             others = other["per_prompt"][key] if key in other.get("per_prompt", {}) else other[key]
             n = min(len(values), len(others)) if isinstance(values, list) else None
-            values = [a - b for a, b in zip(values[:n], others[:n])] if n is not None else values - others
+            values = [a - b for a, b in zip(values[:n],
+                                            others[:n])] if n is not None else values - others
         return values
 
-    values = [per_prompt(r, paired_with[i] if paired_with else None) for i, r in enumerate(per_seed)]
+    values = [per_prompt(r, paired_with[i] if paired_with else None) for i,
+              r in enumerate(per_seed)]
     if len(values) > 1 or not isinstance(values[0], list):
         means = [sum(v) / len(v) if isinstance(v, list) else v for v in values]
         return dict(mean_interval(means), per_seed=means)
-    return dict(mean_interval(values[0]), per_seed=[sum(values[0]) / len(values[0])], over="prompts")
+    return dict(mean_interval(values[0]), per_seed=[sum(values[0]) / len(values[0])],
+                over="prompts")
 
 
 def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
@@ -213,29 +247,39 @@ def markdown_tables(report: dict) -> str:
     judges, key = report["judges"], report["measure"]
     score = MEASURE_NAMES[key]
     over = "seeds" if len(report["seeds"]) > 1 else "prompts (one seed)"
-    head = (["method", "optimizer steps", "KL to base (nats/seq)", score] + [f"judge {j}" for j in judges]
-            + [score.replace("score", "gain")] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
+    head = (["method", "optimizer steps", "KL to base (nats/seq)",
+             score] + [f"judge {j}" for j in judges]
+            + [score.replace("score",
+                             "gain")] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
             + ["win rate vs base", "val bpb", "distinct-2", "repetition"])
-    lines = [reward_model_line(report["reward_model"], over), "", f"**End points** (mean ± 95% interval over {over}):",
+    lines = [reward_model_line(report["reward_model"], over), "", "**End points** (mean ± 95% "
+             f"interval over {over}):",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in report["methods"].items():
         cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m[key])]
         cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get(f"gain_{key}"))]
         cells += [cell(m.get(f"gain_judge_{j}")) for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
-        cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("val_bpb"), "{:.3f}"), cell(m.get("distinct_2"), "{:.3f}"),
+        cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("val_bpb"), "{:.3f}"),
+                  cell(m.get("distinct_2"), "{:.3f}"),
                   cell(m.get("repetition"), "{:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["KL", "method", score] + [f"judge {j}" for j in judges] + [f"{score.split()[0]} − best-of-n"] + [
+    head = ["KL", "method", score] + [f"judge {j}" for j in judges] + [f"{score.split()[0]} − "
+                                                                       "best-of-n"] + [
         f"{j} − best-of-n" for j in judges]
-    lines += ["", f"**At matched KL** (each method's kept checkpoints interpolated to the KL; best-of-n from its curve on "
-                  f"the first {report['bon_prompts']} prompts; differences paired by prompt within a seed, then "
-                  f"mean ± 95% interval over {over}):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["", "**At matched KL** (each method's kept checkpoints interpolated to the KL; "
+              "best-of-n from its curve on "
+                  f"the first {report['bon_prompts']} prompts; differences paired by prompt "
+                  f"within a seed, then mean ± 95% interval over {over}):", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target, methods in report["matched_kl"].items():
         for method, m in methods.items():
-            cells = [target, method, cell(m.get(key))] + [cell(m.get(f"judge_{j}")) for j in judges]
-            cells += [cell(m.get(f"{key} - best-of-n"))] + [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
+            cells = [target, method,
+                     cell(m.get(key))] + [cell(m.get(f"judge_{j}")) for j in judges]
+            cells += [cell(m.get(f"{key} - best-of-n"))] + [cell(m.get(f"judge_{j} - "
+                                                                       "best-of-n")) for j in judges]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"**Methods against each other at matched KL** ({score}, paired by prompt; mean ± 95% interval "
+    lines += ["", f"**Methods against each other at matched KL** ({score}, paired by prompt; mean "
+              "± 95% interval "
                   f"over {over}):", "", f"| KL | difference | {score} |", "|---|---|---|"]
     for target, pairs in report["pairwise"].items():
         for pair, summary in pairs.items():
@@ -244,46 +288,58 @@ def markdown_tables(report: dict) -> str:
 
 
 def reward_model_line(rm: dict, over: str) -> str:
-    """The reward model's held-out accuracy: on the oracle's own preferences and against the labels' ceiling
-    where the pairs came from the oracle; on the held-out labels alone where they came from a file."""
+    """The reward model's held-out accuracy: on the oracle's own preferences and against the
+    labels' ceiling where the pairs came from the oracle; on the held-out labels alone where they
+    came from a file."""
     line = f"**Reward model**, held-out pairs (mean ± 95% interval over {over}): "
     if "accuracy_on_oracle" in rm:
-        line += (f"accuracy on the oracle score's own preferences {cell(rm['accuracy_on_oracle'], '{:.1%}')} (per seed: "
-                 f"{', '.join(f'{v:.1%}' for v in rm['accuracy_on_oracle']['per_seed'])}); on the ")
+        line += ("accuracy on the oracle score's own preferences "
+                 f"{cell(rm['accuracy_on_oracle'], '{:.1%}')} (per seed: "
+                 f"{', '.join(f'{v:.1%}' for v in rm['accuracy_on_oracle']['per_seed'])}); "
+                 "on the ")
     else:
         line += "accuracy on the "
     line += f"{'noisy ' if 'label_ceiling' in rm else 'held-out '}labels {cell(rm['accuracy_on_labels'], '{:.1%}')}"
-    return line + (f", against a ceiling of {cell(rm['label_ceiling'], '{:.1%}')}." if "label_ceiling" in rm else ".")
+    return line + (", against a ceiling of "
+                   f"{cell(rm['label_ceiling'], '{:.1%}')}." if "label_ceiling" in rm else ".")
 
 
 def write_markdown_report(path: str, report: dict) -> None:
     if report["oracle"]:
-        source = f"oracle {report['oracle']}" + (f", pairs from {report['pairs']}" if report["pairs"] else "")
+        source = f"oracle {report['oracle']}" + (", pairs from "
+                                                 f"{report['pairs']}" if report["pairs"] else "")
         note, win = "", "by the oracle score"
     else:
         source = f"pairs from {report['pairs']}, no oracle"
-        note = ("No oracle: every score below is the reward model's. RLOO and PPO optimise it and best-of-n selects "
-                "by it, on the same samples it scores, so by this score they are favoured by construction over DPO, "
-                "which never sees it; it says how far each method went on the reward model's terms, not whether it "
-                "went where the labels meant. The reward model's accuracy on held-out pairs and the side-by-side "
-                "samples judge that; to measure by something you can write down, pass it as --oracle (it only "
-                "measures: the labels stay the file's). ")
+        note = ("No oracle: every score below is the reward model's. RLOO and PPO optimise it and "
+                "best-of-n selects by it, on the same samples it scores, so by this score they "
+                "are favoured by construction over DPO, which never sees it; it says how far each "
+                "method went on the reward model's terms, not whether it "
+                "went where the labels meant. The reward model's accuracy on held-out pairs and "
+                "the side-by-side samples judge that; to measure by something you can write down, "
+                "pass it as --oracle (it only measures: the labels stay the file's). ")
         win = "by the reward model's score"
     transfer = " Transfer: a judge's gain over the oracle score's gain." if report["judges"] else ""
-    write_text(path, f"# RLHF report: {source}, {report['script']}.py, base {report['base']}\n\n{note}"
-                     f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} {report['eval_split']} "
-                     f"prompts, {report['samples_per_prompt']} completions each at every point; best-of-n up to "
-                     f"n = {report['bon_max_n']} on the first {report['bon_prompts']} prompts (the expectation over "
-                     f"its samples). KL: exact, summed over the vocabulary at each position of the policy's own "
-                     f"samples; log n - (n-1)/n for best-of-n. Win rate: how often a sample beats an independent "
-                     f"sample of the base, {win}.{transfer} The CPU: {report['machine']}.\n\n"
+    write_text(path, f"# RLHF report: {source}, {report['script']}.py, base "
+               f"{report['base']}\n\n{note}"
+                     f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} "
+                     f"{report['eval_split']} "
+                     f"prompts, {report['samples_per_prompt']} completions each at every point; "
+                     f"best-of-n up to n = {report['bon_max_n']} on the first "
+                     f"{report['bon_prompts']} prompts (the expectation over "
+                     "its samples). KL: exact, summed over the vocabulary at each position of "
+                     "the policy's own "
+                     "samples; log n - (n-1)/n for best-of-n. Win rate: how often a sample beats "
+                     f"an independent sample of the base, {win}.{transfer} The CPU: "
+                     f"{report['machine']}.\n\n"
                      + markdown_tables(report) + "\n")
 
 
-def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, best_of_16: list[str] | None,
+def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int,
+                  best_of_16: list[str] | None,
                   n: int = 8) -> None:
-    """The first n evaluation prompts, each with the base's completion, every tuned model's and best-of-16's,
-    side by side."""
+    """The first n evaluation prompts, each with the base's completion, every tuned model's and
+    best-of-16's, side by side."""
     parts = [f"# {s.prefix}: completions of the same prompts (temperature {TEMPERATURE})\n"]
     for i in range(min(n, len(prompts))):
         parts.append(f"\n======== prompt {i + 1}\n{texts(s, prompts[i:i + 1])[0]}\n")
@@ -295,9 +351,10 @@ def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int, 
 
 
 def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) -> list[dict]:
-    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the selection, per
-    prompt (the first bon_prompts evaluation prompts), and the win rate (by the score `key`) of the selected
-    sample against the base's evaluation samples of the same prompt, the same estimator as every other row."""
+    """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the
+    selection, per prompt (the first bon_prompts evaluation prompts), and the win rate (by the
+    score `key`) of the selected sample against the base's evaluation samples of the same prompt,
+    the same estimator as every other row."""
     n_prompts = pool["rm"].shape[0]
     values = dict(pool, win=sample_wins(pool[key], base_result[key][:n_prompts]))
     points, n = [], 1
@@ -311,8 +368,8 @@ def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) 
 
 
 def matched_rows(at: list[dict], keys: list[str]) -> dict:
-    """At one KL: each method's scores (None where a seed's curve never reaches the KL) and its differences to
-    best-of-n on best-of-n's prompts, paired by prompt."""
+    """At one KL: each method's scores (None where a seed's curve never reaches the KL) and its
+    differences to best-of-n on best-of-n's prompts, paired by prompt."""
     rows = {}
     for method in at[0]:
         if any(a.get(method) is None for a in at):
@@ -320,20 +377,24 @@ def matched_rows(at: list[dict], keys: list[str]) -> dict:
             continue
         points = [a[method] for a in at]
         rows[method] = {k: summarise(points, k) for k in keys}
-        rows[method]["brackets"] = [a[method]["bracket"] for a in at]  # the kept points each seed bridged
+        # the kept points each seed bridged
+        rows[method]["brackets"] = [a[method]["bracket"] for a in at]
         if method != "best-of-n" and all(a.get("best-of-n") for a in at):
             bon = [a["best-of-n"] for a in at]
-            rows[method].update({f"{k} - best-of-n": summarise(points, k, paired_with=bon) for k in keys})
+            rows[method].update({f"{k} - best-of-n": summarise(points, k,
+                                                               paired_with=bon) for k in keys})
     return rows
 
 
 def pairwise_rows(at: list[dict], names: list[str], key: str) -> dict:
-    """At one KL: every pair of tuned methods, the difference in the score `key`, paired by prompt."""
+    """At one KL: every pair of tuned methods, the difference in the score `key`, paired by
+    prompt."""
     rows = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             if all(x.get(a) and x.get(b) for x in at):
-                rows[f"{a} − {b}"] = summarise([x[a] for x in at], key, paired_with=[x[b] for x in at])
+                rows[f"{a} − {b}"] = summarise([x[a] for x in at], key,
+                                               paired_with=[x[b] for x in at])
     return rows
 
 

@@ -1,8 +1,9 @@
-"""What rlhf.py and rlhf_heads.py share: their config, the run's setup, its files and the record of what
-produced each, seeds drawn by name, policies and the reward model, prompts, completions and scores.
+"""What rlhf.py and rlhf_heads.py share: their config, the run's setup, its files and the record of
+what produced each, seeds drawn by name, policies and the reward model, prompts, completions and
+scores.
 
-Shapes: P prompts of prompt_tokens (those of a pairs file: of any length, right-padded with PAD), completions
-of completion_tokens (those of a pairs file: of any length, padded the same way).
+Shapes: P prompts of prompt_tokens (those of a pairs file: of any length, right-padded with PAD),
+completions of completion_tokens (those of a pairs file: of any length, padded the same way).
 """
 from __future__ import annotations
 
@@ -29,16 +30,19 @@ from dualgpt.data import Dataset, resolve_data, sha256_file
 from dualgpt.runconfig import declarations, defaults, load_config, model_options, require
 from dualgpt.runtime import autocast
 from rlhf_lib.oracles import Oracle, get_oracle
-from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions, token_logprobs,
+from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions,
+                                 token_logprobs,
                                  trimmed)
 
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}  # rlhf_script -> the model that tunes
 # the keys of config.py the RLHF programs read; the rest of config.py is gpt.py's and gpt_.py's
 CORE_KEYS = ("data", "device", "dtype", "seed", "attn_impl", "kv_cache")
-# the keys of rlhf_config.py that both programs read (its first section); the pipeline reads every other
-# key but the head study's head_*, and the head study reads these and its own head_*
-SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens", "eval_prompts",
-               "eval_split", "dpo_beta", "rl_beta", "rl_lr", "rl_prompts", "rl_group", "rl_normalize",
+# the keys of rlhf_config.py that both programs read (its first section); the pipeline reads every
+# other key but the head study's head_*, and the head study reads these and its own head_*
+SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens",
+               "eval_prompts",
+               "eval_split", "dpo_beta", "rl_beta", "rl_lr", "rl_prompts", "rl_group",
+               "rl_normalize",
                "quick")
 
 
@@ -59,33 +63,44 @@ def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> d
 TEMPERATURE = 1.0  # completions are sampled, and every log-probability taken, at this temperature
 CHUNK = 256  # sequences per forward pass when sampling or scoring many at once
 
-# Every random draw of the pipeline and the head study has a name here; its seed is derived from the run's seed
-# and the name (and an index, such as the RL step), so no two draws share a stream by accident.
-SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels", "pairs.held_out", "rm.order",
-              "dpo.order", "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling", "rl.sampling", "rl.prompts",
-              "ppo.order", "curve.sampling", "heads.batches", "heads.sampling", "heads.kl_by_position", "label.prompts",
+# Every random draw of the pipeline and the head study has a name here; its seed is derived from
+# the run's seed and the name (and an index, such as the RL step), so no two draws share a stream
+# by accident.
+SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels",
+              "pairs.held_out", "rm.order",
+              "dpo.order", "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling",
+              "rl.sampling", "rl.prompts",
+              "ppo.order", "curve.sampling", "heads.batches", "heads.sampling",
+              "heads.kl_by_position", "label.prompts",
               "label.completions")
 
-# What each stage's outputs depend on besides the base, the data, the script and the seed: a stage's record
-# hashes these keys and its upstream stage's record, and every reader compares it with the run it reports.
+# What each stage's outputs depend on besides the base, the data, the script and the seed: a
+# stage's record hashes these keys and its upstream stage's record, and every reader compares it
+# with the run it reports.
 STAGE_KEYS = {
-    "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs", "pairs_held_out"),
+    "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs",
+              "pairs_held_out"),
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
     "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
-    "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "dpo_pairs", "cdpo_epsilon", "keep_points"),
-    "rloo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize", "keep_points"),
-    "ppo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "keep_points", "ppo_epochs", "ppo_minibatches",
+    "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "dpo_pairs", "cdpo_epsilon",
+            "keep_points"),
+    "rloo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize",
+             "keep_points"),
+    "ppo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "keep_points", "ppo_epochs",
+            "ppo_minibatches",
             "ppo_clip", "ppo_value_clip", "ppo_value_lr", "ppo_gamma", "ppo_lambda"),
     "eval": ("eval_samples", "eval_prompts", "eval_split", "kl_targets", "seed"),
 }
-UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm", "eval": None}
+UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm",
+            "eval": None}
 # the file whose record stands for a stage's run, where other files are built on it
-STAGE_FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"), "bon": ("data", "bon.pt")}
+STAGE_FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"),
+               "bon": ("data", "bon.pt")}
 
 
 def seed_for(seed: int, name: str, index: int = 0) -> int:
-    """The seed of the draw `name` (one of SEED_NAMES) in a run seeded with `seed`: a hash, so distinct names
-    and indices give unrelated streams."""
+    """The seed of the draw `name` (one of SEED_NAMES) in a run seeded with `seed`: a hash, so
+    distinct names and indices give unrelated streams."""
     if name not in SEED_NAMES:
         raise KeyError(f"{name!r} is not in SEED_NAMES")
     digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
@@ -94,8 +109,9 @@ def seed_for(seed: int, name: str, index: int = 0) -> int:
 
 @dataclasses.dataclass
 class Setup:
-    """What every stage shares, resolved once from the run config. One replicate of the study: `seed` (the run
-    config's seed, or seed + k for replicate k of --seeds) names its outputs and seeds its random draws."""
+    """What every stage shares, resolved once from the run config. One replicate of the study:
+    `seed` (the run config's seed, or seed + k for replicate k of --seeds) names its outputs and
+    seeds its random draws."""
     cfg: dict
     model_class: type[nn.Module]
     base_path: str
@@ -103,10 +119,13 @@ class Setup:
     base_hash: str  # of the base checkpoint's file
     data: Dataset  # its training text, in its own tokens
     oracle: Oracle | None  # None: no oracle (pairs from a file)
-    family: str  # names the outputs of this oracle (or pairs file) and preset: rlhf_<oracle>[_quick]
+    # names the outputs of this oracle (or pairs file) and preset: rlhf_<oracle>[_quick]
+    family: str
     seed: int
-    pairs_hash: str | None = None  # of the pairs file (--pairs), None when the oracle labels the pairs
-    loaded: dict = dataclasses.field(default_factory=dict, repr=False)  # what prompt_pool read from disk
+    # of the pairs file (--pairs), None when the oracle labels the pairs
+    pairs_hash: str | None = None
+    # what prompt_pool read from disk
+    loaded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -121,46 +140,51 @@ class Setup:
         return dataclasses.replace(self, seed=seed, loaded={})
 
     def prompt_pool(self, split: str) -> torch.Tensor:
-        """The prompts of a pairs file's train or held-out ("val") pairs, as this replicate's pairs stage split
-        them: (n, longest), right-padded with PAD."""
+        """The prompts of a pairs file's train or held-out ("val") pairs, as this replicate's pairs
+        stage split them: (n, longest), right-padded with PAD."""
         if not self.loaded:  # one read of the file for both splits
             pairs = load_pairs(self, self.expected("pairs"))
             self.loaded.update({name: pairs[name]["prompts"] for name in ("train", "val")})
         return self.loaded[split]
 
     def generator(self, name: str, index: int = 0, on_device: bool = False) -> torch.Generator:
-        """A generator for the draw `name` (see SEED_NAMES), on the run's device where sampling needs it."""
+        """A generator for the draw `name` (see SEED_NAMES), on the run's device where sampling
+        needs it."""
         return torch.Generator(device=self.cfg["device"] if on_device else "cpu").manual_seed(
             seed_for(self.seed, name, index))
 
     def expected(self, stage: str, upstream: str | None | bool = True) -> dict:
-        """What a file of `stage` written for this run must record: this replicate's base, data, script, dtype
-        and seed, the stage's keys, and the id of the upstream file it was built on, as that file is on disk
-        now (upstream=True: read it; or give the id). A file that matches has its own "id" besides."""
+        """What a file of `stage` written for this run must record: this replicate's base, data,
+        script, dtype and seed, the stage's keys, and the id of the upstream file it was built on,
+        as that file is on disk now (upstream=True: read it; or give the id). A file that matches
+        has its own "id" besides."""
         if upstream is True:
             upstream = self.found_record(UPSTREAM[stage])["id"] if UPSTREAM[stage] else None
-        return {"stage": stage, "seed": self.seed, "base": self.base_hash[:16], "data": self.data.data_hash[:16],
-                "pairs": self.pairs_hash and self.pairs_hash[:16], "script": self.cfg["rlhf_script"], "dtype": self.cfg["dtype"],
-                "keys": {k: self.cfg[k] for k in STAGE_KEYS[stage] if k in self.cfg}, "upstream": upstream}
+        return {"stage": stage, "seed": self.seed, "base": self.base_hash[:16],
+                "data": self.data.data_hash[:16],
+                "pairs": self.pairs_hash and self.pairs_hash[:16],
+                "script": self.cfg["rlhf_script"], "dtype": self.cfg["dtype"],
+                "keys": {k: self.cfg[k] for k in STAGE_KEYS[stage] if k in self.cfg},
+                "upstream": upstream}
 
     def new_record(self, stage: str, upstream: str | None, keys: dict | None = None) -> dict:
-        """The record of a run of `stage` that starts now, on the upstream file of that id: what expected()
-        asks of it, and an id of its own that no other run shares (so a rerun with the same settings is
-        still another run, and what was built on the earlier one is refused)."""
+        """The record of a run of `stage` that starts now, on the upstream file of that id: what
+        expected() asks of it, and an id of its own that no other run shares (so a rerun with the
+        same settings is still another run, and what was built on the earlier one is refused)."""
         record = self.expected(stage, upstream)
         record["keys"].update(keys or {})
         record["id"] = hashlib.sha256(f"{json.dumps(record, sort_keys=True)}{uuid.uuid4()}".encode()).hexdigest()[:16]
         return record
 
     def found_record(self, stage: str) -> dict:
-        """The record in the file a stage wrote last (its pairs, reward model or pool), checked to be this
-        run's (whose upstream is, in turn, the file on disk now)."""
+        """The record in the file a stage wrote last (its pairs, reward model or pool), checked to
+        be this run's (whose upstream is, in turn, the file on disk now)."""
         return record_in(load_output(self, stage, self.expected(stage)))
 
 
 def load_output(s: Setup, stage: str, expected: dict, device: str = "cpu") -> dict:
-    """The file a stage wrote (STAGE_FILES: the pairs, the reward model, the best-of-n pool), refused unless its
-    record is what `expected` asks."""
+    """The file a stage wrote (STAGE_FILES: the pairs, the reward model, the best-of-n pool),
+    refused unless its record is what `expected` asks."""
     path = s.path(*STAGE_FILES[stage])
     if not os.path.exists(path):
         raise UserError(f"no {path}; run python rlhf.py --rlhf_stage={stage} first")
@@ -170,38 +194,47 @@ def load_output(s: Setup, stage: str, expected: dict, device: str = "cpu") -> di
 
 
 def record_in(content) -> dict | None:
-    """The record a file of the pipeline carries: pairs and pools at the top, checkpoints in their "rlhf" entry."""
+    """The record a file of the pipeline carries: pairs and pools at the top, checkpoints in their
+    "rlhf" entry."""
     if not isinstance(content, dict):
         return None
-    record = content.get("run", content.get("rlhf", {}).get("run") if isinstance(content.get("rlhf"), dict) else None)
+    record = content.get("run", content.get("rlhf",
+                                            {}).get("run") if isinstance(content.get("rlhf"),
+                                                                         dict) else None)
     return record if isinstance(record, dict) else None
 
 
 def check_record(found: dict | None, expected: dict, path: str) -> None:
-    """A one-line error unless a file's record `found` is what `expected` asks (every entry equal): else the file
-    was written by another run, with other settings, or on an upstream file that has since been written anew."""
+    """A one-line error unless a file's record `found` is what `expected` asks (every entry equal):
+    else the file was written by another run, with other settings, or on an upstream file that has
+    since been written anew."""
     found = found if isinstance(found, dict) else {}
     if all(found.get(k) == v for k, v in expected.items()):
         return
     if found.get("stage") != expected["stage"]:
         why = f"by the {found.get('stage', 'unknown')} stage" if found else "with no record of its run"
     else:
-        differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k, v in found.get("keys", {}).items()
+        differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k,
+                     v in found.get("keys", {}).items()
                      if k in expected["keys"] and expected["keys"][k] != v]
-        differing += [f"{k} {found.get(k)!r} there, {expected[k]!r} here" for k in ("seed", "script", "dtype", "base",
-                                                                                     "data", "pairs") if found.get(k) != expected[k]]
+        differing += [f"{k} {found.get(k)!r} there, "
+                      f"{expected[k]!r} here" for k in ("seed", "script", "dtype", "base",
+                                                                                     "data",
+                                                                                     "pairs") if found.get(k) != expected[k]]
         if found.get("upstream") != expected["upstream"]:
             differing.append(f"built on an earlier {UPSTREAM[expected['stage']]} file")
         why = "; ".join(differing[:3])
-    raise UserError(f"{path} was written by another run ({why}); run python rlhf.py --rlhf_stage={expected['stage']} "
+    raise UserError(f"{path} was written by another run ({why}); run python rlhf.py "
+                    f"--rlhf_stage={expected['stage']} "
                     f"with these settings")
 
 
 def output_folders(family: str) -> list[str]:
-    """Where the runs of an oracle and preset write: data/, model_dict/ (and its folders of kept checkpoints),
-    generate_text/."""
+    """Where the runs of an oracle and preset write: data/, model_dict/ (and its folders of kept
+    checkpoints), generate_text/."""
     model_dict = repo_path("model_dict")
-    kept = [os.path.join(model_dict, d) for d in (os.listdir(model_dict) if os.path.isdir(model_dict) else [])
+    kept = [os.path.join(model_dict,
+                         d) for d in (os.listdir(model_dict) if os.path.isdir(model_dict) else [])
             if d.startswith(family + "_") and os.path.isdir(os.path.join(model_dict, d))]
     return [repo_path("data"), model_dict, repo_path("generate_text"), *kept]
 
@@ -212,21 +245,24 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
     base = load_checkpoint(base_path)
     block_size = base["model_config"]["block_size"]
     sequence = cfg["prompt_tokens"] + cfg["completion_tokens"]
-    require([(sequence <= block_size, f"prompt_tokens + completion_tokens = {sequence} does not fit "
+    require([(sequence <= block_size, f"prompt_tokens + completion_tokens = {sequence} does "
+              "not fit "
                                       f"the model's block_size {block_size}")])
     pairs = cfg.get("pairs", "")  # rlhf.py's key: the head study measures the oracle's runs only
     if pairs and not os.path.isfile(pairs):
         raise UserError(f"no pairs file {pairs}")
     if cfg["oracle"] == "none" and not pairs:
-        raise UserError("--oracle=none: with no oracle the pairs come from a file; run python rlhf.py "
-                        "--pairs=FILE.jsonl (or label some: python rlhf.py --rlhf_stage=label)")
+        raise UserError("--oracle=none: with no oracle the pairs come from a file; run python "
+                        "rlhf.py --pairs=FILE.jsonl (or label some: python rlhf.py "
+                        "--rlhf_stage=label)")
     cfg = dict(cfg, oracle=("none" if pairs else "sentiment") if cfg["oracle"] == "auto" else cfg["oracle"])
     oracle = None if cfg["oracle"] == "none" else get_oracle(cfg["oracle"])
     data = Dataset(resolve_data(cfg["data"]), block_size, data_batch_size,
                    cfg["device"], tokenizer_text=base["tokenizer"])
     name = "pairs-" + os.path.splitext(os.path.basename(pairs))[0] if pairs else oracle.name
     family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", name) + ("_quick" if cfg["quick"] else "")
-    return Setup(cfg, MODEL_CLASSES[cfg["rlhf_script"]], base_path, base, sha256_file(base_path), data, oracle, family,
+    return Setup(cfg, MODEL_CLASSES[cfg["rlhf_script"]], base_path, base, sha256_file(base_path),
+                 data, oracle, family,
                  cfg["seed"], sha256_file(pairs) if pairs else None)
 
 
@@ -235,8 +271,8 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
 
 
 def load_policy(s: Setup, ckpt: dict | None = None, path: str = "") -> nn.Module:
-    """A policy (the base, or a tuned checkpoint) with dropout off: sampling and every log-probability must
-    come from one deterministic function."""
+    """A policy (the base, or a tuned checkpoint) with dropout off: sampling and every
+    log-probability must come from one deterministic function."""
     ckpt = ckpt or s.base
     ckpt = dict(ckpt, model_config=dict(ckpt["model_config"], dropout=0.0))
     return model_from_checkpoint(s.model_class, ckpt, path or s.base_path, s.cfg["device"],
@@ -252,16 +288,21 @@ def frozen(model: nn.Module) -> nn.Module:
 
 
 def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> None:
-    """A tuned model (policy, or the reward model's body) as an ordinary weights-only checkpoint: gpt.py and
-    gpt_.py sample, eval and study heads from it. rlhf: what made it; extra: more entries (the reward head)."""
-    save_checkpoint(path, make_checkpoint(cpu_copy(model.state_dict()), dataclasses.asdict(model.config), model.layout,
-                                          s.base["tokenizer"], s.base["iter_num"], s.cfg, rlhf=rlhf, **extra))
+    """A tuned model (policy, or the reward model's body) as an ordinary weights-only checkpoint:
+    gpt.py and gpt_.py sample, eval and study heads from it. rlhf: what made it; extra: more
+    entries (the reward head)."""
+    save_checkpoint(path, make_checkpoint(cpu_copy(model.state_dict()),
+                                          dataclasses.asdict(model.config), model.layout,
+                                          s.base["tokenizer"], s.base["iter_num"], s.cfg,
+                                          rlhf=rlhf, **extra))
 
 
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dict, step: int,
                 optimizer_steps: int) -> None:
-    """A tuned policy with what made it: the method, the step, and the record of the run (Setup.new_record)."""
-    save_model(s, policy, path, {"method": method, "step": step, "optimizer_steps": optimizer_steps, "base": s.base_path,
+    """A tuned policy with what made it: the method, the step, and the record of the run
+    (Setup.new_record)."""
+    save_model(s, policy, path, {"method": method, "step": step,
+                                 "optimizer_steps": optimizer_steps, "base": s.base_path,
                                  "oracle": s.oracle and s.oracle.name, "run": record})
 
 
@@ -278,7 +319,8 @@ def kept_folder(s: Setup, name: str) -> str:
 
 
 def clear_outputs(s: Setup, name: str) -> None:
-    """A run starts with none of its own files, so nothing of an earlier run enters its curve or the report."""
+    """A run starts with none of its own files, so nothing of an earlier run enters its curve or
+    the report."""
     shutil.rmtree(kept_folder(s, name), ignore_errors=True)
     for path in (s.path("model_dict", f"{name}.pt"), s.path("generate_text", f"{name}_log.json")):
         if os.path.exists(path):
@@ -286,13 +328,15 @@ def clear_outputs(s: Setup, name: str) -> None:
 
 
 def keep_steps(steps: int, points: int) -> set[int]:
-    """The steps at which a run of `steps` steps keeps its policy: `points` of them, each twice the one before,
-    ending at the last step (1/8, 1/4, 1/2 and all of a run for 4 points), dense where the KL grows fastest."""
+    """The steps at which a run of `steps` steps keeps its policy: `points` of them, each twice the
+    one before, ending at the last step (1/8, 1/4, 1/2 and all of a run for 4 points), dense where
+    the KL grows fastest."""
     return {max(1, round(steps / 2 ** (points - i))) for i in range(1, points + 1)}
 
 
 def load_reward_model(s: Setup, expected: dict) -> tuple[RewardModel, dict]:
-    """The reward model (frozen) and its record, refused unless the record is what `expected` asks."""
+    """The reward model (frozen) and its record, refused unless the record is what `expected`
+    asks."""
     path = s.path("model_dict", "rm.pt")
     if not os.path.exists(path):
         raise UserError(f"no reward model at {path}; run python rlhf.py --rlhf_stage=rm first")
@@ -311,10 +355,11 @@ def load_pairs(s: Setup, expected: dict) -> dict:
 
 
 def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The preferred and the other completion of each labelled pair: (n, completion_tokens) each (a pairs
-    file's: (n, longest), padded)."""
+    """The preferred and the other completion of each labelled pair: (n, completion_tokens) each (a
+    pairs file's: (n, longest), padded)."""
     prefer_a = split["a_preferred"].to(split["a"].device)[:, None]
-    return torch.where(prefer_a, split["a"], split["b"]), torch.where(prefer_a, split["b"], split["a"])
+    return torch.where(prefer_a, split["a"], split["b"]), torch.where(prefer_a, split["b"],
+                                                                      split["a"])
 
 
 # -----------------------------------------------------------------------------------------
@@ -322,54 +367,68 @@ def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fitting(s: Setup, prompts: torch.Tensor) -> torch.Tensor:
-    """Prompts (right-padded) cut to their last tokens where completion_tokens would not fit after them."""
+    """Prompts (right-padded) cut to their last tokens where completion_tokens would not fit after
+    them."""
     room = s.base["model_config"]["block_size"] - s.cfg["completion_tokens"]
     lengths = (prompts != PAD).sum(1, keepdim=True)
-    read = (lengths - room).clamp_min(0) + torch.arange(min(room, prompts.shape[1]), device=prompts.device)
+    read = (lengths - room).clamp_min(0) + torch.arange(min(room, prompts.shape[1]),
+                                                        device=prompts.device)
     kept = prompts.gather(1, read.clamp_max(prompts.shape[1] - 1))
     return kept.masked_fill(read >= lengths, PAD)
 
 
 def sample_prompts(s: Setup, part: str, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n windows of prompt_tokens tokens at random offsets of one part of the text: (n, prompt_tokens).
-    train: the train split (pairs, RL); dev: the val split's first half (held-out pairs, trying settings);
-    test: its second half (every reported evaluation). With a pairs file, n of its train pairs' prompts
-    (part train) or held-out pairs' prompts (dev, test), drawn at random, padded."""
+    """n windows of prompt_tokens tokens at random offsets of one part of the text: (n,
+    prompt_tokens). train: the train split (pairs, RL); dev: the val split's first half (held-out
+    pairs, trying settings); test: its second half (every reported evaluation). With a pairs file,
+    n of its train pairs' prompts (part train) or held-out pairs' prompts (dev, test), drawn at
+    random, padded."""
     if s.pairs_hash:
         pool = s.prompt_pool("train" if part == "train" else "val")
-        return fitting(s, pool[torch.randint(len(pool), (n,), generator=generator)].to(s.cfg["device"]))
+        return fitting(s, pool[torch.randint(len(pool), (n,),
+                                             generator=generator)].to(s.cfg["device"]))
     val = s.data.splits["val"]
-    ids = {"train": s.data.splits["train"], "dev": val[:len(val) // 2], "test": val[len(val) // 2:]}[part]
+    ids = {"train": s.data.splits["train"], "dev": val[:len(val) // 2],
+           "test": val[len(val) // 2:]}[part]
     length = s.cfg["prompt_tokens"]
     starts = torch.randint(len(ids) - length, (n,), generator=generator).tolist()
-    return torch.tensor([ids[i:i + length].tolist() for i in starts], dtype=torch.long, device=s.cfg["device"])
+    return torch.tensor([ids[i:i + length].tolist() for i in starts], dtype=torch.long,
+                        device=s.cfg["device"])
 
 
 def eval_prompts(s: Setup) -> torch.Tensor:
-    """The prompts every method and every seed is evaluated on (the head study takes its first head_prompts):
-    test prompts, or dev prompts with eval_split = dev, for trying settings without touching the test prompts.
-    With a pairs file, the first eval_prompts distinct prompts of this seed's held-out pairs, in the order of the
-    file (each seed holds out its own share of them)."""
+    """The prompts every method and every seed is evaluated on (the head study takes its first
+    head_prompts): test prompts, or dev prompts with eval_split = dev, for trying settings without
+    touching the test prompts. With a pairs file, the first eval_prompts distinct prompts of this
+    seed's held-out pairs, in the order of the file (each seed holds out its own share of them)."""
     if s.pairs_hash:
-        distinct = list(dict.fromkeys(map(tuple, s.prompt_pool("val").tolist())))[:s.cfg["eval_prompts"]]
+        distinct = list(dict.fromkeys(map(tuple,
+                                          s.prompt_pool("val").tolist())))[:s.cfg["eval_prompts"]]
         return fitting(s, torch.tensor(distinct, dtype=torch.long, device=s.cfg["device"]))
     split = s.cfg["eval_split"]
     name = "eval.prompts" if split == "test" else "dev.prompts"
-    # drawn from the run config's seed, not the replicate's: every seed of a study is tested on the same prompts
-    return sample_prompts(s, split, s.cfg["eval_prompts"], torch.Generator().manual_seed(seed_for(s.cfg["seed"], name)))
+    # drawn from the run config's seed, not the replicate's: every seed of a study is tested on the
+    # same prompts
+    return sample_prompts(s, split, s.cfg["eval_prompts"],
+                          torch.Generator().manual_seed(seed_for(s.cfg["seed"], name)))
 
 
-def complete(s: Setup, model: nn.Module, prompts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """completion_tokens sampled after each prompt, CHUNK prompts at a time: (n, completion_tokens). Prompts of
-    one length sample together (a pairs file's prompts differ in length; all others have prompt_tokens)."""
+def complete(s: Setup, model: nn.Module, prompts: torch.Tensor,
+             gen: torch.Generator) -> torch.Tensor:
+    """completion_tokens sampled after each prompt, CHUNK prompts at a time: (n,
+    completion_tokens). Prompts of one length sample together (a pairs file's prompts differ in
+    length; all others have prompt_tokens)."""
     lengths = (prompts != PAD).sum(1)
-    out = torch.empty(len(prompts), s.cfg["completion_tokens"], dtype=torch.long, device=prompts.device)
+    out = torch.empty(len(prompts), s.cfg["completion_tokens"], dtype=torch.long,
+                      device=prompts.device)
     with autocast(s.cfg["device"], s.cfg["dtype"]):
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().squeeze(1)
             group = prompts[rows, :length]
-            out[rows] = torch.cat([sample_completions(model, group[i:i + CHUNK], s.cfg["completion_tokens"],
-                                                      TEMPERATURE, gen)[0] for i in range(0, len(group), CHUNK)])
+            out[rows] = torch.cat([sample_completions(model, group[i:i + CHUNK],
+                                                      s.cfg["completion_tokens"],
+                                                      TEMPERATURE, gen)[0] for i in range(0,
+                                                                                          len(group), CHUNK)])
     return out
 
 
@@ -383,19 +442,24 @@ def scores(function, completion_texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reward_scores(s: Setup, rm: RewardModel, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+def reward_scores(s: Setup, rm: RewardModel, prompts: torch.Tensor,
+                  completions: torch.Tensor) -> torch.Tensor:
     rm.eval()
     with autocast(s.cfg["device"], s.cfg["dtype"]):
         return torch.cat([rm(prompts[i:i + CHUNK], completions[i:i + CHUNK]).float()
                           for i in range(0, len(prompts), CHUNK)]).double().cpu()
 
 
-def completion_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
-    """log pi(token | prompt, earlier tokens) of each completion token, at the sampling temperature: (B, L)."""
+def completion_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor,
+                        completions: torch.Tensor) -> torch.Tensor:
+    """log pi(token | prompt, earlier tokens) of each completion token, at the sampling
+    temperature: (B, L)."""
     with autocast(s.cfg["device"], s.cfg["dtype"]):
-        return token_logprobs(completion_logits(model, prompts, completions), completions, TEMPERATURE)
+        return token_logprobs(completion_logits(model, prompts, completions), completions,
+                              TEMPERATURE)
 
 
-def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(s: Setup, model: nn.Module, prompts: torch.Tensor,
+                      completions: torch.Tensor) -> torch.Tensor:
     """log pi(completion | prompt) summed over its tokens (padding adds 0): (B,)."""
     return completion_logprobs(s, model, prompts, trimmed(completions)).sum(1)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+import bench
 import gpt
-from dualgpt import train
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
 
@@ -57,4 +57,4 @@ def test_flops_per_token_by_hand():
     C, L, V = 8, 2, 300
     per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
     weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)
-    assert train.flops_per_token(model) == 6 * weights + 12 * L * C * 16
+    assert bench.flops_per_token(model) == 6 * weights + 12 * L * C * 16

@@ -70,7 +70,8 @@ def bench_tokenizer(args) -> str:
     t0 = time.perf_counter()
     classic, _ = train_classic(chunks, classic_merges)  # the public minbpe training loop
     classic_s = (time.perf_counter() - t0) / classic_merges * (vocab_size - 256)
-    assert list(classic) == list(tok.merges)[:classic_merges], "trainer disagrees with the classic loop"
+    same = list(classic) == list(tok.merges)[:classic_merges]
+    assert same, "trainer disagrees with the classic loop"
 
     rows = [[f"train RegexTokenizer, vocab {vocab_size}, {mb:.2f} MB", f"{train_s:.2f} s",
              f"classic (est. from {classic_merges} merges): {classic_s:.0f} s",
@@ -104,8 +105,8 @@ def bench_tokenizer(args) -> str:
                      f"{mb / tik_s:.1f} MB/s" if tik_s else
                      "tiktoken not installed",
                      (f"{tik_s / s:.2f}x tiktoken, " if tik_s else "") + f"same ids {same}"])
-    return "### Tokenizer (Tiny Shakespeare; minbpe in pure Python, tiktoken in Rust on 1 thread)\n\n" + table(
-        ["what", "ours", "reference", "ratio"], rows)
+    title = "### Tokenizer (Tiny Shakespeare; minbpe in pure Python, tiktoken in Rust on 1 thread)"
+    return title + "\n\n" + table(["what", "ours", "reference", "ratio"], rows)
 
 
 # --- models -------------------------------------------------------------------------------

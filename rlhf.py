@@ -80,7 +80,8 @@ HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one);
 def dpo_methods(cfg: dict) -> list[str]:
     """The DPO losses to train; with a pairs file, not dpo_soft (it trains on the oracle's
     preference probabilities, which a file does not have)."""
-    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip() and not (cfg["pairs"] and m.strip() == "dpo_soft")]
+    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()
+            and not (cfg["pairs"] and m.strip() == "dpo_soft")]
 
 
 def methods(cfg: dict) -> list[str]:
@@ -144,7 +145,8 @@ def stage_pairs(s: Setup) -> dict:
         p["a_preferred"] = torch.rand(len(prob_a), generator=label_gen,
                                       dtype=torch.float64) < prob_a
         decided = p["oracle_a"] != p["oracle_b"]
-        agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided].double().mean().item()
+        agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided]
+        agree = agree.double().mean().item()
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(),
                          "label_agreement": agree}
     record = s.new_record("pairs", None)
@@ -216,17 +218,17 @@ def stage_rm(s: Setup) -> dict:
     pairs = load_pairs(s, s.expected("pairs"))
     rm = train_reward_model(s, pairs)
     val = pairs["val"]
-    margin = (reward_scores(s, rm, val["prompts"], val["a"]) - reward_scores(s, rm,
-                                                                             val["prompts"],
-                                                                             val["b"]))
-    report = {"held_out_pairs": len(margin),
-              "accuracy_on_labels": ((margin > 0) == val["a_preferred"].cpu()).double().mean().item()}
+    margin = (reward_scores(s, rm, val["prompts"], val["a"])
+              - reward_scores(s, rm, val["prompts"], val["b"]))
+    agrees = (margin > 0) == val["a_preferred"].cpu()
+    report = {"held_out_pairs": len(margin), "accuracy_on_labels": agrees.double().mean().item()}
     # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
     if "prob_a" in val:
         report["label_ceiling"] = torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item()
     if "oracle_a" in val:
         decided = val["oracle_a"] != val["oracle_b"]
-        report["accuracy_on_oracle"] = ((margin > 0) == (val["oracle_a"] > val["oracle_b"]))[decided].double().mean().item()
+        agrees = (margin > 0) == (val["oracle_a"] > val["oracle_b"])
+        report["accuracy_on_oracle"] = agrees[decided].double().mean().item()
     save_model(s, rm.body, s.path("model_dict", "rm.pt"),
                dict(report, method="reward model", run=s.new_record("rm", pairs["run"]["id"])),
                reward_head=rm.head.state_dict())
@@ -258,8 +260,7 @@ def stage_bon(s: Setup) -> dict:
     chosen = pool["rm"][:, :min(16, n_max)].argmax(dim=1)
     save_checkpoint(s.path("data", "bon.pt"),
                     {"pool": pool, "run": s.new_record("bon", rm_record["id"]),
-                                                "best_of_16": texts(s,
-                                                                    first[torch.arange(len(prompts)), chosen])})
+                     "best_of_16": texts(s, first[torch.arange(len(prompts)), chosen])})
     n = n_max
     key = measure(s)
     print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, "
@@ -336,7 +337,8 @@ def stage_eval(s: Setup) -> dict:
     # each method's end point: the last point of its curve, its final policy
     for name, point in ends.items():
         policy = policies[name]
-        completions = (base_result["completions"][::samples] if name == "base" else evaluate_policy(
+        completions = (base_result["completions"][::samples] if name == "base"
+                       else evaluate_policy(
             s, policy, reference, rm, prompts, 1,
             s.generator("eval.sampling", on_device=True))["completions"])
         val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
@@ -347,12 +349,10 @@ def stage_eval(s: Setup) -> dict:
                                                           completions)) / len(completions))
         result["samples"][name] = completions
     result["bon_curve"] = best_of_n_curve(bon["pool"], base_result, key) if bon else []
-    result["methods"].update({f"best-of-{point['n']}": dict(point,
-                                                            **gains_and_transfer(point,
-                                                                                 base_point, key,
-                                                                                 judges))
-                              for point in result["bon_curve"] if point["n"] in (4, 64,
-                                                                                 cfg["bon_max_n"])})
+    for point in result["bon_curve"]:
+        if point["n"] in (4, 64, cfg["bon_max_n"]):
+            gains = gains_and_transfer(point, base_point, key, judges)
+            result["methods"][f"best-of-{point['n']}"] = dict(point, **gains)
     result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
                                      {"best-of-n": result["bon_curve"],
                                       **result["curves"]}.items()}
@@ -384,6 +384,8 @@ def record_seconds(s: Setup, stage: str, seconds: float) -> None:
                           **{stage: seconds}))
 
 
+RM_MEASURES = ("accuracy_on_oracle", "accuracy_on_labels", "label_ceiling")
+
 def stage_report(s: Setup) -> dict:
     """The study over the seeds: every method's end point and its scores at matched KL, with 95%
     intervals over the seeds (over prompts where there is one), the differences to best-of-n and
@@ -399,7 +401,8 @@ def stage_report(s: Setup) -> dict:
     reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py "
                                   "--rlhf_stage=rm again")["rlhf"]
                      for r in replicates]  # seed_result checked that these are the ones measured
-    judges, key = [name[len("judge_"):] for name in score_names(s) if name.startswith("judge_")], measure(s)
+    judges, key = [name[len("judge_"):] for name in score_names(s)
+                   if name.startswith("judge_")], measure(s)
     keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win", "val_bpb",
             "distinct_2",
             "repetition", f"gain_{key}", *(f"gain_judge_{j}" for j in judges)]
@@ -417,9 +420,8 @@ def stage_report(s: Setup) -> dict:
                                  per_seed[0].get("prompts", cfg["bon_prompts"])),
               "bon_max_n": cfg["bon_max_n"], "judges": judges,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds,
-              "reward_model": {k: summarise(reward_models, k) for k in ("accuracy_on_oracle",
-                                                                        "accuracy_on_labels",
-                                                                          "label_ceiling") if k in reward_models[0]},
+              "reward_model": {k: summarise(reward_models, k) for k in RM_MEASURES
+                               if k in reward_models[0]},
               "methods": {}, "matched_kl": {}, "pairwise": {}}
     for name in names:
         rows = [r["methods"][name] for r in per_seed]
@@ -490,7 +492,9 @@ def main(argv: list[str] | None = None) -> dict:
         # one run of an oracle and preset at a time
         with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
-            stages = STAGES if cfg["rlhf_stage"] == "all" else (() if cfg["rlhf_stage"] == "report" else (cfg["rlhf_stage"],))
+            stages = STAGES if cfg["rlhf_stage"] == "all" else (()
+                                                                if cfg["rlhf_stage"] == "report"
+                                                                else (cfg["rlhf_stage"],))
             for k in range(cfg["seeds"]):
                 replicate = s.for_seed(cfg["seed"] + k)
                 for stage in stages:

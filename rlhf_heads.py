@@ -100,7 +100,8 @@ def implicit_margin(s: Setup, policy: nn.Module, pairs: dict) -> float:
     pi_base(rejected))]."""
     pc = sequence_logprobs(s, policy, pairs["prompts"], pairs["chosen"])
     pr = sequence_logprobs(s, policy, pairs["prompts"], pairs["rejected"])
-    return (s.cfg["dpo_beta"] * ((pc - pairs["base_chosen"]) - (pr - pairs["base_rejected"]))).mean().item()
+    margin = (pc - pairs["base_chosen"]) - (pr - pairs["base_rejected"])
+    return (s.cfg["dpo_beta"] * margin).mean().item()
 
 
 @torch.no_grad()
@@ -114,8 +115,8 @@ def sampled_scores(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.
 
 
 def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.Tensor,
-                   heads: list[tuple[int, int]], draws: int = 4) -> dict[str,
-                                                                         torch.Tensor | float]:
+                   heads: list[tuple[int, int]],
+                   draws: int = 4) -> dict[str, torch.Tensor | float]:
     """How much the oracle and reward-model scores drop when each head alone is switched off,
     against the unmasked model's mean over `draws` samplings. Sampling diverges within a few tokens
     even from the same random numbers, so each masked score is about an independent draw: "noise"
@@ -221,8 +222,8 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     if "rloo" in records:
         final = load_tensors(s.path("model_dict", "rloo.pt"), "run python rlhf.py "
                              "--rlhf_stage=rloo again")["rlhf"]
-        curves["all weights (the rloo stage's run)"] = kept_curve(s, "rloo", final, reference, rm,
-                                                                  prompts, 2,
+        curves["all weights (the rloo "
+               "stage's run)"] = kept_curve(s, "rloo", final, reference, rm, prompts, 2,
                                                                   base_result)
     for label, mask in runs.items():
         name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
@@ -258,8 +259,9 @@ def write_head_study(s: Setup, study: dict) -> None:
                             r["stat_change"]["first_token"])]) for m, r in methods.items()],
         "ablation": [(name, [("oracle score drop, head off", ablation["oracle"]),
                              ("reward-model drop, head off", ablation["rm"])])
-                     for name, ablation in [("base", study["base_ablation"])] + [(m,
-                                                                                  r["ablation"]) for m, r in methods.items()]],
+                     for name, ablation in [("base",
+                                             study["base_ablation"])] + [(m, r["ablation"]) for m,
+                                                                         r in methods.items()]],
         "transplant": [(m, [("margin, tuned head into base", r["margin_into_base"]),
                             ("margin lost, base head into tuned", r["margin_lost_from_tuned"]),
                             ("oracle score, tuned head into base",
@@ -277,8 +279,9 @@ def write_head_study(s: Setup, study: dict) -> None:
                            "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
-    for name, ablation in [("base", study["base_ablation"])] + [(m, r["ablation"]) for m,
-                                                                r in methods.items()]:
+    for name, ablation in [("base",
+                            study["base_ablation"])] + [(m, r["ablation"]) for m,
+                                                        r in methods.items()]:
         largest = ablation["oracle"].abs().max().item()
         print(f"{name}: switching one head off moves the oracle score by at most {largest:.3f}; "
               f"sampling alone moves it by {ablation['noise_oracle']:.3f} (one standard "

@@ -101,8 +101,8 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
             os.remove(tmp)
 
 
-def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list[int], list[int],
-                                                                            list[int]]:
+def _merge_with_sites(ids: list[int], a: int, b: int,
+                      new_id: int) -> tuple[list[int], list[int], list[int]]:
     """Merge (a, b) -> new_id in ids.
 
     Returns (new ids, start indices of old pairs that touch a merged token,
@@ -124,8 +124,8 @@ def _merge_with_sites(ids: list[int], a: int, b: int, new_id: int) -> tuple[list
             out.append(new_id)
             # old pairs starting at i-1, i, i+1 touch the merged tokens; skip i-1 if the
             # previous merge already listed it (it ended at i-1)
-            old_sites.extend((i - 1, i, i + 1) if not old_sites or old_sites[-1] < i - 1 else (i,
-                                                                                               i + 1))
+            old_sites.extend((i - 1, i,
+                              i + 1) if not old_sites or old_sites[-1] < i - 1 else (i, i + 1))
             new_sites.extend((m - 1, m) if not new_sites or new_sites[-1] < m - 1 else (m,))
             start = i + 2
             i = start

@@ -25,9 +25,9 @@ def head_parameter(layer: int, head: int, proj: str, kind: str = "weight") -> st
 
 def head_parameters(state: dict, layer: int, head: int) -> list[str]:
     """Every entry of one head in an LB-GPT state dict (biases only where the model has them)."""
-    names = [head_parameter(layer, head, proj, kind) for proj in ("query", "key",
-                                                                  "value") for kind in ("weight",
-                                                                                        "bias")]
+    names = [head_parameter(layer, head, proj,
+                            kind) for proj in ("query", "key",
+                                               "value") for kind in ("weight", "bias")]
     return [name for name in names if name in state]
 
 
@@ -65,8 +65,8 @@ def relative_change(tuned: torch.Tensor, base: torch.Tensor) -> float:
     return ((tuned.double() - base.double()).norm() / base.double().norm()).item()
 
 
-def head_weight_change(base: dict, tuned: dict, n_layer: int, n_head: int) -> dict[str,
-                                                                                   torch.Tensor]:
+def head_weight_change(base: dict, tuned: dict, n_layer: int,
+                       n_head: int) -> dict[str, torch.Tensor]:
     """How far each head moved: the relative change of its query, key and value weights and of its
     slice of the output projection, each (n_layer, n_head); and of each MLP's two matrices,
     (n_layer, 1)."""

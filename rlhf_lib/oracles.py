@@ -109,7 +109,8 @@ def verse(text: str) -> float:
     """How close the completion's lines come to ten syllables (iambic pentameter): minus the mean
     distance from 10 over its lines of words (speaker names, all capitals and a colon, are not
     lines of verse)."""
-    lines = [line for line in text.split("\n") if WORD.search(line.lower()) and not re.fullmatch(r"[A-Z ]+:", line.strip())]
+    lines = [line for line in text.split("\n") if WORD.search(line.lower())
+             and not re.fullmatch(r"[A-Z ]+:", line.strip())]
     if not lines:
         return -10.0
     return -sum(abs(sum(map(syllables,

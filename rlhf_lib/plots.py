@@ -34,7 +34,8 @@ def plot_score_against_kl(report: dict, path: str) -> None:
     for target in report.get("matched_kl", {}):
         ax.axvline(float(target) ** 0.5, color="grey", linewidth=0.6, linestyle=":")
     score = "oracle score" if key == "oracle" else "reward-model score"
-    source = f"oracle {report['oracle']}" if report["oracle"] else f"pairs {report.get('pairs')}, no oracle"
+    source = (f"oracle {report['oracle']}" if report["oracle"]
+              else f"pairs {report.get('pairs')}, no oracle")
     finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)", f"{score} (mean over "
                 "held-out prompts)",
                 f"{source}: score against distance from the base ({len(report['curves'])} seeds)",

@@ -53,8 +53,8 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     (..., V), (...)
     -> (...). Every log-probability in preference tuning goes through here, so none is taken at
     another temperature than the one the tokens were sampled at."""
-    logprobs = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1,
-                                                                          tokens.clamp_min(0).unsqueeze(-1))
+    logprobs = F.log_softmax(logits.float() / temperature,
+                             dim=-1).gather(-1, tokens.clamp_min(0).unsqueeze(-1))
     # padding: 0, so a row's sum is its completion's
     return logprobs.squeeze(-1).masked_fill(tokens == PAD, 0.0)
 
@@ -78,8 +78,8 @@ def completion_states(body: nn.Module, prompts: torch.Tensor,
     length = completions.shape[1]
     # (B, L): each completion token's position
     where = prompt_lengths + torch.arange(length, device=prompts.device)
-    ids = torch.cat([prompts, torch.full_like(completions, PAD)], dim=1).scatter(1, where,
-                                                                                 completions)
+    ids = torch.cat([prompts, torch.full_like(completions, PAD)],
+                    dim=1).scatter(1, where, completions)
     # the longest row: the columns after it are all padding
     width = int((prompt_lengths + completion_lengths).max())
     # (B, width, C); padding reads as token 0, unseen

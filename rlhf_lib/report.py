@@ -101,8 +101,8 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
     for i in range(0, len(repeated), CHUNK):
         p, c = repeated[i:i + CHUNK], completions[i:i + CHUNK]
         with autocast(s.cfg["device"], s.cfg["dtype"]):
-            logits, ref_logits = completion_logits(policy, p, c), completion_logits(reference, p,
-                                                                                    c)
+            logits, ref_logits = completion_logits(policy, p,
+                                                   c), completion_logits(reference, p, c)
         kl["exact"].append(exact_kl(logits, ref_logits, TEMPERATURE).sum(1))
         estimators = kl_estimators(token_logprobs(logits, c, TEMPERATURE),
                                    token_logprobs(ref_logits, c, TEMPERATURE))
@@ -143,8 +143,8 @@ def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: Rewar
     (else the end point would not be the policy)."""
     folder = kept_folder(s, name)
     points = [curve_point(s, 0, 0, base, base)]
-    files = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step\d+\.pt",
-                                                                 f)) if os.path.isdir(folder) else []
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    files = [f for f in names if re.fullmatch(r"step\d+\.pt", f)]
     for file in sorted(files, key=lambda f: int(f[4:-3])):
         path = os.path.join(folder, file)
         kept = load_policy_checkpoint(path, final["run"])
@@ -180,8 +180,9 @@ def gains_and_transfer(row: dict, base: dict, key: str, judges: list[str]) -> di
     (paired: the same prompts), and one seed's transfer ratio for each judge: its mean gain over
     the oracle score's (1: the judge rose as much as the oracle score; 0: not at all). The report's
     ratio over seeds is ratio_summary's."""
-    out = {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k],
-                                               base["per_prompt"][k])] for k in [key, *judges]}
+    out = {f"gain_{k}": [a - b for a,
+                         b in zip(row["per_prompt"][k],
+                                  base["per_prompt"][k])] for k in [key, *judges]}
     oracle_gain = sum(out[f"gain_{key}"]) / len(out[f"gain_{key}"])
     for judge in judges:
         judge_gain = sum(out[f"gain_{judge}"]) / len(out[f"gain_{judge}"])
@@ -238,7 +239,8 @@ def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
     if summary.get("mean") is None or math.isnan(summary["mean"]):
         return "not reached" if summary.get("reason") == "not reached" else "—"
     ci = summary.get("ci")
-    return fmt.format(summary["mean"]) + (f" ± {fmt.format(ci).lstrip('+')}" if ci is not None else "")
+    return fmt.format(summary["mean"]) + (f" ± {fmt.format(ci).lstrip('+')}" if ci is not None
+                                          else "")
 
 
 def markdown_tables(report: dict) -> str:
@@ -250,7 +252,8 @@ def markdown_tables(report: dict) -> str:
     head = (["method", "optimizer steps", "KL to base (nats/seq)",
              score] + [f"judge {j}" for j in judges]
             + [score.replace("score",
-                             "gain")] + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
+                             "gain")] + [f"{j} gain"
+                                         for j in judges] + [f"transfer {j}" for j in judges]
             + ["win rate vs base", "val bpb", "distinct-2", "repetition"])
     lines = [reward_model_line(report["reward_model"], over), "", "**End points** (mean ± 95% "
              f"interval over {over}):",
@@ -258,13 +261,14 @@ def markdown_tables(report: dict) -> str:
     for method, m in report["methods"].items():
         cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m[key])]
         cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get(f"gain_{key}"))]
-        cells += [cell(m.get(f"gain_judge_{j}")) for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
+        cells += [cell(m.get(f"gain_judge_{j}"))
+                  for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
         cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("val_bpb"), "{:.3f}"),
                   cell(m.get("distinct_2"), "{:.3f}"),
                   cell(m.get("repetition"), "{:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["KL", "method", score] + [f"judge {j}" for j in judges] + [f"{score.split()[0]} − "
-                                                                       "best-of-n"] + [
+    head = ["KL", "method",
+            score] + [f"judge {j}" for j in judges] + [f"{score.split()[0]} − best-of-n"] + [
         f"{j} − best-of-n" for j in judges]
     lines += ["", "**At matched KL** (each method's kept checkpoints interpolated to the KL; "
               "best-of-n from its curve on "
@@ -275,8 +279,8 @@ def markdown_tables(report: dict) -> str:
         for method, m in methods.items():
             cells = [target, method,
                      cell(m.get(key))] + [cell(m.get(f"judge_{j}")) for j in judges]
-            cells += [cell(m.get(f"{key} - best-of-n"))] + [cell(m.get(f"judge_{j} - "
-                                                                       "best-of-n")) for j in judges]
+            cells += [cell(m.get(f"{key} - best-of-n"))]
+            cells += [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"**Methods against each other at matched KL** ({score}, paired by prompt; mean "
               "± 95% interval "
@@ -299,7 +303,8 @@ def reward_model_line(rm: dict, over: str) -> str:
                  "on the ")
     else:
         line += "accuracy on the "
-    line += f"{'noisy ' if 'label_ceiling' in rm else 'held-out '}labels {cell(rm['accuracy_on_labels'], '{:.1%}')}"
+    line += (f"{'noisy ' if 'label_ceiling' in rm else 'held-out '}labels "
+             f"{cell(rm['accuracy_on_labels'], '{:.1%}')}")
     return line + (", against a ceiling of "
                    f"{cell(rm['label_ceiling'], '{:.1%}')}." if "label_ceiling" in rm else ".")
 
@@ -319,7 +324,8 @@ def write_markdown_report(path: str, report: dict) -> None:
                 "the side-by-side samples judge that; to measure by something you can write down, "
                 "pass it as --oracle (it only measures: the labels stay the file's). ")
         win = "by the reward model's score"
-    transfer = " Transfer: a judge's gain over the oracle score's gain." if report["judges"] else ""
+    transfer = (" Transfer: a judge's gain over the oracle score's gain." if report["judges"]
+                else "")
     write_text(path, f"# RLHF report: {source}, {report['script']}.py, base "
                f"{report['base']}\n\n{note}"
                      f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} "

@@ -173,7 +173,8 @@ class Setup:
         same settings is still another run, and what was built on the earlier one is refused)."""
         record = self.expected(stage, upstream)
         record["keys"].update(keys or {})
-        record["id"] = hashlib.sha256(f"{json.dumps(record, sort_keys=True)}{uuid.uuid4()}".encode()).hexdigest()[:16]
+        unique = f"{json.dumps(record, sort_keys=True)}{uuid.uuid4()}"
+        record["id"] = hashlib.sha256(unique.encode()).hexdigest()[:16]
         return record
 
     def found_record(self, stage: str) -> dict:
@@ -198,9 +199,10 @@ def record_in(content) -> dict | None:
     "rlhf" entry."""
     if not isinstance(content, dict):
         return None
-    record = content.get("run", content.get("rlhf",
-                                            {}).get("run") if isinstance(content.get("rlhf"),
-                                                                         dict) else None)
+    record = content.get("run",
+                         content.get("rlhf",
+                                     {}).get("run") if isinstance(content.get("rlhf"),
+                                                                  dict) else None)
     return record if isinstance(record, dict) else None
 
 
@@ -212,15 +214,15 @@ def check_record(found: dict | None, expected: dict, path: str) -> None:
     if all(found.get(k) == v for k, v in expected.items()):
         return
     if found.get("stage") != expected["stage"]:
-        why = f"by the {found.get('stage', 'unknown')} stage" if found else "with no record of its run"
+        why = (f"by the {found.get('stage', 'unknown')} stage" if found else "with no record of "
+               "its run")
     else:
         differing = [f"{k}={v!r} there, {expected['keys'][k]!r} here" for k,
                      v in found.get("keys", {}).items()
                      if k in expected["keys"] and expected["keys"][k] != v]
-        differing += [f"{k} {found.get(k)!r} there, "
-                      f"{expected[k]!r} here" for k in ("seed", "script", "dtype", "base",
-                                                                                     "data",
-                                                                                     "pairs") if found.get(k) != expected[k]]
+        differing += [f"{k} {found.get(k)!r} there, {expected[k]!r} here"
+                      for k in ("seed", "script", "dtype", "base", "data", "pairs")
+                      if found.get(k) != expected[k]]
         if found.get("upstream") != expected["upstream"]:
             differing.append(f"built on an earlier {UPSTREAM[expected['stage']]} file")
         why = "; ".join(differing[:3])
@@ -255,7 +257,8 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
         raise UserError("--oracle=none: with no oracle the pairs come from a file; run python "
                         "rlhf.py --pairs=FILE.jsonl (or label some: python rlhf.py "
                         "--rlhf_stage=label)")
-    cfg = dict(cfg, oracle=("none" if pairs else "sentiment") if cfg["oracle"] == "auto" else cfg["oracle"])
+    cfg = dict(cfg, oracle=("none" if pairs else "sentiment") if cfg["oracle"] == "auto"
+               else cfg["oracle"])
     oracle = None if cfg["oracle"] == "none" else get_oracle(cfg["oracle"])
     data = Dataset(resolve_data(cfg["data"]), block_size, data_batch_size,
                    cfg["device"], tokenizer_text=base["tokenizer"])
@@ -301,8 +304,9 @@ def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dic
                 optimizer_steps: int) -> None:
     """A tuned policy with what made it: the method, the step, and the record of the run
     (Setup.new_record)."""
-    save_model(s, policy, path, {"method": method, "step": step,
-                                 "optimizer_steps": optimizer_steps, "base": s.base_path,
+    save_model(s, policy, path,
+               {"method": method, "step": step, "optimizer_steps": optimizer_steps,
+                "base": s.base_path,
                                  "oracle": s.oracle and s.oracle.name, "run": record})
 
 
@@ -358,8 +362,8 @@ def chosen_rejected(split: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The preferred and the other completion of each labelled pair: (n, completion_tokens) each (a
     pairs file's: (n, longest), padded)."""
     prefer_a = split["a_preferred"].to(split["a"].device)[:, None]
-    return torch.where(prefer_a, split["a"], split["b"]), torch.where(prefer_a, split["b"],
-                                                                      split["a"])
+    return torch.where(prefer_a, split["a"],
+                       split["b"]), torch.where(prefer_a, split["b"], split["a"])
 
 
 # -----------------------------------------------------------------------------------------
@@ -425,10 +429,9 @@ def complete(s: Setup, model: nn.Module, prompts: torch.Tensor,
         for length in lengths.unique().tolist():
             rows = (lengths == length).nonzero().squeeze(1)
             group = prompts[rows, :length]
-            out[rows] = torch.cat([sample_completions(model, group[i:i + CHUNK],
-                                                      s.cfg["completion_tokens"],
-                                                      TEMPERATURE, gen)[0] for i in range(0,
-                                                                                          len(group), CHUNK)])
+            chunks = [sample_completions(model, group[i:i + CHUNK], s.cfg["completion_tokens"],
+                                         TEMPERATURE, gen)[0] for i in range(0, len(group), CHUNK)]
+            out[rows] = torch.cat(chunks)
     return out
 
 

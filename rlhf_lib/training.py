@@ -46,8 +46,8 @@ def train_reward_model(s: Setup, pairs: dict) -> RewardModel:
                               s.generator("rm.order"),
                               prompts.device, desc="reward model"):
         with autocast(cfg["device"], cfg["dtype"]):
-            r_c, r_r = rm(prompts[idx], chosen[idx]).float(), rm(prompts[idx],
-                                                                 rejected[idx]).float()
+            r_c, r_r = rm(prompts[idx],
+                          chosen[idx]).float(), rm(prompts[idx], rejected[idx]).float()
         step_on(optimizer, reward_model_loss(r_c, r_r))
     return rm
 
@@ -213,7 +213,8 @@ def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
     is small)."""
     if method == "rloo":
         return 1
-    return cfg["ppo_epochs"] * math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / ppo_minibatch_size(cfg))
+    minibatches = math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / ppo_minibatch_size(cfg))
+    return cfg["ppo_epochs"] * minibatches
 
 
 def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter],

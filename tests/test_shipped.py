@@ -70,13 +70,16 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
     git("clone", "-q", ROOT, str(clone), cwd=tmp_path)
     small = TINY_MODEL + ["--max_iters=5", "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
     optional = {"transformers", "safetensors", "tokenizers", "huggingface_hub", "tiktoken"}
-    # what a mode does not use is not loaded: neither the Hugging Face code nor head research, nor (to
-    # sample) the training loop and matplotlib; nor ever the RLHF layer
-    unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "rlhf_lib", "rlhf_config"}
+    # what a mode does not use is not loaded: neither the Hugging Face code nor head research nor
+    # --mode=eval's module, nor (to sample) the data pipeline, the training loop and matplotlib;
+    # nor ever the RLHF layer
+    unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "dualgpt.evaluation",
+              "rlhf_lib", "rlhf_config"}
     for command, not_loaded in (([sys.executable, "-X", "importtime", "gpt.py", *small], unused),
                                 ([sys.executable, "-X", "importtime", "gpt.py", "--mode=sample",
                                   "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20", "--num_samples=1"],
-                                 unused | {"dualgpt.train", "dualgpt.plots", "matplotlib"})):
+                                 unused | {"dualgpt.train", "dualgpt.data", "dualgpt.plots",
+                                           "matplotlib"})):
         result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         modules = {line.split("|")[-1].strip() for line in result.stderr.splitlines()

@@ -72,9 +72,7 @@ HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one);
          "max_iters": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
          "max_minutes": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
          "ckpt": "rlhf.py starts from --rlhf_base and names its outputs after the oracle and "
-         "the seed",
-         "keep_every": "each run now keeps --keep_points checkpoints, each at twice the step of "
-         "the one before"}
+         "the seed"}
 
 
 def dpo_methods(cfg: dict) -> list[str]:

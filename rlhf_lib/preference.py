@@ -22,18 +22,19 @@ PAD = -1  # fills prompts and completions of different lengths on the right; no 
 # Labels
 
 
-def preference_probability(gold_a: torch.Tensor, gold_b: torch.Tensor, tau: float) -> torch.Tensor:
-    """Bradley-Terry: P(a preferred to b) = sigmoid((g_a - g_b) / tau)."""
-    return torch.sigmoid((gold_a - gold_b) / tau)
+def preference_probability(oracle_a: torch.Tensor, oracle_b: torch.Tensor,
+                           tau: float) -> torch.Tensor:
+    """Bradley-Terry: P(a preferred to b) = sigmoid((oracle_a - oracle_b) / tau)."""
+    return torch.sigmoid((oracle_a - oracle_b) / tau)
 
 
-def tau_for_agreement(gold_differences: torch.Tensor, agreement: float) -> float:
-    """The tau at which noisy labels agree with the gold preference `agreement` of the time, on
-    average over the pairs whose gold scores differ (ties carry no gold preference): solves
+def tau_for_agreement(oracle_differences: torch.Tensor, agreement: float) -> float:
+    """The tau at which noisy labels agree with the oracle's preference `agreement` of the time, on
+    average over the pairs whose oracle scores differ (ties carry no preference): solves
     mean(sigmoid(|d| / tau)) = agreement by bisection (the mean falls as tau grows)."""
-    d = gold_differences.abs()[gold_differences != 0].double()
+    d = oracle_differences.abs()[oracle_differences != 0].double()
     if len(d) == 0 or not 0.5 < agreement < 1:
-        raise ValueError("need pairs with different gold scores and an agreement in (0.5, 1)")
+        raise ValueError("need pairs with different oracle scores and an agreement in (0.5, 1)")
     low, high = 1e-6, 1e6
     for _ in range(200):
         tau = math.sqrt(low * high)

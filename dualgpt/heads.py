@@ -1,16 +1,18 @@
-"""Head-level research (--mode=heads): attention maps, per-head statistics, and ablation of one
-head at a time."""
+"""Head-level research (--mode=heads): attention maps, per-head statistics on val text, scores on
+the standard probe (repeated random tokens), and ablation of one head at a time."""
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from dualgpt import repo_path
+from dualgpt import UserError, repo_path
 from dualgpt.evaluation import checkpoint_with_data
 from dualgpt.plots import pyplot, save_figure
 from dualgpt.runconfig import parse_head_mask
@@ -59,29 +61,91 @@ def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
     return {name: total / len(batches) for name, total in sums.items()}
 
 
+# --- the standard probe: repeated random tokens ------------------------------------------------
+# A head's score on a probe is its mean attention on the probe's target positions, the definitions
+# of TransformerLens's head detector. In the second copy each token is a repeat: a duplicate-token
+# head attends to its earlier occurrence, an induction head to the token after that occurrence
+# (whose copy is the next token: the circuit behind in-context learning).
+
+PROBE_LENGTH = 24  # random tokens per copy by default: 1 + 2 x 24 = 49 tokens
+LABEL_THRESHOLD = 0.4  # a head is labelled by its highest probe score if it reaches this
+PROBES = ("previous_token", "duplicate_token", "induction")
+
+
+def probe_length(requested: int, block_size: int) -> int:
+    """Tokens per copy: as requested, or (0) 24 or fewer where the window holds fewer."""
+    fits = (block_size - 1) // 2
+    if requested > fits:
+        raise UserError(f"probe_length {requested} does not fit the model's block_size "
+                        f"{block_size}: a probe is 1 + 2 x probe_length tokens, so at most {fits}")
+    return requested or min(PROBE_LENGTH, fits)
+
+
+def repeated_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """The probe, (n, 1 + 2 length): a uniform random token, then `length` more, repeated once."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(vocab_size, (n, 1 + length), generator=gen)
+    return torch.cat([first, first[:, 1:]], dim=1)
+
+
 @torch.no_grad()
-def ablation(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             base_mask: set[tuple[int, int]],
-             device: str, dtype: str) -> tuple[float, torch.Tensor]:
-    """Loss over the batches with base_mask's heads off, and its increase when each other head is
-    also switched off alone: (loss, (n_layer, n_head) increases)."""
+def probe_scores(model: nn.Module, tokens: torch.Tensor,
+                 length: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Each head's previous-token, duplicate-token and induction score on the probe tokens
+    (each (n_layer, n_head)), and the model's in-context-learning score on them."""
+    with recording(model):
+        logits, _ = model(tokens)
+        att = torch.stack([block.attn.recorded()[0] for block in model.blocks], dim=1)
+    # att: (B, n_layer, n_head, T, T), query positions first
+    T, L = tokens.shape[1], length
+    every = torch.arange(1, T)  # the queries with a predecessor
+    repeat = torch.arange(L + 1, T)  # the queries of the second copy
+    scores = {"previous_token": att[..., every, every - 1],  # every token to its predecessor
+              "duplicate_token": att[..., repeat, repeat - L],  # to its earlier occurrence
+              "induction": att[..., repeat, repeat - L + 1]}  # to the token after that occurrence
+    scores = {name: s.mean((0, -1)).float().cpu() for name, s in scores.items()}
+    return scores, icl_score(logits, tokens, L)
 
-    def loss() -> float:
-        total = 0.0
-        for x, y in batches:
-            with autocast(device, dtype):
-                total += model(x, y)[1].item()
-        return total / len(batches)
 
-    base = loss()
+def icl_score(logits: torch.Tensor, tokens: torch.Tensor, length: int) -> float:
+    """The in-context-learning score: mean loss (nats) on the first copy minus on the second,
+    positive when the model uses the repeat. The first token of each copy is left out of both:
+    nothing before it predicts it."""
+    # losses[:, j]: the loss of predicting the token at position j + 1
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
+                             reduction="none")
+    return (losses[:, 1:length].mean() - losses[:, length + 1:].mean()).item()
+
+
+def head_label(row: dict) -> str:
+    """The probe a head scores highest on, if that score reaches LABEL_THRESHOLD; else ''."""
+    best = max(PROBES, key=lambda name: row[name])
+    return best if row[best] >= LABEL_THRESHOLD else ""
+
+
+@torch.no_grad()
+def ablation(model: nn.Module, metric: Callable[[], float],
+             base_mask: set[tuple[int, int]]) -> tuple[float, torch.Tensor]:
+    """metric() with base_mask's heads off, and how much it changes when each other head is also
+    switched off alone: (value, (n_layer, n_head) changes)."""
+    base = metric()
     n_layer, n_head = model.config.n_layer, model.config.n_head
     delta = torch.zeros(n_layer, n_head)
     for layer, head in progress([(l, h) for l in range(n_layer) for h in range(n_head)],
                                 desc="ablating heads", leave=False):
         model.set_head_mask(base_mask | {(layer, head)})
-        delta[layer, head] = loss() - base
+        delta[layer, head] = metric() - base
     model.set_head_mask(base_mask)
     return base, delta
+
+
+def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str,
+              dtype: str) -> float:
+    total = 0.0
+    for x, y in batches:
+        with autocast(device, dtype):
+            total += model(x, y)[1].item()
+    return total / len(batches)
 
 
 def recorded_attention(model: nn.Module, ids: list[int], device: str) -> list[torch.Tensor]:
@@ -97,13 +161,14 @@ def token_labels(vocab: dict[int, bytes], ids: list[int]) -> list[str]:
 
 
 def print_head_table(rows: list[dict]) -> None:
-    print(f"{'head':>6} {'+loss':>8} {'+bpb':>7} {'entropy':>8} {'distance':>9} {'prev tok':>9} "
-          f"{'first tok':>10} {'out norm':>9}")
+    print(f"{'head':>6} {'+loss':>8} {'+bpb':>7} {'entropy':>8} {'distance':>9} {'first tok':>10} "
+          f"{'out norm':>9} {'prev tok':>9} {'dup tok':>8} {'induct':>7} {'ICL off':>8}  label")
     for r in rows:
         print(f"{r['layer']:>4}.{r['head']:<1} {r['loss_increase']:>+8.4f} "
-              f"{r['bpb_increase']:>+7.3f} "
-              f"{r['entropy']:>8.3f} {r['mean_distance']:>9.2f} {r['previous_token']:>9.3f} "
-              f"{r['first_token']:>10.3f} {r['output_norm']:>9.3f}")
+              f"{r['bpb_increase']:>+7.3f} {r['entropy']:>8.3f} {r['mean_distance']:>9.2f} "
+              f"{r['first_token']:>10.3f} {r['output_norm']:>9.3f} {r['previous_token']:>9.3f} "
+              f"{r['duplicate_token']:>8.3f} {r['induction']:>7.3f} {r['icl_change']:>+8.3f}  "
+              f"{r['label'] or '-'}")
 
 
 def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
@@ -111,6 +176,7 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
     split."""
     ckpt, model, data = checkpoint_with_data(model_class, cfg)
     model.eval()
+    length = probe_length(cfg["probe_length"], model.config.block_size)  # before writing anything
     name = os.path.splitext(os.path.basename(cfg["ckpt"]))[0]
     prefix = repo_path("generate_text", name)
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
@@ -129,11 +195,16 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
             files.append(f"{prefix}.heads.layer{layer}.png")
             plot_attention([w], labels, f"{title}, layer {layer}", files[-1])
 
+    probe = repeated_tokens(cfg["probe_sequences"], length, model.config.vocab_size,
+                            cfg["seed"]).to(cfg["device"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     batches = [data.batch("val", gen) for _ in range(cfg["eval_iters"])]
     stats = head_statistics(model, [x for x, _ in batches])
-    base, delta = ablation(model, batches, parse_head_mask(cfg["head_mask"]), cfg["device"],
-                           cfg["dtype"])
+    stats.update(probe_scores(model, probe, length)[0])  # previous_token: the probe's, not val's
+    mask = parse_head_mask(cfg["head_mask"])
+    base, delta = ablation(model, lambda: mean_loss(model, batches, cfg["device"], cfg["dtype"]),
+                           mask)
+    icl, icl_delta = ablation(model, lambda: probe_scores(model, probe, length)[1], mask)
     files.append(prefix + ".ablation.png")
     plot_head_heatmap(delta, f"{name}: val loss increase when one head is switched off",
                       "val loss increase (nats/token)", files[-1])
@@ -142,16 +213,22 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
     for layer in range(model.config.n_layer):
         for head in range(model.config.n_head):
             row = {"layer": layer, "head": head, "loss_increase": delta[layer, head].item(),
-                   "bpb_increase": data.bpb(delta[layer, head].item(), "val")}
+                   "bpb_increase": data.bpb(delta[layer, head].item(), "val"),
+                   "icl_change": icl_delta[layer, head].item()}
             row.update({k: v[layer, head].item() for k, v in stats.items()})
-            rows.append(row)
+            rows.append(dict(row, label=head_label(row)))
     rows.sort(key=lambda r: -r["loss_increase"])
     print(f"val loss {base:.4f} ({data.bpb(base, 'val'):.3f} bpb) over {len(batches)} batches; "
-          "heads by importance:")
+          f"in-context learning {icl:+.3f} nats on {len(probe)} probes of {length} repeated "
+          f"random tokens (ICL off: its change with the head off; labels at a probe score of "
+          f"{LABEL_THRESHOLD}); heads by importance:")
     print_head_table(rows)
     report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"],
               "head_mask": cfg["head_mask"],
-              "val_batches": len(batches), "val_loss": base, "heads": rows}
+              "val_batches": len(batches), "val_loss": base, "icl_score": icl,
+              "probe": {"sequences": len(probe), "length": length, "seed": cfg["seed"],
+                        "label_threshold": LABEL_THRESHOLD},
+              "heads": rows}
     files.append(prefix + ".heads.json")
     with atomic_open(files[-1], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)

@@ -133,10 +133,22 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
     rows = report["heads"]
     assert sorted((r["layer"], r["head"]) for r in rows) == [(layer, h) for layer in range(2) for h in range(2)]
     assert [r["loss_increase"] for r in rows] == sorted((r["loss_increase"] for r in rows), reverse=True)
+    assert "label" in out and "ICL off" in out
+    # the probe's record, its scores and labels (block 32: 15 tokens per copy), and the ICL score
+    assert report["probe"] == {"sequences": 64, "length": 15, "seed": 1337, "label_threshold": 0.4}
+    assert isinstance(report["icl_score"], float)
     for r in rows:
-        assert 0 <= r["previous_token"] <= 1
-        assert 0 <= r["first_token"] <= 1
+        assert all(0 <= r[name] <= 1 for name in ("previous_token", "duplicate_token", "induction",
+                                                  "first_token"))
+        assert r["label"] == heads.head_label(r)
         assert r["entropy"] >= 0
+    # icl_change: the ICL score with that head also off, minus with all on
+    _, model = checkpoint.checkpoint_model(gpt.LBGPT, script_config(args + ["--mode=heads"], "gpt"))
+    probe = heads.repeated_tokens(64, 15, 300, 1337)
+    row = rows[0]
+    model.set_head_mask({(row["layer"], row["head"])})
+    assert heads.probe_scores(model, probe, 15)[1] - report["icl_score"] == pytest.approx(
+        row["icl_change"], abs=1e-5)
     # deterministic, and the same from gpt_.py on the same checkpoint
     assert run_main(args + ["--mode=heads"]) == 0
     first = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
@@ -146,8 +158,17 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
     sm = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
     assert [(r["layer"], r["head"]) for r in sm] == [(r["layer"], r["head"]) for r in first]
     for a, b in zip(first, sm):
-        assert a["loss_increase"] == pytest.approx(b["loss_increase"], abs=1e-4)
-        assert a["entropy"] == pytest.approx(b["entropy"], abs=1e-4)
+        for key in ("loss_increase", "entropy", "previous_token", "duplicate_token", "induction",
+                    "icl_change"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    # a probe longer than the window: one line, exit 2, nothing written
+    before = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
+    capsys.readouterr()
+    assert run_main(args + ["--mode=heads", "--probe_length=16"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: probe_length 16 does not fit the model's block_size 32: a probe is "
+                   "1 + 2 x probe_length tokens, so at most 15\n")
+    assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
 
 def test_statistics_against_a_hand_made_attention():
@@ -171,3 +192,103 @@ def test_statistics_against_a_hand_made_attention():
     assert stats["first_token"][0, 0].item() == pytest.approx(1 / (T - 1))  # only query 1 looks at token 0
     assert stats["mean_distance"][0, 0].item() == pytest.approx((T - 1) / T)
     assert stats["entropy"][0, 0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --- the standard probe, against a plain implementation from the raw weights -------------------
+
+
+def plain_forward(state: dict, cfg: gpt.ModelConfig, tokens: torch.Tensor):
+    """Logits (B, T, V) and every head's attention weights [layer][head] (B, T, T), computed from an
+    LB-GPT state dict with nothing of the model's code."""
+    B, T = tokens.shape
+    C, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
+
+    def linear(x, name):
+        return x @ state[name + ".weight"].T + (state[name + ".bias"] if cfg.bias else 0)
+
+    def norm(x, name):
+        return torch.nn.functional.layer_norm(x, (C,), state[name + ".weight"],
+                                              state.get(name + ".bias"), cfg.layer_norm_eps)
+
+    x = state["wte.weight"][tokens] + state["wpe.weight"][:T]
+    causal = torch.ones(T, T).tril().bool()
+    weights = []
+    for layer in range(cfg.n_layer):
+        h, outs, weights_of_layer = norm(x, f"blocks.{layer}.ln_1"), [], []
+        for head in range(cfg.n_head):
+            q, k, v = (linear(h, f"blocks.{layer}.attn.heads.{head}.{p}") for p in ("query", "key",
+                                                                                    "value"))
+            w = (q @ k.transpose(1, 2) / hs ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
+            weights_of_layer.append(w)
+            outs.append(w @ v)
+        weights.append(weights_of_layer)
+        x = x + linear(torch.cat(outs, -1), f"blocks.{layer}.attn.proj")
+        hidden = torch.nn.functional.gelu(linear(norm(x, f"blocks.{layer}.ln_2"),
+                                                 f"blocks.{layer}.mlp.fc"))
+        x = x + linear(hidden, f"blocks.{layer}.mlp.proj")
+    return norm(x, "ln_f") @ state["lm_head.weight"].T, weights
+
+
+def plain_probe_scores(weights, logits, tokens, L):
+    """The three scores and the in-context-learning score, position by position."""
+    T = tokens.shape[1]
+    scores = {name: torch.zeros(len(weights), len(weights[0])) for name in heads.PROBES}
+    for layer, weights_of_layer in enumerate(weights):
+        for head, w in enumerate(weights_of_layer):
+            scores["previous_token"][layer, head] = sum(w[:, t, t - 1].mean() for t in range(1, T)) / (T - 1)
+            second = range(L + 1, 2 * L + 1)
+            scores["duplicate_token"][layer, head] = sum(w[:, t, t - L].mean() for t in second) / L
+            scores["induction"][layer, head] = sum(w[:, t, t - L + 1].mean() for t in second) / L
+    logp = logits.log_softmax(-1)
+    nll = [[-logp[b, p - 1, tokens[b, p]].item() for p in range(T)] for b in range(len(tokens))]
+    first = [row[p] for row in nll for p in range(2, L + 1)]  # each copy's first token left out
+    second = [row[p] for row in nll for p in range(L + 2, 2 * L + 1)]
+    return scores, sum(first) / len(first) - sum(second) / len(second)
+
+
+def shipped_state(script: str):
+    ckpt = torch.load(f"model_dict/shipped/{script}.pt", weights_only=True)
+    cfg = gpt.ModelConfig(**ckpt["model_config"])
+    return cfg, checkpoint.convert_state_dict(ckpt["best_model"], checkpoint.layout_of(ckpt), "LB-GPT",
+                                              cfg.n_head)
+
+
+@pytest.mark.parametrize("weights", ["random", "shipped gpt", "shipped gpt_"])
+def test_probe_scores_equal_a_plain_implementation_in_both_layouts(weights, monkeypatch):
+    monkeypatch.chdir(heads.repo_path())
+    if weights == "random":
+        cfg = gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=32, bias=True)
+        torch.manual_seed(0)
+        state = gpt.LBGPT(cfg).state_dict()
+        for tensor in state.values():  # sharper attention than at init, so the scores differ by head
+            tensor.mul_(3)
+    else:
+        cfg, state = shipped_state(weights.split()[1])
+    L = heads.probe_length(0, cfg.block_size)
+    tokens = heads.repeated_tokens(6, L, cfg.vocab_size, seed=3)
+    assert tokens.shape == (6, 1 + 2 * L) and torch.equal(tokens[:, 1:L + 1], tokens[:, L + 1:])
+    logits, weights_ = plain_forward(state, cfg, tokens)
+    expected, expected_icl = plain_probe_scores(weights_, logits, tokens, L)
+    lb = gpt.LBGPT(cfg).eval()
+    lb.load_state_dict(state)
+    sm = gpt_.SMGPT(cfg).eval()
+    sm.load_state_dict(checkpoint.convert_state_dict(state, "LB-GPT", "SM-GPT", cfg.n_head))
+    for model in (lb, sm):
+        scores, icl = heads.probe_scores(model, tokens, L)
+        for name in heads.PROBES:
+            assert torch.allclose(scores[name], expected[name], atol=1e-5), name
+        assert icl == pytest.approx(expected_icl, abs=1e-4)
+
+
+def test_probe_defaults_fit_the_window_and_a_longer_probe_is_refused():
+    assert heads.probe_length(0, 64) == 24  # 49 tokens
+    assert heads.probe_length(0, 32) == 15  # shorter where the window is smaller
+    assert heads.probe_length(10, 32) == 10
+    with pytest.raises(heads.UserError, match="probe_length 16 does not fit the model's block_size 32"):
+        heads.probe_length(16, 32)
+
+
+def test_a_head_is_labelled_by_its_highest_probe_score_at_the_threshold():
+    row = {"previous_token": 0.1, "duplicate_token": 0.3, "induction": heads.LABEL_THRESHOLD}
+    assert heads.head_label(row) == "induction"
+    assert heads.head_label(dict(row, induction=0.39)) == ""

@@ -15,8 +15,8 @@ from conftest import ROOT, TINY_MODEL
 import config
 import gpt
 import gpt_
-from dualgpt.evaluation import checkpoint_with_data
-from dualgpt.evaluation import full_loss
+from dualgpt.checkpoint import load_checkpoint, model_from_checkpoint
+from dualgpt.evaluation import checkpoint_with_data, full_loss
 from dualgpt.runconfig import script_config
 
 SHIPPED = {"gpt": gpt.LBGPT, "gpt_": gpt_.SMGPT}
@@ -203,3 +203,29 @@ def test_the_long_fuzz_run_the_docs_quote_is_the_shipped_one():
     page = doc("development.md")
     command = re.search(r"^command: (.+)$", shipped, flags=re.M).group(1)
     assert f"{sum(passing for passing, _ in runs):,} cases" in page and command in page
+
+
+@pytest.mark.parametrize("script", SHIPPED)
+def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them(script):
+    """The shipped heads.json's probe scores and in-context-learning score are what the probe it
+    records gives on the shipped checkpoint, and docs/heads.md quotes its largest induction score,
+    its labels (none) and its in-context-learning score."""
+    from dualgpt import heads
+    with open(os.path.join(ROOT, "generate_text", "shipped", f"{script}.heads.json")) as f:
+        report = json.load(f)
+    ckpt = load_checkpoint(os.path.join(ROOT, "model_dict", "shipped", f"{script}.pt"))
+    model = model_from_checkpoint(SHIPPED[script], ckpt, script, "cpu").eval()
+    probe = report["probe"]
+    tokens = heads.repeated_tokens(probe["sequences"], probe["length"], model.config.vocab_size,
+                                   probe["seed"])
+    scores, icl = heads.probe_scores(model, tokens, probe["length"])
+    assert icl == pytest.approx(report["icl_score"], abs=1e-5)
+    for row in report["heads"]:
+        for name in heads.PROBES:
+            assert scores[name][row["layer"], row["head"]].item() == pytest.approx(row[name], abs=1e-5)
+    page = " ".join(doc("heads.md").split())
+    name = {"gpt": "LB-GPT", "gpt_": "SM-GPT"}[script]
+    largest = max(row["induction"] for row in report["heads"])
+    assert f"{largest:.3f} in {name}" in page
+    assert not any(row["label"] for row in report["heads"]) and "no head reaches a label" in page
+    assert f"{report['icl_score']:.3f}" in page

@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from dualgpt import UserError, repo_path
+from dualgpt import repo_path
 from dualgpt.evaluation import checkpoint_with_data
 from dualgpt.plots import pyplot, save_figure
+from dualgpt.probes import PROBES, probe_length, probe_scores, recording, repeated_tokens
 from dualgpt.runconfig import parse_head_mask
 from dualgpt.runtime import autocast, progress
 from dualgpt.sampling import read_prompt
 from dualgpt.files import atomic_open
 from minbpe.base import render_token
-
-
-@contextmanager
-def recording(*models: nn.Module):
-    """Within the block, every head of the models keeps its attention weights and output of the
-    last forward."""
-    for model in models:
-        model.record_attention(True)
-    try:
-        yield
-    finally:
-        for model in models:
-            model.record_attention(False)
 
 
 @torch.no_grad()
@@ -61,60 +47,7 @@ def head_statistics(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, 
     return {name: total / len(batches) for name, total in sums.items()}
 
 
-# --- the standard probe: repeated random tokens ------------------------------------------------
-# A head's score on a probe is its mean attention on the probe's target positions, the definitions
-# of TransformerLens's head detector. In the second copy each token is a repeat: a duplicate-token
-# head attends to its earlier occurrence, an induction head to the token after that occurrence
-# (whose copy is the next token: the circuit behind in-context learning).
-
-PROBE_LENGTH = 24  # random tokens per copy by default: 1 + 2 x 24 = 49 tokens
 LABEL_THRESHOLD = 0.4  # a head is labelled by its highest probe score if it reaches this
-PROBES = ("previous_token", "duplicate_token", "induction")
-
-
-def probe_length(requested: int, block_size: int) -> int:
-    """Tokens per copy: as requested, or (0) 24 or fewer where the window holds fewer."""
-    fits = (block_size - 1) // 2
-    if requested > fits:
-        raise UserError(f"probe_length {requested} does not fit the model's block_size "
-                        f"{block_size}: a probe is 1 + 2 x probe_length tokens, so at most {fits}")
-    return requested or min(PROBE_LENGTH, fits)
-
-
-def repeated_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
-    """The probe, (n, 1 + 2 length): a uniform random token, then `length` more, repeated once."""
-    gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(vocab_size, (n, 1 + length), generator=gen)
-    return torch.cat([first, first[:, 1:]], dim=1)
-
-
-@torch.no_grad()
-def probe_scores(model: nn.Module, tokens: torch.Tensor,
-                 length: int) -> tuple[dict[str, torch.Tensor], float]:
-    """Each head's previous-token, duplicate-token and induction score on the probe tokens
-    (each (n_layer, n_head)), and the model's in-context-learning score on them."""
-    with recording(model):
-        logits, _ = model(tokens)
-        att = torch.stack([block.attn.recorded()[0] for block in model.blocks], dim=1)
-    # att: (B, n_layer, n_head, T, T), query positions first
-    T, L = tokens.shape[1], length
-    every = torch.arange(1, T)  # the queries with a predecessor
-    repeat = torch.arange(L + 1, T)  # the queries of the second copy
-    scores = {"previous_token": att[..., every, every - 1],  # every token to its predecessor
-              "duplicate_token": att[..., repeat, repeat - L],  # to its earlier occurrence
-              "induction": att[..., repeat, repeat - L + 1]}  # to the token after that occurrence
-    scores = {name: s.mean((0, -1)).float().cpu() for name, s in scores.items()}
-    return scores, icl_score(logits, tokens, L)
-
-
-def icl_score(logits: torch.Tensor, tokens: torch.Tensor, length: int) -> float:
-    """The in-context-learning score: mean loss (nats) on the first copy minus on the second,
-    positive when the model uses the repeat. The first token of each copy is left out of both:
-    nothing before it predicts it."""
-    # losses[:, j]: the loss of predicting the token at position j + 1
-    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:],
-                             reduction="none")
-    return (losses[:, 1:length].mean() - losses[:, length + 1:].mean()).item()
 
 
 def head_label(row: dict) -> str:

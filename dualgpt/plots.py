@@ -21,14 +21,19 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
-def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str,
-                legend_size: float | None = None) -> None:
-    """Label the axes, draw the grid and legend, and save: the end of every line plot."""
+def label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None) -> None:
+    """Label the axes, draw the grid and legend."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_size)
+
+
+def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str,
+                legend_size: float | None = None) -> None:
+    """Label the axes, draw the grid and legend, and save: the end of every line plot."""
+    label_axes(ax, xlabel, ylabel, title, legend_size)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -44,19 +49,32 @@ def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
 
 def plot_losses(log_file: str, path: str, title: str) -> None:
     """Bits per byte against training minutes, from the JSON-lines log: the train and val
-    evaluations, and the loss of the logged training steps (smoothed)."""
+    evaluations and the loss of the logged training steps (smoothed); below, where the log has
+    them, the in-context-learning score and the largest induction score (probes.py)."""
     plt = pyplot()
     with open(log_file, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "val_bpb" in r]
     steps = [r for r in records if "bpb" in r]
     minutes = [r["train_s"] / 60 for r in evals]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    probed = [r for r in evals if "icl_score" in r]
+    fig, axes = plt.subplots(2 if probed else 1, 1, figsize=(7, 7 if probed else 4.5),
+                             sharex=True, squeeze=False)
+    ax = axes[0][0]
+    if probed:
+        below = axes[1][0]
+        at = [r["train_s"] / 60 for r in probed]
+        below.plot(at, [r["icl_score"] for r in probed], marker="o",
+                   label="in-context learning (nats, loss on copy 1 - copy 2)")
+        below.plot(at, [r["induction_max"] for r in probed], marker="s",
+                   label="largest induction score (attention)")
+        label_axes(below, "training time, minutes (evaluation excluded)", "score",
+                   "repeated random tokens", legend_size=8)
     if steps:
         ax.plot([r["train_s"] / 60 for r in steps], smoothed([r["bpb"] for r in steps]),
                 linewidth=1, alpha=0.6,
                 color="grey", label="training steps (batch loss, smoothed)")
     ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train (evaluation)")
     ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val (evaluation)")
-    finish_plot(fig, ax, "training time, minutes (evaluation excluded)", "bits per byte", title,
-                path)
+    finish_plot(fig, ax, "" if probed else "training time, minutes (evaluation excluded)",
+                "bits per byte", title, path)

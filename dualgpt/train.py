@@ -21,6 +21,7 @@ from dualgpt import TrainingDiverged, UserError, WriteFailed
 from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoint, log_path,
                                 make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data
+from dualgpt.probes import probe_length, probe_scores, repeated_tokens
 from dualgpt.runconfig import model_config, model_options, parse_head_mask
 from dualgpt.runtime import Distributed, StopRequest, autocast, training_bar
 
@@ -111,6 +112,7 @@ class Run:
     meter: Meter
     state: TrainState
     micro_steps: int  # micro-batches per optimizer step on this process
+    probe: tuple[torch.Tensor, int]  # repeated random tokens and their copy length (probes.py)
     resumed_at: int | None  # the step the resumed checkpoint already evaluated
     schedule: LRSchedule | None = None  # set once compiling is done: it leaves compile time out
     lr: float = 0.0
@@ -188,9 +190,13 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
     tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
     meter = Meter(tokens_per_step)
+    # each evaluation also measures in-context learning on a fixed probe (probes.py)
+    length = probe_length(cfg["probe_length"], config.block_size)
+    probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
     run = Run(cfg, ddp, data, model, model, optimizer,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
-              batch_gen, limits, meter, TrainState(), micro_steps, None)
+              batch_gen, limits, meter, TrainState(), micro_steps, (probe.to(device), length),
+              None)
     if previous is None and cfg["overwrite"]:
         run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
     if previous is not None:  # continue exactly where the checkpoint stopped
@@ -298,9 +304,15 @@ def evaluate(run: Run) -> None:
         state.best_state = cpu_copy(run.model.state_dict())
     state.next_eval_s = next_evaluation(state.train_s, run.eval_every_s if run.timed else 0.0)
     bpb = {split: data.bpb(loss, split) for split, loss in losses.items()}
-    log(run, {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+    record = {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
               "train_bpb": bpb["train"], "val_bpb": bpb["val"], "lr": run.lr,
-              "tokens_per_s": run.meter.tokens_per_s})
+              "tokens_per_s": run.meter.tokens_per_s}
+    if run.ddp.master:  # whether induction heads have formed: the probe's scores (one forward)
+        run.model.eval()
+        scores, icl = probe_scores(run.model, *run.probe)
+        record.update(icl_score=icl, induction_max=scores["induction"].max().item())
+        run.model.train()
+    log(run, record)
     run.ddp.print(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss "
                   f"{losses['train']:.4f} ({bpb['train']:.3f} bpb), val loss {losses['val']:.4f} "
                   f"({bpb['val']:.3f} bpb)")

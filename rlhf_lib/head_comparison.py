@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt.checkpoint import convert_state_dict, layout_of
-from dualgpt.heads import recording
+from dualgpt.probes import recording
 
 PART = re.compile(r"blocks\.(\d+)\.(?:(mlp)\.|attn\.(?:heads\.|proj\.weight$))")  # heads', MLPs'
 

@@ -8,7 +8,7 @@ from conftest import run_main, tiny_args
 
 import gpt
 import gpt_
-from dualgpt import checkpoint, heads
+from dualgpt import checkpoint, heads, probes
 from dualgpt.runconfig import script_config, model_config, parse_head_mask
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=False)
@@ -144,10 +144,10 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
         assert r["entropy"] >= 0
     # icl_change: the ICL score with that head also off, minus with all on
     _, model = checkpoint.checkpoint_model(gpt.LBGPT, script_config(args + ["--mode=heads"], "gpt"))
-    probe = heads.repeated_tokens(64, 15, 300, 1337)
+    probe = probes.repeated_tokens(64, 15, 300, 1337)
     row = rows[0]
     model.set_head_mask({(row["layer"], row["head"])})
-    assert heads.probe_scores(model, probe, 15)[1] - report["icl_score"] == pytest.approx(
+    assert probes.probe_scores(model, probe, 15)[1] - report["icl_score"] == pytest.approx(
         row["icl_change"], abs=1e-5)
     # deterministic, and the same from gpt_.py on the same checkpoint
     assert run_main(args + ["--mode=heads"]) == 0
@@ -232,7 +232,7 @@ def plain_forward(state: dict, cfg: gpt.ModelConfig, tokens: torch.Tensor):
 def plain_probe_scores(weights, logits, tokens, L):
     """The three scores and the in-context-learning score, position by position."""
     T = tokens.shape[1]
-    scores = {name: torch.zeros(len(weights), len(weights[0])) for name in heads.PROBES}
+    scores = {name: torch.zeros(len(weights), len(weights[0])) for name in probes.PROBES}
     for layer, weights_of_layer in enumerate(weights):
         for head, w in enumerate(weights_of_layer):
             scores["previous_token"][layer, head] = sum(w[:, t, t - 1].mean() for t in range(1, T)) / (T - 1)
@@ -264,8 +264,8 @@ def test_probe_scores_equal_a_plain_implementation_in_both_layouts(weights, monk
             tensor.mul_(3)
     else:
         cfg, state = shipped_state(weights.split()[1])
-    L = heads.probe_length(0, cfg.block_size)
-    tokens = heads.repeated_tokens(6, L, cfg.vocab_size, seed=3)
+    L = probes.probe_length(0, cfg.block_size)
+    tokens = probes.repeated_tokens(6, L, cfg.vocab_size, seed=3)
     assert tokens.shape == (6, 1 + 2 * L) and torch.equal(tokens[:, 1:L + 1], tokens[:, L + 1:])
     logits, weights_ = plain_forward(state, cfg, tokens)
     expected, expected_icl = plain_probe_scores(weights_, logits, tokens, L)
@@ -274,18 +274,18 @@ def test_probe_scores_equal_a_plain_implementation_in_both_layouts(weights, monk
     sm = gpt_.SMGPT(cfg).eval()
     sm.load_state_dict(checkpoint.convert_state_dict(state, "LB-GPT", "SM-GPT", cfg.n_head))
     for model in (lb, sm):
-        scores, icl = heads.probe_scores(model, tokens, L)
-        for name in heads.PROBES:
+        scores, icl = probes.probe_scores(model, tokens, L)
+        for name in probes.PROBES:
             assert torch.allclose(scores[name], expected[name], atol=1e-5), name
         assert icl == pytest.approx(expected_icl, abs=1e-4)
 
 
 def test_probe_defaults_fit_the_window_and_a_longer_probe_is_refused():
-    assert heads.probe_length(0, 64) == 24  # 49 tokens
-    assert heads.probe_length(0, 32) == 15  # shorter where the window is smaller
-    assert heads.probe_length(10, 32) == 10
-    with pytest.raises(heads.UserError, match="probe_length 16 does not fit the model's block_size 32"):
-        heads.probe_length(16, 32)
+    assert probes.probe_length(0, 64) == 24  # 49 tokens
+    assert probes.probe_length(0, 32) == 15  # shorter where the window is smaller
+    assert probes.probe_length(10, 32) == 10
+    with pytest.raises(probes.UserError, match="probe_length 16 does not fit the model's block_size 32"):
+        probes.probe_length(16, 32)
 
 
 def test_a_head_is_labelled_by_its_highest_probe_score_at_the_threshold():

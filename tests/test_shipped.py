@@ -210,18 +210,18 @@ def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them
     """The shipped heads.json's probe scores and in-context-learning score are what the probe it
     records gives on the shipped checkpoint, and docs/heads.md quotes its largest induction score,
     its labels (none) and its in-context-learning score."""
-    from dualgpt import heads
+    from dualgpt import probes
     with open(os.path.join(ROOT, "generate_text", "shipped", f"{script}.heads.json")) as f:
         report = json.load(f)
     ckpt = load_checkpoint(os.path.join(ROOT, "model_dict", "shipped", f"{script}.pt"))
     model = model_from_checkpoint(SHIPPED[script], ckpt, script, "cpu").eval()
     probe = report["probe"]
-    tokens = heads.repeated_tokens(probe["sequences"], probe["length"], model.config.vocab_size,
+    tokens = probes.repeated_tokens(probe["sequences"], probe["length"], model.config.vocab_size,
                                    probe["seed"])
-    scores, icl = heads.probe_scores(model, tokens, probe["length"])
+    scores, icl = probes.probe_scores(model, tokens, probe["length"])
     assert icl == pytest.approx(report["icl_score"], abs=1e-5)
     for row in report["heads"]:
-        for name in heads.PROBES:
+        for name in probes.PROBES:
             assert scores[name][row["layer"], row["head"]].item() == pytest.approx(row[name], abs=1e-5)
     page = " ".join(doc("heads.md").split())
     name = {"gpt": "LB-GPT", "gpt_": "SM-GPT"}[script]

@@ -255,3 +255,28 @@ def test_compile_failure_falls_back_to_eager(home, corpus, capsys, monkeypatch):
     assert run_main(args) == 0
     assert "torch.compile failed (RuntimeError: no C++ compiler found); training without it" in capsys.readouterr().out
     assert torch.load(home / "model_dict" / "gpt.pt", weights_only=True)["iter_num"] == 4
+
+
+def test_each_evaluation_logs_in_context_learning_on_the_probe_and_the_plot_shows_it(home, corpus):
+    """The log's evaluations carry the in-context-learning score and the largest induction score
+    of the model evaluated (the last one: the checkpoint's latest weights), and the loss curve
+    gets a second panel for them."""
+    import matplotlib.image
+
+    import gpt
+    from dualgpt import probes
+    from dualgpt.checkpoint import load_checkpoint
+    args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=3", "--mode=train")
+    assert run_main(args) == 0
+    records = [json.loads(line) for line in open(home / "model_dict" / "gpt.jsonl")]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 3, 6]
+    ckpt = load_checkpoint(str(home / "model_dict" / "gpt.pt"))
+    model = gpt.LBGPT(gpt.ModelConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tokens = probes.repeated_tokens(64, 15, 300, 1337)  # the default probe at block 32, seed 1337
+    scores, icl = probes.probe_scores(model.eval(), tokens, 15)
+    assert evals[-1]["icl_score"] == pytest.approx(icl, abs=1e-5)
+    assert evals[-1]["induction_max"] == pytest.approx(scores["induction"].max().item(), abs=1e-5)
+    image = matplotlib.image.imread(home / "model_dict" / "gpt.loss.png")
+    assert image.shape[0] > 0.9 * image.shape[1]  # two panels: 7 x 7 inches (one is 7 x 4.5)

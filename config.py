@@ -72,6 +72,11 @@ heads_per_layer = False  # --mode=heads: also write one attention-map PNG per la
 # of one random token, then probe_length random tokens twice
 probe_sequences: "[1, 2**16]" = 64
 probe_length: "[0, 2**16]" = 0  # tokens per copy; 0: 24, or what fits the window
+# --mode=patch: prompts of equal token length, and the answers (one token each) whose logit
+# difference at the last position is the metric
+patch_clean = "The king loves the queen, and the queen loves the"
+patch_corrupt = "The queen loves the king, and the king loves the"
+patch_answers = " king| queen"  # correct|wrong
 
 # --- paths and mode ------------------------------------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt
@@ -82,4 +87,4 @@ sample_file = ""  # where samples are written; empty = generate_text/<script>.tx
 resume = False  # continue training from ckpt
 overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as .bak)
 # auto: train if there is no ckpt (or with --resume or --overwrite), then sample
-mode: "auto | train | sample | eval | heads | export | import" = "auto"
+mode: "auto | train | sample | eval | heads | patch | export | import" = "auto"

@@ -13,6 +13,7 @@ nothing here imports them, nor the RLHF layer (rlhf_lib/) built on top. In readi
     sampling.py         next-token logits (SM-GPT's KV cache), top-k/top-p, --mode=sample
     plots.py            matplotlib on a file-only backend, atomic PNGs, the loss curve
     probes.py           repeated random tokens: probe scores of heads, in-context learning
+    patching.py         --mode=patch: activation patching, direct logit attribution
     heads.py            --mode=heads: attention maps, per-head statistics, ablation, their figures
     tokenizer_files.py  byte-level BPE tokenizer files both ways (GPT-2's, tokenizers')
     hf_gpt2.py          Hugging Face GPT-2 folders both ways: --mode=import, --export_format=hf

@@ -18,7 +18,7 @@ from dualgpt.runtime import Distributed
 # mode -> (module, function) of the modes that run in one process
 ONE_PROCESS_MODES = {"sample": ("sampling", "sample"),
                      "eval": ("evaluation", "evaluate_checkpoint"),
-                     "heads": ("heads", "analyse_heads"),
+                     "heads": ("heads", "analyse_heads"), "patch": ("patching", "patch"),
                      "import": ("hf_gpt2", "import_checkpoint")}
 
 

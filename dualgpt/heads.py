@@ -157,7 +157,7 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
           f"{LABEL_THRESHOLD}); heads by importance:")
     print_head_table(rows)
     report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"],
-              "head_mask": cfg["head_mask"],
+              "head_mask": cfg["head_mask"], "device": cfg["device"], "dtype": cfg["dtype"],
               "val_batches": len(batches), "val_loss": base, "icl_score": icl,
               "probe": {"sequences": len(probe), "length": length, "seed": cfg["seed"],
                         "label_threshold": LABEL_THRESHOLD},

@@ -229,3 +229,13 @@ def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them
     assert f"{largest:.3f} in {name}" in page
     assert not any(row["label"] for row in report["heads"]) and "no head reaches a label" in page
     assert f"{report['icl_score']:.3f}" in page
+
+
+def test_the_readme_quotes_the_largest_induction_score_of_the_shipped_models():
+    largest = 0.0
+    for script in SHIPPED:
+        with open(os.path.join(ROOT, "generate_text", "shipped", f"{script}.heads.json")) as f:
+            largest = max([largest] + [row["induction"] for row in json.load(f)["heads"]])
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert f"form no induction head (largest induction score {largest:.3f})" in readme

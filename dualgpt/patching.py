@@ -40,31 +40,26 @@ def logit_difference(model: nn.Module, ids: torch.Tensor, answers: tuple[int, in
 
 
 @torch.no_grad()
+def inputs_of(model: nn.Module, ids: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor]:
+    """What enters each of the modules (its first argument) when the model reads ids."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for m in modules]
+    try:
+        model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 def head_inputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """What enters each layer's attn.proj on ids: every head's output, concatenated (1, T, C)."""
-    seen = []
-    hooks = [block.attn.proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-             for block in model.blocks]
-    try:
-        model(ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
+    return inputs_of(model, ids, [block.attn.proj for block in model.blocks])
 
 
-@torch.no_grad()
 def residual_inputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     """The residual stream entering each block on ids, (1, T, C) per layer."""
-    seen = []
-    hooks = [block.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-             for block in model.blocks]
-    try:
-        model(ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
+    return inputs_of(model, ids, list(model.blocks))
 
 
 @torch.no_grad()

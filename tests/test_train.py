@@ -228,11 +228,14 @@ def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, 
 
 @pytest.mark.skipif(not any(map(shutil.which, ("cc", "gcc", "g++", "c++", "clang"))),
                     reason="torch.compile on CPU needs a C++ compiler, and there is none here")
-def test_compiled_training_matches_eager(home, corpus, capsys):
+def test_compiled_training_matches_eager(home, corpus, capsys, monkeypatch):
     """The compiled run really compiled (dynamo built a graph, no fallback note), once (the training batches pass
     the guards of the warm-up batch: no second compile at the first step), and matches eager."""
     args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", "--n_layer=1")
     assert run_main(args + ["--compile=false", f"--ckpt={home / 'eager.pt'}"]) == 0
+    # a private compile cache: kernels cached by a run under other CPU settings (an emulated
+    # ISA, say) can abort the process when loaded
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(home / "inductor"))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     assert run_main(args + ["--compile=True", f"--ckpt={home / 'compiled.pt'}"]) == 0

@@ -116,21 +116,16 @@ def direct_logit_attribution(model: nn.Module, ids: torch.Tensor,
     n_layer, n_head = model.config.n_layer, model.config.n_head
     hs = model.config.n_embd // n_head
     direction = model.lm_head.weight[answers[0]] - model.lm_head.weight[answers[1]]  # (C,)
-    final = []  # the residual stream at the last position before ln_f
-    hook = model.ln_f.register_forward_pre_hook(lambda m, args: final.append(args[0][0, -1]))
+    # one forward: what enters each attn.proj and ln_f (the residual stream), what each MLP adds
+    mlp_outputs = []
+    mlp_hooks = [block.mlp.register_forward_hook(
+        lambda m, args, out: mlp_outputs.append(out[0, -1])) for block in model.blocks]
     try:
-        inputs = head_inputs(model, ids)
-        mlp_outputs = []
-        mlp_hooks = [block.mlp.register_forward_hook(
-            lambda m, args, out: mlp_outputs.append(out[0, -1])) for block in model.blocks]
-        try:
-            model(ids)
-        finally:
-            for h in mlp_hooks:
-                h.remove()
+        *inputs, final = inputs_of(model, ids, [b.attn.proj for b in model.blocks] + [model.ln_f])
     finally:
-        hook.remove()
-    resid = final[-1]
+        for hook in mlp_hooks:
+            hook.remove()
+    resid = final[0, -1]
     scale = (resid.var(unbiased=False) + model.ln_f.eps).sqrt()
 
     def attribute(part: torch.Tensor) -> float:

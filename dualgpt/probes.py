@@ -51,10 +51,13 @@ def repeated_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Te
 def probe_scores(model: nn.Module, tokens: torch.Tensor,
                  length: int) -> tuple[dict[str, torch.Tensor], float]:
     """Each head's previous-token, duplicate-token and induction score on the probe tokens
-    (each (n_layer, n_head)), and the model's in-context-learning score on them."""
-    with recording(model):
+    (each (n_layer, n_head)), and the model's in-context-learning score on them. Measured in eval
+    mode (no dropout); the model is left in the mode it was in."""
+    training = model.training
+    with recording(model.eval()):
         logits, _ = model(tokens)
         att = torch.stack([block.attn.recorded()[0] for block in model.blocks], dim=1)
+    model.train(training)
     # att: (B, n_layer, n_head, T, T), query positions first
     T, L = tokens.shape[1], length
     every = torch.arange(1, T)  # the queries with a predecessor

@@ -308,10 +308,8 @@ def evaluate(run: Run) -> None:
               "train_bpb": bpb["train"], "val_bpb": bpb["val"], "lr": run.lr,
               "tokens_per_s": run.meter.tokens_per_s}
     if run.ddp.master:  # whether induction heads have formed: the probe's scores (one forward)
-        run.model.eval()
         scores, icl = probe_scores(run.model, *run.probe)
         record.update(icl_score=icl, induction_max=scores["induction"].max().item())
-        run.model.train()
     log(run, record)
     run.ddp.print(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss "
                   f"{losses['train']:.4f} ({bpb['train']:.3f} bpb), val loss {losses['val']:.4f} "

@@ -292,3 +292,15 @@ def test_a_head_is_labelled_by_its_highest_probe_score_at_the_threshold():
     row = {"previous_token": 0.1, "duplicate_token": 0.3, "induction": heads.LABEL_THRESHOLD}
     assert heads.head_label(row) == "induction"
     assert heads.head_label(dict(row, induction=0.39)) == ""
+
+
+def test_probe_scores_are_measured_without_dropout_and_leave_the_mode_as_it_was():
+    cfg = gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.5)
+    torch.manual_seed(0)
+    model = gpt.LBGPT(cfg)
+    tokens = probes.repeated_tokens(4, 15, 300, seed=0)
+    scores, icl = probes.probe_scores(model.train(), tokens, 15)
+    assert model.training
+    eval_scores, eval_icl = probes.probe_scores(model.eval(), tokens, 15)
+    assert not model.training
+    assert icl == eval_icl and all(torch.equal(scores[k], eval_scores[k]) for k in scores)

@@ -122,7 +122,7 @@ def variants():
 def build(cls, impl, shape, device):
     """A model with the same weights for every variant: LB-GPT's initialisation, mapped."""
     import gpt
-    from dualgpt.checkpoint import convert_state_dict
+    from dualgpt.layouts import convert_state_dict
     torch.manual_seed(0)
     cfg = gpt.ModelConfig(**shape)
     reference = gpt.LBGPT(cfg)

@@ -43,7 +43,7 @@ from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.data import sha256_file
 from dualgpt.evaluation import full_loss
-from dualgpt.files import OutputLock, read_json, remove_dead_temps, write_json
+from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.runconfig import require
 from dualgpt.runtime import machine_name
 from rlhf_lib.labelling import label_pairs
@@ -59,8 +59,8 @@ from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point,
 from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_rejected,
                             clear_outputs, complete,
                             eval_prompts, frozen, load_output, load_pairs, load_policy,
-                            load_policy_checkpoint, load_reward_model, output_folders, record_in,
-                            reward_scores, rlhf_run_config, sample_prompts, save_model, scores,
+                            load_policy_checkpoint, load_reward_model, output_folders, read_json,
+                            record_in, reward_scores, rlhf_run_config, sample_prompts, save_model, scores,
                             sequence_logprobs, setup, texts)
 from rlhf_lib.training import DPO_METHODS, train_dpo, train_reward_model, train_rl
 

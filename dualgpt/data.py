@@ -182,24 +182,5 @@ class Dataset:
         # guard and compile everything a second time at the first step
         return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
 
-    def windows(self, split: str):
-        """Every token of the split once: non-overlapping block_size windows, in batches."""
-        data, T = self.splits[split], self.block_size
-        starts = list(range(0, len(data) - 1, T))
-        for i in range(0, len(starts), self.batch_size):
-            chunk = [torch.from_numpy(data[s:min(s + T, len(data) - 1) + 1].astype(np.int64))
-                     for s in starts[i:i + self.batch_size]]
-            for xy in chunk:  # the last window may be short; run it on its own
-                if len(xy) != T + 1:
-                    yield xy[None, :-1].to(self.device), xy[None, 1:].to(self.device)
-            full = [xy for xy in chunk if len(xy) == T + 1]
-            if full:
-                xy = torch.stack(full).to(self.device)
-                yield xy[:, :-1], xy[:, 1:]
-
-    def n_windows_batches(self, split: str) -> int:
-        """How many batches windows(split) yields at most (for a progress bar)."""
-        return math.ceil((len(self.splits[split]) - 1) / self.block_size / self.batch_size)
-
     def bpb(self, loss: float, split: str) -> float:
         return loss / self.bytes_per_token[split] / math.log(2)

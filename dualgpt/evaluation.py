@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from dualgpt.checkpoint import (checkpoint_model, convert_state_dict, cpu_copy, layout_of,
-                                make_checkpoint, save_checkpoint)
+from dualgpt.checkpoint import (checkpoint_model, cpu_copy, layout_of, make_checkpoint,
+                                save_checkpoint)
+from dualgpt.layouts import convert_state_dict
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.runtime import autocast, progress
 
@@ -26,13 +28,29 @@ def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict,
     return ckpt, model, data
 
 
+def windows(data: Dataset, split: str):
+    """Every token of the split once: non-overlapping block_size windows, in batches; the last
+    window, which may be short, on its own."""
+    ids, T = data.splits[split], data.block_size
+    starts = list(range(0, len(ids) - 1, T))
+    for i in range(0, len(starts), data.batch_size):
+        chunk = [torch.from_numpy(ids[s:min(s + T, len(ids) - 1) + 1].astype(np.int64))
+                 for s in starts[i:i + data.batch_size]]
+        full = [xy for xy in chunk if len(xy) == T + 1]
+        if full:
+            xy = torch.stack(full).to(data.device)
+            yield xy[:, :-1], xy[:, 1:]
+        for xy in chunk[len(full):]:
+            yield xy[None, :-1].to(data.device), xy[None, 1:].to(data.device)
+
+
 @torch.no_grad()
 def full_loss(model: nn.Module, data: Dataset, split: str, device: str, dtype: str) -> float:
     """Exact mean loss over every token of the split (deterministic)."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in progress(data.windows(split), total=data.n_windows_batches(split),
-                         desc=f"eval {split}", leave=False):
+    batches = math.ceil((len(data.splits[split]) - 1) / data.block_size / data.batch_size)
+    for x, y in progress(windows(data, split), total=batches, desc=f"eval {split}", leave=False):
         with autocast(device, dtype):
             loss = model(x, y)[1]
         total += loss.item() * y.numel()

@@ -1,6 +1,6 @@
 """Files that are never half-written, never written by two runs at once, and never left behind:
 atomic writes (a temp file beside the target, renamed over it), an OS lock on a run's outputs,
-removal of a dead writer's temp files, JSON in and out."""
+removal of a dead writer's temp files, JSON out."""
 from __future__ import annotations
 
 import errno
@@ -80,19 +80,6 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, value: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)
-
-
-def read_json(path: str, remedy: str) -> Any:
-    """A JSON file's content, or None when the file does not exist; a file that is not JSON (cut
-    short, emptied, overwritten) is a one-line error naming it and the remedy."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not readable JSON ({e.__class__.__name__}); "
-                        f"{remedy}") from None
 
 
 def pid_alive(pid: int) -> bool:

@@ -88,24 +88,17 @@ def read_config_file(path: str, keys: dict) -> dict:
     return values
 
 
-def foreign_key(key: str, program: str, keys: dict, hints: dict, owners: dict) -> str:
-    """The message for a key that `program` does not read: who reads it, and what to type
-    instead."""
-    hint = f"; {hints[key]}" if key in hints else ""
-    if key in owners:
-        return f"--{key} is read by {owners[key]}, not by {program}{hint}"
+def did_you_mean(key: str, keys: dict) -> str:
+    """The message for a key the program does not read: the closest one it does, if any."""
     close = difflib.get_close_matches(key, keys, n=1)
-    return f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else hint)
+    return f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else "")
 
 
-def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str], usage: str = "",
-                presets: dict[str, dict] | None = None, hints: dict | None = None,
-                owners: dict | None = None) -> dict:
-    """The run config of `python <program> argv...` over `keys` (key -> default), each value
-    checked against its declaration in `rules`. A *.py argument is a config file; --help prints
-    usage and the keys. presets: {flag key: values} that replace the defaults where the flag is set
-    (rlhf.py's --quick). A key of another program is a one-line error naming its owner (owners:
-    key -> programs; hints: key -> what to type instead)."""
+def parse_args(argv: list[str], program: str, keys: dict, rules: dict[str, str], usage: str = "",
+               unknown=did_you_mean) -> dict:
+    """The values `python <program> argv...` sets over `keys` (key -> default): a *.py argument is a
+    config file, --key=value one key; --help prints usage and the keys. unknown(key, keys): the
+    one-line message for a key the program does not read."""
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -120,13 +113,15 @@ def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str]
                             "config file)")
         key, eq, value = arg[2:].partition("=")
         if key not in keys:
-            raise UserError(foreign_key(key, program, keys, hints or {}, owners or {}))
+            raise UserError(unknown(key, keys))
         overrides[key] = parse_value(key, value if eq else "true", keys[key])
-    cfg = dict(keys)
-    for flag, values in (presets or {}).items():
-        if overrides.get(flag, cfg[flag]):
-            cfg.update({k: v for k, v in values.items() if k in cfg})
-    cfg.update(overrides)
+    return overrides
+
+
+def resolve(keys: dict, overrides: dict, rules: dict[str, str]) -> dict:
+    """The run config: the defaults in `keys`, then the overrides, each value checked against its
+    declaration in `rules`; "auto" device and dtype resolved."""
+    cfg = dict(keys, **overrides)
     if LIMITS & overrides.keys():  # a limit the user set is obeyed: the ones not set are off
         cfg.update({key: 0 for key in LIMITS - overrides.keys()})
     check_declared(cfg, rules)
@@ -134,6 +129,12 @@ def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str]
         cfg["device"] = resolve_device(cfg["device"])
         cfg["dtype"] = resolve_dtype(cfg["dtype"], cfg["device"])
     return cfg
+
+
+def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str],
+                usage: str = "") -> dict:
+    """The checked run config of `python <program> argv...` (see parse_args and resolve)."""
+    return resolve(keys, parse_args(argv, program, keys, rules, usage), rules)
 
 
 def script_config(argv: list[str], script: str, usage: str = "") -> dict:

@@ -12,7 +12,8 @@ import re
 import torch
 import torch.nn as nn
 
-from dualgpt.checkpoint import convert_state_dict, layout_of
+from dualgpt.checkpoint import layout_of
+from dualgpt.layouts import convert_state_dict
 from dualgpt.probes import recording
 
 PART = re.compile(r"blocks\.(\d+)\.(?:(mlp)\.|attn\.(?:heads\.|proj\.weight$))")  # heads', MLPs'

@@ -27,7 +27,8 @@ from dualgpt import UserError, in_repo, repo_path
 from dualgpt.checkpoint import (cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data, sha256_file
-from dualgpt.runconfig import declarations, defaults, load_config, model_options, require
+from dualgpt.runconfig import (declarations, defaults, did_you_mean, model_options, parse_args,
+                               require, resolve)
 from dualgpt.runtime import autocast
 from rlhf_lib.oracles import Oracle, get_oracle
 from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions,
@@ -56,8 +57,31 @@ def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> d
     owners = {k: "gpt.py and gpt_.py" for k in core.keys() - set(CORE_KEYS)}
     owners |= {k: "rlhf_heads.py" if k in study else "rlhf.py" for k in own.keys() - keys.keys()}
     rules = declarations(core_config) | declarations(rlhf_config)
-    return load_config(argv, program, keys, rules, usage, presets={"quick": rlhf_config.QUICK},
-                       hints=hints, owners=owners)
+
+    def unknown(key: str, keys: dict) -> str:  # who reads the key, and what to type instead
+        hint = f"; {hints[key]}" if key in hints else ""
+        if key in owners:
+            return f"--{key} is read by {owners[key]}, not by {program}{hint}"
+        message = did_you_mean(key, keys)
+        return message + (hint if message.endswith(repr(key)) else "")
+
+    overrides = parse_args(argv, program, keys, rules, usage, unknown)
+    if overrides.get("quick", keys["quick"]):  # --quick: rlhf_config.QUICK replaces the defaults
+        keys = keys | {k: v for k, v in rlhf_config.QUICK.items() if k in keys}
+    return resolve(keys, overrides, rules)
+
+
+def read_json(path: str, remedy: str):
+    """A JSON file's content, or None when the file does not exist; a file that is not JSON (cut
+    short, emptied, overwritten) is a one-line error naming it and the remedy."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e.__class__.__name__}); "
+                        f"{remedy}") from None
 
 
 TEMPERATURE = 1.0  # completions are sampled, and every log-probability taken, at this temperature

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import TrainingDiverged
-from dualgpt.checkpoint import convert_state_dict
+from dualgpt.layouts import convert_state_dict
 from dualgpt.files import write_json
 from dualgpt.runtime import autocast, progress
 from rlhf_lib.preference import (RewardModel, completion_logits, dpo_loss, exact_kl, gae,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import dataset, make_corpus, run_main, tiny_args
 
-from dualgpt import data
+from dualgpt import data, evaluation
 from dualgpt.runconfig import script_config
 from minbpe import RegexTokenizer
 
@@ -62,7 +62,7 @@ def test_dataset_cache_split_and_bits_per_byte(home, corpus):
     x, y = ds.batch("train", torch.Generator().manual_seed(0))
     assert x.shape == (8, 32)
     assert torch.equal(x[:, 1:], y[:, :-1])
-    tokens = sum(y.numel() for _, y in ds.windows("val"))
+    tokens = sum(y.numel() for _, y in evaluation.windows(ds, "val"))
     assert tokens == len(ids) - n - 1  # every val token predicted once
     again = dataset(cfg)  # reuses tokenizer and cache
     assert len(list((home / "data").glob("*.npy"))) == 1

@@ -8,7 +8,7 @@ import torch
 import gpt
 import gpt_
 import rlhf_heads
-from dualgpt.checkpoint import convert_state_dict
+from dualgpt.layouts import convert_state_dict
 from rlhf_lib.head_comparison import head_weight_change, part_masks, transplant
 from rlhf_lib.plots import plot_head_grid
 from rlhf_lib.training import restrict_training

@@ -8,7 +8,7 @@ from conftest import run_main, tiny_args
 
 import gpt
 import gpt_
-from dualgpt import checkpoint, heads, probes
+from dualgpt import checkpoint, heads, layouts, probes
 from dualgpt.runconfig import script_config, model_config, parse_head_mask
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=False)
@@ -18,7 +18,7 @@ def models(cfg=CFG, impl="sdpa"):
     torch.manual_seed(0)
     lb = gpt.LBGPT(cfg).eval()
     sm = gpt_.SMGPT(cfg, attn_impl=impl).eval()
-    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
+    sm.load_state_dict(layouts.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
     return lb, sm
 
 
@@ -249,7 +249,7 @@ def plain_probe_scores(weights, logits, tokens, L):
 def shipped_state(script: str):
     ckpt = torch.load(f"model_dict/shipped/{script}.pt", weights_only=True)
     cfg = gpt.ModelConfig(**ckpt["model_config"])
-    return cfg, checkpoint.convert_state_dict(ckpt["best_model"], checkpoint.layout_of(ckpt), "LB-GPT",
+    return cfg, layouts.convert_state_dict(ckpt["best_model"], checkpoint.layout_of(ckpt), "LB-GPT",
                                               cfg.n_head)
 
 
@@ -272,7 +272,7 @@ def test_probe_scores_equal_a_plain_implementation_in_both_layouts(weights, monk
     lb = gpt.LBGPT(cfg).eval()
     lb.load_state_dict(state)
     sm = gpt_.SMGPT(cfg).eval()
-    sm.load_state_dict(checkpoint.convert_state_dict(state, "LB-GPT", "SM-GPT", cfg.n_head))
+    sm.load_state_dict(layouts.convert_state_dict(state, "LB-GPT", "SM-GPT", cfg.n_head))
     for model in (lb, sm):
         scores, icl = probes.probe_scores(model, tokens, L)
         for name in probes.PROBES:

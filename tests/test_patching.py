@@ -8,7 +8,7 @@ from conftest import run_main, tiny_args
 
 import gpt
 import gpt_
-from dualgpt import checkpoint, patching
+from dualgpt import layouts, patching
 
 CFG = gpt.ModelConfig(vocab_size=50, block_size=16, n_layer=3, n_head=4, n_embd=32, bias=True)
 ANSWERS = (7, 11)
@@ -20,7 +20,7 @@ def models():
     for p in lb.parameters():  # larger weights than at init: effects far from zero
         p.data.mul_(4)
     sm = gpt_.SMGPT(CFG).eval()
-    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head))
+    sm.load_state_dict(layouts.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head))
     return lb, sm
 
 
@@ -40,7 +40,7 @@ def test_direct_logit_attribution_and_the_other_parts_sum_to_the_logit_differenc
         torch.manual_seed(0)
         lb = gpt.LBGPT(cfg).eval()
         sm = gpt_.SMGPT(cfg).eval()
-        sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", 4))
+        sm.load_state_dict(layouts.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", 4))
     clean, _ = prompts()
     total = patching.logit_difference(lb, clean, ANSWERS)
     dla, parts = patching.direct_logit_attribution(lb, clean, ANSWERS)

@@ -11,7 +11,7 @@ import gpt
 import gpt_
 from dualgpt import UserError
 from rlhf_lib import preference
-from dualgpt.checkpoint import convert_state_dict
+from dualgpt.layouts import convert_state_dict
 from rlhf_lib.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
                              dialogue, syllables, verse, words)
 from rlhf_lib.study import frozen

@@ -65,28 +65,33 @@ def git(*args, cwd):
 def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path):
     """`python gpt.py` (small, to keep the test short) and the README's command that samples from the
     shipped model, on a fresh clone: git status stays clean (every output is in an ignored place). Neither
-    imports an optional library (-X importtime lists every module imported; the corpus encoded by minbpe)."""
+    imports an optional library (sys.modules at exit lists every module loaded, also those loaded by
+    importlib, which -X importtime leaves out; the corpus encoded by minbpe)."""
     clone = tmp_path / "clone"
     git("clone", "-q", ROOT, str(clone), cwd=tmp_path)
     small = TINY_MODEL + ["--max_iters=5", "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
     optional = {"transformers", "safetensors", "tokenizers", "huggingface_hub", "tiktoken"}
     # what a mode does not use is not loaded: neither the Hugging Face code nor head research nor
-    # --mode=eval's module, nor (to sample) the data pipeline, the training loop and matplotlib;
-    # nor ever the RLHF layer
+    # --mode=eval's module nor the LB <-> SM conversion, nor (to sample) the data pipeline, the
+    # training loop and matplotlib; nor ever the RLHF layer
     unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "dualgpt.evaluation",
-              "rlhf_lib", "rlhf_config"}
-    for command, not_loaded in (([sys.executable, "-X", "importtime", "gpt.py", *small], unused),
-                                ([sys.executable, "-X", "importtime", "gpt.py", "--mode=sample",
-                                  "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20", "--num_samples=1"],
-                                 unused | {"dualgpt.train", "dualgpt.data", "dualgpt.plots",
-                                           "matplotlib"})):
-        result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=300)
+              "dualgpt.patching", "dualgpt.layouts", "rlhf_lib", "rlhf_config"}
+    listing = tmp_path / "modules.txt"
+    # `python gpt.py ARGS`, run by runpy as the interpreter runs a script, writing sys.modules at exit
+    as_script = ("import atexit, runpy, sys; sys.argv = sys.argv[1:]; out = sys.argv.pop(1); "
+                 "atexit.register(lambda: open(out, 'w').write(' '.join(sys.modules))); "
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+    for args, not_loaded, loaded in (
+            (small, unused, {"dualgpt.train", "dualgpt.sampling", "matplotlib"}),
+            (["--mode=sample", "--ckpt=model_dict/shipped/gpt.pt", "--max_new_tokens=20", "--num_samples=1"],
+             unused | {"dualgpt.train", "dualgpt.data", "dualgpt.plots", "matplotlib"}, {"dualgpt.sampling"})):
+        result = subprocess.run([sys.executable, "-c", as_script, "gpt.py", str(listing), *args], cwd=clone,
+                                capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        modules = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-                   if line.startswith("import time:")}
+        modules = set(listing.read_text().split())
         imported = modules | {module.split(".")[0] for module in modules}
         assert "torch" in imported and not imported & optional, imported & optional
-        assert "dualgpt.checkpoint" in imported and not imported & not_loaded, imported & not_loaded
+        assert loaded <= imported and not imported & not_loaded, (loaded - imported, imported & not_loaded)
     assert os.path.exists(clone / "model_dict" / "gpt.pt")  # the run did write its outputs
     assert git("status", "--porcelain", cwd=clone) == ""
 

@@ -7,7 +7,7 @@ from conftest import run_main, tiny_args
 
 import gpt
 import gpt_
-from dualgpt import checkpoint, evaluation, sampling
+from dualgpt import evaluation, layouts, sampling
 from dualgpt.runconfig import script_config
 
 CONFIGS = [
@@ -23,7 +23,7 @@ def pair(cfg, impl, seed=0):
     torch.manual_seed(seed)
     lb = gpt.LBGPT(cfg)
     sm = gpt_.SMGPT(cfg, attn_impl=impl, kv_cache=True)
-    sm.load_state_dict(checkpoint.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
+    sm.load_state_dict(layouts.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
     return lb, sm
 
 
@@ -49,10 +49,10 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         model(x, y)[1].backward()
         opt.step()
-    lb_grads = checkpoint.lb_to_sm({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
+    lb_grads = layouts.lb_to_sm({n: p.grad for n, p in lb.named_parameters()}, cfg.n_head)
     for name, p in sm.named_parameters():
         assert (p.grad - lb_grads[name]).abs().max().item() <= 1e-6, name
-    mapped = checkpoint.lb_to_sm(lb.state_dict(), cfg.n_head)
+    mapped = layouts.lb_to_sm(lb.state_dict(), cfg.n_head)
     for name, tensor in sm.state_dict().items():
         assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
 
@@ -61,9 +61,9 @@ def test_one_adamw_step_gives_same_weights(cfg, impl):
 def test_round_trip_is_exact(cfg):
     torch.manual_seed(1)
     state = gpt.LBGPT(cfg).state_dict()
-    sm_state = checkpoint.lb_to_sm(state, cfg.n_head)
+    sm_state = layouts.lb_to_sm(state, cfg.n_head)
     assert gpt_.SMGPT(cfg).load_state_dict(sm_state) is not None  # loads with no missing/unexpected keys
-    back = checkpoint.sm_to_lb(sm_state, cfg.n_head)
+    back = layouts.sm_to_lb(sm_state, cfg.n_head)
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
 

@@ -11,9 +11,6 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, copy_code, run_main, tiny_args
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import gpt
 import gpt_
@@ -22,6 +19,10 @@ from dualgpt.checkpoint import load_checkpoint, load_tokenizer_text, model_from_
 from dualgpt.tokenizer_files import tokenizer_from_files, tokenizer_json
 from rlhf_lib.study import complete, load_policy, rlhf_run_config, sample_prompts, setup
 from minbpe import RegexTokenizer
+
+# transformers takes seconds to import: its tests import it themselves and share one xdist worker, so
+# the other workers never load it
+pytestmark = pytest.mark.xdist_group("huggingface")
 
 TEXTS = ["ROMEO:\nBut soft, what light through yonder window breaks?", "  Café  naïve, 1234567 and 89\t\tx\n\n\nend",
          "Oh!!! 'TIS the <|endoftext|> of it... ünïcödé 東京 🙂", "   \n \n\t  trailing spaces   "]
@@ -32,6 +33,7 @@ SCRIPTS = [("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)]
 def bpe_folder(tmp_path_factory):
     """A byte-level BPE (GPT-2's pre-tokenizer, all 256 bytes, 400 tokens, <|endoftext|> first) trained by the
     tokenizers library on Tiny Shakespeare's first 200 kB: tokenizer.json, vocab.json and merges.txt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     folder = tmp_path_factory.mktemp("bpe")
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
         text = f.read()[:200_000]
@@ -45,9 +47,10 @@ def bpe_folder(tmp_path_factory):
     return folder
 
 
-def their_ids(tok, reference: Tokenizer) -> list[int]:
+def their_ids(tok, reference) -> list[int]:
     """For each of our token ids, the reference's id of the same token (its bytes in GPT-2's byte-to-unicode
     text, or the special token's text): an independent map, from transformers' own table."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
     table = bytes_to_unicode()
     return [reference.token_to_id(tok.inverse_special_tokens[i] if i in tok.inverse_special_tokens
                                   else "".join(table[b] for b in tok.vocab[i])) for i in range(len(tok.vocab))]
@@ -55,6 +58,7 @@ def their_ids(tok, reference: Tokenizer) -> list[int]:
 
 @pytest.mark.parametrize("files", ["vocab.json + merges.txt", "tokenizer.json"])
 def test_our_reader_of_their_tokenizer_files_encodes_and_decodes_as_they_do(bpe_folder, tmp_path, files):
+    from tokenizers import Tokenizer
     keep = ["vocab.json", "merges.txt"] if files.startswith("vocab") else ["tokenizer.json"]
     for name in keep:
         shutil.copy(bpe_folder / name, tmp_path / name)
@@ -69,6 +73,7 @@ def test_our_reader_of_their_tokenizer_files_encodes_and_decodes_as_they_do(bpe_
 
 def test_the_tokenizer_json_we_write_encodes_as_minbpe():
     """The shipped 8192-token tokenizer (GPT-4's split pattern) as tokenizer.json, read by the tokenizers library."""
+    from tokenizers import Tokenizer
     shipped = os.path.join(ROOT, "tokenizers", "shipped")
     model = next(name for name in sorted(os.listdir(shipped)) if name.endswith(".model"))
     with open(os.path.join(shipped, model), encoding="utf-8") as f:
@@ -90,9 +95,10 @@ SHAPES = {  # (layers, heads, width, positions, activation, tied, weights file):
 }
 
 
-def hf_model(folder, bpe_folder, shape) -> GPT2LMHeadModel:
+def hf_model(folder, bpe_folder, shape):
     """A random transformers GPT-2 of `shape` (LayerNorms random too), saved with save_pretrained beside the
     tokenizer files."""
+    from transformers import GPT2Config, GPT2LMHeadModel
     n_layer, n_head, n_embd, n_positions, activation, tied, weights = shape
     config = GPT2Config(vocab_size=400, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                         activation_function=activation, tie_word_embeddings=tied, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -111,6 +117,7 @@ def hf_model(folder, bpe_folder, shape) -> GPT2LMHeadModel:
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_an_imported_gpt2_is_the_same_function_in_both_scripts(bpe_folder, home, tmp_path, shape):
+    from tokenizers import Tokenizer
     folder = tmp_path / "hf"
     reference = hf_model(folder, bpe_folder, SHAPES[shape])
     hf_tokenizer = Tokenizer.from_file(str(bpe_folder / "tokenizer.json"))
@@ -187,6 +194,7 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
                                                                                     source):
     """An imported GPT-2 (biases, tanh GELU, GPT-2's split) and a model trained here (no biases, exact GELU, GPT-4's
     split), exported: GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained agree with ours."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
     if source == "trained here":
         args = tiny_args(home, corpus, "--max_iters=4", "--eval_interval=4", "--mode=train", script="gpt_")
         assert run_main(args, gpt_.SMGPT, "gpt_") == 0

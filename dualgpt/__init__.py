@@ -16,6 +16,7 @@ nothing here imports them, nor the RLHF layer (rlhf_lib/) built on top. In readi
     probes.py           repeated random tokens: probe scores of heads, in-context learning
     patching.py         --mode=patch: activation patching, direct logit attribution
     heads.py            --mode=heads: attention maps, per-head statistics, ablation, their figures
+    atlas.py            --mode=heads's offline page (atlas.html with the data inline)
     tokenizer_files.py  byte-level BPE tokenizer files both ways (GPT-2's, tokenizers')
     hf_gpt2.py          Hugging Face GPT-2 folders both ways: --mode=import, --export_format=hf
 """

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import repo_path
+from dualgpt.atlas import matching_patch, write_atlas
 from dualgpt.evaluation import checkpoint_with_data
 from dualgpt.plots import pyplot, save_figure
 from dualgpt.probes import PROBES, probe_length, probe_scores, recording, repeated_tokens
@@ -165,6 +166,9 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
     files.append(prefix + ".heads.json")
     with atomic_open(files[-1], "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
+    files.append(prefix + ".heads.html")  # the atlas: with patching's results if of this model
+    write_atlas(files[-1], report, labels, ids, weights,
+                matching_patch(prefix + ".patch.json", report))
     print("wrote " + ", ".join(files))
     return report
 

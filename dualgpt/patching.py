@@ -62,6 +62,9 @@ def residual_inputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
     return inputs_of(model, ids, list(model.blocks))
 
 
+NOISY_GAP = 1.0  # nats of logit difference between the runs, below which effects are noise
+
+
 @torch.no_grad()
 def patch_effects(model: nn.Module, clean: torch.Tensor, corrupt: torch.Tensor,
                   answers: tuple[int, int]) -> dict:
@@ -197,6 +200,11 @@ def patch(model_class: type[nn.Module], cfg: dict) -> dict:
     print(f"logit difference {texts[0]!r} - {texts[1]!r}: clean {effects['clean']:+.3f}, "
           f"corrupted {effects['corrupt']:+.3f}; heads by patching effect (and direct logit "
           f"attribution on the clean prompt):")
+    gap = effects["clean"] - effects["corrupt"]
+    if abs(gap) < NOISY_GAP:  # every effect divides by the gap
+        print(f"note: the clean and corrupted logit differences are only {abs(gap):.2f} apart "
+              f"(under {NOISY_GAP}): the model barely tells the prompts apart, so the effects "
+              "are mostly noise")
     for row in sorted(report["heads"], key=lambda r: -abs(r["effect"]))[:10]:
         print(f"  {row['layer']}.{row['head']}: effect {row['effect']:+.3f}, dla "
               f"{row['dla']:+.3f}")

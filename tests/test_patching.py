@@ -113,8 +113,12 @@ def test_mode_patch_through_the_command_line_and_its_bad_input(home, corpus, cap
         pytest.skip("this corpus's tokenizer splits the names differently")
     results = []
     for cls, script in ((gpt.LBGPT, "gpt"), (gpt_.SMGPT, "gpt_")):
+        capsys.readouterr()
         assert run_main(args + patch, cls, script) == 0
         report = json.loads((out_dir / "gpt.patch.json").read_text())
+        # effects divide by the runs' gap: a small one is called noise
+        gap = abs(report["clean_logit_diff"] - report["corrupt_logit_diff"])
+        assert ("the model barely tells the prompts apart" in capsys.readouterr().out) == (gap < 1.0)
         assert (out_dir / "gpt.patch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert [(r["layer"], r["head"]) for r in report["heads"]] == [(l, h) for l in range(2) for h in range(2)]
         assert len(report["residual"]) == 2 and len(report["residual"][0]) == len(clean)

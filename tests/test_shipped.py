@@ -236,6 +236,24 @@ def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them
     assert f"{report['icl_score']:.3f}" in page
 
 
+@pytest.mark.parametrize("script", SHIPPED)
+def test_the_shipped_atlas_page_is_of_the_shipped_heads_report(script):
+    """generate_text/shipped/<script>.heads.html carries the rows of the shipped heads.json (the same
+    run wrote both), no patching (docs/heads.md says why), and every head's pattern on its tokens."""
+    shipped = os.path.join(ROOT, "generate_text", "shipped")
+    with open(os.path.join(shipped, f"{script}.heads.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(shipped, f"{script}.heads.html"), encoding="utf-8") as f:
+        page = f.read()
+    data = json.loads(re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>',
+                                page, flags=re.S).group(1))
+    assert data["heads"] == report["heads"]
+    assert f"(iteration {report['iter_num']})" in data["title"]
+    assert "patch_effect" not in data["heads"][0]
+    assert len(data["attention"]) * len(data["attention"][0]) == len(report["heads"])
+    assert all(len(rows) == len(data["tokens"]) for layer in data["attention"] for rows in layer)
+
+
 def test_the_readme_quotes_the_largest_induction_score_of_the_shipped_models():
     largest = 0.0
     for script in SHIPPED:

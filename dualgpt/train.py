@@ -256,6 +256,9 @@ def optimizer_step(run: Run) -> torch.Tensor:
     model, ddp = run.train_model, run.ddp
     for micro in range(run.micro_steps):
         x, y = run.data.batch("train", run.batch_gen)
+        if run.cfg["repeat_fraction"]:  # the default draws nothing: its runs stay as they were
+            x, y = with_repeats(x, y, run.cfg["repeat_fraction"], run.batch_gen, run.ddp.rank,
+                                run.ddp.world)
         # all-reduce gradients only on the last micro-step
         last = micro == run.micro_steps - 1
         sync = nullcontext() if not ddp.active or last else model.no_sync()
@@ -270,6 +273,22 @@ def optimizer_step(run: Run) -> torch.Tensor:
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def with_repeats(x: torch.Tensor, y: torch.Tensor, fraction: float, generator: torch.Generator,
+                 rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training windows (B, T) of which `fraction` repeat their first p tokens to the end, p drawn
+    per row from a quarter to a half of the window (config/induction.py). Predicting a repeat is
+    what induction heads do; a period that varies keeps a head from solving it by position. The
+    rows and periods are drawn over the global batch: the same however many processes share it."""
+    b, T = x.shape
+    mine = slice(rank * b, (rank + 1) * b)
+    rows = (torch.rand(b * world, generator=generator) < fraction)[mine]
+    period = torch.randint((T + 1) // 4, (T + 1) // 2 + 1, (b * world,), generator=generator)[mine]
+    window = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the tokens x and y are cut from
+    repeated = window.gather(1, (torch.arange(T + 1)[None, :] % period[:, None]).to(x.device))
+    window = torch.where(rows.to(x.device)[:, None], repeated, window)
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
 @torch.no_grad()

@@ -262,3 +262,42 @@ def test_the_readme_quotes_the_largest_induction_score_of_the_shipped_models():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = " ".join(f.read().split())
     assert f"form no induction head (largest induction score {largest:.3f})" in readme
+
+
+INDUCTION_SEEDS = (1337, 1, 2)
+T_975_DF2 = 4.303  # Student's t, 97.5% quantile, 2 degrees of freedom (3 seeds)
+
+
+def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_report():
+    """docs/heads.md's table of config/induction.py's three seeds is their shipped logs, its interval the
+    logs' final scores; the shipped checkpoint was trained by that recipe (its recorded config), its heads
+    report is of that checkpoint, and the docs quote its icl_change."""
+    import statistics
+
+    from dualgpt.runconfig import defaults, read_config_file
+    shipped = os.path.join(ROOT, "generate_text", "shipped")
+    page = doc("heads.md")
+    finals = []
+    for seed in INDUCTION_SEEDS:
+        with open(os.path.join(shipped, f"induction_seed{seed}.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if "icl_score" in r]
+        peak, last = max(evals, key=lambda r: r["icl_score"]), evals[-1]
+        row = (f"| {seed} | {peak['icl_score']:.2f} at {peak['train_s'] / 60:.1f} min | "
+               f"{max(r['induction_max'] for r in evals):.3f} | {last['icl_score']:.2f} | "
+               f"{last['induction_max']:.3f} | {last['val_bpb']:.3f} |")
+        assert row in page.splitlines()
+        assert max(r["induction_max"] for r in evals) < 0.4  # "no head reaches the 0.4 label"
+        finals.append(last["icl_score"])
+    half = T_975_DF2 * statistics.stdev(finals) / len(finals) ** 0.5
+    text = " ".join(page.split())
+    assert f"{statistics.mean(finals):.2f} ± {half:.2f} nats" in text
+    ckpt = load_checkpoint(os.path.join(ROOT, "model_dict", "shipped", "induction.pt"))
+    recipe = read_config_file(os.path.join(ROOT, "config", "induction.py"), defaults())
+    assert all(ckpt["config"][key] == value for key, value in recipe.items()) and ckpt["config"]["seed"] == 1337
+    with open(os.path.join(shipped, "induction.heads.json")) as f:
+        report = json.load(f)
+    assert report["checkpoint"].endswith(os.path.join("model_dict", "shipped", "induction.pt"))
+    assert report["iter_num"] == ckpt["iter_num"]
+    change = {(r["layer"], r["head"]): r["icl_change"] for r in report["heads"]}
+    assert f"by {-change[1, 1]:.2f} and {-change[1, 0]:.2f} nats" in text
+    assert "ICL at 5 min" in page and ckpt["config"]["max_minutes"] == 5.0

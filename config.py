@@ -50,8 +50,8 @@ grad_clip: ">= 0" = 1.0  # clip the gradient norm to this (0 = off)
 eval_interval: ">= 1" = 500  # evaluate and checkpoint every this many steps (step-limited runs)
 eval_points: "[1, 2**20]" = 10  # with a time budget: evaluate and checkpoint this many times
 eval_iters: "[1, 2**20]" = 50  # batches per split in each evaluation (and --mode=heads)
-# training windows whose second half repeats their first (val is left as it is): what makes
-# induction heads form on a laptop (config/induction.py)
+# training windows that repeat their first p tokens to the end, p from a quarter to a half of the
+# block (val is left as it is): in-context learning forms in minutes (config/induction.py)
 repeat_fraction: "[0, 1]" = 0.0
 log_interval: ">= 1" = 10  # steps between reads of the loss (bar, log, NaN check; each read syncs)
 

@@ -1,13 +1,15 @@
 """
 Benchmarks, measured as ratios within one run (never as timed test assertions).
 
-    python bench.py                       # everything
+    python bench.py                       # every section but muon (a 45-minute study)
+    python bench.py --only=scaling        # when the loop over heads costs (table and plot)
     python bench.py --only=tokenizer      # one or more sections, comma-separated
     python bench.py --steps=3 --quick     # a fast smoke run
 
 Prints markdown tables and writes them to generate_text/bench.md.
 """
 
+import math
 import os
 import platform
 import statistics
@@ -22,7 +24,7 @@ from dualgpt import UserError
 from dualgpt.cli import exit_codes
 from dualgpt.files import atomic_open
 from dualgpt.runconfig import declarations, defaults, load_config
-from dualgpt.runtime import machine_name
+from dualgpt.runtime import machine_name, resolve_device
 from minbpe import RegexTokenizer
 from minbpe.base import train_classic
 
@@ -31,7 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class Keys:
     """bench.py's keys (python bench.py --steps=3), declared as config.py's are."""
-    only = "tokenizer,train,sample,quality,compile,rlhf"  # sections, comma-separated
+    # sections, comma-separated; muon (about 45 minutes) only when named
+    only = "tokenizer,train,sample,quality,compile,scaling,rlhf"
     data = os.path.join(HERE, "data", "input.txt")  # the text every section reads
     vocab_size: "[256, 2**16]" = 4096  # the tokenizer section's vocabulary
     steps: "[1, 10000]" = 10  # timed training steps per variant
@@ -39,6 +42,9 @@ class Keys:
     budget: "(0, 86400]" = 67.0  # seconds of training per run in the quality section
     dtype: "float32 | bfloat16" = "float32"  # the training-step section's autocast dtype
     lecture_batch: "[0, 4096]" = 0  # batch at the lecture shape (0: 16 on CPU, 64 on GPU)
+    seeds: "[1, 30]" = 3  # the muon section: seeds per optimizer and budget
+    muon_lrs = "0.01,0.02,0.04"  # the muon section: Muon's learning rates tried first
+    muon_budgets = "67,300"  # the muon section: seconds of training per run
 
 
 def best_of(fn, repeats: int) -> float:
@@ -208,8 +214,6 @@ def flops_per_token(model: torch.nn.Module) -> float:
 
 
 def bench_train(args) -> str:
-    from dualgpt.runtime import resolve_device
-    from dualgpt.train import make_optimizer
     device = resolve_device("auto")
     peak = matmul_peak(device, args.dtype)
     rows = []
@@ -217,8 +221,7 @@ def bench_train(args) -> str:
         base = None
         for name, cls, impl in variants():
             model = build(cls, impl, shape, device)
-            opt = make_optimizer(model, weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99),
-                                 device=device)
+            opt = adamw(model, device)
             gen = torch.Generator().manual_seed(0)
             x, y = torch.randint(0, shape["vocab_size"], (2, batch, shape["block_size"]),
                                  generator=gen).to(device)
@@ -249,7 +252,6 @@ def bench_train(args) -> str:
 
 
 def bench_sample(args) -> str:
-    from dualgpt.runtime import resolve_device
     from dualgpt.sampling import generate
     device = resolve_device("auto")
     shape = dict(shapes(args, device)[1][1], dropout=0.0)
@@ -282,6 +284,160 @@ def bench_sample(args) -> str:
             "batch 1\n\n"
             + table(["new tokens", "variant", "tokens/s", "speed vs LB-GPT", "output vs LB-GPT"],
                     rows))
+
+
+# the loop's cost as a curve: more heads at a fixed width (head size 256 down to 8), and less
+# work per head (the tokens of a step: batch x block, from a lecture-sized batch to one sequence)
+SCALING_HEADS = (1, 2, 4, 8, 16, 32)
+SCALING_WORK = ((16, 256), (1, 256), (1, 32))  # (batch, block) of a training step
+SCALING_SHAPE = dict(vocab_size=256, n_layer=2, n_embd=256, dropout=0.0)
+
+
+def timed_in_turn(calls: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each call, `repeats` times, the calls taking turns so that a slow spell of the
+    machine hits every variant alike; an untimed warm-up round first."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, call in calls.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            call()
+            synchronize(device)
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def step_call(model, x, y, dtype: str, device: str):
+    """One training step (forward, backward, AdamW) as a call; with y None, one forward without
+    gradients over the whole window: what a sampling step costs without a KV cache."""
+    from dualgpt.runtime import autocast
+    optimizer = adamw(model, device)
+
+    def train_step():
+        with autocast(device, dtype):
+            loss = model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def sample_step():
+        with autocast(device, dtype):
+            model(x)
+    return train_step if y is not None else sample_step
+
+
+def fit_loop_cost(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The simple model t = fixed + per_head * (n_layer * n_head) + FLOPs / rate, fitted to
+    (heads x layers, FLOPs, seconds) points by least squares on the relative error (small steps
+    count as much as large ones): returns (fixed s, per_head s, rate FLOP/s)."""
+    a = torch.tensor([[1.0, h, f] for h, f, _ in points], dtype=torch.float64)
+    t = torch.tensor([t for *_, t in points], dtype=torch.float64)
+    fixed, per_head, per_flop = torch.linalg.lstsq(a / t[:, None], torch.ones_like(t)).solution
+    return fixed.item(), per_head.item(), 1 / per_flop.item() if per_flop > 0 else math.inf
+
+
+def bench_scaling(args) -> str:
+    """Training-step and no-cache sampling times of the three variants as heads grow at a fixed
+    width and the work per head shrinks, in float32 and (where the chip has it natively)
+    bfloat16: medians over repeats with their quartiles, a fitted loop-cost model, and a plot
+    (generate_text/bench_scaling.png; _cuda on a GPU)."""
+    from dualgpt.runtime import resolve_dtype
+    device = resolve_device("auto")
+    dtypes = ["float32"] + (["bfloat16"] if resolve_dtype("auto", device) == "bfloat16" else [])
+    heads, works, shape = SCALING_HEADS, SCALING_WORK, SCALING_SHAPE
+    repeats = 2 if args.quick else 7
+    if args.quick:
+        heads, works, shape = (1, 2, 4), ((2, 32), (1, 16)), dict(shape, n_embd=64)
+    # a training column per work size, and sampling without a cache at batch 1, the whole block
+    columns = [(f"train {b}x{t}", b, t, True) for b, t in works]
+    columns.append((f"sample 1x{works[0][1]}, no cache", 1, works[0][1], False))
+    measured = {}  # (dtype, column, variant, heads) -> seconds per repeat
+    for dtype in dtypes:
+        for column, batch, block, training in columns:
+            gen = torch.Generator().manual_seed(0)
+            x, y = torch.randint(0, shape["vocab_size"], (2, batch, block),
+                                 generator=gen).to(device)
+            for n_head in heads:
+                calls = {}
+                for name, cls, impl in variants():
+                    model = build(cls, impl, dict(shape, n_head=n_head, block_size=block),
+                                  device).train(training)
+                    calls[name] = step_call(model, x, y if training else None, dtype, device)
+                for name, times in timed_in_turn(calls, repeats, device).items():
+                    measured[dtype, column, name, n_head] = times
+                print(f"  scaling {dtype} {column} {n_head} heads: " + ", ".join(
+                    f"{name} {statistics.median(measured[dtype, column, name, n_head]) * 1e3:.1f} "
+                    "ms" for name, _, _ in variants()), file=sys.stderr, flush=True)
+    flops = {}  # (column, heads) -> FLOPs of one call: training 6N + attention, a forward a third
+    for column, batch, block, training in columns:
+        for n_head in heads:
+            model = build(variants()[2][1], "sdpa", dict(shape, n_head=n_head, block_size=block),
+                          "cpu")
+            flops[column, n_head] = flops_per_token(model) * batch * block / (1 if training else 3)
+    fits = {}
+    for dtype in dtypes:
+        for name, _, _ in variants():
+            fits[dtype, name] = fit_loop_cost([
+                (shape["n_layer"] * h, flops[c, h], statistics.median(measured[dtype, c, name, h]))
+                for c, *_ in columns for h in heads])
+    plot_scaling(measured, fits, flops, dtypes, columns, heads, shape["n_layer"], device)
+    def cell(times: list[float]) -> str:
+        q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+        return f"{median * 1e3:.2f} ({q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
+
+    names = [name for name, _, _ in variants()]
+    rows = []
+    for dtype in dtypes:
+        for column, *_ in columns:
+            for h in heads:
+                times = [measured[dtype, column, name, h] for name in names]
+                lb = statistics.median(times[0])
+                rows.append([dtype, column, f"{h} x {shape['n_embd'] // h}",
+                             *(cell(t) for t in times),
+                             *(f"{lb / statistics.median(t):.2f}x" for t in times[1:])])
+    fit_rows = [[dtype, name, f"{fixed * 1e3:.2f} ms", f"{per_head * 1e6:.0f} us",
+                 f"{rate / 1e9:.1f}"] for (dtype, name), (fixed, per_head, rate) in fits.items()]
+    return (f"### When the loop costs: {machine_name(device)}, {shape['n_layer']} layers of "
+            f"width {shape['n_embd']}, vocab {shape['vocab_size']}; median ms over {repeats} "
+            "repeats (quartiles), the variants in turn\n\n"
+            + table(["dtype", "step", "heads x size", *(f"{n} ms" for n in names),
+                     *(f"{n} vs LB-GPT" for n in names[1:])], rows)
+            + "\n\nFitted model, t = fixed + per head x (n_layer x n_head) + FLOPs / rate, on "
+            "every step size and head count above (least squares on the relative error):\n\n"
+            + table(["dtype", "variant", "fixed", "per head per layer", "GFLOP/s"], fit_rows))
+
+
+def plot_scaling(measured, fits, flops, dtypes, columns, heads, n_layer, device) -> None:
+    """One panel per dtype and step: ms against heads, measured medians with quartiles as bars and
+    the fitted model as lines."""
+    from dualgpt.plots import pyplot, save_figure
+    plt = pyplot()
+    fig, axes = plt.subplots(len(dtypes), len(columns), squeeze=False,
+                             figsize=(4.2 * len(columns), 3.6 * len(dtypes)))
+    for row, dtype in enumerate(dtypes):
+        for ax, (column, *_) in zip(axes[row], columns):
+            for (name, _, _), colour in zip(variants(), ("C0", "C1", "C2")):
+                times = [measured[dtype, column, name, h] for h in heads]
+                median = [statistics.median(t) * 1e3 for t in times]
+                low = [m - min(t) * 1e3 for m, t in zip(median, times)]
+                high = [max(t) * 1e3 - m for m, t in zip(median, times)]
+                ax.errorbar(heads, median, yerr=[low, high], fmt="o", color=colour, label=name,
+                            capsize=2, markersize=4)
+                fixed, per_head, rate = fits[dtype, name]
+                ax.plot(heads, [(fixed + per_head * n_layer * h + flops[column, h] / rate) * 1e3
+                                for h in heads], "--", color=colour, linewidth=1)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("heads (fixed width)")
+            ax.set_ylabel("ms")
+            ax.set_title(f"{column}, {dtype}", fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, title="dots: measured; dashes: model", title_fontsize=8)
+    fig.tight_layout()
+    suffix = "_cuda" if device.startswith("cuda") else ""
+    save_figure(fig, os.path.join(HERE, "generate_text", f"bench_scaling{suffix}.png"))
 
 
 # nanoGPT's documented CPU recipe ("baby GPT", character level), here byte level = character level
@@ -341,6 +497,66 @@ def bench_quality(args) -> str:
                      "val bpb"], rows))
 
 
+def adamw(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
+    """The optimizer of config.py's defaults, as training builds it."""
+    from dualgpt.train import make_optimizers
+    cfg = dict(optimizer="adamw", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1, beta1=0.9,
+               beta2=0.99, device=device)
+    return make_optimizers(model, cfg)["optimizer"]
+
+
+def numbers(text: str, key: str) -> list[float]:
+    """A key's comma-separated positive numbers ("0.01,0.02")."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"{key} must be positive numbers, comma-separated, got {text!r}")
+    return values
+
+
+def bench_muon(args) -> str:
+    """AdamW against Muon (--optimizer=muon) at equal training time: config.py's defaults in
+    gpt_.py, val bits per byte over the whole val split. Muon's learning rate is picked first, on
+    the grid muon_lrs at the first budget with seed 0; then, for every budget, seeds 1 ... seeds of
+    both optimizers in turn, and the paired difference with its 95% t-interval."""
+    import tempfile
+
+    from dualgpt.evaluation import mean_interval
+    lrs, budgets = numbers(args.muon_lrs, "muon_lrs"), numbers(args.muon_budgets, "muon_budgets")
+    seeds = range(1, args.seeds + 1)
+    with tempfile.TemporaryDirectory() as workdir:
+        def val_bpb(optimizer: str, lr: float, seed: int, budget: float) -> float:
+            r = train_for({"optimizer": optimizer, "muon_lr": lr, "seed": seed}, budget, workdir,
+                          args.data)
+            print(f"  {optimizer} lr {lr:g} seed {seed} {budget:g} s: {r['val_bpb']:.4f} bpb, "
+                  f"{r['iters']} steps", file=sys.stderr, flush=True)
+            return r["val_bpb"]
+
+        grid = {lr: val_bpb("muon", lr, 0, budgets[0]) for lr in lrs}
+        pick = min(grid, key=grid.get)
+        rows = []
+        for budget in budgets:
+            runs = [(val_bpb("adamw", pick, seed, budget), val_bpb("muon", pick, seed, budget))
+                    for seed in seeds]
+            diff = mean_interval([muon - adamw for adamw, muon in runs])
+            ci = f" ± {diff['ci']:.3f}" if diff["ci"] is not None else ""
+            rows += [[f"{budget:g} s", name, " / ".join(f"{r[i]:.3f}" for r in runs),
+                      f"{statistics.mean(r[i] for r in runs):.3f}"]
+                     for i, name in enumerate(("AdamW", f"Muon, lr {pick:g}"))]
+            rows.append([f"{budget:g} s", "Muon - AdamW (paired)",
+                         " / ".join(f"{muon - adamw:+.3f}" for adamw, muon in runs),
+                         f"**{diff['mean']:+.3f}{ci}**"])
+    grid_text = ", ".join(f"{lr:g}: {bpb:.3f}" for lr, bpb in grid.items())
+    return (f"### Muon against AdamW: gpt_.py's defaults for equal training time, "
+            f"{machine_name(resolve_device('auto'))}, val bits per byte over the whole val split "
+            f"(seeds {seeds[0]}-{seeds[-1]}; mean, and for the difference its 95% t-interval over "
+            f"seeds)\n\nMuon's learning rate, picked on seed 0 at {budgets[0]:g} s: {grid_text} "
+            f"-> {pick:g}\n\n"
+            + table(["budget", "optimizer", "val bpb per seed", "mean"], rows))
+
+
 def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) -> float:
     """Median seconds of a training step (forward, backward, AdamW) after two warm-up steps."""
     from dualgpt.runtime import autocast
@@ -367,8 +583,8 @@ def bench_compile(args) -> str:
     import config
     import gpt
     import gpt_
-    from dualgpt.runtime import resolve_device, resolve_dtype
-    from dualgpt.train import compile_model, make_optimizer
+    from dualgpt.runtime import resolve_dtype
+    from dualgpt.train import compile_model
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
     shape = dict(vocab_size=config.vocab_size, block_size=config.block_size,
@@ -383,7 +599,7 @@ def bench_compile(args) -> str:
     for name, cls in (("LB-GPT (gpt.py)", gpt.LBGPT), ("SM-GPT (gpt_.py)", gpt_.SMGPT)):
         torch.manual_seed(0)
         model = cls(gpt.ModelConfig(**shape)).to(device)
-        optimizer = make_optimizer(model, 0.1, 1e-3, (0.9, 0.99), device)
+        optimizer = adamw(model, device)
         eager_s = timed_steps(model, optimizer, batches, args.steps, device, dtype)
         # a cold compile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dualgpt-inductor-")
@@ -445,7 +661,8 @@ def bench_rlhf(args) -> str:
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample,
             "quality": bench_quality,
-            "compile": bench_compile, "rlhf": bench_rlhf}
+            "compile": bench_compile, "scaling": bench_scaling, "rlhf": bench_rlhf,
+            "muon": bench_muon}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -457,6 +674,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown or not sections:
             raise UserError(f"unknown section {(unknown or [''])[0]!r}; choose from "
                             f"{', '.join(SECTIONS)}")
+        numbers(cfg["muon_lrs"], "muon_lrs"), numbers(cfg["muon_budgets"], "muon_budgets")
         if not os.path.isfile(cfg["data"]):
             raise UserError(f"data file {cfg['data']} not found; run `python gpt.py` once to "
                             f"download it, or pass --data=PATH")

@@ -1,5 +1,5 @@
 """Losses: over fixed random batches (during training) and over every token of a split
-(--mode=eval)."""
+(--mode=eval); the 95% interval of a mean over seeds."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,24 @@ from dualgpt.checkpoint import (checkpoint_model, cpu_copy, layout_of, make_chec
 from dualgpt.layouts import convert_state_dict
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.runtime import autocast, progress
+
+
+# Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond 30, 1.96)
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
+         2.048, 2.045, 2.042)
+
+
+def mean_interval(values) -> dict:
+    """Mean and the half-width of its 95% interval: Student's t over a few values (seeds), normal
+    over many (prompts); "ci" is None for a single value."""
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    n = len(x)
+    if n < 2:
+        return {"mean": x.mean().item(), "ci": None, "n": n}
+    quantile = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
+    return {"mean": x.mean().item(), "ci": quantile * x.std().item() / math.sqrt(n), "n": n}
 
 
 def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module,

@@ -7,6 +7,8 @@ import difflib
 import math
 import re
 
+import torch
+
 import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.runtime import resolve_device, resolve_dtype
@@ -179,6 +181,8 @@ def validate_model_run(cfg: dict) -> None:
          "lr_decay_iters must be 0 (the end of the run) or >= warmup_iters"),
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict "
          "each other"),
+        (cfg["optimizer"] != "muon" or hasattr(torch.optim, "Muon"), "optimizer=muon needs "
+         f"torch.optim.Muon, which torch {torch.__version__} lacks; upgrade torch, or use adamw"),
     ])
     parse_head_mask(cfg["head_mask"])
 

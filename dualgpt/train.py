@@ -105,7 +105,7 @@ class Run:
     model: nn.Module  # what is evaluated and saved
     # what the steps run: the model, compiled and wrapped for DDP where asked
     train_model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizers: dict[str, torch.optim.Optimizer]  # checkpoint key -> optimizer (make_optimizers)
     scaler: torch.amp.GradScaler
     batch_gen: torch.Generator  # the batch stream, shared by every rank
     limits: Limits
@@ -183,8 +183,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     torch.manual_seed(cfg["seed"])  # every rank starts from the same weights
     model = build_model(model_class, config, parse_head_mask(cfg["head_mask"]),
                         model_options(cfg, model_class)).to(device)
-    optimizer = make_optimizer(model, cfg["weight_decay"], cfg["learning_rate"],
-                               (cfg["beta1"], cfg["beta2"]), device)
+    optimizers = make_optimizers(model, cfg)
     torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
     batch_gen = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
     limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
@@ -193,7 +192,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     # each evaluation also measures in-context learning on a fixed probe (probes.py)
     length = probe_length(cfg["probe_length"], config.block_size)
     probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
-    run = Run(cfg, ddp, data, model, model, optimizer,
+    run = Run(cfg, ddp, data, model, model, optimizers,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
               batch_gen, limits, meter, TrainState(), micro_steps, (probe.to(device), length),
               None)
@@ -228,8 +227,9 @@ def training_step(run: Run, bar) -> None:
     state, cfg = run.state, run.cfg
     t_step = time.perf_counter()
     run.lr = run.schedule(state.iter_num, state.train_s - state.compile_s)
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.lr
+    for optimizer in run.optimizers.values():
+        for group in optimizer.param_groups:
+            group["lr"] = run.lr * group["lr_scale"]
     loss = optimizer_step(run)
     state.iter_num += 1
     logging = state.iter_num % cfg["log_interval"] == 0
@@ -266,12 +266,15 @@ def optimizer_step(run: Run) -> torch.Tensor:
             _, loss = model(x, y)
         with sync:
             run.scaler.scale(loss / run.micro_steps).backward()
+    optimizers = run.optimizers.values()
     if run.cfg["grad_clip"] > 0:
-        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        for optimizer in optimizers:  # clip the true gradients, not the fp16-scaled ones
+            run.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg["grad_clip"])
-    run.scaler.step(run.optimizer)
+    for optimizer in optimizers:
+        run.scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
     run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
     return loss
 
 
@@ -354,7 +357,8 @@ def save(run: Run) -> None:
         model.state_dict(), dataclasses.asdict(model.config), model.layout,
         run.data.tokenizer_text,
         state.iter_num, run.cfg, best_weights=state.best_state, best_val_loss=state.best_val,
-        optimizer=run.optimizer.state_dict(), train_s=state.train_s, compile_s=state.compile_s,
+        **{key: optimizer.state_dict() for key, optimizer in run.optimizers.items()},
+        train_s=state.train_s, compile_s=state.compile_s,
         rng_cpu=rng_cpu, rng_cuda=rng_cuda, rng_batches=run.batch_gen.get_state()))
 
 
@@ -376,6 +380,10 @@ def check_previous_run(cfg: dict, layout: str, model_config_values: dict) -> dic
         if layout_of(ckpt) != layout:
             raise UserError(f"{path} was written with {layout_of(ckpt)} attention; resume it "
                             f"with that script (sample and eval work from either)")
+        trained_with = "muon" if "muon" in ckpt else "adamw"
+        if trained_with != cfg["optimizer"]:
+            raise UserError(f"{path} was trained with optimizer={trained_with}; pass "
+                            f"--optimizer={trained_with} to resume it")
         for key, value in ckpt["model_config"].items():
             if model_config_values[key] != value:
                 raise UserError(f"{path} was trained with {key}={value}, but the config says "
@@ -394,7 +402,8 @@ def restore(run: Run, ckpt: dict) -> None:
     """Weights, optimizer and RNG streams of a checkpoint, so the run continues exactly where it
     stopped."""
     run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for key, optimizer in run.optimizers.items():
+        optimizer.load_state_dict(ckpt[key])
     run.batch_gen.set_state(ckpt["rng_batches"])
     ddp = run.ddp
     if len(ckpt["rng_cpu"]) == ddp.world:  # exact resume needs the same number of processes
@@ -436,14 +445,28 @@ def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
     return grad_accum_steps // world
 
 
-def make_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
-                   betas: tuple[float, float], device: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and LayerNorm weights)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                             fused=device.startswith("cuda"))
+def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimizer]:
+    """AdamW, with weight decay on matrices only (not on biases and LayerNorm weights). With
+    optimizer = "muon", torch.optim.Muon takes the blocks' weight matrices (each update
+    orthogonalised, so every direction of a matrix moves at the same rate) and AdamW keeps the
+    embeddings, gains and biases. Keyed as the checkpoint stores their states; each group's
+    lr_scale is its peak learning rate over learning_rate, what the schedule multiplies."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named
+              if cfg["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2]
+    rest = [p for _, p in named if all(p is not h for h in hidden)]
+    adamw = torch.optim.AdamW(
+        [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+        lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+        fused=cfg["device"].startswith("cuda"))
+    optimizers = {"optimizer": adamw}
+    if hidden:  # no weight decay there, as in the speedrun records Muon comes from
+        optimizers["muon"] = torch.optim.Muon(hidden, lr=cfg["muon_lr"], weight_decay=0.0)
+    for key, optimizer in optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr_scale"] = cfg["muon_lr"] / cfg["learning_rate"] if key == "muon" else 1.0
+    return optimizers
 
 
 def compile_model(model: nn.Module, batch_size: int, block_size: int, device: str,

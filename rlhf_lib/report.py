@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from dualgpt import UserError
+from dualgpt.evaluation import mean_interval
 from dualgpt.files import write_text
 from rlhf_lib.oracles import WORD
 from rlhf_lib.preference import (RewardModel, best_of_n_expectation, best_of_n_kl,
@@ -21,13 +22,6 @@ from dualgpt.runtime import autocast
 from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
                             load_policy_checkpoint,
                             reward_scores, scores, texts)
-
-# Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond 30, 1.96)
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
-         2.048, 2.045, 2.042)
-
 
 def score_names(s: Setup) -> list[str]:
     """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the
@@ -44,17 +38,6 @@ def measure(s: Setup) -> str:
 
 
 MEASURE_NAMES = {"oracle": "oracle score", "rm": "reward-model score"}
-
-
-def mean_interval(values) -> dict:
-    """Mean and the half-width of its 95% interval: Student's t over a few values (seeds), normal
-    over many (prompts); "ci" is None for a single value."""
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    n = len(x)
-    if n < 2:
-        return {"mean": x.mean().item(), "ci": None, "n": n}
-    quantile = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
-    return {"mean": x.mean().item(), "ci": quantile * x.std().item() / math.sqrt(n), "n": n}
 
 
 def distinct_2(completion_texts: list[str]) -> float:

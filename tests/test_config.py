@@ -195,7 +195,8 @@ def test_the_declared_choices_are_the_ones_the_code_knows():
     stages = set(rlhf_config.__annotations__["rlhf_stage"].split(" | "))
     assert stages == set(rlhf.STAGES) | {"all", "report", "label"}
     assert set(config.__annotations__["export_format"].split(" | ")) == {"pt", "hf"}
-    assert bench.Keys.only.split(",") == list(bench.SECTIONS)  # bench.py runs every section by default
+    # bench.py runs every section by default but the 45-minute Muon study
+    assert bench.Keys.only.split(",") == [name for name in bench.SECTIONS if name != "muon"]
 
 
 def test_validation_accepts_each_listed_device_and_nothing_else():

@@ -10,6 +10,9 @@ import pytest
 import torch
 from conftest import run_main, run_script, tiny_args
 
+import gpt
+import gpt_
+
 from dualgpt import train
 
 
@@ -104,8 +107,10 @@ def state_of(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_equals_uninterrupted(home, corpus):
-    common = tiny_args(home, corpus, "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=16", "--mode=train")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_uninterrupted(home, corpus, optimizer):
+    common = tiny_args(home, corpus, "--dropout=0.1", "--eval_interval=4", "--lr_decay_iters=16", "--mode=train",
+                       f"--optimizer={optimizer}")
     full = common + [f"--ckpt={home / 'full.pt'}"]
     assert run_main(full + ["--max_iters=16"]) == 0
     part = common + [f"--ckpt={home / 'part.pt'}"]
@@ -152,6 +157,54 @@ def test_nan_loss_stops_and_keeps_checkpoint(home, corpus, capsys):
     assert "kept" in last
     assert "Traceback" not in err
     assert (home / "model_dict" / "gpt.pt").read_bytes() == good
+
+
+def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_own_schedule(home, corpus):
+    """Under --optimizer=muon every parameter has one optimizer: Muon the 2-D matrices inside the blocks (in
+    LB-GPT each head's own key, query and value), AdamW the embeddings (the tied head with them), gains and
+    biases; a step sets each group's learning rate to its own peak times the schedule's fraction."""
+    cfg = dict(optimizer="muon", learning_rate=2e-3, muon_lr=0.02, weight_decay=0.1, beta1=0.9, beta2=0.99,
+               device="cpu")
+    for cls in (gpt.LBGPT, gpt_.SMGPT):
+        model = cls(gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=True))
+        optimizers = train.make_optimizers(model, cfg)
+        assert isinstance(optimizers["muon"], torch.optim.Muon)
+        owner = {id(p): key for key, opt in optimizers.items() for group in opt.param_groups for p in group["params"]}
+        names = dict(model.named_parameters())
+        assert len(owner) == sum(len(g["params"]) for opt in optimizers.values() for g in opt.param_groups)
+        assert {id(p) for p in names.values()} == set(owner)  # every parameter once
+        for name, p in names.items():
+            assert owner[id(p)] == ("muon" if name.startswith("blocks.") and p.dim() == 2 else "optimizer"), name
+        assert model.lm_head.weight is model.wte.weight  # the tied head: AdamW, with the embedding
+        if cls is gpt.LBGPT:
+            assert "blocks.0.attn.heads.1.query.weight" in names and names["blocks.0.attn.heads.1.query.weight"].dim() == 2
+    assert [g["lr_scale"] for g in optimizers["muon"].param_groups] == [10.0]
+    assert {g["lr_scale"] for g in optimizers["optimizer"].param_groups} == {1.0}
+    assert train.make_optimizers(model, dict(cfg, optimizer="adamw")).keys() == {"optimizer"}
+    # through training: the logged lr is AdamW's; Muon's is muon_lr / learning_rate times it
+    args = tiny_args(home, corpus, "--max_iters=3", "--eval_interval=3", "--mode=train", "--optimizer=muon",
+                     "--muon_lr=0.05", "--log_interval=1")
+    assert run_main(args) == 0
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
+    lr = [r["lr"] for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r][-1]
+    assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.05 / 3e-3)
+    assert all(g["lr"] == pytest.approx(lr) for g in ckpt["optimizer"]["param_groups"])
+    assert len(ckpt["muon"]["state"]) == 2 * (3 * 2 + 3)  # 2 layers: 2 heads' k, q, v, then proj, fc, proj
+
+
+def test_resume_with_the_other_optimizer_is_one_line(home, corpus, capsys):
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train", "--optimizer=muon")
+    assert run_main(args) == 0
+    assert run_main(args + ["--resume", "--max_iters=4", "--optimizer=adamw"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {home / 'model_dict' / 'gpt.pt'} was trained with "
+                                               "optimizer=muon; pass --optimizer=muon to resume it")
+
+
+def test_muon_on_a_torch_without_it_is_one_line(home, corpus, capsys, monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    assert run_main(tiny_args(home, corpus, "--mode=train", "--optimizer=muon")) == 2
+    assert capsys.readouterr().err.startswith("error: optimizer=muon needs torch.optim.Muon, which torch ")
+    assert not (home / "model_dict").exists()
 
 
 def test_resume_with_other_shape_is_an_error(home, corpus, capsys):

@@ -1,0 +1,63 @@
+"""bench.py's scaling and Muon sections: the fitted loop-cost model against a known one, the scaling
+section on tiny shapes, and the Muon section's pick and paired differences against plain computations."""
+import math
+import statistics
+import types
+
+import pytest
+
+import bench
+from dualgpt.runconfig import defaults
+
+
+def test_the_loop_cost_fit_recovers_the_model_that_made_the_points():
+    fixed, per_head, rate = 2e-3, 40e-6, 5e10
+    points = [(layers_x_heads, flops, fixed + per_head * layers_x_heads + flops / rate)
+              for layers_x_heads in (2, 4, 8, 16, 32, 64) for flops in (1e7, 1e8, 1e9, 4e10)]
+    got = bench.fit_loop_cost(points)
+    assert got == pytest.approx((fixed, per_head, rate), rel=1e-6)
+
+
+def test_the_scaling_section_times_every_variant_at_every_point_and_draws_its_plot(tmp_path, monkeypatch):
+    (tmp_path / "generate_text").mkdir()
+    monkeypatch.setattr(bench, "HERE", str(tmp_path))
+    text = bench.bench_scaling(types.SimpleNamespace(**dict(defaults(bench.Keys), quick=True)))
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| float32") or
+            line.startswith("| bfloat16")]
+    table_rows = [r for r in rows if len(r) == 8]
+    dtypes = {r[0].strip("| ") for r in table_rows}
+    steps = {r[1] for r in table_rows}
+    assert steps == {"train 2x32", "train 1x16", "sample 1x32, no cache"}
+    assert len(table_rows) == len(dtypes) * len(steps) * 3  # 1, 2 and 4 heads
+    for r in table_rows:  # each variant's median and its speed against LB-GPT agree
+        lb, matmul, sdpa = (float(cell.split()[0]) for cell in r[3:6])
+        assert float(r[6][:-1]) == pytest.approx(lb / matmul, rel=0.03)  # cells rounded to 0.01 ms
+        assert float(r[7].rstrip(" |")[:-1]) == pytest.approx(lb / sdpa, rel=0.03)
+    assert len([r for r in rows if len(r) == 5]) == 3 * len(dtypes)  # a fit per variant and dtype
+    assert (tmp_path / "generate_text" / "bench_scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_muon_section_picks_the_best_grid_rate_and_pairs_the_seeds(monkeypatch):
+    """With made-up scores in place of training: the grid's best rate is used for every comparison, each
+    seed's AdamW run is paired with its Muon run, and the interval is Student's t over the differences."""
+    def score(optimizer, lr, seed, budget):
+        return 2.0 + budget / 1000 + (0.03 * seed if optimizer == "adamw" else abs(lr - 0.02) + 0.01 * seed ** 2)
+
+    calls = []
+
+    def fake_train_for(overrides, budget_s, workdir, data):
+        calls.append((overrides["optimizer"], overrides["muon_lr"], overrides["seed"], budget_s))
+        return {"val_bpb": score(*calls[-1]), "iters": 1}
+
+    monkeypatch.setattr(bench, "train_for", fake_train_for)
+    args = types.SimpleNamespace(**dict(defaults(bench.Keys), muon_lrs="0.01,0.02,0.04", muon_budgets="67,300"))
+    text = bench.bench_muon(args)
+    assert calls[:3] == [("muon", lr, 0, 67.0) for lr in (0.01, 0.02, 0.04)]  # the grid: seed 0, first budget
+    assert {lr for _, lr, _, _ in calls[3:]} == {0.02}
+    assert "-> 0.02" in text
+    for budget in (67.0, 300.0):
+        diffs = [score("muon", 0.02, s, budget) - score("adamw", 0.02, s, budget) for s in (1, 2, 3)]
+        half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+        row = next(line for line in text.splitlines() if line.startswith(f"| {budget:g} s | Muon - AdamW"))
+        assert f"**{statistics.mean(diffs):+.3f} ± {half:.3f}**" in row
+        assert " / ".join(f"{d:+.3f}" for d in diffs) in row

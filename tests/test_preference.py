@@ -86,6 +86,52 @@ def test_reward_model_then_rl_reaches_the_closed_form_optimum():
     assert total_variation(rloo(lambda a: learned.detach()[a]), OPTIMUM) < 0.02
 
 
+def test_ipo_with_soft_labels_reaches_its_closed_form_optimum():
+    """IPO regresses each pair's h = log(pi/pi_ref)(i) - log(pi/pi_ref)(j) on (p_ij - 1/2) / tau; over every
+    pair of the bandit (both orders, p_ji = 1 - p_ij) the least-squares solution is
+    log(pi/pi_ref)(i) = mean_j (p_ij - 1/2) / tau + const (Azar et al. 2023, section 5)."""
+    pairs = [(a, b) for a in range(len(REF)) for b in range(len(REF)) if a != b]
+    i, j = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+    p = torch.sigmoid(REWARD[:, None] - REWARD[None, :])  # p[a, b]: a preferred to b (p[a, a] = 1/2)
+    optimum = REF * torch.exp((p - 0.5).mean(1) / BETA)
+    optimum /= optimum.sum()
+    logits = REF.log().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(2000):
+        logp = F.log_softmax(logits, dim=0)
+        loss = preference.dpo_loss(logp[i], logp[j], REF.log()[i], REF.log()[j], BETA, p[i, j], kind="ipo")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert total_variation(F.softmax(logits, 0).detach(), optimum) < 0.005
+    assert total_variation(optimum, OPTIMUM) > 0.05  # not DPO's optimum: the test tells the two apart
+
+
+def test_ppo_with_the_kl_in_the_reward_reaches_the_closed_form_optimum():
+    """PPO's clipped surrogate, several epochs of minibatches per batch of sampled actions with a
+    mean-baseline advantage, on the bandit: it ends at pi_ref exp(r / beta) / Z as RLOO does."""
+    gen = torch.Generator().manual_seed(0)
+    logits = REF.log().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.02)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (600 * 8))
+    for _ in range(600):
+        with torch.no_grad():
+            old = F.log_softmax(logits, dim=0)
+            actions = torch.multinomial(old.exp(), 256, replacement=True, generator=gen)
+            reward = REWARD[actions] - BETA * (old[actions] - REF.log()[actions])
+            advantages = reward - reward.mean()
+        for _ in range(2):  # epochs over the batch: the ratio moves off 1 and the clip matters
+            for batch in torch.randperm(256, generator=gen).view(4, 64):
+                logp = F.log_softmax(logits, dim=0)
+                loss, _ = preference.ppo_loss(logp[actions[batch]][:, None], old[actions[batch]][:, None],
+                                              advantages[batch], clip=0.2)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+    assert total_variation(F.softmax(logits, 0).detach(), OPTIMUM) < 0.02
+
+
 # --- log-probabilities and KL ----------------------------------------------------------------------------
 
 

@@ -328,14 +328,22 @@ def step_call(model, x, y, dtype: str, device: str):
     return train_step if y is not None else sample_step
 
 
-def fit_loop_cost(points: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+def fit_loop_cost(points: list[tuple[float, float, float]]) -> tuple[float, float, float, float]:
     """The simple model t = fixed + per_head * (n_layer * n_head) + FLOPs / rate, fitted to
     (heads x layers, FLOPs, seconds) points by least squares on the relative error (small steps
-    count as much as large ones): returns (fixed s, per_head s, rate FLOP/s)."""
-    a = torch.tensor([[1.0, h, f] for h, f, _ in points], dtype=torch.float64)
+    count as much as large ones). At a fixed width the FLOPs do not change with the heads, so the
+    rate comes from the step sizes alone; with one step size it is not fitted (inf: the fixed
+    term holds the compute). Returns (fixed s, per_head s, rate FLOP/s, the worst relative
+    error of the fit over the points)."""
+    with_flops = len({f for _, f, _ in points}) > 1
+    a = torch.tensor([[1.0, h, f][:3 if with_flops else 2] for h, f, _ in points],
+                     dtype=torch.float64)
     t = torch.tensor([t for *_, t in points], dtype=torch.float64)
-    fixed, per_head, per_flop = torch.linalg.lstsq(a / t[:, None], torch.ones_like(t)).solution
-    return fixed.item(), per_head.item(), 1 / per_flop.item() if per_flop > 0 else math.inf
+    solution = torch.linalg.lstsq(a / t[:, None], torch.ones_like(t)).solution
+    worst = ((a @ solution - t).abs() / t).max().item()
+    fixed, per_head = solution[0].item(), solution[1].item()
+    rate = 1 / solution[2].item() if with_flops and solution[2] > 0 else math.inf
+    return fixed, per_head, rate, worst
 
 
 def bench_scaling(args) -> str:
@@ -376,12 +384,14 @@ def bench_scaling(args) -> str:
             model = build(variants()[2][1], "sdpa", dict(shape, n_head=n_head, block_size=block),
                           "cpu")
             flops[column, n_head] = flops_per_token(model) * batch * block / (1 if training else 3)
-    fits = {}
+    fits = {}  # (dtype, variant, training) -> the model fitted to training or sampling steps
     for dtype in dtypes:
         for name, _, _ in variants():
-            fits[dtype, name] = fit_loop_cost([
-                (shape["n_layer"] * h, flops[c, h], statistics.median(measured[dtype, c, name, h]))
-                for c, *_ in columns for h in heads])
+            for kind in (True, False):
+                fits[dtype, name, kind] = fit_loop_cost([
+                    (shape["n_layer"] * h, flops[c, h],
+                     statistics.median(measured[dtype, c, name, h]))
+                    for c, _, _, training in columns if training == kind for h in heads])
     plot_scaling(measured, fits, flops, dtypes, columns, heads, shape["n_layer"], device)
     def cell(times: list[float]) -> str:
         q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
@@ -397,35 +407,42 @@ def bench_scaling(args) -> str:
                 rows.append([dtype, column, f"{h} x {shape['n_embd'] // h}",
                              *(cell(t) for t in times),
                              *(f"{lb / statistics.median(t):.2f}x" for t in times[1:])])
-    fit_rows = [[dtype, name, f"{fixed * 1e3:.2f} ms", f"{per_head * 1e6:.0f} us",
-                 f"{rate / 1e9:.1f}"] for (dtype, name), (fixed, per_head, rate) in fits.items()]
+    fit_rows = [[dtype, "train" if training else "sample", name, f"{fixed * 1e3:.2f} ms",
+                 f"{per_head * 1e6:.0f} us", f"{rate / 1e9:.1f}" if rate < math.inf else "-",
+                 f"{worst:.0%}"]
+                for (dtype, name, training), (fixed, per_head, rate, worst) in fits.items()]
     return (f"### When the loop costs: {machine_name(device)}, {shape['n_layer']} layers of "
             f"width {shape['n_embd']}, vocab {shape['vocab_size']}; median ms over {repeats} "
             "repeats (quartiles), the variants in turn\n\n"
             + table(["dtype", "step", "heads x size", *(f"{n} ms" for n in names),
                      *(f"{n} vs LB-GPT" for n in names[1:])], rows)
-            + "\n\nFitted model, t = fixed + per head x (n_layer x n_head) + FLOPs / rate, on "
-            "every step size and head count above (least squares on the relative error):\n\n"
-            + table(["dtype", "variant", "fixed", "per head per layer", "GFLOP/s"], fit_rows))
+            + "\n\nFitted model, t = fixed + per head x (n_layer x n_head) + FLOPs / rate, "
+            "on every head count above, training steps and sampling steps apart (least squares "
+            "on the relative error; one sampling step size: no rate, the fixed term holds its "
+            "compute):\n\n"
+            + table(["dtype", "steps", "variant", "fixed", "per head per layer", "GFLOP/s",
+                     "worst error of the fit"], fit_rows))
 
 
 def plot_scaling(measured, fits, flops, dtypes, columns, heads, n_layer, device) -> None:
-    """One panel per dtype and step: ms against heads, measured medians with quartiles as bars and
-    the fitted model as lines."""
+    """One panel per dtype and step: ms against heads, measured medians with their quartiles as
+    bars and the fitted model as lines."""
     from dualgpt.plots import pyplot, save_figure
     plt = pyplot()
     fig, axes = plt.subplots(len(dtypes), len(columns), squeeze=False,
                              figsize=(4.2 * len(columns), 3.6 * len(dtypes)))
     for row, dtype in enumerate(dtypes):
-        for ax, (column, *_) in zip(axes[row], columns):
+        for ax, (column, _, _, training) in zip(axes[row], columns):
             for (name, _, _), colour in zip(variants(), ("C0", "C1", "C2")):
-                times = [measured[dtype, column, name, h] for h in heads]
-                median = [statistics.median(t) * 1e3 for t in times]
-                low = [m - min(t) * 1e3 for m, t in zip(median, times)]
-                high = [max(t) * 1e3 - m for m, t in zip(median, times)]
+                quartiles = [[q * 1e3 for q in statistics.quantiles(measured[dtype, column,
+                                                                           name, h], n=4)]
+                             for h in heads]
+                median = [q[1] for q in quartiles]
+                low = [q[1] - q[0] for q in quartiles]
+                high = [q[2] - q[1] for q in quartiles]
                 ax.errorbar(heads, median, yerr=[low, high], fmt="o", color=colour, label=name,
                             capsize=2, markersize=4)
-                fixed, per_head, rate = fits[dtype, name]
+                fixed, per_head, rate, _ = fits[dtype, name, training]
                 ax.plot(heads, [(fixed + per_head * n_layer * h + flops[column, h] / rate) * 1e3
                                 for h in heads], "--", color=colour, linewidth=1)
             ax.set_xscale("log", base=2)
@@ -536,6 +553,7 @@ def bench_muon(args) -> str:
 
         grid = {lr: val_bpb("muon", lr, 0, budgets[0]) for lr in lrs}
         pick = min(grid, key=grid.get)
+        edge = " (at the grid's edge: widen muon_lrs)" if pick in (min(lrs), max(lrs)) else ""
         rows = []
         for budget in budgets:
             runs = [(val_bpb("adamw", pick, seed, budget), val_bpb("muon", pick, seed, budget))
@@ -553,7 +571,8 @@ def bench_muon(args) -> str:
             f"{machine_name(resolve_device('auto'))}, val bits per byte over the whole val split "
             f"(seeds {seeds[0]}-{seeds[-1]}; mean, and for the difference its 95% t-interval over "
             f"seeds)\n\nMuon's learning rate, picked on seed 0 at {budgets[0]:g} s: {grid_text} "
-            f"-> {pick:g}\n\n"
+            f"-> {pick:g}{edge}; AdamW at config.py's learning_rate, untuned here; Muon's "
+            "matrices without weight decay, AdamW's with config.py's\n\n"
             + table(["budget", "optimizer", "val bpb per seed", "mean"], rows))
 
 

@@ -227,9 +227,9 @@ def training_step(run: Run, bar) -> None:
     state, cfg = run.state, run.cfg
     t_step = time.perf_counter()
     run.lr = run.schedule(state.iter_num, state.train_s - state.compile_s)
-    for optimizer in run.optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = run.lr * group["lr_scale"]
+    for key, optimizer in run.optimizers.items():
+        for group in optimizer.param_groups:  # Muon at its own peak, on the same schedule
+            group["lr"] = run.lr * (cfg["muon_lr"] / cfg["learning_rate"] if key == "muon" else 1)
     loss = optimizer_step(run)
     state.iter_num += 1
     logging = state.iter_num % cfg["log_interval"] == 0
@@ -267,12 +267,16 @@ def optimizer_step(run: Run) -> torch.Tensor:
         with sync:
             run.scaler.scale(loss / run.micro_steps).backward()
     optimizers = run.optimizers.values()
-    if run.cfg["grad_clip"] > 0:
-        for optimizer in optimizers:  # clip the true gradients, not the fp16-scaled ones
-            run.scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg["grad_clip"])
+    for optimizer in optimizers:  # the true gradients, not fp16's scaled ones (else a no-op)
+        run.scaler.unscale_(optimizer)
+    if run.cfg["grad_clip"] > 0 or run.scaler.is_enabled():
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg["grad_clip"] or math.inf)
+    # an fp16 overflow skips every optimizer's step: the scaler alone would skip only the one whose
+    # gradients overflowed, and the other would step on gradients the clip zeroed
+    overflow = run.scaler.is_enabled() and not torch.isfinite(norm).item()
     for optimizer in optimizers:
-        run.scaler.step(optimizer)
+        if not overflow:
+            run.scaler.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
     run.scaler.update()
     return loss
@@ -449,8 +453,7 @@ def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimi
     """AdamW, with weight decay on matrices only (not on biases and LayerNorm weights). With
     optimizer = "muon", torch.optim.Muon takes the blocks' weight matrices (each update
     orthogonalised, so every direction of a matrix moves at the same rate) and AdamW keeps the
-    embeddings, gains and biases. Keyed as the checkpoint stores their states; each group's
-    lr_scale is its peak learning rate over learning_rate, what the schedule multiplies."""
+    embeddings, gains and biases. Keyed as the checkpoint stores their states."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named
               if cfg["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2]
@@ -463,9 +466,6 @@ def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimi
     optimizers = {"optimizer": adamw}
     if hidden:  # no weight decay there, as in the speedrun records Muon comes from
         optimizers["muon"] = torch.optim.Muon(hidden, lr=cfg["muon_lr"], weight_decay=0.0)
-    for key, optimizer in optimizers.items():
-        for group in optimizer.param_groups:
-            group["lr_scale"] = cfg["muon_lr"] / cfg["learning_rate"] if key == "muon" else 1.0
     return optimizers
 
 

@@ -4,10 +4,12 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, copy_code, make_corpus, run_main
 
 import gpt
@@ -112,6 +114,20 @@ def test_gpt_py_is_loaded_once_when_it_reads_an_sm_gpt_checkpoint(tmp_path):
     assert "dualgpt.checkpoint" in imported  # importtime saw the imports
     assert "gpt" not in imported
     assert "gpt_" not in imported
+
+
+def test_a_checkpoint_written_before_the_refactor_and_muon_resumes(home, capsys):
+    """Its AdamW state has none of the keys later code adds to a param group."""
+    fixture = json.load(open(os.path.join(FIXTURES, "before_refactor.json")))
+    corpus = home / "corpus.txt"
+    corpus.write_text(make_corpus(1500), encoding="utf-8")
+    ckpt = home / "old.pt"
+    shutil.copy(os.path.join(FIXTURES, "before_refactor_gpt.pt"), ckpt)
+    steps = torch.load(ckpt, weights_only=True)["iter_num"]
+    args = fixture["args"] + [f"--data={corpus}", f"--ckpt={ckpt}", "--mode=train", "--resume",
+                              f"--max_iters={steps + 2}"]
+    assert run_main(args, gpt.LBGPT, "gpt") == 0
+    assert torch.load(ckpt, weights_only=True)["iter_num"] == steps + 2
 
 
 @pytest.mark.parametrize("written_by", ["gpt", "gpt_"])

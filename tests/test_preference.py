@@ -88,10 +88,10 @@ def test_reward_model_then_rl_reaches_the_closed_form_optimum():
 
 def test_ipo_with_soft_labels_reaches_its_closed_form_optimum():
     """IPO regresses each pair's h = log(pi/pi_ref)(i) - log(pi/pi_ref)(j) on (p_ij - 1/2) / tau; over every
-    pair of the bandit (both orders, p_ji = 1 - p_ij) the least-squares solution is
-    log(pi/pi_ref)(i) = mean_j (p_ij - 1/2) / tau + const (Azar et al. 2023, section 5)."""
-    pairs = [(a, b) for a in range(len(REF)) for b in range(len(REF)) if a != b]
-    i, j = torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
+    pair of the bandit once the least-squares solution is log(pi/pi_ref)(i) = mean_j (p_ij - 1/2) / tau + const
+    (p_ii = 1/2; Azar et al. 2023, section 5). Each pair in one order only, so that a target off by a constant
+    (label / tau, say) moves the optimum."""
+    i, j = all_pairs()
     p = torch.sigmoid(REWARD[:, None] - REWARD[None, :])  # p[a, b]: a preferred to b (p[a, a] = 1/2)
     optimum = REF * torch.exp((p - 0.5).mean(1) / BETA)
     optimum /= optimum.sum()
@@ -120,7 +120,7 @@ def test_ppo_with_the_kl_in_the_reward_reaches_the_closed_form_optimum():
             actions = torch.multinomial(old.exp(), 256, replacement=True, generator=gen)
             reward = REWARD[actions] - BETA * (old[actions] - REF.log()[actions])
             advantages = reward - reward.mean()
-        for _ in range(2):  # epochs over the batch: the ratio moves off 1 and the clip matters
+        for _ in range(2):  # epochs over the batch: the ratio moves off 1 (the clip's formula: its own test)
             for batch in torch.randperm(256, generator=gen).view(4, 64):
                 logp = F.log_softmax(logits, dim=0)
                 loss, _ = preference.ppo_loss(logp[actions[batch]][:, None], old[actions[batch]][:, None],

@@ -178,8 +178,6 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_ow
         assert model.lm_head.weight is model.wte.weight  # the tied head: AdamW, with the embedding
         if cls is gpt.LBGPT:
             assert "blocks.0.attn.heads.1.query.weight" in names and names["blocks.0.attn.heads.1.query.weight"].dim() == 2
-    assert [g["lr_scale"] for g in optimizers["muon"].param_groups] == [10.0]
-    assert {g["lr_scale"] for g in optimizers["optimizer"].param_groups} == {1.0}
     assert train.make_optimizers(model, dict(cfg, optimizer="adamw")).keys() == {"optimizer"}
     # through training: the logged lr is AdamW's; Muon's is muon_lr / learning_rate times it
     args = tiny_args(home, corpus, "--max_iters=3", "--eval_interval=3", "--mode=train", "--optimizer=muon",
@@ -192,12 +190,23 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_ow
     assert len(ckpt["muon"]["state"]) == 2 * (3 * 2 + 3)  # 2 layers: 2 heads' k, q, v, then proj, fc, proj
 
 
-def test_resume_with_the_other_optimizer_is_one_line(home, corpus, capsys):
-    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train", "--optimizer=muon")
-    assert run_main(args) == 0
-    assert run_main(args + ["--resume", "--max_iters=4", "--optimizer=adamw"]) == 2
+@pytest.mark.parametrize("trained_with, resumed_with", [("muon", "adamw"), ("adamw", "muon")])
+def test_resume_with_the_other_optimizer_is_one_line(home, corpus, capsys, trained_with, resumed_with):
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train")
+    assert run_main(args + [f"--optimizer={trained_with}"]) == 0
+    assert run_main(args + ["--resume", "--max_iters=4", f"--optimizer={resumed_with}"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {home / 'model_dict' / 'gpt.pt'} was trained with "
-                                               "optimizer=muon; pass --optimizer=muon to resume it")
+                                               f"optimizer={trained_with}; pass --optimizer={trained_with} to resume it")
+
+
+def test_a_resumed_run_takes_the_muon_lr_it_is_given(home, corpus):
+    args = tiny_args(home, corpus, "--eval_interval=100", "--mode=train", "--optimizer=muon", "--log_interval=1",
+                     "--warmup_iters=0", "--lr_decay_iters=0")
+    assert run_main(args + ["--max_iters=2"]) == 0
+    assert run_main(args + ["--max_iters=3", "--resume", "--muon_lr=0.07"]) == 0
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
+    lr = [r["lr"] for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r][-1]
+    assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.07 / 3e-3)
 
 
 def test_muon_on_a_torch_without_it_is_one_line(home, corpus, capsys, monkeypatch):

@@ -547,7 +547,8 @@ def bench_muon(args) -> str:
         def val_bpb(optimizer: str, lr: float, seed: int, budget: float) -> float:
             r = train_for({"optimizer": optimizer, "muon_lr": lr, "seed": seed}, budget, workdir,
                           args.data)
-            print(f"  {optimizer} lr {lr:g} seed {seed} {budget:g} s: {r['val_bpb']:.4f} bpb, "
+            label = f"muon lr {lr:g}" if optimizer == "muon" else optimizer
+            print(f"  {label} seed {seed} {budget:g} s: {r['val_bpb']:.4f} bpb, "
                   f"{r['iters']} steps", file=sys.stderr, flush=True)
             return r["val_bpb"]
 

@@ -142,10 +142,12 @@ def test_the_own_preferences_run_is_the_shipped_report_and_labels():
     assert f"agrees with {agree} of my {len(labels)} labels, sees a tie in {ties}" in how_to
 
 
-@pytest.mark.parametrize("name", ["bench_tokenizer.md", "bench_train_sample.md", "bench_compile.md"])
+@pytest.mark.parametrize("name", ["bench_tokenizer.md", "bench_train_sample.md", "bench_compile.md",
+                                  "bench_scaling.md", "bench_muon.md"])
 def test_the_benchmark_tables_in_the_docs_are_the_shipped_bench_outputs(name):
-    """Each section of a shipped `python bench.py` output (its title, which names the CPU, and every row of its
-    table) stands in docs/benchmarks.md as it is, with the file's name and the command that wrote it."""
+    """Each section of a shipped `python bench.py` output (its title, which names the CPU, every row of its
+    tables and every line between them) stands in docs/benchmarks.md as it is, with the file's name and the
+    command that wrote it."""
     with open(os.path.join(ROOT, "generate_text", "shipped", name), encoding="utf-8") as f:
         shipped = f.read()
     page = doc("benchmarks.md")
@@ -155,7 +157,8 @@ def test_the_benchmark_tables_in_the_docs_are_the_shipped_bench_outputs(name):
     titles = [line for line in shipped.splitlines() if line.startswith("### ")]
     rows = [line for line in shipped.splitlines() if line.startswith("| ")]
     assert titles and len(rows) >= 3
-    missing = [line for line in titles + rows if line not in lines]
+    body = [line for line in shipped.splitlines()[3:] if line.strip()]  # after the machine and command
+    missing = [line for line in body if line not in lines]
     assert not missing, missing[:3]
 
 
@@ -301,3 +304,39 @@ def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_rep
     change = {(r["layer"], r["head"]): r["icl_change"] for r in report["heads"]}
     assert f"by {-change[1, 1]:.2f} and {-change[1, 0]:.2f} nats" in text
     assert "ICL at 5 min" in page and ckpt["config"]["max_minutes"] == 5.0
+
+
+def test_the_muon_reading_quotes_the_shipped_differences():
+    """docs/benchmarks.md's Muon sentence gives each budget's paired difference as the shipped table has it."""
+    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_muon.md"), encoding="utf-8") as f:
+        diffs = re.findall(r"^\| (\d+) s \| Muon - AdamW \(paired\) \| [^|]+ \| \*\*-([\d.]+ ± [\d.]+)\*\* \|$", f.read(),
+                           flags=re.M)
+    assert [budget for budget, _ in diffs] == ["67", "300"]
+    page = " ".join(doc("benchmarks.md").split())
+    assert f"by {diffs[0][1]} at 67 s and {diffs[1][1]} at 300 s" in page
+
+
+def test_the_scaling_reading_quotes_the_shipped_table():
+    """The ratios docs/benchmarks.md reads off the loop-cost table are the shipped table's cells, each in the
+    sentence that names its step size, head count and dtype."""
+    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_scaling.md"), encoding="utf-8") as f:
+        cells = {tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in line.split("|")[4:9]]
+                 for line in f if line.startswith("| float32") or line.startswith("| bfloat16")}
+
+    def ratio(dtype, step, heads, variant="matmul"):
+        size = 256 // heads
+        return cells[dtype, step, f"{heads} x {size}"][3 if variant == "matmul" else 4]
+
+    page = " ".join(doc("benchmarks.md").split())
+    one = "train 1x32"
+    assert (f"ran {ratio('float32', one, 4)} LB-GPT at 4 heads of 64 and {ratio('float32', one, 32)} at 32 heads of 8 "
+            f"in float32 ({ratio('bfloat16', one, 4)} and {ratio('bfloat16', one, 32)} in bfloat16)") in page
+    seq = "train 1x256"
+    assert (f"the gap was {ratio('float32', seq, 4)} and {ratio('float32', seq, 32)} (bfloat16: "
+            f"{ratio('bfloat16', seq, 4)} and {ratio('bfloat16', seq, 32)})") in page
+    big = [ratio("float32", "train 16x256", h) for h in (1, 2, 4, 8, 16, 32)]
+    speed = lambda cell: float(cell.rstrip("x"))  # noqa: E731
+    assert f"single matmul ran {min(big, key=speed)}-{max(big, key=speed)} LB-GPT" in page
+    sample = "sample 1x256, no cache"
+    assert (f"from {ratio('float32', sample, 1)} at one head to {ratio('float32', sample, 32)} at 32 (bfloat16: "
+            f"{ratio('bfloat16', sample, 32)})") in page

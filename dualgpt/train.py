@@ -23,7 +23,7 @@ from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoin
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.probes import probe_length, probe_scores, repeated_tokens
 from dualgpt.runconfig import model_config, model_options, parse_head_mask
-from dualgpt.runtime import Distributed, StopRequest, autocast, training_bar
+from dualgpt.runtime import Distributed, StopRequest, autocast, cpu_has_bf16, training_bar
 
 
 @dataclasses.dataclass
@@ -202,6 +202,9 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
         restore(run, previous)
         ddp.print(f"resuming {cfg['ckpt']} at iteration {run.state.iter_num}")
     ddp.print(describe(run))
+    if cfg["optimizer"] == "muon" and device == "cpu" and not cpu_has_bf16():
+        ddp.print("note: Muon's Newton-Schulz iterations run in bfloat16, which this CPU "
+                  "emulates: expect several times fewer steps than AdamW (docs/benchmarks.md)")
     if cfg["compile"]:
         t_compile = time.perf_counter()
         ddp.print("compiling the model (torch.compile; the time counts against the budget)")

@@ -143,7 +143,7 @@ def test_the_own_preferences_run_is_the_shipped_report_and_labels():
 
 
 @pytest.mark.parametrize("name", ["bench_tokenizer.md", "bench_train_sample.md", "bench_compile.md",
-                                  "bench_scaling.md", "bench_muon.md"])
+                                  "bench_scaling.md", "bench_muon.md", "bench_muon_avx2.md"])
 def test_the_benchmark_tables_in_the_docs_are_the_shipped_bench_outputs(name):
     """Each section of a shipped `python bench.py` output (its title, which names the CPU, every row of its
     tables and every line between them) stands in docs/benchmarks.md as it is, with the file's name and the
@@ -314,6 +314,10 @@ def test_the_muon_reading_quotes_the_shipped_differences():
     assert [budget for budget, _ in diffs] == ["67", "300"]
     page = " ".join(doc("benchmarks.md").split())
     assert f"by {diffs[0][1]} at 67 s and {diffs[1][1]} at 300 s" in page
+    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_muon_avx2.md"), encoding="utf-8") as f:
+        avx2 = re.search(r"^\| 67 s \| Muon - AdamW \(paired\) \| [^|]+ \| \*\*\+([\d.]+ ± [\d.]+)\*\* \|$", f.read(),
+                         flags=re.M).group(1)
+    assert f"was worse by {avx2} bits per byte at 67 s" in page
 
 
 def test_the_scaling_reading_quotes_the_shipped_table():

@@ -209,6 +209,18 @@ def test_a_resumed_run_takes_the_muon_lr_it_is_given(home, corpus):
     assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.07 / 3e-3)
 
 
+def test_muon_on_a_cpu_that_emulates_bf16_says_what_it_costs(home, corpus, capsys, monkeypatch):
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    args = tiny_args(home, corpus, "--mode=train", "--max_iters=1", "--eval_interval=1")
+    assert run_main(args + ["--optimizer=adamw"]) == 0
+    assert "Newton-Schulz" not in capsys.readouterr().out
+    assert run_main(args + ["--optimizer=muon", "--overwrite"]) == 0
+    assert "note: Muon's Newton-Schulz iterations run in bfloat16, which this CPU emulates" in capsys.readouterr().out
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert run_main(args + ["--optimizer=muon", "--overwrite"]) == 0
+    assert "Newton-Schulz" not in capsys.readouterr().out
+
+
 def test_muon_on_a_torch_without_it_is_one_line(home, corpus, capsys, monkeypatch):
     monkeypatch.delattr(torch.optim, "Muon")
     assert run_main(tiny_args(home, corpus, "--mode=train", "--optimizer=muon")) == 2

@@ -48,7 +48,7 @@ beta1: "[0, 1)" = 0.9  # AdamW beta1
 beta2: "[0, 1)" = 0.99  # AdamW beta2
 # muon: torch.optim.Muon on the blocks' weight matrices (lr muon_lr), AdamW on the rest
 optimizer: "adamw | muon" = "adamw"
-muon_lr: "> 0" = 0.02  # Muon's peak lr (torch scales it by sqrt(rows / cols) where rows > cols)
+muon_lr: "> 0" = 0.01  # Muon's peak lr (torch scales it by sqrt(rows / cols) where rows > cols)
 grad_clip: ">= 0" = 1.0  # clip the gradient norm to this (0 = off)
 eval_interval: ">= 1" = 500  # evaluate and checkpoint every this many steps (step-limited runs)
 eval_points: "[1, 2**20]" = 10  # with a time budget: evaluate and checkpoint this many times

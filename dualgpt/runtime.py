@@ -32,18 +32,19 @@ def resolve_device(device: str) -> str:
 
 def cpu_has_bf16() -> bool:
     """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32
-    matmul rate; elsewhere bf16 is emulated and far slower than float32. Asks oneDNN, which runs
-    the matmuls (and honours ONEDNN_MAX_CPU_ISA), else reads the CPU flags."""
+    matmul rate; elsewhere bf16 is emulated and far slower than float32. Both oneDNN, which runs
+    the matmuls (and honours ONEDNN_MAX_CPU_ISA), and the CPU flags where they can be read must
+    say so: oneDNN also reports bf16 on AVX-512 cores that only emulate it."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        pass
+        onednn = True  # no answer: the flags decide
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:  # not Linux: oneDNN's word alone, when it gave one
+        return onednn and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+    return onednn and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

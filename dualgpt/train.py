@@ -204,7 +204,8 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     ddp.print(describe(run))
     if cfg["optimizer"] == "muon" and device == "cpu" and not cpu_has_bf16():
         ddp.print("note: Muon's Newton-Schulz iterations run in bfloat16, which this CPU "
-                  "emulates: expect several times fewer steps than AdamW (docs/benchmarks.md)")
+                  "emulates, slowly: AdamW may train further in the same time "
+                  "(docs/benchmarks.md)")
     if cfg["compile"]:
         t_compile = time.perf_counter()
         ddp.print("compiling the model (torch.compile; the time counts against the budget)")

@@ -94,6 +94,20 @@ def test_dtype_auto(monkeypatch):
     assert runtime.resolve_dtype("float32", "cpu") == "float32"
 
 
+@pytest.mark.parametrize("onednn, flags, native", [(True, "avx512f avx512_bf16", True), (True, "avx512f", False),
+                                                    (False, "avx512f avx512_bf16", False), (True, "amx_bf16", True)])
+def test_native_bf16_needs_onednn_and_the_cpu_flag(monkeypatch, tmp_path, onednn, flags, native):
+    """oneDNN reports bf16 on AVX-512 cores that only emulate it: the CPU's own flag must agree."""
+    import builtins
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"model name : test\nflags : sse {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                          *a, **k))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn, raising=False)
+    assert runtime.cpu_has_bf16() is native
+
+
 def test_each_config_file_owns_its_keys_and_every_key_is_read():
     """config.py's keys are gpt.py's and gpt_.py's (the RLHF programs read CORE_KEYS of them); rlhf_config.py's
     are the RLHF layer's, head_* the head study's alone. Every key is read somewhere in its programs' code."""

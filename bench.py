@@ -312,20 +312,15 @@ def step_call(model, x, y, dtype: str, device: str):
     """One training step (forward, backward, AdamW) as a call; with y None, one forward without
     gradients over the whole window: what a sampling step costs without a KV cache."""
     from dualgpt.runtime import autocast
-    optimizer = adamw(model, device)
-
-    def train_step():
-        with autocast(device, dtype):
-            loss = model(x, y)[1]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    if y is not None:
+        optimizer = adamw(model, device)
+        return lambda: train_step(model, optimizer, x, y, device, dtype)
 
     @torch.no_grad()
     def sample_step():
         with autocast(device, dtype):
             model(x)
-    return train_step if y is not None else sample_step
+    return sample_step
 
 
 def fit_loop_cost(points: list[tuple[float, float, float]]) -> tuple[float, float, float, float]:
@@ -362,6 +357,7 @@ def bench_scaling(args) -> str:
     columns = [(f"train {b}x{t}", b, t, True) for b, t in works]
     columns.append((f"sample 1x{works[0][1]}, no cache", 1, works[0][1], False))
     measured = {}  # (dtype, column, variant, heads) -> seconds per repeat
+    flops = {}  # (column, heads) -> FLOPs of one call: training 6N + attention
     for dtype in dtypes:
         for column, batch, block, training in columns:
             gen = torch.Generator().manual_seed(0)
@@ -373,17 +369,14 @@ def bench_scaling(args) -> str:
                     model = build(cls, impl, dict(shape, n_head=n_head, block_size=block),
                                   device).train(training)
                     calls[name] = step_call(model, x, y if training else None, dtype, device)
+                # FLOPs of one call (the variants' weights are the same): a forward is a third
+                flops[column, n_head] = (flops_per_token(model) * batch * block
+                                         / (1 if training else 3))
                 for name, times in timed_in_turn(calls, repeats, device).items():
                     measured[dtype, column, name, n_head] = times
                 print(f"  scaling {dtype} {column} {n_head} heads: " + ", ".join(
                     f"{name} {statistics.median(measured[dtype, column, name, n_head]) * 1e3:.1f} "
                     "ms" for name, _, _ in variants()), file=sys.stderr, flush=True)
-    flops = {}  # (column, heads) -> FLOPs of one call: training 6N + attention, a forward a third
-    for column, batch, block, training in columns:
-        for n_head in heads:
-            model = build(variants()[2][1], "sdpa", dict(shape, n_head=n_head, block_size=block),
-                          "cpu")
-            flops[column, n_head] = flops_per_token(model) * batch * block / (1 if training else 3)
     fits = {}  # (dtype, variant, training) -> the model fitted to training or sampling steps
     for dtype in dtypes:
         for name, _, _ in variants():
@@ -515,11 +508,21 @@ def bench_quality(args) -> str:
 
 
 def adamw(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
-    """The optimizer of config.py's defaults, as training builds it."""
+    """AdamW as training builds it (decay on matrices only), at the benchmarks' fixed settings."""
     from dualgpt.train import make_optimizers
-    cfg = dict(optimizer="adamw", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1, beta1=0.9,
-               beta2=0.99, device=device)
+    cfg = dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99,
+               device=device)
     return make_optimizers(model, cfg)["optimizer"]
+
+
+def train_step(model, optimizer, x, y, device: str, dtype: str) -> None:
+    """One training step: forward under autocast, backward, optimizer step."""
+    from dualgpt.runtime import autocast
+    with autocast(device, dtype):
+        loss = model(x, y)[1]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def numbers(text: str, key: str) -> list[float]:
@@ -579,16 +582,11 @@ def bench_muon(args) -> str:
 
 def timed_steps(model, optimizer, batches, steps: int, device: str, dtype: str) -> float:
     """Median seconds of a training step (forward, backward, AdamW) after two warm-up steps."""
-    from dualgpt.runtime import autocast
     times = []
     for step in range(steps + 2):
         x, y = batches[step % len(batches)]
         t0 = time.perf_counter()
-        with autocast(device, dtype):
-            loss = model(x, y)[1]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, x, y, device, dtype)
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:])

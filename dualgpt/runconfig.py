@@ -98,8 +98,8 @@ def did_you_mean(key: str, keys: dict) -> str:
 
 def parse_args(argv: list[str], program: str, keys: dict, rules: dict[str, str], usage: str = "",
                unknown=did_you_mean) -> dict:
-    """The values `python <program> argv...` sets over `keys` (key -> default): a *.py argument is a
-    config file, --key=value one key; --help prints usage and the keys. unknown(key, keys): the
+    """The values `python <program> argv...` sets over `keys` (key -> default): a *.py argument is
+    a config file, --key=value one key; --help prints usage and the keys. unknown(key, keys): the
     one-line message for a key the program does not read."""
     overrides = {}
     for arg in argv:

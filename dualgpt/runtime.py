@@ -38,13 +38,13 @@ def cpu_has_bf16() -> bool:
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        onednn = True  # no answer: the flags decide
+        onednn = None  # no answer: the flags decide
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:  # not Linux: oneDNN's word alone, when it gave one
-        return onednn and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
-    return onednn and ("avx512_bf16" in flags or "amx_bf16" in flags)
+        return bool(onednn)
+    return onednn is not False and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:

@@ -459,9 +459,10 @@ def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimi
     orthogonalised, so every direction of a matrix moves at the same rate) and AdamW keeps the
     embeddings, gains and biases. Keyed as the checkpoint stores their states."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    hidden = [p for name, p in named
-              if cfg["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2]
-    rest = [p for _, p in named if all(p is not h for h in hidden)]
+    to_muon = {name for name, p in named
+               if cfg["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2}
+    hidden = [p for name, p in named if name in to_muon]
+    rest = [p for name, p in named if name not in to_muon]
     adamw = torch.optim.AdamW(
         [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
          {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],

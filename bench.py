@@ -22,9 +22,10 @@ import torch
 
 from dualgpt import UserError
 from dualgpt.cli import exit_codes
+from dualgpt.evaluation import machine_name
 from dualgpt.files import atomic_open
 from dualgpt.runconfig import declarations, defaults, load_config
-from dualgpt.runtime import machine_name, resolve_device
+from dualgpt.runtime import resolve_device
 from minbpe import RegexTokenizer
 from minbpe.base import train_classic
 
@@ -654,15 +655,13 @@ def bench_rlhf(args) -> str:
     argv = ["--quick"] if args.quick else []
     with tempfile.TemporaryDirectory() as root:
         for name in ("gpt.py", "gpt_.py", "rlhf.py", "config.py", "rlhf_config.py", "dualgpt",
-                     "minbpe",
-                     "rlhf_lib", "model_dict/shipped"):
+                     "minbpe", "rlhf_lib", "model_dict/shipped"):
             copy = shutil.copytree if os.path.isdir(os.path.join(HERE, name)) else shutil.copy
             os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
             copy(os.path.join(HERE, name), os.path.join(root, name))
         t0 = time.perf_counter()
         result = subprocess.run([sys.executable, "rlhf.py", f"--data={args.data}", *argv],
-                                cwd=root,
-                                capture_output=True, text=True)
+                                cwd=root, capture_output=True, text=True)
         total = time.perf_counter() - t0
     if result.returncode != 0:
         return f"### rlhf.py {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"

@@ -42,10 +42,9 @@ from dualgpt import UserError, in_repo, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.data import sha256_file
-from dualgpt.evaluation import full_loss
+from dualgpt.evaluation import full_loss, machine_name
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.runconfig import require
-from dualgpt.runtime import machine_name
 from rlhf_lib.labelling import label_pairs
 from rlhf_lib.pairs import encode_pairs, read_pairs, write_pairs
 from rlhf_lib.plots import plot_rm_against_oracle, plot_score_against_kl

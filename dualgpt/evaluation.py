@@ -1,9 +1,10 @@
 """Losses: over fixed random batches (during training) and over every token of a split
-(--mode=eval); the 95% interval of a mean over seeds."""
+(--mode=eval); the 95% interval of a mean over seeds; the machine a report names."""
 from __future__ import annotations
 
 import math
 import os
+import platform
 
 import numpy as np
 import torch
@@ -15,6 +16,21 @@ from dualgpt.checkpoint import (checkpoint_model, cpu_copy, layout_of, make_chec
 from dualgpt.layouts import convert_state_dict
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.runtime import autocast, progress
+
+
+def machine_name(device: str) -> str:
+    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction
+    set torch uses (what every benchmark and report names beside its figures)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":",
+                                   1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 # Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond, t_975)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import sys
 import time
@@ -62,21 +61,6 @@ def autocast(device: str, dtype: str):
     if dtype == "float32":
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
-
-
-def machine_name(device: str) -> str:
-    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction
-    set torch uses (what every benchmark and report names beside its figures)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":",
-                                   1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:

@@ -80,22 +80,6 @@ class LRSchedule:
         return self.min_lr + cosine * (self.learning_rate - self.min_lr)
 
 
-class Meter:
-    """Tokens per second of the training steps since the last read."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step, self.tokens_per_s = tokens_per_step, 0.0
-        self.steps, self.seconds = 0, 0.0
-
-    def add(self, step_s: float) -> None:
-        self.steps, self.seconds = self.steps + 1, self.seconds + step_s
-
-    def read(self) -> float:
-        self.tokens_per_s = self.steps * self.tokens_per_step / self.seconds
-        self.steps, self.seconds = 0, 0.0
-        return self.tokens_per_s
-
-
 @dataclasses.dataclass
 class Run:
     """One training run: its settings, the objects it trains with, and where it is (state)."""
@@ -109,13 +93,15 @@ class Run:
     scaler: torch.amp.GradScaler
     batch_gen: torch.Generator  # the batch stream, shared by every rank
     limits: Limits
-    meter: Meter
+    tokens_per_step: int
     state: TrainState
     micro_steps: int  # micro-batches per optimizer step on this process
     probe: tuple[torch.Tensor, int]  # repeated random tokens and their copy length (probes.py)
     resumed_at: int | None  # the step the resumed checkpoint already evaluated
     schedule: LRSchedule | None = None  # set once compiling is done: it leaves compile time out
     lr: float = 0.0
+    tokens_per_s: float = 0.0  # of the steps between the last two log points
+    logged_at: tuple[int, float] = (0, 0.0)  # the step and training seconds of the last log point
     t_start: float = dataclasses.field(default_factory=time.time)
     # --overwrite: the old checkpoint and log, moved to .bak only at the first write, so that a run
     # that fails before it has anything to save leaves them where they were
@@ -188,13 +174,12 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     batch_gen = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
     limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
     tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
-    meter = Meter(tokens_per_step)
     # each evaluation also measures in-context learning on a fixed probe (probes.py)
     length = probe_length(cfg["probe_length"], config.block_size)
     probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
     run = Run(cfg, ddp, data, model, model, optimizers,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
-              batch_gen, limits, meter, TrainState(), micro_steps, (probe.to(device), length),
+              batch_gen, limits, tokens_per_step, TrainState(), micro_steps, (probe.to(device), length),
               None)
     if previous is None and cfg["overwrite"]:
         run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
@@ -223,6 +208,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     run.schedule = LRSchedule(cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"],
                               cfg["lr_decay_iters"] or cfg["max_iters"], budget_s)
     run.lr = run.schedule(run.state.iter_num, run.state.train_s - run.state.compile_s)
+    run.logged_at = (run.state.iter_num, run.state.train_s)
     return run
 
 
@@ -243,15 +229,16 @@ def training_step(run: Run, bar) -> None:
             raise TrainingDiverged(f"loss is {loss_value} at iteration {state.iter_num}")
     step_s = time.perf_counter() - t_step
     state.train_s += step_s
-    run.meter.add(step_s)
     bar.update(min(step_s, max(0.0, bar.total - bar.n)) if run.timed else 1)
-    if logging:
-        tokens_per_s = run.meter.read()
+    if logging:  # the speed of the steps since the last log point (evaluations excluded)
+        steps, seconds = state.iter_num - run.logged_at[0], state.train_s - run.logged_at[1]
+        run.tokens_per_s = steps * run.tokens_per_step / seconds
+        run.logged_at = (state.iter_num, state.train_s)
         log(run, {"iter": state.iter_num, "loss": loss_value,
                   "bpb": run.data.bpb(loss_value, "train"),
-                  "lr": run.lr, "tokens_per_s": tokens_per_s})
+                  "lr": run.lr, "tokens_per_s": run.tokens_per_s})
         bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{run.lr:.2e}",
-                        tok_s=f"{tokens_per_s:,.0f}")
+                        tok_s=f"{run.tokens_per_s:,.0f}")
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
@@ -336,7 +323,7 @@ def evaluate(run: Run) -> None:
     bpb = {split: data.bpb(loss, split) for split, loss in losses.items()}
     record = {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
               "train_bpb": bpb["train"], "val_bpb": bpb["val"], "lr": run.lr,
-              "tokens_per_s": run.meter.tokens_per_s}
+              "tokens_per_s": run.tokens_per_s}
     if run.ddp.master:  # whether induction heads have formed: the probe's scores (one forward)
         scores, icl = probe_scores(run.model, *run.probe)
         record.update(icl_score=icl, induction_max=scores["induction"].max().item())
@@ -510,7 +497,7 @@ def describe(run: Run) -> str:
     n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
     return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {run.device} {run.dtype}, "
             f"{len(splits['train']):,} train / "
-            f"{len(splits['val']):,} val tokens, {run.meter.tokens_per_step:,} tokens per step "
+            f"{len(splits['val']):,} val tokens, {run.tokens_per_step:,} tokens per step "
             f"(batch_size {cfg['batch_size']} x grad_accum_steps {run.micro_steps} x {ddp.world} "
             f"processes x block_size {cfg['block_size']}{note}); {run.limits.describe()}")
 

@@ -102,8 +102,6 @@ def train_dpo(s: Setup, method: str, train: dict,
     return log
 
 
-
-
 def minibatches(n: int, batch: int, epochs: int, generator: torch.Generator, device: str,
                 desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
     """(step, indices) over `epochs` passes of n items in a fresh random order each pass, `batch`

@@ -37,6 +37,16 @@ def make_corpus(n_lines: int, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+@pytest.fixture(autouse=True)
+def loss_curve(request, monkeypatch):
+    """A training run ends by drawing its loss curve (matplotlib, about 0.3 s): in-process runs draw it only in
+    the tests marked `plots`, which check it (95 runs drew it for nothing: 30 s of the suite). Runs through the
+    command line always draw it."""
+    if request.node.get_closest_marker("plots") is None:
+        from dualgpt import plots
+        monkeypatch.setattr(plots, "plot_losses", lambda log_file, path, title: None)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A private root for data/, tokenizers/, model_dict/ and generate_text/."""

@@ -111,12 +111,3 @@ def test_data_too_small_fails_before_the_tokenizer_is_trained(home, tmp_path):
     assert "training a" not in out  # no tokenizer training started
     assert not (home / "tokenizers").exists() or not list((home / "tokenizers").iterdir())
 
-
-def test_the_meter_reads_tokens_per_second_since_its_last_read():
-    meter = train.Meter(tokens_per_step=100)
-    meter.add(0.5)
-    assert meter.read() == 200
-    meter.add(1.0)
-    meter.add(1.0)
-    assert meter.read() == 100
-

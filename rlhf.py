@@ -59,8 +59,8 @@ from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_reje
                             clear_outputs, complete,
                             eval_prompts, frozen, load_output, load_pairs, load_policy,
                             load_policy_checkpoint, load_reward_model, output_folders, read_json,
-                            record_in, reward_scores, rlhf_run_config, sample_prompts, save_model, scores,
-                            sequence_logprobs, setup, texts)
+                            record_in, reward_scores, rlhf_run_config, sample_prompts, save_model,
+                            scores, sequence_logprobs, setup, texts)
 from rlhf_lib.training import DPO_METHODS, train_dpo, train_reward_model, train_rl
 
 # "all" runs these for each seed, then "report"

@@ -4,12 +4,13 @@ nothing here imports them, nor the RLHF layer (rlhf_lib/) built on top. In readi
 
     cli.py              main(): parse the run config, run its mode (each mode's module loaded then)
     runconfig.py        config.py, a config file and --key=value overrides: the run config, checked
-    runtime.py          device, dtype, autocast, DDP, Ctrl-C, progress bars
+    runtime.py          device, dtype, autocast, Ctrl-C, progress bars, one process's collectives
     files.py            atomic writes, the output lock, a dead run's temp files
     data.py             the text, its BPE tokenizer and token cache, batches
     checkpoint.py       checkpoints saved and loaded (no unpickling), their tokenizer
     layouts.py          LB-GPT's state dict <-> SM-GPT's (a checkpoint read by the other script)
     train.py            the training loop (--mode=train), its evaluations, a Run with its state
+    distributed.py      several processes under torchrun (DDP): loaded only there
     evaluation.py       a checkpoint and its data, the loss over a split, --mode=eval and export
     sampling.py         next-token logits (SM-GPT's KV cache), top-k/top-p, --mode=sample
     plots.py            matplotlib on a file-only backend, atomic PNGs, the loss curve

@@ -13,7 +13,7 @@ import torch.nn as nn
 from dualgpt import TrainingDiverged, UserError, WriteFailed, repo_path
 from dualgpt.files import OutputLock, remove_dead_temps
 from dualgpt.runconfig import script_config
-from dualgpt.runtime import Distributed
+from dualgpt.runtime import OneProcess, processes
 
 # mode -> (module, function) of the modes that run in one process
 ONE_PROCESS_MODES = {"sample": ("sampling", "sample"),
@@ -31,7 +31,7 @@ def mode_function(mode: str, cfg: dict):
     return getattr(importlib.import_module(f"dualgpt.{mode_module}"), name)
 
 
-def run_mode(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> None:
+def run_mode(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> None:
     mode = cfg["mode"]
     if mode == "auto" and os.path.exists(cfg["ckpt"]) and not (cfg["resume"] or cfg["overwrite"]):
         print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
@@ -66,7 +66,7 @@ def exit_codes(report: bool = True):
 def main(model_class: type[nn.Module], script: str, argv: list[str] | None = None) -> None:
     """`python <script>.py [config file] --key=value ...`: exit 2 with one line for a user mistake,
     1 if training diverged, 130 after Ctrl-C."""
-    ddp = Distributed()
+    ddp = processes()
     clean = False
     try:
         with exit_codes(report=ddp.master):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 
 import torch
@@ -170,6 +171,7 @@ def parse_value(key: str, value: str, default):
 def validate_model_run(cfg: dict) -> None:
     """The checks that relate gpt.py's keys to each other (each key's own range is declared)."""
     training = cfg["mode"] in ("auto", "train")
+    accum, world = cfg["grad_accum_steps"], int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     require([
         (cfg["n_embd"] % cfg["n_head"] == 0,
          f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})"),
@@ -181,6 +183,9 @@ def validate_model_run(cfg: dict) -> None:
          "lr_decay_iters must be 0 (the end of the run) or >= warmup_iters"),
         (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict "
          "each other"),
+        (not training or accum < world or accum % world == 0,
+         f"grad_accum_steps={accum} cannot be split across {world} processes; use a multiple of "
+         f"{world} (each process runs grad_accum_steps / {world} micro-steps)"),
         (cfg["optimizer"] != "muon" or hasattr(torch.optim, "Muon"), "optimizer=muon needs "
          f"torch.optim.Muon, which torch {torch.__version__} lacks; upgrade torch, or use adamw"),
     ])

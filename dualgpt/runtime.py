@@ -69,118 +69,71 @@ def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:
     return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
-class PlainProgress:
-    """The training bar for logs (output not a terminal): the same facts as plain lines, every
-    every_s seconds. Same interface as the tqdm bar the loop uses: update(), set_postfix(),
-    close(), n, total."""
+class LineWriter:
+    """tqdm's output where it is not a terminal (a log file, a pipe): each refresh a plain line of
+    its own, where tqdm's carriage-return updates would pile up on one line of the log."""
 
-    def __init__(self, total: float, initial: float, unit: str, every_s: float = 30.0,
-                 disable: bool = False):
-        self.total, self.n, self.unit, self.every_s = total, initial, unit, every_s
-        self.disable = disable
-        self.postfix: dict = {}
-        self.last = time.perf_counter()
+    def write(self, text: str) -> None:
+        if text.strip():
+            print(text.strip(), flush=True)
 
-    def update(self, n: float) -> None:
-        self.n += n
-        if time.perf_counter() - self.last >= self.every_s:
-            self.print()
-
-    def set_postfix(self, **postfix) -> None:
-        self.postfix = postfix
-
-    def print(self) -> None:
-        self.last = time.perf_counter()
-        if not self.disable:
-            details = " ".join(f"{k}={v}" for k, v in self.postfix.items())
-            print(f"training: {self.n:.0f}/{self.total:.0f} {self.unit} {details}".rstrip(),
-                  flush=True)
-
-    def close(self) -> None:
-        self.print()
+    def flush(self) -> None:
+        pass
 
 
-def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tqdm | PlainProgress:
-    """The training progress bar: in seconds of the time budget (timed) or in steps."""
+def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tqdm:
+    """The training progress bar, in seconds of the time budget (timed) or in steps; where the
+    output is not a terminal, a plain line every 30 seconds instead."""
+    unit = "s" if timed else "it"
     if not sys.stderr.isatty():
-        return PlainProgress(total, initial, "s" if timed else "it", disable=disable)
-    return tqdm(total=total, initial=initial, desc="training", unit="s" if timed else "it",
-                dynamic_ncols=True,
+        return tqdm(total=total, initial=initial, desc="training", unit=unit, file=LineWriter(),
+                    mininterval=30, miniters=1, disable=disable,
+                    bar_format="{desc}: {n:.0f}/{total:.0f} {unit} [{elapsed}{postfix}]")
+    return tqdm(total=total, initial=initial, desc="training", unit=unit, dynamic_ncols=True,
                 disable=disable, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} "
-                "[{elapsed}<{remaining}{postfix}]"
-                if timed else None)
+                "[{elapsed}<{remaining}{postfix}]" if timed else None)
 
 
-class Distributed:
-    """The torchrun process group when launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK), else
-    one process."""
-
-    def __init__(self):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.active = "RANK" in os.environ and self.world > 1
-        self.master = self.rank == 0
+class OneProcess:
+    """The processes of a run that torchrun did not launch: this one, so each collective returns
+    its own value. Under torchrun, distributed.py's Torchrun has the same methods over the process
+    group."""
+    rank, world, local_rank, active, master = 0, 1, 0, False, True
 
     def start(self, device: str) -> None:
-        if not self.active:
-            return
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        pass
 
     def stop(self, clean: bool) -> None:
-        """Tear down; after a normal finish all ranks first meet (gloo aborts if one leaves while
-        another still works), after an error they do not wait for each other."""
-        if torch.distributed.is_initialized():
-            if clean:
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        pass
 
     def leave(self) -> None:
-        """End a torchrun process that finished its work (the group destroyed, every file written
-        and closed) without the interpreter's shutdown: there, torch's gloo teardown now and then
-        aborts the process ("terminate called without an active exception", after Python has
-        finished; about 1 in 20 runs of tests/test_ddp.py with torch 2.13 on CPU), which turns a
-        complete run into a failed one."""
-        if self.active:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+        pass
 
     def mean(self, value: float, device: str) -> float:
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.item() / self.world
+        return value
 
     def agree(self, *flags: bool, device: str) -> tuple[bool, ...]:
-        """Each flag True on every rank if it is True on one (so all ranks stop at the same step);
-        one all-reduce for all of them."""
-        if not self.active:
-            return flags
-        t = torch.tensor(flags, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return tuple(bool(v) for v in t.tolist())
+        return flags
 
     def gather(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
+        return [obj]
 
     def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
+        pass
 
     def print(self, message: str) -> None:
-        """Print on rank 0 only, above any progress bar, at once (also when the output is a log
-        file)."""
-        if self.master:
-            tqdm.write(message)
-            sys.stdout.flush()
+        """Print above any progress bar, at once (also when the output is a log file)."""
+        tqdm.write(message)
+        sys.stdout.flush()
+
+
+def processes() -> OneProcess:
+    """This run's processes: torchrun's group when it launched several (RANK, WORLD_SIZE), else
+    one."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        from dualgpt.distributed import Torchrun  # torch.distributed's code only under torchrun
+        return Torchrun()
+    return OneProcess()
 
 
 class StopRequest:

@@ -23,7 +23,7 @@ from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoin
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.probes import probe_length, probe_scores, repeated_tokens
 from dualgpt.runconfig import model_config, model_options, parse_head_mask
-from dualgpt.runtime import Distributed, StopRequest, autocast, cpu_has_bf16, training_bar
+from dualgpt.runtime import OneProcess, StopRequest, autocast, cpu_has_bf16, training_bar
 
 
 @dataclasses.dataclass
@@ -84,7 +84,7 @@ class LRSchedule:
 class Run:
     """One training run: its settings, the objects it trains with, and where it is (state)."""
     cfg: dict
-    ddp: Distributed
+    ddp: OneProcess  # this process and the others of a torchrun launch
     data: Dataset
     model: nn.Module  # what is evaluated and saved
     # what the steps run: the model, compiled and wrapped for DDP where asked
@@ -126,9 +126,9 @@ class Run:
         return self.limits.budget_s / self.cfg["eval_points"]
 
 
-def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = None) -> None:
+def train(model_class: type[nn.Module], cfg: dict, ddp: OneProcess | None = None) -> None:
     """--mode=train: train a model of model_class as cfg says, checkpointing to cfg["ckpt"]."""
-    run = start(model_class, cfg, ddp or Distributed())
+    run = start(model_class, cfg, ddp or OneProcess())
     state, done, stopping = run.state, False, False
     bar = training_bar(run.limits.budget_s if run.timed else run.limits.max_iters,
                        state.train_s if run.timed else state.iter_num, run.timed,
@@ -158,7 +158,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: Distributed | None = Non
     finish(run, plot=done, interrupted=stopping)
 
 
-def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
+def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
     """Everything a run trains with: the data, the model and optimizer, restored from the
     checkpoint when resuming, compiled and wrapped for DDP where asked."""
     device, dtype = cfg["device"], cfg["dtype"]
@@ -179,8 +179,8 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: Distributed) -> Run:
     probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
     run = Run(cfg, ddp, data, model, model, optimizers,
               torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
-              batch_gen, limits, tokens_per_step, TrainState(), micro_steps, (probe.to(device), length),
-              None)
+              batch_gen, limits, tokens_per_step, TrainState(), micro_steps,
+              (probe.to(device), length), None)
     if previous is None and cfg["overwrite"]:
         run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
     if previous is not None:  # continue exactly where the checkpoint stopped
@@ -238,7 +238,7 @@ def training_step(run: Run, bar) -> None:
                   "bpb": run.data.bpb(loss_value, "train"),
                   "lr": run.lr, "tokens_per_s": run.tokens_per_s})
         bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{run.lr:.2e}",
-                        tok_s=f"{run.tokens_per_s:,.0f}")
+                        tok_s=f"{run.tokens_per_s:,.0f}", refresh=False)  # drawn at next update
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
@@ -414,7 +414,7 @@ def restore(run: Run, ckpt: dict) -> None:
     run.resumed_at = run.state.iter_num  # that checkpoint already holds this step's evaluation
 
 
-def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) -> Dataset:
+def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: OneProcess) -> Dataset:
     """The dataset; rank 0 goes first, since it may train the tokenizer and write the token
     cache."""
     if not ddp.master:
@@ -430,14 +430,9 @@ def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: Distributed) 
 
 def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
     """Micro-batches per optimizer step on each process: grad_accum_steps shared out across the
-    processes, or one each when there are more processes (a step then holds world batches)."""
-    if grad_accum_steps < world:
-        return 1
-    if grad_accum_steps % world:
-        raise UserError(f"grad_accum_steps={grad_accum_steps} cannot be split across {world} "
-                        f"processes; use a multiple of {world} (each process runs "
-                        f"grad_accum_steps / {world} micro-steps)")
-    return grad_accum_steps // world
+    processes (a multiple of them: runconfig.py checks), or one each when there are more
+    processes (a step then holds world batches)."""
+    return max(1, grad_accum_steps // world)
 
 
 def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimizer]:

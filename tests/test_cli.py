@@ -60,7 +60,7 @@ def test_a_typed_step_limit_is_obeyed_over_the_budget_in_config_py(home, corpus)
     rc, out, err = finish(run_script(home, args + ["--mode=train", "--max_iters=12", "--log_interval=1"]))
     assert rc == 0, err
     assert "\r" not in out + err
-    assert re.search(r"^training: 12/12 it it=12 loss=", out, re.M)
+    assert re.search(r"^training: 12/12 it \[\d\d:\d\d, it=12, loss=", out, re.M)
     assert "; training for 12 steps" in out
     assert iterations(home / "model_dict" / "gpt.pt") == 12
     steps = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]

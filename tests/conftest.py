@@ -61,15 +61,16 @@ def corpus(tmp_path):
     return path
 
 
-# a model small enough to train in seconds on 2 CPU cores, and a run config of it
-TINY_MODEL = ["--vocab_size=300", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32"]
+# a model small enough to train in seconds on 2 CPU cores, and a run config of it: one layer for the tests of
+# a run's machinery (a third less CPU time), two where what differs between layers is tested (tiny_args' n_layer)
+TINY_MODEL = ["--vocab_size=300", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32"]
 TINY = TINY_MODEL + ["--batch_size=8", "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=2", "--device=cpu",
         "--dtype=float32", "--max_iters=10",  # a typed step limit: no time budget
         "--max_new_tokens=20", "--num_samples=1"]
 
 
-def tiny_args(home, corpus, *extra, script="gpt"):
-    return TINY + [f"--data={corpus}", f"--ckpt={home / 'model_dict' / (script + '.pt')}",
+def tiny_args(home, corpus, *extra, script="gpt", n_layer=1):
+    return TINY + [f"--n_layer={n_layer}", f"--data={corpus}", f"--ckpt={home / 'model_dict' / (script + '.pt')}",
                    f"--sample_file={home / 'generate_text' / (script + '.txt')}", *extra]
 
 
@@ -128,8 +129,8 @@ def mood_corpus(n_lines: int, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-BASE = TINY_MODEL + ["--batch_size=16", "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3", "--warmup_iters=5", "--device=cpu",
-        "--dtype=float32", "--max_iters=300", "--eval_interval=300"]
+BASE = TINY_MODEL + ["--n_layer=2", "--batch_size=16", "--dropout=0.0", "--eval_iters=2", "--learning_rate=3e-3",
+                     "--warmup_iters=5", "--device=cpu", "--dtype=float32", "--max_iters=300", "--eval_interval=300"]
 # RLOO's judge gain with these, over 4 seeds x (native, emulated AVX2) numerics: +0.22 to +0.54, each 95% interval
 # above zero (60 steps and 4 samples per prompt gave +0.13 to +0.93, and one failure under other rounding)
 SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "--rl_prompts=16", "--rl_group=8",

@@ -48,7 +48,7 @@ def test_the_atlas_page_works_offline_in_a_real_browser_and_shows_the_models_att
     coloured by each score (patching's too, from the patch file of the same checkpoint), clicking two cells
     shows two different patterns, and the weights shown are the model's to 1e-6."""
     args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", "--eval_iters=1",
-                     "--probe_sequences=4")
+                     "--probe_sequences=4", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     assert run_main(args + ["--mode=patch", *PATCH]) == 0
     assert run_main(args + ["--mode=heads", f"--prompt={PROMPT}"]) == 0

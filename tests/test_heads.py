@@ -92,7 +92,7 @@ def test_masking_a_whole_layer_removes_its_attention_branch(layout):
 @pytest.mark.parametrize("spec, message", [("0-3", "not layer.head"), ("a.b", "not layer.head"), ("1", "not layer.head"),
                                             ("0.9", "does not exist"), ("7.0", "does not exist")])
 def test_bad_head_mask_is_one_line_error(home, corpus, spec, message, capsys):
-    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2")
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     capsys.readouterr()
     assert run_main(args + ["--mode=sample", f"--head_mask={spec}"]) == 2
@@ -104,7 +104,7 @@ def test_bad_head_mask_is_one_line_error(home, corpus, spec, message, capsys):
 
 def test_head_mask_applies_in_training(home, corpus):
     """A masked head gets no gradient, so AdamW leaves its weights at their initial values."""
-    args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--mode=train", "--head_mask=1.0")
+    args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--mode=train", "--head_mask=1.0", n_layer=2)
     assert run_main(args) == 0
     trained = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)["model"]
     cfg = script_config(args, "gpt")
@@ -116,7 +116,7 @@ def test_head_mask_applies_in_training(home, corpus):
 
 
 def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
-    args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10")
+    args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     capsys.readouterr()
     assert run_main(args + ["--mode=heads", "--heads_per_layer", "--prompt=ROMEO: O my love"]) == 0

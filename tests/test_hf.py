@@ -196,7 +196,7 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
     split), exported: GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained agree with ours."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
     if source == "trained here":
-        args = tiny_args(home, corpus, "--max_iters=4", "--eval_interval=4", "--mode=train", script="gpt_")
+        args = tiny_args(home, corpus, "--max_iters=4", "--eval_interval=4", "--mode=train", script="gpt_", n_layer=2)
         assert run_main(args, gpt_.SMGPT, "gpt_") == 0
         ckpt_path = home / "model_dict" / "gpt_.pt"
     else:

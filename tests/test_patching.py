@@ -92,7 +92,7 @@ def test_head_patching_equals_swapping_the_head_module_output():
 
 
 def test_mode_patch_through_the_command_line_and_its_bad_input(home, corpus, capsys):
-    args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10")
+    args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     patch = ["--mode=patch", "--patch_clean=ROMEO: my lord", "--patch_corrupt=JULIET: my lord",
              "--patch_answers=a|t"]

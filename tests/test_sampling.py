@@ -40,7 +40,7 @@ def test_filter_logits_matches_reference(top_k, top_p):
 
 
 def test_prompt_handling(home, corpus, tmp_path, capsys):
-    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2")
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     long_prompt = tmp_path / "prompt.txt"
     long_prompt.write_text(make_corpus(50, seed=9))  # far longer than block_size
@@ -56,7 +56,7 @@ def test_prompt_handling(home, corpus, tmp_path, capsys):
 
 
 def test_eval_is_deterministic_and_exact(home, corpus, capsys):
-    args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10")
+    args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     cfg = script_config(args, "gpt")
     a = evaluation.evaluate_checkpoint(gpt.LBGPT, cfg)
@@ -81,7 +81,7 @@ def test_eval_is_deterministic_and_exact(home, corpus, capsys):
 def test_a_sample_ends_before_the_first_stop_string_with_and_without_the_kv_cache(home, corpus, capsys, kv_cache):
     """The same sample as without --stop, cut before the first of the stop strings in what was generated;
     nothing of the stop string is printed."""
-    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", script="gpt_") + [
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", script="gpt_", n_layer=2) + [
         "--prompt=KING:", "--max_new_tokens=60", "--temperature=1.0", f"--kv_cache={kv_cache}"]
     assert run_main(args + ["--mode=train"], gpt_.SMGPT, "gpt_") == 0
     assert run_main(args + ["--mode=sample"], gpt_.SMGPT, "gpt_") == 0

@@ -147,25 +147,25 @@ def test_cached_logits_equal_full_forward():
 def test_checkpoints_load_in_both_scripts(home, corpus, capsys):
     """Train with each script; eval with both: the same val loss either way."""
     for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
-        args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", script=script)
+        args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", script=script, n_layer=2)
         assert run_main(args, cls, script) == 0
     results = {}
     for ckpt in ("gpt", "gpt_"):
         for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
-            cfg = script_config(tiny_args(home, corpus, script=ckpt) + ["--mode=eval"], script)
+            cfg = script_config(tiny_args(home, corpus, script=ckpt, n_layer=2) + ["--mode=eval"], script)
             results[ckpt, script] = evaluation.evaluate_checkpoint(cls, cfg)["val"]["loss"]
         assert results[ckpt, "gpt"] == pytest.approx(results[ckpt, "gpt_"], abs=1e-5)
     # and sampling from the other script's checkpoint works, greedily identical
     samples = []
     for script, cls in (("gpt", gpt.LBGPT), ("gpt_", gpt_.SMGPT)):
-        args = tiny_args(home, corpus, "--mode=sample", "--temperature=0", script="gpt_")
+        args = tiny_args(home, corpus, "--mode=sample", "--temperature=0", script="gpt_", n_layer=2)
         assert run_main(args + [f"--sample_file={home / script}.sample"], cls, script) == 0
         samples.append((home / f"{script}.sample").read_text().split("\n", 1)[1])
     assert samples[0] == samples[1]
 
 
 def test_resume_needs_the_same_layout(home, corpus, capsys):
-    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train", script="gpt")
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--mode=train", script="gpt", n_layer=2)
     assert run_main(args) == 0
     assert run_main(args + ["--resume", "--max_iters=4"], gpt_.SMGPT, "gpt_") == 2
     assert "resume it with that script" in capsys.readouterr().err

@@ -190,7 +190,7 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_ow
     lr = [r["lr"] for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r][-1]
     assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.05 / 3e-3)
     assert all(g["lr"] == pytest.approx(lr) for g in ckpt["optimizer"]["param_groups"])
-    assert len(ckpt["muon"]["state"]) == 2 * (3 * 2 + 3)  # 2 layers: 2 heads' k, q, v, then proj, fc, proj
+    assert len(ckpt["muon"]["state"]) == 3 * 2 + 3  # one layer: 2 heads' k, q, v, then proj, fc, proj
 
 
 @pytest.mark.parametrize("trained_with, resumed_with", [("muon", "adamw"), ("adamw", "muon")])
@@ -309,7 +309,7 @@ def test_compiled_training_matches_eager(home, corpus, capsys, monkeypatch):
     the guards of the warm-up batch: no second compile at the first step), and matches eager. Dynamo and
     AOTAutograd trace as under the default backend; inductor's C++ kernels, 20 s of compiling on 2 cores, are
     left to bench.py --only=compile, which times them."""
-    args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train", "--n_layer=1")
+    args = tiny_args(home, corpus, "--max_iters=8", "--eval_interval=8", "--mode=train")
     assert run_main(args + ["--compile=false", f"--ckpt={home / 'eager.pt'}"]) == 0
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager"))

@@ -647,7 +647,6 @@ def bench_compile(args) -> str:
 def bench_rlhf(args) -> str:
     """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), run
     as a user runs it, in a copy of the code so that the user's own results are left alone."""
-    import re as plain_re
     import shutil
     import subprocess
     import tempfile
@@ -663,16 +662,24 @@ def bench_rlhf(args) -> str:
         result = subprocess.run([sys.executable, "rlhf.py", f"--data={args.data}", *argv],
                                 cwd=root, capture_output=True, text=True)
         total = time.perf_counter() - t0
-    if result.returncode != 0:
-        return f"### rlhf.py {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
-    seconds: dict[str, float] = {}
-    for stage, s in plain_re.findall(r"^\[seed \d+, (\w+): (\d+) s\]$", result.stdout,
-                                     flags=plain_re.M):
-        seconds[stage] = seconds.get(stage, 0.0) + float(s)
+        if result.returncode != 0:
+            return f"### rlhf.py {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
+        seconds = stage_seconds(root)
     rows = [[stage, f"{s:.0f} s"] for stage, s in seconds.items()] + [["total", f"{total:.0f} s"]]
     return (f"### rlhf.py {' '.join(argv) or '(defaults)'}: seconds per stage, "
             f"{machine_name('cpu')}\n\n"
             + table(["stage", "time"], rows))
+
+
+def stage_seconds(root: str) -> dict[str, float]:
+    """Each stage's seconds (summed over the seeds) of the one rlhf.py run in the folder root, from
+    the report that run wrote."""
+    import glob
+    import json
+
+    (path,) = glob.glob(os.path.join(root, "generate_text", "rlhf_*_report.json"))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["seconds"]
 
 
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -693,8 +700,8 @@ def main(argv: list[str] | None = None) -> None:
                             f"{', '.join(SECTIONS)}")
         numbers(cfg["muon_lrs"], "muon_lrs"), numbers(cfg["muon_budgets"], "muon_budgets")
         if not os.path.isfile(cfg["data"]):
-            raise UserError(f"data file {cfg['data']} not found; run `python gpt.py` once to "
-                            f"download it, or pass --data=PATH")
+            raise UserError(f"data file {cfg['data']} not found; pass --data=PATH to a UTF-8 "
+                            "text file")
     args = types.SimpleNamespace(**cfg)
     # instruction-set limits in the environment (an emulated AVX2 laptop) belong to the command
     limits = "".join(f"{name}={os.environ[name]} " for name in ISA_LIMITS if name in os.environ)

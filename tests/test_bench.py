@@ -1,6 +1,8 @@
-"""bench.py's scaling and Muon sections: the fitted loop-cost model against a known one, the scaling
-section on tiny shapes, and the Muon section's pick and paired differences against plain computations."""
+"""bench.py's scaling, Muon and RLHF sections: the fitted loop-cost model against a known one, the scaling
+section on tiny shapes, the Muon section's pick and paired differences against plain computations, and the
+RLHF section's reading of the report rlhf.py writes."""
 import math
+import shutil
 import statistics
 import types
 
@@ -71,3 +73,15 @@ def test_the_muon_section_picks_the_best_grid_rate_and_pairs_the_seeds(monkeypat
         row = next(line for line in text.splitlines() if line.startswith(f"| {budget:g} s | Muon - AdamW"))
         assert f"**{statistics.mean(diffs):+.3f} ± {half:.3f}**" in row
         assert " / ".join(f"{d:+.3f}" for d in diffs) in row
+
+
+def test_the_rlhf_section_reads_each_stages_time_from_the_report_rlhf_py_wrote(rlhf_run, tmp_path):
+    """bench.py --only=rlhf runs rlhf.py in a copy of the code (minutes: not here) and tabulates each stage's
+    seconds from the report that run wrote: here the pipeline's report, read as the section reads it, holds the
+    times rlhf.py measured."""
+    (tmp_path / "generate_text").mkdir()
+    shutil.copy(rlhf_run.home / "generate_text" / "rlhf_sentiment_report.json", tmp_path / "generate_text")
+    seconds = bench.stage_seconds(str(tmp_path))
+    measured = {stage: s for stage, s in rlhf_run.result["seconds"].items() if stage != "report"}
+    assert list(seconds) == ["pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval"]
+    assert seconds == pytest.approx(measured, rel=1e-9)

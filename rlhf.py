@@ -1,19 +1,19 @@
-""" RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward
+"""
+RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward
 model, best-of-n, DPO (and conservative DPO, soft-label DPO, IPO), RLOO and PPO, each measured
 against the base model on held-out prompts, at matched KL, over several seeds.
 
-    python rlhf.py                          # the whole study on the shipped SM-GPT model, one seed
-    python rlhf.py --seeds=3                # three replicates and the report over them (the
-    shipped one) python rlhf.py --quick                  # a smaller, faster version of the same
-    python rlhf.py --rlhf_stage=dpo         # one stage: pairs, rm, bon, dpo, rloo, ppo, eval,
-    report python rlhf.py --oracle=verse           # tune towards lines of about ten syllables
-    instead python rlhf.py --oracle=mymod:score     # your own oracle: a function from text to a
-    float python rlhf.py --rlhf_stage=label       # label pairs yourself, one key each, into
-    data/labels.jsonl python rlhf.py --pairs=data/labels.jsonl   # tune on them (or on any
-    prompt/chosen/rejected JSON-lines file) python rlhf.py --rlhf_script=gpt        # LB-GPT (one
-    module per head) instead of SM-GPT python rlhf_heads.py                    # then: which
-    attention heads did tuning change? python gpt_.py --mode=sample
-    --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt   # a tuned policy is a checkpoint
+    python rlhf.py                        # the whole study on the shipped SM-GPT model, one seed
+    python rlhf.py --seeds=3              # three replicates and the report over them
+    python rlhf.py --quick                # a smaller, faster version of the same
+    python rlhf.py --rlhf_stage=dpo       # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
+    python rlhf.py --oracle=verse         # tune towards lines of about ten syllables instead
+    python rlhf.py --oracle=mymod:score   # your own oracle: a function from text to a float
+    python rlhf.py --rlhf_stage=label     # label pairs yourself, one key each (data/labels.jsonl)
+    python rlhf.py --pairs=data/labels.jsonl   # tune on them (or any prompt/chosen/rejected file)
+    python rlhf.py --rlhf_script=gpt      # LB-GPT (one module per head) instead of SM-GPT
+    python rlhf_heads.py                  # then: which attention heads did tuning change?
+    python gpt_.py --mode=sample --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt  # a checkpoint
 
 The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's controlled sentiment
 task: a program stands in for the human labeller. Prompts are 16-token windows of the train split,

@@ -134,6 +134,9 @@ def test_help_lists_each_programs_own_keys(capsys):
                             timeout=120)
     assert result.returncode == 0
     assert help_keys(result.stdout) == set(CORE_KEYS) | {k for k in defaults(rlhf_config) if not k.startswith("head_")}
+    usage = result.stdout[:result.stdout.index("config keys of")]
+    examples = [line for line in usage.splitlines() if line.startswith("    ")]
+    assert len(examples) > 10 and all(line.startswith("    python ") for line in examples)  # one command a line
 
 
 def test_a_key_of_another_program_is_one_line_through_the_real_command_line(tmp_path):

@@ -603,7 +603,7 @@ def bench_compile(args) -> str:
     import gpt
     import gpt_
     from dualgpt.runtime import resolve_dtype
-    from dualgpt.train import compile_model
+    from dualgpt.compiling import compile_model
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
     shape = dict(vocab_size=config.vocab_size, block_size=config.block_size,
@@ -624,7 +624,8 @@ def bench_compile(args) -> str:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dualgpt-inductor-")
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        compiled = compile_model(model, config.batch_size, shape["block_size"], device, dtype)
+        compiled = compile_model(model, dict(batch_size=config.batch_size, device=device,
+                                             block_size=shape["block_size"], dtype=dtype))
         compile_s = time.perf_counter() - t0
         compiled_s = timed_steps(compiled, optimizer, batches, args.steps, device, dtype)
         saved = 1 - 1.1 * compiled_s / eager_s  # the share of a step's time compiling must save

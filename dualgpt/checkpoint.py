@@ -33,20 +33,18 @@ def log_path(ckpt: str) -> str:
 
 
 def make_checkpoint(weights: dict, model_config: dict, layout: str, tokenizer: str, iter_num: int,
-                    run_config: dict,
-                    best_weights: dict | None = None, best_val_loss: float = math.nan,
-                    **extra) -> dict:
-    """The one place a checkpoint dict is built (training, export, every RLHF save). best_weights
-    default to weights; extra: what only some writers add (optimizer and RNG states, "eval",
-    "rlhf", the reward head)."""
+                    run_config: dict, best_weights: dict | None = None,
+                    best_val_loss: float = math.nan, **extra) -> dict:
+    """The one place a checkpoint dict is built (training, export, every RLHF save); extra: what
+    only some writers add (optimizer and RNG states, "eval", "rlhf", the reward head)."""
     return {"model": weights, "best_model": weights if best_weights is None else best_weights,
             "best_val_loss": best_val_loss, "model_config": dict(model_config), "layout": layout,
             "tokenizer": tokenizer, "iter_num": iter_num, "config": dict(run_config), **extra}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Serialise in memory, then write atomically: a failed write (disk full, a size limit) then
-    says so as an OSError, where torch's own writer reports only a position mismatch."""
+    """Serialised in memory, then written atomically: a failed write (disk full, a size limit)
+    raises an OSError that says so, where torch's own writer reports a position mismatch."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     with atomic_open(path, "wb") as f:
@@ -84,11 +82,10 @@ def load_checkpoint(path: str) -> dict:
 def load_tokenizer_text(model_text: str) -> RegexTokenizer:
     """A tokenizer from the .model text stored in a checkpoint."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "t.model")
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
+        with open(os.path.join(tmp, "t.model"), "w", encoding="utf-8", newline="\n") as f:
             f.write(model_text)
         tok = RegexTokenizer()
-        tok.load(path)
+        tok.load(os.path.join(tmp, "t.model"))
     return tok
 
 
@@ -117,12 +114,11 @@ def build_model(model_class: type[nn.Module], config,
                 options: dict | None = None) -> nn.Module:
     """A model of the script's class with the given ModelConfig, switched-off heads and run
     options."""
-    model = model_class(config, **(options or {}))
     for layer, head in sorted(head_mask):
         if layer >= config.n_layer or head >= config.n_head:
             raise UserError(f"head_mask: head {layer}.{head} does not exist (the model has "
-                            f"{config.n_layer} "
-                            f"layers x {config.n_head} heads, numbered from 0)")
+                            f"{config.n_layer} layers x {config.n_head} heads, numbered from 0)")
+    model = model_class(config, **(options or {}))
     model.set_head_mask(set(head_mask))
     return model
 
@@ -146,8 +142,8 @@ def model_from_checkpoint(model_class: type[nn.Module], ckpt: dict, path: str, d
 
 
 def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module]:
-    """For the sample, eval and heads modes: the checkpoint at --ckpt and its best model, with the
-    run's head mask and model options."""
+    """The checkpoint at --ckpt and its best model, with the run's head mask and model options
+    (the sample, eval and heads modes)."""
     ckpt = load_checkpoint(cfg["ckpt"])
     return ckpt, model_from_checkpoint(model_class, ckpt, cfg["ckpt"], cfg["device"],
                                        parse_head_mask(cfg["head_mask"]),

@@ -1,6 +1,5 @@
 """The command line of gpt.py and gpt_.py: parse the run config, run its mode, turn mistakes into
-one line. Each mode's module is imported when that mode runs: sampling never loads the Hugging Face
-code."""
+one line. A mode's module is imported when it runs: sampling never loads the Hugging Face code."""
 from __future__ import annotations
 
 import importlib
@@ -15,20 +14,11 @@ from dualgpt.files import OutputLock, remove_dead_temps
 from dualgpt.runconfig import script_config
 from dualgpt.runtime import OneProcess, processes
 
-# mode -> (module, function) of the modes that run in one process
-ONE_PROCESS_MODES = {"sample": ("sampling", "sample"),
-                     "eval": ("evaluation", "evaluate_checkpoint"),
-                     "heads": ("heads", "analyse_heads"), "patch": ("patching", "patch"),
-                     "import": ("hf_gpt2", "import_checkpoint")}
-
-
-def mode_function(mode: str, cfg: dict):
-    if mode == "export":
-        mode_module, name = ("hf_gpt2", "export_hf") if cfg["export_format"] == "hf" else \
-            ("evaluation", "export_checkpoint")
-    else:
-        mode_module, name = ONE_PROCESS_MODES[mode]
-    return getattr(importlib.import_module(f"dualgpt.{mode_module}"), name)
+# mode -> module and function of the modes that run in one process, after any training
+MODES = {"sample": "sampling.sample", "eval": "evaluation.evaluate_checkpoint",
+         "heads": "heads.analyse_heads", "patch": "patching.patch",
+         "import": "hf_gpt2.import_checkpoint", "export": "evaluation.export_checkpoint",
+         "export_hf": "hf_gpt2.export_hf"}
 
 
 def run_mode(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> None:
@@ -37,14 +27,16 @@ def run_mode(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> None:
         print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
               f"or start over with --overwrite)")
         mode = "sample"
-    # train (then sample), holding the checkpoint for the run's life
-    elif mode in ("auto", "train"):
+    elif mode in ("auto", "train"):  # train (then sample), holding the checkpoint all along
         from dualgpt.train import train
         with OutputLock(cfg["ckpt"]) if ddp.master else nullcontext():
             train(model_class, cfg, ddp)
         mode = "sample" if mode == "auto" else mode
+    if mode == "export" and cfg["export_format"] == "hf":
+        mode = "export_hf"
     if ddp.master and mode != "train":  # sampling and analysis run in one process
-        mode_function(mode, cfg)(model_class, cfg)
+        module, function = MODES[mode].split(".")
+        getattr(importlib.import_module(f"dualgpt.{module}"), function)(model_class, cfg)
 
 
 @contextmanager
@@ -73,9 +65,9 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             usage = sys.modules[model_class.__module__].__doc__ or ""
             cfg = script_config(sys.argv[1:] if argv is None else argv, script, usage)
             if ddp.master:  # what killed runs left behind, never a live run's
-                folders = {os.path.dirname(os.path.abspath(cfg[k])) for k in ("ckpt",
-                                                                              "sample_file")}
-                remove_dead_temps(*folders, repo_path("data"), repo_path("tokenizers"))
+                outputs = {os.path.dirname(os.path.abspath(cfg[key]))
+                           for key in ("ckpt", "sample_file")}
+                remove_dead_temps(*outputs, repo_path("data"), repo_path("tokenizers"))
             ddp.start(cfg["device"])
             run_mode(model_class, cfg, ddp)
             clean = True

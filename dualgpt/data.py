@@ -44,24 +44,22 @@ def read_text(path: str) -> str:
 
 def get_tokenizer(text: str, data_path: str, data_hash: str,
                   vocab_size: int) -> tuple[RegexTokenizer, str]:
-    """Train a RegexTokenizer on text, or reuse one for the same data and vocab size: the one a
-    previous run saved in tokenizers/, else the one the repository ships in tokenizers/shipped/
-    (read, never written). Returns (tokenizer, path of its .model file)."""
+    """A RegexTokenizer trained on text, or reused for the same data and vocab size: the one a
+    previous run saved in tokenizers/, else the one the clone ships in tokenizers/shipped/ (read,
+    never written). Returns the tokenizer and the path of its .model file."""
     name = f"{os.path.splitext(os.path.basename(data_path))[0]}_v{vocab_size}_{data_hash[:8]}"
     prefix = repo_path("tokenizers", name)
-    for candidate in (prefix, repo_path("tokenizers", "shipped", name)):
-        if os.path.exists(candidate + ".model"):
+    for candidate in (prefix + ".model", repo_path("tokenizers", "shipped", name + ".model")):
+        if os.path.exists(candidate):
             tok = RegexTokenizer()
             try:
-                tok.load(candidate + ".model")
+                tok.load(candidate)
                 if len(tok.vocab) == vocab_size:
-                    return tok, candidate + ".model"
-                print(f"note: not using {candidate}.model (it has {len(tok.vocab)} tokens, not "
+                    return tok, candidate
+                print(f"note: not using {candidate} (it has {len(tok.vocab)} tokens, not "
                       f"{vocab_size}); training anew")
-            # minbpe's load names the file and the line: cut short, emptied, garbage
-            except ValueError as e:
-                print(f"note: not using {candidate}.model, which is unreadable ({e}); "
-                      "training anew")
+            except ValueError as e:  # minbpe's message names the file and the line
+                print(f"note: not using {candidate}, which is unreadable ({e}); training anew")
     tok = RegexTokenizer()
     print(f"training a {vocab_size}-token BPE tokenizer on {os.path.basename(data_path)}")
     tok.train(text, vocab_size)  # shows a bar when it takes long, on a terminal
@@ -71,14 +69,13 @@ def get_tokenizer(text: str, data_path: str, data_hash: str,
 
 def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
     """The token ids cached at path (memory-mapped), or None to encode again: when there is no
-    cache, or, with a one-line notice, when it is unreadable or holds what no encoding gives (cut
-    short, emptied, overwritten)."""
+    cache, or, with a one-line notice, when it is unreadable or holds what no encoding gives."""
     if not os.path.exists(path):
         return None
     try:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        token_ids = ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids)
-        if token_ids and 0 <= ids.min() and ids.max() < vocab_size:
+        if ids.ndim == 1 and ids.dtype.kind in "iu" and len(ids) and 0 <= ids.min() \
+                and ids.max() < vocab_size:
             return ids
         problem = "its contents are not token ids of this tokenizer"
     except Exception as e:  # a cache: whatever np.load makes of a damaged header, encode again
@@ -89,8 +86,7 @@ def load_token_cache(path: str, vocab_size: int) -> np.ndarray | None:
 
 def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
     """text in ~64 KB pieces cut just before a letter that starts a line, where the GPT-2 and GPT-4
-    split patterns always break, so the pieces' ids, one after another, equal those of one encode()
-    call."""
+    split patterns always break: the pieces' ids, one after another, equal one encode() call's."""
     pieces, start = [], 0
     while start < len(text):
         end = min(start + block, len(text))
@@ -102,13 +98,11 @@ def corpus_pieces(text: str, block: int = 1 << 16) -> list[str]:
 
 
 def encode_corpus(tok: RegexTokenizer, text: str, name: str, block: int = 1 << 16) -> np.ndarray:
-    """The ids of text, encoded by minbpe piece by piece (the same ids as one encode() call), so
-    that the progress bar moves."""
-    pieces = corpus_pieces(text, block)
+    """The ids of text, encoded piece by piece (so that a progress bar moves)."""
     print(f"encoding {name} ({len(text) / 1e6:.1f} M characters)")
     dtype = np.uint16 if len(tok.vocab) <= 1 << 16 else np.uint32
     ids = [np.array(tok.encode_ordinary(piece), dtype=dtype)
-           for piece in progress(pieces, desc="encoding", unit="piece")]
+           for piece in progress(corpus_pieces(text, block), desc="encoding", unit="piece")]
     return np.concatenate(ids) if ids else np.zeros(0, dtype=dtype)
 
 
@@ -125,31 +119,29 @@ def check_size(path: str, block_size: int) -> None:
 
 class Dataset:
     """Token ids of the text at path (cached in data/), split 90/10, with random-offset batches.
-
     The tokenizer is the one given as .model text (a checkpoint's), else one of vocab_size tokens
     trained on the text (cached in tokenizers/)."""
 
     def __init__(self, path: str, block_size: int, batch_size: int, device: str, *,
-                 vocab_size: int = 0,
-                 tokenizer_text: str | None = None, rank: int = 0, world: int = 1):
+                 vocab_size: int = 0, tokenizer_text: str | None = None, rank: int = 0,
+                 world: int = 1):
         text = read_text(path)
         check_size(path, block_size)
-        data_hash = sha256_file(path)
+        self.data_hash = sha256_file(path)
         if tokenizer_text is None:
-            tok, model_path = get_tokenizer(text, path, data_hash, vocab_size)
+            self.tok, model_path = get_tokenizer(text, path, self.data_hash, vocab_size)
             with open(model_path, encoding="utf-8") as f:
                 tokenizer_text = f.read()
         else:
-            tok = load_tokenizer_text(tokenizer_text)
-        self.tok, self.tokenizer_text, self.data_hash = tok, tokenizer_text, data_hash
+            self.tok = load_tokenizer_text(tokenizer_text)
+        self.tokenizer_text, vocab = tokenizer_text, self.tok.vocab
         tok_hash = hashlib.sha256(tokenizer_text.encode("utf-8")).hexdigest()
         stem = os.path.splitext(os.path.basename(path))[0]
-        cache = repo_path("data", f"{stem}_{data_hash[:8]}_{tok_hash[:8]}.npy")
-        ids = load_token_cache(cache, len(tok.vocab))
+        cache = repo_path("data", f"{stem}_{self.data_hash[:8]}_{tok_hash[:8]}.npy")
+        ids = load_token_cache(cache, len(vocab))
         if ids is None:
-            ids = encode_corpus(tok, text, os.path.basename(path))
             with atomic_open(cache, "wb") as f:
-                np.save(f, ids)
+                np.save(f, encode_corpus(self.tok, text, os.path.basename(path)))
             ids = np.load(cache, mmap_mode="r")
         n = int(0.9 * len(ids))
         self.splits = {"train": ids[:n], "val": ids[n:]}
@@ -158,10 +150,10 @@ class Dataset:
                 raise UserError(f"{path} is too small: its {split} split has {len(arr)} tokens, "
                                 f"fewer than block_size + 1 = {block_size + 1}; use more text or "
                                 "a smaller --block_size")
-        token_bytes = np.array([len(tok.vocab[i]) for i in range(len(tok.vocab))], dtype=np.int64)
         # bytes per token of each split: converts loss per token into bits per byte
-        self.bytes_per_token = {s: float(token_bytes[a].sum()) / len(a) for s,
-                                a in self.splits.items()}
+        token_bytes = np.array([len(vocab[i]) for i in range(len(vocab))], dtype=np.int64)
+        self.bytes_per_token = {s: float(token_bytes[a].sum()) / len(a)
+                                for s, a in self.splits.items()}
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.rank, self.world = rank, world
 
@@ -170,10 +162,9 @@ class Dataset:
         of batch_size x world windows and keeps its own slice, so the samples seen do not depend on
         the number of processes: 2 ranks of batch b see exactly what 1 process of batch 2b sees."""
         data, T, b = self.splits[split], self.block_size, self.batch_size
-        offsets = torch.randint(len(data) - T, (b * self.world,),
-                                generator=generator)[self.rank * b:(self.rank + 1) * b]
-        offsets = offsets.tolist()
-        xy = torch.from_numpy(np.stack([data[i:i + T + 1] for i in offsets]).astype(np.int64))
+        offsets = torch.randint(len(data) - T, (b * self.world,), generator=generator).tolist()
+        xy = np.stack([data[i:i + T + 1] for i in offsets[self.rank * b:(self.rank + 1) * b]])
+        xy = torch.from_numpy(xy.astype(np.int64))
         if self.device.startswith("cuda"):
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         else:

@@ -51,30 +51,30 @@ def plot_losses(log_file: str, path: str, title: str) -> None:
     """Bits per byte against training minutes, from the JSON-lines log: the train and val
     evaluations and the loss of the logged training steps (smoothed); below, where the log has
     them, the in-context-learning score and the largest induction score (probes.py)."""
-    plt = pyplot()
     with open(log_file, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "val_bpb" in r]
     steps = [r for r in records if "bpb" in r]
-    minutes = [r["train_s"] / 60 for r in evals]
     probed = [r for r in evals if "icl_score" in r]
-    fig, axes = plt.subplots(2 if probed else 1, 1, figsize=(7, 7 if probed else 4.5),
-                             sharex=True, squeeze=False)
+    xlabel = "training time, minutes (evaluation excluded)"
+    fig, axes = pyplot().subplots(2 if probed else 1, 1, figsize=(7, 7 if probed else 4.5),
+                                  sharex=True, squeeze=False)
     ax = axes[0][0]
+    if steps:
+        ax.plot(minutes(steps), smoothed([r["bpb"] for r in steps]), linewidth=1, alpha=0.6,
+                color="grey", label="training steps (batch loss, smoothed)")
+    for split in ("train", "val"):
+        ax.plot(minutes(evals), [r[f"{split}_bpb"] for r in evals], marker="o",
+                label=f"{split} (evaluation)")
     if probed:
         below = axes[1][0]
-        at = [r["train_s"] / 60 for r in probed]
-        below.plot(at, [r["icl_score"] for r in probed], marker="o",
+        below.plot(minutes(probed), [r["icl_score"] for r in probed], marker="o",
                    label="in-context learning (nats, loss on copy 1 - copy 2)")
-        below.plot(at, [r["induction_max"] for r in probed], marker="s",
+        below.plot(minutes(probed), [r["induction_max"] for r in probed], marker="s",
                    label="largest induction score (attention)")
-        label_axes(below, "training time, minutes (evaluation excluded)", "score",
-                   "repeated random tokens", legend_size=8)
-    if steps:
-        ax.plot([r["train_s"] / 60 for r in steps], smoothed([r["bpb"] for r in steps]),
-                linewidth=1, alpha=0.6,
-                color="grey", label="training steps (batch loss, smoothed)")
-    ax.plot(minutes, [r["train_bpb"] for r in evals], marker="o", label="train (evaluation)")
-    ax.plot(minutes, [r["val_bpb"] for r in evals], marker="o", label="val (evaluation)")
-    finish_plot(fig, ax, "" if probed else "training time, minutes (evaluation excluded)",
-                "bits per byte", title, path)
+        label_axes(below, xlabel, "score", "repeated random tokens", legend_size=8)
+    finish_plot(fig, ax, "" if probed else xlabel, "bits per byte", title, path)
+
+
+def minutes(records: list[dict]) -> list[float]:
+    return [r["train_s"] / 60 for r in records]

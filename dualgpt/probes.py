@@ -1,8 +1,8 @@
-"""The standard probe of head research: repeated random tokens. A head's score on it is its mean
-attention on the probe's target positions, the definitions of TransformerLens's head detector. In
-the second copy each token is a repeat: a duplicate-token head attends to its earlier occurrence,
-an induction head to the token after that occurrence (whose copy is the next token: the circuit
-behind in-context learning). Used by --mode=heads and, at each evaluation, by training."""
+"""The standard probe of head research: repeated random tokens. A head's score is its mean
+attention on the probe's target positions (TransformerLens's head detector): in the second copy a
+duplicate-token head attends to a token's earlier occurrence, an induction head to the token after
+it, whose copy comes next (the circuit behind in-context learning). Used by --mode=heads and by
+each evaluation in training."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,8 +16,7 @@ from dualgpt import UserError
 
 @contextmanager
 def recording(*models: nn.Module):
-    """Within the block, every head of the models keeps its attention weights and output of the
-    last forward."""
+    """Within the block, every head keeps its attention weights and output of the last forward."""
     for model in models:
         model.record_attention(True)
     try:
@@ -32,7 +31,7 @@ PROBES = ("previous_token", "duplicate_token", "induction")
 
 
 def probe_length(requested: int, block_size: int) -> int:
-    """Tokens per copy: as requested, or (0) 24 or fewer where the window holds fewer."""
+    """Tokens per copy: as requested, or (0) 24 or what fits the window."""
     fits = (block_size - 1) // 2
     if requested > fits:
         raise UserError(f"probe_length {requested} does not fit the model's block_size "
@@ -50,9 +49,9 @@ def repeated_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Te
 @torch.no_grad()
 def probe_scores(model: nn.Module, tokens: torch.Tensor,
                  length: int) -> tuple[dict[str, torch.Tensor], float]:
-    """Each head's previous-token, duplicate-token and induction score on the probe tokens
-    (each (n_layer, n_head)), and the model's in-context-learning score on them. Measured in eval
-    mode (no dropout); the model is left in the mode it was in."""
+    """Each head's previous-token, duplicate-token and induction score on the probe tokens (each
+    (n_layer, n_head)), and the model's in-context-learning score, in eval mode (no dropout); the
+    model is left in the mode it was in."""
     training = model.training
     with recording(model.eval()):
         logits, _ = model(tokens)

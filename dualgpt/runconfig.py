@@ -40,9 +40,8 @@ def allowed(value, rule: str) -> bool:
     """Whether a value is within its declared rule (see declarations)."""
     if "|" in rule:
         placeholder = r"\b(" + "|".join(PLACEHOLDERS) + r")\b"
-        patterns = (re.sub(placeholder, lambda m: PLACEHOLDERS[m[1]], choice)
-                    for choice in rule.split(" | "))
-        return any(re.fullmatch(pattern, str(value)) for pattern in patterns)
+        return any(re.fullmatch(re.sub(placeholder, lambda m: PLACEHOLDERS[m[1]], choice),
+                                str(value)) for choice in rule.split(" | "))
     if rule.startswith(">"):
         limit = bound(rule.lstrip(">= "))
         return value >= limit if rule.startswith(">=") else value > limit
@@ -63,18 +62,17 @@ def check_declared(cfg: dict, rules: dict[str, str]) -> None:
         if rule and not allowed(value, rule):
             choices = rule.split(" | ")
             wanted = (f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1
-                      else f"{rule}" if rule.startswith(">") else f"in {rule}")
+                      else rule if rule.startswith(">") else f"in {rule}")
             raise UserError(f"{key} must be {wanted}, got {value!r}")
 
 
 def read_config_file(path: str, keys: dict) -> dict:
     """The assignments of a config file, nanoGPT's convention: plain Python that the user names and
     runs (python gpt.py config/gpu.py), each name a key of the program with a value of its type."""
+    values: dict = {}
     try:
         with open(path, encoding="utf-8") as f:
-            source = f.read()
-        values: dict = {}
-        exec(compile(source, path, "exec"), {}, values)  # the user's own file, as nanoGPT runs it
+            exec(compile(f.read(), path, "exec"), {}, values)  # the user's own file, as nanoGPT
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path} ({e.__class__.__name__})") from None
     except (Exception, SystemExit) as e:  # a mistake in the file is the user's: one line
@@ -82,11 +80,10 @@ def read_config_file(path: str, keys: dict) -> dict:
     for key, value in values.items():
         if key not in keys:
             raise UserError(f"config file {path}: unknown config key {key!r}")
-        default = keys[key]
-        numeric = isinstance(default, float) and type(value) is int
-        if type(value) is not type(default) and not numeric:
+        numeric = isinstance(keys[key], float) and type(value) is int
+        if type(value) is not type(keys[key]) and not numeric:
             raise UserError(f"config file {path}: {key} = {value!r}, expected "
-                            f"{type(default).__name__} like {default!r}")
+                            f"{type(keys[key]).__name__} like {keys[key]!r}")
         values[key] = float(value) if numeric else value
     return values
 
@@ -121,6 +118,16 @@ def parse_args(argv: list[str], program: str, keys: dict, rules: dict[str, str],
     return overrides
 
 
+def parse_value(key: str, value: str, default):
+    """--key=value as the type of the key's default."""
+    booleans = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    try:
+        return booleans[value.lower()] if isinstance(default, bool) else type(default)(value)
+    except (KeyError, ValueError):
+        raise UserError(f"--{key}={value}: expected {type(default).__name__} like "
+                        f"{default!r}") from None
+
+
 def resolve(keys: dict, overrides: dict, rules: dict[str, str]) -> dict:
     """The run config: the defaults in `keys`, then the overrides, each value checked against its
     declaration in `rules`; "auto" device and dtype resolved."""
@@ -151,23 +158,6 @@ def script_config(argv: list[str], script: str, usage: str = "") -> dict:
     return cfg
 
 
-def parse_value(key: str, value: str, default):
-    try:
-        if isinstance(default, bool):
-            lowered = value.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return lowered in ("true", "1", "yes")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except ValueError:
-        raise UserError(f"--{key}={value}: expected {type(default).__name__} like "
-                        f"{default!r}") from None
-    return value
-
-
 def validate_model_run(cfg: dict) -> None:
     """The checks that relate gpt.py's keys to each other (each key's own range is declared)."""
     training = cfg["mode"] in ("auto", "train")
@@ -181,8 +171,8 @@ def validate_model_run(cfg: dict) -> None:
         (cfg["min_lr"] <= cfg["learning_rate"], "min_lr must be at most learning_rate"),
         (cfg["lr_decay_iters"] == 0 or cfg["lr_decay_iters"] >= cfg["warmup_iters"],
          "lr_decay_iters must be 0 (the end of the run) or >= warmup_iters"),
-        (not (cfg["resume"] and cfg["overwrite"]), "--resume and --overwrite contradict "
-         "each other"),
+        (not (cfg["resume"] and cfg["overwrite"]),
+         "--resume and --overwrite contradict each other"),
         (not training or accum < world or accum % world == 0,
          f"grad_accum_steps={accum} cannot be split across {world} processes; use a multiple of "
          f"{world} (each process runs grad_accum_steps / {world} micro-steps)"),
@@ -212,8 +202,8 @@ def parse_head_mask(spec: str) -> set[tuple[int, int]]:
 
 
 def model_config(cfg: dict, config_class: type):
-    """The model's own config (the script's ModelConfig) from the run config's keys of its names;
-    fields config.py lacks (GPT-2's GELU, LayerNorm epsilon, untied head) keep their defaults."""
+    """The script's ModelConfig from the run config's keys of its names; fields config.py lacks
+    (GPT-2's GELU, LayerNorm epsilon, untied head) keep their defaults."""
     names = [f.name for f in dataclasses.fields(config_class)]
     return config_class(**{name: cfg[name] for name in names if name in cfg})
 

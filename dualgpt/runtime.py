@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -16,24 +15,23 @@ from dualgpt import UserError
 def resolve_device(device: str) -> str:
     """"auto" -> cuda, mps or cpu; under torchrun "cuda" means this process's GPU (LOCAL_RANK)."""
     if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        else:
-            return "mps" if torch.backends.mps.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use --device=cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device 'mps' requested but MPS is not available; use --device=cpu")
+        mps = "mps" if torch.backends.mps.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else mps
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    kind = device.split(":")[0]
+    if kind in available and not available[kind]():
+        raise UserError(f"device {device!r} requested but {kind.upper()} is not available; use "
+                        "--device=cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
 
 
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 runs about 4x the fp32
-    matmul rate; elsewhere bf16 is emulated and far slower than float32. Both oneDNN, which runs
-    the matmuls (and honours ONEDNN_MAX_CPU_ISA), and the CPU flags where they can be read must
-    say so: oneDNN also reports bf16 on AVX-512 cores that only emulate it."""
+    """Native bfloat16 matmuls (AVX512-BF16 or AMX), where autocast to bf16 runs about 4x the fp32
+    rate; elsewhere bf16 is emulated and slower than float32. oneDNN, which runs the matmuls (and
+    honours ONEDNN_MAX_CPU_ISA), and the CPU's flags where they can be read must both say so:
+    oneDNN also reports bf16 on AVX-512 cores that only emulate it."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -41,19 +39,18 @@ def cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
-    except OSError:  # not Linux: oneDNN's word alone, when it gave one
+    except OSError:  # not Linux: oneDNN's word alone
         return bool(onednn)
     return onednn is not False and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return dtype
+    """"auto" -> bfloat16 where the chip computes it natively, else float32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device == "cpu" and cpu_has_bf16() else "float32"
 
 
 def autocast(device: str, dtype: str):
@@ -64,14 +61,13 @@ def autocast(device: str, dtype: str):
 
 
 def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:
-    """A tqdm bar on a terminal; none when the output goes to a file or pipe, where its
-    carriage-return updates would pile up in the log, or when show is False."""
+    """A tqdm bar on a terminal; none where the output is a file or pipe (its carriage-return
+    updates would pile up in the log), or when show is False."""
     return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
 class LineWriter:
-    """tqdm's output where it is not a terminal (a log file, a pipe): each refresh a plain line of
-    its own, where tqdm's carriage-return updates would pile up on one line of the log."""
+    """tqdm's output where it is not a terminal: each refresh a plain line of its own."""
 
     def write(self, text: str) -> None:
         if text.strip():
@@ -82,8 +78,8 @@ class LineWriter:
 
 
 def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tqdm:
-    """The training progress bar, in seconds of the time budget (timed) or in steps; where the
-    output is not a terminal, a plain line every 30 seconds instead."""
+    """The training bar, in seconds of the time budget (timed) or in steps; where the output is
+    not a terminal, a plain line every 30 seconds."""
     unit = "s" if timed else "it"
     if not sys.stderr.isatty():
         return tqdm(total=total, initial=initial, desc="training", unit=unit, file=LineWriter(),

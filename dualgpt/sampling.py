@@ -1,5 +1,5 @@
-"""Sampling: next-token logits (with gpt_.py's KV cache where the model has one), top-k/top-p,
---mode=sample."""
+"""Sampling (--mode=sample): next-token logits (with gpt_.py's KV cache where the model has
+one), top-k and top-p, stop strings."""
 from __future__ import annotations
 
 import codecs
@@ -11,10 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualgpt import UserError
-from dualgpt.checkpoint import load_tokenizer_text
-from dualgpt.checkpoint import checkpoint_model
+from dualgpt.checkpoint import checkpoint_model, load_tokenizer_text
+from dualgpt.files import write_text
 from dualgpt.runtime import autocast
-from dualgpt.files import atomic_open
 
 
 class NextTokenLogits:
@@ -22,13 +21,11 @@ class NextTokenLogits:
 
     With the model's KV cache (gpt_.py) the first call reads the prompt and each later call only
     the newest token. Positions are learned and absolute, so once the sequence outgrows block_size
-    the window slides by one token each step and every cached key and value (all computed at their
-    old positions) is stale: each such step re-reads the last block_size tokens, which costs
-    exactly what sampling without a cache costs, and gives the same tokens."""
+    the window slides and every cached key and value (computed at its old position) is stale: each
+    such step re-reads the last block_size tokens, as sampling without a cache does."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.cache = None
+        self.model, self.cache = model, None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         T, block_size = ids.shape[1], self.model.config.block_size
@@ -39,8 +36,7 @@ class NextTokenLogits:
             logits, _ = self.model(ids[:, -1:], cache=self.cache)
         else:
             self.cache = self.model.new_kv_cache()  # None for LB-GPT: a plain forward pass
-            logits, _ = self.model(ids) if self.cache is None else self.model(ids,
-                                                                              cache=self.cache)
+            logits, _ = self.model(ids, **({} if self.cache is None else {"cache": self.cache}))
         return logits[:, -1, :]
 
 
@@ -60,8 +56,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 @torch.no_grad()
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0,
-             top_p: float = 1.0, generator: torch.Generator | None = None):
+             top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None):
     """Yield max_new_tokens next-token tensors (B,) continuing ids (B, T)."""
     model.eval()
     next_token_logits = NextTokenLogits(model)
@@ -79,8 +74,7 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperatu
 def stop_strings(spec: str) -> list[str]:
     """--stop: strings separated by |, where \\n is a newline, \\t a tab, \\| a | and \\\\ a
     backslash."""
-    # an escaped | is kept apart from the separators
-    escapes = {"n": "\n", "t": "\t", "|": "\x00", "\\": "\\"}
+    escapes = {"n": "\n", "t": "\t", "|": "\x00", "\\": "\\"}  # an escaped | is no separator
     text = re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), m.group(0)), spec)
     return [part.replace("\x00", "|") for part in text.split("|") if part]
 
@@ -111,8 +105,7 @@ class StopAt:
 
 
 def read_prompt(prompt: str) -> str:
-    """The prompt text: as given, or a file's contents for FILE:path; empty starts from a
-    newline."""
+    """The prompt: as given, or a file's contents for FILE:path; empty starts from a newline."""
     if prompt.startswith("FILE:"):
         try:
             with open(prompt[5:], encoding="utf-8") as f:
@@ -138,8 +131,7 @@ def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
     samples, stops = [], stop_strings(cfg["stop"])
     for i in range(cfg["num_samples"]):
         print(f"--- sample {i + 1}/{cfg['num_samples']} ---")
-        # tokens may split characters
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token may split a char
         print(prompt, end="", flush=True)
         continuation = StopAt(stops)  # the generated text: the prompt never ends a sample
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=cfg["device"])
@@ -153,8 +145,7 @@ def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
             print(continuation.feed(utf8.decode(b"", final=True)) + continuation.rest(), end="")
         print()
         samples.append(prompt + continuation.text)
-    with atomic_open(cfg["sample_file"], "w", encoding="utf-8") as f:
-        f.write(header + "".join(f"\n--- sample {i + 1} ---\n{s}\n" for i,
-                                 s in enumerate(samples)))
+    write_text(cfg["sample_file"], header + "".join(f"\n--- sample {i + 1} ---\n{s}\n"
+                                                    for i, s in enumerate(samples)))
     print(f"samples written to {cfg['sample_file']}")
     return samples

@@ -1,9 +1,9 @@
-"""Training (--mode=train): the loop of gpt.py and gpt_.py, read top to bottom like nanoGPT's
-train.py.
+"""Training (--mode=train), read top to bottom like nanoGPT's train.py: start() gathers what a run
+trains with into one Run, train() steps it, evaluating and checkpointing on schedule.
 
 One process, or several under torchrun (DistributedDataParallel: gloo on CPU, NCCL on CUDA). A run
-stops at max_iters steps or after max_minutes of training (evaluation excluded), evaluates and
-checkpoints along the way, and can be stopped with Ctrl-C and resumed exactly with --resume.
+stops at max_iters steps or after max_minutes of training (evaluation excluded); Ctrl-C saves, and
+--resume continues exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """When a run ends: after max_iters steps or budget_s seconds of training, whichever comes
-    first (0 = no limit of that kind)."""
+    """A run ends after max_iters steps or budget_s seconds of training, whichever comes first
+    (0 = no limit of that kind)."""
     max_iters: int
     budget_s: float
 
@@ -51,17 +51,15 @@ class Limits:
     def describe(self) -> str:
         minutes = f"{self.budget_s / 60:g} minutes" if self.budget_s else ""
         steps = f"{self.max_iters} steps" if self.max_iters else ""
-        if minutes and steps:
-            return f"training for {minutes} or {steps}, whichever comes first"
-        return f"training for {minutes or steps}"
+        both = ", whichever comes first" if minutes and steps else ""
+        return f"training for {' or '.join(filter(None, (minutes, steps)))}{both}"
 
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
     """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows the
-    run's progress: the fraction of decay_iters steps done, or of the time budget budget_s,
-    whichever is further along (0 = not in force), so it ends fully decayed at whichever limit ends
-    the run."""
+    fraction of decay_iters steps done or of the time budget budget_s, whichever is further along
+    (0 = not in force), so it ends fully decayed at whichever limit ends the run."""
     learning_rate: float
     min_lr: float
     warmup_iters: int
@@ -82,22 +80,20 @@ class LRSchedule:
 
 @dataclasses.dataclass
 class Run:
-    """One training run: its settings, the objects it trains with, and where it is (state)."""
+    """One training run: its settings, what it trains with, and where it is (state)."""
     cfg: dict
     ddp: OneProcess  # this process and the others of a torchrun launch
     data: Dataset
     model: nn.Module  # what is evaluated and saved
-    # what the steps run: the model, compiled and wrapped for DDP where asked
-    train_model: nn.Module
     optimizers: dict[str, torch.optim.Optimizer]  # checkpoint key -> optimizer (make_optimizers)
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler  # float16 on CUDA only: scales the loss against underflow
     batch_gen: torch.Generator  # the batch stream, shared by every rank
     limits: Limits
-    tokens_per_step: int
-    state: TrainState
     micro_steps: int  # micro-batches per optimizer step on this process
     probe: tuple[torch.Tensor, int]  # repeated random tokens and their copy length (probes.py)
-    resumed_at: int | None  # the step the resumed checkpoint already evaluated
+    train_model: nn.Module | None = None  # what the steps run: compiled, wrapped for DDP if asked
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    resumed_at: int | None = None  # the step whose evaluation the resumed checkpoint holds
     schedule: LRSchedule | None = None  # set once compiling is done: it leaves compile time out
     lr: float = 0.0
     tokens_per_s: float = 0.0  # of the steps between the last two log points
@@ -108,39 +104,33 @@ class Run:
     set_aside: list[str] = dataclasses.field(default_factory=list)
 
     @property
-    def device(self) -> str:
-        return self.cfg["device"]
+    def tokens_per_step(self) -> int:
+        return (self.cfg["batch_size"] * self.micro_steps * self.ddp.world
+                * self.cfg["block_size"])
 
-    @property
-    def dtype(self) -> str:
-        return self.cfg["dtype"]
-
-    @property
-    def timed(self) -> bool:
-        """Whether a time budget is in force (the bar and the evaluations then follow the
-        clock)."""
-        return bool(self.limits.budget_s)
-
-    @property
-    def eval_every_s(self) -> float:
-        return self.limits.budget_s / self.cfg["eval_points"]
+    def schedule_next_eval(self) -> None:
+        """With a time budget, evaluations fall on multiples of a tenth (eval_points) of it."""
+        if self.limits.budget_s:
+            every = self.limits.budget_s / self.cfg["eval_points"]
+            self.state.next_eval_s = (math.floor(self.state.train_s / every) + 1) * every
 
 
 def train(model_class: type[nn.Module], cfg: dict, ddp: OneProcess | None = None) -> None:
     """--mode=train: train a model of model_class as cfg says, checkpointing to cfg["ckpt"]."""
     run = start(model_class, cfg, ddp or OneProcess())
-    state, done, stopping = run.state, False, False
-    bar = training_bar(run.limits.budget_s if run.timed else run.limits.max_iters,
-                       state.train_s if run.timed else state.iter_num, run.timed,
+    state, timed = run.state, bool(run.limits.budget_s)
+    bar = training_bar(run.limits.budget_s or run.limits.max_iters,
+                       state.train_s if timed else state.iter_num, timed,
                        disable=not run.ddp.master)
+    done = stopping = False
     try:
         with StopRequest() as stop:
             while True:
                 # stop at a limit, or after Ctrl-C: every rank at the same step
                 done, stopping = run.ddp.agree(run.limits.reached(state), stop.requested,
-                                               device=run.device)
+                                               device=cfg["device"])
                 # evaluate on schedule and at the end, then checkpoint what was evaluated
-                due = (state.train_s >= state.next_eval_s if run.timed
+                due = (state.train_s >= state.next_eval_s if timed
                        else state.iter_num % cfg["eval_interval"] == 0)
                 if (due or done) and state.iter_num != run.resumed_at:
                     evaluate(run)
@@ -159,28 +149,32 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: OneProcess | None = None
 
 
 def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
-    """Everything a run trains with: the data, the model and optimizer, restored from the
-    checkpoint when resuming, compiled and wrapped for DDP where asked."""
-    device, dtype = cfg["device"], cfg["dtype"]
-    micro_steps = micro_steps_per_process(cfg["grad_accum_steps"], ddp.world)
+    """Everything a run trains with: the data, the model and optimizers (restored from the
+    checkpoint when resuming), compiled and wrapped for DDP where asked."""
+    device = cfg["device"]
     config = model_config(cfg, model_class.config_class)
     previous = check_previous_run(cfg, model_class.layout, dataclasses.asdict(config))
-    data = load_training_data(cfg, previous and previous["tokenizer"], ddp)
+    if not ddp.master:  # rank 0 first: it may train the tokenizer and write the token cache
+        ddp.barrier()
+    data = Dataset(resolve_data(cfg["data"]), cfg["block_size"], cfg["batch_size"], device,
+                   vocab_size=cfg["vocab_size"], tokenizer_text=previous and previous["tokenizer"],
+                   rank=ddp.rank, world=ddp.world)
+    if ddp.master:
+        ddp.barrier()
     torch.manual_seed(cfg["seed"])  # every rank starts from the same weights
     model = build_model(model_class, config, parse_head_mask(cfg["head_mask"]),
                         model_options(cfg, model_class)).to(device)
     optimizers = make_optimizers(model, cfg)
     torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
-    batch_gen = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
-    limits = Limits(cfg["max_iters"], cfg["max_minutes"] * 60)
-    tokens_per_step = cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"]
     # each evaluation also measures in-context learning on a fixed probe (probes.py)
     length = probe_length(cfg["probe_length"], config.block_size)
     probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
-    run = Run(cfg, ddp, data, model, model, optimizers,
-              torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda")),
-              batch_gen, limits, tokens_per_step, TrainState(), micro_steps,
-              (probe.to(device), length), None)
+    fp16_on_cuda = cfg["dtype"] == "float16" and device.startswith("cuda")
+    run = Run(cfg, ddp, data, model, optimizers, torch.amp.GradScaler(enabled=fp16_on_cuda),
+              torch.Generator().manual_seed(cfg["seed"]),  # every rank draws the global batch
+              Limits(cfg["max_iters"], cfg["max_minutes"] * 60),
+              # grad_accum_steps shared out across the processes (runconfig.py checks it divides)
+              max(1, cfg["grad_accum_steps"] // ddp.world), (probe.to(device), length), model)
     if previous is None and cfg["overwrite"]:
         run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
     if previous is not None:  # continue exactly where the checkpoint stopped
@@ -192,9 +186,10 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
                   "emulates, slowly: AdamW may train further in the same time "
                   "(docs/benchmarks.md)")
     if cfg["compile"]:
-        t_compile = time.perf_counter()
         ddp.print("compiling the model (torch.compile; the time counts against the budget)")
-        run.train_model = compile_model(model, cfg["batch_size"], cfg["block_size"], device, dtype)
+        from dualgpt.compiling import compile_model  # torch.compile's machinery only when asked
+        t_compile = time.perf_counter()
+        run.train_model = compile_model(model, cfg)
         compile_s = time.perf_counter() - t_compile
         run.state.compile_s += compile_s
         run.state.train_s += compile_s
@@ -204,7 +199,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
     # the schedule's clock counts training steps only: compiling counts against the budget but
     # does not age the learning rate (else a 60 s compile in a 3-minute budget starts the cosine
     # a third of the way down)
-    budget_s = max(limits.budget_s - run.state.compile_s, 1e-9) if limits.budget_s else 0.0
+    budget_s = run.limits.budget_s and max(run.limits.budget_s - run.state.compile_s, 1e-9)
     run.schedule = LRSchedule(cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"],
                               cfg["lr_decay_iters"] or cfg["max_iters"], budget_s)
     run.lr = run.schedule(run.state.iter_num, run.state.train_s - run.state.compile_s)
@@ -224,12 +219,12 @@ def training_step(run: Run, bar) -> None:
     state.iter_num += 1
     logging = state.iter_num % cfg["log_interval"] == 0
     if logging:  # reading the loss waits for the device, so only at log points
-        loss_value = run.ddp.mean(loss.item(), run.device)
+        loss_value = run.ddp.mean(loss.item(), cfg["device"])
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"loss is {loss_value} at iteration {state.iter_num}")
     step_s = time.perf_counter() - t_step
     state.train_s += step_s
-    bar.update(min(step_s, max(0.0, bar.total - bar.n)) if run.timed else 1)
+    bar.update(min(step_s, max(0.0, bar.total - bar.n)) if run.limits.budget_s else 1)
     if logging:  # the speed of the steps since the last log point (evaluations excluded)
         steps, seconds = state.iter_num - run.logged_at[0], state.train_s - run.logged_at[1]
         run.tokens_per_s = steps * run.tokens_per_step / seconds
@@ -244,24 +239,24 @@ def training_step(run: Run, bar) -> None:
 def optimizer_step(run: Run) -> torch.Tensor:
     """Accumulate gradients over the micro-batches, clip, step; returns the last micro-batch's
     loss."""
-    model, ddp = run.train_model, run.ddp
+    model, cfg = run.train_model, run.cfg
     for micro in range(run.micro_steps):
         x, y = run.data.batch("train", run.batch_gen)
-        if run.cfg["repeat_fraction"]:  # the default draws nothing: its runs stay as they were
-            x, y = with_repeats(x, y, run.cfg["repeat_fraction"], run.batch_gen, run.ddp.rank,
+        if cfg["repeat_fraction"]:  # the default draws nothing: its runs stay as they were
+            x, y = with_repeats(x, y, cfg["repeat_fraction"], run.batch_gen, run.ddp.rank,
                                 run.ddp.world)
         # all-reduce gradients only on the last micro-step
         last = micro == run.micro_steps - 1
-        sync = nullcontext() if not ddp.active or last else model.no_sync()
-        with sync, autocast(run.device, run.dtype):
+        sync = nullcontext() if not run.ddp.active or last else model.no_sync()
+        with sync, autocast(cfg["device"], cfg["dtype"]):
             _, loss = model(x, y)
         with sync:
             run.scaler.scale(loss / run.micro_steps).backward()
     optimizers = run.optimizers.values()
     for optimizer in optimizers:  # the true gradients, not fp16's scaled ones (else a no-op)
         run.scaler.unscale_(optimizer)
-    if run.cfg["grad_clip"] > 0 or run.scaler.is_enabled():
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg["grad_clip"] or math.inf)
+    if cfg["grad_clip"] > 0 or run.scaler.is_enabled():
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
     # an fp16 overflow skips every optimizer's step: the scaler alone would skip only the one whose
     # gradients overflowed, and the other would step on gradients the clip zeroed
     overflow = run.scaler.is_enabled() and not torch.isfinite(norm).item()
@@ -290,36 +285,25 @@ def with_repeats(x: torch.Tensor, y: torch.Tensor, fraction: float, generator: t
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, data: Dataset, eval_iters: int, seed: int, device: str,
-                  dtype: str) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches every time (own generator)."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(seed + 1)
-        losses = []
-        for _ in range(eval_iters):
-            x, y = data.batch(split, gen)
-            with autocast(device, dtype):
-                losses.append(model(x, y)[1].item())
-        out[split] = sum(losses) / len(losses)
-    model.train()
-    return out
-
-
 def evaluate(run: Run) -> None:
-    """Train and val loss over fixed batches, averaged across processes: logged, printed, the best
-    val weights kept, and the next evaluation of a time budget scheduled."""
-    state, data = run.state, run.data
-    losses = estimate_loss(run.model, data, run.cfg["eval_iters"], run.cfg["seed"], run.device,
-                           run.dtype)
-    losses = {k: run.ddp.mean(v, run.device) for k, v in losses.items()}
+    """Train and val loss over fixed batches (the same every time: a generator of their own),
+    averaged across processes: logged, printed, and the best val weights kept."""
+    state, data, cfg = run.state, run.data, run.cfg
+    run.model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        gen, total = torch.Generator().manual_seed(cfg["seed"] + 1), 0.0
+        for _ in range(cfg["eval_iters"]):
+            with autocast(cfg["device"], cfg["dtype"]):
+                total += run.model(*data.batch(split, gen))[1].item()
+        losses[split] = run.ddp.mean(total / cfg["eval_iters"], cfg["device"])
+    run.model.train()
     if not all(math.isfinite(v) for v in losses.values()):
         raise TrainingDiverged(f"loss is {losses['train']} at iteration {state.iter_num}")
     if losses["val"] < state.best_val:
         state.best_val = losses["val"]
         state.best_state = cpu_copy(run.model.state_dict())
-    state.next_eval_s = next_evaluation(state.train_s, run.eval_every_s if run.timed else 0.0)
+    run.schedule_next_eval()
     bpb = {split: data.bpb(loss, split) for split, loss in losses.items()}
     record = {"iter": state.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
               "train_bpb": bpb["train"], "val_bpb": bpb["val"], "lr": run.lr,
@@ -333,16 +317,10 @@ def evaluate(run: Run) -> None:
                   f"({bpb['val']:.3f} bpb)")
 
 
-def next_evaluation(train_s: float, eval_every_s: float) -> float:
-    """With a time budget, evaluations fall on multiples of eval_every_s: the next one after
-    train_s."""
-    return (math.floor(train_s / eval_every_s) + 1) * eval_every_s if eval_every_s else 0.0
-
-
 def save(run: Run) -> None:
     """Write the checkpoint (rank 0), with every rank's RNG state for an exact resume."""
     rng_cpu = run.ddp.gather(torch.get_rng_state())  # every rank's dropout stream
-    on_cuda = run.device.startswith("cuda")
+    on_cuda = run.cfg["device"].startswith("cuda")
     rng_cuda = run.ddp.gather(torch.cuda.get_rng_state()) if on_cuda else []
     if not run.ddp.master:
         return
@@ -350,8 +328,8 @@ def save(run: Run) -> None:
     state, model = run.state, run.model
     save_checkpoint(run.cfg["ckpt"], make_checkpoint(
         model.state_dict(), dataclasses.asdict(model.config), model.layout,
-        run.data.tokenizer_text,
-        state.iter_num, run.cfg, best_weights=state.best_state, best_val_loss=state.best_val,
+        run.data.tokenizer_text, state.iter_num, run.cfg,
+        best_weights=state.best_state, best_val_loss=state.best_val,
         **{key: optimizer.state_dict() for key, optimizer in run.optimizers.items()},
         train_s=state.train_s, compile_s=state.compile_s,
         rng_cpu=rng_cpu, rng_cuda=rng_cuda, rng_batches=run.batch_gen.get_state()))
@@ -384,17 +362,15 @@ def check_previous_run(cfg: dict, layout: str, model_config_values: dict) -> dic
                 raise UserError(f"{path} was trained with {key}={value}, but the config says "
                                 f"{model_config_values[key]}; pass --{key}={value} to resume it")
         return ckpt
-    if os.path.exists(path):
-        if not cfg["overwrite"]:
-            raise UserError(f"{path} already exists; pass --resume to continue it, or "
-                            "--overwrite to start over (the old one is kept as "
-                            f"{os.path.basename(path)}.bak)")
+    if os.path.exists(path) and not cfg["overwrite"]:
+        raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite "
+                        f"to start over (the old one is kept as {os.path.basename(path)}.bak)")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return None
 
 
 def restore(run: Run, ckpt: dict) -> None:
-    """Weights, optimizer and RNG streams of a checkpoint, so the run continues exactly where it
+    """Weights, optimizers and RNG streams of a checkpoint: the run continues exactly where it
     stopped."""
     run.model.load_state_dict(ckpt["model"])
     for key, optimizer in run.optimizers.items():
@@ -403,36 +379,14 @@ def restore(run: Run, ckpt: dict) -> None:
     ddp = run.ddp
     if len(ckpt["rng_cpu"]) == ddp.world:  # exact resume needs the same number of processes
         torch.set_rng_state(ckpt["rng_cpu"][ddp.rank])
-        if run.device.startswith("cuda") and ckpt.get("rng_cuda"):
+        if run.cfg["device"].startswith("cuda") and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state(ckpt["rng_cuda"][ddp.rank])
     else:
         torch.manual_seed(run.cfg["seed"] + ddp.rank + ckpt["iter_num"])
     run.state = TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt.get("compile_s", 0.0),
                            ckpt["best_val_loss"], ckpt["best_model"])
-    run.state.next_eval_s = next_evaluation(run.state.train_s,
-                                            run.eval_every_s if run.timed else 0.0)
+    run.schedule_next_eval()
     run.resumed_at = run.state.iter_num  # that checkpoint already holds this step's evaluation
-
-
-def load_training_data(cfg: dict, tokenizer_text: str | None, ddp: OneProcess) -> Dataset:
-    """The dataset; rank 0 goes first, since it may train the tokenizer and write the token
-    cache."""
-    if not ddp.master:
-        ddp.barrier()
-    path = resolve_data(cfg["data"])
-    data = Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"],
-                   vocab_size=cfg["vocab_size"], tokenizer_text=tokenizer_text, rank=ddp.rank,
-                   world=ddp.world)
-    if ddp.master:
-        ddp.barrier()
-    return data
-
-
-def micro_steps_per_process(grad_accum_steps: int, world: int) -> int:
-    """Micro-batches per optimizer step on each process: grad_accum_steps shared out across the
-    processes (a multiple of them: runconfig.py checks), or one each when there are more
-    processes (a step then holds world batches)."""
-    return max(1, grad_accum_steps // world)
 
 
 def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimizer]:
@@ -456,45 +410,17 @@ def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimi
     return optimizers
 
 
-def compile_model(model: nn.Module, batch_size: int, block_size: int, device: str,
-                  dtype: str) -> nn.Module:
-    """torch.compile the model and compile it now, on a dummy batch with the RNG state put back (so
-    a resumed run stays exact); if compiling fails (no C++ compiler, say) train without it."""
-    compiled = torch.compile(model)
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state() if device.startswith("cuda") else None
-    try:
-        # two distinct contiguous tensors, as training's batches: an aliased or strided pair fails
-        # dynamo's guards and compiles everything again at the first step
-        x, y = (torch.zeros(batch_size, block_size, dtype=torch.long,
-                            device=device) for _ in range(2))
-        with autocast(device, dtype):
-            loss = compiled(x, y)[1]
-        loss.backward()
-        return compiled
-    except Exception as e:  # any compiler failure: eager training still works
-        print(f"note: torch.compile failed ({e.__class__.__name__}: "
-              f"{str(e).splitlines()[0][:100]}); training without it (--compile=false skips it)")
-        return model
-    finally:
-        model.zero_grad(set_to_none=True)
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state(rng[1])
-
-
 def describe(run: Run) -> str:
     """The start-up line: model size, device, data, the tokens of a step, when training stops."""
-    cfg, ddp, splits = run.cfg, run.ddp, run.data.splits
-    note = ""
-    if cfg["grad_accum_steps"] < ddp.world:
-        note = (f"; grad_accum_steps={cfg['grad_accum_steps']} is fewer than the {ddp.world} "
-                f"processes, so each runs one micro-batch per step")
+    cfg, world, splits = run.cfg, run.ddp.world, run.data.splits
+    note = (f"; grad_accum_steps={cfg['grad_accum_steps']} is fewer than the {world} processes, "
+            "so each runs one micro-batch per step" if cfg["grad_accum_steps"] < world else "")
     n_params = sum(p.numel() for p in run.model.parameters()) / 1e6
-    return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {run.device} {run.dtype}, "
-            f"{len(splits['train']):,} train / "
-            f"{len(splits['val']):,} val tokens, {run.tokens_per_step:,} tokens per step "
-            f"(batch_size {cfg['batch_size']} x grad_accum_steps {run.micro_steps} x {ddp.world} "
-            f"processes x block_size {cfg['block_size']}{note}); {run.limits.describe()}")
+    return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {cfg['device']} {cfg['dtype']}, "
+            f"{len(splits['train']):,} train / {len(splits['val']):,} val tokens, "
+            f"{run.tokens_per_step:,} tokens per step (batch_size {cfg['batch_size']} x "
+            f"grad_accum_steps {run.micro_steps} x {world} processes x block_size "
+            f"{cfg['block_size']}{note}); {run.limits.describe()}")
 
 
 def log(run: Run, record: dict) -> None:
@@ -508,15 +434,13 @@ def log(run: Run, record: dict) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
     except OSError as e:
-        raise WriteFailed(f"could not append to {path} ({e.__class__.__name__}: "
-                          f"{e.strerror}); the "
-                          "run stopped: free some disk space or fix the folder's "
-                          f"permissions, then --resume") from None
+        raise WriteFailed(f"could not append to {path} ({e.__class__.__name__}: {e.strerror}); "
+                          "the run stopped: free some disk space or fix the folder's "
+                          "permissions, then --resume") from None
 
 
 def finish(run: Run, plot: bool, interrupted: bool) -> None:
-    """Report where the run ended; draw the loss curve at the end of a run; exit 130 after
-    Ctrl-C."""
+    """Report where the run ended; draw the loss curve at its end; exit 130 after Ctrl-C."""
     path, state, ddp = run.cfg["ckpt"], run.state, run.ddp
     ddp.print(f"saved {path} at iteration {state.iter_num} after {state.train_s / 60:.1f} min of "
               f"training (best val loss {state.best_val:.4f}, "

@@ -71,7 +71,9 @@ def test_every_training_loop_of_the_rlhf_layer_is_in_training_py():
 
 @pytest.mark.parametrize("package", ["dualgpt", "rlhf_lib"])
 def test_each_package_map_lists_every_module_once(package):
-    doc = __import__(package).__doc__
+    """The core's map is in docs/development.md, the RLHF layer's in its __init__.py."""
+    doc = open(os.path.join(ROOT, "docs", "development.md"), encoding="utf-8").read() \
+        if package == "dualgpt" else __import__(package).__doc__
     listed = re.findall(r"^    (\w+\.py) ", doc, flags=re.M)
     assert sorted(listed) == modules(package)
 

@@ -12,7 +12,7 @@ from conftest import run_main, run_script, tiny_args
 import gpt
 import gpt_
 
-from dualgpt import train
+from dualgpt import compiling, train
 
 
 def test_lr_schedule():
@@ -288,7 +288,7 @@ def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, 
         return model
 
     monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter, time=time.time))
-    monkeypatch.setattr(train, "compile_model", slow_compile)
+    monkeypatch.setattr(compiling, "compile_model", slow_compile)
     args = tiny_args(home, corpus, "--max_minutes=0.015", "--max_iters=0", "--compile=true", "--mode=train",
                      "--learning_rate=3e-3", "--min_lr=3e-4")
     assert run_main(args) == 0

@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from dualgpt import UserError, in_repo, repo_path
+from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.data import sha256_file
@@ -56,8 +56,8 @@ from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point,
                              measure, pairwise_rows, ratio_summary, repetition, score_names,
                              strip_per_prompt, summarise, write_markdown_report, write_samples)
 from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_rejected,
-                            clear_outputs, complete,
-                            eval_prompts, frozen, load_output, load_pairs, load_policy,
+                            clear_outputs, complete, eval_prompts, frozen, in_repo,
+                            load_output, load_pairs, load_policy,
                             load_policy_checkpoint, load_reward_model, output_folders, read_json,
                             record_in, reward_scores, rlhf_run_config, sample_prompts, save_model,
                             scores, sequence_logprobs, setup, texts)

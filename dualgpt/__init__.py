@@ -1,9 +1,6 @@
-"""
-The core engine of gpt.py (LB-GPT) and gpt_.py (SM-GPT): training, sampling, evaluation, head
+"""The core engine of gpt.py (LB-GPT) and gpt_.py (SM-GPT): training, sampling, evaluation, head
 research, import and export. The scripts pass their model classes in; nothing here imports them,
-nor the RLHF layer (rlhf_lib/) built on top. docs/development.md maps every module in reading
-order.
-"""
+nor the RLHF layer (rlhf_lib/). docs/development.md maps every module in reading order."""
 from __future__ import annotations
 
 import os
@@ -13,15 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def repo_path(*parts: str) -> str:
-    """A path under the repository's output folders (data/, tokenizers/, model_dict/,
-    generate_text/)."""
+    """A path under the repository (data/, tokenizers/, model_dict/, generate_text/)."""
     return os.path.join(ROOT, *parts)
-
-
-def in_repo(path: str) -> str:
-    """A path from config.py or the command line: as it is if absolute, else under the
-    repository."""
-    return path if os.path.isabs(path) else repo_path(path)
 
 
 class UserError(Exception):

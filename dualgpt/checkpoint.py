@@ -65,11 +65,12 @@ def load_tensors(path: str, remedy: str, device: str = "cpu"):
 
 
 def load_checkpoint(path: str) -> dict:
+    """A Dual-GPT checkpoint, or one line that says what is wrong with the file and what to do."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; train one first: python "
                         f"{os.path.basename(sys.argv[0])} --mode=train")
-    remedy = (f"train again, or use the copy {path}.bak if --overwrite "
-              "left one" if os.path.exists(path + ".bak")
+    remedy = (f"train again, or use the copy {path}.bak if --overwrite left one"
+              if os.path.exists(path + ".bak")
               else "train it again (or write it again with the command that made it)")
     ckpt = load_tensors(path, remedy)
     missing = REQUIRED - set(ckpt if isinstance(ckpt, dict) else {})
@@ -90,9 +91,8 @@ def load_tokenizer_text(model_text: str) -> RegexTokenizer:
 
 
 def layout_of(ckpt: dict) -> str:
-    """The model whose layout a checkpoint's weights are in: "SM-GPT" (one c_attn per layer) or
-    "LB-GPT" (q, k, v per head). Read from the weights, so that checkpoints of every version
-    load."""
+    """The layout of a checkpoint's weights, read from them (so that every version's load):
+    "SM-GPT" (one c_attn per layer) or "LB-GPT" (q, k, v per head)."""
     return "SM-GPT" if any(".attn.c_attn." in name for name in ckpt["best_model"]) else "LB-GPT"
 
 

@@ -41,9 +41,8 @@ def run_mode(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> None:
 
 @contextmanager
 def exit_codes(report: bool = True):
-    """The programs' way out: a user mistake is one line `error: ...` and exit 2, a diverged run or
-    a failed write one line and exit 1, Ctrl-C exit 130. report: whether this process prints the
-    line (under torchrun, rank 0 only)."""
+    """A user mistake is one line `error: ...` and exit 2, a diverged run or a failed write one
+    line and exit 1, Ctrl-C exit 130. report: whether this process prints (torchrun: rank 0)."""
     try:
         yield
     except (UserError, TrainingDiverged, WriteFailed) as e:
@@ -72,5 +71,4 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             run_mode(model_class, cfg, ddp)
             clean = True
     finally:
-        ddp.stop(clean)
-    ddp.leave()
+        ddp.stop(clean)  # under torchrun, a clean stop ends the process (distributed.py)

@@ -44,9 +44,8 @@ def read_text(path: str) -> str:
 
 def get_tokenizer(text: str, data_path: str, data_hash: str,
                   vocab_size: int) -> tuple[RegexTokenizer, str]:
-    """A RegexTokenizer trained on text, or reused for the same data and vocab size: the one a
-    previous run saved in tokenizers/, else the one the clone ships in tokenizers/shipped/ (read,
-    never written). Returns the tokenizer and the path of its .model file."""
+    """A RegexTokenizer and its .model file: a previous run's in tokenizers/ for the same data and
+    vocab size, else the one the clone ships in tokenizers/shipped/, else trained on text."""
     name = f"{os.path.splitext(os.path.basename(data_path))[0]}_v{vocab_size}_{data_hash[:8]}"
     prefix = repo_path("tokenizers", name)
     for candidate in (prefix + ".model", repo_path("tokenizers", "shipped", name + ".model")):
@@ -117,10 +116,23 @@ def check_size(path: str, block_size: int) -> None:
                         "a smaller --block_size")
 
 
+def with_repeats(windows: torch.Tensor, fraction: float, generator: torch.Generator,
+                 rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Windows (B, T) of which `fraction` repeat their first p tokens to the end, p drawn per row
+    from a quarter to a half of the window (config/induction.py). Predicting a repeat is what
+    induction heads do; a period that varies keeps a head from solving it by position. The rows
+    and periods are drawn over the global batch: the same however many processes share it."""
+    b, T = windows.shape
+    mine = slice(rank * b, (rank + 1) * b)
+    rows = (torch.rand(b * world, generator=generator) < fraction)[mine]
+    period = torch.randint(T // 4, T // 2 + 1, (b * world,), generator=generator)[mine]
+    repeated = windows.gather(1, torch.arange(T)[None, :] % period[:, None])
+    return torch.where(rows[:, None], repeated, windows)
+
+
 class Dataset:
-    """Token ids of the text at path (cached in data/), split 90/10, with random-offset batches.
-    The tokenizer is the one given as .model text (a checkpoint's), else one of vocab_size tokens
-    trained on the text (cached in tokenizers/)."""
+    """Token ids of the text at path (cached in data/), split 90/10, with random-offset batches, by
+    the tokenizer given as .model text (a checkpoint's) or else get_tokenizer's."""
 
     def __init__(self, path: str, block_size: int, batch_size: int, device: str, *,
                  vocab_size: int = 0, tokenizer_text: str | None = None, rank: int = 0,
@@ -157,14 +169,17 @@ class Dataset:
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.rank, self.world = rank, world
 
-    def batch(self, split: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch_size random windows. With several processes every rank draws the same global batch
-        of batch_size x world windows and keeps its own slice, so the samples seen do not depend on
-        the number of processes: 2 ranks of batch b see exactly what 1 process of batch 2b sees."""
+    def batch(self, split: str, generator: torch.Generator,
+              repeat_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch_size random windows (x, and y one token on). Every rank draws the same global
+        batch of batch_size x world windows and keeps its slice, so 2 ranks of batch b see exactly
+        what 1 process of batch 2b sees. repeat_fraction: see with_repeats."""
         data, T, b = self.splits[split], self.block_size, self.batch_size
         offsets = torch.randint(len(data) - T, (b * self.world,), generator=generator).tolist()
         xy = np.stack([data[i:i + T + 1] for i in offsets[self.rank * b:(self.rank + 1) * b]])
         xy = torch.from_numpy(xy.astype(np.int64))
+        if repeat_fraction:  # the default draws nothing: its runs stay as they were
+            xy = with_repeats(xy, repeat_fraction, generator, self.rank, self.world)
         if self.device.startswith("cuda"):
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         else:

@@ -27,22 +27,21 @@ class Torchrun(OneProcess):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
     def stop(self, clean: bool) -> None:
-        """Tear down; after a normal finish all ranks first meet (gloo aborts if one leaves while
-        another still works), after an error they do not wait for each other."""
+        """Tear down. After an error the ranks do not wait for each other. After a normal finish
+        they first meet (gloo aborts if one leaves while another still works), and the process
+        ends here, the group destroyed and every file written and closed, without the
+        interpreter's shutdown: there, torch's gloo teardown now and then aborts the process
+        ("terminate called without an active exception", after Python has finished; about 1 in
+        20 runs of tests/test_ddp.py with torch 2.13 on CPU), turning a complete run into a
+        failed one."""
         if dist.is_initialized():
             if clean:
                 dist.barrier()
             dist.destroy_process_group()
-
-    def leave(self) -> None:
-        """End a process that finished its work (the group destroyed, every file written and
-        closed) without the interpreter's shutdown: there, torch's gloo teardown now and then
-        aborts the process ("terminate called without an active exception", after Python has
-        finished; about 1 in 20 runs of tests/test_ddp.py with torch 2.13 on CPU), which turns a
-        complete run into a failed one."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        if clean:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     def mean(self, value: float, device: str) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=device)

@@ -66,13 +66,10 @@ def write_json(path: str, value: Any) -> None:
         json.dump(value, f, indent=1)
 
 
-def remove_dead_temps(*folders: str) -> list[str]:
+def remove_dead_temps(*folders: str) -> None:
     """Remove the temp files of writers that no longer run (a killed run's debris), never one of a
-    live process. Returns what was removed."""
-    removed = []
-    if os.name != "posix":  # os.kill(pid, 0) is no liveness test elsewhere: leave the files
-        return removed
-    for folder in folders:
+    live process. Elsewhere than POSIX os.kill(pid, 0) is no liveness test: the files stay."""
+    for folder in folders if os.name == "posix" else []:
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             match = TEMP.match(name)
             if not match or int(match["pid"]) == os.getpid():
@@ -82,10 +79,8 @@ def remove_dead_temps(*folders: str) -> list[str]:
             except ProcessLookupError:
                 with suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, name))
-                    removed.append(os.path.join(folder, name))
             except PermissionError:  # another user's live process
                 pass
-    return removed
 
 
 class OutputLock:
@@ -94,10 +89,8 @@ class OutputLock:
     kernel releases it when the process ends, however it ends, so a killed run never blocks."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.lock_path = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                      f".{os.path.basename(path)}.lock")
-        self.fd: int | None = None
+        folder, name = os.path.split(os.path.abspath(path))
+        self.path, self.lock_path, self.fd = path, os.path.join(folder, f".{name}.lock"), None
 
     def __enter__(self) -> OutputLock:
         if fcntl is None:

@@ -1,8 +1,7 @@
-"""The standard probe of head research: repeated random tokens. A head's score is its mean
-attention on the probe's target positions (TransformerLens's head detector): in the second copy a
-duplicate-token head attends to a token's earlier occurrence, an induction head to the token after
-it, whose copy comes next (the circuit behind in-context learning). Used by --mode=heads and by
-each evaluation in training."""
+"""The standard probe of head research, repeated random tokens, for --mode=heads and each
+evaluation in training. A head's score is its mean attention on the probe's target positions
+(TransformerLens's head detector): in the second copy a duplicate-token head attends to a token's
+earlier occurrence, an induction head to the token after it, whose copy comes next."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -26,17 +25,16 @@ def recording(*models: nn.Module):
             model.record_attention(False)
 
 
-PROBE_LENGTH = 24  # random tokens per copy by default: 1 + 2 x 24 = 49 tokens
 PROBES = ("previous_token", "duplicate_token", "induction")
 
 
 def probe_length(requested: int, block_size: int) -> int:
-    """Tokens per copy: as requested, or (0) 24 or what fits the window."""
+    """Tokens per copy: as requested, or (0) 24 (49 tokens in all) or what fits the window."""
     fits = (block_size - 1) // 2
     if requested > fits:
         raise UserError(f"probe_length {requested} does not fit the model's block_size "
                         f"{block_size}: a probe is 1 + 2 x probe_length tokens, so at most {fits}")
-    return requested or min(PROBE_LENGTH, fits)
+    return requested or min(24, fits)
 
 
 def repeated_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:

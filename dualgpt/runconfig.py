@@ -80,11 +80,11 @@ def read_config_file(path: str, keys: dict) -> dict:
     for key, value in values.items():
         if key not in keys:
             raise UserError(f"config file {path}: unknown config key {key!r}")
-        numeric = isinstance(keys[key], float) and type(value) is int
-        if type(value) is not type(keys[key]) and not numeric:
+        if isinstance(keys[key], float) and type(value) is int:
+            values[key] = value = float(value)
+        if type(value) is not type(keys[key]):
             raise UserError(f"config file {path}: {key} = {value!r}, expected "
                             f"{type(keys[key]).__name__} like {keys[key]!r}")
-        values[key] = float(value) if numeric else value
     return values
 
 
@@ -96,9 +96,9 @@ def did_you_mean(key: str, keys: dict) -> str:
 
 def parse_args(argv: list[str], program: str, keys: dict, rules: dict[str, str], usage: str = "",
                unknown=did_you_mean) -> dict:
-    """The values `python <program> argv...` sets over `keys` (key -> default): a *.py argument is
-    a config file, --key=value one key; --help prints usage and the keys. unknown(key, keys): the
-    one-line message for a key the program does not read."""
+    """The values `python <program> argv...` sets over `keys` (key -> default): a *.py argument
+    is a config file, --key=value one key, --help prints the usage and keys; unknown(key, keys)
+    words the error for a key the program does not read."""
     overrides = {}
     for arg in argv:
         if arg in ("-h", "--help"):

@@ -80,29 +80,24 @@ class LineWriter:
 def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tqdm:
     """The training bar, in seconds of the time budget (timed) or in steps; where the output is
     not a terminal, a plain line every 30 seconds."""
-    unit = "s" if timed else "it"
+    bar = dict(total=total, initial=initial, desc="training", unit="s" if timed else "it",
+               disable=disable)
     if not sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, desc="training", unit=unit, file=LineWriter(),
-                    mininterval=30, miniters=1, disable=disable,
+        return tqdm(**bar, file=LineWriter(), mininterval=30, miniters=1,
                     bar_format="{desc}: {n:.0f}/{total:.0f} {unit} [{elapsed}{postfix}]")
-    return tqdm(total=total, initial=initial, desc="training", unit=unit, dynamic_ncols=True,
-                disable=disable, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} "
+    return tqdm(**bar, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} "
                 "[{elapsed}<{remaining}{postfix}]" if timed else None)
 
 
 class OneProcess:
-    """The processes of a run that torchrun did not launch: this one, so each collective returns
-    its own value. Under torchrun, distributed.py's Torchrun has the same methods over the process
-    group."""
+    """A run that torchrun did not launch: one process, each collective its own value. Under
+    torchrun, distributed.py's Torchrun has the same methods over the process group."""
     rank, world, local_rank, active, master = 0, 1, 0, False, True
 
     def start(self, device: str) -> None:
         pass
 
     def stop(self, clean: bool) -> None:
-        pass
-
-    def leave(self) -> None:
         pass
 
     def mean(self, value: float, device: str) -> float:
@@ -117,15 +112,13 @@ class OneProcess:
     def barrier(self) -> None:
         pass
 
-    def print(self, message: str) -> None:
-        """Print above any progress bar, at once (also when the output is a log file)."""
+    def print(self, message: str) -> None:  # above any progress bar, at once (also into a file)
         tqdm.write(message)
         sys.stdout.flush()
 
 
 def processes() -> OneProcess:
-    """This run's processes: torchrun's group when it launched several (RANK, WORLD_SIZE), else
-    one."""
+    """torchrun's group when it launched several processes (RANK, WORLD_SIZE), else one."""
     if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         from dualgpt.distributed import Torchrun  # torch.distributed's code only under torchrun
         return Torchrun()

@@ -1,10 +1,7 @@
 """Training (--mode=train), read top to bottom like nanoGPT's train.py: start() gathers what a run
-trains with into one Run, train() steps it, evaluating and checkpointing on schedule.
-
-One process, or several under torchrun (DistributedDataParallel: gloo on CPU, NCCL on CUDA). A run
-stops at max_iters steps or after max_minutes of training (evaluation excluded); Ctrl-C saves, and
---resume continues exactly where it stopped.
-"""
+trains with into one Run, train() steps it, evaluating and checkpointing on schedule. One process,
+or several under torchrun (DDP: gloo on CPU, NCCL on CUDA); Ctrl-C saves, and --resume continues
+exactly where it stopped."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +19,7 @@ from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoin
                                 make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.probes import probe_length, probe_scores, repeated_tokens
-from dualgpt.runconfig import model_config, model_options, parse_head_mask
+from dualgpt.runconfig import model_config, model_options, parse_head_mask, require
 from dualgpt.runtime import OneProcess, StopRequest, autocast, cpu_has_bf16, training_bar
 
 
@@ -72,9 +69,7 @@ class LRSchedule:
         steps = max(1, self.decay_iters - self.warmup_iters)
         progress = max((it - self.warmup_iters) / steps if self.decay_iters else 0,
                        train_s / self.budget_s if self.budget_s else 0)
-        if progress >= 1:
-            return self.min_lr
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))  # 1 -> 0
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1)))  # 1 -> 0, then min_lr
         return self.min_lr + cosine * (self.learning_rate - self.min_lr)
 
 
@@ -90,6 +85,7 @@ class Run:
     batch_gen: torch.Generator  # the batch stream, shared by every rank
     limits: Limits
     micro_steps: int  # micro-batches per optimizer step on this process
+    tokens_per_step: int  # of every process together
     probe: tuple[torch.Tensor, int]  # repeated random tokens and their copy length (probes.py)
     train_model: nn.Module | None = None  # what the steps run: compiled, wrapped for DDP if asked
     state: TrainState = dataclasses.field(default_factory=TrainState)
@@ -103,13 +99,7 @@ class Run:
     # that fails before it has anything to save leaves them where they were
     set_aside: list[str] = dataclasses.field(default_factory=list)
 
-    @property
-    def tokens_per_step(self) -> int:
-        return (self.cfg["batch_size"] * self.micro_steps * self.ddp.world
-                * self.cfg["block_size"])
-
-    def schedule_next_eval(self) -> None:
-        """With a time budget, evaluations fall on multiples of a tenth (eval_points) of it."""
+    def schedule_next_eval(self) -> None:  # under a time budget, at every eval_points-th of it
         if self.limits.budget_s:
             every = self.limits.budget_s / self.cfg["eval_points"]
             self.state.next_eval_s = (math.floor(self.state.train_s / every) + 1) * every
@@ -170,11 +160,13 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
     length = probe_length(cfg["probe_length"], config.block_size)
     probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
     fp16_on_cuda = cfg["dtype"] == "float16" and device.startswith("cuda")
+    # grad_accum_steps shared out across the processes (runconfig.py checks it divides)
+    micro_steps = max(1, cfg["grad_accum_steps"] // ddp.world)
     run = Run(cfg, ddp, data, model, optimizers, torch.amp.GradScaler(enabled=fp16_on_cuda),
               torch.Generator().manual_seed(cfg["seed"]),  # every rank draws the global batch
-              Limits(cfg["max_iters"], cfg["max_minutes"] * 60),
-              # grad_accum_steps shared out across the processes (runconfig.py checks it divides)
-              max(1, cfg["grad_accum_steps"] // ddp.world), (probe.to(device), length), model)
+              Limits(cfg["max_iters"], cfg["max_minutes"] * 60), micro_steps,
+              cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"],
+              (probe.to(device), length), model)
     if previous is None and cfg["overwrite"]:
         run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
     if previous is not None:  # continue exactly where the checkpoint stopped
@@ -229,9 +221,8 @@ def training_step(run: Run, bar) -> None:
         steps, seconds = state.iter_num - run.logged_at[0], state.train_s - run.logged_at[1]
         run.tokens_per_s = steps * run.tokens_per_step / seconds
         run.logged_at = (state.iter_num, state.train_s)
-        log(run, {"iter": state.iter_num, "loss": loss_value,
-                  "bpb": run.data.bpb(loss_value, "train"),
-                  "lr": run.lr, "tokens_per_s": run.tokens_per_s})
+        log(run, {"iter": state.iter_num, "loss": loss_value, "lr": run.lr,
+                  "bpb": run.data.bpb(loss_value, "train"), "tokens_per_s": run.tokens_per_s})
         bar.set_postfix(it=state.iter_num, loss=f"{loss_value:.4f}", lr=f"{run.lr:.2e}",
                         tok_s=f"{run.tokens_per_s:,.0f}", refresh=False)  # drawn at next update
 
@@ -241,10 +232,7 @@ def optimizer_step(run: Run) -> torch.Tensor:
     loss."""
     model, cfg = run.train_model, run.cfg
     for micro in range(run.micro_steps):
-        x, y = run.data.batch("train", run.batch_gen)
-        if cfg["repeat_fraction"]:  # the default draws nothing: its runs stay as they were
-            x, y = with_repeats(x, y, cfg["repeat_fraction"], run.batch_gen, run.ddp.rank,
-                                run.ddp.world)
+        x, y = run.data.batch("train", run.batch_gen, cfg["repeat_fraction"])
         # all-reduce gradients only on the last micro-step
         last = micro == run.micro_steps - 1
         sync = nullcontext() if not run.ddp.active or last else model.no_sync()
@@ -266,22 +254,6 @@ def optimizer_step(run: Run) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
     run.scaler.update()
     return loss
-
-
-def with_repeats(x: torch.Tensor, y: torch.Tensor, fraction: float, generator: torch.Generator,
-                 rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training windows (B, T) of which `fraction` repeat their first p tokens to the end, p drawn
-    per row from a quarter to a half of the window (config/induction.py). Predicting a repeat is
-    what induction heads do; a period that varies keeps a head from solving it by position. The
-    rows and periods are drawn over the global batch: the same however many processes share it."""
-    b, T = x.shape
-    mine = slice(rank * b, (rank + 1) * b)
-    rows = (torch.rand(b * world, generator=generator) < fraction)[mine]
-    period = torch.randint((T + 1) // 4, (T + 1) // 2 + 1, (b * world,), generator=generator)[mine]
-    window = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the tokens x and y are cut from
-    repeated = window.gather(1, (torch.arange(T + 1)[None, :] % period[:, None]).to(x.device))
-    window = torch.where(rows.to(x.device)[:, None], repeated, window)
-    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
 @torch.no_grad()
@@ -320,8 +292,8 @@ def evaluate(run: Run) -> None:
 def save(run: Run) -> None:
     """Write the checkpoint (rank 0), with every rank's RNG state for an exact resume."""
     rng_cpu = run.ddp.gather(torch.get_rng_state())  # every rank's dropout stream
-    on_cuda = run.cfg["device"].startswith("cuda")
-    rng_cuda = run.ddp.gather(torch.cuda.get_rng_state()) if on_cuda else []
+    cuda = run.cfg["device"].startswith("cuda")
+    rng_cuda = run.ddp.gather(torch.cuda.get_rng_state()) if cuda else []
     if not run.ddp.master:
         return
     set_aside_previous(run)
@@ -335,32 +307,29 @@ def save(run: Run) -> None:
         rng_cpu=rng_cpu, rng_cuda=rng_cuda, rng_batches=run.batch_gen.get_state()))
 
 
-def set_aside_previous(run: Run) -> None:
+def set_aside_previous(run: Run) -> None:  # --overwrite's .bak, at the first write
     for old in run.set_aside:
         os.replace(old, old + ".bak")
     run.set_aside = []
 
 
-def check_previous_run(cfg: dict, layout: str, model_config_values: dict) -> dict | None:
+def check_previous_run(cfg: dict, layout: str, config_values: dict) -> dict | None:
     """The checkpoint to resume, or None for a fresh run (which never silently replaces one)."""
     path = cfg["ckpt"]
     if cfg["resume"]:
         ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt:
-            raise UserError(f"{path} holds weights only (no optimizer state), so it cannot be "
-                            "resumed; sample, eval or study heads with it, or train a new "
-                            f"model with --ckpt=ANOTHER_PATH")
-        if layout_of(ckpt) != layout:
-            raise UserError(f"{path} was written with {layout_of(ckpt)} attention; resume it "
-                            f"with that script (sample and eval work from either)")
         trained_with = "muon" if "muon" in ckpt else "adamw"
-        if trained_with != cfg["optimizer"]:
-            raise UserError(f"{path} was trained with optimizer={trained_with}; pass "
-                            f"--optimizer={trained_with} to resume it")
-        for key, value in ckpt["model_config"].items():
-            if model_config_values[key] != value:
-                raise UserError(f"{path} was trained with {key}={value}, but the config says "
-                                f"{model_config_values[key]}; pass --{key}={value} to resume it")
+        changed = [(k, v) for k, v in ckpt["model_config"].items() if config_values[k] != v]
+        key, value = changed[0] if changed else ("", "")
+        require([("optimizer" in ckpt, f"{path} holds weights only (no optimizer state), so it "
+                  "cannot be resumed; sample, eval or study heads with it, or train a new model "
+                  "with --ckpt=ANOTHER_PATH"),
+                 (layout_of(ckpt) == layout, f"{path} was written with {layout_of(ckpt)} "
+                  "attention; resume it with that script (sample and eval work from either)"),
+                 (trained_with == cfg["optimizer"], f"{path} was trained with optimizer="
+                  f"{trained_with}; pass --optimizer={trained_with} to resume it"),
+                 (not changed, f"{path} was trained with {key}={value}, but the config says "
+                  f"{config_values.get(key)}; pass --{key}={value} to resume it")])
         return ckpt
     if os.path.exists(path) and not cfg["overwrite"]:
         raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite "

@@ -23,9 +23,9 @@ from typing import TextIO
 
 import torch
 
-from dualgpt import UserError, in_repo
+from dualgpt import UserError
 from dualgpt.files import write_text
-from rlhf_lib.study import Setup, complete, load_policy, sample_prompts, texts
+from rlhf_lib.study import Setup, complete, in_repo, load_policy, sample_prompts, texts
 
 KEYS = "a: A is better   b: B is better   t: tie   s: skip   u: undo the last   q: quit"
 

@@ -23,7 +23,7 @@ import config as core_config
 import gpt
 import gpt_
 import rlhf_config
-from dualgpt import UserError, in_repo, repo_path
+from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import (cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data, sha256_file
@@ -34,6 +34,12 @@ from rlhf_lib.oracles import Oracle, get_oracle
 from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions,
                                  token_logprobs,
                                  trimmed)
+
+def in_repo(path: str) -> str:
+    """A path from a config file or the command line: as it is if absolute, else under the
+    repository."""
+    return path if os.path.isabs(path) else repo_path(path)
+
 
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}  # rlhf_script -> the model that tunes
 # the keys of config.py the RLHF programs read; the rest of config.py is gpt.py's and gpt_.py's

@@ -67,3 +67,17 @@ def test_dataset_cache_split_and_bits_per_byte(home, corpus):
     again = dataset(cfg)  # reuses tokenizer and cache
     assert len(list((home / "data").glob("*.npy"))) == 1
     assert again.tok.merges == ds.tok.merges
+
+
+def test_a_batch_with_repeats_is_x_and_y_one_token_apart_each_row_periodic(home, corpus):
+    """Dataset.batch with repeat_fraction=1 (config/induction.py's training windows): x and y are still cut one
+    token apart from each window, and every window repeats its start; with 0 the batch is as drawn."""
+    cfg = script_config(tiny_args(home, corpus), "gpt")
+    ds = dataset(cfg)
+    x, y = ds.batch("train", torch.Generator().manual_seed(3), repeat_fraction=1.0)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in torch.cat([x, y[:, -1:]], dim=1):
+        assert any(torch.equal(row[p:], row[:-p]) for p in range(8, 17))  # 33 tokens: periods 8 to 16
+    plain = ds.batch("train", torch.Generator().manual_seed(3))
+    offsets = torch.randint(len(ds.splits["train"]) - 32, (8,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(plain[0][:, 0], torch.from_numpy(ds.splits["train"][offsets.numpy()].astype(np.int64)))

@@ -365,14 +365,12 @@ def test_each_evaluation_logs_in_context_learning_on_the_probe_and_the_plot_show
 
 def test_repeated_windows_repeat_their_start_on_the_same_rows_for_any_number_of_processes():
     """repeat_fraction (config/induction.py): a chosen row repeats its first p tokens to its end, p from a
-    quarter to a half of the window, x and y still one token apart; the other rows are as drawn; about that
-    fraction of rows; 2 ranks of batch b get exactly the rows one process of batch 2b gets."""
-    from dualgpt.train import with_repeats
-    T = 15  # windows of 16 tokens: periods 4 to 8
+    quarter to a half of the window; the other rows are as drawn; about that fraction of rows; 2 ranks of batch b
+    get exactly the rows one process of batch 2b gets."""
+    from dualgpt.data import with_repeats
+    T = 15  # windows of 16 tokens (x and y, one token apart, are cut from them): periods 4 to 8
     window = torch.randint(1000, (400, T + 1), generator=torch.Generator().manual_seed(0))
-    x, y = with_repeats(window[:, :-1], window[:, 1:], 0.5, torch.Generator().manual_seed(1))
-    assert torch.equal(x[:, 1:], y[:, :-1])
-    full = torch.cat([x, y[:, -1:]], dim=1)
+    full = with_repeats(window, 0.5, torch.Generator().manual_seed(1))
     periods = []
     for row, original in zip(full, window):
         if torch.equal(row, original):
@@ -381,6 +379,6 @@ def test_repeated_windows_repeat_their_start_on_the_same_rows_for_any_number_of_
         assert torch.equal(row[:period], original[:period])
         periods.append(period)
     assert 160 < len(periods) < 240 and set(periods) == set(range(4, 9))
-    halves = [with_repeats(window[200 * r:200 * (r + 1), :-1], window[200 * r:200 * (r + 1), 1:], 0.5,
-                           torch.Generator().manual_seed(1), rank=r, world=2) for r in range(2)]
-    assert torch.equal(torch.cat([h[0] for h in halves]), x) and torch.equal(torch.cat([h[1] for h in halves]), y)
+    halves = [with_repeats(window[200 * r:200 * (r + 1)], 0.5, torch.Generator().manual_seed(1), rank=r, world=2)
+              for r in range(2)]
+    assert torch.equal(torch.cat(halves), full)

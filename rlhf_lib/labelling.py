@@ -152,11 +152,11 @@ def show(out: TextIO, k: int, labelled: int, target: int, prompt: str, a: str, b
     out.flush()
 
 
-def label_pairs(s: Setup, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> dict:
+def label_pairs(s: Setup, stdin: TextIO | None = None, out: TextIO | None = None) -> dict:
     """Label pairs of the base's completions until label_target are labelled, the input ends or q;
     returns the counts. A file of answers to another base or seed is refused (its pair numbers name
-    other pairs)."""
-    cfg = s.cfg
+    other pairs). stdin and out: sys.stdin and sys.stdout as they are at the call."""
+    stdin, out, cfg = stdin or sys.stdin, out or sys.stdout, s.cfg
     if s.pairs_hash:
         raise UserError("--rlhf_stage=label samples its pairs from the base model; leave out "
                         "--pairs (tune on the labels afterwards with --pairs=FILE)")

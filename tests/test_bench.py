@@ -30,6 +30,7 @@ def test_the_loop_cost_fit_recovers_the_model_that_made_the_points():
     assert bench.fit_loop_cost(one) == pytest.approx((fixed + 4.7e10 / rate, per_head, math.inf, 0.0), abs=1e-9)
 
 
+@pytest.mark.plots
 def test_the_scaling_section_times_every_variant_at_every_point_and_draws_its_plot(tmp_path, monkeypatch):
     (tmp_path / "generate_text").mkdir()
     monkeypatch.setattr(bench, "HERE", str(tmp_path))

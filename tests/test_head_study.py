@@ -112,6 +112,7 @@ def test_tuning_only_one_head_leaves_every_other_parameter_bitwise_unchanged(cls
             assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.plots
 def test_heatmaps_have_one_cell_per_head(tmp_path):
     values = torch.arange(12, dtype=torch.float32).view(3, 4) - 5
     shapes = plot_head_grid([("dpo", [("a", values), ("b", values.abs())]), ("rloo", [("a", values)])], "title",
@@ -120,6 +121,7 @@ def test_heatmaps_have_one_cell_per_head(tmp_path):
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.plots
 def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
     home = rlhf_run.home
     study = rlhf_heads.main(rlhf_run.shared_args + ["--head_prompts=16", "--head_pairs=32", "--head_batches=2",
@@ -135,5 +137,5 @@ def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
         assert len(r["kl_by_position"]) == 16
     curves = study["partial_tuning"]["curves"]
     assert len(curves) == 4  # the full run and the three partial ones, each from the base (step 0)
-    assert [[p["step"] for p in points] for points in curves.values()] == [[0, 50, 100], [0, 6, 12], [0, 6, 12],
+    assert [[p["step"] for p in points] for points in curves.values()] == [[0, 25, 50], [0, 6, 12], [0, 6, 12],
                                                                            [0, 6, 12]]

@@ -115,6 +115,7 @@ def test_head_mask_applies_in_training(home, corpus):
     assert not torch.equal(trained["blocks.1.attn.heads.1.key.weight"], initial["blocks.1.attn.heads.1.key.weight"])
 
 
+@pytest.mark.plots
 def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys):
     args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0

@@ -1,6 +1,7 @@
 """Your own preferences: pairs of any length padded with masks (proven equal to unpadded), the prompt/chosen/
 rejected JSON-lines format in and out, the pipeline tuned on a file's pairs with and without an oracle, bad files,
 and labelling by hand through a real pseudo-terminal and through a pipe."""
+import io
 import json
 import os
 import pty
@@ -302,7 +303,7 @@ def shown(screen: str, n: int) -> dict:
     return {"prompt": prompt, "a": a, "b": b}
 
 
-def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(rlhf_run, capsys):
+def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(rlhf_run, capsys, monkeypatch):
     copy_code(rlhf_run.home)
     labels = rlhf_run.home / "data" / "my_labels.jsonl"
     args = rlhf_run.shared_args + ["--label_target=4", f"--labels={labels}"]
@@ -349,11 +350,12 @@ def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(r
     # line cut short by a crash is dropped with a note
     with open(labels, "a", encoding="utf-8") as f:
         f.write('{"prompt": "cut sh')
-    piped = subprocess.run([sys.executable, "rlhf.py", "--rlhf_stage=label", *args], cwd=rlhf_run.home, input="a\nb\n",
-                           capture_output=True, text=True, timeout=120)
-    assert piped.returncode == 0, piped.stderr
-    assert "4 pairs labelled" in piped.stdout and "the target of 4 is reached" in piped.stdout
-    assert f"note: the last line of {labels} was cut short" in piped.stdout
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb\n"))  # in-process: the terminal runs above are the CLI's
+    capsys.readouterr()
+    rlhf.main(["--rlhf_stage=label", *args])
+    piped = capsys.readouterr().out
+    assert "4 pairs labelled" in piped and "the target of 4 is reached" in piped
+    assert f"note: the last line of {labels} was cut short" in piped
     assert [r["line"] for r in read_pairs(str(labels))] == [1, 2, 3, 4]
     # labels of pairs sampled otherwise are never mixed into this file
     with pytest.raises(SystemExit) as exit_info:

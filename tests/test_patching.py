@@ -91,6 +91,7 @@ def test_head_patching_equals_swapping_the_head_module_output():
     assert torch.allclose(effects["residual"], sm_effects["residual"], atol=1e-4)
 
 
+@pytest.mark.plots
 def test_mode_patch_through_the_command_line_and_its_bad_input(home, corpus, capsys):
     args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0

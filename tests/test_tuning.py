@@ -35,7 +35,7 @@ def test_training_export_and_rlhf_build_the_same_checkpoint(rlhf_run):
         ckpt = load_checkpoint(str(rlhf_run.home / path))
         assert common <= ckpt.keys(), path
     assert "optimizer" in load_checkpoint(str(rlhf_run.home / "base.pt"))
-    assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_rloo.pt"))["rlhf"]["step"] == 100
+    assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_rloo.pt"))["rlhf"]["step"] == 50
 
 
 def test_kept_steps_double_up_to_the_end():

@@ -22,28 +22,34 @@ def iterations(path) -> int:
     return torch.load(path, weights_only=True)["iter_num"]
 
 
-def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home, corpus, capsys):
-    """`python gpt.py` with no checkpoint trains, then samples (through the real command line; the token cache
-    holds minbpe's ids of the corpus); then, in-process,
-    --resume trains on, then samples, and --overwrite starts over, then samples, the old checkpoint kept as .bak.
-    (With a checkpoint and neither flag it only samples: test_train.py's
-    test_auto_mode_trains_then_samples_then_only_samples.)"""
-    args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=3")
+def test_auto_mode_trains_the_typed_steps_then_samples_and_resume_or_overwrite_train_again(home, corpus, capsys):
+    """`python gpt.py --max_iters=12` with no checkpoint trains exactly 12 steps although config.py says max_minutes =
+    5.0, then samples (through the real command line, its output into pipes as into a log: plain progress lines, no
+    carriage returns; the token cache holds minbpe's ids of the corpus); then, in-process, --resume trains on, then
+    samples, and --overwrite starts over, then samples, the old checkpoint kept as .bak. (With a checkpoint and
+    neither flag it only samples: test_train.py's test_auto_mode_trains_then_samples_then_only_samples.)"""
+    args = tiny_args(home, corpus, "--max_iters=12", "--eval_interval=6", "--log_interval=1")
     ckpt = home / "model_dict" / "gpt.pt"
     rc, out, err = finish(run_script(home, args))
     assert rc == 0, err
+    assert "\r" not in out + err
+    assert re.search(r"^training: 12/12 it \[\d\d:\d\d, it=12, loss=", out, re.M)
+    assert "; training for 12 steps" in out
     assert f"encoding {corpus.name}" in out
     tok = load_tokenizer_text(torch.load(ckpt, weights_only=True)["tokenizer"])
     assert np.load(next((home / "data").glob("corpus_*.npy"))).tolist() == tok.encode_ordinary(corpus.read_text())
-    assert iterations(ckpt) == 6
+    assert iterations(ckpt) == 12
+    steps = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(1, 13))
+    assert steps[-1]["lr"] < 2e-4 + 0.05 * (3e-3 - 2e-4)  # the schedule ends (almost) fully decayed at step 12
     assert "--- sample 1/1 ---" in out
-    assert run_main(args + ["--max_iters=12", "--resume"]) == 0
+    assert run_main(args + ["--max_iters=18", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "resuming" in out
     assert "sampling from it" not in out
-    assert iterations(ckpt) == 12
+    assert iterations(ckpt) == 18
     assert "--- sample 1/1 ---" in out
-    assert "(iteration 12," in (home / "generate_text" / "gpt.txt").read_text()
+    assert "(iteration 18," in (home / "generate_text" / "gpt.txt").read_text()
     before = ckpt.read_bytes()
     assert run_main(args + ["--max_iters=4", "--overwrite"]) == 0
     out = capsys.readouterr().out
@@ -51,21 +57,6 @@ def test_auto_mode_trains_then_samples_and_resume_or_overwrite_train_again(home,
     assert iterations(ckpt) == 4
     assert (home / "model_dict" / "gpt.pt.bak").read_bytes() == before
     assert "--- sample 1/1 ---" in out
-
-
-def test_a_typed_step_limit_is_obeyed_over_the_budget_in_config_py(home, corpus):
-    """config.py says max_minutes = 5.0; `python gpt.py --mode=train --max_iters=12` trains exactly 12 steps.
-    Its output goes to pipes, as into a log: plain progress lines, no carriage returns."""
-    args = [a for a in tiny_args(home, corpus) if not a.startswith("--max_iters")]
-    rc, out, err = finish(run_script(home, args + ["--mode=train", "--max_iters=12", "--log_interval=1"]))
-    assert rc == 0, err
-    assert "\r" not in out + err
-    assert re.search(r"^training: 12/12 it \[\d\d:\d\d, it=12, loss=", out, re.M)
-    assert "; training for 12 steps" in out
-    assert iterations(home / "model_dict" / "gpt.pt") == 12
-    steps = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]
-    assert [r["iter"] for r in steps] == list(range(1, 13))
-    assert steps[-1]["lr"] < 2e-4 + 0.05 * (3e-3 - 2e-4)  # the schedule ends (almost) fully decayed at step 12
 
 
 def test_when_both_limits_are_typed_the_first_one_ends_the_run(home, corpus, capsys):

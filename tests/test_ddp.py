@@ -9,8 +9,11 @@ import torch
 from conftest import copy_code, run_main, tiny_args
 
 import gpt
+import gpt_
 from dualgpt.evaluation import evaluate_checkpoint
 from dualgpt.runconfig import script_config
+from dualgpt.runtime import OneProcess
+from dualgpt.train import start
 
 TIMEOUT = 300  # launch, train and tear down must finish well inside this
 
@@ -44,54 +47,66 @@ def records(path, key):
     return [r for r in map(json.loads, open(path)) if key in r]
 
 
-def test_two_processes_equal_one_process_with_twice_the_batch(home, corpus):
-    """LB-GPT here, SM-GPT in the resume test below: each script runs under DDP once."""
-    script, cls = "gpt", gpt.LBGPT
-    common = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=6", "--log_interval=1", "--dropout=0.0",
-                       "--mode=train", script=script)
-    ddp_ckpt, single_ckpt = home / "ddp.pt", home / "single.pt"
-    result = torchrun(home, script, common + ["--batch_size=4", "--grad_accum_steps=2", f"--ckpt={ddp_ckpt}"])
-    assert result.returncode == 0, output(result)
-    assert "(batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32)" in result.stdout
-    assert result.stdout.count("iter 6 (") == 1  # only rank 0 prints
-    assert run_main(common + ["--batch_size=8", "--grad_accum_steps=1", f"--ckpt={single_ckpt}"], cls, script) == 0
-
-    ddp_steps = records(home / "ddp.jsonl", "loss")
-    single_steps = records(home / "single.jsonl", "loss")
-    assert [r["iter"] for r in ddp_steps] == [1, 2, 3, 4, 5, 6] == [r["iter"] for r in single_steps]
-    for a, b in zip(ddp_steps, single_steps):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5
-    assert abs(records(home / "ddp.jsonl", "val_loss")[-1]["val_loss"]
-               - records(home / "single.jsonl", "val_loss")[-1]["val_loss"]) <= 1e-5
-
-    # rank 0's checkpoint loads in one process and evaluates like the single-process one
-    results = []
-    for ckpt in (ddp_ckpt, single_ckpt):
-        cfg = script_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
-        results.append(evaluate_checkpoint(cls, cfg)["val"]["loss"])
-    assert results[0] == pytest.approx(results[1], abs=1e-4)
-    assert len(torch.load(ddp_ckpt, weights_only=True)["rng_cpu"]) == 2  # each rank's dropout stream
-
-
-def test_two_process_run_resumes_exactly(home, corpus):
+def test_two_processes_equal_one_process_with_twice_the_batch_and_resume_exactly(home, corpus):
     """With config.py's grad_accum_steps = 1 on 2 processes (each runs one micro-batch per step, and the start-up
-    line says so): a run stopped at step 4 and resumed ends bit-identical to an uninterrupted one."""
-    common = tiny_args(home, corpus, "--eval_interval=4", "--log_interval=1", "--dropout=0.1", "--mode=train",
-                       "--batch_size=4", "--lr_decay_iters=8", script="gpt_")
+    line says so): the losses of one process with twice the batch, and a run stopped at step 4 and resumed ends
+    bit-identical to an uninterrupted one. Dropout is off so that one process can match; each rank's dropout
+    stream on resume is tested in one process below."""
+    script, cls = "gpt_", gpt_.SMGPT
+    common = tiny_args(home, corpus, "--eval_interval=4", "--log_interval=1", "--dropout=0.0", "--mode=train",
+                       "--lr_decay_iters=8", script=script)
     copy_code(home)
     # the uninterrupted run and the first half of the other are independent: run them side by side
-    full = torchrun_started(home, "gpt_", common + ["--max_iters=8", f"--ckpt={home / 'full.pt'}"])
-    first = torchrun(home, "gpt_", common + ["--max_iters=4", f"--ckpt={home / 'part.pt'}"])
+    full = torchrun_started(home, script, common + ["--batch_size=4", "--max_iters=8", f"--ckpt={home / 'full.pt'}"])
+    first = torchrun(home, script, common + ["--batch_size=4", "--max_iters=4", f"--ckpt={home / 'part.pt'}"])
     assert first.returncode == 0, output(first)
     assert ("256 tokens per step (batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32; "
             "grad_accum_steps=1 is fewer than the 2 processes, so each runs one micro-batch per step)") in first.stdout
+    assert first.stdout.count("iter 4 (") == 1  # only rank 0 prints
     full = finished(full)
     assert full.returncode == 0, output(full)
-    second = torchrun(home, "gpt_", common + ["--max_iters=8", f"--ckpt={home / 'part.pt'}", "--resume"])
+    second = torchrun(home, script, common + ["--batch_size=4", "--max_iters=8", f"--ckpt={home / 'part.pt'}",
+                                              "--resume"])
     assert second.returncode == 0, output(second)
     a = torch.load(home / "full.pt", weights_only=True)["model"]
     b = torch.load(home / "part.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    single_ckpt = home / "single.pt"
+    assert run_main(common + ["--batch_size=8", "--max_iters=8", f"--ckpt={single_ckpt}"], cls, script) == 0
+    ddp_steps, single_steps = records(home / "full.jsonl", "loss"), records(home / "single.jsonl", "loss")
+    assert [r["iter"] for r in ddp_steps] == list(range(1, 9)) == [r["iter"] for r in single_steps]
+    for x, y in zip(ddp_steps, single_steps):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5
+    assert abs(records(home / "full.jsonl", "val_loss")[-1]["val_loss"]
+               - records(home / "single.jsonl", "val_loss")[-1]["val_loss"]) <= 1e-5
+    # rank 0's checkpoint loads in one process and evaluates like the single-process one
+    results = []
+    for ckpt in (home / "full.pt", single_ckpt):
+        cfg = script_config(common + [f"--ckpt={ckpt}", "--mode=eval"], script)
+        results.append(evaluate_checkpoint(cls, cfg)["val"]["loss"])
+    assert results[0] == pytest.approx(results[1], abs=1e-4)
+    assert len(torch.load(home / "full.pt", weights_only=True)["rng_cpu"]) == 2  # each rank's dropout stream
+
+
+class SecondRank(OneProcess):
+    """Rank 1 of 2, as a resumed run sees it (no process group needed to restore a checkpoint)."""
+    rank, world, master = 1, 2, False
+
+
+def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds(home, corpus):
+    args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--dropout=0.1", "--mode=train")
+    assert run_main(args) == 0
+    path = home / "model_dict" / "gpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    streams = [torch.Generator().manual_seed(seed).get_state() for seed in (11, 22)]
+    torch.save(dict(ckpt, rng_cpu=streams), path)
+    cfg = script_config(args + ["--resume", "--max_iters=4"], "gpt")
+    start(gpt.LBGPT, cfg, SecondRank())
+    assert torch.equal(torch.get_rng_state(), streams[1])  # rank 1's stream, not rank 0's
+    torch.save(dict(ckpt, rng_cpu=streams[:1]), path)  # written by one process: a seed of its own per rank
+    start(gpt.LBGPT, cfg, SecondRank())
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(cfg["seed"] + 1 + ckpt["iter_num"]).get_state())
 
 
 def test_world_size_the_config_cannot_use(home, corpus, monkeypatch, capsys):

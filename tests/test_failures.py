@@ -56,15 +56,14 @@ def checkpoint_iteration(path) -> int:
 # --- one run per output -------------------------------------------------------------------------------
 
 
-def test_a_second_run_on_a_checkpoint_in_use_is_one_line_and_a_killed_runs_lock_never_blocks(home, corpus):
+def test_a_second_run_on_a_checkpoint_in_use_is_one_line_and_a_killed_runs_lock_never_blocks(home, corpus, capsys):
     ckpt = home / "model_dict" / "gpt.pt"
     first = run_script(home, tiny_args(home, corpus, "--mode=train", "--max_iters=100000", "--eval_interval=5"))
     try:
         wait_for(ckpt.exists)
-        second = subprocess.run([sys.executable, "gpt.py", *tiny_args(home, corpus, "--mode=train", "--resume")],
-                                cwd=home, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2
-        one_line_error(second.stderr, f"{ckpt} is in use by another run (pid {first.pid}: ", "wait for it to finish")
+        assert run_main(tiny_args(home, corpus, "--mode=train", "--resume")) == 2
+        one_line_error(capsys.readouterr().err, f"{ckpt} is in use by another run (pid {first.pid}: ",
+                       "wait for it to finish")
     finally:
         first.send_signal(signal.SIGKILL)  # the kernel drops a dead process's lock
         first.wait()
@@ -155,7 +154,8 @@ def test_runs_killed_at_random_moments_leave_nothing_after_the_next_run(home, co
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (folder / f".gpt.pt.{dead.pid}.tmp").write_bytes(b"half a checkpoint")  # a dead writer's
-    live = folder / f".gpt.pt.{os.getpid()}.tmp"  # this test process's: alive
+    writer = subprocess.Popen(["sleep", "120"])  # a live writer
+    live = folder / f".gpt.pt.{writer.pid}.tmp"
     live.write_bytes(b"being written")
     rng = random.Random(1)
     for kill in range(2):  # a fresh run, then one resuming it
@@ -165,9 +165,10 @@ def test_runs_killed_at_random_moments_leave_nothing_after_the_next_run(home, co
         time.sleep(rng.uniform(0.0, 1.0))
         run.send_signal(signal.SIGKILL)
         run.wait()
-    result = subprocess.run([sys.executable, "gpt.py", *tiny_args(home, corpus, "--mode=sample")], cwd=home,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    try:
+        assert run_main(tiny_args(home, corpus, "--mode=sample")) == 0
+    finally:
+        writer.kill()
     assert temp_files(folder, home / "data", home / "tokenizers", home / "generate_text") == [live.name]
     assert checkpoint_iteration(folder / "gpt.pt") >= 0
 

@@ -271,6 +271,7 @@ GPT4_STRINGS = HARD_STRINGS + [
 ]
 
 
+@pytest.mark.xdist_group("tiktoken")  # one worker builds cl100k_base (1.5 s)
 def test_gpt4_equals_tiktoken(gpt4):
     tok, enc = gpt4
     for s in GPT4_STRINGS:
@@ -282,6 +283,7 @@ def test_gpt4_equals_tiktoken(gpt4):
         assert tok.encode_ordinary(s) == enc.encode_ordinary(s)
 
 
+@pytest.mark.xdist_group("tiktoken")  # one worker builds cl100k_base (1.5 s)
 def test_gpt4_special_tokens_and_errors(gpt4):
     tok, enc = gpt4
     assert tok.special_tokens["<|endoftext|>"] == 100257

@@ -72,10 +72,12 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
     small = TINY_MODEL + ["--max_iters=5", "--eval_interval=5", "--max_new_tokens=10", "--num_samples=1", "--device=cpu", "--dtype=float32"]
     optional = {"transformers", "safetensors", "tokenizers", "huggingface_hub", "tiktoken"}
     # what a mode does not use is not loaded: neither the Hugging Face code nor head research nor
-    # --mode=eval's module nor the LB <-> SM conversion nor, in one process, torchrun's; nor (to
-    # sample) the data pipeline, the training loop and matplotlib; nor ever the RLHF layer
+    # --mode=eval's module nor the LB <-> SM conversion nor, in one process, torchrun's, nor without
+    # --compile torch.compile's; nor (to sample) the data pipeline, the training loop and matplotlib;
+    # nor ever the RLHF layer
     unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "dualgpt.evaluation",
-              "dualgpt.patching", "dualgpt.layouts", "dualgpt.distributed", "rlhf_lib", "rlhf_config"}
+              "dualgpt.patching", "dualgpt.layouts", "dualgpt.distributed", "dualgpt.compiling", "rlhf_lib",
+              "rlhf_config"}
     listing = tmp_path / "modules.txt"
     # `python gpt.py ARGS`, run by runpy as the interpreter runs a script, writing sys.modules at exit
     as_script = ("import atexit, runpy, sys; sys.argv = sys.argv[1:]; out = sys.argv.pop(1); "

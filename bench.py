@@ -24,7 +24,7 @@ from dualgpt import UserError
 from dualgpt.cli import exit_codes
 from dualgpt.evaluation import machine_name
 from dualgpt.files import atomic_open
-from dualgpt.runconfig import declarations, defaults, load_config
+from dualgpt.runconfig import declarations, defaults, parse_args, resolve
 from dualgpt.runtime import resolve_device
 from minbpe import RegexTokenizer
 from minbpe.base import train_classic
@@ -692,8 +692,9 @@ SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_
 
 def main(argv: list[str] | None = None) -> None:
     with exit_codes():
-        cfg = load_config(sys.argv[1:] if argv is None else argv, "bench.py", defaults(Keys),
-                          declarations(Keys), __doc__)
+        keys, rules = defaults(Keys), declarations(Keys)
+        cfg = resolve(keys, parse_args(sys.argv[1:] if argv is None else argv, "bench.py", keys,
+                                       rules, __doc__), rules)
         sections = [s.strip() for s in cfg["only"].split(",") if s.strip()]
         unknown = [s for s in sections if s not in SECTIONS]
         if unknown or not sections:

@@ -90,7 +90,8 @@ class OutputLock:
 
     def __init__(self, path: str):
         folder, name = os.path.split(os.path.abspath(path))
-        self.path, self.lock_path, self.fd = path, os.path.join(folder, f".{name}.lock"), None
+        self.path, self.lock_path = path, os.path.join(folder, f".{name}.lock")
+        self.fd: int | None = None
 
     def __enter__(self) -> OutputLock:
         if fcntl is None:

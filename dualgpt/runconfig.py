@@ -141,16 +141,11 @@ def resolve(keys: dict, overrides: dict, rules: dict[str, str]) -> dict:
     return cfg
 
 
-def load_config(argv: list[str], program: str, keys: dict, rules: dict[str, str],
-                usage: str = "") -> dict:
-    """The checked run config of `python <program> argv...` (see parse_args and resolve)."""
-    return resolve(keys, parse_args(argv, program, keys, rules, usage), rules)
-
-
 def script_config(argv: list[str], script: str, usage: str = "") -> dict:
     """The checked run config of `python <script>.py argv...` (gpt or gpt_), with its default
     paths."""
-    cfg = load_config(argv, f"{script}.py", defaults(), declarations(), usage)
+    keys, rules = defaults(), declarations()
+    cfg = resolve(keys, parse_args(argv, f"{script}.py", keys, rules, usage), rules)
     cfg["script"] = script
     cfg["ckpt"] = cfg["ckpt"] or repo_path("model_dict", f"{script}.pt")
     cfg["sample_file"] = cfg["sample_file"] or repo_path("generate_text", f"{script}.txt")

@@ -166,7 +166,7 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
               torch.Generator().manual_seed(cfg["seed"]),  # every rank draws the global batch
               Limits(cfg["max_iters"], cfg["max_minutes"] * 60), micro_steps,
               cfg["batch_size"] * micro_steps * ddp.world * cfg["block_size"],
-              (probe.to(device), length), model)
+              (probe.to(device), length), train_model=model)
     if previous is None and cfg["overwrite"]:
         run.set_aside = [p for p in (cfg["ckpt"], log_path(cfg["ckpt"])) if os.path.exists(p)]
     if previous is not None:  # continue exactly where the checkpoint stopped
@@ -233,12 +233,11 @@ def optimizer_step(run: Run) -> torch.Tensor:
     model, cfg = run.train_model, run.cfg
     for micro in range(run.micro_steps):
         x, y = run.data.batch("train", run.batch_gen, cfg["repeat_fraction"])
-        # all-reduce gradients only on the last micro-step
+        # all-reduce gradients only on the last micro-step (no_sync: one context, entered once)
         last = micro == run.micro_steps - 1
-        sync = nullcontext() if not run.ddp.active or last else model.no_sync()
-        with sync, autocast(cfg["device"], cfg["dtype"]):
-            _, loss = model(x, y)
-        with sync:
+        with nullcontext() if not run.ddp.active or last else model.no_sync():
+            with autocast(cfg["device"], cfg["dtype"]):
+                _, loss = model(x, y)
             run.scaler.scale(loss / run.micro_steps).backward()
     optimizers = run.optimizers.values()
     for optimizer in optimizers:  # the true gradients, not fp16's scaled ones (else a no-op)
@@ -264,7 +263,8 @@ def evaluate(run: Run) -> None:
     run.model.eval()
     losses = {}
     for split in ("train", "val"):
-        gen, total = torch.Generator().manual_seed(cfg["seed"] + 1), 0.0
+        gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+        total = 0.0
         for _ in range(cfg["eval_iters"]):
             with autocast(cfg["device"], cfg["dtype"]):
                 total += run.model(*data.batch(split, gen))[1].item()
@@ -319,7 +319,7 @@ def check_previous_run(cfg: dict, layout: str, config_values: dict) -> dict | No
     if cfg["resume"]:
         ckpt = load_checkpoint(path)
         trained_with = "muon" if "muon" in ckpt else "adamw"
-        changed = [(k, v) for k, v in ckpt["model_config"].items() if config_values[k] != v]
+        changed = [(k, v) for k, v in ckpt["model_config"].items() if config_values.get(k) != v]
         key, value = changed[0] if changed else ("", "")
         require([("optimizer" in ckpt, f"{path} holds weights only (no optimizer state), so it "
                   "cannot be resumed; sample, eval or study heads with it, or train a new model "

@@ -35,6 +35,7 @@ from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_com
                                  token_logprobs,
                                  trimmed)
 
+
 def in_repo(path: str) -> str:
     """A path from a config file or the command line: as it is if absolute, else under the
     repository."""

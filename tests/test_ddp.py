@@ -9,7 +9,6 @@ import torch
 from conftest import copy_code, run_main, tiny_args
 
 import gpt
-import gpt_
 from dualgpt.evaluation import evaluate_checkpoint
 from dualgpt.runconfig import script_config
 from dualgpt.runtime import OneProcess
@@ -48,23 +47,27 @@ def records(path, key):
 
 
 def test_two_processes_stopped_and_resumed_equal_one_process_with_twice_the_batch(home, corpus):
-    """With config.py's grad_accum_steps = 1 on 2 processes (each runs one micro-batch per step, and the start-up
-    line says so), a run stopped at step 4 and resumed to step 8 has, step by step, the losses of one process with
-    twice the batch that ran straight through, and ends with its weights. Dropout is off so that one process can
-    match; each rank's dropout stream on resume is tested in one process below."""
-    script, cls = "gpt_", gpt_.SMGPT
+    """grad_accum_steps=4 on 2 processes: each runs 2 micro-batches per step (gradients synchronised on the
+    last only). A run stopped at step 4 and resumed to step 8 has, step by step, the losses of one process with
+    twice the batch (2 micro-batches of 4) that ran straight through, and ends with its weights. Dropout is off
+    so that one process can match; each rank's own dropout stream is saved here, and restored in the test
+    below."""
+    script, cls = "gpt", gpt.LBGPT
     common = tiny_args(home, corpus, "--eval_interval=4", "--log_interval=1", "--dropout=0.0", "--mode=train",
                        "--lr_decay_iters=8", script=script)
     ddp_ckpt, single_ckpt = home / "ddp.pt", home / "single.pt"
-    first = torchrun(home, script, common + ["--batch_size=4", "--max_iters=4", f"--ckpt={ddp_ckpt}"])
+    ddp = common + ["--batch_size=2", "--grad_accum_steps=4", f"--ckpt={ddp_ckpt}"]
+    first = torchrun(home, script, ddp + ["--max_iters=4"])
     assert first.returncode == 0, output(first)
-    assert ("256 tokens per step (batch_size 4 x grad_accum_steps 1 x 2 processes x block_size 32; "
-            "grad_accum_steps=1 is fewer than the 2 processes, so each runs one micro-batch per step)") in first.stdout
+    assert ("256 tokens per step (batch_size 2 x grad_accum_steps 2 x 2 processes x block_size 32)"
+            in first.stdout)
     assert first.stdout.count("iter 4 (") == 1  # only rank 0 prints
-    second = torchrun(home, script, common + ["--batch_size=4", "--max_iters=8", f"--ckpt={ddp_ckpt}", "--resume"])
+    second = torchrun(home, script, ddp + ["--max_iters=8", "--resume"])
     assert second.returncode == 0, output(second)
-    assert len(torch.load(ddp_ckpt, weights_only=True)["rng_cpu"]) == 2  # each rank's dropout stream
-    assert run_main(common + ["--batch_size=8", "--max_iters=8", f"--ckpt={single_ckpt}"], cls, script) == 0
+    streams = torch.load(ddp_ckpt, weights_only=True)["rng_cpu"]
+    assert len(streams) == 2 and not torch.equal(*streams)  # each rank's dropout stream
+    single = common + ["--batch_size=4", "--grad_accum_steps=2", "--max_iters=8", f"--ckpt={single_ckpt}"]
+    assert run_main(single, cls, script) == 0
 
     ddp_steps, single_steps = records(home / "ddp.jsonl", "loss"), records(home / "single.jsonl", "loss")
     assert [r["iter"] for r in ddp_steps] == list(range(1, 9)) == [r["iter"] for r in single_steps]
@@ -86,7 +89,10 @@ class SecondRank(OneProcess):
     rank, world, master = 1, 2, False
 
 
-def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds(home, corpus):
+def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds(home, corpus, capsys):
+    """Restored in one process with rank 1's view of 2: rank 1's stream, not rank 0's; a checkpoint of another
+    number of processes seeds each rank anew. The start-up line says that with grad_accum_steps=1 each of the 2
+    processes runs one micro-batch per step."""
     args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--dropout=0.1", "--mode=train")
     assert run_main(args) == 0
     path = home / "model_dict" / "gpt.pt"
@@ -94,8 +100,12 @@ def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds
     streams = [torch.Generator().manual_seed(seed).get_state() for seed in (11, 22)]
     torch.save(dict(ckpt, rng_cpu=streams), path)
     cfg = script_config(args + ["--resume", "--max_iters=4"], "gpt")
+    capsys.readouterr()
     start(gpt.LBGPT, cfg, SecondRank())
     assert torch.equal(torch.get_rng_state(), streams[1])  # rank 1's stream, not rank 0's
+    assert ("512 tokens per step (batch_size 8 x grad_accum_steps 1 x 2 processes x block_size 32; "
+            "grad_accum_steps=1 is fewer than the 2 processes, so each runs one micro-batch per step)"
+            in capsys.readouterr().out)
     torch.save(dict(ckpt, rng_cpu=streams[:1]), path)  # written by one process: a seed of its own per rank
     start(gpt.LBGPT, cfg, SecondRank())
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(cfg["seed"] + 1 + ckpt["iter_num"]).get_state())

@@ -154,7 +154,7 @@ def test_runs_killed_at_random_moments_leave_nothing_after_the_next_run(home, co
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (folder / f".gpt.pt.{dead.pid}.tmp").write_bytes(b"half a checkpoint")  # a dead writer's
-    writer = subprocess.Popen(["sleep", "120"])  # a live writer
+    writer = subprocess.Popen(["sleep", "3600"])  # a live writer, for as long as the test runs
     live = folder / f".gpt.pt.{writer.pid}.tmp"
     live.write_bytes(b"being written")
     rng = random.Random(1)
@@ -169,6 +169,7 @@ def test_runs_killed_at_random_moments_leave_nothing_after_the_next_run(home, co
         assert run_main(tiny_args(home, corpus, "--mode=sample")) == 0
     finally:
         writer.kill()
+        writer.wait()
     assert temp_files(folder, home / "data", home / "tokenizers", home / "generate_text") == [live.name]
     assert checkpoint_iteration(folder / "gpt.pt") >= 0
 

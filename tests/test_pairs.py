@@ -145,6 +145,7 @@ FILE_RUN = ["--rm_epochs=2", "--rm_batch=32", "--dpo_methods=dpo", "--dpo_batch=
             "--eval_samples=2", "--bon_max_n=4", "--bon_prompts=4", "--kl_targets=0.5"]
 
 
+@pytest.mark.plots  # the no-oracle figures are drawn nowhere else
 def test_every_stage_tunes_on_a_files_pairs_and_with_no_oracle_the_report_says_so(rlhf_run, tmp_path, capsys):
     pairs = subset(rlhf_run, tmp_path / "mine.jsonl", 320)
     args = rlhf_run.shared_args + FILE_RUN + [f"--pairs={pairs}"]

@@ -14,7 +14,8 @@ from dualgpt import repo_path
 from dualgpt.atlas import matching_patch, write_atlas
 from dualgpt.evaluation import checkpoint_with_data
 from dualgpt.plots import pyplot, save_figure
-from dualgpt.probes import PROBES, probe_length, probe_scores, recording, repeated_tokens
+from dualgpt.probes import (PROBES, probe_length, probe_scores, recording, repeated_tokens,
+                            training_tokens)
 from dualgpt.runconfig import parse_head_mask
 from dualgpt.runtime import autocast, progress
 from dualgpt.sampling import read_prompt
@@ -129,8 +130,8 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
             files.append(f"{prefix}.heads.layer{layer}.png")
             plot_attention([w], labels, f"{title}, layer {layer}", files[-1])
 
-    probe = repeated_tokens(cfg["probe_sequences"], length, model.config.vocab_size,
-                            cfg["seed"]).to(cfg["device"])
+    pool = training_tokens(data.splits["train"])
+    probe = repeated_tokens(cfg["probe_sequences"], length, pool, cfg["seed"]).to(cfg["device"])
     gen = torch.Generator().manual_seed(cfg["seed"])
     batches = [data.batch("val", gen) for _ in range(cfg["eval_iters"])]
     stats = head_statistics(model, [x for x, _ in batches])
@@ -154,14 +155,14 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
     rows.sort(key=lambda r: -r["loss_increase"])
     print(f"val loss {base:.4f} ({data.bpb(base, 'val'):.3f} bpb) over {len(batches)} batches; "
           f"in-context learning {icl:+.3f} nats on {len(probe)} probes of {length} repeated "
-          f"random tokens (ICL off: its change with the head off; labels at a probe score of "
-          f"{LABEL_THRESHOLD}); heads by importance:")
+          f"random tokens of the {len(pool)} in the train split (ICL off: its change with the "
+          f"head off; labels at a probe score of {LABEL_THRESHOLD}); heads by importance:")
     print_head_table(rows)
     report = {"checkpoint": cfg["ckpt"], "iter_num": ckpt["iter_num"],
               "head_mask": cfg["head_mask"], "device": cfg["device"], "dtype": cfg["dtype"],
               "val_batches": len(batches), "val_loss": base, "icl_score": icl,
               "probe": {"sequences": len(probe), "length": length, "seed": cfg["seed"],
-                        "label_threshold": LABEL_THRESHOLD},
+                        "tokens": len(pool), "label_threshold": LABEL_THRESHOLD},
               "heads": rows}
     files.append(prefix + ".heads.json")
     with atomic_open(files[-1], "w", encoding="utf-8") as f:

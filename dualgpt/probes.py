@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,11 +38,20 @@ def probe_length(requested: int, block_size: int) -> int:
     return requested or min(24, fits)
 
 
-def repeated_tokens(n: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
-    """The probe, (n, 1 + 2 length): a uniform random token, then `length` more, repeated once."""
+def repeated_tokens(n: int, length: int, tokens: int | torch.Tensor, seed: int) -> torch.Tensor:
+    """The probe, (n, 1 + 2 length): a random token, then `length` more, repeated once; each drawn
+    uniformly from `tokens` (ids), or from every id below it if an int."""
     gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(vocab_size, (n, 1 + length), generator=gen)
+    pool = torch.arange(tokens) if isinstance(tokens, int) else tokens
+    first = pool[torch.randint(len(pool), (n, 1 + length), generator=gen)]
     return torch.cat([first, first[:, 1:]], dim=1)
+
+
+def training_tokens(train_ids: np.ndarray) -> torch.Tensor:
+    """The ids that occur in the training split: the probe's tokens. A model never reads the others
+    (192 of a 512-token vocabulary of Tiny Shakespeare: bytes no text holds), so their embeddings
+    carry nothing to copy."""
+    return torch.from_numpy(np.unique(train_ids).astype(np.int64))
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from dualgpt import TrainingDiverged, UserError, WriteFailed
 from dualgpt.checkpoint import (build_model, cpu_copy, layout_of, load_checkpoint, log_path,
                                 make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data
-from dualgpt.probes import probe_length, probe_scores, repeated_tokens
+from dualgpt.probes import probe_length, probe_scores, repeated_tokens, training_tokens
 from dualgpt.runconfig import model_config, model_options, parse_head_mask, require
 from dualgpt.runtime import OneProcess, StopRequest, autocast, cpu_has_bf16, training_bar
 
@@ -158,7 +158,8 @@ def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
     torch.manual_seed(cfg["seed"] + ddp.rank)  # dropout differs across ranks
     # each evaluation also measures in-context learning on a fixed probe (probes.py)
     length = probe_length(cfg["probe_length"], config.block_size)
-    probe = repeated_tokens(cfg["probe_sequences"], length, config.vocab_size, cfg["seed"])
+    probe = repeated_tokens(cfg["probe_sequences"], length, training_tokens(data.splits["train"]),
+                            cfg["seed"])
     fp16_on_cuda = cfg["dtype"] == "float16" and device.startswith("cuda")
     # grad_accum_steps shared out across the processes (runconfig.py checks it divides)
     micro_steps = max(1, cfg["grad_accum_steps"] // ddp.world)

@@ -5,7 +5,7 @@ import matplotlib.image
 from matplotlib.figure import Figure
 import pytest
 import torch
-from conftest import run_main, tiny_args
+from conftest import dataset, run_main, tiny_args
 
 import gpt
 import gpt_
@@ -137,7 +137,10 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
     assert [r["loss_increase"] for r in rows] == sorted((r["loss_increase"] for r in rows), reverse=True)
     assert "label" in out and "ICL off" in out
     # the probe's record, its scores and labels (block 32: 15 tokens per copy), and the ICL score
-    assert report["probe"] == {"sequences": 64, "length": 15, "seed": 1337, "label_threshold": 0.4}
+    pool = probes.training_tokens(dataset(script_config(args, "gpt")).splits["train"])
+    assert 0 < len(pool) < 300  # a small corpus: most of the 300 ids never occur, and are never drawn
+    assert report["probe"] == {"sequences": 64, "length": 15, "seed": 1337, "tokens": len(pool),
+                               "label_threshold": 0.4}
     assert isinstance(report["icl_score"], float)
     for r in rows:
         assert all(0 <= r[name] <= 1 for name in ("previous_token", "duplicate_token", "induction",
@@ -146,7 +149,8 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
         assert r["entropy"] >= 0
     # icl_change: the ICL score with that head also off, minus with all on
     _, model = checkpoint.checkpoint_model(gpt.LBGPT, script_config(args + ["--mode=heads"], "gpt"))
-    probe = probes.repeated_tokens(64, 15, 300, 1337)
+    probe = probes.repeated_tokens(64, 15, pool, 1337)
+    assert set(probe.flatten().tolist()) <= set(pool.tolist())
     row = rows[0]
     model.set_head_mask({(row["layer"], row["head"])})
     assert probes.probe_scores(model, probe, 15)[1] - report["icl_score"] == pytest.approx(

@@ -7,12 +7,13 @@ import types
 
 import pytest
 import torch
-from conftest import run_main, run_script, tiny_args
+from conftest import dataset, run_main, run_script, tiny_args
 
 import gpt
 import gpt_
 
 from dualgpt import compiling, train
+from dualgpt.runconfig import script_config
 
 
 def test_lr_schedule():
@@ -355,7 +356,8 @@ def test_each_evaluation_logs_in_context_learning_on_the_probe_and_the_plot_show
     ckpt = load_checkpoint(str(home / "model_dict" / "gpt.pt"))
     model = gpt.LBGPT(gpt.ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
-    tokens = probes.repeated_tokens(64, 15, 300, 1337)  # the default probe at block 32, seed 1337
+    pool = probes.training_tokens(dataset(script_config(args, "gpt")).splits["train"])
+    tokens = probes.repeated_tokens(64, 15, pool, 1337)  # the default probe at block 32, seed 1337
     scores, icl = probes.probe_scores(model.eval(), tokens, 15)
     assert evals[-1]["icl_score"] == pytest.approx(icl, abs=1e-5)
     assert evals[-1]["induction_max"] == pytest.approx(scores["induction"].max().item(), abs=1e-5)

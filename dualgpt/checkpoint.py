@@ -1,11 +1,10 @@
 """Checkpoints: written atomically, read without unpickling code, and loadable by either script.
 
-A checkpoint is a dict of tensors and plain values, built by make_checkpoint alone: "model" (latest
-weights), "best_model" (best-val weights, used by sample/eval/heads), "best_val_loss",
-"model_config", "layout" (the model that wrote the weights: "LB-GPT" for gpt.py, "SM-GPT" for
-gpt_.py), "config" (the run config), "iter_num", "tokenizer" (the .model text); training adds
-"optimizer" (AdamW's state; "muon" beside it under Muon), "train_s", "compile_s" and the RNG states
-"rng_cpu", "rng_cuda", "rng_batches" for an exact resume; export adds "eval", RLHF "rlhf".
+A checkpoint is a dict built by make_checkpoint alone: "model" (latest weights), "best_model"
+(best-val weights: sample, eval, heads), "best_val_loss", "model_config", "layout" ("LB-GPT" or
+"SM-GPT": the script that wrote it), "config" (the run config), "iter_num", "tokenizer" (the .model
+text); training adds "optimizer" ("muon" beside it under Muon), "train_s", "compile_s" and the RNG
+states "rng_cpu", "rng_cuda", "rng_batches"; export adds "eval", RLHF "rlhf".
 """
 from __future__ import annotations
 

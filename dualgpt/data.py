@@ -25,8 +25,7 @@ def sha256_file(path: str) -> str:
 
 
 def resolve_data(data: str) -> str:
-    """The local path of the training text: config.py's default lives in the repository (the clone
-    ships it), wherever the script is run from; any other path is the user's."""
+    """The text's path: config.py's default is the clone's from any folder; another, the user's."""
     path = repo_path(data) if data == default_config.data else os.path.abspath(data)
     if not os.path.isfile(path):
         raise UserError(f"data file {data} not found; pass --data=PATH to a UTF-8 text file")

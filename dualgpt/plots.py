@@ -21,13 +21,15 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
-def label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None) -> None:
-    """Label the axes, draw the grid and legend."""
+def label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None,
+               legend: bool = True) -> None:
+    """Label the axes, draw the grid and the legend (unless drawn already)."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if legend:
+        ax.legend(fontsize=legend_size)
 
 
 def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str,
@@ -67,12 +69,14 @@ def plot_losses(log_file: str, path: str, title: str) -> None:
         ax.plot(minutes(evals), [r[f"{split}_bpb"] for r in evals], marker="o",
                 label=f"{split} (evaluation)")
     if probed:
-        below = axes[1][0]
+        below, right = axes[1][0], axes[1][0].twinx()  # nats on the left, attention on the right
         below.plot(minutes(probed), [r["icl_score"] for r in probed], marker="o",
                    label="in-context learning (nats, loss on copy 1 - copy 2)")
-        below.plot(minutes(probed), [r["induction_max"] for r in probed], marker="s",
-                   label="largest induction score (attention)")
-        label_axes(below, xlabel, "score", "repeated random tokens", legend_size=8)
+        right.plot(minutes(probed), [r["induction_max"] for r in probed], marker="s", color="C1",
+                   label="largest induction score (attention, right axis)")
+        right.set_ylim(0, 1)
+        below.legend(handles=below.lines + right.lines, fontsize=8, loc="upper left")
+        label_axes(below, xlabel, "nats", "repeated random tokens", legend=False)
     finish_plot(fig, ax, "" if probed else xlabel, "bits per byte", title, path)
 
 

@@ -48,9 +48,8 @@ def repeated_tokens(n: int, length: int, tokens: int | torch.Tensor, seed: int) 
 
 
 def training_tokens(train_ids: np.ndarray) -> torch.Tensor:
-    """The ids that occur in the training split: the probe's tokens. A model never reads the others
-    (192 of a 512-token vocabulary of Tiny Shakespeare: bytes no text holds), so their embeddings
-    carry nothing to copy."""
+    """The ids in the training split, the probe's tokens: a model never reads the others (192 of
+    512 in config/induction.py's vocabulary), so their embeddings carry nothing to copy."""
     return torch.from_numpy(np.unique(train_ids).astype(np.int64))
 
 

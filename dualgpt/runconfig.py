@@ -1,5 +1,4 @@
-"""The run config: config.py's values, then a config file and --key=value overrides, checked
-once."""
+"""The run config: config.py's values, then a config file and --key=value overrides, checked."""
 from __future__ import annotations
 
 import dataclasses
@@ -142,8 +141,7 @@ def resolve(keys: dict, overrides: dict, rules: dict[str, str]) -> dict:
 
 
 def script_config(argv: list[str], script: str, usage: str = "") -> dict:
-    """The checked run config of `python <script>.py argv...` (gpt or gpt_), with its default
-    paths."""
+    """The checked run config of `python <script>.py argv...`, with the script's default paths."""
     keys, rules = defaults(), declarations()
     cfg = resolve(keys, parse_args(argv, f"{script}.py", keys, rules, usage), rules)
     cfg["script"] = script
@@ -204,6 +202,5 @@ def model_config(cfg: dict, config_class: type):
 
 
 def model_options(cfg: dict, model_class: type) -> dict:
-    """The run-time options a model class takes besides its config (gpt_.py: attn_impl,
-    kv_cache)."""
+    """The options a model class takes besides its config (gpt_.py: attn_impl, kv_cache)."""
     return {key: cfg[key] for key in model_class.run_options}

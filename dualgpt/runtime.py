@@ -61,8 +61,7 @@ def autocast(device: str, dtype: str):
 
 
 def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:
-    """A tqdm bar on a terminal; none where the output is a file or pipe (its carriage-return
-    updates would pile up in the log), or when show is False."""
+    """A tqdm bar on a terminal (in a log its carriage returns would pile up), if show."""
     return tqdm(iterable, disable=None if show else True, **kwargs)
 
 

@@ -36,8 +36,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """A run ends after max_iters steps or budget_s seconds of training, whichever comes first
-    (0 = no limit of that kind)."""
+    """A run ends after max_iters steps or budget_s s of training, whichever is first (0: none)."""
     max_iters: int
     budget_s: float
 
@@ -139,8 +138,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp: OneProcess | None = None
 
 
 def start(model_class: type[nn.Module], cfg: dict, ddp: OneProcess) -> Run:
-    """Everything a run trains with: the data, the model and optimizers (restored from the
-    checkpoint when resuming), compiled and wrapped for DDP where asked."""
+    """What a run trains with: data, model, optimizers (a checkpoint's when resuming), compiled and
+    wrapped for DDP where asked."""
     device = cfg["device"]
     config = model_config(cfg, model_class.config_class)
     previous = check_previous_run(cfg, model_class.layout, dataclasses.asdict(config))
@@ -229,8 +228,7 @@ def training_step(run: Run, bar) -> None:
 
 
 def optimizer_step(run: Run) -> torch.Tensor:
-    """Accumulate gradients over the micro-batches, clip, step; returns the last micro-batch's
-    loss."""
+    """Gradients summed over the micro-batches, clipped, one step: the last micro-batch's loss."""
     model, cfg = run.train_model, run.cfg
     for micro in range(run.micro_steps):
         x, y = run.data.batch("train", run.batch_gen, cfg["repeat_fraction"])
@@ -340,8 +338,7 @@ def check_previous_run(cfg: dict, layout: str, config_values: dict) -> dict | No
 
 
 def restore(run: Run, ckpt: dict) -> None:
-    """Weights, optimizers and RNG streams of a checkpoint: the run continues exactly where it
-    stopped."""
+    """Weights, optimizers and RNG streams of a checkpoint: the run goes on exactly as it was."""
     run.model.load_state_dict(ckpt["model"])
     for key, optimizer in run.optimizers.items():
         optimizer.load_state_dict(ckpt[key])
@@ -360,10 +357,9 @@ def restore(run: Run, ckpt: dict) -> None:
 
 
 def make_optimizers(model: nn.Module, cfg: dict) -> dict[str, torch.optim.Optimizer]:
-    """AdamW, with weight decay on matrices only (not on biases and LayerNorm weights). With
-    optimizer = "muon", torch.optim.Muon takes the blocks' weight matrices (each update
-    orthogonalised, so every direction of a matrix moves at the same rate) and AdamW keeps the
-    embeddings, gains and biases. Keyed as the checkpoint stores their states."""
+    """AdamW, weight decay on matrices only (not biases, LayerNorm weights); with optimizer=muon,
+    torch.optim.Muon on the blocks' weight matrices (each update orthogonalised: every direction of
+    a matrix moves at the same rate), AdamW on the rest. Keyed as the checkpoint stores them."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     to_muon = {name for name, p in named
                if cfg["optimizer"] == "muon" and name.startswith("blocks.") and p.dim() == 2}

@@ -162,7 +162,8 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
               "head_mask": cfg["head_mask"], "device": cfg["device"], "dtype": cfg["dtype"],
               "val_batches": len(batches), "val_loss": base, "icl_score": icl,
               "probe": {"sequences": len(probe), "length": length, "seed": cfg["seed"],
-                        "tokens": len(pool), "label_threshold": LABEL_THRESHOLD},
+                        "tokens": len(pool), "drawn_from": "ids in the train split",
+                        "label_threshold": LABEL_THRESHOLD},
               "heads": rows}
     files.append(prefix + ".heads.json")
     with atomic_open(files[-1], "w", encoding="utf-8") as f:

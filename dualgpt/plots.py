@@ -21,15 +21,13 @@ def save_figure(fig, path: str) -> None:
     pyplot().close(fig)
 
 
-def label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None,
-               legend: bool = True) -> None:
-    """Label the axes, draw the grid and the legend (unless drawn already)."""
+def label_axes(ax, xlabel: str, ylabel: str, title: str, legend_size: float | None = None) -> None:
+    """Label the axes, draw the grid and legend."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(fontsize=legend_size)
+    ax.legend(fontsize=legend_size)
 
 
 def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str,
@@ -74,9 +72,10 @@ def plot_losses(log_file: str, path: str, title: str) -> None:
                    label="in-context learning (nats, loss on copy 1 - copy 2)")
         right.plot(minutes(probed), [r["induction_max"] for r in probed], marker="s", color="C1",
                    label="largest induction score (attention, right axis)")
-        right.set_ylim(0, 1)
-        below.legend(handles=below.lines + right.lines, fontsize=8, loc="upper left")
-        label_axes(below, xlabel, "nats", "repeated random tokens", legend=False)
+        right.axhline(0.4, color="C1", linestyle=":", linewidth=1)  # the label (heads.py)
+        right.set(ylim=(0, 1), ylabel="induction score (label from 0.4, dotted)")
+        label_axes(below, xlabel, "nats", "repeated random tokens")  # then a legend of both axes:
+        below.legend(handles=below.lines + right.lines[:1], fontsize=8, loc="upper left")
     finish_plot(fig, ax, "" if probed else xlabel, "bits per byte", title, path)
 
 

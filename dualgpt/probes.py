@@ -42,7 +42,7 @@ def repeated_tokens(n: int, length: int, tokens: int | torch.Tensor, seed: int) 
     """The probe, (n, 1 + 2 length): a random token, then `length` more, repeated once; each drawn
     uniformly from `tokens` (ids), or from every id below it if an int."""
     gen = torch.Generator().manual_seed(seed)
-    pool = torch.arange(tokens) if isinstance(tokens, int) else tokens
+    pool = tokens if isinstance(tokens, torch.Tensor) else torch.arange(int(tokens))
     first = pool[torch.randint(len(pool), (n, 1 + length), generator=gen)]
     return torch.cat([first, first[:, 1:]], dim=1)
 
@@ -50,7 +50,7 @@ def repeated_tokens(n: int, length: int, tokens: int | torch.Tensor, seed: int) 
 def training_tokens(train_ids: np.ndarray) -> torch.Tensor:
     """The ids in the training split, the probe's tokens: a model never reads the others (192 of
     512 in config/induction.py's vocabulary), so their embeddings carry nothing to copy."""
-    return torch.from_numpy(np.unique(train_ids).astype(np.int64))
+    return torch.from_numpy(np.flatnonzero(np.bincount(train_ids)))
 
 
 @torch.no_grad()

@@ -140,7 +140,7 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
     pool = probes.training_tokens(dataset(script_config(args, "gpt")).splits["train"])
     assert 0 < len(pool) < 300  # a small corpus: most of the 300 ids never occur, and are never drawn
     assert report["probe"] == {"sequences": 64, "length": 15, "seed": 1337, "tokens": len(pool),
-                               "label_threshold": 0.4}
+                               "drawn_from": "ids in the train split", "label_threshold": 0.4}
     assert isinstance(report["icl_score"], float)
     for r in rows:
         assert all(0 <= r[name] <= 1 for name in ("previous_token", "duplicate_token", "induction",

@@ -317,6 +317,58 @@ def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_rep
     named = " and ".join(f"{r['layer']}.{r['head']} ({r['induction']:.2f})" for r in heads)
     assert f"induction heads {named}" in text
     assert "ICL at 5 min" in page and ckpt["config"]["max_minutes"] == 5.0
+    with open(os.path.join(shipped, "induction_seed1337.jsonl")) as f:
+        assert [r["iter"] for r in map(json.loads, f) if "icl_score" in r][-1] == ckpt["iter_num"]
+
+
+def test_the_recipe_pages_other_figures_are_its_logs_and_its_shipped_model():
+    """The rest of the recipe's figures in docs/heads.md and the README: the flat start and the loss bumps from the
+    logs; the default models' in-context learning; and, recomputed on the shipped model, its heads report's probe
+    scores, the circuit (heads 0.0 and 0.2 off), and the whole-vocabulary probe's scores."""
+    from dualgpt import probes
+    shipped = os.path.join(ROOT, "generate_text", "shipped")
+    text = " ".join(doc("heads.md").split())
+    logs = {}
+    for seed in INDUCTION_SEEDS:
+        with open(os.path.join(shipped, f"induction_seed{seed}.jsonl")) as f:
+            logs[seed] = [r for r in map(json.loads, f) if "icl_score" in r]
+    early = [r for evals in logs.values() for r in evals if r["train_s"] / 60 <= 1.3]
+    assert (f"flat up to 1.3 minutes (ICL at most {max(r['icl_score'] for r in early):.2f}, induction score at most "
+            f"{max(r['induction_max'] for r in early):.2f})") in text
+    assert all(formed(evals)["train_s"] / 60 < 3.5 for evals in logs.values())
+    bumps = {seed: max(((b["val_bpb"] - a["val_bpb"], b["train_s"] / 60) for a, b in zip(evals, evals[1:])))
+             for seed, evals in logs.items()}
+    assert (f"(+{bumps[1337][0]:.3f} at {bumps[1337][1]:.1f} min in seed 1337, +{bumps[2][0]:.3f} at "
+            f"{bumps[2][1]:.1f} min in seed 2)") in text
+    icl = {}
+    for script in SHIPPED:
+        with open(os.path.join(shipped, f"{script}.heads.json")) as f:
+            icl[script] = json.load(f)["icl_score"]
+    assert f"the default models' are {icl['gpt']:.2f} (LB-GPT) and {icl['gpt_']:.2f} (SM-GPT)" in text
+    cfg = script_config([f"--ckpt={os.path.join(ROOT, 'model_dict', 'shipped', 'induction.pt')}", "--device=cpu",
+                         f"--data={os.path.join(ROOT, config.data)}", "--mode=heads", "--dtype=float32"], "gpt_")
+    _, model, data = checkpoint_with_data(gpt_.SMGPT, cfg)
+    with open(os.path.join(shipped, "induction.heads.json")) as f:
+        report = json.load(f)
+    probe = report["probe"]
+    pool = probes.training_tokens(data.splits["train"])
+    assert probe["tokens"] == len(pool) and model.config.vocab_size - len(pool) == 192
+    assert "192 of the recipe's 512 ids never occur" in text
+    tokens = probes.repeated_tokens(probe["sequences"], probe["length"], pool, probe["seed"])
+    scores, icl_score = probes.probe_scores(model, tokens, probe["length"])
+    assert icl_score == pytest.approx(report["icl_score"], abs=1e-5)
+    for row in report["heads"]:
+        for name in probes.PROBES:
+            assert scores[name][row["layer"], row["head"]].item() == pytest.approx(row[name], abs=1e-5)
+    model.set_head_mask({(0, 0), (0, 2)})
+    scores, icl_score = probes.probe_scores(model, tokens, probe["length"])
+    assert (f"heads 1.0 and 1.1 score {scores['induction'][1, 0]:.2f} and {scores['induction'][1, 1]:.2f} and "
+            f"in-context learning falls to {icl_score:.2f} nats") in text
+    model.set_head_mask(set())
+    every_id = probes.repeated_tokens(probe["sequences"], probe["length"], model.config.vocab_size, probe["seed"])
+    scores, icl_score = probes.probe_scores(model, every_id, probe["length"])
+    assert (f"scores heads 1.0 and 1.1 {scores['induction'][1, 0]:.2f} and {scores['induction'][1, 1]:.2f} (and "
+            f"in-context learning {icl_score:.2f} nats)") in text
 
 
 def test_the_muon_reading_quotes_the_shipped_differences():

@@ -215,17 +215,17 @@ def test_the_long_fuzz_run_the_docs_quote_is_the_shipped_one():
     assert f"{sum(passing for passing, _ in runs):,} cases" in page and command in page
 
 
-@pytest.mark.parametrize("script", SHIPPED)
-def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them(home, script):
-    """The shipped heads.json's probe scores and in-context-learning score are what the probe it
-    records (drawn from the tokens of the shipped text's train split) gives on the shipped checkpoint, and
-    docs/heads.md quotes its largest induction score, its labels (none) and its in-context-learning score."""
+def shipped_heads_report(name: str, cls) -> tuple[dict, torch.nn.Module, torch.Tensor]:
+    """A shipped model's heads report (generate_text/shipped/<name>.heads.json), after checking that its probe
+    scores and in-context-learning score are what the probe it records (drawn from the tokens of the shipped
+    text's train split) gives on model_dict/shipped/<name>.pt; returns the report, the model and the probe."""
     from dualgpt import probes
-    with open(os.path.join(ROOT, "generate_text", "shipped", f"{script}.heads.json")) as f:
+    with open(os.path.join(ROOT, "generate_text", "shipped", f"{name}.heads.json")) as f:
         report = json.load(f)
-    cfg = script_config([f"--ckpt={os.path.join(ROOT, 'model_dict', 'shipped', f'{script}.pt')}", "--device=cpu",
-                         f"--data={os.path.join(ROOT, config.data)}", "--mode=heads"], script)
-    _, model, data = checkpoint_with_data(SHIPPED[script], cfg)
+    cfg = script_config([f"--ckpt={os.path.join(ROOT, 'model_dict', 'shipped', f'{name}.pt')}", "--device=cpu",
+                         f"--data={os.path.join(ROOT, config.data)}", "--mode=heads", "--dtype=float32"],
+                        "gpt_" if cls is gpt_.SMGPT else "gpt")
+    _, model, data = checkpoint_with_data(cls, cfg)
     probe = report["probe"]
     pool = probes.training_tokens(data.splits["train"])
     assert probe["tokens"] == len(pool)
@@ -233,8 +233,16 @@ def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them
     scores, icl = probes.probe_scores(model, tokens, probe["length"])
     assert icl == pytest.approx(report["icl_score"], abs=1e-5)
     for row in report["heads"]:
-        for name in probes.PROBES:
-            assert scores[name][row["layer"], row["head"]].item() == pytest.approx(row[name], abs=1e-5)
+        for score in probes.PROBES:
+            assert scores[score][row["layer"], row["head"]].item() == pytest.approx(row[score], abs=1e-5)
+    return report, model, tokens
+
+
+@pytest.mark.parametrize("script", SHIPPED)
+def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them(home, script):
+    """The shipped heads.json's scores are its model's (shipped_heads_report), and docs/heads.md quotes its
+    largest induction score, its labels (none) and its in-context-learning score."""
+    report, _, _ = shipped_heads_report(script, SHIPPED[script])
     page = " ".join(doc("heads.md").split())
     name = {"gpt": "LB-GPT", "gpt_": "SM-GPT"}[script]
     largest = max(row["induction"] for row in report["heads"])
@@ -321,7 +329,7 @@ def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_rep
         assert [r["iter"] for r in map(json.loads, f) if "icl_score" in r][-1] == ckpt["iter_num"]
 
 
-def test_the_recipe_pages_other_figures_are_its_logs_and_its_shipped_model():
+def test_the_recipe_pages_other_figures_are_its_logs_and_its_shipped_model(home):
     """The rest of the recipe's figures in docs/heads.md and the README: the flat start and the loss bumps from the
     logs; the default models' in-context learning; and, recomputed on the shipped model, its heads report's probe
     scores, the circuit (heads 0.0 and 0.2 off), and the whole-vocabulary probe's scores."""
@@ -345,21 +353,10 @@ def test_the_recipe_pages_other_figures_are_its_logs_and_its_shipped_model():
         with open(os.path.join(shipped, f"{script}.heads.json")) as f:
             icl[script] = json.load(f)["icl_score"]
     assert f"the default models' are {icl['gpt']:.2f} (LB-GPT) and {icl['gpt_']:.2f} (SM-GPT)" in text
-    cfg = script_config([f"--ckpt={os.path.join(ROOT, 'model_dict', 'shipped', 'induction.pt')}", "--device=cpu",
-                         f"--data={os.path.join(ROOT, config.data)}", "--mode=heads", "--dtype=float32"], "gpt_")
-    _, model, data = checkpoint_with_data(gpt_.SMGPT, cfg)
-    with open(os.path.join(shipped, "induction.heads.json")) as f:
-        report = json.load(f)
+    report, model, tokens = shipped_heads_report("induction", gpt_.SMGPT)
     probe = report["probe"]
-    pool = probes.training_tokens(data.splits["train"])
-    assert probe["tokens"] == len(pool) and model.config.vocab_size - len(pool) == 192
+    assert model.config.vocab_size - probe["tokens"] == 192
     assert "192 of the recipe's 512 ids never occur" in text
-    tokens = probes.repeated_tokens(probe["sequences"], probe["length"], pool, probe["seed"])
-    scores, icl_score = probes.probe_scores(model, tokens, probe["length"])
-    assert icl_score == pytest.approx(report["icl_score"], abs=1e-5)
-    for row in report["heads"]:
-        for name in probes.PROBES:
-            assert scores[name][row["layer"], row["head"]].item() == pytest.approx(row[name], abs=1e-5)
     model.set_head_mask({(0, 0), (0, 2)})
     scores, icl_score = probes.probe_scores(model, tokens, probe["length"])
     assert (f"heads 1.0 and 1.1 score {scores['induction'][1, 0]:.2f} and {scores['induction'][1, 1]:.2f} and "

@@ -30,6 +30,8 @@ rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
 import platform
@@ -47,21 +49,23 @@ from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.runconfig import require
 from rlhf_lib.labelling import label_pairs
 from rlhf_lib.pairs import encode_pairs, read_pairs, write_pairs
-from rlhf_lib.plots import plot_rm_against_oracle, plot_score_against_kl
+from rlhf_lib.plots import plot_learning_curves, plot_rm_against_oracle, plot_score_against_kl
 from rlhf_lib.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
                                  tau_for_agreement)
-from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point, distinct_2,
-                             evaluate_policy, gains_and_transfer, kept_curve, markdown_tables,
-                             matched_rows,
-                             measure, pairwise_rows, ratio_summary, repetition, score_names,
-                             strip_per_prompt, summarise, write_markdown_report, write_samples)
+from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
+                             curve_point, distinct_2, evaluate_policy, gains_and_transfer,
+                             kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
+                             ratio_summary, repetition, score_names, strip_per_prompt, summarise,
+                             usable,
+                             write_markdown_report, write_samples)
 from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_rejected,
-                            clear_outputs, complete, eval_prompts, frozen, in_repo,
+                            clear_outputs, complete, eval_prompts, frozen, in_repo, kl_targets,
                             load_output, load_pairs, load_policy,
                             load_policy_checkpoint, load_reward_model, output_folders, read_json,
                             record_in, reward_scores, rlhf_run_config, sample_prompts, save_model,
                             scores, sequence_logprobs, setup, texts)
-from rlhf_lib.training import DPO_METHODS, train_dpo, train_reward_model, train_rl
+from rlhf_lib.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo,
+                               train_reward_model, train_rl)
 
 # "all" runs these for each seed, then "report"
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
@@ -75,10 +79,13 @@ HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one);
 
 
 def dpo_methods(cfg: dict) -> list[str]:
-    """The DPO losses to train; with a pairs file, not dpo_soft (it trains on the oracle's
-    preference probabilities, which a file does not have)."""
+    """The DPO-family losses to train; with a pairs file, not dpo_soft (it trains on the oracle's
+    preference probabilities, which a file does not have), nor cdpo unless cdpo_epsilon is given
+    (there is no flip rate to read)."""
+    left_out = ({"dpo_soft"} | ({"cdpo"} if not cfg["cdpo_epsilon"] else set())
+                if cfg["pairs"] else set())
     return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()
-            and not (cfg["pairs"] and m.strip() == "dpo_soft")]
+            and m.strip() not in left_out]
 
 
 def methods(cfg: dict) -> list[str]:
@@ -90,10 +97,6 @@ def stage_of(method: str) -> str:
     return "dpo" if method in DPO_METHODS else method
 
 
-def kl_targets(cfg: dict) -> list[float]:
-    return [float(k) for k in cfg["kl_targets"].split(",") if k.strip()]
-
-
 def check_pipeline_keys(cfg: dict) -> None:
     """The checks of the pipeline's keys that their declarations in rlhf_config.py cannot make."""
     unknown = [m for m in dpo_methods(cfg) if m not in DPO_METHODS]
@@ -101,12 +104,20 @@ def check_pipeline_keys(cfg: dict) -> None:
         targets = kl_targets(cfg)
     except ValueError:
         targets = []
+    grids = []
+    for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid"):
+        try:
+            values = [float(v) for v in cfg[key].split(",") if v.strip()]
+        except ValueError:
+            values = []
+        grids.append((values and all(0 < v < math.inf for v in values),
+                      f"{key} must be numbers like 1e-4,3e-4, got {cfg[key]!r}"))
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from "
                            f"{', '.join(DPO_METHODS)}"),
              (targets and all(0 < k < math.inf for k in targets),
               f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
              (cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be at most "
-              "eval_prompts")])
+              "eval_prompts"), *grids])
 
 
 # -----------------------------------------------------------------------------------------
@@ -213,12 +224,15 @@ def stage_rm(s: Setup) -> dict:
     """A reward model: the base GPT with a scalar head on the last token, trained on the labels
     (Bradley-Terry)."""
     pairs = load_pairs(s, s.expected("pairs"))
-    rm = train_reward_model(s, pairs)
+    rm, scale = train_reward_model(s, pairs)
     val = pairs["val"]
     margin = (reward_scores(s, rm, val["prompts"], val["a"])
               - reward_scores(s, rm, val["prompts"], val["b"]))
     agrees = (margin > 0) == val["a_preferred"].cpu()
-    report = {"held_out_pairs": len(margin), "accuracy_on_labels": agrees.double().mean().item()}
+    report = {"held_out_pairs": len(margin), "accuracy_on_labels": agrees.double().mean().item(),
+              **scale, "pairs_seen": len(pairs["train"]["prompts"]) * s.cfg["rm_epochs"]}
+    if "prob_a" in pairs["train"]:  # what cDPO's epsilon reads
+        report["flip_rate"] = flip_rate(pairs["train"])
     # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
     if "prob_a" in val:
         report["label_ceiling"] = torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item()
@@ -233,7 +247,9 @@ def stage_rm(s: Setup) -> dict:
           + (f" (ceiling {report['label_ceiling']:.1%})" if "label_ceiling" in report else "")
           + (f", {report['accuracy_on_oracle']:.1%} on the oracle's own "
              "preferences" if "accuracy_on_oracle" in report
-             else f" ({len(margin)} held-out pairs)"))
+             else f" ({len(margin)} held-out pairs)")
+          + f"; scores standardised on base samples (raw mean {scale['raw_mean']:+.3f}, std "
+            f"{scale['raw_std']:.3f})")
     return report
 
 
@@ -268,38 +284,29 @@ def stage_bon(s: Setup) -> dict:
 
 
 def stage_dpo(s: Setup) -> dict:
-    """Each DPO loss of dpo_methods on the preference pairs, from the base, against the frozen base
-    as reference, with the same minibatches in the same order."""
-    cfg, pairs = s.cfg, load_pairs(s, s.expected("pairs"))
+    """Each loss of dpo_methods from the base on all the train pairs (the reward model's), against
+    the frozen base as reference, with the same minibatches in the same order."""
+    pairs = load_pairs(s, s.expected("pairs"))
     record = s.new_record("dpo", pairs["run"]["id"])  # one run of the stage: every loss of it
-    n = min(cfg["dpo_pairs"] or len(pairs["train"]["prompts"]), len(pairs["train"]["prompts"]))
-    # the first dpo_pairs pairs, the same for every loss
-    train = {k: v[:n] for k, v in pairs["train"].items()}
-    chosen, rejected = chosen_rejected(train)
-    prompts = train["prompts"]
-    reference = frozen(load_policy(s))
-    with torch.no_grad():  # the reference never changes: its log-probabilities once, up front
-        ref_c, ref_r = (torch.cat([sequence_logprobs(s, reference, prompts[i:i + CHUNK],
-                                                     side[i:i + CHUNK])
-                                   for i in range(0, n, CHUNK)]) for side in (chosen, rejected))
-    results = {}
+    inputs = pair_inputs(s, pairs["train"])
     for method in DPO_METHODS:
         # also the losses not trained this time: no earlier run's policy stays behind
         clear_outputs(s, method)
-    for method in dpo_methods(cfg):
-        log = train_dpo(s, method, train, (ref_c, ref_r), record)
-        results[method] = {"steps": len(log), "log": log}
+    results = {}
+    if "prob_a" in pairs["train"]:
+        results["flip_rate"] = flip_rate(pairs["train"])
+    for method in dpo_methods(s.cfg):
+        results[method] = {"log": train_dpo(s, method, inputs, record)}
     return results
 
 
 def stage_rl(s: Setup, method: str) -> dict:
     """RLOO or PPO on the reward model's score with a KL penalty to the frozen base
-    (tuning.train_rl)."""
+    (training.train_rl)."""
     policy = load_policy(s)
     rm, rm_record = load_reward_model(s, s.expected("rm"))
     return {"log": train_rl(s, method, policy, list(policy.parameters()), rm, method,
-                            s.cfg["rl_steps"],
-                            s.cfg["keep_points"], s.new_record(method, rm_record["id"]))}
+                            s.cfg["rl_steps"], s.new_record(method, rm_record["id"]))}
 
 
 def stage_eval(s: Setup) -> dict:
@@ -316,7 +323,8 @@ def stage_eval(s: Setup) -> dict:
               "bon": bon["run"]["id"] if bon else None}
     base_result = evaluate_policy(s, base, reference, rm, prompts, samples,
                                   s.generator("curve.sampling", on_device=True))
-    result = {"seed": s.seed, "prompts": len(prompts), "methods": {}, "curves": {}, "samples": {}}
+    result = {"seed": s.seed, "prompts": len(prompts), "methods": {}, "curves": {}, "samples": {},
+              "logs": {}}
     policies = {"base": base}
     for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
@@ -329,8 +337,16 @@ def stage_eval(s: Setup) -> dict:
         policies[method] = load_policy(s, ckpt, path)
         result["curves"][method] = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts,
                                               samples, base_result)
+        result["logs"][method] = run_log(s, method, ckpt["rlhf"]["run"])
     base_point = curve_point(s, 0, 0, base_result, base_result)
+    # each score's spread over the base's samples: the over-optimisation plot's unit
+    result["base_spread"] = {k: base_result[k].std().item() for k in ("rm", "oracle")
+                             if k in base_result}
     ends = {"base": base_point, **{m: curve[-1] for m, curve in result["curves"].items()}}
+    # pairs seen: the DPO family's own; RL and best-of-n see them through the reward model
+    pairs = rm.report["pairs_seen"] // cfg["rm_epochs"]
+    seen = {"base": 0, **{m: cfg["dpo_epochs"] * pairs if m in DPO_METHODS
+                          else rm.report["pairs_seen"] for m in result["curves"]}}
     # each method's end point: the last point of its curve, its final policy
     for name, point in ends.items():
         policy = policies[name]
@@ -340,7 +356,7 @@ def stage_eval(s: Setup) -> dict:
             s.generator("eval.sampling", on_device=True))["completions"])
         val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
         result["methods"][name] = dict(point, **gains_and_transfer(point, base_point, key, judges),
-                                       val_bpb=s.data.bpb(val_loss, "val"),
+                                       pairs_seen=seen[name], val_bpb=s.data.bpb(val_loss, "val"),
                                        distinct_2=distinct_2(completions),
                                        repetition=sum(map(repetition,
                                                           completions)) / len(completions))
@@ -349,8 +365,9 @@ def stage_eval(s: Setup) -> dict:
     for point in result["bon_curve"]:
         if point["n"] in (4, 64, cfg["bon_max_n"]):
             gains = gains_and_transfer(point, base_point, key, judges)
-            result["methods"][f"best-of-{point['n']}"] = dict(point, **gains)
-    result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k) for m, curve in
+            result["methods"][f"best-of-{point['n']}"] = dict(point, **gains,
+                                                              pairs_seen=rm.report["pairs_seen"])
+    result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k, cfg["max_bracket"]) for m, curve in
                                      {"best-of-n": result["bon_curve"],
                                       **result["curves"]}.items()}
                             for k in kl_targets(cfg)}
@@ -361,6 +378,77 @@ def stage_eval(s: Setup) -> dict:
     print(f"eval (seed {s.seed}): " + ", ".join(f"{m} KL {r['kl']:.2f} {key} {r[key]:+.3f}"
                                                 for m, r in result["methods"].items()))
     return result
+
+
+def grid(cfg: dict, method: str) -> list[dict]:
+    """The settings --rlhf_stage=tune tries for a method: each learning rate of its grid, with each
+    beta of beta_grid (IPO: tau of tau_grid; Preferred-FT, RLOO and PPO have none)."""
+    lrs = "dpo_lr_grid" if method in DPO_METHODS else "rl_lr_grid"
+    strength = {"ipo": ("ipo_tau", "tau_grid")}.get(method, (f"{method}_beta", "beta_grid"))
+    values = {name: [float(v) for v in cfg[g].split(",") if v.strip()]
+              for name, g in [(f"{method}_lr", lrs), strength] if name in cfg}
+    return [dict(zip(values, setting)) for setting in itertools.product(*values.values())]
+
+
+def stage_tune(s: Setup) -> dict:
+    """Each method's settings picked on the dev split: every setting of grid() trains from the
+    base on this seed's pairs (RL: its reward model), its kept policies are measured on
+    tune_prompts dev prompts and read at each KL of kl_targets; the pick reaches the most targets,
+    then has the highest mean score over them (measure()'s). Writes every reading and the picks;
+    rlhf_config.py's defaults are set from them, and the test numbers are run once with those."""
+    cfg = dict(s.cfg, eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
+    dev = dataclasses.replace(s, cfg=cfg)
+    pairs = load_pairs(dev, dev.expected("pairs"))
+    rm, rm_record = load_reward_model(dev, dev.expected("rm"))
+    base, prompts, key = load_policy(dev), eval_prompts(dev), measure(dev)
+    reference, samples = frozen(base), cfg["eval_samples"]
+    base_result = evaluate_policy(dev, base, reference, rm, prompts, samples,
+                                  dev.generator("curve.sampling", on_device=True))
+    inputs = pair_inputs(dev, pairs["train"]) if dpo_methods(cfg) else None
+    tried, picks = {}, {}
+    for method in methods(cfg):
+        tried[method] = []
+        for setting in grid(cfg, method):
+            run, name = dataclasses.replace(dev, cfg=dict(cfg, **setting)), f"tune_{method}"
+            upstream = pairs["run"]["id"] if method in DPO_METHODS else rm_record["id"]
+            record = run.new_record(stage_of(method), upstream)
+            if method in DPO_METHODS:
+                train_dpo(run, method, inputs, record, name)
+            else:
+                policy = load_policy(run)
+                train_rl(run, method, policy, list(policy.parameters()), rm, name,
+                         cfg["rl_steps"], record)
+            final = load_tensors(run.path("model_dict", f"{name}.pt"), "")["rlhf"]
+            curve = kept_curve(run, name, final, reference, rm, prompts, samples, base_result)
+            readings = {f"{k:g}": at_kl(curve, k, cfg["max_bracket"]) for k in kl_targets(cfg)}
+            scores = {k: sum(r["per_prompt"][key]) / len(prompts) for k, r in readings.items()
+                      if usable(r)}
+            tried[method].append({"setting": setting, "end_kl": curve[-1]["kl"],
+                                  "at_kl": scores,
+                                  "criterion": [len(scores),
+                                                sum(scores.values()) / max(1, len(scores))]})
+            clear_outputs(run, name)
+        picks[method] = max(tried[method], key=lambda r: r["criterion"])["setting"]
+    result = {"seed": s.seed, "measure": key, "dev_prompts": len(prompts),
+              "kl_targets": cfg["kl_targets"], "tried": tried, "picks": picks,
+              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}",
+              "run": dict(s.new_record("eval", None),
+                          inputs={"pairs": pairs["run"]["id"], "rm": rm_record["id"]})}
+    write_json(s.path("generate_text", "tuning.json"), result)
+    print("picked on the dev split: " + " ".join(f"--{k}={v:g}" for setting in picks.values()
+                                                 for k, v in setting.items()))
+    return result
+
+
+def run_log(s: Setup, name: str, record: dict) -> list[dict]:
+    """What the learning-curve plot draws of a tuning run's log, refused unless that run wrote it:
+    at each step where its KL was measured, the step, its objective (RL: the KL-penalised reward;
+    the DPO family: the loss) and the KL."""
+    path = s.path("generate_text", f"{name}_log.json")
+    content = read_json(path, f"run python rlhf.py --rlhf_stage={stage_of(name)} again") or {}
+    check_record(content.get("run"), record, path)
+    kept = ("step", "loss", "objective/rlhf_reward", "objective/kl", "objective/kl_exact")
+    return [{k: e[k] for k in kept if k in e} for e in content["log"] if "objective/kl" in e]
 
 
 def load_bon(s: Setup) -> dict | None:
@@ -381,7 +469,8 @@ def record_seconds(s: Setup, stage: str, seconds: float) -> None:
                           **{stage: seconds}))
 
 
-RM_MEASURES = ("accuracy_on_oracle", "accuracy_on_labels", "label_ceiling")
+RM_MEASURES = ("accuracy_on_oracle", "accuracy_on_labels", "label_ceiling", "raw_std",
+               "flip_rate")
 
 def stage_report(s: Setup) -> dict:
     """The study over the seeds: every method's end point and its scores at matched KL, with 95%
@@ -394,15 +483,16 @@ def stage_report(s: Setup) -> dict:
     for r in replicates:  # each stage's time when it last ran, summed over the seeds
         for stage, value in (read_json(r.path("generate_text", "seconds.json"),
                                        "run the stages again") or {}).items():
-            seconds[stage] = seconds.get(stage, 0.0) + value
+            if stage in STAGES:  # the study's own stages (tune picks its settings beforehand)
+                seconds[stage] = seconds.get(stage, 0.0) + value
     reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py "
                                   "--rlhf_stage=rm again")["rlhf"]
                      for r in replicates]  # seed_result checked that these are the ones measured
     judges, key = [name[len("judge_"):] for name in score_names(s)
                    if name.startswith("judge_")], measure(s)
-    keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win", "val_bpb",
-            "distinct_2",
-            "repetition", f"gain_{key}", *(f"gain_judge_{j}" for j in judges)]
+    keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win",
+            "rm_accuracy", "val_bpb", "distinct_2", "repetition", f"gain_{key}",
+            *(f"gain_judge_{j}" for j in judges)]
     names = [m for m in per_seed[0]["methods"] if all(m in r["methods"] for r in per_seed)]
     report = {"oracle": s.oracle and s.oracle.name, "pairs": cfg["pairs"], "measure": key,
               "base": cfg["rlhf_base"],
@@ -423,7 +513,11 @@ def stage_report(s: Setup) -> dict:
     for name in names:
         rows = [r["methods"][name] for r in per_seed]
         report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
+                                   "pairs_seen": rows[0].get("pairs_seen"),
                                    **{k: summarise(rows, k) for k in keys if k in rows[0]}}
+        if name != "base" and "val_bpb" in rows[0]:  # the base is one model: a paired change
+            report["methods"][name]["val_bpb_change"] = summarise(
+                rows, "val_bpb", paired_with=[r["methods"]["base"] for r in per_seed])
         report["methods"][name].update({f"transfer_judge_{j}": ratio_summary(rows,
                                                                              f"gain_judge_{j}",
                                                                              "gain_oracle")
@@ -433,11 +527,15 @@ def stage_report(s: Setup) -> dict:
         report["matched_kl"][target] = matched_rows(at, [key, *(f"judge_{j}" for j in judges)])
         report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]],
                                                    key)
+    report["comparisons"] = correct_for_multiplicity(report, key, judges)
     report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
     report["bon_curves"] = {r["seed"]: r["bon_curve"] for r in per_seed}
+    report["logs"] = {r["seed"]: r["logs"] for r in per_seed}
+    report["base_spread"] = {r["seed"]: r["base_spread"] for r in per_seed}
     write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
     write_markdown_report(repo_path("generate_text", f"{s.family}_report.md"), report)
     plot_score_against_kl(report, repo_path("generate_text", f"{s.family}_{key}_vs_kl.png"))
+    plot_learning_curves(report, repo_path("generate_text", f"{s.family}_learning_curves.png"))
     if s.oracle:
         plot_rm_against_oracle(report, repo_path("generate_text", f"{s.family}_rm_vs_oracle.png"))
     print(markdown_tables(report))
@@ -471,7 +569,8 @@ def seed_result(s: Setup) -> dict:
     return result
 
 
-RUN = {"pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon, "dpo": stage_dpo,
+RUN = {"tune": stage_tune, "pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon,
+       "dpo": stage_dpo,
        "rloo": lambda s: stage_rl(s, "rloo"), "ppo": lambda s: stage_rl(s, "ppo"),
        "eval": stage_eval}
 

@@ -1,8 +1,9 @@
 """
 Every setting of the RLHF layer: rlhf.py (the pipeline) and rlhf_heads.py (its head study), one per
-line. Override any key on the command line: `python rlhf.py --seeds=3 --rl_lr=1e-4`. Both programs
-read the first section (rlhf_lib/study.py: SHARED_KEYS) and config.py's data, device, dtype, seed,
-attn_impl and kv_cache; the pipeline's keys are rlhf.py's alone, head_* rlhf_heads.py's alone.
+line. Override any key on the command line: `python rlhf.py --seeds=3 --rloo_lr=1e-4`. Both
+programs read the first section (rlhf_lib/study.py: SHARED_KEYS) and config.py's data, device,
+dtype, seed, attn_impl and kv_cache; the pipeline's keys are rlhf.py's alone, head_* the head
+study's.
 """
 
 # --- both programs: the base, the task, evaluation, RL -------------------------------------------
@@ -15,17 +16,21 @@ prompt_tokens: "[1, 2**20]" = 16  # prompt length: train-split windows (evaluati
 completion_tokens: "[1, 2**20]" = 32  # completion length (sampled at temperature 1)
 eval_prompts: "[2, 2**20]" = 128  # prompts every method is evaluated on
 eval_split: "test | dev" = "test"  # test: the val split's second half; dev: its first half
-dpo_beta: "> 0" = 0.1  # DPO: strength of the pull towards the reference
-rl_beta: ">= 0" = 0.05  # the KL to the base in the reward (RLOO: per sequence; PPO: per token)
-rl_lr: "> 0" = 3e-4  # RLOO and PPO: AdamW learning rate
+dpo_beta: "> 0" = 0.05  # DPO: strength of the pull towards the reference (picked on the dev split)
+# the KL to the base in the reward (RLOO: per sequence; PPO: per token), per unit of the reward
+# model's score, which is standardised on base samples (so it means the same in every seed)
+rl_beta: ">= 0" = 0.3
+rloo_lr: "> 0" = 1e-3  # RLOO: AdamW learning rate (picked on the dev split: --rlhf_stage=tune)
 rl_prompts: "[1, 2**20]" = 8  # train-split prompts per step
 rl_group: "[2, 2**20]" = 8  # samples per prompt (RLOO: each baselined by the mean of the others)
 rl_normalize = False  # RLOO: divide advantages by their group's std
+max_grad_norm: "> 0" = 1.0  # DPO family, RLOO, PPO: clip the gradient norm (lr decays to 0)
 quick = False  # a smaller, faster run: the values in QUICK below (outputs: rlhf_<oracle>_quick_*)
 
 # --- the pipeline: pairs, reward model, best-of-n, DPO -------------------------------------------
 # all: every stage for each seed, then the report; label: label pairs of the base yourself
-rlhf_stage: "all | pairs | rm | bon | dpo | rloo | ppo | eval | report | label" = "all"
+# tune: pick each method's settings on the dev split (not part of all)
+rlhf_stage: "all | pairs | rm | bon | dpo | rloo | ppo | eval | report | tune | label" = "all"
 pairs = ""  # a JSON-lines file of prompt/chosen/rejected texts to tune on instead of the oracle's
 pairs_held_out: "(0, 1)" = 0.1  # with --pairs: the share of its prompts held out
 labels = "data/labels.jsonl"  # --rlhf_stage=label: where your answers go (ties, skips: beside it)
@@ -40,15 +45,35 @@ bon_max_n: "[2, 2**20]" = 1024  # best-of-n for n = 1, 2, 4, ... up to this (102
 bon_prompts: "[1, 2**20]" = 24  # best-of-n on the first this many evaluation prompts
 eval_samples: "[1, 2**20]" = 4  # completions per evaluation prompt and checkpoint
 kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares the methods
-keep_points: "[1, 64]" = 5  # checkpoints kept per tuning run, each at twice the step before
-# dpo: hard labels; cdpo: labels smoothed by cdpo_epsilon; ipo: IPO; dpo_soft: the pairs'
-# preference probabilities (left out with --pairs)
-dpo_methods = "dpo,cdpo,ipo,dpo_soft"  # the DPO losses the dpo stage trains, each from the base
-cdpo_epsilon: "[0, 0.5)" = 0.25  # conservative DPO: the chance a label is flipped
-dpo_pairs: "[0, 2**24]" = 3072  # DPO: train on the first this many pairs (0 = all)
-dpo_lr: "> 0" = 3e-4  # DPO: AdamW learning rate (small models need far more than 7B models' 5e-7)
-dpo_epochs: "[1, 2**20]" = 1  # DPO: passes over the pairs
-dpo_batch: "[1, 2**20]" = 32  # DPO: pairs per step
+# a reading at a KL only from kept policies at most max_bracket x the KL apart; each run keeps its
+# policy where its KL first crosses every target x (1 - max_bracket / 4) and x (1 + max_bracket/4)
+max_bracket: "(0, 2]" = 1.0
+# the DPO family, each from the base on all the reward model's pairs: dpo (hard labels), cdpo
+# (labels smoothed by cdpo_epsilon), ipo (IPO on per-token mean log-probabilities), preferred_ft
+# (fine-tuning on the chosen side); also dpo_soft (the pairs' preference probabilities, which
+# only the oracle knows: privileged, so not by default; not with --pairs)
+dpo_methods = "dpo,cdpo,ipo,preferred_ft"
+cdpo_epsilon: "[0, 0.5)" = 0.0  # cDPO: the chance a label is flipped (0: the train pairs' own)
+dpo_epochs: "[1, 2**20]" = 1  # DPO family: passes over the pairs
+dpo_batch: "[1, 2**20]" = 32  # DPO family: pairs per step
+# each method's learning rate (AdamW) and strength (beta; IPO: tau), picked on the dev split by
+# python rlhf.py --rlhf_stage=tune (generate_text/shipped/rlhf_sentiment_tuning.json)
+dpo_lr: "> 0" = 3e-4  # (dpo_beta: above; the head study reads it too)
+cdpo_lr: "> 0" = 3e-4
+cdpo_beta: "> 0" = 0.05
+ipo_lr: "> 0" = 3e-4
+ipo_tau: "> 0" = 0.5
+dpo_soft_lr: "> 0" = 3e-4
+dpo_soft_beta: "> 0" = 0.1
+preferred_ft_lr: "> 0" = 1e-4
+ppo_lr: "> 0" = 3e-4
+# --rlhf_stage=tune: the grids (learning rates of the DPO family and of RLOO and PPO; beta of the
+# sigmoid DPO losses; IPO's tau), each setting measured on tune_prompts prompts of the dev split
+dpo_lr_grid = "1e-4,3e-4"
+rl_lr_grid = "3e-4,1e-3"
+beta_grid = "0.05,0.2"
+tau_grid = "0.5,2"
+tune_prompts: "[2, 2**20]" = 32
 
 # --- the pipeline: RLOO and PPO ------------------------------------------------------------------
 rl_steps: "[1, 2**20]" = 40  # rollouts (RLOO: an optimizer step each; PPO: epochs x minibatches)
@@ -68,5 +93,5 @@ head_pairs: "[1, 2**20]" = 128  # held-out pairs for the implicit reward margins
 head_tuning_steps: "[2, 2**20]" = 20  # RLOO steps tuning one part (kept at half and at the end)
 
 # --quick: fewer pairs, prompts and steps (keys typed on the command line still win)
-QUICK = dict(n_pairs=1024, dpo_pairs=0, bon_max_n=64, bon_prompts=16, eval_prompts=48,
-             eval_samples=2, rl_steps=16, keep_points=2, dpo_methods="dpo,ipo")
+QUICK = dict(n_pairs=1024, bon_max_n=64, bon_prompts=16, eval_prompts=48, eval_samples=2,
+             rl_steps=16, dpo_methods="dpo,ipo")

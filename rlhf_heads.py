@@ -228,7 +228,8 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     for label, mask in runs.items():
         name = "rloo_" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
         policy, own = load_policy(s), partial_record(s, records, label)
-        train_rl(s, "rloo", policy, restrict_training(policy, mask), rm, name, steps, 2, own)
+        train_rl(s, "rloo", policy, restrict_training(policy, mask), rm, name, steps, own,
+                 keep_at={max(1, steps // 2), steps})
         curves[label] = kept_curve(s, name, {"run": own, "step": steps}, reference, rm, prompts,
                                    2, base_result)
     return {"chosen_head": list(best), "steps": steps, "curves": curves}

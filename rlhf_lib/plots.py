@@ -1,6 +1,8 @@
 """The RLHF layer's figures: scores against KL, the reward model against the oracle, head grids."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dualgpt.heads import draw_head_cells
@@ -42,25 +44,79 @@ def plot_score_against_kl(report: dict, path: str) -> None:
                 path, legend_size=8)
 
 
-def plot_rm_against_oracle(report: dict, path: str) -> None:
-    """The reward model's score (what RL optimises) against the oracle score, along training: where
-    the reward model's score keeps rising and the oracle score does not, the policy is
-    over-optimising the reward model."""
+def method_panels(methods: list[str], width: float = 3.6, height: float = 3.0):
+    """A grid of one panel per method, three across."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for seed_index, bon in enumerate(report["bon_curves"].values()):
-        ax.plot([b["rm"] for b in bon], [b["oracle"] for b in bon], color="black", marker="s",
-                markersize=3, alpha=0.7,
-                label="best-of-n, n = 1 ... " if seed_index == 0 else None)
-    for seed_index, curves in enumerate(report["curves"].values()):
-        for method, points in curves.items():
-            ax.plot([p["rm"] for p in points], [p["oracle"] for p in points], marker="o",
-                    markersize=3, alpha=0.7,
-                    color=METHOD_COLOURS.get(method), label=f"{method}, kept checkpoints "
-                    "in order" if seed_index == 0 else None)
-    finish_plot(fig, ax, "reward-model score", "oracle score",
-                f"oracle {report['oracle']}: reward model against oracle over training", path,
-                legend_size=8)
+    rows = -(-len(methods) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(3 * width, rows * height), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    return fig, dict(zip(methods, axes.flat))
+
+
+def plot_rm_against_oracle(report: dict, path: str) -> None:
+    """Over-optimisation, one panel per method: the reward model's gain (what RL optimises) and
+    the oracle's against sqrt(KL), each in units of its spread over the base's samples, so that
+    both share an axis; where the reward model's keeps rising and the oracle's does not, the
+    policy over-optimises the reward model. Each kept policy's label: the reward model's accuracy
+    on pairs of that policy's own samples (against the oracle)."""
+    methods = list(next(iter(report["curves"].values())))
+    fig, panels = method_panels(["best-of-n", *methods])
+    for seed_index, seed in enumerate(report["curves"]):
+        spread, curves = report["base_spread"][seed], report["curves"][seed]
+        for method, points in {"best-of-n": report["bon_curves"][seed], **curves}.items():
+            ax, x = panels[method], [max(p["kl"], 0.0) ** 0.5 for p in points]
+            for score, colour in (("rm", "tab:orange"), ("oracle", "tab:blue")):
+                ax.plot(x, [(p[score] - points[0][score]) / spread[score] for p in points],
+                        marker="o", markersize=3, alpha=0.7, color=colour,
+                        label=("reward model" if score == "rm" else "oracle")
+                        if seed_index == 0 else None)
+            for p, xi in zip(points[1:] if seed_index == 0 else [], x[1:]):
+                if math.isfinite(p.get("rm_accuracy", math.nan)):
+                    ax.annotate(f"{p['rm_accuracy']:.0%}", (xi, (p["rm"] - points[0]["rm"])
+                                                            / spread["rm"]),
+                                fontsize=6, xytext=(2, 3), textcoords="offset points")
+            ax.set_title(method, fontsize=9)
+    for ax in panels.values():
+        ax.set_xlabel("sqrt(KL to the base)", fontsize=8)
+        ax.set_ylabel("gain / base samples' std", fontsize=8)
+        ax.grid(alpha=0.3)
+    panels["best-of-n"].legend(fontsize=7)
+    fig.suptitle(f"oracle {report['oracle']}: reward model against oracle, each kept policy "
+                 f"({len(report['curves'])} seeds; labels: the reward model's accuracy on the "
+                 "policy's own samples, seed 1)", fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_learning_curves(report: dict, path: str) -> None:
+    """One panel per method, from its training log (every seed): the objective it optimised (RL:
+    the KL-penalised reward; the DPO family: its loss) and, on the right axis, its KL to the
+    base as training measured it."""
+    methods = list(next(iter(report["logs"].values())))
+    fig, panels = method_panels(methods)
+    rights = {}  # each panel's right axis
+    for seed_index, logs in enumerate(report["logs"].values()):
+        for method, log in logs.items():
+            ax = panels[method]
+            objective = "loss" if "loss" in log[0] else "objective/rlhf_reward"
+            kl = "objective/kl" if objective == "loss" else "objective/kl_exact"
+            ax.plot([e["step"] for e in log], [e[objective] for e in log], color="tab:blue",
+                    alpha=0.6, linewidth=1, label=objective if seed_index == 0 else None)
+            if method not in rights:
+                rights[method] = ax.twinx()
+            right = rights[method]
+            measured = [e for e in log if kl in e]
+            right.plot([e["step"] for e in measured], [e[kl] for e in measured],
+                       color="tab:red", alpha=0.6, linewidth=1)
+            if seed_index == 0:
+                ax.set_title(method, fontsize=9)
+                ax.set_xlabel("step", fontsize=8)
+                ax.set_ylabel(objective, fontsize=8, color="tab:blue")
+                right.set_ylabel("KL to the base (nats)", fontsize=8, color="tab:red")
+    fig.suptitle(f"{report['oracle'] or report['pairs']}: training curves "
+                 f"({len(report['logs'])} seeds)", fontsize=9)
+    save_figure(fig, path)
 
 
 def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str,

@@ -187,20 +187,39 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
              reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0,
              kind: str = "sigmoid") -> torch.Tensor:
-    """The preference loss on sequence log-probabilities (B,), with h = log(pi(c) / pi_ref(c)) -
+    """The preference loss on log-probabilities (B,), with h = log(pi(c) / pi_ref(c)) -
     log(pi(r) / pi_ref(r)):
     - "sigmoid", DPO (Rafailov et al. 2023, eq. 7): the reward-model loss on the implicit reward
-    beta * h,
-      -[label log sigmoid(beta h) + (1 - label) log sigmoid(-beta h)]. label 1 is DPO on hard
-      labels; 1 - eps is conservative DPO (Mitchell 2023: labels flipped with probability eps); a
-      probability per pair trains on soft labels.
-    - "ipo", IPO (Azar et al. 2023, eq. 17 with tau = beta): (h - (label - 1/2) / beta)^2, which
-    for label 1 is
-      (h - 1 / (2 beta))^2: a regression to a finite margin instead of a push to infinity."""
+      beta * h, -[label log sigmoid(beta h) + (1 - label) log sigmoid(-beta h)]. label 1 is DPO
+      on hard labels; 1 - eps is conservative DPO (Mitchell 2023: labels flipped with probability
+      eps); a probability per pair trains on soft labels.
+    - "ipo", IPO (Azar et al. 2023, eq. 17), beta its tau: (h - (label - 1/2) / tau)^2, which for
+      label 1 is (h - 1 / (2 tau))^2, a regression to a finite margin instead of a push to
+      infinity. TRL (and the dpo stage) give it per-token mean log-probabilities."""
     h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     if kind == "ipo":
         return ((h - (label - 0.5) / beta) ** 2).mean()
     return reward_model_loss(beta * h, torch.zeros_like(h), label)
+
+
+def dpo_family_loss(kind: str, policy: tuple[torch.Tensor, torch.Tensor],
+                    reference: tuple[torch.Tensor, torch.Tensor],
+                    lengths: tuple[torch.Tensor, torch.Tensor], strength: float | None,
+                    label: torch.Tensor | float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A DPO-family loss from the summed log-probabilities (B,) of the chosen and rejected sides
+    under the policy and the reference, and their token counts: "sigmoid" (DPO, cDPO, soft
+    labels) on the sums; "ipo" on per-token means, as TRL's IPO, so that its target margin
+    1 / (2 tau) is per token; "nll" (Preferred-FT) the chosen side's negative log-likelihood per
+    token. Returns the loss and, in TRL's names, the log-probabilities it read and (but for nll)
+    the implicit rewards strength x (log pi - log pi_ref) of both sides."""
+    per = lengths if kind == "ipo" else (1.0, 1.0)
+    (pi_c, pi_r), (ref_c, ref_r) = ((a / per[0], b / per[1]) for a, b in (policy, reference))
+    stats = {"logps/chosen": pi_c.detach(), "logps/rejected": pi_r.detach()}
+    if kind == "nll":
+        return -policy[0].sum() / lengths[0].sum(), stats
+    stats["rewards/chosen"] = strength * (pi_c - ref_c).detach()
+    stats["rewards/rejected"] = strength * (pi_r - ref_r).detach()
+    return dpo_loss(pi_c, pi_r, ref_c, ref_r, strength, label, kind), stats
 
 
 def kl_penalized_reward(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -236,17 +255,18 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
              clip: float) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO's clipped surrogate per token, -min(r A, clip(r, 1 - clip, 1 + clip) A) averaged over
     tokens, with r = pi / pi_old. advantages: per token (B, L), or per sequence (B,) for every
-    token of it. Returns the loss and the fraction of tokens clipped, the approximate KL to the old
-    policy (k3) and the mean ratio."""
+    token of it. Returns the loss and TRL's statistics: the fraction of tokens where the clipped
+    term is the one taken, the approximate KL to the old policy (k2: (log r)^2 / 2) and the mean
+    ratio."""
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     a = advantages if advantages.dim() == 2 else advantages[:, None]
-    loss = -torch.min(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a).mean()
+    unclipped, clipped = -ratio * a, -ratio.clamp(1 - clip, 1 + clip) * a
+    loss = torch.max(unclipped, clipped).mean()
     with torch.no_grad():
-        stats = {"clip_fraction": ((ratio - 1).abs() > clip).float().mean().item(),
-                 # KL(old || new)
-                 "approx_kl": kl_estimators(old_logprobs, logprobs)["k3"].mean().item(),
-                 "mean_ratio": ratio.mean().item()}
+        stats = {"policy/clipfrac_avg": (clipped > unclipped).float().mean().item(),
+                 "policy/approxkl_avg": (log_ratio ** 2 / 2).mean().item(),
+                 "val/ratio": ratio.mean().item()}
     return loss, stats
 
 

@@ -111,9 +111,23 @@ def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) 
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
     per_prompt["win"] = sample_wins(r[measure(s)], base[measure(s)], coupled=True).mean(1)
     per_prompt["kl"] = r["kl_per_prompt"]
-    return {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
-            **{k: v.mean().item() for k, v in per_prompt.items()},
-            "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}
+    point = {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
+             **{k: v.mean().item() for k, v in per_prompt.items()},
+             "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}
+    if "oracle" in r:  # is the reward model still right about this policy's own samples?
+        point["rm_accuracy"] = pair_accuracy(r["rm"], r["oracle"])
+    return point
+
+
+def pair_accuracy(rm: torch.Tensor, oracle: torch.Tensor) -> float:
+    """How often the reward model orders two samples of one prompt as the oracle does, over every
+    such pair whose oracle scores differ (a reward-model tie counts 1/2): (P, n), (P, n) -> a
+    share, nan with no such pair."""
+    i, j = torch.triu_indices(rm.shape[1], rm.shape[1], 1)
+    by_rm, by_oracle = rm[:, i] - rm[:, j], oracle[:, i] - oracle[:, j]
+    right = (by_rm.sign() == by_oracle.sign()).double() + 0.5 * (by_rm == 0).double()
+    decided = by_oracle != 0
+    return right[decided].mean().item() if decided.any() else float("nan")
 
 
 def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: RewardModel,
@@ -143,13 +157,15 @@ def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: Rewar
     return points
 
 
-def at_kl(points: list[dict], kl: float) -> dict | None:
+def at_kl(points: list[dict], kl: float, max_bracket: float = math.inf) -> dict | None:
     """A curve's per-prompt scores at a KL, interpolated between the two points around the first
     crossing of that KL, linearly in sqrt(KL) (scores grow about linearly in sqrt(KL): Gao et al.
-    2022), with the KLs of those two points (how wide the gap is that was bridged); None where the
-    curve never reaches the KL."""
+    2022), with the KLs of those two points; None where the curve never reaches the KL, and no
+    scores (too_wide) where the two points are more than max_bracket x the KL apart."""
     for a, b in zip(points, points[1:]):
         if a["kl"] <= kl <= b["kl"] and b["kl"] > a["kl"]:
+            if b["kl"] - a["kl"] > max_bracket * kl:
+                return {"bracket": [a["kl"], b["kl"]], "too_wide": True}
             w = (kl ** 0.5 - a["kl"] ** 0.5) / (b["kl"] ** 0.5 - a["kl"] ** 0.5)
             return {"bracket": [a["kl"], b["kl"]],
                     "per_prompt": {k: [(1 - w) * x + w * y for x,
@@ -194,6 +210,64 @@ def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dic
             **({"over": "prompts"} if len(per_seed) == 1 else {})}
 
 
+def t_cdf(t: float, df: int) -> float:
+    """Student's t distribution function at t for an integer df, exactly: Abramowitz and Stegun
+    26.7.3-4, the finite series in theta = atan(t / sqrt(df))."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, term, series = math.cos(theta) ** 2, 1.0, 0.0
+    if df % 2 == 0:  # sin(theta) (1 + cos^2/2 + 1.3/(2.4) cos^4 + ...), df / 2 terms
+        for k in range(df // 2):
+            series, term = series + term, term * c2 * (2 * k + 1) / (2 * k + 2)
+        inside = math.sin(theta) * series
+    else:  # 2/pi (theta + sin(theta) cos(theta) (1 + 2/3 cos^2 + ...)), (df - 1) / 2 terms
+        for k in range((df - 1) // 2):
+            series, term = series + term, term * c2 * (2 * k + 2) / (2 * k + 3)
+        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+    return 0.5 + math.copysign(inside, t) / 2  # inside = P(|T| < |t|)
+
+
+def p_value(summary: dict) -> float | None:
+    """The two-sided p-value of a mean over seeds against 0 (Student's t on its per-seed values);
+    None over one seed's prompts, which are not replicates of the training."""
+    values = summary.get("per_seed") or []
+    if summary.get("over") == "prompts" or len(values) < 2:
+        return None
+    n, mean = len(values), sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return 2 * (1 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values (the family-wise error over all of them): the
+    i-th smallest times (m - i), kept monotone, at most 1; in the order given."""
+    order = sorted(range(len(p)), key=p.__getitem__)
+    adjusted, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def correct_for_multiplicity(report: dict, key: str, judges: list[str]) -> int:
+    """Every difference the report gives over seeds (each method's end-point gains and val bpb
+    change, each method against best-of-n and every pair of methods at each KL) gets its p-value
+    and Holm's adjusted p-value over all of them; returns how many there are."""
+    scores = [key, *(f"judge_{j}" for j in judges)]
+    found = [row[f"gain_{k}"] for name, row in report["methods"].items() if name != "base"
+             for k in scores if f"gain_{k}" in row]
+    found += [row["val_bpb_change"] for row in report["methods"].values()
+              if "val_bpb_change" in row]
+    found += [row[f"{k} - best-of-n"] for rows in report["matched_kl"].values()
+              for row in rows.values() for k in scores if f"{k} - best-of-n" in row]
+    found += [summary for pairs in report["pairwise"].values() for summary in pairs.values()]
+    tested = [(summary, p) for summary in found if (p := p_value(summary)) is not None]
+    for (summary, p), adjusted in zip(tested, holm([p for _, p in tested])):
+        summary.update(p=p, p_holm=adjusted)
+    return len(tested)
+
+
 def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = None) -> dict:
     """A value of every seed's result, as mean and 95% interval: over seeds where there are
     several, else over the one seed's prompts. paired_with: subtract the other result's value,
@@ -217,57 +291,64 @@ def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = N
 
 
 def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
+    """Mean ± 95% interval; * where Holm's correction leaves the difference standing."""
     if summary is None:
         return "—"
     if summary.get("mean") is None or math.isnan(summary["mean"]):
-        return "not reached" if summary.get("reason") == "not reached" else "—"
+        return summary.get("reason", "—")
     ci = summary.get("ci")
-    return fmt.format(summary["mean"]) + (f" ± {fmt.format(ci).lstrip('+')}" if ci is not None
-                                          else "")
+    return (fmt.format(summary["mean"]) + (f" ± {fmt.format(ci).lstrip('+')}" if ci is not None
+                                           else "")
+            + (" *" if summary.get("p_holm", 1) < 0.05 else ""))
 
 
 def markdown_tables(report: dict) -> str:
     """The report's three tables: every method at its end point, every method at matched KL against
-    best-of-n, and the methods against each other at matched KL."""
+    best-of-n (with each seed's bracket), and the methods against each other at matched KL."""
     judges, key = report["judges"], report["measure"]
     score = MEASURE_NAMES[key]
     over = "seeds" if len(report["seeds"]) > 1 else "prompts (one seed)"
-    head = (["method", "optimizer steps", "KL to base (nats/seq)",
-             score] + [f"judge {j}" for j in judges]
-            + [score.replace("score",
-                             "gain")] + [f"{j} gain"
-                                         for j in judges] + [f"transfer {j}" for j in judges]
-            + ["win rate vs base", "val bpb", "distinct-2", "repetition"])
-    lines = [reward_model_line(report["reward_model"], over), "", "**End points** (mean ± 95% "
-             f"interval over {over}):",
+    head = (["method", "optimizer steps", "pairs seen", "KL to base (nats/seq)", score]
+            + [f"judge {j}" for j in judges] + [score.replace("score", "gain")]
+            + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
+            + ["win rate vs base", "reward model's accuracy on own samples", "val bpb",
+               "val bpb change", "distinct-2", "repetition"])
+    holm = (f"Differences marked * stand after Holm's correction over the report's "
+            f"{report['comparisons']} differences over seeds (adjusted p < 0.05; the intervals "
+            "are not adjusted)." if report["comparisons"] else
+            "With one seed no difference is tested (the intervals are over prompts).")
+    lines = [reward_model_line(report["reward_model"], over), "", holm, "",
+             f"**End points** (mean ± 95% interval over {over}):",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in report["methods"].items():
-        cells = [method, str(m["optimizer_steps"]), cell(m["kl"], "{:.2f}"), cell(m[key])]
+        cells = [method, str(m["optimizer_steps"]), str(m.get("pairs_seen", "—")),
+                 cell(m["kl"], "{:.2f}"), cell(m[key])]
         cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get(f"gain_{key}"))]
         cells += [cell(m.get(f"gain_judge_{j}"))
                   for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
-        cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("val_bpb"), "{:.3f}"),
-                  cell(m.get("distinct_2"), "{:.3f}"),
-                  cell(m.get("repetition"), "{:.3f}")]
+        cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("rm_accuracy"), "{:.1%}"),
+                  cell(m.get("val_bpb"), "{:.3f}"), cell(m.get("val_bpb_change"), "{:+.3f}"),
+                  cell(m.get("distinct_2"), "{:.3f}"), cell(m.get("repetition"), "{:.3f}")]
         lines.append("| " + " | ".join(cells) + " |")
-    head = ["KL", "method",
-            score] + [f"judge {j}" for j in judges] + [f"{score.split()[0]} − best-of-n"] + [
-        f"{j} − best-of-n" for j in judges]
-    lines += ["", "**At matched KL** (each method's kept checkpoints interpolated to the KL; "
-              "best-of-n from its curve on "
-                  f"the first {report['bon_prompts']} prompts; differences paired by prompt "
-                  f"within a seed, then mean ± 95% interval over {over}):", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = (["KL", "method", "brackets (nats, by seed)", score] + [f"judge {j}" for j in judges]
+            + [f"{score.split()[0]} − best-of-n"] + [f"{j} − best-of-n" for j in judges])
+    lines += ["", "**At matched KL** (each method's kept policies interpolated to the KL, from "
+              f"two at most {report['config']['max_bracket']:g} x the KL apart; best-of-n from "
+              f"its curve on the first {report['bon_prompts']} prompts; differences paired by "
+              f"prompt within a seed, then mean ± 95% interval over {over}):", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target, methods in report["matched_kl"].items():
         for method, m in methods.items():
-            cells = [target, method,
+            brackets = ", ".join(f"{b[0]:.2f}-{b[1]:.2f}" if b else "—"
+                                 for b in m.get("brackets", []))
+            cells = [target, method, brackets,
                      cell(m.get(key))] + [cell(m.get(f"judge_{j}")) for j in judges]
             cells += [cell(m.get(f"{key} - best-of-n"))]
             cells += [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"**Methods against each other at matched KL** ({score}, paired by prompt; mean "
-              "± 95% interval "
-                  f"over {over}):", "", f"| KL | difference | {score} |", "|---|---|---|"]
+              f"± 95% interval over {over}):", "", f"| KL | difference | {score} |",
+              "|---|---|---|"]
     for target, pairs in report["pairwise"].items():
         for pair, summary in pairs.items():
             lines.append(f"| {target} | {pair} | {cell(summary)} |")
@@ -288,8 +369,11 @@ def reward_model_line(rm: dict, over: str) -> str:
         line += "accuracy on the "
     line += (f"{'noisy ' if 'label_ceiling' in rm else 'held-out '}labels "
              f"{cell(rm['accuracy_on_labels'], '{:.1%}')}")
-    return line + (", against a ceiling of "
-                   f"{cell(rm['label_ceiling'], '{:.1%}')}." if "label_ceiling" in rm else ".")
+    line += (", against a ceiling of "
+             f"{cell(rm['label_ceiling'], '{:.1%}')}" if "label_ceiling" in rm else "")
+    return line + (". Its scores are standardised on base samples of dev prompts (the raw std by "
+                   f"seed: {', '.join(f'{v:.3f}' for v in rm['raw_std']['per_seed'])})."
+                   if "raw_std" in rm else ".")
 
 
 def write_markdown_report(path: str, report: dict) -> None:
@@ -357,22 +441,31 @@ def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) 
 
 
 def matched_rows(at: list[dict], keys: list[str]) -> dict:
-    """At one KL: each method's scores (None where a seed's curve never reaches the KL) and its
-    differences to best-of-n on best-of-n's prompts, paired by prompt."""
+    """At one KL: each method's scores, with every seed's bracket (None where a seed's curve never
+    reaches the KL or its bracket is too wide), and its differences to best-of-n on best-of-n's
+    prompts, paired by prompt."""
     rows = {}
     for method in at[0]:
-        if any(a.get(method) is None for a in at):
-            rows[method] = {k: {"mean": None, "reason": "not reached"} for k in keys}
+        brackets = [a[method]["bracket"] if a.get(method) else None for a in at]
+        if any(a.get(method) is None or a[method].get("too_wide") for a in at):
+            reason = ("not reached" if any(a.get(method) is None for a in at)
+                      else "bracket too wide")
+            rows[method] = {k: {"mean": None, "reason": reason} for k in keys}
+            rows[method]["brackets"] = brackets
             continue
         points = [a[method] for a in at]
         rows[method] = {k: summarise(points, k) for k in keys}
-        # the kept points each seed bridged
-        rows[method]["brackets"] = [a[method]["bracket"] for a in at]
-        if method != "best-of-n" and all(a.get("best-of-n") for a in at):
+        rows[method]["brackets"] = brackets
+        if method != "best-of-n" and all(usable(a.get("best-of-n")) for a in at):
             bon = [a["best-of-n"] for a in at]
             rows[method].update({f"{k} - best-of-n": summarise(points, k,
                                                                paired_with=bon) for k in keys})
     return rows
+
+
+def usable(reading: dict | None) -> bool:
+    """Whether a reading at a KL has scores: the curve reached it, within the bracket bound."""
+    return bool(reading) and not reading.get("too_wide")
 
 
 def pairwise_rows(at: list[dict], names: list[str], key: str) -> dict:
@@ -381,7 +474,7 @@ def pairwise_rows(at: list[dict], names: list[str], key: str) -> dict:
     rows = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            if all(x.get(a) and x.get(b) for x in at):
+            if all(usable(x.get(a)) and usable(x.get(b)) for x in at):
                 rows[f"{a} − {b}"] = summarise([x[a] for x in at], key,
                                                paired_with=[x[b] for x in at])
     return rows

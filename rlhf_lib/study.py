@@ -49,9 +49,8 @@ CORE_KEYS = ("data", "device", "dtype", "seed", "attn_impl", "kv_cache")
 # other key but the head study's head_*, and the head study reads these and its own head_*
 SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens",
                "eval_prompts",
-               "eval_split", "dpo_beta", "rl_beta", "rl_lr", "rl_prompts", "rl_group",
-               "rl_normalize",
-               "quick")
+               "eval_split", "dpo_beta", "rl_beta", "rloo_lr", "rl_prompts", "rl_group",
+               "rl_normalize", "max_grad_norm", "quick")
 
 
 def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> dict:
@@ -101,26 +100,28 @@ SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "
               "pairs.held_out", "rm.order",
               "dpo.order", "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling",
               "rl.sampling", "rl.prompts",
-              "ppo.order", "curve.sampling", "heads.batches", "heads.sampling",
-              "heads.kl_by_position", "label.prompts",
+              "ppo.order", "curve.sampling", "rm.standardise", "dpo.kl_prompts", "dpo.kl_sampling",
+              "heads.batches", "heads.sampling", "heads.kl_by_position", "label.prompts",
               "label.completions")
 
 # What each stage's outputs depend on besides the base, the data, the script and the seed: a
 # stage's record hashes these keys and its upstream stage's record, and every reader compares it
 # with the run it reports.
+KEEPING = ("kl_targets", "max_bracket", "max_grad_norm")  # where runs keep policies; clipping
 STAGE_KEYS = {
     "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs",
               "pairs_held_out"),
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
     "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
-    "dpo": ("dpo_beta", "dpo_lr", "dpo_epochs", "dpo_batch", "dpo_pairs", "cdpo_epsilon",
-            "keep_points"),
-    "rloo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize",
-             "keep_points"),
-    "ppo": ("rl_beta", "rl_lr", "rl_steps", "rl_prompts", "rl_group", "keep_points", "ppo_epochs",
-            "ppo_minibatches",
-            "ppo_clip", "ppo_value_clip", "ppo_value_lr", "ppo_gamma", "ppo_lambda"),
-    "eval": ("eval_samples", "eval_prompts", "eval_split", "kl_targets", "seed"),
+    "dpo": ("dpo_methods", "dpo_epochs", "dpo_batch", "cdpo_epsilon", "dpo_lr", "dpo_beta",
+            "cdpo_lr", "cdpo_beta", "ipo_lr", "ipo_tau", "dpo_soft_lr", "dpo_soft_beta",
+            "preferred_ft_lr", *KEEPING),
+    "rloo": ("rl_beta", "rloo_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize",
+             *KEEPING),
+    "ppo": ("rl_beta", "ppo_lr", "rl_steps", "rl_prompts", "rl_group", "ppo_epochs",
+            "ppo_minibatches", "ppo_clip", "ppo_value_clip", "ppo_value_lr", "ppo_gamma",
+            "ppo_lambda", *KEEPING),
+    "eval": ("eval_samples", "eval_prompts", "eval_split", "kl_targets", "max_bracket", "seed"),
 }
 UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm",
             "eval": None}
@@ -332,13 +333,13 @@ def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> No
 
 
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dict, step: int,
-                optimizer_steps: int) -> None:
+                optimizer_steps: int, **extra) -> None:
     """A tuned policy with what made it: the method, the step, and the record of the run
-    (Setup.new_record)."""
+    (Setup.new_record); extra: more entries (the KL at which it was kept)."""
     save_model(s, policy, path,
                {"method": method, "step": step, "optimizer_steps": optimizer_steps,
-                "base": s.base_path,
-                                 "oracle": s.oracle and s.oracle.name, "run": record})
+                "base": s.base_path, "oracle": s.oracle and s.oracle.name, "run": record,
+                **extra})
 
 
 def load_policy_checkpoint(path: str, expected: dict) -> dict:
@@ -362,16 +363,23 @@ def clear_outputs(s: Setup, name: str) -> None:
             os.remove(path)
 
 
-def keep_steps(steps: int, points: int) -> set[int]:
-    """The steps at which a run of `steps` steps keeps its policy: `points` of them, each twice the
-    one before, ending at the last step (1/8, 1/4, 1/2 and all of a run for 4 points), dense where
-    the KL grows fastest."""
-    return {max(1, round(steps / 2 ** (points - i))) for i in range(1, points + 1)}
+def kl_targets(cfg: dict) -> list[float]:
+    return [float(k) for k in cfg["kl_targets"].split(",") if k.strip()]
+
+
+def keep_kls(cfg: dict) -> list[float]:
+    """The KLs at which a tuning run keeps its policy, the first time its KL crosses each: every
+    target x (1 - max_bracket / 4) and x (1 + max_bracket / 4), so that on the training prompts
+    each target lies between two kept policies max_bracket / 2 x the target apart (the evaluation,
+    on other prompts and samples, measures a little differently; eval refuses a reading from
+    kept policies more than max_bracket x the target apart)."""
+    margin = cfg["max_bracket"] / 4
+    return sorted({k * f for k in kl_targets(cfg) for f in (1 - margin, 1 + margin)})
 
 
 def load_reward_model(s: Setup, expected: dict) -> tuple[RewardModel, dict]:
-    """The reward model (frozen) and its record, refused unless the record is what `expected`
-    asks."""
+    """The reward model (frozen; what its stage reported as its `report`) and its record, refused
+    unless the record is what `expected` asks."""
     path = s.path("model_dict", "rm.pt")
     if not os.path.exists(path):
         raise UserError(f"no reward model at {path}; run python rlhf.py --rlhf_stage=rm first")
@@ -379,6 +387,7 @@ def load_reward_model(s: Setup, expected: dict) -> tuple[RewardModel, dict]:
     check_record(record_in(ckpt), expected, path)
     rm = RewardModel(load_policy(s, ckpt, path))
     rm.head.load_state_dict(ckpt["reward_head"])
+    rm.report = ckpt["rlhf"]
     for p in rm.parameters():
         p.requires_grad_(False)
     return rm.eval(), record_in(ckpt)

@@ -16,27 +16,28 @@ from dualgpt import TrainingDiverged
 from dualgpt.layouts import convert_state_dict
 from dualgpt.files import write_json
 from dualgpt.runtime import autocast, progress
-from rlhf_lib.preference import (RewardModel, completion_logits, dpo_loss, exact_kl, gae,
-                                 kl_estimators,
-                                 kl_penalized_reward, policy_gradient_loss, ppo_loss,
-                                 reward_model_loss,
-                                 rloo_advantages, token_logprobs, token_rewards, value_loss,
-                                 whiten)
-from rlhf_lib.study import (TEMPERATURE, Setup, chosen_rejected, clear_outputs, complete,
-                            completion_logprobs,
-                            frozen, keep_steps, kept_folder, load_policy, reward_scores,
-                            sample_prompts,
-                            save_policy, sequence_logprobs)
+from rlhf_lib.preference import (PAD, RewardModel, completion_logits, dpo_family_loss,
+                                 exact_kl, gae,
+                                 kl_estimators, kl_penalized_reward, policy_gradient_loss,
+                                 ppo_loss, reward_model_loss, rloo_advantages, token_logprobs,
+                                 token_rewards, value_loss, whiten)
+from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_outputs, complete,
+                            completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
+                            reward_scores, sample_prompts, save_policy, sequence_logprobs)
 
-# the DPO losses: (loss kind, label) where the label is 1 (hard), 1 - cdpo_epsilon or the pair's
-# probability
+# the DPO family: (loss kind, label); the label is 1 (hard), 1 - cdpo_epsilon or the pair's
+# probability; preferred_ft fine-tunes on the chosen side (the DPO paper's "Preferred-FT")
 DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),
-               "dpo_soft": ("sigmoid", "soft")}
+               "dpo_soft": ("sigmoid", "soft"), "preferred_ft": ("nll", "hard")}
+STANDARDISE_SAMPLES = 512  # base samples of dev prompts that set the reward model's scale
+# the DPO family measures its KL on 32 samples at each of the first 16 steps (where it grows
+# fastest), then every 4 steps
+KL_EVERY, KL_EARLY, KL_PROMPTS = 4, 16, 32
 
 
-def train_reward_model(s: Setup, pairs: dict) -> RewardModel:
+def train_reward_model(s: Setup, pairs: dict) -> tuple[RewardModel, dict]:
     """A reward model: the base GPT with a scalar head on the last token, trained on the train
-    pairs' labels (Bradley-Terry)."""
+    pairs' labels (Bradley-Terry), then standardised: returns it and its raw scale."""
     cfg = s.cfg
     rm = RewardModel(load_policy(s)).train()
     optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg["rm_lr"], weight_decay=0.0)
@@ -49,56 +50,164 @@ def train_reward_model(s: Setup, pairs: dict) -> RewardModel:
             r_c, r_r = rm(prompts[idx],
                           chosen[idx]).float(), rm(prompts[idx], rejected[idx]).float()
         step_on(optimizer, reward_model_loss(r_c, r_r))
-    return rm
+    return rm, standardise(s, rm)
+
+
+@torch.no_grad()
+def standardise(s: Setup, rm: RewardModel) -> dict:
+    """Rescale the reward model's head so that its scores of the base's samples of dev prompts
+    have mean 0 and std 1: one KL scale, so that rl_beta pulls as hard in every seed (a
+    Bradley-Terry model's scale is whatever training left). Returns the raw mean and std."""
+    prompts = sample_prompts(s, "dev", STANDARDISE_SAMPLES, s.generator("rm.standardise"))
+    completions = complete(s, load_policy(s), prompts,
+                           s.generator("rm.standardise", 1, on_device=True))
+    raw = reward_scores(s, rm, prompts, completions)
+    mean, std = raw.mean().item(), raw.std().item()
+    rm.head.weight.div_(std)
+    rm.head.bias.sub_(mean).div_(std)
+    return {"raw_mean": mean, "raw_std": std}
+
+
+def method_settings(cfg: dict, method: str) -> tuple[float, float | None]:
+    """A DPO-family method's learning rate and strength: beta, IPO's tau, none for
+    preferred_ft."""
+    strength = {"ipo": "ipo_tau", "preferred_ft": None}.get(method, f"{method}_beta")
+    return cfg[f"{method}_lr"], strength and cfg[strength]
+
+
+def flip_rate(pairs: dict) -> float:
+    """The chance a train pair's label is flipped against the oracle: min(p, 1 - p) of its
+    Bradley-Terry probability, averaged (a tie's label is a coin flip: 1/2)."""
+    return torch.minimum(pairs["prob_a"], 1 - pairs["prob_a"]).mean().item()
 
 
 def dpo_label(method: str, cfg: dict, pairs: dict) -> torch.Tensor | float:
-    """The label DPO's loss is given: 1 (the chosen side is preferred), 1 - cdpo_epsilon, or the
-    pair's Bradley-Terry probability that the chosen side is preferred (the soft label)."""
+    """The label DPO's loss is given: 1 (the chosen side is preferred), 1 - cdpo_epsilon (cDPO;
+    0 reads the pairs' own flip rate), or the pair's Bradley-Terry probability that the chosen
+    side is preferred (the soft label)."""
     kind = DPO_METHODS[method][1]
     if kind == "smoothed":
-        return 1.0 - cfg["cdpo_epsilon"]
+        return 1.0 - (cfg["cdpo_epsilon"] or flip_rate(pairs))
     if kind == "soft":
         prob_a = pairs["prob_a"].to(pairs["a"].device)
         return torch.where(pairs["a_preferred"].to(prob_a.device), prob_a, 1 - prob_a).float()
     return 1.0
 
 
-def train_dpo(s: Setup, method: str, train: dict,
-              reference_logprobs: tuple[torch.Tensor, torch.Tensor],
-              record: dict) -> list[dict]:
-    """One DPO loss from the base on the train pairs against the frozen reference (its
-    log-probabilities of both sides, computed once), keeping the policy at keep_points steps;
-    returns the log."""
-    cfg = s.cfg
-    chosen, rejected = chosen_rejected(train)
-    prompts, (ref_c, ref_r) = train["prompts"], reference_logprobs
+@dataclasses.dataclass
+class PairInputs:
+    """What every DPO-family run reads: the train pairs, their chosen and rejected sides, their
+    lengths, and the frozen base's summed log-probabilities of both (computed once)."""
+    pairs: dict
+    prompts: torch.Tensor
+    sides: tuple[torch.Tensor, torch.Tensor]
+    lengths: tuple[torch.Tensor, torch.Tensor]
+    reference: tuple[torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def pair_inputs(s: Setup, pairs: dict) -> PairInputs:
+    sides, prompts = chosen_rejected(pairs), pairs["prompts"]
+    base = load_policy(s)
+    reference = tuple(torch.cat([sequence_logprobs(s, base, prompts[i:i + CHUNK],
+                                                   side[i:i + CHUNK])
+                                 for i in range(0, len(prompts), CHUNK)]) for side in sides)
+    lengths = tuple((side != PAD).sum(1).float() for side in sides)
+    return PairInputs(pairs, prompts, sides, lengths, reference)
+
+
+@torch.no_grad()
+def sampled_kl(s: Setup, policy: nn.Module, reference: nn.Module, prompts: torch.Tensor,
+               gen: torch.Generator) -> float:
+    """The exact KL to the reference, summed over a completion, on the policy's own samples of
+    the prompts: their mean."""
+    completions = complete(s, policy, prompts, gen)
+    with autocast(s.cfg["device"], s.cfg["dtype"]):
+        logits = completion_logits(policy, prompts, completions)
+        ref_logits = completion_logits(reference, prompts, completions)
+    return exact_kl(logits, ref_logits, TEMPERATURE).sum(1).mean().item()
+
+
+class Keeper:
+    """Keeps a run's policy in its folder the first time the run's KL to the base crosses each of
+    `kls`, at each step of `steps`, and at the end, each file with the run's record, its step, its
+    optimizer steps and the KL that was measured."""
+
+    def __init__(self, s: Setup, name: str, record: dict, kls: list[float],
+                 steps: set[int] = frozenset(), per_step: int = 1):
+        self.s, self.name, self.record, self.per_step = s, name, record, per_step
+        self.kls, self.steps = list(kls), steps
+        clear_outputs(s, name)
+
+    def consider(self, policy: nn.Module, step: int, kl: float | None = None) -> None:
+        crossed = [k for k in self.kls if kl is not None and kl >= k]
+        self.kls = [k for k in self.kls if k not in crossed]
+        if step > 0 and (crossed or step in self.steps):
+            self.keep(policy, step, kl, os.path.join(kept_folder(self.s, self.name),
+                                                     f"step{step:05d}.pt"))
+
+    def keep(self, policy: nn.Module, step: int, kl: float | None, path: str) -> None:
+        save_policy(self.s, policy, path, self.name, self.record, step, step * self.per_step,
+                    **({} if kl is None else {"train_kl": kl}))
+
+    def finish(self, policy: nn.Module, step: int, log: list[dict]) -> None:
+        """The final policy, also as the last kept file, and the log."""
+        self.keep(policy, step, None, os.path.join(kept_folder(self.s, self.name),
+                                                   f"step{step:05d}.pt"))
+        self.keep(policy, step, None, self.s.path("model_dict", f"{self.name}.pt"))
+        write_json(self.s.path("generate_text", f"{self.name}_log.json"),
+                   {"run": self.record, "log": log})
+
+
+def decaying_optimizer(groups: list[dict], steps: int) -> tuple[torch.optim.Optimizer,
+                                                               torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay) whose learning rate decays linearly to 0 over `steps` steps (TRL's
+    default schedule)."""
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
+
+
+def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
+              name: str = "") -> list[dict]:
+    """One DPO-family loss from the base on the train pairs against the frozen base, keeping the
+    policy where its KL (measured on KL_PROMPTS samples of train prompts) crosses keep_kls;
+    returns the log, in TRL's names."""
+    cfg, name = s.cfg, name or method
+    (chosen, rejected), (ref_c, ref_r), prompts = inputs.sides, inputs.reference, inputs.prompts
     n = len(prompts)
     steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
-    kept = keep_steps(steps, cfg["keep_points"])
-    kind, label = DPO_METHODS[method][0], dpo_label(method, cfg, train)
-    policy = load_policy(s)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg["dpo_lr"], weight_decay=0.0)
+    (kind, _), label = DPO_METHODS[method], dpo_label(method, cfg, inputs.pairs)
+    lr, strength = method_settings(cfg, method)
+    policy, reference = load_policy(s), frozen(load_policy(s))
+    optimizer, schedule = decaying_optimizer([{"params": list(policy.parameters()), "lr": lr}],
+                                             steps)
+    keeper = Keeper(s, name, record, keep_kls(cfg))
+    kl_prompts = sample_prompts(s, "train", KL_PROMPTS, s.generator("dpo.kl_prompts"))
     log = []
     for step, idx in minibatches(n, cfg["dpo_batch"], cfg["dpo_epochs"], s.generator("dpo.order"),
-                                 prompts.device, desc=method):
-        pi_c = sequence_logprobs(s, policy, prompts[idx], chosen[idx])
-        pi_r = sequence_logprobs(s, policy, prompts[idx], rejected[idx])
-        loss = dpo_loss(pi_c, pi_r, ref_c[idx], ref_r[idx], cfg["dpo_beta"],
-                        label[idx] if torch.is_tensor(label) else label, kind)
-        step_on(optimizer, loss)
-        margin = cfg["dpo_beta"] * ((pi_c - ref_c[idx]) - (pi_r - ref_r[idx])).detach()
-        log.append({"step": step, "loss": loss.item(),
-                    "reward_accuracy": (margin > 0).float().mean().item(),
-                    "margin": margin.mean().item()})
-        if step in kept:
-            save_policy(s, policy, os.path.join(kept_folder(s, method), f"step{step:05d}.pt"),
-                        method, record,
-                        step, step)
-    save_policy(s, policy, s.path("model_dict", f"{method}.pt"), method, record, steps, steps)
-    write_json(s.path("generate_text", f"{method}_log.json"), {"run": record, "log": log})
-    print(f"{method}: {steps} steps, last loss {log[-1]['loss']:.3f}, implicit-reward accuracy "
-          f"{log[-1]['reward_accuracy']:.0%}")
+                                 prompts.device, desc=name):
+        loss, stats = dpo_family_loss(
+            kind, (sequence_logprobs(s, policy, prompts[idx], chosen[idx]),
+                   sequence_logprobs(s, policy, prompts[idx], rejected[idx])),
+            (ref_c[idx], ref_r[idx]), (inputs.lengths[0][idx], inputs.lengths[1][idx]),
+            strength, label[idx] if torch.is_tensor(label) else label)
+        entry = {"step": step, "loss": loss.item(),
+                 **step_on(optimizer, loss, schedule, cfg["max_grad_norm"]),
+                 **{k: v.mean().item() for k, v in stats.items()}}
+        if kind != "nll":
+            margins = stats["rewards/chosen"] - stats["rewards/rejected"]
+            entry.update({"rewards/margins": margins.mean().item(),
+                          "rewards/accuracies": (margins > 0).float().mean().item()})
+        if step <= KL_EARLY or step % KL_EVERY == 0:
+            entry["objective/kl"] = sampled_kl(s, policy, reference, kl_prompts,
+                                               s.generator("dpo.kl_sampling", step,
+                                                           on_device=True))
+            keeper.consider(policy, step, entry["objective/kl"])
+        log.append(entry)
+    keeper.finish(policy, steps, log)
+    print(f"{name}: {steps} steps, last loss {log[-1]['loss']:.3f}"
+          + (f", implicit-reward accuracy {log[-1]['rewards/accuracies']:.0%}"
+             if kind != "nll" else ""))
     return log
 
 
@@ -118,10 +227,23 @@ def minibatches(n: int, batch: int, epochs: int, generator: torch.Generator, dev
     bar.close()
 
 
-def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def step_on(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+            schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+            max_grad_norm: float | None = None) -> dict:
+    """One optimizer step on the loss; with max_grad_norm, the gradient's norm over every
+    parameter clipped to it first (the norm before clipping and the learning rate returned), then
+    the schedule's step."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    stats = {}
+    if max_grad_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        stats = {"grad_norm": nn.utils.clip_grad_norm_(params, max_grad_norm).item(),
+                 "learning_rate": optimizer.param_groups[0]["lr"]}
     optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return stats
 
 
 @torch.no_grad()
@@ -129,8 +251,8 @@ def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, 
             gen: torch.Generator) -> dict[str, torch.Tensor]:
     """rl_group completions of each of rl_prompts train-split prompts, from the current policy,
     with the reward model's score, both models' log-probabilities of every token, the exact KL to
-    the base, and the reward that RLOO optimises: the score minus rl_beta x the sampled sequence KL
-    (k1) to the base."""
+    the base and the policy's entropy (each summed over the completion), and the reward that RLOO
+    optimises: the score minus rl_beta x the sampled sequence KL (k1) to the base."""
     cfg = s.cfg
     prompts = sample_prompts(s, "train", cfg["rl_prompts"],
                              s.generator("rl.prompts", step)).repeat_interleave(
@@ -139,11 +261,13 @@ def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, 
     with autocast(cfg["device"], cfg["dtype"]):
         ref_logits = completion_logits(reference, prompts, completions)
         old_logits = completion_logits(policy, prompts, completions)
+    logp = torch.log_softmax(old_logits.float() / TEMPERATURE, dim=-1)
     batch = {"prompts": prompts, "completions": completions,
              "score": reward_scores(s, rm, prompts, completions).float(),
              "ref_logprobs": token_logprobs(ref_logits, completions, TEMPERATURE),
              "old_logprobs": token_logprobs(old_logits, completions, TEMPERATURE),
-             "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1)}
+             "kl_exact": exact_kl(old_logits, ref_logits, TEMPERATURE).sum(1),
+             "entropy": -(logp.exp() * logp).sum(-1).sum(1)}
     batch["score"] = batch["score"].to(batch["old_logprobs"].device)
     batch["reward"] = kl_penalized_reward(batch["score"], batch["old_logprobs"],
                                           batch["ref_logprobs"], cfg["rl_beta"])
@@ -152,15 +276,16 @@ def rollout(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel, 
 
 @dataclasses.dataclass
 class Learner:
-    """What an RL update changes: the policy, its optimizer, the value model (PPO's critic, None
-    for RLOO) and the generator of minibatch orders."""
+    """What an RL update changes: the policy, its optimizer and schedule, the value model (PPO's
+    critic, None for RLOO) and the generator of minibatch orders."""
     policy: nn.Module
     optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
     order: torch.Generator
     critic: RewardModel | None = None
 
 
-def rloo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, dict]:
+def rloo_update(s: Setup, learner: Learner, batch: dict) -> dict:
     """One REINFORCE step (one optimizer step per rollout) with each sample's reward baselined by
     the mean of the other samples of its prompt (leave-one-out)."""
     advantages = rloo_advantages(batch["reward"].view(-1, s.cfg["rl_group"]),
@@ -168,17 +293,18 @@ def rloo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, 
     loss = policy_gradient_loss(completion_logprobs(s, learner.policy, batch["prompts"],
                                                     batch["completions"]),
                                 advantages)
-    step_on(learner.optimizer, loss)
-    return loss, {}
+    return {"loss/policy_avg": loss.item(),
+            **step_on(learner.optimizer, loss, learner.schedule, s.cfg["max_grad_norm"])}
 
 
-def ppo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, dict]:
+def ppo_update(s: Setup, learner: Learner, batch: dict) -> dict:
     """PPO as in Stiennon et al. 2020 and InstructGPT: per-token rewards (the KL penalty at every
     token, the reward model's score at the last), the critic's values, GAE advantages (whitened)
     and returns, then ppo_epochs passes of ppo_minibatches minibatches (a new order each pass),
     each one optimizer step on the clipped policy loss plus the clipped value loss (the critic's
     parameters have their own learning rate, ppo_value_lr: with Adam a weight on the value loss
-    would change nothing). Returns the last loss and mean statistics."""
+    would change nothing), the gradient of both clipped together as TRL's PPO does. Returns the
+    minibatches' mean statistics."""
     cfg, n = s.cfg, len(batch["prompts"])
     prompts, completions = batch["prompts"], batch["completions"]
     with torch.no_grad(), autocast(cfg["device"], cfg["dtype"]):
@@ -197,9 +323,13 @@ def ppo_update(s: Setup, learner: Learner, batch: dict) -> tuple[torch.Tensor, d
             values = learner.critic.token_values(prompts[idx], completions[idx]).float()
         critic_loss = value_loss(values, old_values[idx], returns[idx], cfg["ppo_value_clip"])
         loss = policy_loss + critic_loss
-        step_on(learner.optimizer, loss)
-        stats.append(dict(minibatch, value_loss=critic_loss.item()))
-    return loss, {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
+        stats.append(dict(minibatch, **{"loss/policy_avg": policy_loss.item(),
+                                        "loss/value_avg": critic_loss.item()},
+                          **step_on(learner.optimizer, loss, None, cfg["max_grad_norm"])))
+    learner.schedule.step()  # the learning rate decays by rollout, as TRL's by update
+    explained = 1 - (returns - old_values).var() / returns.var().clamp_min(1e-12)
+    return {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]} | {
+        "val/explained_variance": explained.item()}
 
 
 def ppo_minibatch_size(cfg: dict) -> int:
@@ -216,53 +346,54 @@ def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
 
 
 def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter],
-             rm: RewardModel, name: str,
-             steps: int, keep_points: int, record: dict) -> list[dict]:
+             rm: RewardModel, name: str, steps: int, record: dict,
+             keep_at: set[int] = frozenset()) -> list[dict]:
     """`steps` rollouts of RLOO or PPO on `params` of the policy against the frozen base and the
-    (frozen) reward model, keeping the policy at keep_points steps (keep_steps) under `name`, each
-    file with the run's `record`; returns the log, one record per step. PPO's critic starts from
-    the reward model and trains with the policy, at its own learning rate."""
+    (frozen) reward model, keeping the policy under `name` where the rollouts' KL first crosses
+    keep_kls (the policy that sampled them, before that step's update) and after the steps of
+    keep_at, each file with the run's `record`; returns the log, one entry per step, in TRL's
+    names. PPO's critic starts from the reward model and trains with the policy, at its own
+    learning rate. The learning rates decay linearly to 0; gradients are clipped."""
     cfg = s.cfg
     reference = frozen(load_policy(s))
-    groups = [{"params": params, "lr": cfg["rl_lr"]}]
+    groups = [{"params": params, "lr": cfg[f"{method}_lr"]}]
     critic = None
     if method == "ppo":
         critic = copy.deepcopy(rm).train()
         for p in critic.parameters():
             p.requires_grad_(True)
         groups.append({"params": list(critic.parameters()), "lr": cfg["ppo_value_lr"]})
-    learner = Learner(policy, torch.optim.AdamW(groups, weight_decay=0.0),
-                      s.generator("ppo.order"), critic)
+    learner = Learner(policy, *decaying_optimizer(groups, steps), s.generator("ppo.order"),
+                      critic)
     sampling = s.generator("rl.sampling", on_device=True)
     update = {"rloo": rloo_update, "ppo": ppo_update}[method]
-    per_rollout, kept = optimizer_steps_per_rollout(cfg, method), keep_steps(steps, keep_points)
-    clear_outputs(s, name)
+    keeper = Keeper(s, name, record, keep_kls(cfg) if not keep_at else [], keep_at,
+                    optimizer_steps_per_rollout(cfg, method))
     log = []
     bar = progress(total=steps, desc=name, unit="step")
     for step in range(1, steps + 1):
         batch = rollout(s, policy, reference, rm, step, sampling)
-        loss, stats = update(s, learner, batch)
-        if not math.isfinite(loss.item()):
-            raise TrainingDiverged(f"{name}: loss is {loss.item()} at step {step}; try a lower "
-                                   "--rl_lr")
+        keeper.consider(policy, step - 1, batch["kl_exact"].mean().item())
+        stats = update(s, learner, batch)
+        if not math.isfinite(stats["loss/policy_avg"]):
+            raise TrainingDiverged(f"{name}: loss is {stats['loss/policy_avg']} at step {step}; "
+                                   f"try a lower --{method}_lr")
         estimators = kl_estimators(batch["old_logprobs"], batch["ref_logprobs"])
-        log.append({"step": step, "rm_score": batch["score"].mean().item(),
-                    "reward": batch["reward"].mean().item(),
-                    "kl_exact": batch["kl_exact"].mean().item(),
-                    **{f"kl_{k}": v.sum(1).mean().item() for k, v in estimators.items()}, **stats})
+        log.append({"step": step, "objective/scores": batch["score"].mean().item(),
+                    "objective/rlhf_reward": batch["reward"].mean().item(),
+                    "objective/kl": estimators["k1"].sum(1).mean().item(),
+                    "objective/kl_k3": estimators["k3"].sum(1).mean().item(),
+                    "objective/kl_exact": batch["kl_exact"].mean().item(),
+                    "objective/entropy": batch["entropy"].mean().item(), **stats})
+        keeper.consider(policy, step)
         bar.update(1)
-        bar.set_postfix(rm=f"{log[-1]['rm_score']:+.3f}", kl=f"{log[-1]['kl_exact']:.2f}")
-        if step in kept:
-            save_policy(s, policy, os.path.join(kept_folder(s, name), f"step{step:05d}.pt"), name,
-                        record, step,
-                        step * per_rollout)
+        bar.set_postfix(rm=f"{log[-1]['objective/scores']:+.3f}",
+                        kl=f"{log[-1]['objective/kl_exact']:.2f}")
     bar.close()
-    save_policy(s, policy, s.path("model_dict", f"{name}.pt"), name, record, steps,
-                steps * per_rollout)
-    write_json(s.path("generate_text", f"{name}_log.json"), {"run": record, "log": log})
-    print(f"{name}: {steps} steps, reward-model score {log[0]['rm_score']:+.3f} -> "
-          f"{log[-1]['rm_score']:+.3f}, "
-          f"KL to the base {log[-1]['kl_exact']:.3f} nats per sequence")
+    keeper.finish(policy, steps, log)
+    print(f"{name}: {steps} steps, reward-model score {log[0]['objective/scores']:+.3f} -> "
+          f"{log[-1]['objective/scores']:+.3f}, "
+          f"KL to the base {log[-1]['objective/kl_exact']:.3f} nats per sequence")
     return log
 
 

@@ -139,10 +139,11 @@ BASE = TINY_MODEL + ["--n_layer=2", "--batch_size=16", "--dropout=0.0", "--eval_
 # +0.19 to +0.97. (100 steps at rl_lr 1e-3 and 16 prompts gave +0.22 to +0.54 over 4 seeds x 2 numerics; 25 steps
 # at 4e-3 with half the base's training, -0.06 to +0.12.)
 SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "--rl_prompts=8", "--rl_group=8",
-          "--rl_lr=2e-3", "--device=cpu", "--dtype=float32"]  # keys rlhf.py and rlhf_heads.py both read
+          "--rloo_lr=2e-3", "--device=cpu", "--dtype=float32"]  # keys rlhf.py and rlhf_heads.py both read
 PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=16", "--bon_prompts=16",
             "--eval_samples=4", "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=50", "--ppo_epochs=1",
-            "--ppo_minibatches=2", "--keep_points=2", "--kl_targets=0.5,1"]  # keys of rlhf.py alone
+            "--ppo_minibatches=2", "--ppo_lr=2e-3", "--kl_targets=0.5,1",
+            "--dpo_methods=dpo,cdpo,ipo,dpo_soft,preferred_ft"]  # keys of rlhf.py alone
 
 
 def sha256(path) -> str:

@@ -175,8 +175,8 @@ def test_at_step_zero_kl_is_zero_the_ratio_one_and_dpo_log_2():
     assert preference.exact_kl(logits, logits.clone(), 1.0).abs().max().item() == 0.0
     assert all((v == 0).all() for v in preference.kl_estimators(logp, logp.clone()).values())
     _, stats = preference.ppo_loss(logp, logp.clone(), torch.randn(8), clip=0.2)
-    assert stats["mean_ratio"] == 1.0
-    assert stats["clip_fraction"] == 0.0
+    assert stats["val/ratio"] == 1.0
+    assert stats["policy/clipfrac_avg"] == 0.0
     seq = logp.sum(1)
     loss = preference.dpo_loss(seq[:4], seq[4:], seq[:4].clone(), seq[4:].clone(), beta=0.1)
     assert loss.item() == torch.tensor(math.log(2)).item()  # exactly log 2, in float32
@@ -221,7 +221,41 @@ def test_ppo_clips_the_ratio():
     # A = 1: min(1.5, 1.2), min(0.5, 0.8), 1.1, 0.9; A = -2: min(-3, -2.4), min(-1, -1.6), -2.2, -1.8
     assert by_hand == [[1.2, 0.5, 1.1, 0.9], [-3.0, -1.6, -2.2, -1.8]]
     assert loss.item() == pytest.approx(-sum(map(sum, by_hand)) / 8)
-    assert stats["clip_fraction"] == 0.5
+    # TRL's clip fraction: where the clipped term is the one taken (A = 1 at 1.5, A = -2 at 0.5); not |r - 1| > clip
+    assert stats["policy/clipfrac_avg"] == 2 / 8
+    assert stats["policy/approxkl_avg"] == pytest.approx(sum(math.log(r) ** 2 / 2 for r in [1.5, 0.5, 1.1, 0.9]) / 4)
+    assert stats["val/ratio"] == pytest.approx(1.0)
+
+
+def test_ipo_averages_over_each_sides_tokens_and_preferred_ft_is_the_chosen_sides_nll():
+    """Summed log-probabilities of completions of 2 and 4 tokens (one padded): IPO's h is built from per-token
+    means (TRL), so its target margin 1 / (2 tau) is per token; the sigmoid losses read the sums."""
+    policy = (torch.tensor([-3.0, -8.0]), torch.tensor([-6.0, -2.0]))
+    reference = (torch.tensor([-4.0, -6.0]), torch.tensor([-5.0, -3.0]))
+    lengths = (torch.tensor([2.0, 4.0]), torch.tensor([4.0, 2.0]))
+    loss, stats = preference.dpo_family_loss("ipo", policy, reference, lengths, 0.5, 1.0)
+    h = [(-3 / 2 + 4 / 2) - (-6 / 4 + 5 / 4), (-8 / 4 + 6 / 4) - (-2 / 2 + 3 / 2)]
+    assert loss.item() == pytest.approx(sum((x - 1 / (2 * 0.5)) ** 2 for x in h) / 2)
+    assert stats["rewards/chosen"].tolist() == pytest.approx([0.5 * (-3 / 2 + 4 / 2), 0.5 * (-8 / 4 + 6 / 4)])
+    sums = [(-3 + 4) - (-6 + 5), (-8 + 6) - (-2 + 3)]
+    loss, _ = preference.dpo_family_loss("sigmoid", policy, reference, lengths, 0.1, 1.0)
+    assert loss.item() == pytest.approx(sum(-math.log(1 / (1 + math.exp(-0.1 * x))) for x in sums) / 2)
+    loss, stats = preference.dpo_family_loss("nll", policy, reference, lengths, None, 1.0)
+    assert loss.item() == pytest.approx((3 + 8) / (2 + 4)) and "rewards/chosen" not in stats
+
+
+def test_a_step_clips_the_gradient_over_every_group_and_the_learning_rate_decays_to_zero():
+    from rlhf_lib.training import decaying_optimizer, step_on
+    a, b = torch.nn.Parameter(torch.tensor([3.0])), torch.nn.Parameter(torch.tensor([4.0]))
+    optimizer, schedule = decaying_optimizer([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}], 4)
+    stats = [step_on(optimizer, (a * a + b * b) / 2, schedule, max_grad_norm=1.0) for _ in range(4)]
+    assert stats[0]["grad_norm"] == pytest.approx(5.0)  # the norm of (3, 4) over both groups together
+    assert [s["learning_rate"] for s in stats] == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    assert optimizer.param_groups[1]["lr"] == 0.0
+    c = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    loss = (c * torch.tensor([3.0, 4.0])).sum()  # gradient (3, 4), norm 5
+    assert step_on(torch.optim.SGD([c], lr=1.0), loss, None, max_grad_norm=1.0)["grad_norm"] == pytest.approx(5.0)
+    assert c.tolist() == pytest.approx([3.0 - 0.6, 4.0 - 0.8])  # the step along the clipped gradient (3, 4) / 5
 
 
 def test_gae_by_hand_on_three_tokens():

@@ -2,6 +2,7 @@
 tuned policy used as an ordinary checkpoint, and bad input."""
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -14,7 +15,9 @@ import dualgpt
 import gpt_
 import rlhf
 import rlhf_heads
-from rlhf_lib.study import rlhf_run_config
+from rlhf_lib.study import (complete, keep_kls, load_policy, load_reward_model, reward_scores, rlhf_run_config,
+                            sample_prompts, setup)
+from rlhf_lib.training import STANDARDISE_SAMPLES
 
 
 P = "rlhf_sentiment_seed1337"  # one replicate's outputs
@@ -30,8 +33,32 @@ def test_every_stage_runs_and_writes_its_files(rlhf_run):
         assert (home / path).exists(), path
     for png in ["rlhf_sentiment_oracle_vs_kl.png", "rlhf_sentiment_rm_vs_oracle.png"]:
         assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100
-    kept = sorted(p.name for p in (home / "model_dict" / f"{P}_rloo_steps").iterdir())
-    assert kept == ["step00025.pt", "step00050.pt"]  # keep_points=2 of 50 steps
+    assert matplotlib.image.imread(home / "generate_text" / "rlhf_sentiment_learning_curves.png").shape[0] > 100
+
+
+def kept_from_log(log: list, kls: list, rl: bool) -> list:
+    """The steps a run must have kept, worked out from its own log: for each KL of keep_kls, the first logged
+    KL at or above it (RL: the rollout's, whose policy is the one before that step's update), then the end."""
+    kl = "objective/kl_exact" if rl else "objective/kl"
+    steps = {next((e["step"] - rl for e in log if kl in e and e[kl] >= k), None) for k in kls}
+    return sorted({s for s in steps if s} | {log[-1]["step"]})
+
+
+def test_every_run_keeps_its_policy_where_its_own_log_crosses_the_keep_points(rlhf_run):
+    """Each kept file is where the run's KL first crossed a keep point, holds the optimizer's step count at that
+    point (fails if the keep came after the update) and the KL that was measured."""
+    home, cfg = rlhf_run.home, rlhf_run_config(rlhf_run.args, "rlhf.py", "", {})
+    for method in rlhf.methods(cfg):
+        log = json.loads((home / "generate_text" / f"{P}_{method}_log.json").read_text())["log"]
+        folder = home / "model_dict" / f"{P}_{method}_steps"
+        kept = sorted(int(p.name[4:-3]) for p in folder.iterdir())
+        assert kept == kept_from_log(log, keep_kls(cfg), method in ("rloo", "ppo")), method
+        per_step = 2 if method == "ppo" else 1
+        for step in kept[:-1]:
+            rlhf_entry = torch.load(folder / f"step{step:05d}.pt", weights_only=True)["rlhf"]
+            assert rlhf_entry["optimizer_steps"] == step * per_step
+            entry = log[step] if method in ("rloo", "ppo") else log[step - 1]  # the rollout after `step` updates
+            assert rlhf_entry["train_kl"] == pytest.approx(entry.get("objective/kl_exact", entry.get("objective/kl")))
 
 
 def test_labels_agree_with_the_oracle_as_asked(rlhf_run):
@@ -52,7 +79,8 @@ def test_rloo_raises_the_held_out_judges_score(rlhf_run):
     assert methods["rloo"]["gain_judge_lexicon"]["mean"] > 0
     assert methods["rloo"]["kl"]["mean"] > 0
     assert methods["base"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # equal weights: equal up to rounding
-    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "dpo_soft", "rloo", "ppo", "best-of-4", "best-of-16"]
+    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "dpo_soft", "preferred_ft", "rloo", "ppo", "best-of-4",
+                             "best-of-16"]
 
 
 def test_every_row_has_the_same_win_rate_estimator_and_optimizer_steps(rlhf_run):
@@ -79,9 +107,23 @@ def test_the_report_compares_methods_at_matched_kl(rlhf_run):
     assert "| 0.5 | rloo − ppo |" in markdown
 
 
-def test_ppo_logs_its_clipping_and_its_value_loss(rlhf_run):
-    log = rlhf_run.result["results"]["ppo"][0]["log"]
-    assert {"clip_fraction", "approx_kl", "mean_ratio", "value_loss", "kl_exact", "kl_k1", "kl_k3"} <= set(log[0])
+def test_the_logs_carry_trls_metric_names_with_clipping_and_a_decaying_learning_rate(rlhf_run):
+    results = rlhf_run.result["results"]
+    ppo, rloo = (results[m][0]["log"] for m in ("ppo", "rloo"))
+    dpo = results["dpo"][0]["dpo"]["log"]
+    rl_names = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "loss/policy_avg",
+                "grad_norm", "learning_rate"}
+    assert rl_names | {"policy/approxkl_avg", "policy/clipfrac_avg", "loss/value_avg", "val/ratio",
+                       "val/explained_variance"} <= set(ppo[0])
+    assert rl_names <= set(rloo[0])
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "grad_norm", "learning_rate"} <= set(dpo[0])
+    assert "objective/kl" in dpo[3] and "objective/kl" not in dpo[2]  # measured every 4 steps
+    for log, lr in ((rloo, 2e-3), (ppo, 2e-3), (dpo, 1e-3)):  # linear decay to 0, one step per entry
+        assert [e["learning_rate"] for e in log] == pytest.approx([lr * (1 - i / len(log)) for i in range(len(log))])
+    assert rloo[0]["objective/entropy"] > 0 and all(0 <= e["policy/clipfrac_avg"] <= 1 for e in ppo)
+    assert results["rm"][0]["flip_rate"] == pytest.approx(results["dpo"][0]["flip_rate"])
+    assert 0.3 < results["dpo"][0]["flip_rate"] < 0.5  # ties are coin flips
 
 
 def test_a_tuned_policy_is_an_ordinary_checkpoint(rlhf_run, capsys):
@@ -108,10 +150,13 @@ BAD_INPUT = [
     (["--oracle=happiness"], "oracle must be auto, sentiment, verse, dialogue, module:function or none, "
                              "got 'happiness'"),
     (["--oracle=no_such_module:score"], "cannot load it"),
-    (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, eval, report or label, got 'sft'"),
-    (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, dpo_soft"),
+    (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, eval, report, tune or label, "
+                           "got 'sft'"),
+    (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, dpo_soft, preferred_ft"),
     (["--kl_targets=1,x"], "kl_targets must be positive numbers"),
-    (["--keep_pionts=5"], "unknown config key 'keep_pionts'; did you mean --keep_points?"),
+    (["--max_braket=1"], "unknown config key 'max_braket'; did you mean --max_bracket?"),
+    (["--rl_lr=1e-3"], "unknown config key 'rl_lr'; did you mean --rloo_lr?"),
+    (["--rl_lr_grid=1e-3,fast", "--rlhf_stage=tune"], "rl_lr_grid must be numbers like 1e-4,3e-4"),
     (["--rlhf_stage=heads"], "rlhf_stage must be"),
     (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by rlhf.py; rlhf.py runs its stages in order "
                        "(--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py"),
@@ -168,7 +213,7 @@ def test_lb_gpt_and_the_verse_oracle_run_every_stage_and_the_head_study(rlhf_run
     home = rlhf_run.home
     shared = rlhf_run.shared_args + ["--rlhf_script=gpt", "--oracle=verse", "--eval_prompts=8", "--rl_prompts=4"]
     pipeline_only = ["--n_pairs=64", "--rm_batch=16", "--dpo_batch=16", "--bon_max_n=2", "--bon_prompts=4",
-                     "--eval_samples=2", "--rl_steps=4", "--keep_points=2", "--ppo_epochs=1", "--ppo_minibatches=2",
+                     "--eval_samples=2", "--rl_steps=4", "--ppo_epochs=1", "--ppo_minibatches=2",
                      "--dpo_methods=dpo"]
     result = rlhf.main(shared + pipeline_only)
     assert list(result["seconds"]) == list(rlhf.STAGES) + ["report"]
@@ -189,29 +234,29 @@ def copy_of(rlhf_run, tmp_path, monkeypatch):
 
 
 def test_a_rerun_with_other_settings_leaves_no_point_of_the_earlier_run_in_the_curves(rlhf_run, tmp_path, monkeypatch):
-    """keep_points=3, then back to 2 (and the reverse order in between): each time the curves hold exactly the
-    steps of the last run, never a kept checkpoint of the one before (the shipped report once did)."""
+    """Other KL targets (so other keep points), then the first ones again: each time the curves hold exactly the
+    steps of the last run's kept files, never a kept policy of the one before (the shipped report once did)."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
     small = ["--dpo_methods=dpo", "--rl_steps=6", "--eval_samples=2"]
-    for points, rl_steps, dpo_steps in ((3, [2, 3, 6], [8, 16, 32]), (2, [3, 6], [16, 32])):
+    for targets in ("0.2,3", "0.5,1"):
         for stage in ("dpo", "rloo", "ppo", "eval"):
-            rlhf.main(args + small + [f"--keep_points={points}", f"--rlhf_stage={stage}"])
+            rlhf.main(args + small + [f"--kl_targets={targets}", f"--rlhf_stage={stage}"])
         curves = json.loads((home / "generate_text" / f"{P}_eval.json").read_text())["curves"]
-        assert {m: [p["step"] for p in c] for m, c in curves.items()} == {
-            "dpo": [0] + dpo_steps, "rloo": [0] + rl_steps, "ppo": [0] + rl_steps}
+        for method, curve in curves.items():
+            folder = home / "model_dict" / f"{P}_{method}_steps"
+            assert [p["step"] for p in curve] == [0] + sorted(int(p.name[4:-3]) for p in folder.iterdir())
         assert not (home / "model_dict" / f"{P}_cdpo.pt").exists()  # a loss not trained this time leaves nothing
-    assert sorted(p.name for p in (home / "model_dict" / f"{P}_rloo_steps").iterdir()) == ["step00003.pt", "step00006.pt"]
 
 
 def test_reading_a_stages_files_from_another_run_is_one_line(rlhf_run, tmp_path, monkeypatch, capsys):
-    """The eval stage alone after rl_lr changed: RLOO's policy is another run's, so it refuses, naming the stage;
+    """The eval stage alone after rloo_lr changed: RLOO's policy is another run's, so it refuses, naming the stage;
     a kept checkpoint copied in from elsewhere is refused the same way."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
-        rlhf.main(args + ["--rlhf_stage=eval", "--rl_lr=5e-4"])
+        rlhf.main(args + ["--rlhf_stage=eval", "--rloo_lr=5e-4"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {home / 'model_dict' / P}_rloo.pt was written by another run (rl_lr=0.002 there, "
+    assert err.startswith(f"error: {home / 'model_dict' / P}_rloo.pt was written by another run (rloo_lr=0.002 there, "
                           f"0.0005 here); run python rlhf.py --rlhf_stage=rloo with these settings")
     assert err.count("\n") == 1
     stray = home / "model_dict" / f"{P}_ppo_steps" / "step00075.pt"
@@ -234,3 +279,37 @@ def test_files_built_on_an_earlier_run_of_a_stage_are_refused_even_with_the_same
     with pytest.raises(SystemExit):
         rlhf.main(args + ["--rlhf_stage=report"])
     assert f"{P}_rm.pt was written by another run" in capsys.readouterr().err
+
+
+def test_the_reward_models_scores_of_base_samples_have_mean_0_and_std_1(rlhf_run, monkeypatch):
+    """One KL scale: the same base samples of dev prompts, scored again by the saved reward model."""
+    monkeypatch.setattr(dualgpt, "ROOT", str(rlhf_run.home))
+    s = setup(rlhf_run_config(rlhf_run.args, "rlhf.py", "", {}))
+    rm, _ = load_reward_model(s, s.expected("rm"))
+    prompts = sample_prompts(s, "dev", STANDARDISE_SAMPLES, s.generator("rm.standardise"))
+    completions = complete(s, load_policy(s), prompts, s.generator("rm.standardise", 1, on_device=True))
+    scores = reward_scores(s, rm, prompts, completions)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert rm.report["raw_std"] > 0 and rlhf_run.result["results"]["rm"][0]["raw_std"] == rm.report["raw_std"]
+
+
+def test_tune_picks_each_methods_setting_on_the_dev_split_and_leaves_no_policy(rlhf_run, tmp_path, monkeypatch):
+    """--rlhf_stage=tune on a 2 x 2 grid for IPO, 2 learning rates for Preferred-FT and RLOO: every setting is
+    recorded with its readings at the KL targets on dev prompts, and the pick is the one that reaches the most
+    targets, then scores highest there."""
+    home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
+    rlhf.main(args + ["--rlhf_stage=tune", "--dpo_methods=ipo,preferred_ft", "--dpo_lr_grid=3e-4,3e-3", "--rl_lr_grid=3e-4,3e-3",
+                      "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16"])
+    tuning = json.loads((home / "generate_text" / f"{P}_tuning.json").read_text())
+    assert tuning["dev_prompts"] == 16 and list(tuning["tried"]) == ["ipo", "preferred_ft", "rloo", "ppo"]
+    assert [r["setting"] for r in tuning["tried"]["ipo"]] == [
+        {"ipo_lr": lr, "ipo_tau": tau} for lr in (3e-4, 3e-3) for tau in (0.5, 2.0)]
+    assert [r["setting"] for r in tuning["tried"]["rloo"]] == [{"rloo_lr": 3e-4}, {"rloo_lr": 3e-3}]
+    for method, tried in tuning["tried"].items():
+        for r in tried:
+            assert r["criterion"] == pytest.approx([len(r["at_kl"]), statistics.mean(r["at_kl"].values())
+                                                    if r["at_kl"] else 0.0])
+        best = max(tried, key=lambda r: (r["criterion"][0], r["criterion"][1]))
+        assert tuning["picks"][method] == best["setting"]
+    assert not list((home / "model_dict").glob(f"{P}_tune_*"))  # the tuning runs' policies are gone

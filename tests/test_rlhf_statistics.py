@@ -1,5 +1,6 @@
-"""The RLHF report's statistics against plain computations on made-up numbers: the matched-KL interpolation,
-the win-rate estimator, paired differences over seeds and the delta-method ratio."""
+"""The RLHF report's statistics against plain computations on made-up numbers: the matched-KL interpolation and
+its bracket bound, the win-rate estimator, paired differences over seeds, the delta-method ratio, Student's t, the
+p-values, Holm's correction, and the reward model's accuracy on a policy's own samples."""
 import math
 import random
 import statistics
@@ -7,7 +8,10 @@ import statistics
 import pytest
 import torch
 
-from rlhf_lib.report import at_kl, ratio_summary, sample_wins, summarise
+from dualgpt.evaluation import t_975
+from rlhf_lib.report import (at_kl, holm, matched_rows, p_value, pair_accuracy, ratio_summary, sample_wins,
+                             summarise, t_cdf)
+from rlhf_lib.study import keep_kls
 
 
 def point(kl, scores):
@@ -67,3 +71,75 @@ def test_the_transfer_ratio_is_a_ratio_of_mean_gains_with_the_delta_method_inter
     residual = [t - ratio * b for t, b in zip(top, bottom)]
     assert got["mean"] == pytest.approx(ratio)
     assert got["ci"] == pytest.approx(4.303 * statistics.stdev(residual) / math.sqrt(3) / statistics.mean(bottom))
+
+
+def test_a_reading_from_kept_points_too_far_apart_is_refused_and_says_so():
+    curve = [point(0.0, [0.0]), point(0.7, [1.0]), point(1.8, [2.0]), point(6.0, [3.0])]
+    assert at_kl(curve, 1.0, max_bracket=1.1)["per_prompt"]["oracle"] == pytest.approx(
+        [1.0 + (1 - math.sqrt(0.7)) / (math.sqrt(1.8) - math.sqrt(0.7))])
+    assert at_kl(curve, 1.0, max_bracket=1.0) == {"bracket": [0.7, 1.8], "too_wide": True}  # 1.1 nats apart
+    assert at_kl(curve, 4.0, max_bracket=1.0) == {"bracket": [1.8, 6.0], "too_wide": True}
+    seeds = [{"rloo": at_kl(curve, 1.0, 1.2), "best-of-n": at_kl(curve, 1.0, 1.2)},
+             {"rloo": at_kl(curve, 1.0, 1.0), "best-of-n": at_kl(curve, 1.0, 1.2)}]
+    rows = matched_rows(seeds, ["oracle"])
+    assert rows["rloo"]["oracle"] == {"mean": None, "reason": "bracket too wide"}
+    assert rows["rloo"]["brackets"] == [[0.7, 1.8], [0.7, 1.8]]  # the widths are reported with the refusal
+    assert rows["best-of-n"]["oracle"]["mean"] == pytest.approx(at_kl(curve, 1.0)["per_prompt"]["oracle"][0])
+
+
+def test_runs_keep_their_policy_on_both_sides_of_every_target_within_half_the_bound():
+    kls = keep_kls({"kl_targets": "1,2,4", "max_bracket": 1.0})
+    assert kls == pytest.approx([0.75, 1.25, 1.5, 2.5, 3.0, 5.0])
+    for target in (1, 2, 4):
+        below, above = max(k for k in kls if k < target), min(k for k in kls if k > target)
+        assert above - below <= 0.5 * target
+
+
+def test_students_t_matches_its_closed_forms_and_the_interval_table():
+    for t in (-1e6, -30.0, -2.5, -0.3, 0.0, 0.7, 4.0, 1e6):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)  # Cauchy
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    for df in (1, 2, 3, 4, 5, 9, 30, 127):  # the 97.5% quantiles the report's intervals use
+        assert t_cdf(t_975(df), df) == pytest.approx(0.975, abs=2e-4)
+    # df = 3 written out: 1/2 + (theta + sin(theta) cos(theta)) / pi with theta = atan(t / sqrt(3))
+    theta = math.atan(1.3 / math.sqrt(3))
+    assert t_cdf(1.3, 3) == pytest.approx(0.5 + (theta + math.sin(theta) * math.cos(theta)) / math.pi)
+
+
+def test_the_p_value_is_the_two_sided_t_test_of_the_per_seed_values():
+    values = [0.3, 0.5, 0.1, 0.4, 0.2]
+    t = statistics.mean(values) / (statistics.stdev(values) / math.sqrt(5))
+    assert p_value({"per_seed": values}) == pytest.approx(2 * (1 - t_cdf(t, 4)))
+    assert p_value({"per_seed": [0.3], "over": "prompts"}) is None  # one seed: no test over training runs
+    assert p_value({"per_seed": [0.2, 0.2, 0.2]}) == 0.0
+
+
+def test_holm_is_the_step_down_procedure():
+    rng = random.Random(2)
+    for _ in range(50):
+        p = [rng.random() ** 3 for _ in range(rng.randint(1, 12))]
+        m, adjusted = len(p), holm(p)
+        # plain: reject the i-th smallest while p_(i) <= alpha / (m - i); adjusted p < alpha iff rejected at alpha
+        for alpha in (0.01, 0.05, 0.2):
+            rejected, order = set(), sorted(range(m), key=lambda i: p[i])
+            for rank, i in enumerate(order):
+                if p[i] > alpha / (m - rank):
+                    break
+                rejected.add(i)
+            assert {i for i in range(m) if adjusted[i] <= alpha} == rejected
+        assert all(a >= q for a, q in zip(adjusted, p)) and max(adjusted) <= 1
+
+
+def test_the_reward_models_accuracy_on_a_policys_own_samples_is_over_its_decided_pairs():
+    rng = random.Random(3)
+    rm = torch.tensor([[rng.choice([0.0, 1.0, 2.0]) for _ in range(4)] for _ in range(5)])
+    oracle = torch.tensor([[rng.choice([0.0, 1.0]) for _ in range(4)] for _ in range(5)])
+    right = []
+    for p in range(5):
+        for i in range(4):
+            for j in range(i + 1, 4):
+                if oracle[p, i] != oracle[p, j]:
+                    r = rm[p, i] - rm[p, j]
+                    right.append(0.5 if r == 0 else float((r > 0) == (oracle[p, i] > oracle[p, j])))
+    assert pair_accuracy(rm, oracle) == pytest.approx(sum(right) / len(right))
+    assert math.isnan(pair_accuracy(rm, torch.zeros(5, 4)))  # no pair the oracle decides

@@ -120,6 +120,29 @@ def test_the_rlhf_docs_tables_and_times_are_the_shipped_reports():
     assert f"{report['machine']}: {minutes:.0f} min" in readme
 
 
+def test_the_rlhf_configs_settings_are_the_shipped_tunings_picks_and_the_report_ran_with_them():
+    """rlhf_config.py's learning rates, betas and tau are what `python rlhf.py --rlhf_stage=tune` picked on the dev
+    split (the shipped tuning file), the shipped report's runs used them, and docs/rlhf.md gives every setting
+    tried with its dev readings."""
+    import rlhf_config
+    shipped = os.path.join(ROOT, "generate_text", "shipped")
+    with open(os.path.join(shipped, "rlhf_sentiment_seed1337_tuning.json"), encoding="utf-8") as f:
+        tuning = json.load(f)
+    with open(os.path.join(shipped, "rlhf_sentiment_report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    page = doc("rlhf.md")
+    for method, setting in tuning["picks"].items():
+        for key, value in setting.items():
+            assert getattr(rlhf_config, key) == value == report["config"][key], key
+        for tried in tuning["tried"][method]:
+            settings = ", ".join(f"{k.split('_')[-1]} {v:g}" for k, v in tried["setting"].items())
+            readings = " / ".join(f"{tried['at_kl'][k]:+.3f}" if k in tried["at_kl"] else "—"
+                                  for k in tuning["kl_targets"].split(","))
+            picked = " (picked)" if tried["setting"] == setting else ""
+            assert f"| {method} | {settings}{picked} | {tried['end_kl']:.2f} | {readings} |" in page
+    assert f"{report['comparisons']} differences" in page
+
+
 def test_the_own_preferences_run_is_the_shipped_report_and_labels():
     """The how-to's figures (docs/own-preferences.md): its report's reward-model line and end-point rows stand in the README as they are,
     with the run's machine and minutes; the counts of the shipped labels and their agreement with the dialogue

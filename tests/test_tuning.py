@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dualgpt.checkpoint import REQUIRED, load_checkpoint
-from rlhf_lib.study import SEED_NAMES, keep_steps, seed_for
+from rlhf_lib.study import SEED_NAMES, seed_for
 from rlhf_lib.training import minibatches
 
 
@@ -36,9 +36,3 @@ def test_training_export_and_rlhf_build_the_same_checkpoint(rlhf_run):
         assert common <= ckpt.keys(), path
     assert "optimizer" in load_checkpoint(str(rlhf_run.home / "base.pt"))
     assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_rloo.pt"))["rlhf"]["step"] == 50
-
-
-def test_kept_steps_double_up_to_the_end():
-    assert keep_steps(96, 5) == {6, 12, 24, 48, 96}
-    assert keep_steps(40, 4) == {5, 10, 20, 40}
-    assert keep_steps(3, 4) == {1, 2, 3}  # a short run keeps what it can

@@ -210,7 +210,7 @@ def test_each_declared_choice_passes_and_an_unlisted_value_fails(module, keys):
 def test_the_declared_choices_are_the_ones_the_code_knows():
     assert set(rlhf_config.__annotations__["rlhf_script"].split(" | ")) == set(MODEL_CLASSES)
     stages = set(rlhf_config.__annotations__["rlhf_stage"].split(" | "))
-    assert stages == set(rlhf.STAGES) | {"all", "report", "label"}
+    assert stages == set(rlhf.STAGES) | {"all", "report", "tune", "label"}
     assert set(config.__annotations__["export_format"].split(" | ")) == {"pt", "hf"}
     # bench.py runs every section by default but the 45-minute Muon study
     assert bench.Keys.only.split(",") == [name for name in bench.SECTIONS if name != "muon"]

@@ -249,7 +249,7 @@ RLHF_FILES = [  # (file, the stage that reads it, what the one line says)
     (f"data/{P}_pairs.pt", "rm", "run python rlhf.py --rlhf_stage=pairs again"),
     (f"model_dict/{P}_rm.pt", "bon", "is not readable"),
     (f"data/{P}_bon.pt", "eval", "run python rlhf.py --rlhf_stage=bon again"),
-    (f"model_dict/{P}_dpo_steps/step00016.pt", "eval", "is not readable"),
+    (f"model_dict/{P}_dpo_steps/step00032.pt", "eval", "is not readable"),  # the last kept: the end
     (f"generate_text/{P}_eval.json", "report", "run python rlhf.py --rlhf_stage=eval --seed=1337 again"),
 ]
 

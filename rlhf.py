@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import platform
 import sys
@@ -56,14 +55,12 @@ from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_
                              curve_point, distinct_2, evaluate_policy, gains_and_transfer,
                              kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
                              ratio_summary, repetition, score_names, strip_per_prompt, summarise,
-                             usable,
-                             write_markdown_report, write_samples)
-from rlhf_lib.study import (CHUNK, STAGE_FILES, Setup, check_record, chosen_rejected,
-                            clear_outputs, complete, eval_prompts, frozen, in_repo, kl_targets,
-                            load_output, load_pairs, load_policy,
-                            load_policy_checkpoint, load_reward_model, output_folders, read_json,
-                            record_in, reward_scores, rlhf_run_config, sample_prompts, save_model,
-                            scores, sequence_logprobs, setup, texts)
+                             usable, write_markdown_report, write_samples)
+from rlhf_lib.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs,
+                            complete, eval_prompts, frozen, in_repo, kl_targets, load_output,
+                            load_pairs, load_policy, load_policy_checkpoint, load_reward_model,
+                            numbers, output_folders, read_json, record_in, reward_scores,
+                            rlhf_run_config, sample_prompts, save_model, scores, setup, texts)
 from rlhf_lib.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo,
                                train_reward_model, train_rl)
 
@@ -100,21 +97,11 @@ def stage_of(method: str) -> str:
 def check_pipeline_keys(cfg: dict) -> None:
     """The checks of the pipeline's keys that their declarations in rlhf_config.py cannot make."""
     unknown = [m for m in dpo_methods(cfg) if m not in DPO_METHODS]
-    try:
-        targets = kl_targets(cfg)
-    except ValueError:
-        targets = []
-    grids = []
-    for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid"):
-        try:
-            values = [float(v) for v in cfg[key].split(",") if v.strip()]
-        except ValueError:
-            values = []
-        grids.append((values and all(0 < v < math.inf for v in values),
-                      f"{key} must be numbers like 1e-4,3e-4, got {cfg[key]!r}"))
+    grids = [(numbers(cfg[key]), f"{key} must be numbers like 1e-4,3e-4, got {cfg[key]!r}")
+             for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid")]
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from "
                            f"{', '.join(DPO_METHODS)}"),
-             (targets and all(0 < k < math.inf for k in targets),
+             (numbers(cfg["kl_targets"]),
               f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
              (cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be at most "
               "eval_prompts"), *grids])
@@ -385,8 +372,8 @@ def grid(cfg: dict, method: str) -> list[dict]:
     beta of beta_grid (IPO: tau of tau_grid; Preferred-FT, RLOO and PPO have none)."""
     lrs = "dpo_lr_grid" if method in DPO_METHODS else "rl_lr_grid"
     strength = {"ipo": ("ipo_tau", "tau_grid")}.get(method, (f"{method}_beta", "beta_grid"))
-    values = {name: [float(v) for v in cfg[g].split(",") if v.strip()]
-              for name, g in [(f"{method}_lr", lrs), strength] if name in cfg}
+    values = {name: numbers(cfg[g]) for name, g in [(f"{method}_lr", lrs), strength]
+              if name in cfg}
     return [dict(zip(values, setting)) for setting in itertools.product(*values.values())]
 
 
@@ -413,13 +400,13 @@ def stage_tune(s: Setup) -> dict:
             upstream = pairs["run"]["id"] if method in DPO_METHODS else rm_record["id"]
             record = run.new_record(stage_of(method), upstream)
             if method in DPO_METHODS:
-                train_dpo(run, method, inputs, record, name)
+                log = train_dpo(run, method, inputs, record, name)
             else:
                 policy = load_policy(run)
-                train_rl(run, method, policy, list(policy.parameters()), rm, name,
-                         cfg["rl_steps"], record)
-            final = load_tensors(run.path("model_dict", f"{name}.pt"), "")["rlhf"]
-            curve = kept_curve(run, name, final, reference, rm, prompts, samples, base_result)
+                log = train_rl(run, method, policy, list(policy.parameters()), rm, name,
+                               cfg["rl_steps"], record)
+            curve = kept_curve(run, name, {"run": record, "step": log[-1]["step"]}, reference,
+                               rm, prompts, samples, base_result)
             readings = {f"{k:g}": at_kl(curve, k, cfg["max_bracket"]) for k in kl_targets(cfg)}
             scores = {k: sum(r["per_prompt"][key]) / len(prompts) for k, r in readings.items()
                       if usable(r)}
@@ -570,9 +557,8 @@ def seed_result(s: Setup) -> dict:
 
 
 RUN = {"tune": stage_tune, "pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon,
-       "dpo": stage_dpo,
-       "rloo": lambda s: stage_rl(s, "rloo"), "ppo": lambda s: stage_rl(s, "ppo"),
-       "eval": stage_eval}
+       "dpo": stage_dpo, "rloo": lambda s: stage_rl(s, "rloo"),
+       "ppo": lambda s: stage_rl(s, "ppo"), "eval": stage_eval}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -85,7 +85,7 @@ def plot_rm_against_oracle(report: dict, path: str) -> None:
     panels["best-of-n"].legend(fontsize=7)
     fig.suptitle(f"oracle {report['oracle']}: reward model against oracle, each kept policy "
                  f"({len(report['curves'])} seeds; labels: the reward model's accuracy on the "
-                 "policy's own samples, seed 1)", fontsize=9)
+                 f"policy's own samples, seed {next(iter(report['curves']))})", fontsize=9)
     save_figure(fig, path)
 
 

@@ -265,7 +265,7 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     loss = torch.max(unclipped, clipped).mean()
     with torch.no_grad():
         stats = {"policy/clipfrac_avg": (clipped > unclipped).float().mean().item(),
-                 "policy/approxkl_avg": (log_ratio ** 2 / 2).mean().item(),
+                 "policy/approxkl_avg": kl_estimators(old_logprobs, logprobs)["k2"].mean().item(),
                  "val/ratio": ratio.mean().item()}
     return loss, stats
 

@@ -313,11 +313,11 @@ def markdown_tables(report: dict) -> str:
             + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
             + ["win rate vs base", "reward model's accuracy on own samples", "val bpb",
                "val bpb change", "distinct-2", "repetition"])
-    holm = (f"Differences marked * stand after Holm's correction over the report's "
-            f"{report['comparisons']} differences over seeds (adjusted p < 0.05; the intervals "
-            "are not adjusted)." if report["comparisons"] else
-            "With one seed no difference is tested (the intervals are over prompts).")
-    lines = [reward_model_line(report["reward_model"], over), "", holm, "",
+    correction = (f"Differences marked * stand after Holm's correction over the report's "
+                  f"{report['comparisons']} differences over seeds (adjusted p < 0.05; the "
+                  "intervals are not adjusted)." if report["comparisons"] else
+                  "With one seed no difference is tested (the intervals are over prompts).")
+    lines = [reward_model_line(report["reward_model"], over), "", correction, "",
              f"**End points** (mean ± 95% interval over {over}):",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in report["methods"].items():

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -363,8 +364,18 @@ def clear_outputs(s: Setup, name: str) -> None:
             os.remove(path)
 
 
+def numbers(text: str) -> list[float] | None:
+    """A comma list of positive finite numbers ("1,2,4"); None if it is empty or holds anything
+    else."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        return None
+    return values if values and all(0 < v < math.inf for v in values) else None
+
+
 def kl_targets(cfg: dict) -> list[float]:
-    return [float(k) for k in cfg["kl_targets"].split(",") if k.strip()]
+    return numbers(cfg["kl_targets"])
 
 
 def keep_kls(cfg: dict) -> list[float]:

@@ -178,7 +178,8 @@ def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
     steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
     (kind, _), label = DPO_METHODS[method], dpo_label(method, cfg, inputs.pairs)
     lr, strength = method_settings(cfg, method)
-    policy, reference = load_policy(s), frozen(load_policy(s))
+    policy = load_policy(s)
+    reference = frozen(policy)  # the base, before any step
     optimizer, schedule = decaying_optimizer([{"params": list(policy.parameters()), "lr": lr}],
                                              steps)
     keeper = Keeper(s, name, record, keep_kls(cfg))

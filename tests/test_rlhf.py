@@ -17,6 +17,7 @@ import rlhf
 import rlhf_heads
 from rlhf_lib.study import (complete, keep_kls, load_policy, load_reward_model, reward_scores, rlhf_run_config,
                             sample_prompts, setup)
+from rlhf_lib import training
 from rlhf_lib.training import STANDARDISE_SAMPLES
 
 
@@ -45,8 +46,8 @@ def kept_from_log(log: list, kls: list, rl: bool) -> list:
 
 
 def test_every_run_keeps_its_policy_where_its_own_log_crosses_the_keep_points(rlhf_run):
-    """Each kept file is where the run's KL first crossed a keep point, holds the optimizer's step count at that
-    point (fails if the keep came after the update) and the KL that was measured."""
+    """Each kept file is where the run's KL first crossed a keep point, and holds the optimizer's step count at
+    that point and the KL that was measured (that its weights are the ones before the update: the next test)."""
     home, cfg = rlhf_run.home, rlhf_run_config(rlhf_run.args, "rlhf.py", "", {})
     for method in rlhf.methods(cfg):
         log = json.loads((home / "generate_text" / f"{P}_{method}_log.json").read_text())["log"]
@@ -301,8 +302,8 @@ def test_tune_picks_each_methods_setting_on_the_dev_split_and_leaves_no_policy(r
     recorded with its readings at the KL targets on dev prompts, and the pick is the one that reaches the most
     targets, then scores highest there."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
-    rlhf.main(args + ["--rlhf_stage=tune", "--dpo_methods=ipo,preferred_ft", "--dpo_lr_grid=3e-4,3e-3", "--rl_lr_grid=3e-4,3e-3",
-                      "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16"])
+    rlhf.main(args + ["--rlhf_stage=tune", "--dpo_methods=ipo,preferred_ft", "--dpo_lr_grid=3e-4,3e-3",
+                      "--rl_lr_grid=3e-4,3e-3", "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16"])
     tuning = json.loads((home / "generate_text" / f"{P}_tuning.json").read_text())
     assert tuning["dev_prompts"] == 16 and list(tuning["tried"]) == ["ipo", "preferred_ft", "rloo", "ppo"]
     assert [r["setting"] for r in tuning["tried"]["ipo"]] == [
@@ -315,3 +316,35 @@ def test_tune_picks_each_methods_setting_on_the_dev_split_and_leaves_no_policy(r
         best = max(tried, key=lambda r: (r["criterion"][0], r["criterion"][1]))
         assert tuning["picks"][method] == best["setting"]
     assert not list((home / "model_dict").glob(f"{P}_tune_*"))  # the tuning runs' policies are gone
+
+
+def test_an_rl_run_keeps_the_policy_that_sampled_the_rollout_not_the_one_after_its_update(rlhf_run, tmp_path,
+                                                                                          monkeypatch):
+    """The weights of each kept policy, as they are saved, against the weights each update starts from: the
+    policy kept at step k is the one before update k + 1, whose rollout crossed the keep point."""
+    home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
+    s = setup(rlhf_run_config(args, "rlhf.py", "", {}))
+    rm, rm_record = load_reward_model(s, s.expected("rm"))
+
+    def weights(policy):
+        return torch.cat([p.detach().flatten() for p in policy.parameters()]).clone()
+
+    before, kept = [], {}
+    update, save = training.rloo_update, training.save_policy
+
+    def recording_update(s, learner, batch):
+        before.append(weights(learner.policy))
+        return update(s, learner, batch)
+
+    def recording_save(s, policy, path, name, record, step, *rest, **extra):
+        kept.setdefault(step, weights(policy))
+        save(s, policy, path, name, record, step, *rest, **extra)
+
+    monkeypatch.setattr(training, "rloo_update", recording_update)
+    monkeypatch.setattr(training, "save_policy", recording_save)
+    policy = load_policy(s)
+    training.train_rl(s, "rloo", policy, list(policy.parameters()), rm, "rloo", 6,
+                      s.new_record("rloo", rm_record["id"]))
+    assert len(before) == 6 and [k for k in kept if k < 6]  # the fixture's RLOO crosses its first keep points early
+    for step, saved in kept.items():
+        assert torch.equal(saved, before[step] if step < 6 else weights(policy)), step

@@ -117,7 +117,7 @@ def test_the_p_value_is_the_two_sided_t_test_of_the_per_seed_values():
 def test_holm_is_the_step_down_procedure():
     rng = random.Random(2)
     for _ in range(50):
-        p = [rng.random() ** 3 for _ in range(rng.randint(1, 12))]
+        p = [rng.random() * rng.choice([0.1, 1.0]) for _ in range(rng.randint(1, 12))]
         m, adjusted = len(p), holm(p)
         # plain: reject the i-th smallest while p_(i) <= alpha / (m - i); adjusted p < alpha iff rejected at alpha
         for alpha in (0.01, 0.05, 0.2):
@@ -128,6 +128,7 @@ def test_holm_is_the_step_down_procedure():
                 rejected.add(i)
             assert {i for i in range(m) if adjusted[i] <= alpha} == rejected
         assert all(a >= q for a, q in zip(adjusted, p)) and max(adjusted) <= 1
+    assert holm([0.04, 0.03]) == pytest.approx([0.06, 0.06])  # monotone: 0.04 falls with 0.03's 0.06
 
 
 def test_the_reward_models_accuracy_on_a_policys_own_samples_is_over_its_decided_pairs():

@@ -120,6 +120,13 @@ def test_the_rlhf_docs_tables_and_times_are_the_shipped_reports():
     assert f"{report['machine']}: {minutes:.0f} min" in readme
 
 
+def with_holm(value) -> list:
+    """Every difference in a report's JSON that carries Holm's adjusted p-value."""
+    if not isinstance(value, dict):
+        return []
+    return ([value] if "p_holm" in value else []) + [d for v in value.values() for d in with_holm(v)]
+
+
 def test_the_rlhf_configs_settings_are_the_shipped_tunings_picks_and_the_report_ran_with_them():
     """rlhf_config.py's learning rates, betas and tau are what `python rlhf.py --rlhf_stage=tune` picked on the dev
     split (the shipped tuning file), the shipped report's runs used them, and docs/rlhf.md gives every setting
@@ -141,6 +148,12 @@ def test_the_rlhf_configs_settings_are_the_shipped_tunings_picks_and_the_report_
             picked = " (picked)" if tried["setting"] == setting else ""
             assert f"| {method} | {settings}{picked} | {tried['end_kl']:.2f} | {readings} |" in page
     assert f"{report['comparisons']} differences" in page
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:  # its headline: none stands
+        readme = " ".join(f.read().split())
+    assert f"correction over the report's {report['comparisons']} differences none stands" in readme
+    tested = with_holm({part: report[part] for part in ("methods", "matched_kl", "pairwise")})
+    assert len(tested) == report["comparisons"] and min(c["p_holm"] for c in tested) >= 0.05
+    assert len(report["seeds"]) == 3 and "over 3 seeds" in readme
 
 
 def test_the_own_preferences_run_is_the_shipped_report_and_labels():

@@ -40,7 +40,7 @@ class Keys:
     vocab_size: "[256, 2**16]" = 4096  # the tokenizer section's vocabulary
     steps: "[1, 10000]" = 10  # timed training steps per variant
     quick = False  # fewer repeats and smaller shapes: a smoke run
-    budget: "(0, 86400]" = 67.0  # seconds of training per run in the quality section
+    nanogpt = ""  # the quality section: a nanoGPT clone, whose own train.py then runs too
     dtype: "float32 | bfloat16" = "float32"  # the training-step section's autocast dtype
     lecture_batch: "[0, 4096]" = 0  # batch at the lecture shape (0: 16 on CPU, 64 on GPU)
     seeds: "[1, 30]" = 3  # the muon section: seeds per optimizer and budget
@@ -451,61 +451,132 @@ def plot_scaling(measured, fits, flops, dtypes, columns, heads, n_layer, device)
     save_figure(fig, os.path.join(HERE, "generate_text", f"bench_scaling{suffix}.png"))
 
 
-# nanoGPT's documented CPU recipe ("baby GPT", character level), here byte level = character level
-# for this text
+# nanoGPT's documented CPU recipe, its README's "baby GPT" (character level; byte level here is
+# character level for this ASCII text), as overrides of our config and as its own command line
 NANOGPT_BABY = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
-                    dropout=0.0,
-                    learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, bias=False)
+                    dropout=0.0, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                    bias=False, max_iters=2000, lr_decay_iters=2000)
+NANOGPT_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                   "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+                   "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                   "--lr_decay_iters=2000", "--dropout=0.0",
+                   # ours: evaluate only at the start and the end, and keep the last weights
+                   "--eval_interval=2000", "--always_save_checkpoint=True", "--out_dir=out"]
 
 
-def train_for(overrides: dict, budget_s: float, workdir: str, data: str) -> dict:
-    """Train gpt_.py for a wall-clock budget with config overrides; score it on the whole val
-    split."""
-    import json
-
+def train_for(overrides: dict, workdir: str, data: str) -> dict:
+    """Train gpt_.py with config overrides (a time or a step limit among them); score the weights
+    it keeps on the whole val split."""
     import gpt_
+    from dualgpt.checkpoint import load_checkpoint
     from dualgpt.evaluation import evaluate_checkpoint
-    from dualgpt.runconfig import model_config, script_config
+    from dualgpt.runconfig import script_config
     from dualgpt.train import train
     ckpt = os.path.join(workdir, "quality.pt")
     for leftover in (ckpt, ckpt[:-3] + ".jsonl"):
         if os.path.exists(leftover):
             os.remove(leftover)
     argv = [f"--{k}={v}" for k, v in overrides.items()] + [
-        f"--max_minutes={budget_s / 60}", "--eval_interval=1000000000", "--mode=train",
-        f"--ckpt={ckpt}", f"--data={data}"]
+        "--eval_interval=1000000000", "--mode=train", f"--ckpt={ckpt}", f"--data={data}"]
     cfg = script_config(argv, "gpt_")
     train(gpt_.SMGPT, cfg)
-    steps = [r for r in map(json.loads, open(ckpt[:-3] + ".jsonl")) if "loss" in r]
     result = evaluate_checkpoint(gpt_.SMGPT, dict(cfg, mode="eval"))
-    tokens_per_s = statistics.median(r["tokens_per_s"] for r in steps) if steps else 0.0
-    model = gpt_.SMGPT(model_config(cfg, gpt_.SMGPT.config_class))
-    flops_per_s = flops_per_token(model) * tokens_per_s
+    trained = load_checkpoint(ckpt)
     return {"val_bpb": result["val"]["bpb"], "val_loss": result["val"]["loss"],
-            "dtype": cfg["dtype"],
-            "iters": steps[-1]["iter"] if steps else 0, "tokens_per_s": tokens_per_s,
-            "mfu": flops_per_s / matmul_peak(cfg["device"], cfg["dtype"])}
+            "dtype": cfg["dtype"], "train_s": trained["train_s"], "iters": trained["iter_num"]}
+
+
+def nanogpt_seconds(log: str) -> tuple[int, float]:
+    """Steps and training seconds from nanoGPT's printed log ("iter 7: loss 2.9, time 48.1ms, ..."),
+    by its own clock per iteration. Its last iteration evaluates and saves before it steps, so the
+    saved weights have one step fewer than it prints; the two iterations that also evaluate (the
+    first and the last) count at the mean of the others."""
+    times = [float(t) / 1e3 for t in re.findall(r"^iter \d+: loss \S+, time ([\d.]+)ms", log,
+                                                re.MULTILINE)]
+    if len(times) < 3:
+        raise UserError(f"nanoGPT printed {len(times)} iteration times; expected its per-iteration "
+                        "log (--log_interval=1)")
+    return len(times) - 1, statistics.mean(times[1:-1]) * (len(times) - 1)
+
+
+def clone_commit(clone: str) -> str:
+    """A clone's commit, so the table says which nanoGPT ran."""
+    import subprocess
+    done = subprocess.run(["git", "-C", clone, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True)
+    return f"commit {done.stdout.strip()}" if done.returncode == 0 else "commit unknown"
+
+
+def run_nanogpt(clone: str, workdir: str, data: str) -> dict:
+    """nanoGPT's own train.py on its baby CPU recipe, in a copy of the clone on our text; its
+    weights scored over the whole val split by the function that scores ours."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    from dualgpt.evaluation import full_loss
+    root = os.path.join(workdir, "nanoGPT")
+    shutil.copytree(clone, root, ignore=shutil.ignore_patterns(".git", "out*", "*.bin"))
+    char_data = os.path.join(root, "data", "shakespeare_char")
+    shutil.copyfile(data, os.path.join(char_data, "input.txt"))
+    for command in (["data/shakespeare_char/prepare.py"], NANOGPT_COMMAND):
+        done = subprocess.run([sys.executable, *command], cwd=root, capture_output=True, text=True)
+        if done.returncode:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"nanoGPT's {command[0]} failed: {last}")
+    iters, train_s = nanogpt_seconds(done.stdout)
+    spec = importlib.util.spec_from_file_location("nanogpt_model", os.path.join(root, "model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = torch.load(os.path.join(root, "out", "ckpt.pt"), map_location="cpu", weights_only=True)
+    model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    # one token per character: its val split is the text's last 10% of characters
+    val = np.fromfile(os.path.join(char_data, "val.bin"), dtype=np.uint16)
+    text = open(data, encoding="utf-8").read()
+    bytes_per_token = len(text[int(len(text) * 0.9):].encode("utf-8")) / len(val)
+    windows = types.SimpleNamespace(splits={"val": val}, block_size=ckpt["model_args"]["block_size"],
+                                    batch_size=12, device="cpu")
+    with torch.no_grad():
+        loss = full_loss(model, windows, "val", "cpu", "float32")
+    return {"val_loss": loss, "val_bpb": loss / bytes_per_token / math.log(2), "iters": iters,
+            "train_s": train_s, "dtype": "float32"}
 
 
 def bench_quality(args) -> str:
+    """Time to quality: nanoGPT's baby recipe (its 2000 steps, in our trainer, and with --nanogpt
+    also its own train.py), then config.py's defaults trained for nanoGPT's training time, all in
+    this run; the defaults' val bits per byte over nanoGPT's."""
     import tempfile
 
     import config
-    runs = [("nanoGPT baby GPT shape, vocab 256 (byte level)", NANOGPT_BABY),
-            (f"defaults ({config.n_layer}x{config.n_head}x{config.n_embd}, block "
-             f"{config.block_size}, "
-             f"vocab {config.vocab_size})", {})]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
-        for name, overrides in runs:
-            r = train_for(overrides, args.budget, workdir, args.data)
-            rows.append([name, r["dtype"], f"{r['iters']:,}", f"{r['tokens_per_s']:,.0f}",
-                         f"{r['mfu']:.1%}",
-                         f"{r['val_loss']:.4f}", f"**{r['val_bpb']:.3f}**"])
-    return (f"### Time to quality: gpt_.py trained for {args.budget:g} s of wall time (evaluation "
-            f"excluded), val bits per byte over the whole val split\n\n"
-            + table(["configuration", "dtype", "steps", "tokens/s", "MFU", "val loss/token",
-                     "val bpb"], rows))
+        runs = [("nanoGPT's baby recipe in our trainer (vocab 256)",
+                 train_for(NANOGPT_BABY, workdir, args.data))]
+        if args.nanogpt:
+            runs.append((f"nanoGPT's own train.py ({clone_commit(args.nanogpt)}), baby recipe",
+                         run_nanogpt(args.nanogpt, workdir, args.data)))
+        reference_name, reference = runs[-1]
+        budget = reference["train_s"]
+        runs.append((f"defaults ({config.n_layer}x{config.n_head}x{config.n_embd}, block "
+                     f"{config.block_size}, vocab {config.vocab_size}) for that time",
+                     # one evaluation, at the end: the last weights, as nanoGPT's
+                     train_for({"max_minutes": budget / 60, "eval_points": 1}, workdir, args.data)))
+    for name, r in runs:
+        rows.append([name, r["dtype"], f"{r['iters']:,}", f"{r['train_s']:.1f}",
+                     f"{r['val_loss']:.4f}", f"**{r['val_bpb']:.3f}**",
+                     f"{r['val_bpb'] / reference['val_bpb']:.2f}x"])
+    ratio = runs[-1][1]["val_bpb"] / reference["val_bpb"]
+    return (f"### Time to quality: {machine_name(resolve_device('auto'))}, val bits per byte over "
+            f"the whole val split, every run in this one; the defaults trained for as long as "
+            f"{reference_name}\n\n"
+            + table(["run", "dtype", "steps", "training s", "val loss/token", "val bpb",
+                     "vs nanoGPT"], rows)
+            + f"\n\nThe defaults' val bpb is {ratio:.2f}x nanoGPT's in its training time "
+            f"(target: at most 0.65x; {'met' if ratio <= 0.65 else 'not met'}).")
 
 
 def adamw(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
@@ -549,8 +620,8 @@ def bench_muon(args) -> str:
     seeds = range(1, args.seeds + 1)
     with tempfile.TemporaryDirectory() as workdir:
         def val_bpb(optimizer: str, lr: float, seed: int, budget: float) -> float:
-            r = train_for({"optimizer": optimizer, "muon_lr": lr, "seed": seed}, budget, workdir,
-                          args.data)
+            r = train_for({"optimizer": optimizer, "muon_lr": lr, "seed": seed,
+                           "max_minutes": budget / 60}, workdir, args.data)
             label = f"muon lr {lr:g}" if optimizer == "muon" else optimizer
             print(f"  {label} seed {seed} {budget:g} s: {r['val_bpb']:.4f} bpb, "
                   f"{r['iters']} steps", file=sys.stderr, flush=True)
@@ -701,6 +772,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"unknown section {(unknown or [''])[0]!r}; choose from "
                             f"{', '.join(SECTIONS)}")
         numbers(cfg["muon_lrs"], "muon_lrs"), numbers(cfg["muon_budgets"], "muon_budgets")
+        if cfg["nanogpt"] and not os.path.isfile(os.path.join(cfg["nanogpt"], "train.py")):
+            raise UserError(f"--nanogpt={cfg['nanogpt']} is not a nanoGPT clone (no train.py in it)")
         if not os.path.isfile(cfg["data"]):
             raise UserError(f"data file {cfg['data']} not found; pass --data=PATH to a UTF-8 "
                             "text file")

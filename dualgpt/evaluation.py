@@ -81,7 +81,7 @@ def windows(data: Dataset, split: str):
         full = [xy for xy in chunk if len(xy) == T + 1]
         if full:
             xy = torch.stack(full).to(data.device)
-            yield xy[:, :-1], xy[:, 1:]
+            yield xy[:, :-1], xy[:, 1:].contiguous()  # as training's: a model may view() them
         for xy in chunk[len(full):]:
             yield xy[None, :-1].to(data.device), xy[None, 1:].to(data.device)
 

@@ -1,15 +1,19 @@
-"""bench.py's scaling, Muon and RLHF sections: the fitted loop-cost model against a known one, the scaling
-section on tiny shapes, the Muon section's pick and paired differences against plain computations, and the
-RLHF section's reading of the report rlhf.py writes."""
+"""bench.py's scaling, quality, Muon and RLHF sections: the fitted loop-cost model against a known one, the scaling
+section on tiny shapes, the quality section's reading of nanoGPT's log and its ratio, the Muon section's pick and
+paired differences against plain computations, and the RLHF section's reading of the report rlhf.py writes."""
 import math
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
 import bench
+from dualgpt import UserError
 from dualgpt.runconfig import defaults
 
 
@@ -58,7 +62,8 @@ def test_the_muon_section_picks_the_best_grid_rate_and_pairs_the_seeds(monkeypat
 
     calls = []
 
-    def fake_train_for(overrides, budget_s, workdir, data):
+    def fake_train_for(overrides, workdir, data):
+        budget_s = round(overrides["max_minutes"] * 60, 6)
         calls.append((overrides["optimizer"], overrides["muon_lr"], overrides["seed"], budget_s))
         return {"val_bpb": score(*calls[-1]), "iters": 1}
 
@@ -74,6 +79,60 @@ def test_the_muon_section_picks_the_best_grid_rate_and_pairs_the_seeds(monkeypat
         row = next(line for line in text.splitlines() if line.startswith(f"| {budget:g} s | Muon - AdamW"))
         assert f"**{statistics.mean(diffs):+.3f} ± {half:.3f}**" in row
         assert " / ".join(f"{d:+.3f}" for d in diffs) in row
+
+
+def test_nanogpts_training_time_is_its_own_clock_without_the_iterations_that_evaluate():
+    """From a log in nanoGPT's print format: the steps its saved weights had (its last iteration saves
+    before it steps) and their seconds, its first and last iterations (which evaluate) at the mean of the
+    others."""
+    times = [900.0] + [40.0 + i % 7 for i in range(1, 2000)] + [700.0]
+    log = "\n".join(["step 0: train loss 4.2, val loss 4.2"]
+                    + [f"iter {i}: loss {3 - i / 1000:.4f}, time {t:.2f}ms, mfu -100.00%" for i, t in enumerate(times)])
+    steps, seconds = bench.nanogpt_seconds(log)
+    assert steps == 2000
+    assert seconds == pytest.approx(statistics.mean(times[1:-1]) * 2000 / 1e3)
+    with pytest.raises(UserError):
+        bench.nanogpt_seconds("step 0: train loss 4.2, val loss 4.2")
+
+
+def test_the_recipe_in_our_trainer_is_nanogpts_command_line():
+    flags = dict(arg[2:].split("=") for arg in bench.NANOGPT_COMMAND if arg.startswith("--"))
+    for key in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "max_iters", "lr_decay_iters", "dropout"):
+        assert float(flags[key]) == bench.NANOGPT_BABY[key]
+
+
+@pytest.mark.parametrize("clone, defaults_bpb", [("", 2.1), ("/nanoGPT", 2.1), ("", 1.8)])
+def test_the_quality_section_trains_the_defaults_for_nanogpts_time_and_divides_by_its_bpb(monkeypatch, clone,
+                                                                                          defaults_bpb):
+    """With made-up runs: nanoGPT's recipe first (its own train.py's time and score when a clone is given),
+    then config.py's defaults for exactly that training time; the ratio and the target's verdict."""
+    calls = []
+
+    def fake_train_for(overrides, workdir, data):
+        calls.append(overrides)
+        if "max_iters" in overrides:
+            return dict(val_bpb=2.8, val_loss=1.94, dtype="float32", train_s=97.0, iters=2000)
+        return dict(val_bpb=defaults_bpb, val_loss=5.0, dtype="float32", train_s=overrides["max_minutes"] * 60,
+                    iters=700)
+
+    monkeypatch.setattr(bench, "train_for", fake_train_for)
+    monkeypatch.setattr(bench, "run_nanogpt", lambda clone, workdir, data: dict(
+        val_bpb=3.0, val_loss=2.08, dtype="float32", train_s=120.0, iters=2000))
+    text = bench.bench_quality(types.SimpleNamespace(**dict(defaults(bench.Keys), nanogpt=clone)))
+    seconds, bpb = (120.0, 3.0) if clone else (97.0, 2.8)
+    assert calls[0] == bench.NANOGPT_BABY
+    assert calls[1:] == [{"max_minutes": pytest.approx(seconds / 60), "eval_points": 1}]
+    verdict = "met" if defaults_bpb / bpb <= 0.65 else "not met"
+    assert f"is {defaults_bpb / bpb:.2f}x nanoGPT's in its training time (target: at most 0.65x; {verdict})" in text
+    assert sum(line.startswith("| ") for line in text.splitlines()) == 1 + 2 + bool(clone)  # header, a row a run
+
+
+def test_a_folder_that_is_not_a_nanogpt_clone_is_one_line_before_any_training(tmp_path):
+    done = subprocess.run([sys.executable, "bench.py", "--only=quality", f"--nanogpt={tmp_path}"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: --nanogpt={tmp_path} is not a nanoGPT clone (no train.py in it)"
 
 
 def test_the_rlhf_section_reads_each_stages_time_from_the_report_rlhf_py_wrote(rlhf_run, tmp_path):

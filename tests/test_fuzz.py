@@ -518,7 +518,7 @@ def test_a_value_with_a_line_break_is_still_one_line(capsys):
     assert run_main(["--n_layer=\n"]) == 2
     outcome_is_sound(2, capsys.readouterr().err)
     with pytest.raises(SystemExit):
-        bench.main(["--budget=\n"])
+        bench.main(["--steps=\n"])
     outcome_is_sound(2, capsys.readouterr().err)
 
 

@@ -181,7 +181,8 @@ def test_the_own_preferences_run_is_the_shipped_report_and_labels():
 
 
 @pytest.mark.parametrize("name", ["bench_tokenizer.md", "bench_train_sample.md", "bench_compile.md",
-                                  "bench_scaling.md", "bench_muon.md", "bench_muon_avx2.md"])
+                                  "bench_scaling.md", "bench_muon.md", "bench_muon_avx2.md",
+                                  "bench_quality.md"])
 def test_the_benchmark_tables_in_the_docs_are_the_shipped_bench_outputs(name):
     """Each section of a shipped `python bench.py` output (its title, which names the CPU, every row of its
     tables and every line between them) stands in docs/benchmarks.md as it is, with the file's name and the
@@ -416,6 +417,28 @@ def test_the_muon_reading_quotes_the_shipped_differences():
         avx2 = re.search(r"^\| 67 s \| Muon - AdamW \(paired\) \| [^|]+ \| \*\*\+([\d.]+ ± [\d.]+)\*\* \|$", f.read(),
                          flags=re.M).group(1)
     assert f"was worse by {avx2} bits per byte at 67 s" in page
+
+
+def test_the_time_to_quality_reading_quotes_the_shipped_run_and_model():
+    """docs/benchmarks.md's and the README's time-to-quality figures: the shipped run's ratio, its two
+    nanoGPT scores, the 0.65x target in nanoGPT's time, and the shipped SM-GPT model's recorded score."""
+    with open(os.path.join(ROOT, "generate_text", "shipped", "bench_quality.md"), encoding="utf-8") as f:
+        shipped = f.read()
+    rows = [line.split(" | ") for line in shipped.splitlines() if line.startswith("| nanoGPT")]
+    (ours, own) = rows
+    ratio = re.search(r"is ([\d.]+)x nanoGPT's", shipped).group(1)
+    page = " ".join(doc("benchmarks.md").split())
+    assert f"In nanoGPT's training time the defaults reach {ratio}x its val bits per byte" in page
+    assert f"({ours[5].strip('*')} against {own[5].strip('*')} bits per byte)" in page
+    own_bpb = float(own[5].strip("*"))
+    assert f"0.65x would be {0.65 * own_bpb:.2f} bits per byte in {float(own[3]):.0f} s" in page
+    shipped_model = torch.load(os.path.join(ROOT, "model_dict", "shipped", "gpt_.pt"), weights_only=True)
+    bpb = shipped_model["eval"]["val_bpb"]
+    assert f"for {shipped_model['train_s']:.0f} s (in {shipped_model['config']['dtype']}," in page
+    assert f"reaches {bpb:.3f} ({bpb / own_bpb:.2f}x)" in page
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert f"the defaults reach {ratio}x its bits per byte" in readme
 
 
 def test_the_scaling_reading_quotes_the_shipped_table():

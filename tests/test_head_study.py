@@ -125,7 +125,7 @@ def test_heatmaps_have_one_cell_per_head(tmp_path):
 def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
     home = rlhf_run.home
     study = rlhf_heads.main(rlhf_run.shared_args + ["--head_prompts=16", "--head_pairs=32", "--head_batches=2",
-                                                    "--head_tuning_steps=12"])
+                                                    "--head_tuning_steps=4"])
     for name in ("weight_change", "attention", "ablation", "transplant", "kl_by_position", "oracle_vs_kl"):
         image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_seed1337_heads_{name}.png")
         assert image.shape[0] > 100
@@ -139,5 +139,5 @@ def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
     assert len(curves) == 4  # the full run and the three partial ones, each from the base (step 0)
     full = sorted(int(p.name[4:-3]) for p in (home / "model_dict" / "rlhf_sentiment_seed1337_rloo_steps").iterdir())
     # the pipeline's RLOO run as it kept its policies (where its KL crossed), the partial runs at half and the end
-    assert [[p["step"] for p in points] for points in curves.values()] == [[0] + full, [0, 6, 12], [0, 6, 12],
-                                                                           [0, 6, 12]]
+    assert [[p["step"] for p in points] for points in curves.values()] == [[0] + full, [0, 2, 4], [0, 2, 4],
+                                                                           [0, 2, 4]]

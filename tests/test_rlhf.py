@@ -240,9 +240,9 @@ def test_a_rerun_with_other_settings_leaves_no_point_of_the_earlier_run_in_the_c
     """Other KL targets (so other keep points), then the first ones again: each time the curves hold exactly the
     steps of the last run's kept files, never a kept policy of the one before (the shipped report once did)."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
-    small = ["--dpo_methods=dpo", "--rl_steps=6", "--eval_samples=2"]
+    small = ["--dpo_methods=dpo", "--dpo_batch=64", "--rl_steps=6", "--eval_samples=2", "--eval_prompts=16"]
     for targets in ("0.2,3", "0.5,1"):
-        for stage in ("dpo", "rloo", "ppo", "eval"):
+        for stage in ("bon", "dpo", "rloo", "ppo", "eval"):  # bon: it is read at eval_prompts
             rlhf.main(args + small + [f"--kl_targets={targets}", f"--rlhf_stage={stage}"])
         curves = json.loads((home / "generate_text" / f"{P}_eval.json").read_text())["curves"]
         for method, curve in curves.items():
@@ -303,7 +303,8 @@ def test_tune_picks_each_methods_setting_on_the_dev_split_and_leaves_no_policy(r
     targets, then scores highest there."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
     rlhf.main(args + ["--rlhf_stage=tune", "--dpo_methods=ipo,preferred_ft", "--dpo_lr_grid=3e-4,3e-3",
-                      "--rl_lr_grid=3e-4,3e-3", "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16"])
+                      "--rl_lr_grid=3e-4,3e-3", "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16",
+                      "--dpo_batch=64"])
     tuning = json.loads((home / "generate_text" / f"{P}_tuning.json").read_text())
     assert tuning["dev_prompts"] == 16 and list(tuning["tried"]) == ["ipo", "preferred_ft", "rloo", "ppo"]
     assert [r["setting"] for r in tuning["tried"]["ipo"]] == [

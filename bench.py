@@ -451,11 +451,14 @@ def plot_scaling(measured, fits, flops, dtypes, columns, heads, n_layer, device)
     save_figure(fig, os.path.join(HERE, "generate_text", f"bench_scaling{suffix}.png"))
 
 
-# nanoGPT's documented CPU recipe, its README's "baby GPT" (character level; byte level here is
-# character level for this ASCII text), as overrides of our config and as its own command line
+# nanoGPT's documented CPU recipe (its README's "I only have a macbook" run; character level, and
+# byte level here is character level for this ASCII text), as overrides of our config, every
+# setting pinned, and as its own command line. On a CPU nanoGPT trains in float32.
 NANOGPT_BABY = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
-                    dropout=0.0, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
-                    bias=False, max_iters=2000, lr_decay_iters=2000)
+                    grad_accum_steps=1, dropout=0.0, bias=False, optimizer="adamw",
+                    learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000,
+                    lr_decay_iters=2000, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+                    device="cpu", dtype="float32")
 NANOGPT_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
                    "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
                    "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
@@ -531,12 +534,19 @@ def run_nanogpt(clone: str, workdir: str, data: str) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ckpt = torch.load(os.path.join(root, "out", "ckpt.pt"), map_location="cpu", weights_only=True)
+    if ckpt["iter_num"] != iters:
+        raise UserError(f"nanoGPT saved its weights at step {ckpt['iter_num']}, not at step {iters} "
+                        "whose time was read")
     model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     # one token per character: its val split is the text's last 10% of characters
     val = np.fromfile(os.path.join(char_data, "val.bin"), dtype=np.uint16)
     text = open(data, encoding="utf-8").read()
-    bytes_per_token = len(text[int(len(text) * 0.9):].encode("utf-8")) / len(val)
+    val_text = text[int(len(text) * 0.9):]
+    if len(val) != len(val_text):
+        raise UserError(f"nanoGPT's prepare.py wrote {len(val)} val tokens, not the {len(val_text)} "
+                        "characters of the text's last 10%")
+    bytes_per_token = len(val_text.encode("utf-8")) / len(val)
     windows = types.SimpleNamespace(splits={"val": val}, block_size=ckpt["model_args"]["block_size"],
                                     batch_size=12, device="cpu")
     with torch.no_grad():
@@ -563,8 +573,10 @@ def bench_quality(args) -> str:
         budget = reference["train_s"]
         runs.append((f"defaults ({config.n_layer}x{config.n_head}x{config.n_embd}, block "
                      f"{config.block_size}, vocab {config.vocab_size}) for that time",
+                     # as a user runs them (dtype auto), on the CPU nanoGPT's recipe is for, with
                      # one evaluation, at the end: the last weights, as nanoGPT's
-                     train_for({"max_minutes": budget / 60, "eval_points": 1}, workdir, args.data)))
+                     train_for({"max_minutes": budget / 60, "eval_points": 1, "device": "cpu"},
+                               workdir, args.data)))
     for name, r in runs:
         rows.append([name, r["dtype"], f"{r['iters']:,}", f"{r['train_s']:.1f}",
                      f"{r['val_loss']:.4f}", f"**{r['val_bpb']:.3f}**",
@@ -772,8 +784,10 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"unknown section {(unknown or [''])[0]!r}; choose from "
                             f"{', '.join(SECTIONS)}")
         numbers(cfg["muon_lrs"], "muon_lrs"), numbers(cfg["muon_budgets"], "muon_budgets")
-        if cfg["nanogpt"] and not os.path.isfile(os.path.join(cfg["nanogpt"], "train.py")):
-            raise UserError(f"--nanogpt={cfg['nanogpt']} is not a nanoGPT clone (no train.py in it)")
+        needed = ("train.py", "model.py", os.path.join("data", "shakespeare_char", "prepare.py"))
+        lacks = [n for n in needed if not os.path.isfile(os.path.join(cfg["nanogpt"], n))]
+        if cfg["nanogpt"] and lacks:
+            raise UserError(f"--nanogpt={cfg['nanogpt']} is not a nanoGPT clone (no {lacks[0]} in it)")
         if not os.path.isfile(cfg["data"]):
             raise UserError(f"data file {cfg['data']} not found; pass --data=PATH to a UTF-8 "
                             "text file")

@@ -429,7 +429,7 @@ def test_the_time_to_quality_reading_quotes_the_shipped_run_and_model():
     ratio = re.search(r"is ([\d.]+)x nanoGPT's", shipped).group(1)
     page = " ".join(doc("benchmarks.md").split())
     assert f"In nanoGPT's training time the defaults reach {ratio}x its val bits per byte" in page
-    assert f"({ours[5].strip('*')} against {own[5].strip('*')} bits per byte)" in page
+    assert f"({ours[5].strip('*')} against {own[5].strip('*')} bits per byte, one seed each)" in page
     own_bpb = float(own[5].strip("*"))
     assert f"0.65x would be {0.65 * own_bpb:.2f} bits per byte in {float(own[3]):.0f} s" in page
     shipped_model = torch.load(os.path.join(ROOT, "model_dict", "shipped", "gpt_.pt"), weights_only=True)

@@ -25,19 +25,19 @@ from dualgpt.checkpoint import load_checkpoint, load_tensors
 from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.heads import head_statistics
-from dualgpt.runtime import autocast, progress
+from dualgpt.runtime import progress
 from rlhf_lib.head_comparison import (attention_divergence, head_weight_change, lb_state,
                                       part_masks,
                                       transplant)
 from rlhf_lib.plots import plot_head_grid, plot_lines, plot_score_against_kl
-from rlhf_lib.preference import RewardModel, completion_logits, exact_kl
+from rlhf_lib.preference import RewardModel
 from rlhf_lib.report import evaluate_policy, kept_curve
-from rlhf_lib.study import (TEMPERATURE, Setup, chosen_rejected, complete, eval_prompts, frozen,
+from rlhf_lib.study import (Setup, chosen_rejected, complete, eval_prompts, frozen,
                             load_pairs,
                             load_policy, load_reward_model, output_folders, record_in,
                             reward_scores,
                             rlhf_run_config, scores, sequence_logprobs, setup, texts)
-from rlhf_lib.training import restrict_training, train_rl
+from rlhf_lib.training import restrict_training, sampled_kl, train_rl
 
 METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
 HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of "
@@ -137,19 +137,6 @@ def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.
     return drops
 
 
-@torch.no_grad()
-def kl_by_position(s: Setup, policy: nn.Module, reference: nn.Module,
-                   prompts: torch.Tensor) -> list[float]:
-    """The exact KL to the base at each completion position, averaged over the policy's own
-    samples."""
-    completions = complete(s, policy, prompts, s.generator("heads.kl_by_position", on_device=True))
-    with autocast(s.cfg["device"], s.cfg["dtype"]):
-        kl = exact_kl(completion_logits(policy, prompts, completions),
-                      completion_logits(reference, prompts, completions),
-                      TEMPERATURE)
-    return kl.mean(0).tolist()
-
-
 def held_out_pairs(s: Setup, base: nn.Module, record: dict) -> dict:
     """The first head_pairs held-out pairs, chosen and rejected, with the base's log-probabilities
     of each."""
@@ -178,7 +165,8 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
          "attention_divergence": attention_divergence(base, tuned, batches),
          "ablation": ablation_drops(s, tuned, rm, prompts, heads),
          "margin": implicit_margin(s, tuned, pairs),
-         "kl_by_position": kl_by_position(s, tuned, base, prompts)}
+         "kl_by_position": sampled_kl(s, tuned, base, prompts, s.generator(
+             "heads.kl_by_position", on_device=True)).mean(0).tolist()}
     # transplants, one head at a time: which heads carry the tuned model's margin and score?
     into_base, out_of_tuned = torch.zeros(n_layer, n_head), torch.zeros(n_layer, n_head)
     oracle_into_base = torch.zeros(n_layer, n_head)

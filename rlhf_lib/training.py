@@ -118,14 +118,14 @@ def pair_inputs(s: Setup, pairs: dict) -> PairInputs:
 
 @torch.no_grad()
 def sampled_kl(s: Setup, policy: nn.Module, reference: nn.Module, prompts: torch.Tensor,
-               gen: torch.Generator) -> float:
-    """The exact KL to the reference, summed over a completion, on the policy's own samples of
-    the prompts: their mean."""
+               gen: torch.Generator) -> torch.Tensor:
+    """The exact KL to the reference at each position of the policy's own samples of the
+    prompts, (N, completion_tokens)."""
     completions = complete(s, policy, prompts, gen)
     with autocast(s.cfg["device"], s.cfg["dtype"]):
         logits = completion_logits(policy, prompts, completions)
         ref_logits = completion_logits(reference, prompts, completions)
-    return exact_kl(logits, ref_logits, TEMPERATURE).sum(1).mean().item()
+    return exact_kl(logits, ref_logits, TEMPERATURE)
 
 
 class Keeper:
@@ -151,9 +151,11 @@ class Keeper:
                     **({} if kl is None else {"train_kl": kl}))
 
     def finish(self, policy: nn.Module, step: int, log: list[dict]) -> None:
-        """The final policy, also as the last kept file, and the log."""
-        self.keep(policy, step, None, os.path.join(kept_folder(self.s, self.name),
-                                                   f"step{step:05d}.pt"))
+        """The final policy, also as the last kept file (unless the last step kept it), and the
+        log."""
+        last = os.path.join(kept_folder(self.s, self.name), f"step{step:05d}.pt")
+        if not os.path.exists(last):  # the folder started empty: this run's own
+            self.keep(policy, step, None, last)
         self.keep(policy, step, None, self.s.path("model_dict", f"{self.name}.pt"))
         write_json(self.s.path("generate_text", f"{self.name}_log.json"),
                    {"run": self.record, "log": log})
@@ -202,7 +204,7 @@ def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
         if step <= KL_EARLY or step % KL_EVERY == 0:
             entry["objective/kl"] = sampled_kl(s, policy, reference, kl_prompts,
                                                s.generator("dpo.kl_sampling", step,
-                                                           on_device=True))
+                                                           on_device=True)).sum(1).mean().item()
             keeper.consider(policy, step, entry["objective/kl"])
         log.append(entry)
     keeper.finish(policy, steps, log)

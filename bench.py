@@ -22,7 +22,7 @@ import torch
 
 from dualgpt import UserError
 from dualgpt.cli import exit_codes
-from dualgpt.evaluation import machine_name
+from dualgpt.runtime import machine_name
 from dualgpt.files import atomic_open
 from dualgpt.runconfig import declarations, defaults, parse_args, resolve
 from dualgpt.runtime import resolve_device
@@ -627,7 +627,7 @@ def bench_muon(args) -> str:
     both optimizers in turn, and the paired difference with its 95% t-interval."""
     import tempfile
 
-    from dualgpt.evaluation import mean_interval
+    from scipy import stats  # rlhf/requirements.txt
     lrs, budgets = numbers(args.muon_lrs, "muon_lrs"), numbers(args.muon_budgets, "muon_budgets")
     seeds = range(1, args.seeds + 1)
     with tempfile.TemporaryDirectory() as workdir:
@@ -646,14 +646,15 @@ def bench_muon(args) -> str:
         for budget in budgets:
             runs = [(val_bpb("adamw", pick, seed, budget), val_bpb("muon", pick, seed, budget))
                     for seed in seeds]
-            diff = mean_interval([muon - adamw for adamw, muon in runs])
-            ci = f" ± {diff['ci']:.3f}" if diff["ci"] is not None else ""
+            diffs = [muon - adamw for adamw, muon in runs]
+            half = stats.t.ppf(0.975, len(diffs) - 1) * stats.sem(diffs) if len(diffs) > 1 else None
+            ci = f" ± {half:.3f}" if half is not None else ""
             rows += [[f"{budget:g} s", name, " / ".join(f"{r[i]:.3f}" for r in runs),
                       f"{statistics.mean(r[i] for r in runs):.3f}"]
                      for i, name in enumerate(("AdamW", f"Muon, lr {pick:g}"))]
             rows.append([f"{budget:g} s", "Muon - AdamW (paired)",
                          " / ".join(f"{muon - adamw:+.3f}" for adamw, muon in runs),
-                         f"**{diff['mean']:+.3f}{ci}**"])
+                         f"**{statistics.mean(diffs):+.3f}{ci}**"])
     grid_text = ", ".join(f"{lr:g}: {bpb:.3f}" for lr, bpb in grid.items())
     return (f"### Muon against AdamW: gpt_.py's defaults for equal training time, "
             f"{machine_name(resolve_device('auto'))}, val bits per byte over the whole val split "
@@ -729,7 +730,7 @@ def bench_compile(args) -> str:
 
 
 def bench_rlhf(args) -> str:
-    """The time of each rlhf.py stage on the shipped SM-GPT model (--quick: the quick preset), run
+    """The time of each RLHF stage on the shipped SM-GPT model (--quick: the quick preset), run
     as a user runs it, in a copy of the code so that the user's own results are left alone."""
     import shutil
     import subprocess
@@ -737,26 +738,26 @@ def bench_rlhf(args) -> str:
 
     argv = ["--quick"] if args.quick else []
     with tempfile.TemporaryDirectory() as root:
-        for name in ("gpt.py", "gpt_.py", "rlhf.py", "config.py", "rlhf_config.py", "dualgpt",
-                     "minbpe", "rlhf_lib", "model_dict/shipped"):
+        for name in ("gpt.py", "gpt_.py", "config.py", "dualgpt", "minbpe", "rlhf",
+                     "model_dict/shipped"):
             copy = shutil.copytree if os.path.isdir(os.path.join(HERE, name)) else shutil.copy
             os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
             copy(os.path.join(HERE, name), os.path.join(root, name))
         t0 = time.perf_counter()
-        result = subprocess.run([sys.executable, "rlhf.py", f"--data={args.data}", *argv],
+        result = subprocess.run([sys.executable, "-m", "rlhf", f"--data={args.data}", *argv],
                                 cwd=root, capture_output=True, text=True)
         total = time.perf_counter() - t0
         if result.returncode != 0:
-            return f"### rlhf.py {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
+            return f"### python -m rlhf {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
         seconds = stage_seconds(root)
     rows = [[stage, f"{s:.0f} s"] for stage, s in seconds.items()] + [["total", f"{total:.0f} s"]]
-    return (f"### rlhf.py {' '.join(argv) or '(defaults)'}: seconds per stage, "
+    return (f"### python -m rlhf {' '.join(argv) or '(defaults)'}: seconds per stage, "
             f"{machine_name('cpu')}\n\n"
             + table(["stage", "time"], rows))
 
 
 def stage_seconds(root: str) -> dict[str, float]:
-    """Each stage's seconds (summed over the seeds) of the one rlhf.py run in the folder root, from
+    """Each stage's seconds (summed over the seeds) of the one RLHF run in the folder root, from
     the report that run wrote."""
     import glob
     import json

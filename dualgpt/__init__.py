@@ -1,6 +1,6 @@
 """The core engine of gpt.py (LB-GPT) and gpt_.py (SM-GPT): training, sampling, evaluation, head
 research, import and export. The scripts pass their model classes in; nothing here imports them,
-nor the RLHF layer (rlhf_lib/). docs/development.md maps every module in reading order."""
+nor the RLHF layer (rlhf/). docs/development.md maps every module in reading order."""
 from __future__ import annotations
 
 import os

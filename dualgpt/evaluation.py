@@ -1,10 +1,8 @@
-"""Losses: over fixed random batches (during training) and over every token of a split
-(--mode=eval); the 95% interval of a mean over seeds; the machine a report names."""
+"""The loss over every token of a split: --mode=eval and --mode=export."""
 from __future__ import annotations
 
 import math
 import os
-import platform
 
 import numpy as np
 import torch
@@ -16,47 +14,6 @@ from dualgpt.checkpoint import (checkpoint_model, cpu_copy, layout_of, make_chec
 from dualgpt.layouts import convert_state_dict
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.runtime import autocast, progress
-
-
-def machine_name(device: str) -> str:
-    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction
-    set torch uses (what every benchmark and report names beside its figures)."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":",
-                                   1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-# Student's t quantile t(0.975, df) for df = 1 ... 30: 95% intervals over seeds (beyond, t_975)
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052,
-         2.048, 2.045, 2.042)
-
-
-def t_975(df: int) -> float:
-    """Student's t quantile t(0.975, df): the table, beyond it the Cornish-Fisher expansion around
-    the normal's 1.96 (within 1e-4 from df 30 on)."""
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def mean_interval(values) -> dict:
-    """Mean and the half-width of its 95% interval, Student's t on n - 1 degrees of freedom (seeds,
-    or prompts); "ci" is None for a single value."""
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    n = len(x)
-    if n < 2:
-        return {"mean": x.mean().item(), "ci": None, "n": n}
-    return {"mean": x.mean().item(), "ci": t_975(n - 1) * x.std().item() / math.sqrt(n), "n": n}
 
 
 def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module,

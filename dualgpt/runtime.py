@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import sys
 from contextlib import nullcontext
@@ -25,6 +26,21 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
+
+
+def machine_name(device: str) -> str:
+    """The processor that runs the steps: the GPU's name, or the CPU's model and the instruction
+    set torch uses (what every benchmark and report names beside its figures)."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":",
+                                   1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def cpu_has_bf16() -> bool:

@@ -19,12 +19,11 @@ import gpt  # noqa: E402
 import gpt_  # noqa: E402
 from dualgpt.cli import main  # noqa: E402
 from dualgpt.data import Dataset, resolve_data  # noqa: E402
-from rlhf_lib.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
+from rlhf.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",
          "good", "what", "shall", "we", "do", "not", "is", "and", "to", "of", "a", "in", "that", "with", "O"]
-CODE = ["gpt.py", "gpt_.py", "rlhf.py", "rlhf_heads.py", "config.py", "rlhf_config.py", "config", "dualgpt", "minbpe",
-        "rlhf_lib"]  # what a user's clone runs
+CODE = ["gpt.py", "gpt_.py", "config.py", "config", "dualgpt", "minbpe", "rlhf"]  # what a user's clone runs
 
 
 def make_corpus(n_lines: int, seed: int = 0) -> str:
@@ -110,7 +109,7 @@ def dataset(cfg: dict) -> Dataset:
     return Dataset(path, cfg["block_size"], cfg["batch_size"], cfg["device"], vocab_size=cfg["vocab_size"])
 
 
-# --- rlhf.py: a tiny base model and every stage, shared by test_rlhf.py and test_head_study.py -------------
+# --- python -m rlhf: a tiny base model and every stage, shared by test_python -m rlhf and test_head_study.py -------------
 
 CHEERFUL = words(SCORE_POSITIVE)[:6] + words(JUDGE_POSITIVE)[:6]  # words of both halves of the lexicon
 GLOOMY = words(SCORE_NEGATIVE)[:6] + words(JUDGE_NEGATIVE)[:6]
@@ -139,11 +138,11 @@ BASE = TINY_MODEL + ["--n_layer=2", "--batch_size=16", "--dropout=0.0", "--eval_
 # Other seeds were not re-measured under these settings; under the earlier ones (raw scores, rl_beta 0.05, constant
 # rate) seeds 1337 and 1 to 6 gave +0.22 to +0.80, and +0.19 to +0.97 under other rounding.
 SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "--rl_prompts=8", "--rl_group=8",
-          "--rloo_lr=2e-3", "--device=cpu", "--dtype=float32"]  # keys rlhf.py and rlhf_heads.py both read
+          "--rloo_lr=2e-3", "--device=cpu", "--dtype=float32"]  # keys python -m rlhf and python -m rlhf.heads both read
 PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=16", "--bon_prompts=16",
             "--eval_samples=4", "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=50", "--ppo_epochs=1",
             "--ppo_minibatches=2", "--ppo_lr=2e-3", "--kl_targets=0.5,1",
-            "--dpo_methods=dpo,cdpo,ipo,dpo_soft,preferred_ft"]  # keys of rlhf.py alone
+            "--dpo_methods=dpo,cdpo,ipo,dpo_soft,preferred_ft"]  # keys of python -m rlhf alone
 
 
 def sha256(path) -> str:
@@ -153,11 +152,11 @@ def sha256(path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """`python rlhf.py` on a tiny base model: where it ran, its arguments, what main() returned, and the base
+    """`python -m rlhf` on a tiny base model: where it ran, its arguments, what main() returned, and the base
     checkpoint's hash before and after every stage ran."""
     home: object  # a pathlib.Path: the repository root of the run
-    shared_args: list  # the data, the base and SHARED: what rlhf_heads.py takes
-    args: list  # shared_args and PIPELINE: rlhf.py's
+    shared_args: list  # the data, the base and SHARED: what python -m rlhf.heads takes
+    args: list  # shared_args and PIPELINE: python -m rlhf's
     result: dict
     base_hash_before: str
     base_hash_after: str
@@ -165,8 +164,8 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> Pipeline:
-    """A tiny base model trained on the mood corpus, then `python rlhf.py` with small settings, every stage."""
-    import rlhf
+    """A tiny base model trained on the mood corpus, then `python -m rlhf` with small settings, every stage."""
+    from rlhf import __main__ as rlhf
     home = tmp_path_factory.mktemp("rlhf")
     previous, dualgpt.ROOT = dualgpt.ROOT, str(home)
     try:

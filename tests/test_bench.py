@@ -1,6 +1,6 @@
 """bench.py's scaling, quality, Muon and RLHF sections: the fitted loop-cost model against a known one, the scaling
 section on tiny shapes, the quality section's reading of nanoGPT's log and its ratio, the Muon section's pick and
-paired differences against plain computations, and the RLHF section's reading of the report rlhf.py writes."""
+paired differences against plain computations, and the RLHF section's reading of the report python -m rlhf writes."""
 import math
 import os
 import shutil
@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 import bench
 from dualgpt import UserError
@@ -76,7 +77,7 @@ def test_the_muon_section_picks_the_best_grid_rate_and_pairs_the_seeds(monkeypat
     assert "-> 0.02" in text
     for budget in (67.0, 300.0):
         diffs = [score("muon", 0.02, s, budget) - score("adamw", 0.02, s, budget) for s in (1, 2, 3)]
-        half = 4.303 * statistics.stdev(diffs) / math.sqrt(3)
+        half = stats.t.ppf(0.975, 2) * statistics.stdev(diffs) / math.sqrt(3)
         row = next(line for line in text.splitlines() if line.startswith(f"| {budget:g} s | Muon - AdamW"))
         assert f"**{statistics.mean(diffs):+.3f} ± {half:.3f}**" in row
         assert " / ".join(f"{d:+.3f}" for d in diffs) in row
@@ -166,9 +167,9 @@ def test_a_folder_that_is_not_a_nanogpt_clone_is_one_line_before_any_training(tm
 
 
 def test_the_rlhf_section_reads_each_stages_time_from_the_report_rlhf_py_wrote(rlhf_run, tmp_path):
-    """bench.py --only=rlhf runs rlhf.py in a copy of the code (minutes: not here) and tabulates each stage's
+    """bench.py --only=rlhf runs python -m rlhf in a copy of the code (minutes: not here) and tabulates each stage's
     seconds from the report that run wrote: here the pipeline's report, read as the section reads it, holds the
-    times rlhf.py measured."""
+    times python -m rlhf measured."""
     (tmp_path / "generate_text").mkdir()
     shutil.copy(rlhf_run.home / "generate_text" / "rlhf_sentiment_report.json", tmp_path / "generate_text")
     seconds = bench.stage_seconds(str(tmp_path))

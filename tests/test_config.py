@@ -10,12 +10,12 @@ from conftest import ROOT, copy_code, run_main
 
 import bench
 import config
-import rlhf
-import rlhf_config
-import rlhf_heads
+from rlhf import __main__ as rlhf
+from rlhf import config as rlhf_config
+from rlhf import heads as rlhf_heads
 from dualgpt import UserError, runtime
 from dualgpt.runconfig import allowed, check_declared, declarations, defaults, script_config
-from rlhf_lib.study import CORE_KEYS, MODEL_CLASSES, SHARED_KEYS, rlhf_run_config, setup
+from rlhf.study import CORE_KEYS, MODEL_CLASSES, SHARED_KEYS, rlhf_run_config, setup
 
 
 def test_config_overrides_are_typed():
@@ -33,10 +33,10 @@ def test_config_overrides_are_typed():
 def test_a_flag_preset_applies_only_when_set_and_never_over_a_typed_key():
     preset = rlhf_config.QUICK
     assert {"rl_steps", "n_pairs"} <= preset.keys()
-    plain = rlhf_run_config(["--device=cpu", "--rl_steps=7"], "rlhf.py", "", {})
+    plain = rlhf_run_config(["--device=cpu", "--rl_steps=7"], "python -m rlhf", "", {})
     assert plain["n_pairs"] == rlhf_config.n_pairs
     assert plain["rl_steps"] == 7
-    quick = rlhf_run_config(["--device=cpu", "--quick", "--rl_steps=7"], "rlhf.py", "", {})
+    quick = rlhf_run_config(["--device=cpu", "--quick", "--rl_steps=7"], "python -m rlhf", "", {})
     assert quick["n_pairs"] == preset["n_pairs"] != rlhf_config.n_pairs
     assert quick["rl_steps"] == 7  # typed, so the preset's value does not replace it
     assert {k: quick[k] for k in preset.keys() - {"rl_steps"}} == {k: v for k, v in preset.items() if k != "rl_steps"}
@@ -109,15 +109,15 @@ def test_native_bf16_needs_onednn_and_the_cpu_flag(monkeypatch, tmp_path, onednn
 
 
 def test_each_config_file_owns_its_keys_and_every_key_is_read():
-    """config.py's keys are gpt.py's and gpt_.py's (the RLHF programs read CORE_KEYS of them); rlhf_config.py's
+    """config.py's keys are gpt.py's and gpt_.py's (the RLHF programs read CORE_KEYS of them); rlhf/config.py's
     are the RLHF layer's, head_* the head study's alone. Every key is read somewhere in its programs' code."""
     core, own = defaults(config), defaults(rlhf_config)
     assert not core.keys() & own.keys()
     assert set(CORE_KEYS) <= core.keys()
-    assert list(own)[:len(SHARED_KEYS)] == list(SHARED_KEYS)  # rlhf_config.py's first section, as it says
+    assert list(own)[:len(SHARED_KEYS)] == list(SHARED_KEYS)  # rlhf/config.py's first section, as it says
     code = {path: open(os.path.join(ROOT, path), encoding="utf-8").read() for path in
-            [os.path.join(folder, name) for folder in ("dualgpt", "rlhf_lib") for name in
-             os.listdir(os.path.join(ROOT, folder)) if name.endswith(".py")] + ["rlhf.py", "rlhf_heads.py"]}
+            [os.path.join(folder, name) for folder in ("dualgpt", "rlhf") for name in
+             os.listdir(os.path.join(ROOT, folder)) if name.endswith(".py")]}
     for key in core.keys() | own.keys():
         assert any(f'"{key}"' in text for text in code.values()), f"no program reads {key}"
 
@@ -127,10 +127,10 @@ def help_keys(output: str) -> set[str]:
 
 
 def test_help_lists_each_programs_own_keys(capsys):
-    """`python gpt.py --help` in-process, and `python rlhf.py --help` through the real command line."""
+    """`python gpt.py --help` in-process, and `python -m rlhf --help` through the real command line."""
     assert run_main(["--help"]) == 0
     assert help_keys(capsys.readouterr().out) == defaults(config).keys()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "rlhf.py"), "--help"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "rlhf", "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0
     assert help_keys(result.stdout) == set(CORE_KEYS) | {k for k in defaults(rlhf_config) if not k.startswith("head_")}
@@ -140,28 +140,28 @@ def test_help_lists_each_programs_own_keys(capsys):
 
 
 def test_a_key_of_another_program_is_one_line_through_the_real_command_line(tmp_path):
-    """`python rlhf.py --mode=heads` (the key a gpt.py user knows) says where the head study is, exit 2; the
+    """`python -m rlhf --mode=heads` (the key a gpt.py user knows) says where the head study is, exit 2; the
     pipeline never starts."""
     copy_code(tmp_path)
-    result = subprocess.run([sys.executable, "rlhf.py", "--mode=heads"], cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "rlhf", "--mode=heads"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr == ("error: --mode is read by gpt.py and gpt_.py, not by rlhf.py; rlhf.py runs its stages in "
-                             "order (--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py\n")
+    assert result.stderr == ("error: --mode is read by gpt.py and gpt_.py, not by python -m rlhf; python -m rlhf runs its stages in "
+                             "order (--rlhf_stage=NAME runs one); the head study is python -m rlhf.heads\n")
     assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("program, argv, message", [
-    ("rlhf.py", ["--max_minutes=0"], "--max_minutes is read by gpt.py and gpt_.py, not by rlhf.py; rlhf.py's stages"),
-    ("rlhf.py", ["--head_batches=2"], "--head_batches is read by rlhf_heads.py, not by rlhf.py"),
-    ("rlhf_heads.py", ["--rlhf_stage=heads"], "--rlhf_stage is read by rlhf.py, not by rlhf_heads.py"),
-    ("rlhf_heads.py", ["--n_pairs=64"], "--n_pairs is read by rlhf.py, not by rlhf_heads.py"),
-    ("rlhf_heads.py", ["--rl_steps=4"], "--rl_steps is read by rlhf.py, not by rlhf_heads.py"),
-    ("rlhf_heads.py", ["--n_layer=2"], "--n_layer is read by gpt.py and gpt_.py, not by rlhf_heads.py"),
+    ("python -m rlhf", ["--max_minutes=0"], "--max_minutes is read by gpt.py and gpt_.py, not by python -m rlhf; the pipeline's stages"),
+    ("python -m rlhf", ["--head_batches=2"], "--head_batches is read by python -m rlhf.heads, not by python -m rlhf"),
+    ("python -m rlhf.heads", ["--rlhf_stage=heads"], "--rlhf_stage is read by python -m rlhf, not by python -m rlhf.heads"),
+    ("python -m rlhf.heads", ["--n_pairs=64"], "--n_pairs is read by python -m rlhf, not by python -m rlhf.heads"),
+    ("python -m rlhf.heads", ["--rl_steps=4"], "--rl_steps is read by python -m rlhf, not by python -m rlhf.heads"),
+    ("python -m rlhf.heads", ["--n_layer=2"], "--n_layer is read by gpt.py and gpt_.py, not by python -m rlhf.heads"),
 ])
 def test_the_rlhf_programs_refuse_keys_they_do_not_read(program, argv, message):
-    hints = {"rlhf.py": rlhf.HINTS, "rlhf_heads.py": rlhf_heads.HINTS}[program]
+    hints = {"python -m rlhf": rlhf.HINTS, "python -m rlhf.heads": rlhf_heads.HINTS}[program]
     with pytest.raises(UserError, match=re.escape(message)):
         rlhf_run_config(argv, program, "", hints)
 
@@ -201,7 +201,7 @@ def test_each_declared_choice_passes_and_an_unlisted_value_fails(module, keys):
         if "|" not in rule:
             continue
         for value in rule.split(" | "):
-            value = value.replace("N", "0").replace("module:function", "rlhf_lib.oracles:verse")
+            value = value.replace("N", "0").replace("module:function", "rlhf.oracles:verse")
             check_declared({key: value}, declarations(module))
         with pytest.raises(UserError, match=f"{key} must be"):
             check_declared({key: "unlisted"}, declarations(module))
@@ -229,12 +229,12 @@ def test_validation_accepts_each_listed_device_and_nothing_else():
 
 
 def test_the_declared_rlhf_choices_reach_the_stages_that_use_them(rlhf_run):
-    """Every script and oracle rlhf_config.py declares (module:function as a real module) sets up."""
+    """Every script and oracle rlhf/config.py declares (module:function as a real module) sets up."""
     for script in rlhf_config.__annotations__["rlhf_script"].split(" | "):
         setup(pipeline_config(rlhf_run.args + [f"--rlhf_script={script}"]))
     pairs = f"--pairs={rlhf_run.home / 'data' / 'rlhf_sentiment_seed1337_pairs.jsonl'}"
     for oracle in rlhf_config.__annotations__["oracle"].split(" | "):
-        oracle = oracle.replace("module:function", "rlhf_lib.oracles:verse")
+        oracle = oracle.replace("module:function", "rlhf.oracles:verse")
         setup(pipeline_config(rlhf_run.args + [f"--oracle={oracle}"] + [pairs] * (oracle == "none")))
     with pytest.raises(UserError, match="oracle must be auto, sentiment"):
         setup(pipeline_config(rlhf_run.args + ["--oracle=happiness"]))
@@ -254,4 +254,4 @@ def test_values_a_library_would_refuse_are_refused_before_any_work(argv, message
 
 
 def pipeline_config(argv: list[str]) -> dict:
-    return rlhf_run_config(argv, "rlhf.py", "", rlhf.HINTS)
+    return rlhf_run_config(argv, "python -m rlhf", "", rlhf.HINTS)

@@ -15,7 +15,7 @@ import torch
 from conftest import copy_code, run_main, run_script, tiny_args
 
 import dualgpt
-import rlhf
+from rlhf import __main__ as rlhf
 from dualgpt.files import OutputLock
 
 DAMAGE = {"cut short": lambda b: b[:len(b) // 2], "emptied": lambda b: b"",
@@ -246,11 +246,11 @@ def rlhf_copy(rlhf_run, tmp_path, monkeypatch):
 
 P = "rlhf_sentiment_seed1337"
 RLHF_FILES = [  # (file, the stage that reads it, what the one line says)
-    (f"data/{P}_pairs.pt", "rm", "run python rlhf.py --rlhf_stage=pairs again"),
+    (f"data/{P}_pairs.pt", "rm", "run python -m rlhf --rlhf_stage=pairs again"),
     (f"model_dict/{P}_rm.pt", "bon", "is not readable"),
-    (f"data/{P}_bon.pt", "eval", "run python rlhf.py --rlhf_stage=bon again"),
+    (f"data/{P}_bon.pt", "eval", "run python -m rlhf --rlhf_stage=bon again"),
     (f"model_dict/{P}_dpo_steps/step00032.pt", "eval", "is not readable"),  # the last kept: the end
-    (f"generate_text/{P}_eval.json", "report", "run python rlhf.py --rlhf_stage=eval --seed=1337 again"),
+    (f"generate_text/{P}_eval.json", "report", "run python -m rlhf --rlhf_stage=eval --seed=1337 again"),
 ]
 
 

@@ -20,15 +20,15 @@ import config
 import dualgpt
 import gpt
 import gpt_
-import rlhf
-import rlhf_config
-import rlhf_heads
+from rlhf import __main__ as rlhf
+from rlhf import config as rlhf_config
+from rlhf import heads as rlhf_heads
 from dualgpt import UserError
 from dualgpt.runconfig import defaults
-from rlhf_lib.labelling import read_answers
-from rlhf_lib.pairs import read_pairs
-from rlhf_lib.study import CORE_KEYS as STUDY_CORE_KEYS
-from rlhf_lib.study import SHARED_KEYS, rlhf_run_config, setup
+from rlhf.labelling import read_answers
+from rlhf.pairs import read_pairs
+from rlhf.study import CORE_KEYS as STUDY_CORE_KEYS
+from rlhf.study import SHARED_KEYS, rlhf_run_config, setup
 
 SCALE = int(os.environ.get("DUALGPT_FUZZ", "1"))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
@@ -223,7 +223,7 @@ def test_random_keys_and_values_of_the_model_scripts(
     )
 )
 def test_random_keys_and_values_of_rlhf_py(rlhf_run, tmp_path_factory, capsys, overrides):
-    """rlhf.py's report stage (what it prints from the pipeline's outputs) under random keys."""
+    """python -m rlhf's report stage (what it prints from the pipeline's outputs) under random keys."""
     with case_folder(rlhf_run.home, tmp_path_factory) as home:
         args = [a.replace(str(rlhf_run.home), str(home)) for a in rlhf_run.args]
         argv = args + ["--rlhf_stage=report"] + [f"--{key}={value}" for key, value in overrides]
@@ -259,11 +259,11 @@ def test_random_keys_and_values_of_bench_py(overrides, capsys, monkeypatch):
     )
 )
 def test_random_keys_and_values_of_rlhf_heads_py(rlhf_run, capsys, overrides):
-    """rlhf_heads.py's config and the setup every stage starts with (not the study itself)."""
+    """python -m rlhf.heads's config and the setup every stage starts with (not the study itself)."""
     argv = rlhf_run.shared_args + [f"--{key}={value}" for key, value in overrides]
     with no_hang():
         try:
-            setup(rlhf_run_config(argv, "rlhf_heads.py", "", rlhf_heads.HINTS))
+            setup(rlhf_run_config(argv, "python -m rlhf.heads", "", rlhf_heads.HINTS))
         except (
             UserError
         ):  # what exit_codes prints as one line, exit 2: anything else fails the case
@@ -480,7 +480,7 @@ def test_random_preference_and_label_files(tmp_path_factory, content):
 
 
 def test_random_pairs_files_through_the_real_command_line(rlhf_run, tmp_path_factory, capsys):
-    """A few of the random files above as `python rlhf.py --pairs=FILE` (in-process), each one
+    """A few of the random files above as `python -m rlhf --pairs=FILE` (in-process), each one
     line."""
     with case_folder(rlhf_run.home, tmp_path_factory) as home:
         args = [a.replace(str(rlhf_run.home), str(home)) for a in rlhf_run.shared_args]

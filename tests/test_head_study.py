@@ -1,4 +1,4 @@
-"""The head study (rlhf_heads.py): transplants, weight changes, tuning one head, and the script end to end."""
+"""The head study (python -m rlhf.heads): transplants, weight changes, tuning one head, and the script end to end."""
 import json
 
 import matplotlib.image
@@ -7,11 +7,11 @@ import torch
 
 import gpt
 import gpt_
-import rlhf_heads
+from rlhf import heads as rlhf_heads
 from dualgpt.layouts import convert_state_dict
-from rlhf_lib.head_comparison import head_weight_change, part_masks, transplant
-from rlhf_lib.plots import plot_head_grid
-from rlhf_lib.training import restrict_training
+from rlhf.head_comparison import head_weight_change, part_masks, transplant
+from rlhf.plots import plot_head_grid
+from rlhf.training import restrict_training
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=3, n_head=4, n_embd=32, dropout=0.0, bias=True)
 

@@ -17,7 +17,7 @@ import gpt_
 from dualgpt import UserError
 from dualgpt.checkpoint import load_checkpoint, load_tokenizer_text, model_from_checkpoint
 from dualgpt.tokenizer_files import tokenizer_from_files, tokenizer_json
-from rlhf_lib.study import complete, load_policy, rlhf_run_config, sample_prompts, setup
+from rlhf.study import complete, load_policy, rlhf_run_config, sample_prompts, setup
 from minbpe import RegexTokenizer
 
 # transformers takes seconds to import: its tests import it themselves and share one xdist worker, so
@@ -181,7 +181,7 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
     assert "val loss" in out and "ROMEO:" in out
     # and as the base of RLHF: completions of prompts of the data, in its tokens
     s = setup(rlhf_run_config([f"--rlhf_base={ckpt}", f"--data={corpus}", "--prompt_tokens=4", "--completion_tokens=4",
-                                "--rlhf_script=gpt", "--device=cpu", "--dtype=float32"], "rlhf.py", "", {}))
+                                "--rlhf_script=gpt", "--device=cpu", "--dtype=float32"], "python -m rlhf", "", {}))
     gen = torch.Generator().manual_seed(0)
     assert complete(s, load_policy(s), sample_prompts(s, "train", 3, gen), gen).shape == (3, 4)
     capsys.readouterr()

@@ -1,5 +1,5 @@
 """The layout: gpt.py and gpt_.py are the models, dualgpt/ the core engine that never imports them nor the
-RLHF layer (rlhf_lib/, rlhf_config.py, with rlhf.py and rlhf_heads.py as its scripts)."""
+RLHF layer (rlhf/: python -m rlhf, python -m rlhf.heads)."""
 import ast
 import json
 import os
@@ -29,7 +29,7 @@ def imported_modules(path: str) -> set[str]:
     return names
 
 
-SCRIPTS = {"gpt", "gpt_", "rlhf", "rlhf_heads", "bench"}
+SCRIPTS = {"gpt", "gpt_", "bench"}
 
 
 def modules(package: str) -> list[str]:
@@ -41,63 +41,33 @@ def import_roots(path: str) -> set[str]:
     return {module.split(".")[0] for module in imported_modules(path)}
 
 
-def test_the_core_never_imports_a_script_nor_the_rlhf_layer_nor_minbpes_file_writer():
-    for name in modules("dualgpt"):
-        path = os.path.join(ROOT, "dualgpt", name)
+def test_the_core_never_imports_a_script_nor_the_rlhf_layer():
+    for path in [os.path.join(ROOT, "dualgpt", name) for name in modules("dualgpt")]:
         roots = import_roots(path)
-        assert not roots & (SCRIPTS | {"rlhf_lib", "rlhf_config"}), f"{path} imports {roots}"
-        tree = ast.parse(open(path, encoding="utf-8").read())
-        from_minbpe = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                       and (node.module or "").startswith("minbpe") for alias in node.names}
-        assert "atomic_open" not in from_minbpe, path
+        assert not roots & (SCRIPTS | {"rlhf"}), f"{path} imports {roots}"
 
 
-def test_no_script_imports_another_script_but_the_model_files():
-    """rlhf.py, rlhf_heads.py, bench.py and the RLHF layer import gpt.py and gpt_.py (the models) and no
-    other script; bench.py runs the RLHF pipeline as a user does, in a process of its own."""
-    paths = [os.path.join(ROOT, "rlhf_lib", name) for name in modules("rlhf_lib")]
-    paths += [os.path.join(ROOT, f"{script}.py") for script in ("rlhf", "rlhf_heads", "bench")]
-    for path in paths:
+def test_the_rlhf_layer_imports_no_script_but_the_model_files():
+    """bench.py runs the RLHF pipeline as a user does, in a process of its own."""
+    for path in [os.path.join(ROOT, "rlhf", name) for name in modules("rlhf")]:
         roots = import_roots(path)
         assert not roots & (SCRIPTS - {"gpt", "gpt_"}), f"{path} imports {roots & SCRIPTS}"
 
 
 def test_every_training_loop_of_the_rlhf_layer_is_in_training_py():
-    """An optimizer steps (backward) only in rlhf_lib/training.py, among the RLHF layer's files."""
-    paths = [os.path.join("rlhf_lib", name) for name in modules("rlhf_lib")] + ["rlhf.py", "rlhf_heads.py"]
+    """An optimizer steps (backward) only in rlhf/training.py, among the RLHF layer's files."""
+    paths = [os.path.join("rlhf", name) for name in modules("rlhf")]
     stepping = [path for path in paths if ".backward(" in open(os.path.join(ROOT, path), encoding="utf-8").read()]
-    assert stepping == [os.path.join("rlhf_lib", "training.py")]
+    assert stepping == [os.path.join("rlhf", "training.py")]
 
 
-@pytest.mark.parametrize("package", ["dualgpt", "rlhf_lib"])
+@pytest.mark.parametrize("package", ["dualgpt", "rlhf"])
 def test_each_package_map_lists_every_module_once(package):
     """The core's map is in docs/development.md, the RLHF layer's in its __init__.py."""
     doc = open(os.path.join(ROOT, "docs", "development.md"), encoding="utf-8").read() \
         if package == "dualgpt" else __import__(package).__doc__
     listed = re.findall(r"^    (\w+\.py) ", doc, flags=re.M)
     assert sorted(listed) == modules(package)
-
-
-def test_the_pipeline_and_the_head_study_are_separate_scripts():
-    """rlhf.py defines no head-study code and its RL stage takes no study-only parameters; the study's code is
-    in rlhf_heads.py and the engine."""
-    import inspect
-
-    import rlhf
-    import rlhf_heads
-    pipeline = {n.name for n in ast.walk(ast.parse(open(os.path.join(ROOT, "rlhf.py"), encoding="utf-8").read()))
-                if isinstance(n, ast.FunctionDef)}
-    assert not pipeline & {"ablation_drops", "partial_tuning", "implicit_margin", "write_head_study", "kl_by_position"}
-    assert list(inspect.signature(rlhf.stage_rl).parameters) == ["s", "method"]
-    assert "heads" not in rlhf.STAGES
-    assert callable(rlhf_heads.partial_tuning)
-
-
-def test_the_import_check_sees_nested_imports(tmp_path):
-    """The check above would catch the old lazy `from gpt_ import ...` inside a method."""
-    sample = tmp_path / "sample.py"
-    sample.write_text("def f():\n    from gpt_ import sm_to_lb\n    import gpt\n")
-    assert imported_modules(str(sample)) == {"gpt_", "gpt"}
 
 
 def test_gpt_py_is_loaded_once_when_it_reads_an_sm_gpt_checkpoint(tmp_path):

@@ -20,10 +20,10 @@ from conftest import copy_code
 
 import gpt
 import gpt_
-import rlhf
-from rlhf_lib.preference import PAD, RewardModel, completion_logits, dpo_loss, reward_model_loss, token_logprobs
-from rlhf_lib.pairs import encode_pairs, read_pairs
-from rlhf_lib.study import rlhf_run_config, sample_prompts, setup
+from rlhf import __main__ as rlhf
+from rlhf.preference import PAD, RewardModel, completion_logits, dpo_loss, reward_model_loss, token_logprobs
+from rlhf.pairs import encode_pairs, read_pairs
+from rlhf.study import rlhf_run_config, sample_prompts, setup
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=24, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 ORACLE_PAIRS = "data/rlhf_sentiment_seed1337_pairs.jsonl"  # the pipeline fixture's pairs, as text
@@ -121,7 +121,7 @@ def test_the_oracles_pairs_are_written_in_the_standard_format_too(rlhf_run):
     lines = [json.loads(line) for line in open(rlhf_run.home / ORACLE_PAIRS, encoding="utf-8")]
     assert len(lines) == len(pairs["train"]["prompts"]) + len(pairs["val"]["prompts"])
     assert all(isinstance(line[f], str) for line in lines for f in ("prompt", "chosen", "rejected"))
-    s = setup(rlhf_run_config(rlhf_run.args, "rlhf.py", "", {}))
+    s = setup(rlhf_run_config(rlhf_run.args, "python -m rlhf", "", {}))
     first = pairs["train"]
     chosen = torch.where(first["a_preferred"][0], first["a"][0], first["b"][0])
     assert lines[0]["chosen"] == s.data.tok.decode(chosen.tolist())
@@ -133,7 +133,7 @@ def subset(rlhf_run, path, n):
     """The first n of the fixture's pairs whose completions, as text, fit the tiny model's window after a prompt
     (the tiny model samples bytes that decode to U+FFFD, three bytes again: a few come back 2x as long), written
     with a byte-order mark as Windows' Notepad does."""
-    tok = setup(rlhf_run_config(rlhf_run.args, "rlhf.py", "", {})).data.tok
+    tok = setup(rlhf_run_config(rlhf_run.args, "python -m rlhf", "", {})).data.tok
     lines = [line for line in open(rlhf_run.home / ORACLE_PAIRS, encoding="utf-8")
              if all(len(tok.encode_ordinary(json.loads(line)[side])) <= 24 for side in ("chosen", "rejected"))]
     path.write_text("".join(lines[:n]), encoding="utf-8-sig")
@@ -167,7 +167,7 @@ def test_every_stage_tunes_on_a_files_pairs_and_with_no_oracle_the_report_says_s
     samples = (rlhf_run.home / "generate_text" / f"{family}_seed1337_samples.txt").read_text()
     assert "-------- rloo" in samples and "-------- base" in samples
     # the RL stages' prompts are the file's train prompts (cut to leave room for the completion)
-    s = setup(rlhf_run_config(args, "rlhf.py", "", {}))
+    s = setup(rlhf_run_config(args, "python -m rlhf", "", {}))
     file_prompts = {tuple(p) for p in (s.data.tok.encode_ordinary(r["prompt"]) for r in read_pairs(str(pairs)))}
     drawn = sample_prompts(s, "train", 16, torch.Generator().manual_seed(0))
     room = 32 - s.cfg["completion_tokens"]
@@ -237,7 +237,7 @@ def test_a_bad_pairs_file_through_the_real_command_line(rlhf_run, tmp_path):
     copy_code(rlhf_run.home)
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
-    result = subprocess.run([sys.executable, "rlhf.py", *rlhf_run.shared_args, f"--pairs={path}"], cwd=rlhf_run.home,
+    result = subprocess.run([sys.executable, "-m", "rlhf", *rlhf_run.shared_args, f"--pairs={path}"], cwd=rlhf_run.home,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == f"error: {path}, line 2: not JSON (Expecting value at column 1)\n"
@@ -247,11 +247,11 @@ def test_a_bad_pairs_file_through_the_real_command_line(rlhf_run, tmp_path):
 
 
 class Terminal:
-    """`python rlhf.py --rlhf_stage=label ...` in a pseudo-terminal, as a user at a keyboard runs it."""
+    """`python -m rlhf --rlhf_stage=label ...` in a pseudo-terminal, as a user at a keyboard runs it."""
 
     def __init__(self, home, args):
         self.master, slave = pty.openpty()
-        self.process = subprocess.Popen([sys.executable, "rlhf.py", "--rlhf_stage=label", *args], cwd=home,
+        self.process = subprocess.Popen([sys.executable, "-m", "rlhf", "--rlhf_stage=label", *args], cwd=home,
                                         stdin=slave, stdout=slave, stderr=slave, preexec_fn=self.controlling)
         os.close(slave)
         self.screen = ""
@@ -330,7 +330,7 @@ def test_labelling_in_a_terminal_one_key_each_with_undo_quit_resume_and_ctrl_c(r
     assert (rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]) == (first["prompt"], first["a"], first["b"])
     assert (rows[1]["chosen"], rows[1]["rejected"]) == (second["b"], second["a"])
     assert (labels.parent / "my_labels_skipped.jsonl").read_text() == ""  # the tie, undone
-    assert "2 pairs labelled" in term.screen and "python rlhf.py --pairs=data/my_labels.jsonl" in term.screen
+    assert "2 pairs labelled" in term.screen and "python -m rlhf --pairs=data/my_labels.jsonl" in term.screen
 
     # the next start resumes at pair 3, and can undo the last answer of the run before; Ctrl-C then loses
     # nothing that was answered

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import gpt
 import gpt_
 from dualgpt import UserError
-from rlhf_lib import preference
+from rlhf import preference
 from dualgpt.layouts import convert_state_dict
-from rlhf_lib.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
+from rlhf.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
                              dialogue, syllables, verse, words)
-from rlhf_lib.study import frozen
+from rlhf.study import frozen
 
 # --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------
 
@@ -245,7 +245,7 @@ def test_ipo_averages_over_each_sides_tokens_and_preferred_ft_is_the_chosen_side
 
 
 def test_a_step_clips_the_gradient_over_every_group_and_the_learning_rate_decays_to_zero():
-    from rlhf_lib.training import decaying_optimizer, step_on
+    from rlhf.training import decaying_optimizer, step_on
     a, b = torch.nn.Parameter(torch.tensor([3.0])), torch.nn.Parameter(torch.tensor([4.0]))
     optimizer, schedule = decaying_optimizer([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}], 4)
     stats = [step_on(optimizer, (a * a + b * b) / 2, schedule, max_grad_norm=1.0) for _ in range(4)]

@@ -1,4 +1,4 @@
-"""rlhf.py end to end on a small corpus: every stage, the report at matched KL, outputs that never mix runs, a
+"""python -m rlhf end to end on a small corpus: every stage, the report at matched KL, outputs that never mix runs, a
 tuned policy used as an ordinary checkpoint, and bad input."""
 import json
 import shutil
@@ -13,12 +13,12 @@ from conftest import copy_code, run_main
 
 import dualgpt
 import gpt_
-import rlhf
-import rlhf_heads
-from rlhf_lib.study import (complete, keep_kls, load_policy, load_reward_model, reward_scores, rlhf_run_config,
+from rlhf import __main__ as rlhf
+from rlhf import heads as rlhf_heads
+from rlhf.study import (complete, keep_kls, load_policy, load_reward_model, reward_scores, rlhf_run_config,
                             sample_prompts, setup)
-from rlhf_lib import training
-from rlhf_lib.training import STANDARDISE_SAMPLES
+from rlhf import training
+from rlhf.training import STANDARDISE_SAMPLES
 
 
 P = "rlhf_sentiment_seed1337"  # one replicate's outputs
@@ -30,7 +30,7 @@ def test_every_stage_runs_and_writes_its_files(rlhf_run):
     for path in [f"data/{P}_pairs.pt", f"data/{P}_bon.pt", f"model_dict/{P}_rm.pt", f"generate_text/{P}_eval.json",
                  f"generate_text/{P}_samples.txt", "generate_text/rlhf_sentiment_report.json",
                  "generate_text/rlhf_sentiment_report.md"] + [f"model_dict/{P}_{m}.pt" for m in rlhf.methods(
-                     rlhf_run_config(rlhf_run.args, "rlhf.py", "", {}))]:
+                     rlhf_run_config(rlhf_run.args, "python -m rlhf", "", {}))]:
         assert (home / path).exists(), path
     for png in ["rlhf_sentiment_oracle_vs_kl.png", "rlhf_sentiment_rm_vs_oracle.png"]:
         assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100
@@ -48,7 +48,7 @@ def kept_from_log(log: list, kls: list, rl: bool) -> list:
 def test_every_run_keeps_its_policy_where_its_own_log_crosses_the_keep_points(rlhf_run):
     """Each kept file is where the run's KL first crossed a keep point, and holds the optimizer's step count at
     that point and the KL that was measured (that its weights are the ones before the update: the next test)."""
-    home, cfg = rlhf_run.home, rlhf_run_config(rlhf_run.args, "rlhf.py", "", {})
+    home, cfg = rlhf_run.home, rlhf_run_config(rlhf_run.args, "python -m rlhf", "", {})
     for method in rlhf.methods(cfg):
         log = json.loads((home / "generate_text" / f"{P}_{method}_log.json").read_text())["log"]
         folder = home / "model_dict" / f"{P}_{method}_steps"
@@ -161,10 +161,10 @@ BAD_INPUT = [
     (["--rl_lr=1e-3"], "unknown config key 'rl_lr'; did you mean --rloo_lr?"),
     (["--rl_lr_grid=1e-3,fast", "--rlhf_stage=tune"], "rl_lr_grid must be numbers like 1e-4,3e-4"),
     (["--rlhf_stage=heads"], "rlhf_stage must be"),
-    (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by rlhf.py; rlhf.py runs its stages in order "
-                       "(--rlhf_stage=NAME runs one); the head study is python rlhf_heads.py"),
-    (["--max_minutes=0"], "--max_minutes is read by gpt.py and gpt_.py, not by rlhf.py"),
-    (["--head_prompts=4"], "--head_prompts is read by rlhf_heads.py, not by rlhf.py"),
+    (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by python -m rlhf; python -m rlhf runs its stages in order "
+                       "(--rlhf_stage=NAME runs one); the head study is python -m rlhf.heads"),
+    (["--max_minutes=0"], "--max_minutes is read by gpt.py and gpt_.py, not by python -m rlhf"),
+    (["--head_prompts=4"], "--head_prompts is read by python -m rlhf.heads, not by python -m rlhf"),
     (["--prompt_tokens=20", "--completion_tokens=20"], "does not fit the model's block_size 32"),
     (["--rl_group=1"], "rl_group must be in [2, 2**20], got 1"),
 ]
@@ -189,11 +189,11 @@ def test_bad_input_is_one_line_and_overwrites_nothing(rlhf_run, extra, message, 
 
 
 def test_bad_input_through_the_real_command_line(rlhf_run):
-    """`python rlhf.py --oracle=happiness` as a user types it, on a copy of the code beside the outputs."""
+    """`python -m rlhf --oracle=happiness` as a user types it, on a copy of the code beside the outputs."""
     home, args = rlhf_run.home, rlhf_run.args
     copy_code(home)
     before = outputs(home)
-    result = subprocess.run([sys.executable, "rlhf.py", *args, "--oracle=happiness"], cwd=home, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "rlhf", *args, "--oracle=happiness"], cwd=home, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr == ("error: oracle must be auto, sentiment, verse, dialogue, module:function or none, "
@@ -260,7 +260,7 @@ def test_reading_a_stages_files_from_another_run_is_one_line(rlhf_run, tmp_path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {home / 'model_dict' / P}_rloo.pt was written by another run (rloo_lr=0.002 there, "
-                          f"0.0005 here); run python rlhf.py --rlhf_stage=rloo with these settings")
+                          f"0.0005 here); run python -m rlhf --rlhf_stage=rloo with these settings")
     assert err.count("\n") == 1
     stray = home / "model_dict" / f"{P}_ppo_steps" / "step00075.pt"
     shutil.copy(home / "model_dict" / f"{P}_rloo_steps" / "step00050.pt", stray)  # RLOO's, in PPO's folder
@@ -287,7 +287,7 @@ def test_files_built_on_an_earlier_run_of_a_stage_are_refused_even_with_the_same
 def test_the_reward_models_scores_of_base_samples_have_mean_0_and_std_1(rlhf_run, monkeypatch):
     """One KL scale: the same base samples of dev prompts, scored again by the saved reward model."""
     monkeypatch.setattr(dualgpt, "ROOT", str(rlhf_run.home))
-    s = setup(rlhf_run_config(rlhf_run.args, "rlhf.py", "", {}))
+    s = setup(rlhf_run_config(rlhf_run.args, "python -m rlhf", "", {}))
     rm, _ = load_reward_model(s, s.expected("rm"))
     prompts = sample_prompts(s, "dev", STANDARDISE_SAMPLES, s.generator("rm.standardise"))
     completions = complete(s, load_policy(s), prompts, s.generator("rm.standardise", 1, on_device=True))
@@ -324,7 +324,7 @@ def test_an_rl_run_keeps_the_policy_that_sampled_the_rollout_not_the_one_after_i
     """The weights of each kept policy, as they are saved, against the weights each update starts from: the
     policy kept at step k is the one before update k + 1, whose rollout crossed the keep point."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
-    s = setup(rlhf_run_config(args, "rlhf.py", "", {}))
+    s = setup(rlhf_run_config(args, "python -m rlhf", "", {}))
     rm, rm_record = load_reward_model(s, s.expected("rm"))
 
     def weights(policy):

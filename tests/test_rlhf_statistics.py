@@ -7,11 +7,11 @@ import statistics
 
 import pytest
 import torch
+from scipy import stats
 
-from dualgpt.evaluation import t_975
-from rlhf_lib.report import (at_kl, holm, matched_rows, p_value, pair_accuracy, ratio_summary, sample_wins,
-                             summarise, t_cdf)
-from rlhf_lib.study import keep_kls
+from rlhf.report import (at_kl, holm, matched_rows, mean_interval, p_value, pair_accuracy, ratio_summary,
+                         sample_wins, summarise)
+from rlhf.study import keep_kls
 
 
 def point(kl, scores):
@@ -54,11 +54,11 @@ def test_a_paired_difference_over_seeds_is_the_t_interval_of_the_per_seed_mean_d
              for s, t in zip(a, b)]
     assert got["per_seed"] == pytest.approx(diffs)
     assert got["mean"] == pytest.approx(statistics.mean(diffs))
-    assert got["ci"] == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3))
+    assert got["ci"] == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3), rel=5e-4)
     one = summarise(a[:1], "oracle", paired_with=b[:1])  # one seed: over its prompts, said so
     per_prompt = [x - y for x, y in zip(a[0]["per_prompt"]["oracle"], b[0]["per_prompt"]["oracle"])]
     assert one["over"] == "prompts"
-    assert one["ci"] == pytest.approx(2.776 * statistics.stdev(per_prompt) / math.sqrt(5))
+    assert one["ci"] == pytest.approx(2.776 * statistics.stdev(per_prompt) / math.sqrt(5), rel=5e-4)
 
 
 def test_the_transfer_ratio_is_a_ratio_of_mean_gains_with_the_delta_method_interval():
@@ -70,7 +70,7 @@ def test_the_transfer_ratio_is_a_ratio_of_mean_gains_with_the_delta_method_inter
     ratio = statistics.mean(top) / statistics.mean(bottom)
     residual = [t - ratio * b for t, b in zip(top, bottom)]
     assert got["mean"] == pytest.approx(ratio)
-    assert got["ci"] == pytest.approx(4.303 * statistics.stdev(residual) / math.sqrt(3) / statistics.mean(bottom))
+    assert got["ci"] == pytest.approx(4.303 * statistics.stdev(residual) / math.sqrt(3) / statistics.mean(bottom), rel=5e-4)
 
 
 def test_a_reading_from_kept_points_too_far_apart_is_refused_and_says_so():
@@ -95,21 +95,22 @@ def test_runs_keep_their_policy_on_both_sides_of_every_target_within_half_the_bo
         assert above - below <= 0.5 * target
 
 
-def test_students_t_matches_its_closed_forms_and_the_interval_table():
-    for t in (-1e6, -30.0, -2.5, -0.3, 0.0, 0.7, 4.0, 1e6):
-        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)  # Cauchy
-        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
-    for df in (1, 2, 3, 4, 5, 9, 30, 127):  # the 97.5% quantiles the report's intervals use
-        assert t_cdf(t_975(df), df) == pytest.approx(0.975, abs=2e-4)
-    # df = 3 written out: 1/2 + (theta + sin(theta) cos(theta)) / pi with theta = atan(t / sqrt(3))
-    theta = math.atan(1.3 / math.sqrt(3))
-    assert t_cdf(1.3, 3) == pytest.approx(0.5 + (theta + math.sin(theta) * math.cos(theta)) / math.pi)
+@pytest.mark.parametrize("values", [[2.066, 2.081, 2.052], [0.5, -0.25], [1.0] * 4, list(range(40))])
+def test_mean_interval_is_the_mean_and_t_times_the_standard_error(values):
+    """The quantiles below, and the intervals above (rel=5e-4), are from a printed table: 3 decimals."""
+    n = len(values)
+    quantile = {3: 4.303, 2: 12.706, 4: 3.182, 40: 2.02269}[n]  # t(0.975, n - 1) from a printed table
+    got = mean_interval(values)
+    assert got["n"] == n
+    assert got["mean"] == pytest.approx(statistics.mean(values))
+    assert got["ci"] == pytest.approx(quantile * statistics.stdev(values) / math.sqrt(n), rel=5e-4)
+    assert mean_interval([3.0]) == {"mean": 3.0, "ci": None, "n": 1}
 
 
 def test_the_p_value_is_the_two_sided_t_test_of_the_per_seed_values():
     values = [0.3, 0.5, 0.1, 0.4, 0.2]
     t = statistics.mean(values) / (statistics.stdev(values) / math.sqrt(5))
-    assert p_value({"per_seed": values}) == pytest.approx(2 * (1 - t_cdf(t, 4)))
+    assert p_value({"per_seed": values}) == pytest.approx(2 * stats.t.sf(t, 4))
     assert p_value({"per_seed": [0.3], "over": "prompts"}) is None  # one seed: no test over training runs
     assert p_value({"per_seed": [0.2, 0.2, 0.2]}) == 0.0
 

@@ -76,8 +76,7 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
     # --compile torch.compile's; nor (to sample) the data pipeline, the training loop and matplotlib;
     # nor ever the RLHF layer
     unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "dualgpt.evaluation",
-              "dualgpt.patching", "dualgpt.layouts", "dualgpt.distributed", "dualgpt.compiling", "rlhf_lib",
-              "rlhf_config"}
+              "dualgpt.patching", "dualgpt.layouts", "dualgpt.distributed", "dualgpt.compiling", "rlhf"}
     listing = tmp_path / "modules.txt"
     # `python gpt.py ARGS`, run by runpy as the interpreter runs a script, writing sys.modules at exit
     as_script = ("import atexit, runpy, sys; sys.argv = sys.argv[1:]; out = sys.argv.pop(1); "
@@ -128,10 +127,10 @@ def with_holm(value) -> list:
 
 
 def test_the_rlhf_configs_settings_are_the_shipped_tunings_picks_and_the_report_ran_with_them():
-    """rlhf_config.py's learning rates, betas and tau are what `python rlhf.py --rlhf_stage=tune` picked on the dev
+    """rlhf/config.py's learning rates, betas and tau are what `python -m rlhf --rlhf_stage=tune` picked on the dev
     split (the shipped tuning file), the shipped report's runs used them, and docs/rlhf.md gives every setting
     tried with its dev readings."""
-    import rlhf_config
+    from rlhf import config as rlhf_config
     shipped = os.path.join(ROOT, "generate_text", "shipped")
     with open(os.path.join(shipped, "rlhf_sentiment_seed1337_tuning.json"), encoding="utf-8") as f:
         tuning = json.load(f)
@@ -160,7 +159,7 @@ def test_the_own_preferences_run_is_the_shipped_report_and_labels():
     """The how-to's figures (docs/own-preferences.md): its report's reward-model line and end-point rows stand in the README as they are,
     with the run's machine and minutes; the counts of the shipped labels and their agreement with the dialogue
     oracle are computed here from the labels files."""
-    from rlhf_lib.oracles import dialogue
+    from rlhf.oracles import dialogue
     shipped = os.path.join(ROOT, "generate_text", "shipped")
     with open(os.path.join(shipped, "rlhf_pairs-dialogue_labels_report.md"), encoding="utf-8") as f:
         markdown = f.read().splitlines()
@@ -223,7 +222,7 @@ def test_the_readmes_figures_are_the_shipped_files():
 
 def test_the_rlhf_head_study_page_quotes_the_shipped_study():
     """docs/rlhf-heads.md's margins, attention divergences and partial-tuning end points are the shipped
-    head study's (generate_text/shipped/rlhf_sentiment_seed1337_heads.json, written by rlhf_heads.py)."""
+    head study's (generate_text/shipped/rlhf_sentiment_seed1337_heads.json, written by python -m rlhf.heads)."""
     page = " ".join(doc("rlhf-heads.md").split())  # line breaks read as spaces
     with open(os.path.join(ROOT, "generate_text", "shipped", "rlhf_sentiment_seed1337_heads.json"),
               encoding="utf-8") as f:

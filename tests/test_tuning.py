@@ -1,10 +1,10 @@
-"""What rlhf.py and rlhf_heads.py share: seeds by name, minibatches, keeping checkpoints, one checkpoint builder."""
+"""What python -m rlhf and python -m rlhf.heads share: seeds by name, minibatches, keeping checkpoints, one checkpoint builder."""
 import pytest
 import torch
 
 from dualgpt.checkpoint import REQUIRED, load_checkpoint
-from rlhf_lib.study import SEED_NAMES, seed_for
-from rlhf_lib.training import minibatches
+from rlhf.study import SEED_NAMES, seed_for
+from rlhf.training import minibatches
 
 
 def test_every_named_draw_has_its_own_seed():

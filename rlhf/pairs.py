@@ -16,7 +16,7 @@ import torch
 
 from dualgpt import UserError
 from dualgpt.files import atomic_open
-from rlhf_lib.preference import PAD
+from rlhf.preference import PAD
 
 FIELDS = ("prompt", "chosen", "rejected")
 

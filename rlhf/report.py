@@ -1,4 +1,4 @@
-"""Measuring tuned policies and writing what rlhf.py reports: each policy's scores and KL on
+"""Measuring tuned policies and writing what python -m rlhf reports: each policy's scores and KL on
 held-out prompts, the curves of kept checkpoints, scores at matched KL, intervals over prompts and
 over seeds, win rates, transfer to the held-out judges, diversity, the markdown tables and the
 sample file."""
@@ -8,18 +8,19 @@ import math
 import os
 import re
 
+import numpy as np
 import torch
 import torch.nn as nn
+from scipy import stats
 
 from dualgpt import UserError
-from dualgpt.evaluation import mean_interval
 from dualgpt.files import write_text
-from rlhf_lib.oracles import WORD
-from rlhf_lib.preference import (RewardModel, best_of_n_expectation, best_of_n_kl,
+from rlhf.oracles import WORD
+from rlhf.preference import (RewardModel, best_of_n_expectation, best_of_n_kl,
                                  completion_logits, exact_kl,
                                 kl_estimators, token_logprobs)
 from dualgpt.runtime import autocast
-from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
+from rlhf.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
                             load_policy_checkpoint,
                             reward_scores, scores, texts)
 
@@ -152,7 +153,7 @@ def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: Rewar
     if points[-1]["step"] != final["step"]:
         raise UserError(f"the kept checkpoints of {name} in {folder} end at step "
                         f"{points[-1]['step']}, its policy is at "
-                        f"step {final['step']}; run python rlhf.py "
+                        f"step {final['step']}; run python -m rlhf "
                         f"--rlhf_stage={final['run']['stage']} again")
     return points
 
@@ -210,20 +211,14 @@ def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dic
             **({"over": "prompts"} if len(per_seed) == 1 else {})}
 
 
-def t_cdf(t: float, df: int) -> float:
-    """Student's t distribution function at t for an integer df, exactly: Abramowitz and Stegun
-    26.7.3-4, the finite series in theta = atan(t / sqrt(df))."""
-    theta = math.atan(abs(t) / math.sqrt(df))
-    c2, term, series = math.cos(theta) ** 2, 1.0, 0.0
-    if df % 2 == 0:  # sin(theta) (1 + cos^2/2 + 1.3/(2.4) cos^4 + ...), df / 2 terms
-        for k in range(df // 2):
-            series, term = series + term, term * c2 * (2 * k + 1) / (2 * k + 2)
-        inside = math.sin(theta) * series
-    else:  # 2/pi (theta + sin(theta) cos(theta) (1 + 2/3 cos^2 + ...)), (df - 1) / 2 terms
-        for k in range((df - 1) // 2):
-            series, term = series + term, term * c2 * (2 * k + 2) / (2 * k + 3)
-        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
-    return 0.5 + math.copysign(inside, t) / 2  # inside = P(|T| < |t|)
+def mean_interval(values) -> dict:
+    """Mean and the half-width of its 95% interval, Student's t on n - 1 degrees of freedom (seeds,
+    or prompts); "ci" is None for a single value."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if len(x) < 2:
+        return {"mean": float(x.mean()), "ci": None, "n": len(x)}
+    return {"mean": float(x.mean()), "ci": float(stats.t.ppf(0.975, len(x) - 1) * stats.sem(x)),
+            "n": len(x)}
 
 
 def p_value(summary: dict) -> float | None:
@@ -232,11 +227,9 @@ def p_value(summary: dict) -> float | None:
     values = summary.get("per_seed") or []
     if summary.get("over") == "prompts" or len(values) < 2:
         return None
-    n, mean = len(values), sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    if sd == 0:
-        return 1.0 if mean == 0 else 0.0
-    return 2 * (1 - t_cdf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    if min(values) == max(values):  # no spread: the t statistic is undefined
+        return 1.0 if np.mean(values) == 0 else 0.0
+    return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
 def holm(p: list[float]) -> list[float]:

@@ -1,8 +1,15 @@
 """
-The RLHF layer: preference tuning of the models gpt.py and gpt_.py train, for rlhf.py (the
-pipeline) and rlhf_heads.py (its head study). It is built on the core (dualgpt/), which never
-imports it; its keys are in rlhf_config.py. In reading order:
+The RLHF layer: preference tuning of the models gpt.py and gpt_.py train. It is built on the core
+(dualgpt/), which never imports it. Extra dependencies: rlhf/requirements.txt.
 
+    python -m rlhf             # the pipeline, stage by stage (__main__.py)
+    python -m rlhf.heads       # its head study: which heads did tuning change? (heads.py)
+
+Its files, in reading order:
+
+    __main__.py         the pipeline: pairs, reward model, best-of-n, DPO family, RLOO, PPO, report
+    heads.py            the head study, run after the pipeline
+    config.py           the keys of both programs, one per line
     oracles.py          programmatic labellers: the oracle score and the held-out judges
     preference.py       the math: labels, log-probabilities and KL, the reward model, DPO, RLOO,
                         PPO, best-of-n (each proven against a closed form or a plain computation)

@@ -1,8 +1,8 @@
-""" The RLHF head study: which attention heads does preference tuning change? Run it after rlhf.py,
-on the policies rlhf.py tuned (DPO, RLOO, PPO), with the same oracle and --quick as that run:
+""" The RLHF head study: which attention heads does preference tuning change? Run it after python -m rlhf,
+on the policies python -m rlhf tuned (DPO, RLOO, PPO), with the same oracle and --quick as that run:
 
-    python rlhf.py && python rlhf_heads.py
-    python rlhf.py --quick && python rlhf_heads.py --quick
+    python -m rlhf && python -m rlhf.heads
+    python -m rlhf --quick && python -m rlhf.heads --quick
 
 For each tuned policy, in LB-GPT's layout (one module per head, whichever script tuned it): how far
 each head's weights moved, how its attention changed (statistics and the divergence of its maps),
@@ -26,28 +26,28 @@ from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.heads import head_statistics
 from dualgpt.runtime import progress
-from rlhf_lib.head_comparison import (attention_divergence, head_weight_change, lb_state,
+from rlhf.head_comparison import (attention_divergence, head_weight_change, lb_state,
                                       part_masks,
                                       transplant)
-from rlhf_lib.plots import plot_head_grid, plot_lines, plot_score_against_kl
-from rlhf_lib.preference import RewardModel
-from rlhf_lib.report import evaluate_policy, kept_curve
-from rlhf_lib.study import (Setup, chosen_rejected, complete, eval_prompts, frozen,
+from rlhf.plots import plot_head_grid, plot_lines, plot_score_against_kl
+from rlhf.preference import RewardModel
+from rlhf.report import evaluate_policy, kept_curve
+from rlhf.study import (Setup, chosen_rejected, complete, eval_prompts, frozen,
                             load_pairs,
                             load_policy, load_reward_model, output_folders, record_in,
                             reward_scores,
                             rlhf_run_config, scores, sequence_logprobs, setup, texts)
-from rlhf_lib.training import restrict_training, sampled_kl, train_rl
+from rlhf.training import restrict_training, sampled_kl, train_rl
 
-METHODS = ("dpo", "rloo", "ppo")  # the policies rlhf.py tunes, studied where they exist
+METHODS = ("dpo", "rloo", "ppo")  # the policies python -m rlhf tunes, studied where they exist
 HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of "
          "one checkpoint",
-         "rlhf_stage": "rlhf_heads.py is one stage of its own; run rlhf.py first for the policies "
+         "rlhf_stage": "python -m rlhf.heads is one stage of its own; run python -m rlhf first for the policies "
          "it studies"}
 
 
 def pipeline_records(s: Setup) -> dict[str, dict]:
-    """The records of the files rlhf.py wrote for this oracle, preset and seed, checked to be one
+    """The records of the files python -m rlhf wrote for this oracle, preset and seed, checked to be one
     run: each on this base, data, script, dtype and seed, each stage built on the file of the stage
     before it that is on disk now, and the RL runs with the RL settings this study uses for its own
     runs. Tuned policies that do not exist are left out."""
@@ -57,11 +57,11 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
     for name, path in paths.items():
         if not os.path.exists(path):
             if name in ("pairs", "rm"):
-                raise UserError(f"no {path}: run python "
-                                f"rlhf.py{' --quick' if s.cfg['quick'] else ''} "
+                raise UserError(f"no {path}: run python -m "
+                                f"rlhf{' --quick' if s.cfg['quick'] else ''} "
                                 f"--seed={s.seed} first")
             continue
-        records[name] = record_in(load_tensors(path, "run python rlhf.py "
+        records[name] = record_in(load_tensors(path, "run python -m rlhf "
                                                f"--seed={s.seed} again")) or {}
     upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
     identity = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16],
@@ -76,7 +76,7 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
                          v in record.get("keys", {}).items() if k in s.cfg and s.cfg[k] != v]
         if mismatch:
             raise UserError(f"{paths[name]} belongs to another run ({', '.join(mismatch)}); run "
-                            f"python rlhf.py --seed={s.seed} again, or give the study the same "
+                            f"python -m rlhf --seed={s.seed} again, or give the study the same "
                             "settings")
     return records
 
@@ -208,7 +208,7 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
                                   s.generator("curve.sampling", on_device=True))
     curves = {}
     if "rloo" in records:
-        final = load_tensors(s.path("model_dict", "rloo.pt"), "run python rlhf.py "
+        final = load_tensors(s.path("model_dict", "rloo.pt"), "run python -m rlhf "
                              "--rlhf_stage=rloo again")["rlhf"]
         curves["all weights (the rloo "
                "stage's run)"] = kept_curve(s, "rloo", final, reference, rm, prompts, 2,
@@ -290,7 +290,7 @@ def head_study(s: Setup) -> dict:
     records = pipeline_records(s)
     methods = [m for m in METHODS if m in records]
     if not methods:
-        raise UserError(f"no tuned policies named {s.prefix}_*: run python rlhf.py"
+        raise UserError(f"no tuned policies named {s.prefix}_*: run python -m rlhf"
                         f"{' --quick' if s.cfg['quick'] else ''} with the same oracle and "
                         "seed first")
     # the inputs every model is measured on: val batches, val prompts, held-out pairs
@@ -318,10 +318,10 @@ def head_study(s: Setup) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)
     with exit_codes():
-        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf_heads.py", __doc__,
+        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "python -m rlhf.heads", __doc__,
                               HINTS)
         s = setup(cfg, data_batch_size=cfg["head_batch_size"])
-        # not while rlhf.py writes what the study reads
+        # not while python -m rlhf writes what the study reads
         with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
             return head_study(s)

@@ -1,8 +1,8 @@
 """
-Every setting of the RLHF layer: rlhf.py (the pipeline) and rlhf_heads.py (its head study), one per
-line. Override any key on the command line: `python rlhf.py --seeds=3 --rloo_lr=1e-4`. Both
-programs read the first section (rlhf_lib/study.py: SHARED_KEYS) and config.py's data, device,
-dtype, seed, attn_impl and kv_cache; the pipeline's keys are rlhf.py's alone, head_* the head
+Every setting of the RLHF layer: python -m rlhf (the pipeline) and rlhf/heads.py (its head study), one per
+line. Override any key on the command line: `python -m rlhf --seeds=3 --rloo_lr=1e-4`. Both
+programs read the first section (rlhf/study.py: SHARED_KEYS) and config.py's data, device,
+dtype, seed, attn_impl and kv_cache; the pipeline's keys are the pipeline's alone, head_* the head
 study's.
 """
 
@@ -57,7 +57,7 @@ cdpo_epsilon: "[0, 0.5)" = 0.0  # cDPO: the chance a label is flipped (0: the tr
 dpo_epochs: "[1, 2**20]" = 1  # DPO family: passes over the pairs
 dpo_batch: "[1, 2**20]" = 32  # DPO family: pairs per step
 # each method's learning rate (AdamW) and strength (beta; IPO: tau), picked on the dev split by
-# python rlhf.py --rlhf_stage=tune (generate_text/shipped/rlhf_sentiment_tuning.json)
+# python -m rlhf --rlhf_stage=tune (generate_text/shipped/rlhf_sentiment_tuning.json)
 dpo_lr: "> 0" = 3e-4  # (dpo_beta: above; the head study reads it too)
 cdpo_lr: "> 0" = 3e-4
 cdpo_beta: "> 0" = 0.05
@@ -85,7 +85,7 @@ ppo_value_lr: "> 0" = 3e-4  # PPO: AdamW learning rate of the value model
 ppo_gamma: "[0, 1]" = 1.0  # PPO: discount along the completion (GAE)
 ppo_lambda: "[0, 1]" = 0.95  # PPO: GAE's lambda
 
-# --- the head study (rlhf_heads.py) --------------------------------------------------------------
+# --- the head study (rlhf/heads.py) --------------------------------------------------------------
 head_batches: "[1, 2**20]" = 8  # val batches for the attention statistics and map divergence
 head_batch_size: "[1, 2**20]" = 12  # sequences per val batch
 head_prompts: "[1, 2**20]" = 64  # val prompts sampled for each head switched off or transplanted

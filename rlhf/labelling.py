@@ -1,4 +1,4 @@
-"""Labelling pairs by hand: `python rlhf.py --rlhf_stage=label` shows a prompt and two completions
+"""Labelling pairs by hand: `python -m rlhf --rlhf_stage=label` shows a prompt and two completions
 of the base model and reads one key: a or b (which is better), t (tie), s (skip), u (undo the last
 answer), q (quit).
 
@@ -10,7 +10,7 @@ format. Each line also records the pair's number and what sampled it (the base m
 script, the lengths, the dtype, the device and the seed): with those the same, pair k is always the
 same prompt and completions (drawn by name from the seed), which is what lets a run resume and an
 undo show the pair again; a file of other settings is refused. Keys come one at a time from a
-terminal, or one per line from a pipe (`printf 'a\\nb\\nq\\n' | python rlhf.py
+terminal, or one per line from a pipe (`printf 'a\\nb\\nq\\n' | python -m rlhf
 --rlhf_stage=label`).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from dualgpt import UserError
 from dualgpt.files import write_text
-from rlhf_lib.study import Setup, complete, in_repo, load_policy, sample_prompts, texts
+from rlhf.study import Setup, complete, in_repo, load_policy, sample_prompts, texts
 
 KEYS = "a: A is better   b: B is better   t: tie   s: skip   u: undo the last   q: quit"
 
@@ -220,7 +220,7 @@ def label_pairs(s: Setup, stdin: TextIO | None = None, out: TextIO | None = None
               f"{files['skipped']}); " + (f"the target of {cfg['label_target']} is "
                                           "reached; " if done >= cfg["label_target"]
                                          else "run the same command to go on; ")
-              + f"tune on them: python rlhf.py --pairs={os.path.relpath(labels)}\n")
+              + f"tune on them: python -m rlhf --pairs={os.path.relpath(labels)}\n")
     return {"labelled": done, "skipped": len(answers["skipped"]), "file": labels}
 
 

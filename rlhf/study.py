@@ -1,4 +1,4 @@
-"""What rlhf.py and rlhf_heads.py share: their config, the run's setup, its files and the record of
+"""What python -m rlhf and rlhf/heads.py share: their config, the run's setup, its files and the record of
 what produced each, seeds drawn by name, policies and the reward model, prompts, completions and
 scores.
 
@@ -23,7 +23,7 @@ import torch.nn as nn
 import config as core_config
 import gpt
 import gpt_
-import rlhf_config
+from rlhf import config as rlhf_config
 from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import (cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
@@ -31,8 +31,8 @@ from dualgpt.data import Dataset, resolve_data, sha256_file
 from dualgpt.runconfig import (declarations, defaults, did_you_mean, model_options, parse_args,
                                require, resolve)
 from dualgpt.runtime import autocast
-from rlhf_lib.oracles import Oracle, get_oracle
-from rlhf_lib.preference import (PAD, RewardModel, completion_logits, sample_completions,
+from rlhf.oracles import Oracle, get_oracle
+from rlhf.preference import (PAD, RewardModel, completion_logits, sample_completions,
                                  token_logprobs,
                                  trimmed)
 
@@ -46,7 +46,7 @@ def in_repo(path: str) -> str:
 MODEL_CLASSES = {"gpt_": gpt_.SMGPT, "gpt": gpt.LBGPT}  # rlhf_script -> the model that tunes
 # the keys of config.py the RLHF programs read; the rest of config.py is gpt.py's and gpt_.py's
 CORE_KEYS = ("data", "device", "dtype", "seed", "attn_impl", "kv_cache")
-# the keys of rlhf_config.py that both programs read (its first section); the pipeline reads every
+# the keys of rlhf/config.py that both programs read (its first section); the pipeline reads every
 # other key but the head study's head_*, and the head study reads these and its own head_*
 SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens",
                "eval_prompts",
@@ -55,14 +55,14 @@ SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completio
 
 
 def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> dict:
-    """The run config of rlhf.py or rlhf_heads.py: CORE_KEYS of config.py and the keys of
-    rlhf_config.py the program reads, --quick applying rlhf_config.QUICK."""
+    """The run config of python -m rlhf or rlhf/heads.py: CORE_KEYS of config.py and the keys of
+    rlhf/config.py the program reads, --quick applying rlhf_config.QUICK."""
     core, own = defaults(core_config), defaults(rlhf_config)
     study = {k for k in own if k.startswith("head_")}
-    reads = (set(SHARED_KEYS) | study) if program == "rlhf_heads.py" else own.keys() - study
+    reads = (set(SHARED_KEYS) | study) if program == "python -m rlhf.heads" else own.keys() - study
     keys = {k: core[k] for k in CORE_KEYS} | {k: v for k, v in own.items() if k in reads}
     owners = {k: "gpt.py and gpt_.py" for k in core.keys() - set(CORE_KEYS)}
-    owners |= {k: "rlhf_heads.py" if k in study else "rlhf.py" for k in own.keys() - keys.keys()}
+    owners |= {k: "python -m rlhf.heads" if k in study else "python -m rlhf" for k in own.keys() - keys.keys()}
     rules = declarations(core_config) | declarations(rlhf_config)
 
     def unknown(key: str, keys: dict) -> str:  # who reads the key, and what to type instead
@@ -221,8 +221,8 @@ def load_output(s: Setup, stage: str, expected: dict, device: str = "cpu") -> di
     refused unless its record is what `expected` asks."""
     path = s.path(*STAGE_FILES[stage])
     if not os.path.exists(path):
-        raise UserError(f"no {path}; run python rlhf.py --rlhf_stage={stage} first")
-    content = load_tensors(path, f"run python rlhf.py --rlhf_stage={stage} again", device)
+        raise UserError(f"no {path}; run python -m rlhf --rlhf_stage={stage} first")
+    content = load_tensors(path, f"run python -m rlhf --rlhf_stage={stage} again", device)
     check_record(record_in(content), expected, path)
     return content
 
@@ -259,7 +259,7 @@ def check_record(found: dict | None, expected: dict, path: str) -> None:
         if found.get("upstream") != expected["upstream"]:
             differing.append(f"built on an earlier {UPSTREAM[expected['stage']]} file")
         why = "; ".join(differing[:3])
-    raise UserError(f"{path} was written by another run ({why}); run python rlhf.py "
+    raise UserError(f"{path} was written by another run ({why}); run python -m rlhf "
                     f"--rlhf_stage={expected['stage']} "
                     f"with these settings")
 
@@ -283,12 +283,12 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
     require([(sequence <= block_size, f"prompt_tokens + completion_tokens = {sequence} does "
               "not fit "
                                       f"the model's block_size {block_size}")])
-    pairs = cfg.get("pairs", "")  # rlhf.py's key: the head study measures the oracle's runs only
+    pairs = cfg.get("pairs", "")  # python -m rlhf's key: the head study measures the oracle's runs only
     if pairs and not os.path.isfile(pairs):
         raise UserError(f"no pairs file {pairs}")
     if cfg["oracle"] == "none" and not pairs:
-        raise UserError("--oracle=none: with no oracle the pairs come from a file; run python "
-                        "rlhf.py --pairs=FILE.jsonl (or label some: python rlhf.py "
+        raise UserError("--oracle=none: with no oracle the pairs come from a file; run python -m "
+                        "rlhf --pairs=FILE.jsonl (or label some: python -m rlhf "
                         "--rlhf_stage=label)")
     cfg = dict(cfg, oracle=("none" if pairs else "sentiment") if cfg["oracle"] == "auto"
                else cfg["oracle"])
@@ -393,7 +393,7 @@ def load_reward_model(s: Setup, expected: dict) -> tuple[RewardModel, dict]:
     unless the record is what `expected` asks."""
     path = s.path("model_dict", "rm.pt")
     if not os.path.exists(path):
-        raise UserError(f"no reward model at {path}; run python rlhf.py --rlhf_stage=rm first")
+        raise UserError(f"no reward model at {path}; run python -m rlhf --rlhf_stage=rm first")
     ckpt = load_checkpoint(path)
     check_record(record_in(ckpt), expected, path)
     rm = RewardModel(load_policy(s, ckpt, path))

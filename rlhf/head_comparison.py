@@ -1,4 +1,4 @@
-"""Comparing two models head by head (rlhf_heads.py): how far each head moved, how its attention
+"""Comparing two models head by head (rlhf/heads.py): how far each head moved, how its attention
 changed, and transplanting heads or MLPs from one model into another.
 
 State dicts are in LB-GPT's layout (gpt.py), where head h of layer l is a module of its own, plus

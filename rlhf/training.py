@@ -16,12 +16,12 @@ from dualgpt import TrainingDiverged
 from dualgpt.layouts import convert_state_dict
 from dualgpt.files import write_json
 from dualgpt.runtime import autocast, progress
-from rlhf_lib.preference import (PAD, RewardModel, completion_logits, dpo_family_loss,
+from rlhf.preference import (PAD, RewardModel, completion_logits, dpo_family_loss,
                                  exact_kl, gae,
                                  kl_estimators, kl_penalized_reward, policy_gradient_loss,
                                  ppo_loss, reward_model_loss, rloo_advantages, token_logprobs,
                                  token_rewards, value_loss, whiten)
-from rlhf_lib.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_outputs, complete,
+from rlhf.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_outputs, complete,
                             completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
                             reward_scores, sample_prompts, save_policy, sequence_logprobs)
 

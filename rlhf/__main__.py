@@ -3,16 +3,16 @@ RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a 
 model, best-of-n, DPO (and conservative DPO, soft-label DPO, IPO), RLOO and PPO, each measured
 against the base model on held-out prompts, at matched KL, over several seeds.
 
-    python rlhf.py                        # the whole study on the shipped SM-GPT model, one seed
-    python rlhf.py --seeds=3              # three replicates and the report over them
-    python rlhf.py --quick                # a smaller, faster version of the same
-    python rlhf.py --rlhf_stage=dpo       # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
-    python rlhf.py --oracle=verse         # tune towards lines of about ten syllables instead
-    python rlhf.py --oracle=mymod:score   # your own oracle: a function from text to a float
-    python rlhf.py --rlhf_stage=label     # label pairs yourself, one key each (data/labels.jsonl)
-    python rlhf.py --pairs=data/labels.jsonl   # tune on them (or any prompt/chosen/rejected file)
-    python rlhf.py --rlhf_script=gpt      # LB-GPT (one module per head) instead of SM-GPT
-    python rlhf_heads.py                  # then: which attention heads did tuning change?
+    python -m rlhf                        # the whole study on the shipped SM-GPT model, one seed
+    python -m rlhf --seeds=3              # three replicates and the report over them
+    python -m rlhf --quick                # a smaller, faster version of the same
+    python -m rlhf --rlhf_stage=dpo       # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
+    python -m rlhf --oracle=verse         # tune towards lines of about ten syllables instead
+    python -m rlhf --oracle=mymod:score   # your own oracle: a function from text to a float
+    python -m rlhf --rlhf_stage=label     # label pairs yourself, one key each (data/labels.jsonl)
+    python -m rlhf --pairs=data/labels.jsonl   # tune on them (or any prompt/chosen/rejected file)
+    python -m rlhf --rlhf_script=gpt      # LB-GPT (one module per head) instead of SM-GPT
+    python -m rlhf.heads                  # then: which attention heads did tuning change?
     python gpt_.py --mode=sample --ckpt=model_dict/rlhf_sentiment_seed1337_rloo.pt  # a checkpoint
 
 The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's controlled sentiment
@@ -24,7 +24,7 @@ minus negative words of a Shakespeare lexicon; one half of its word families giv
 score, the other half and the AFINN lexicon (less those families) are judges that no stage trains
 or selects on. Evaluation prompts come from the val split's second half and nothing is tuned on
 them (the first half, "dev", is for trying settings). Every file a stage writes records the run
-that wrote it, and every reader checks it. The keys are in rlhf_config.py; outputs go to data/,
+that wrote it, and every reader checks it. The keys are in rlhf/config.py; outputs go to data/,
 model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the seeds:
 rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
 """
@@ -43,35 +43,36 @@ from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
 from dualgpt.cli import exit_codes
 from dualgpt.data import sha256_file
-from dualgpt.evaluation import full_loss, machine_name
+from dualgpt.evaluation import full_loss
+from dualgpt.runtime import machine_name
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.runconfig import require
-from rlhf_lib.labelling import label_pairs
-from rlhf_lib.pairs import encode_pairs, read_pairs, write_pairs
-from rlhf_lib.plots import plot_learning_curves, plot_rm_against_oracle, plot_score_against_kl
-from rlhf_lib.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
+from rlhf.labelling import label_pairs
+from rlhf.pairs import encode_pairs, read_pairs, write_pairs
+from rlhf.plots import plot_learning_curves, plot_rm_against_oracle, plot_score_against_kl
+from rlhf.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
                                  tau_for_agreement)
-from rlhf_lib.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
+from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
                              curve_point, distinct_2, evaluate_policy, gains_and_transfer,
                              kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
                              ratio_summary, repetition, score_names, strip_per_prompt, summarise,
                              usable, write_markdown_report, write_samples)
-from rlhf_lib.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs,
+from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs,
                             complete, eval_prompts, frozen, in_repo, kl_targets, load_output,
                             load_pairs, load_policy, load_policy_checkpoint, load_reward_model,
                             numbers, output_folders, read_json, record_in, reward_scores,
                             rlhf_run_config, sample_prompts, save_model, scores, setup, texts)
-from rlhf_lib.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo,
+from rlhf.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo,
                                train_reward_model, train_rl)
 
 # "all" runs these for each seed, then "report"
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
 # what a user may have meant by a key that belongs to gpt.py or gpt_.py, or that was renamed
-HINTS = {"mode": "rlhf.py runs its stages in order (--rlhf_stage=NAME runs one); the head study "
-         "is python rlhf_heads.py",
-         "max_iters": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
-         "max_minutes": "rlhf.py's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
-         "ckpt": "rlhf.py starts from --rlhf_base and names its outputs after the oracle and "
+HINTS = {"mode": "python -m rlhf runs its stages in order (--rlhf_stage=NAME runs one); the head study "
+         "is python -m rlhf.heads",
+         "max_iters": "the pipeline's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
+         "max_minutes": "the pipeline's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
+         "ckpt": "python -m rlhf starts from --rlhf_base and names its outputs after the oracle and "
          "the seed"}
 
 
@@ -95,7 +96,7 @@ def stage_of(method: str) -> str:
 
 
 def check_pipeline_keys(cfg: dict) -> None:
-    """The checks of the pipeline's keys that their declarations in rlhf_config.py cannot make."""
+    """The checks of the pipeline's keys that their declarations in rlhf/config.py cannot make."""
     unknown = [m for m in dpo_methods(cfg) if m not in DPO_METHODS]
     grids = [(numbers(cfg[key]), f"{key} must be numbers like 1e-4,3e-4, got {cfg[key]!r}")
              for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid")]
@@ -316,7 +317,7 @@ def stage_eval(s: Setup) -> dict:
     for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
         if not os.path.exists(path):
-            print(f"note: no {method} policy ({path}); python rlhf.py "
+            print(f"note: no {method} policy ({path}); python -m rlhf "
                   f"--rlhf_stage={stage_of(method)} adds it")
             continue
         ckpt = load_policy_checkpoint(path, s.expected(stage_of(method)))
@@ -382,7 +383,7 @@ def stage_tune(s: Setup) -> dict:
     base on this seed's pairs (RL: its reward model), its kept policies are measured on
     tune_prompts dev prompts and read at each KL of kl_targets; the pick reaches the most targets,
     then has the highest mean score over them (measure()'s). Writes every reading and the picks;
-    rlhf_config.py's defaults are set from them, and the test numbers are run once with those."""
+    rlhf/config.py's defaults are set from them, and the test numbers are run once with those."""
     cfg = dict(s.cfg, eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
     dev = dataclasses.replace(s, cfg=cfg)
     pairs = load_pairs(dev, dev.expected("pairs"))
@@ -432,7 +433,7 @@ def run_log(s: Setup, name: str, record: dict) -> list[dict]:
     at each step where its KL was measured, the step, its objective (RL: the KL-penalised reward;
     the DPO family: the loss) and the KL."""
     path = s.path("generate_text", f"{name}_log.json")
-    content = read_json(path, f"run python rlhf.py --rlhf_stage={stage_of(name)} again") or {}
+    content = read_json(path, f"run python -m rlhf --rlhf_stage={stage_of(name)} again") or {}
     check_record(content.get("run"), record, path)
     kept = ("step", "loss", "objective/rlhf_reward", "objective/kl", "objective/kl_exact")
     return [{k: e[k] for k in kept if k in e} for e in content["log"] if "objective/kl" in e]
@@ -442,7 +443,7 @@ def load_bon(s: Setup) -> dict | None:
     """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note)
     if missing."""
     if not os.path.exists(s.path(*STAGE_FILES["bon"])):
-        print(f"note: no best-of-n pool ({s.path(*STAGE_FILES['bon'])}); python rlhf.py "
+        print(f"note: no best-of-n pool ({s.path(*STAGE_FILES['bon'])}); python -m rlhf "
               "--rlhf_stage=bon adds it")
         return None
     return load_output(s, "bon", s.expected("bon"))
@@ -472,7 +473,7 @@ def stage_report(s: Setup) -> dict:
                                        "run the stages again") or {}).items():
             if stage in STAGES:  # the study's own stages (tune picks its settings beforehand)
                 seconds[stage] = seconds.get(stage, 0.0) + value
-    reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python rlhf.py "
+    reward_models = [load_tensors(r.path("model_dict", "rm.pt"), "run python -m rlhf "
                                   "--rlhf_stage=rm again")["rlhf"]
                      for r in replicates]  # seed_result checked that these are the ones measured
     judges, key = [name[len("judge_"):] for name in score_names(s)
@@ -533,9 +534,9 @@ def seed_result(s: Setup) -> dict:
     """One seed's eval stage results, refused unless they were measured with these settings on the
     files that are on disk now (the pairs, reward model, pool and every policy it measured)."""
     path = s.path("generate_text", "eval.json")
-    result = read_json(path, f"run python rlhf.py --rlhf_stage=eval --seed={s.seed} again")
+    result = read_json(path, f"run python -m rlhf --rlhf_stage=eval --seed={s.seed} again")
     if result is None:
-        raise UserError(f"no evaluation of seed {s.seed} ({path}); run python rlhf.py "
+        raise UserError(f"no evaluation of seed {s.seed} ({path}); run python -m rlhf "
                         f"--rlhf_stage=eval --seed={s.seed} first")
     record = result.get("run") if isinstance(result, dict) else None
     check_record({k: v for k, v in (record or {}).items() if k not in ("id", "inputs")},
@@ -545,14 +546,14 @@ def seed_result(s: Setup) -> dict:
         if name not in now:
             policy = s.path(*STAGE_FILES[name]) if name in STAGE_FILES else s.path("model_dict",
                                                                                    f"{name}.pt")
-            now[name] = (record_in(load_tensors(policy, "run python rlhf.py "
+            now[name] = (record_in(load_tensors(policy, "run python -m rlhf "
                                                 f"--rlhf_stage={stage_of(name)} again"))
                          or {}).get("id") if os.path.exists(policy) else None
     stale = [name for name, found in record["inputs"].items() if now.get(name) != found]
     if stale:
         raise UserError(f"{path} measured files that have since been written anew "
-                        f"({', '.join(stale)}); run python "
-                        f"rlhf.py --rlhf_stage=eval --seed={s.seed} again")
+                        f"({', '.join(stale)}); run python -m "
+                        f"rlhf --rlhf_stage=eval --seed={s.seed} again")
     return result
 
 
@@ -564,7 +565,7 @@ RUN = {"tune": stage_tune, "pairs": stage_pairs, "rm": stage_rm, "bon": stage_bo
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)  # each stage's line at once, also in a log file
     with exit_codes():
-        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "rlhf.py", __doc__, HINTS)
+        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "python -m rlhf", __doc__, HINTS)
         check_pipeline_keys(cfg)
         s = setup(cfg)
         if cfg["rlhf_stage"] == "label":  # by hand, into its own file: no stage of the study runs

@@ -20,8 +20,7 @@ import types
 import regex as re
 import torch
 
-from dualgpt import UserError
-from dualgpt.cli import exit_codes
+from dualgpt import UserError, exit_codes
 from dualgpt.runtime import machine_name
 from dualgpt.files import atomic_open
 from dualgpt.runconfig import declarations, defaults, parse_args, resolve
@@ -474,7 +473,7 @@ def train_for(overrides: dict, workdir: str, data: str) -> dict:
     from dualgpt.checkpoint import load_checkpoint
     from dualgpt.evaluation import evaluate_checkpoint
     from dualgpt.runconfig import script_config
-    from dualgpt.train import train
+    from dualgpt.run import train
     ckpt = os.path.join(workdir, "quality.pt")
     for leftover in (ckpt, ckpt[:-3] + ".jsonl"):
         if os.path.exists(leftover):
@@ -593,10 +592,8 @@ def bench_quality(args) -> str:
 
 def adamw(model: torch.nn.Module, device: str) -> torch.optim.Optimizer:
     """AdamW as training builds it (decay on matrices only), at the benchmarks' fixed settings."""
-    from dualgpt.train import make_optimizers
-    cfg = dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99,
-               device=device)
-    return make_optimizers(model, cfg)["optimizer"]
+    from dualgpt.run import make_optimizers
+    return make_optimizers(model, "adamw", 1e-3, 0.0, 0.1, (0.9, 0.99), device)["optimizer"]
 
 
 def train_step(model, optimizer, x, y, device: str, dtype: str) -> None:

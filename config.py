@@ -74,8 +74,9 @@ stop = ""  # end a sample before the first of these strings, |-separated ("\n\n|
 # --- head-level research -------------------------------------------------------------------------
 head_mask = ""  # heads to switch off, as layer.head from 0: "0.3,2.1"; applies in every mode
 heads_per_layer = False  # --mode=heads: also write one attention-map PNG per layer
-# the probe of --mode=heads and of each evaluation in training (in-context learning): sequences
-# of one random token, then probe_length random tokens twice
+# the probe of --mode=heads (and of training, with log_probe): sequences of one random token, then
+# probe_length random tokens twice
+log_probe = False  # each evaluation in training also logs in-context learning and induction
 probe_sequences: "[1, 2**16]" = 64
 probe_length: "[0, 2**16]" = 0  # tokens per copy; 0: 24, or what fits the window
 # --mode=patch: prompts of equal token length, and the answers (one token each) whose logit

@@ -205,5 +205,5 @@ class LBGPT(nn.Module):
 
 
 if __name__ == "__main__":
-    from dualgpt.cli import main
+    from dualgpt.run import main
     main(LBGPT, script="gpt")

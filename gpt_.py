@@ -143,5 +143,5 @@ class SMGPT(LBGPT):
 
 
 if __name__ == "__main__":
-    from dualgpt.cli import main
+    from dualgpt.run import main
     main(SMGPT, script="gpt_")

@@ -12,7 +12,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn as nn
@@ -21,7 +20,7 @@ from minbpe import RegexTokenizer
 
 from dualgpt import UserError
 from dualgpt.files import atomic_open
-from dualgpt.runconfig import model_options, parse_head_mask
+from dualgpt.runconfig import model_options, parse_head_mask, require
 
 REQUIRED = {"model", "best_model", "model_config", "layout", "tokenizer", "iter_num"}
 
@@ -79,13 +78,35 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def checkpoint_to_resume(path: str, resume: bool, overwrite: bool, optimizer: str, layout: str,
+                         model_config: dict) -> dict | None:
+    """The checkpoint that --resume continues, checked against the run; None for a fresh run, which
+    never silently replaces a checkpoint (without --overwrite, an existing one is one line)."""
+    if not resume:
+        if os.path.exists(path) and not overwrite:
+            raise UserError(f"{path} already exists; pass --resume to continue it, or --overwrite "
+                            f"to start over (the old one is kept as {os.path.basename(path)}.bak)")
+        return None
+    ckpt = load_checkpoint(path)
+    trained_with = "muon" if "muon" in ckpt else "adamw"
+    changed = [(k, v) for k, v in ckpt["model_config"].items() if model_config.get(k) != v]
+    key, value = changed[0] if changed else ("", "")
+    require([("optimizer" in ckpt, f"{path} holds weights only (no optimizer state), so it cannot "
+              "be resumed; sample, eval or study heads with it, or train a new model with "
+              "--ckpt=ANOTHER_PATH"),
+             (layout_of(ckpt) == layout, f"{path} was written with {layout_of(ckpt)} attention; "
+              "resume it with that script (sample and eval work from either)"),
+             (trained_with == optimizer, f"{path} was trained with optimizer={trained_with}; pass "
+              f"--optimizer={trained_with} to resume it"),
+             (not changed, f"{path} was trained with {key}={value}, but the config says "
+              f"{model_config.get(key)}; pass --{key}={value} to resume it")])
+    return ckpt
+
+
 def load_tokenizer_text(model_text: str) -> RegexTokenizer:
     """A tokenizer from the .model text stored in a checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "t.model"), "w", encoding="utf-8", newline="\n") as f:
-            f.write(model_text)
-        tok = RegexTokenizer()
-        tok.load(os.path.join(tmp, "t.model"))
+    tok = RegexTokenizer()
+    tok.load_text(model_text, "the checkpoint's tokenizer")
     return tok
 
 

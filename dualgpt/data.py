@@ -11,7 +11,7 @@ import torch
 import config as default_config
 from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import load_tokenizer_text
-from dualgpt.files import atomic_open
+from dualgpt.files import atomic_open, write_text
 from dualgpt.runtime import progress
 from minbpe import RegexTokenizer
 
@@ -61,7 +61,8 @@ def get_tokenizer(text: str, data_path: str, data_hash: str,
     tok = RegexTokenizer()
     print(f"training a {vocab_size}-token BPE tokenizer on {os.path.basename(data_path)}")
     tok.train(text, vocab_size)  # shows a bar when it takes long, on a terminal
-    tok.save(prefix)
+    write_text(prefix + ".vocab", tok.vocab_text())
+    write_text(prefix + ".model", tok.model_text())
     return tok, prefix + ".model"
 
 

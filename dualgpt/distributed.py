@@ -1,25 +1,27 @@
 """Several processes under torchrun (DistributedDataParallel: gloo on CPU, NCCL on CUDA): the
-collectives a training run needs, with the same methods as runtime.OneProcess. Loaded only when
-torchrun launched the run."""
+collectives a training run needs. Loaded only when torchrun launched the run."""
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from dualgpt.runtime import OneProcess
+
+def launched_by_torchrun() -> bool:
+    """torchrun sets RANK and WORLD_SIZE in every process it starts."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-class Torchrun(OneProcess):
+class Torchrun:
     """The process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK in the environment)."""
 
     def __init__(self):
         self.rank = int(os.environ["RANK"])
         self.world = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.active, self.master = True, self.rank == 0
 
     def start(self, device: str) -> None:
         if device.startswith("cuda"):
@@ -29,11 +31,10 @@ class Torchrun(OneProcess):
     def stop(self, clean: bool) -> None:
         """Tear down. After an error the ranks do not wait for each other. After a normal finish
         they first meet (gloo aborts if one leaves while another still works), and the process
-        ends here, the group destroyed and every file written and closed, without the
-        interpreter's shutdown: there, torch's gloo teardown now and then aborts the process
-        ("terminate called without an active exception", after Python has finished; about 1 in
-        20 runs of tests/test_ddp.py with torch 2.13 on CPU), turning a complete run into a
-        failed one."""
+        ends here, with the group destroyed and every file closed, before the interpreter's
+        shutdown: there torch's gloo teardown now and then aborts the process ("terminate called
+        without an active exception"; about 1 in 20 runs of tests/test_ddp.py with torch 2.13 on
+        CPU), which would turn a complete run into a failed one."""
         if dist.is_initialized():
             if clean:
                 dist.barrier()
@@ -42,6 +43,16 @@ class Torchrun(OneProcess):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+    @contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the block first (it may train the tokenizer and write the token cache);
+        the others then find its files."""
+        if self.rank != 0:
+            dist.barrier()
+        yield
+        if self.rank == 0:
+            dist.barrier()
 
     def mean(self, value: float, device: str) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=device)
@@ -59,11 +70,3 @@ class Torchrun(OneProcess):
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def print(self, message: str) -> None:
-        """Rank 0 alone prints."""
-        if self.master:
-            super().print(message)

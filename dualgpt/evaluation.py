@@ -68,9 +68,12 @@ def evaluate_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     return result
 
 
-def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
+def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict | None:
     """--mode=export: a weights-only copy of ckpt at export_to, with its float32 loss over the
-    whole val split."""
+    whole val split; with --export_format=hf, a Hugging Face GPT-2 folder (hf_gpt2.py)."""
+    if cfg["export_format"] == "hf":
+        from dualgpt.hf_gpt2 import export_hf
+        return export_hf(model_class, cfg)
     if not cfg["export_to"]:
         raise UserError("--mode=export needs --export_to=PATH for the weights-only copy")
     if os.path.abspath(cfg["export_to"]) == os.path.abspath(cfg["ckpt"]):

@@ -57,13 +57,24 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
 
 
 def write_text(path: str, text: str) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
 
 
 def write_json(path: str, value: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)
+
+
+def append_json_line(path: str, record: dict) -> None:
+    """Add one JSON line to a log; a failed write is one line (WriteFailed), the run stops."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise WriteFailed(f"could not append to {path} ({e.__class__.__name__}: {e.strerror}); "
+                          "the run stopped: free some disk space or fix the folder's "
+                          "permissions, then --resume") from None
 
 
 def remove_dead_temps(*folders: str) -> None:

@@ -25,7 +25,7 @@ from dualgpt.checkpoint import (build_model, checkpoint_model, cpu_copy, make_ch
 from dualgpt.layouts import convert_state_dict
 from dualgpt.checkpoint import load_tokenizer_text
 from dualgpt.files import atomic_open, write_json
-from dualgpt.tokenizer_files import model_text, tokenizer_from_files, write_tokenizer_files
+from dualgpt.tokenizer_files import tokenizer_from_files, write_tokenizer_files
 
 # GPT-2's names -> F.gelu's
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -184,7 +184,7 @@ def import_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     save_checkpoint(cfg["ckpt"], make_checkpoint(cpu_copy(model.state_dict()), config,
                                                  model.layout,
-                                                 model_text(tokenizer), 0, cfg,
+                                                 tokenizer.model_text(), 0, cfg,
                                                  imported_from=os.path.abspath(folder)))
     print(f"imported {folder} ({config['n_layer']} layers x {config['n_head']} heads x "
           f"{config['n_embd']}, "

@@ -1,5 +1,4 @@
-"""LB-GPT's state dict <-> SM-GPT's, losslessly: checkpoints load into either script. Loaded only
-by what reads a checkpoint of the other script (sampling one, export, Hugging Face, RLHF).
+"""LB-GPT's state dict <-> SM-GPT's, losslessly, so that a checkpoint loads into either script.
 
 LB-GPT keeps q, k, v per head (blocks.i.attn.heads.h.query.weight, ...); SM-GPT stacks them into
 one c_attn: every head's query rows, then every head's key rows, then value.

@@ -1,4 +1,5 @@
-"""Where and how the model runs: device, dtype, autocast, several processes (torchrun), Ctrl-C."""
+"""Where and how the model runs: device, dtype, autocast, the machine's name, progress bars,
+Ctrl-C."""
 from __future__ import annotations
 
 import os
@@ -44,10 +45,11 @@ def machine_name(device: str) -> str:
 
 
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 matmuls (AVX512-BF16 or AMX), where autocast to bf16 runs about 4x the fp32
-    rate; elsewhere bf16 is emulated and slower than float32. oneDNN, which runs the matmuls (and
-    honours ONEDNN_MAX_CPU_ISA), and the CPU's flags where they can be read must both say so:
-    oneDNN also reports bf16 on AVX-512 cores that only emulate it."""
+    """Native bfloat16 matmuls (AVX512-BF16 or AMX): there autocast to bf16 trains about 2.6x as
+    fast as float32 (bench_scaling.md's largest step); elsewhere bf16 is emulated, and slower.
+    oneDNN, which runs the matmuls (and honours ONEDNN_MAX_CPU_ISA), and the CPU's flags where
+    they can be read must both say so: oneDNN also reports bf16 on AVX-512 cores that only
+    emulate it."""
     try:
         onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -81,6 +83,12 @@ def progress(iterable=None, show: bool = True, **kwargs) -> tqdm:
     return tqdm(iterable, disable=None if show else True, **kwargs)
 
 
+def say(message: str) -> None:
+    """Print above any progress bar, at once (also into a file)."""
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
 class LineWriter:
     """tqdm's output where it is not a terminal: each refresh a plain line of its own."""
 
@@ -95,49 +103,14 @@ class LineWriter:
 def training_bar(total: float, initial: float, timed: bool, disable: bool) -> tqdm:
     """The training bar, in seconds of the time budget (timed) or in steps; where the output is
     not a terminal, a plain line every 30 seconds."""
-    bar = dict(total=total, initial=initial, desc="training", unit="s" if timed else "it",
-               disable=disable)
+    # a run resumed past a lower limit starts at its end (tqdm cannot draw a bar past its total)
+    bar = dict(total=total, initial=min(initial, total), desc="training",
+               unit="s" if timed else "it", disable=disable)
     if not sys.stderr.isatty():
         return tqdm(**bar, file=LineWriter(), mininterval=30, miniters=1,
                     bar_format="{desc}: {n:.0f}/{total:.0f} {unit} [{elapsed}{postfix}]")
     return tqdm(**bar, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} {unit} "
                 "[{elapsed}<{remaining}{postfix}]" if timed else None)
-
-
-class OneProcess:
-    """A run that torchrun did not launch: one process, each collective its own value. Under
-    torchrun, distributed.py's Torchrun has the same methods over the process group."""
-    rank, world, local_rank, active, master = 0, 1, 0, False, True
-
-    def start(self, device: str) -> None:
-        pass
-
-    def stop(self, clean: bool) -> None:
-        pass
-
-    def mean(self, value: float, device: str) -> float:
-        return value
-
-    def agree(self, *flags: bool, device: str) -> tuple[bool, ...]:
-        return flags
-
-    def gather(self, obj) -> list:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
-
-    def print(self, message: str) -> None:  # above any progress bar, at once (also into a file)
-        tqdm.write(message)
-        sys.stdout.flush()
-
-
-def processes() -> OneProcess:
-    """torchrun's group when it launched several processes (RANK, WORLD_SIZE), else one."""
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        from dualgpt.distributed import Torchrun  # torch.distributed's code only under torchrun
-        return Torchrun()
-    return OneProcess()
 
 
 class StopRequest:

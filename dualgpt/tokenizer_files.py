@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 from dualgpt import UserError
 from dualgpt.files import write_json, write_text
@@ -144,14 +143,6 @@ def tokenizer_from_files(folder: str) -> tuple[RegexTokenizer, dict[int, int]]:
         raise UserError(f"{folder}: {len(tokenizer.vocab) - len(theirs)} tokens that the merges "
                         f"make are missing from the vocabulary")
     return tokenizer, theirs
-
-
-def model_text(tokenizer: RegexTokenizer) -> str:
-    """A tokenizer's .model text, what a checkpoint stores."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(os.path.join(tmp, "t"))
-        with open(os.path.join(tmp, "t.model"), encoding="utf-8") as f:
-            return f.read()
 
 
 def tokenizer_json(tokenizer: RegexTokenizer) -> dict:

@@ -4,7 +4,7 @@ are recovered from tiktoken's byte-string ranks. tiktoken is needed for this cla
 """
 from __future__ import annotations
 
-from .base import atomic_open, render_token
+from .base import render_token
 from .regex import RegexTokenizer
 
 
@@ -87,6 +87,6 @@ class GPT4Tokenizer(RegexTokenizer):
 
     def save_vocab(self, vocab_file: str) -> None:
         """Write a readable listing of the vocab, one token per line with its id."""
-        with atomic_open(vocab_file, "w", encoding="utf-8", newline="\n") as f:
+        with open(vocab_file, "w", encoding="utf-8", newline="\n") as f:
             for idx in sorted(self.vocab):
                 f.write(f"[{render_token(self.vocab[idx])}] {idx}\n")

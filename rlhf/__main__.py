@@ -39,9 +39,8 @@ import time
 
 import torch
 
-from dualgpt import UserError, repo_path
+from dualgpt import UserError, exit_codes, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
-from dualgpt.cli import exit_codes
 from dualgpt.data import sha256_file
 from dualgpt.evaluation import full_loss
 from dualgpt.runtime import machine_name

@@ -20,9 +20,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from dualgpt import UserError, repo_path
+from dualgpt import UserError, exit_codes, repo_path
 from dualgpt.checkpoint import load_checkpoint, load_tensors
-from dualgpt.cli import exit_codes
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.heads import head_statistics
 from dualgpt.runtime import progress

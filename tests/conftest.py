@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 import dualgpt  # noqa: E402
 import gpt  # noqa: E402
 import gpt_  # noqa: E402
-from dualgpt.cli import main  # noqa: E402
+from dualgpt.run import main  # noqa: E402
 from dualgpt.data import Dataset, resolve_data  # noqa: E402
 from rlhf.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from conftest import run_main, run_script, tiny_args
 
-from dualgpt import train
+from dualgpt import run
 from dualgpt.checkpoint import load_tokenizer_text
 
 
@@ -80,12 +80,12 @@ def test_no_limit_at_all_is_a_one_line_error(home, corpus, capsys):
 
 
 def test_a_time_budget_is_evaluated_at_evenly_spaced_points(home, corpus, monkeypatch):
-    """On a clock where every step lasts exactly 1/16 s (train.py reads it twice a step, and this run does not
+    """On a clock where every step lasts exactly 1/16 s (run.py reads it twice a step, and this run does not
     compile), so that a busy machine cannot move a step across a point: a 1.2-second budget with 4 points is
     evaluated at the start and after the first step to end at or past each 0.3 s: steps 5, 10, 15 and 20
     (0.3125, 0.625, 0.9375 and 1.25 s)."""
     clock = iter(range(10 ** 6))
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) / 16, time=time.time))
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) / 16, time=time.time))
     args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_points=4", "--mode=train")
     assert run_main(args) == 0
     evals = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "val_loss" in r]

@@ -11,8 +11,7 @@ from conftest import copy_code, run_main, tiny_args
 import gpt
 from dualgpt.evaluation import evaluate_checkpoint
 from dualgpt.runconfig import script_config
-from dualgpt.runtime import OneProcess
-from dualgpt.train import start
+from dualgpt.run import make_optimizers, restore
 
 TIMEOUT = 300  # launch, train and tear down must finish well inside this
 
@@ -84,31 +83,20 @@ def test_two_processes_stopped_and_resumed_equal_one_process_with_twice_the_batc
     assert results[0] == pytest.approx(results[1], abs=1e-4)
 
 
-class SecondRank(OneProcess):
-    """Rank 1 of 2, as a resumed run sees it (no process group needed to restore a checkpoint)."""
-    rank, world, master = 1, 2, False
-
-
-def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds(home, corpus, capsys):
-    """Restored in one process with rank 1's view of 2: rank 1's stream, not rank 0's; a checkpoint of another
-    number of processes seeds each rank anew. The start-up line says that with grad_accum_steps=1 each of the 2
-    processes runs one micro-batch per step."""
+def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds(home, corpus):
+    """A checkpoint restored with rank 1's view of 2 processes sets rank 1's stream, not rank 0's; one written
+    by another number of processes seeds each rank anew."""
     args = tiny_args(home, corpus, "--max_iters=2", "--eval_interval=2", "--dropout=0.1", "--mode=train")
     assert run_main(args) == 0
-    path = home / "model_dict" / "gpt.pt"
-    ckpt = torch.load(path, weights_only=True)
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
     streams = [torch.Generator().manual_seed(seed).get_state() for seed in (11, 22)]
-    torch.save(dict(ckpt, rng_cpu=streams), path)
-    cfg = script_config(args + ["--resume", "--max_iters=4"], "gpt")
-    capsys.readouterr()
-    start(gpt.LBGPT, cfg, SecondRank())
+    model = gpt.LBGPT(gpt.ModelConfig(**ckpt["model_config"]))
+    optimizers = make_optimizers(model, "adamw", 1e-3, 0.0, 0.1, (0.9, 0.99), "cpu")
+    restore(dict(ckpt, rng_cpu=streams), model, optimizers, torch.Generator(), 1, 2, 1337, "cpu")
     assert torch.equal(torch.get_rng_state(), streams[1])  # rank 1's stream, not rank 0's
-    assert ("512 tokens per step (batch_size 8 x grad_accum_steps 1 x 2 processes x block_size 32; "
-            "grad_accum_steps=1 is fewer than the 2 processes, so each runs one micro-batch per step)"
-            in capsys.readouterr().out)
-    torch.save(dict(ckpt, rng_cpu=streams[:1]), path)  # written by one process: a seed of its own per rank
-    start(gpt.LBGPT, cfg, SecondRank())
-    assert torch.equal(torch.get_rng_state(), torch.manual_seed(cfg["seed"] + 1 + ckpt["iter_num"]).get_state())
+    state = restore(dict(ckpt, rng_cpu=streams[:1]), model, optimizers, torch.Generator(), 1, 2, 1337, "cpu")
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(1337 + 1 + ckpt["iter_num"]).get_state())
+    assert state.iter_num == 2
 
 
 def test_world_size_the_config_cannot_use(home, corpus, monkeypatch, capsys):

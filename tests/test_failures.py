@@ -16,7 +16,7 @@ from conftest import copy_code, run_main, run_script, tiny_args
 
 import dualgpt
 from rlhf import __main__ as rlhf
-from dualgpt.files import OutputLock
+from dualgpt.files import OutputLock, atomic_open
 
 DAMAGE = {"cut short": lambda b: b[:len(b) // 2], "emptied": lambda b: b"",
           "garbage": lambda b: random.Random(0).randbytes(max(len(b), 64))}
@@ -264,3 +264,14 @@ def test_a_corrupt_rlhf_file_is_one_line_naming_it(rlhf_copy, capsys, name, stag
         rlhf.main(args + [f"--rlhf_stage={stage}"])
     assert exit_info.value.code == 2
     one_line_error(capsys.readouterr().err, str(home / name), message)
+
+
+def test_an_atomic_write_that_fails_midway_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.model"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(str(path)) as f:
+            f.write("partial")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["x.model"]

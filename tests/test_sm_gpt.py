@@ -61,14 +61,12 @@ def test_one_muon_step_differs_between_the_layouts_only_in_attention():
     """Muon orthogonalises each 2-D parameter's update, so LB-GPT's per-head key, query and value matrices and
     SM-GPT's one c_attn take different steps from the same gradient (docs/training.md says the two do not train
     the same way under Muon); every other parameter steps the same in both."""
-    from dualgpt.train import make_optimizers
+    from dualgpt.run import make_optimizers
     cfg = CONFIGS[0]
     lb, sm = pair(cfg, "matmul")
     x, y = torch.randint(0, cfg.vocab_size, (2, 3, cfg.block_size))
-    settings = dict(optimizer="muon", learning_rate=1e-3, muon_lr=0.02, weight_decay=0.1, beta1=0.9, beta2=0.99,
-                    device="cpu")
     for model in (lb, sm):
-        optimizers = make_optimizers(model, settings).values()
+        optimizers = make_optimizers(model, "muon", 1e-3, 0.02, 0.1, (0.9, 0.99), "cpu").values()
         model(x, y)[1].backward()
         for optimizer in optimizers:
             optimizer.step()

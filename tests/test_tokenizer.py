@@ -1,5 +1,4 @@
 """minbpe against a straightforward classic BPE written here, and GPT4Tokenizer against tiktoken."""
-import os
 import random
 import warnings
 
@@ -7,7 +6,6 @@ import pytest
 import regex as re
 
 from minbpe import GPT2_SPLIT_PATTERN, BasicTokenizer, GPT4Tokenizer, RegexTokenizer
-from minbpe.base import atomic_open
 
 # --- the classic algorithm, written out plainly as the reference ----------------------
 
@@ -208,17 +206,6 @@ def test_load_missing_and_binary(tmp_path):
     (tmp_path / "bin.model").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match="bin.model"):
         RegexTokenizer().load(str(tmp_path / "bin.model"))
-
-
-def test_atomic_write_keeps_old_file_on_error(tmp_path):
-    path = tmp_path / "x.model"
-    path.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_open(str(path)) as f:
-            f.write("partial")
-            raise RuntimeError("crash mid-write")
-    assert path.read_text() == "old"
-    assert os.listdir(tmp_path) == ["x.model"]
 
 
 def test_special_tokens():

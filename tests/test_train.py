@@ -12,12 +12,12 @@ from conftest import dataset, run_main, run_script, tiny_args
 import gpt
 import gpt_
 
-from dualgpt import compiling, train
+from dualgpt import compiling, run
 from dualgpt.runconfig import script_config
 
 
 def test_lr_schedule():
-    lr_at = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
+    lr_at = run.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
     assert lr_at(0) < lr_at(9) < 1.0
     assert lr_at(10) == pytest.approx(1.0)
     assert lr_at(60) == pytest.approx(0.55)
@@ -25,8 +25,8 @@ def test_lr_schedule():
 
 
 def test_lr_schedule_follows_the_clock():
-    by_steps = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
-    by_clock = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=0, budget_s=1.0)
+    by_steps = run.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
+    by_clock = run.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=0, budget_s=1.0)
     assert by_clock(5, 0.9) == by_steps(5)  # warm-up is counted in steps
     assert by_clock(500, 0.0) == pytest.approx(1.0)
     assert by_clock(11, 0.5) == pytest.approx(0.55)
@@ -34,18 +34,18 @@ def test_lr_schedule_follows_the_clock():
 
 
 def test_lr_schedule_with_both_limits_follows_whichever_is_further_along():
-    both = train.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, budget_s=100.0)
+    both = run.LRSchedule(learning_rate=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, budget_s=100.0)
     assert both(60, 10.0) == pytest.approx(0.55)  # half the steps, a tenth of the time
     assert both(20, 50.0) == pytest.approx(0.55)  # a tenth of the steps, half the time
     assert both(110, 1.0) == both(20, 100.0) == 0.1  # fully decayed at whichever limit comes first
-    assert both(60, 10.0) == train.LRSchedule(1.0, 0.1, 10, 110)(60)  # as if only the step limit were in force
+    assert both(60, 10.0) == run.LRSchedule(1.0, 0.1, 10, 110)(60)  # as if only the step limit were in force
 
 
 @pytest.mark.parametrize("max_iters, budget_s, text", [
     (3000, 0, "training for 3000 steps"), (0, 300, "training for 5 minutes"),
     (3000, 300, "training for 5 minutes or 3000 steps, whichever comes first")])
 def test_limits_describe_themselves(max_iters, budget_s, text):
-    assert train.Limits(max_iters, budget_s).describe() == text
+    assert run.describe_limits(max_iters, budget_s) == text
 
 
 def test_train_sample_eval_end_to_end(home, corpus, capsys):
@@ -167,11 +167,10 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_ow
     """Under --optimizer=muon every parameter has one optimizer: Muon the 2-D matrices inside the blocks (in
     LB-GPT each head's own key, query and value), AdamW the embeddings (the tied head with them), gains and
     biases; a step sets each group's learning rate to its own peak times the schedule's fraction."""
-    cfg = dict(optimizer="muon", learning_rate=2e-3, muon_lr=0.02, weight_decay=0.1, beta1=0.9, beta2=0.99,
-               device="cpu")
+    settings = (2e-3, 0.02, 0.1, (0.9, 0.99), "cpu")  # learning rates, weight decay, betas, device
     for cls in (gpt.LBGPT, gpt_.SMGPT):
         model = cls(gpt.ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=True))
-        optimizers = train.make_optimizers(model, cfg)
+        optimizers = run.make_optimizers(model, "muon", *settings)
         assert isinstance(optimizers["muon"], torch.optim.Muon)
         owner = {id(p): key for key, opt in optimizers.items() for group in opt.param_groups for p in group["params"]}
         names = dict(model.named_parameters())
@@ -182,7 +181,7 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_ow
         assert model.lm_head.weight is model.wte.weight  # the tied head: AdamW, with the embedding
         if cls is gpt.LBGPT:
             assert "blocks.0.attn.heads.1.query.weight" in names and names["blocks.0.attn.heads.1.query.weight"].dim() == 2
-    assert train.make_optimizers(model, dict(cfg, optimizer="adamw")).keys() == {"optimizer"}
+    assert run.make_optimizers(model, "adamw", *settings).keys() == {"optimizer"}
     # through training: the logged lr is AdamW's; Muon's is muon_lr / learning_rate times it
     args = tiny_args(home, corpus, "--max_iters=3", "--eval_interval=3", "--mode=train", "--optimizer=muon",
                      "--muon_lr=0.05", "--log_interval=1")
@@ -214,13 +213,13 @@ def test_a_resumed_run_takes_the_muon_lr_it_is_given(home, corpus):
 
 
 def test_muon_on_a_cpu_that_emulates_bf16_says_what_it_costs(home, corpus, capsys, monkeypatch):
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(run, "cpu_has_bf16", lambda: False)
     args = tiny_args(home, corpus, "--mode=train", "--max_iters=1", "--eval_interval=1")
     assert run_main(args + ["--optimizer=adamw"]) == 0
     assert "Newton-Schulz" not in capsys.readouterr().out
     assert run_main(args + ["--optimizer=muon", "--overwrite"]) == 0
     assert "note: Muon's Newton-Schulz iterations run in bfloat16, which this CPU emulates" in capsys.readouterr().out
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(run, "cpu_has_bf16", lambda: True)
     assert run_main(args + ["--optimizer=muon", "--overwrite"]) == 0
     assert "Newton-Schulz" not in capsys.readouterr().out
 
@@ -288,7 +287,7 @@ def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, 
         clock[0] += 0.3
         return model
 
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=perf_counter, time=time.time))
+    monkeypatch.setattr(run, "time", types.SimpleNamespace(perf_counter=perf_counter, time=time.time))
     monkeypatch.setattr(compiling, "compile_model", slow_compile)
     args = tiny_args(home, corpus, "--max_minutes=0.015", "--max_iters=0", "--compile=true", "--mode=train",
                      "--learning_rate=3e-3", "--min_lr=3e-4")
@@ -299,7 +298,7 @@ def test_compiling_counts_against_the_budget_but_not_against_the_schedule(home, 
     assert ckpt["train_s"] >= 0.9
     first, *_, last = [r for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r]
     # the clock of the schedule started after compiling: at most the step seconds logged so far have aged it
-    schedule = train.LRSchedule(3e-3, 3e-4, warmup_iters=2, decay_iters=0, budget_s=0.9 - compile_s)
+    schedule = run.LRSchedule(3e-3, 3e-4, warmup_iters=2, decay_iters=0, budget_s=0.9 - compile_s)
     assert first["lr"] >= schedule(first["iter"], first["train_s"] - compile_s)
     assert first["lr"] > 3e-4 + 0.75 * (3e-3 - 3e-4)  # counting the compile second would have aged it by a third
     assert last["lr"] < 3e-4 + 0.05 * (3e-3 - 3e-4)  # and it still ends fully decayed
@@ -339,17 +338,19 @@ def test_compile_failure_falls_back_to_eager(home, corpus, capsys, monkeypatch):
 
 
 @pytest.mark.plots
-def test_each_evaluation_logs_in_context_learning_on_the_probe_and_the_plot_shows_it(home, corpus):
-    """The log's evaluations carry the in-context-learning score and the largest induction score
-    of the model evaluated (the last one: the checkpoint's latest weights), and the loss curve
-    gets a second panel for them."""
+def test_with_log_probe_each_evaluation_logs_in_context_learning_and_the_plot_shows_it(home, corpus):
+    """With --log_probe (config/induction.py sets it), the log's evaluations carry the in-context-learning
+    score and the largest induction score of the model evaluated (the last one: the checkpoint's latest
+    weights), and the loss curve gets a second panel for them; without it, neither."""
     import matplotlib.image
 
     import gpt
     from dualgpt import probes
     from dualgpt.checkpoint import load_checkpoint
     args = tiny_args(home, corpus, "--max_iters=6", "--eval_interval=3", "--mode=train")
-    assert run_main(args) == 0
+    assert run_main(args + ["--max_iters=3", f"--ckpt={home / 'plain.pt'}"]) == 0
+    assert not any("icl_score" in r for r in map(json.loads, open(home / "plain.jsonl")))
+    assert run_main(args + ["--log_probe"]) == 0
     records = [json.loads(line) for line in open(home / "model_dict" / "gpt.jsonl")]
     evals = [r for r in records if "val_loss" in r]
     assert [r["iter"] for r in evals] == [0, 3, 6]

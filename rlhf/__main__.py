@@ -1,6 +1,6 @@
 """
 RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward
-model, best-of-n, DPO (and conservative DPO, soft-label DPO, IPO), RLOO and PPO, each measured
+model, best-of-n, DPO (and conservative DPO, IPO, Preferred-FT), RLOO and PPO, each measured
 against the base model on held-out prompts, at matched KL, over several seeds.
 
     python -m rlhf                        # the whole study on the shipped SM-GPT model, one seed
@@ -76,11 +76,9 @@ HINTS = {"mode": "python -m rlhf runs its stages in order (--rlhf_stage=NAME run
 
 
 def dpo_methods(cfg: dict) -> list[str]:
-    """The DPO-family losses to train; with a pairs file, not dpo_soft (it trains on the oracle's
-    preference probabilities, which a file does not have), nor cdpo unless cdpo_epsilon is given
+    """The DPO-family losses to train; with a pairs file, not cdpo unless cdpo_epsilon is given
     (there is no flip rate to read)."""
-    left_out = ({"dpo_soft"} | ({"cdpo"} if not cfg["cdpo_epsilon"] else set())
-                if cfg["pairs"] else set())
+    left_out = {"cdpo"} if cfg["pairs"] and not cfg["cdpo_epsilon"] else set()
     return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()
             and m.strip() not in left_out]
 

@@ -50,8 +50,7 @@ kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares
 max_bracket: "(0, 2]" = 1.0
 # the DPO family, each from the base on all the reward model's pairs: dpo (hard labels), cdpo
 # (labels smoothed by cdpo_epsilon), ipo (IPO on per-token mean log-probabilities), preferred_ft
-# (fine-tuning on the chosen side); also dpo_soft (the pairs' preference probabilities, which
-# only the oracle knows: privileged, so not by default; not with --pairs)
+# (fine-tuning on the chosen side)
 dpo_methods = "dpo,cdpo,ipo,preferred_ft"
 cdpo_epsilon: "[0, 0.5)" = 0.0  # cDPO: the chance a label is flipped (0: the train pairs' own)
 dpo_epochs: "[1, 2**20]" = 1  # DPO family: passes over the pairs
@@ -63,8 +62,6 @@ cdpo_lr: "> 0" = 3e-4
 cdpo_beta: "> 0" = 0.05
 ipo_lr: "> 0" = 3e-4
 ipo_tau: "> 0" = 0.5
-dpo_soft_lr: "> 0" = 3e-4
-dpo_soft_beta: "> 0" = 0.1
 preferred_ft_lr: "> 0" = 1e-4
 ppo_lr: "> 0" = 3e-4
 # --rlhf_stage=tune: the grids (learning rates of the DPO family and of RLOO and PPO; beta of the

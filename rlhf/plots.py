@@ -9,7 +9,6 @@ from dualgpt.heads import draw_head_cells
 from dualgpt.plots import finish_plot, pyplot, save_figure
 
 METHOD_COLOURS = {"dpo": "tab:blue", "cdpo": "tab:cyan", "ipo": "tab:purple",
-                  "dpo_soft": "tab:olive",
                   "rloo": "tab:green", "ppo": "tab:red"}
 
 

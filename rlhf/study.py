@@ -115,7 +115,7 @@ STAGE_KEYS = {
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
     "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
     "dpo": ("dpo_methods", "dpo_epochs", "dpo_batch", "cdpo_epsilon", "dpo_lr", "dpo_beta",
-            "cdpo_lr", "cdpo_beta", "ipo_lr", "ipo_tau", "dpo_soft_lr", "dpo_soft_beta",
+            "cdpo_lr", "cdpo_beta", "ipo_lr", "ipo_tau",
             "preferred_ft_lr", *KEEPING),
     "rloo": ("rl_beta", "rloo_lr", "rl_steps", "rl_prompts", "rl_group", "rl_normalize",
              *KEEPING),

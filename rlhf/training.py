@@ -25,10 +25,10 @@ from rlhf.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_output
                             completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
                             reward_scores, sample_prompts, save_policy, sequence_logprobs)
 
-# the DPO family: (loss kind, label); the label is 1 (hard), 1 - cdpo_epsilon or the pair's
-# probability; preferred_ft fine-tunes on the chosen side (the DPO paper's "Preferred-FT")
+# the DPO family: (loss kind, label); the label is 1 (hard) or 1 - cdpo_epsilon (smoothed);
+# preferred_ft fine-tunes on the chosen side (the DPO paper's "Preferred-FT")
 DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),
-               "dpo_soft": ("sigmoid", "soft"), "preferred_ft": ("nll", "hard")}
+               "preferred_ft": ("nll", "hard")}
 STANDARDISE_SAMPLES = 512  # base samples of dev prompts that set the reward model's scale
 # the DPO family measures its KL on 32 samples at each of the first 16 steps (where it grows
 # fastest), then every 4 steps
@@ -81,16 +81,11 @@ def flip_rate(pairs: dict) -> float:
     return torch.minimum(pairs["prob_a"], 1 - pairs["prob_a"]).mean().item()
 
 
-def dpo_label(method: str, cfg: dict, pairs: dict) -> torch.Tensor | float:
-    """The label DPO's loss is given: 1 (the chosen side is preferred), 1 - cdpo_epsilon (cDPO;
-    0 reads the pairs' own flip rate), or the pair's Bradley-Terry probability that the chosen
-    side is preferred (the soft label)."""
-    kind = DPO_METHODS[method][1]
-    if kind == "smoothed":
+def dpo_label(method: str, cfg: dict, pairs: dict) -> float:
+    """The label DPO's loss is given: 1 (the chosen side is preferred), or 1 - cdpo_epsilon for
+    cDPO (0 reads the pairs' own flip rate)."""
+    if DPO_METHODS[method][1] == "smoothed":
         return 1.0 - (cfg["cdpo_epsilon"] or flip_rate(pairs))
-    if kind == "soft":
-        prob_a = pairs["prob_a"].to(pairs["a"].device)
-        return torch.where(pairs["a_preferred"].to(prob_a.device), prob_a, 1 - prob_a).float()
     return 1.0
 
 

@@ -80,7 +80,7 @@ def test_rloo_raises_the_held_out_judges_score(rlhf_run):
     assert methods["rloo"]["gain_judge_lexicon"]["mean"] > 0
     assert methods["rloo"]["kl"]["mean"] > 0
     assert methods["base"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # equal weights: equal up to rounding
-    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "dpo_soft", "preferred_ft", "rloo", "ppo", "best-of-4",
+    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "preferred_ft", "rloo", "ppo", "best-of-4",
                              "best-of-16"]
 
 
@@ -155,7 +155,7 @@ BAD_INPUT = [
     (["--oracle=no_such_module:score"], "cannot load it"),
     (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, eval, report, tune or label, "
                            "got 'sft'"),
-    (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, dpo_soft, preferred_ft"),
+    (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, preferred_ft"),
     (["--kl_targets=1,x"], "kl_targets must be positive numbers"),
     (["--max_braket=1"], "unknown config key 'max_braket'; did you mean --max_bracket?"),
     (["--rl_lr=1e-3"], "unknown config key 'rl_lr'; did you mean --rloo_lr?"),

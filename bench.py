@@ -6,7 +6,7 @@ Benchmarks, measured as ratios within one run (never as timed test assertions).
     python bench.py --only=tokenizer      # one or more sections, comma-separated
     python bench.py --steps=3 --quick     # a fast smoke run
 
-Prints markdown tables and writes them to generate_text/bench.md.
+Prints markdown tables and writes them to generate_text/bench_<sections>.md.
 """
 
 import math
@@ -22,7 +22,7 @@ import torch
 
 from dualgpt import UserError, exit_codes
 from dualgpt.runtime import machine_name
-from dualgpt.files import atomic_open
+from dualgpt.files import write_text
 from dualgpt.runconfig import declarations, defaults, parse_args, resolve
 from dualgpt.runtime import resolve_device
 from minbpe import RegexTokenizer
@@ -801,8 +801,10 @@ def main(argv: list[str] | None = None) -> None:
         result = SECTIONS[name](args)
         print(result + "\n", flush=True)
         out.append(result)
-    with atomic_open(os.path.join(HERE, "generate_text", "bench.md"), "w", encoding="utf-8") as f:
-        f.write("\n\n".join(out) + "\n")
+    # named after the sections, as the shipped tables are: --only=train,sample writes
+    # generate_text/bench_train_sample.md
+    write_text(os.path.join(HERE, "generate_text", f"bench_{'_'.join(sections)}.md"),
+               "\n\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
     prompt_ids = tok.encode(prompt, allowed_special="none")[-model.config.block_size:]
     gen = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
     settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed",
-                                    "stop")}
+                                    "stop", "dtype")}
     header = (f"# {cfg['script']}.py samples from {cfg['ckpt']} (iteration {ckpt['iter_num']}, "
               f"val loss {ckpt.get('best_val_loss', float('nan')):.4f}); {json.dumps(settings)}\n")
     samples, stops = [], stop_strings(cfg["stop"])

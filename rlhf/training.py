@@ -188,7 +188,7 @@ def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
             kind, (sequence_logprobs(s, policy, prompts[idx], chosen[idx]),
                    sequence_logprobs(s, policy, prompts[idx], rejected[idx])),
             (ref_c[idx], ref_r[idx]), (inputs.lengths[0][idx], inputs.lengths[1][idx]),
-            strength, label[idx] if torch.is_tensor(label) else label)
+            strength, label)
         entry = {"step": step, "loss": loss.item(),
                  **step_on(optimizer, loss, schedule, cfg["max_grad_norm"]),
                  **{k: v.mean().item() for k, v in stats.items()}}

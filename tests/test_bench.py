@@ -9,12 +9,12 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
 
 import bench
+import gpt
 from dualgpt import UserError
 from dualgpt.runconfig import defaults
 
@@ -97,25 +97,6 @@ def test_nanogpts_training_time_is_its_own_clock_without_the_iterations_that_eva
         bench.nanogpt_seconds("step 0: train loss 4.2, val loss 4.2")
 
 
-def test_the_recipe_in_our_trainer_is_nanogpts_command_line_on_its_cpu_in_float32():
-    """The keys nanoGPT's command line sets, and the device and dtype nanoGPT trains in on a CPU (its autocast
-    is off there): a GPU or bf16 would no longer compare the trainers."""
-    flags = dict(arg[2:].split("=") for arg in bench.NANOGPT_COMMAND if arg.startswith("--"))
-    for key in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "max_iters", "lr_decay_iters", "dropout"):
-        assert float(flags[key]) == bench.NANOGPT_BABY[key]
-    assert flags["device"] == bench.NANOGPT_BABY["device"] == "cpu" and bench.NANOGPT_BABY["dtype"] == "float32"
-
-
-def test_the_whole_split_windows_give_contiguous_targets():
-    """nanoGPT's model view()s its targets: scoring it through full_loss failed on the sliced ones."""
-    from dualgpt.evaluation import windows
-    data = types.SimpleNamespace(splits={"val": np.arange(200, dtype=np.uint16)}, block_size=8, batch_size=4,
-                                 device="cpu")
-    pairs = list(windows(data, "val"))
-    assert all(y.is_contiguous() for _, y in pairs)
-    assert torch.equal(torch.cat([y.flatten() for _, y in pairs]), torch.arange(1, 200))
-
-
 @pytest.mark.parametrize("clone, defaults_bpb", [("", 2.1), ("/nanoGPT", 2.1), ("", 1.8)])
 def test_the_quality_section_trains_the_defaults_for_nanogpts_time_and_divides_by_its_bpb(monkeypatch, clone,
                                                                                           defaults_bpb):
@@ -176,3 +157,11 @@ def test_the_rlhf_section_reads_each_stages_time_from_the_report_rlhf_py_wrote(r
     measured = {stage: s for stage, s in rlhf_run.result["seconds"].items() if stage != "report"}
     assert list(seconds) == ["pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval"]
     assert seconds == pytest.approx(measured, rel=1e-9)
+
+
+def test_flops_per_token_by_hand():
+    model = gpt.LBGPT(gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=8, bias=False))
+    C, L, V = 8, 2, 300
+    per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
+    weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)
+    assert bench.flops_per_token(model) == 6 * weights + 12 * L * C * 16

@@ -28,11 +28,3 @@ def test_loading_never_runs_pickled_code(home, corpus, capsys, tmp_path, monkeyp
     assert run_main(tiny_args(home, corpus) + ["--mode=sample", f"--ckpt={tmp_path / 'evil.pt'}"]) == 2
     assert "is not readable" in capsys.readouterr().err
     assert not (tmp_path / "pwned.txt").exists()
-
-
-def test_tied_weights_are_stored_once(home, corpus):
-    """The embedding and the output head are one tensor: the best weights keep them one (half the size)."""
-    assert run_main(tiny_args(home, corpus, "--max_iters=4", "--eval_interval=2", "--mode=train")) == 0
-    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
-    for weights in (ckpt["model"], ckpt["best_model"]):
-        assert weights["wte.weight"].untyped_storage().data_ptr() == weights["lm_head.weight"].untyped_storage().data_ptr()

@@ -66,7 +66,6 @@ def test_a_config_file_sets_keys_as_nanogpt_does_and_typed_keys_still_win(tmp_pa
     (["--n_embd=100", "--n_head=3"], "divisible by n_head"),
     (["--block_size=0"], "block_size must be in [1, 2**20], got 0"),
     (["--dropout=1.0"], "dropout must be in [0, 1)"),
-    (["--dropout=-0.1"], "dropout must be in [0, 1)"),
     (["--vocab_size=100"], "vocab_size must be in [256, 2**20]"),
     (["--mode=dance"], "mode must be"),
     (["--dtype=float8"], "dtype must be"),
@@ -75,7 +74,6 @@ def test_a_config_file_sets_keys_as_nanogpt_does_and_typed_keys_still_win(tmp_pa
     (["--device=cuda:7"] if not torch.cuda.is_available() else ["--device=tpu"], "device"),
     (["n_layer=3"], "unexpected argument"),
     (["--resume", "--overwrite"], "contradict"),
-    (["--compile=maybe"], "--compile=maybe: expected bool"),
     (["--rl_lr=1e-4"], "unknown config key 'rl_lr'"),  # the core knows nothing of the RLHF layer
 ])
 def test_config_errors_are_one_line(argv, message, capsys, tmp_path):
@@ -153,8 +151,6 @@ def test_a_key_of_another_program_is_one_line_through_the_real_command_line(tmp_
 
 
 @pytest.mark.parametrize("program, argv, message", [
-    ("python -m rlhf", ["--max_minutes=0"], "--max_minutes is read by gpt.py and gpt_.py, not by python -m rlhf; the pipeline's stages"),
-    ("python -m rlhf", ["--head_batches=2"], "--head_batches is read by python -m rlhf.heads, not by python -m rlhf"),
     ("python -m rlhf.heads", ["--rlhf_stage=heads"], "--rlhf_stage is read by python -m rlhf, not by python -m rlhf.heads"),
     ("python -m rlhf.heads", ["--n_pairs=64"], "--n_pairs is read by python -m rlhf, not by python -m rlhf.heads"),
     ("python -m rlhf.heads", ["--rl_steps=4"], "--rl_steps is read by python -m rlhf, not by python -m rlhf.heads"),

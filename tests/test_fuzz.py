@@ -246,7 +246,7 @@ def test_random_keys_and_values_of_rlhf_py(rlhf_run, tmp_path_factory, capsys, o
 def test_random_keys_and_values_of_bench_py(overrides, capsys, monkeypatch):
     """bench.py's keys are refused or accepted before any section runs (no section is run here)."""
     monkeypatch.setattr(bench, "SECTIONS", {name: lambda args: "" for name in bench.SECTIONS})
-    monkeypatch.setattr(bench, "atomic_open", lambda *a, **k: open(os.devnull, "w"))
+    monkeypatch.setattr(bench, "write_text", lambda path, text: None)
     capsys.readouterr()
     code = exit_code(bench.main, [f"--{key}={value}" for key, value in overrides])
     outcome_is_sound(code, capsys.readouterr().err)
@@ -477,25 +477,6 @@ def test_random_preference_and_label_files(tmp_path_factory, content):
             kept = content.decode().split("\n")[:-1]
             assert path.read_bytes().decode() == "".join(k + "\n" for k in kept if k.strip())
             path.write_bytes(content)
-
-
-def test_random_pairs_files_through_the_real_command_line(rlhf_run, tmp_path_factory, capsys):
-    """A few of the random files above as `python -m rlhf --pairs=FILE` (in-process), each one
-    line."""
-    with case_folder(rlhf_run.home, tmp_path_factory) as home:
-        args = [a.replace(str(rlhf_run.home), str(home)) for a in rlhf_run.shared_args]
-        for content in [
-            b"",
-            b"\xff\xfe",
-            b"[1, 2]\n",
-            b'{"prompt": "a", "chosen": 1, "rejected": "b"}\n',
-        ]:
-            (home / "p.jsonl").write_bytes(content)
-            capsys.readouterr()
-            with pytest.raises(SystemExit) as exit_info:
-                rlhf.main(args + [f"--pairs={home / 'p.jsonl'}", "--rlhf_stage=pairs"])
-            assert exit_info.value.code == 2
-            outcome_is_sound(2, capsys.readouterr().err)
 
 
 # --- what the fuzzing found, kept as plain regression tests ------------------------------

@@ -191,7 +191,7 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
 
 @pytest.mark.parametrize("source", ["imported GPT-2", "imported untied GPT-2", "trained here"])
 def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_ids(bpe_folder, home, corpus, tmp_path,
-                                                                                    source):
+                                                                                    source, capsys):
     """An imported GPT-2 (biases, tanh GELU, GPT-2's split) and a model trained here (no biases, exact GELU, GPT-4's
     split), exported: GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained agree with ours."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -220,9 +220,12 @@ def test_an_exported_model_loads_in_transformers_with_the_same_logits_and_token_
             assert (model(torch.tensor([ids]))[0][0] - theirs(torch.tensor([ids])).logits[0]).abs().max() < 1e-4
     assert theirs.config.tie_word_embeddings == ("untied" not in source)
     # a second export into the same folder, or one with a head switched off, is one line
-    for extra in ([], ["--head_mask=0.0", "--overwrite"]):
+    for extra, message in (([], "exists and is not an empty folder"),
+                           (["--head_mask=0.0", "--overwrite"], "--head_mask switches heads off")):
+        capsys.readouterr()
         assert run_main([f"--ckpt={ckpt_path}", "--mode=export", "--export_format=hf", f"--export_to={out}", *extra],
                         gpt_.SMGPT, "gpt_") == 2
+        assert message in capsys.readouterr().err
 
 
 def edit_config(**change):

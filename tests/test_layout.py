@@ -54,13 +54,6 @@ def test_the_rlhf_layer_imports_no_script_but_the_model_files():
         assert not roots & (SCRIPTS - {"gpt", "gpt_"}), f"{path} imports {roots & SCRIPTS}"
 
 
-def test_every_training_loop_of_the_rlhf_layer_is_in_training_py():
-    """An optimizer steps (backward) only in rlhf/training.py, among the RLHF layer's files."""
-    paths = [os.path.join("rlhf", name) for name in modules("rlhf")]
-    stepping = [path for path in paths if ".backward(" in open(os.path.join(ROOT, path), encoding="utf-8").read()]
-    assert stepping == [os.path.join("rlhf", "training.py")]
-
-
 @pytest.mark.parametrize("package", ["dualgpt", "rlhf"])
 def test_each_package_map_lists_every_module_once(package):
     """The core's map is in docs/development.md, the RLHF layer's in its __init__.py."""
@@ -88,22 +81,10 @@ def test_gpt_py_is_loaded_once_when_it_reads_an_sm_gpt_checkpoint(tmp_path):
     assert "gpt_" not in imported
 
 
-def test_a_checkpoint_written_before_the_refactor_and_muon_resumes(home, capsys):
-    """Its AdamW state has none of the keys later code adds to a param group."""
-    fixture = json.load(open(os.path.join(FIXTURES, "before_refactor.json")))
-    corpus = home / "corpus.txt"
-    corpus.write_text(make_corpus(1500), encoding="utf-8")
-    ckpt = home / "old.pt"
-    shutil.copy(os.path.join(FIXTURES, "before_refactor_gpt.pt"), ckpt)
-    steps = torch.load(ckpt, weights_only=True)["iter_num"]
-    args = fixture["args"] + [f"--data={corpus}", f"--ckpt={ckpt}", "--mode=train", "--resume",
-                              f"--max_iters={steps + 2}"]
-    assert run_main(args, gpt.LBGPT, "gpt") == 0
-    assert torch.load(ckpt, weights_only=True)["iter_num"] == steps + 2
-
-
 @pytest.mark.parametrize("written_by", ["gpt", "gpt_"])
 def test_checkpoints_written_before_the_refactor_load_in_both_scripts(home, written_by, capsys):
+    """Evaluated and sampled by both scripts, and resumed by the script that wrote it (its AdamW
+    state has none of the keys later code adds to a param group)."""
     fixture = json.load(open(os.path.join(FIXTURES, "before_refactor.json")))
     corpus = home / "corpus.txt"
     corpus.write_text(make_corpus(1500), encoding="utf-8")
@@ -118,3 +99,11 @@ def test_checkpoints_written_before_the_refactor_load_in_both_scripts(home, writ
         assert run_main(args + ["--mode=sample", "--max_new_tokens=10"], cls, script) == 0
         assert (home / "sample.txt").read_text().startswith(f"# {script}.py samples from")
     assert open(ckpt, "rb").read() == before  # reading never changes a checkpoint
+    copy = home / "old.pt"
+    shutil.copy(ckpt, copy)
+    steps = torch.load(copy, weights_only=True)["iter_num"]
+    args = fixture["args"] + [f"--data={corpus}", f"--ckpt={copy}", "--mode=train", "--resume",
+                              f"--max_iters={steps + 2}"]
+    cls = {"gpt": gpt.LBGPT, "gpt_": gpt_.SMGPT}[written_by]
+    assert run_main(args, cls, written_by) == 0
+    assert torch.load(copy, weights_only=True)["iter_num"] == steps + 2

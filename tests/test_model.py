@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import bench
 import gpt
 
 CFG = gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
@@ -43,18 +42,3 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
-
-
-def test_heads_are_separate_modules():
-    model = gpt.LBGPT(CFG)
-    heads = model.blocks[0].attn.heads
-    assert len(heads) == 4
-    assert all(h.key.weight.shape == (8, 32) for h in heads)
-
-
-def test_flops_per_token_by_hand():
-    model = gpt.LBGPT(gpt.ModelConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=8, bias=False))
-    C, L, V = 8, 2, 300
-    per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
-    weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)
-    assert bench.flops_per_token(model) == 6 * weights + 12 * L * C * 16

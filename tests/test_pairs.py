@@ -233,16 +233,6 @@ def test_a_bad_pairs_file_is_one_line_with_its_line_number_and_nothing_is_writte
     assert outputs(rlhf_run.home) == before
 
 
-def test_a_bad_pairs_file_through_the_real_command_line(rlhf_run, tmp_path):
-    copy_code(rlhf_run.home)
-    path = tmp_path / "bad.jsonl"
-    path.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\nnot json\n')
-    result = subprocess.run([sys.executable, "-m", "rlhf", *rlhf_run.shared_args, f"--pairs={path}"], cwd=rlhf_run.home,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr == f"error: {path}, line 2: not JSON (Expecting value at column 1)\n"
-
-
 # --- labelling by hand ----------------------------------------------------------------------------------
 
 

@@ -11,7 +11,6 @@ import gpt
 import gpt_
 from dualgpt import UserError
 from rlhf import preference
-from dualgpt.layouts import convert_state_dict
 from rlhf.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
                              dialogue, syllables, verse, words)
 from rlhf.study import frozen
@@ -71,7 +70,7 @@ def test_rloo_with_the_kl_in_the_reward_reaches_the_closed_form_optimum():
     assert total_variation(rloo(lambda a: REWARD[a]), OPTIMUM) < 0.02
 
 
-def test_reward_model_then_rl_reaches_the_closed_form_optimum():
+def test_a_reward_model_learns_the_reward_up_to_a_constant():
     i, j = all_pairs()
     label = torch.sigmoid(REWARD[i] - REWARD[j])
     learned = torch.zeros(len(REF), dtype=torch.float64, requires_grad=True)  # a reward model: one score per action
@@ -82,8 +81,9 @@ def test_reward_model_then_rl_reaches_the_closed_form_optimum():
         loss.backward()
         optimizer.step()
     shift = (REWARD - learned.detach()).mean()
-    assert (learned.detach() + shift - REWARD).abs().max().item() < 1e-3  # the reward, up to a constant
-    assert total_variation(rloo(lambda a: learned.detach()[a]), OPTIMUM) < 0.02
+    # the reward, up to a constant, which RLOO's leave-one-out advantages ignore: RLOO on it reaches the
+    # optimum, as test_rloo_with_the_kl_in_the_reward_reaches_the_closed_form_optimum shows
+    assert (learned.detach() + shift - REWARD).abs().max().item() < 1e-3
 
 
 def test_ipo_with_soft_labels_reaches_its_closed_form_optimum():
@@ -421,29 +421,6 @@ def test_the_reference_stays_bitwise_unchanged_and_the_policy_moves():
     assert all(torch.equal(reference.state_dict()[k], v) for k, v in before.items())
     assert all(p.grad is None for p in reference.parameters())
     assert not torch.equal(policy.state_dict()["wte.weight"], before["wte.weight"])
-
-
-@pytest.mark.parametrize("method", ["dpo", "rloo"])
-def test_one_step_gives_the_same_update_in_both_scripts(method):
-    torch.manual_seed(9)
-    lb = gpt.LBGPT(CFG)
-    sm = gpt_.SMGPT(CFG)
-    sm.load_state_dict(convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head))
-    prompts, a, b = (torch.randint(0, 300, (6, 8)) for _ in range(3))
-    advantages = torch.randn(6)
-    for model in (lb, sm):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        logp_a = preference.token_logprobs(preference.completion_logits(model, prompts, a), a, 1.0)
-        if method == "dpo":
-            logp_b = preference.token_logprobs(preference.completion_logits(model, prompts, b), b, 1.0)
-            loss = preference.dpo_loss(logp_a.sum(1), logp_b.sum(1), torch.zeros(6), torch.zeros(6), beta=0.1)
-        else:
-            loss = preference.policy_gradient_loss(logp_a, advantages)
-        loss.backward()
-        optimizer.step()
-    mapped = convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", CFG.n_head)
-    for name, tensor in sm.state_dict().items():
-        assert (tensor - mapped[name]).abs().max().item() <= 1e-5, name
 
 
 def test_the_reward_head_is_made_beside_the_body():

@@ -95,7 +95,7 @@ def test_runs_keep_their_policy_on_both_sides_of_every_target_within_half_the_bo
         assert above - below <= 0.5 * target
 
 
-@pytest.mark.parametrize("values", [[2.066, 2.081, 2.052], [0.5, -0.25], [1.0] * 4, list(range(40))])
+@pytest.mark.parametrize("values", [[2.066, 2.081, 2.052], [0.5, -0.25], [1.0, 1.5, 0.5, 2.0], list(range(40))])
 def test_mean_interval_is_the_mean_and_t_times_the_standard_error(values):
     """The quantiles below, and the intervals above (rel=5e-4), are from a printed table: 3 decimals."""
     n = len(values)

@@ -1,4 +1,5 @@
 """Sampling and evaluation: top-k/top-p against a plain reference, prompts, exact deterministic eval."""
+import types
 
 import numpy as np
 import pytest
@@ -100,3 +101,13 @@ def test_stop_strings_are_split_at_bars_and_unescaped():
     assert sampling.stop_strings(r"\n\n|ROMEO:") == ["\n\n", "ROMEO:"]
     assert sampling.stop_strings(r"a\|b|c\\d|") == ["a|b", "c\\d"]
     assert sampling.stop_strings("") == []
+
+
+def test_the_whole_split_windows_give_contiguous_targets():
+    """nanoGPT's model view()s its targets: scoring it through full_loss failed on the sliced ones."""
+    from dualgpt.evaluation import windows
+    data = types.SimpleNamespace(splits={"val": np.arange(200, dtype=np.uint16)}, block_size=8, batch_size=4,
+                                 device="cpu")
+    pairs = list(windows(data, "val"))
+    assert all(y.is_contiguous() for _, y in pairs)
+    assert torch.equal(torch.cat([y.flatten() for _, y in pairs]), torch.arange(1, 200))

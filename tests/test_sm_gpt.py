@@ -89,17 +89,6 @@ def test_round_trip_is_exact(cfg):
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_head_h_is_slice_h_of_the_sm_projection():
-    cfg = CONFIGS[0]
-    lb, sm = pair(cfg, "matmul")
-    hs = cfg.n_embd // cfg.n_head
-    w = sm.blocks[1].attn.c_attn.weight
-    for h, head in enumerate(lb.blocks[1].attn.heads):
-        assert torch.equal(w[h * hs:(h + 1) * hs], head.query.weight)
-        assert torch.equal(w[cfg.n_embd + h * hs:cfg.n_embd + (h + 1) * hs], head.key.weight)
-        assert torch.equal(w[2 * cfg.n_embd + h * hs:2 * cfg.n_embd + (h + 1) * hs], head.value.weight)
-
-
 def test_sdpa_trains_with_dropout():
     cfg = dataclasses.replace(CONFIGS[0], dropout=0.2)
     _, sm = pair(cfg, "sdpa")

@@ -61,6 +61,9 @@ def test_train_sample_eval_end_to_end(home, corpus, capsys):
     assert log[-1]["val_loss"] < log[0]["val_loss"]
     assert {"train_loss", "val_bpb", "lr", "tokens_per_s", "elapsed_s"} <= set(log[-1])
     assert ckpt["best_val_loss"] == min(r["val_loss"] for r in log)
+    for weights in (ckpt["model"], ckpt["best_model"]):  # the tied head is stored once, not twice
+        pointer = weights["wte.weight"].untyped_storage().data_ptr()
+        assert weights["lm_head.weight"].untyped_storage().data_ptr() == pointer
 
     capsys.readouterr()
     assert run_main(args + ["--mode=sample", "--prompt=ROMEO:", "--temperature=0"]) == 0
@@ -191,6 +194,10 @@ def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_ow
     assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.05 / 3e-3)
     assert all(g["lr"] == pytest.approx(lr) for g in ckpt["optimizer"]["param_groups"])
     assert len(ckpt["muon"]["state"]) == 3 * 2 + 3  # one layer: 2 heads' k, q, v, then proj, fc, proj
+    assert run_main(args + ["--max_iters=4", "--resume", "--muon_lr=0.07"]) == 0  # a resume takes its own
+    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
+    lr = [r["lr"] for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r][-1]
+    assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.07 / 3e-3)
 
 
 @pytest.mark.parametrize("trained_with, resumed_with", [("muon", "adamw"), ("adamw", "muon")])
@@ -200,16 +207,6 @@ def test_resume_with_the_other_optimizer_is_one_line(home, corpus, capsys, train
     assert run_main(args + ["--resume", "--max_iters=4", f"--optimizer={resumed_with}"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {home / 'model_dict' / 'gpt.pt'} was trained with "
                                                f"optimizer={trained_with}; pass --optimizer={trained_with} to resume it")
-
-
-def test_a_resumed_run_takes_the_muon_lr_it_is_given(home, corpus):
-    args = tiny_args(home, corpus, "--eval_interval=100", "--mode=train", "--optimizer=muon", "--log_interval=1",
-                     "--warmup_iters=0", "--lr_decay_iters=0")
-    assert run_main(args + ["--max_iters=2"]) == 0
-    assert run_main(args + ["--max_iters=3", "--resume", "--muon_lr=0.07"]) == 0
-    ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
-    lr = [r["lr"] for r in map(json.loads, open(home / "model_dict" / "gpt.jsonl")) if "loss" in r][-1]
-    assert ckpt["muon"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.07 / 3e-3)
 
 
 def test_muon_on_a_cpu_that_emulates_bf16_says_what_it_costs(home, corpus, capsys, monkeypatch):
@@ -240,13 +237,14 @@ def test_resume_with_other_shape_is_an_error(home, corpus, capsys):
 
 @pytest.mark.plots
 def test_max_minutes_budget_decays_fully_and_plots(home, corpus):
-    args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=0", "--eval_interval=50", "--mode=train",
-                     "--log_interval=1")  # the last step logged: its lr is the end of the schedule
+    """A time budget ends the run, the other limit typed too, and the learning rate ends decayed."""
+    args = tiny_args(home, corpus, "--max_minutes=0.02", "--max_iters=1000000", "--eval_interval=50",
+                     "--mode=train", "--log_interval=1")  # the last step logged: its lr is the schedule's end
     t0 = time.time()
     assert run_main(args) == 0
     wall = time.time() - t0
     ckpt = torch.load(home / "model_dict" / "gpt.pt", weights_only=True)
-    assert ckpt["iter_num"] > 10  # evaluation time is not counted
+    assert 10 < ckpt["iter_num"] < 1000000  # stopped by the clock; evaluation time is not counted
     assert 1.2 <= ckpt["train_s"] < wall
     records = [json.loads(line) for line in open(home / "model_dict" / "gpt.jsonl")]
     steps = [r for r in records if "loss" in r]

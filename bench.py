@@ -458,8 +458,9 @@ NANOGPT_BABY = dict(vocab_size=256, n_layer=4, n_head=4, n_embd=128, block_size=
                     learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_iters=2000,
                     lr_decay_iters=2000, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
                     device="cpu", dtype="float32")
-NANOGPT_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-                   "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+NANOGPT_COMMAND = ["train.py", "config/train_shakespeare_char.py", "--device=cpu",
+                   "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+                   "--batch_size=12",
                    "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
                    "--lr_decay_iters=2000", "--dropout=0.0",
                    # ours: evaluate only at the start and the end, and keep the last weights
@@ -489,23 +490,23 @@ def train_for(overrides: dict, workdir: str, data: str) -> dict:
 
 
 def nanogpt_seconds(log: str) -> tuple[int, float]:
-    """Steps and training seconds from nanoGPT's printed log ("iter 7: loss 2.9, time 48.1ms, ..."),
-    by its own clock per iteration. Its last iteration evaluates and saves before it steps, so the
+    """Steps and training seconds from nanoGPT's printed log ("iter 7: loss 2.9, time 48.1ms"), by
+    its own clock per iteration. Its last iteration evaluates and saves before it steps, so the
     saved weights have one step fewer than it prints; the two iterations that also evaluate (the
     first and the last) count at the mean of the others."""
     times = [float(t) / 1e3 for t in re.findall(r"^iter \d+: loss \S+, time ([\d.]+)ms", log,
                                                 re.MULTILINE)]
     if len(times) < 3:
-        raise UserError(f"nanoGPT printed {len(times)} iteration times; expected its per-iteration "
-                        "log (--log_interval=1)")
+        raise UserError(f"nanoGPT printed {len(times)} iteration times; expected its "
+                        "per-iteration log (--log_interval=1)")
     return len(times) - 1, statistics.mean(times[1:-1]) * (len(times) - 1)
 
 
 def clone_commit(clone: str) -> str:
     """A clone's commit, so the table says which nanoGPT ran."""
     import subprocess
-    done = subprocess.run(["git", "-C", clone, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True)
+    done = subprocess.run(["git", "-C", clone, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
     return f"commit {done.stdout.strip()}" if done.returncode == 0 else "commit unknown"
 
 
@@ -534,8 +535,8 @@ def run_nanogpt(clone: str, workdir: str, data: str) -> dict:
     spec.loader.exec_module(module)
     ckpt = torch.load(os.path.join(root, "out", "ckpt.pt"), map_location="cpu", weights_only=True)
     if ckpt["iter_num"] != iters:
-        raise UserError(f"nanoGPT saved its weights at step {ckpt['iter_num']}, not at step {iters} "
-                        "whose time was read")
+        raise UserError(f"nanoGPT saved its weights at step {ckpt['iter_num']}, not at step "
+                        f"{iters} whose time was read")
     model = module.GPT(module.GPTConfig(**ckpt["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     # one token per character: its val split is the text's last 10% of characters
@@ -543,11 +544,12 @@ def run_nanogpt(clone: str, workdir: str, data: str) -> dict:
     text = open(data, encoding="utf-8").read()
     val_text = text[int(len(text) * 0.9):]
     if len(val) != len(val_text):
-        raise UserError(f"nanoGPT's prepare.py wrote {len(val)} val tokens, not the {len(val_text)} "
-                        "characters of the text's last 10%")
+        raise UserError(f"nanoGPT's prepare.py wrote {len(val)} val tokens, not the "
+                        f"{len(val_text)} characters of the text's last 10%")
     bytes_per_token = len(val_text.encode("utf-8")) / len(val)
-    windows = types.SimpleNamespace(splits={"val": val}, block_size=ckpt["model_args"]["block_size"],
-                                    batch_size=12, device="cpu")
+    windows = types.SimpleNamespace(splits={"val": val},
+                                    block_size=ckpt["model_args"]["block_size"], batch_size=12,
+                                    device="cpu")
     with torch.no_grad():
         loss = full_loss(model, windows, "val", "cpu", "float32")
     return {"val_loss": loss, "val_bpb": loss / bytes_per_token / math.log(2), "iters": iters,
@@ -644,8 +646,9 @@ def bench_muon(args) -> str:
             runs = [(val_bpb("adamw", pick, seed, budget), val_bpb("muon", pick, seed, budget))
                     for seed in seeds]
             diffs = [muon - adamw for adamw, muon in runs]
-            half = stats.t.ppf(0.975, len(diffs) - 1) * stats.sem(diffs) if len(diffs) > 1 else None
-            ci = f" ± {half:.3f}" if half is not None else ""
+            ci = ""  # the 95% t-interval of the paired differences, where there are several
+            if len(diffs) > 1:
+                ci = f" ± {stats.t.ppf(0.975, len(diffs) - 1) * stats.sem(diffs):.3f}"
             rows += [[f"{budget:g} s", name, " / ".join(f"{r[i]:.3f}" for r in runs),
                       f"{statistics.mean(r[i] for r in runs):.3f}"]
                      for i, name in enumerate(("AdamW", f"Muon, lr {pick:g}"))]
@@ -785,7 +788,8 @@ def main(argv: list[str] | None = None) -> None:
         needed = ("train.py", "model.py", os.path.join("data", "shakespeare_char", "prepare.py"))
         lacks = [n for n in needed if not os.path.isfile(os.path.join(cfg["nanogpt"], n))]
         if cfg["nanogpt"] and lacks:
-            raise UserError(f"--nanogpt={cfg['nanogpt']} is not a nanoGPT clone (no {lacks[0]} in it)")
+            raise UserError(f"--nanogpt={cfg['nanogpt']} is not a nanoGPT clone (no {lacks[0]} in "
+                            "it)")
         if not os.path.isfile(cfg["data"]):
             raise UserError(f"data file {cfg['data']} not found; pass --data=PATH to a UTF-8 "
                             "text file")

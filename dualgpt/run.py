@@ -1,8 +1,8 @@
 """The run of gpt.py and gpt_.py, read top to bottom like nanoGPT's train.py.
 
-`python gpt.py` reads the settings (main), then trains (train): the data, the model, the
-optimizer, then the loop. Each step is a forward and backward pass, a clipped gradient and an optimizer step at
-the scheduled learning rate; on schedule, an evaluation and a checkpoint. Then it samples
+`python gpt.py` reads the settings (main), then trains (train): the data, the model, the optimizer,
+then the loop. Each step is a forward and backward pass, a clipped gradient and an optimizer step
+at the scheduled learning rate; on schedule, an evaluation and a checkpoint. Then it samples
 (sampling.py). With a checkpoint already there, it only samples. The other modes (eval, heads,
 patch, export, import) load their own modules.
 """

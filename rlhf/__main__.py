@@ -67,12 +67,12 @@ from rlhf.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo,
 # "all" runs these for each seed, then "report"
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
 # what a user may have meant by a key that belongs to gpt.py or gpt_.py, or that was renamed
-HINTS = {"mode": "python -m rlhf runs its stages in order (--rlhf_stage=NAME runs one); the head study "
-         "is python -m rlhf.heads",
-         "max_iters": "the pipeline's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
-         "max_minutes": "the pipeline's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs",
-         "ckpt": "python -m rlhf starts from --rlhf_base and names its outputs after the oracle and "
-         "the seed"}
+SIZED = "the pipeline's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs"
+HINTS = {"mode": "python -m rlhf runs its stages in order (--rlhf_stage=NAME runs one); the head "
+         "study is python -m rlhf.heads",
+         "max_iters": SIZED, "max_minutes": SIZED,
+         "ckpt": "python -m rlhf starts from --rlhf_base and names its outputs after the oracle "
+         "and the seed"}
 
 
 def dpo_methods(cfg: dict) -> list[str]:
@@ -562,7 +562,8 @@ RUN = {"tune": stage_tune, "pairs": stage_pairs, "rm": stage_rm, "bon": stage_bo
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)  # each stage's line at once, also in a log file
     with exit_codes():
-        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "python -m rlhf", __doc__, HINTS)
+        argv = sys.argv[1:] if argv is None else argv
+        cfg = rlhf_run_config(argv, "python -m rlhf", __doc__, HINTS)
         check_pipeline_keys(cfg)
         s = setup(cfg)
         if cfg["rlhf_stage"] == "label":  # by hand, into its own file: no stage of the study runs

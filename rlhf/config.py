@@ -1,9 +1,9 @@
 """
-Every setting of the RLHF layer: python -m rlhf (the pipeline) and rlhf/heads.py (its head study), one per
-line. Override any key on the command line: `python -m rlhf --seeds=3 --rloo_lr=1e-4`. Both
-programs read the first section (rlhf/study.py: SHARED_KEYS) and config.py's data, device,
-dtype, seed, attn_impl and kv_cache; the pipeline's keys are the pipeline's alone, head_* the head
-study's.
+Every setting of the RLHF layer, one per line: python -m rlhf (the pipeline) and python -m
+rlhf.heads (its head study). Override any key on the command line: `python -m rlhf --seeds=3`.
+Both programs read the first section (rlhf/study.py: SHARED_KEYS), and config.py's data, device,
+dtype, seed, attn_impl and kv_cache. The head_* keys are the head study's; the rest, the
+pipeline's.
 """
 
 # --- both programs: the base, the task, evaluation, RL -------------------------------------------

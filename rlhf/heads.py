@@ -1,5 +1,5 @@
-""" The RLHF head study: which attention heads does preference tuning change? Run it after python -m rlhf,
-on the policies python -m rlhf tuned (DPO, RLOO, PPO), with the same oracle and --quick as that run:
+"""The RLHF head study: which attention heads does preference tuning change? Run it after the
+pipeline, on the policies it tuned (DPO, RLOO, PPO), with the same oracle and --quick:
 
     python -m rlhf && python -m rlhf.heads
     python -m rlhf --quick && python -m rlhf.heads --quick
@@ -41,15 +41,15 @@ from rlhf.training import restrict_training, sampled_kl, train_rl
 METHODS = ("dpo", "rloo", "ppo")  # the policies python -m rlhf tunes, studied where they exist
 HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of "
          "one checkpoint",
-         "rlhf_stage": "python -m rlhf.heads is one stage of its own; run python -m rlhf first for the policies "
-         "it studies"}
+         "rlhf_stage": "python -m rlhf.heads is one stage of its own; run python -m rlhf first "
+         "for the policies it studies"}
 
 
 def pipeline_records(s: Setup) -> dict[str, dict]:
-    """The records of the files python -m rlhf wrote for this oracle, preset and seed, checked to be one
-    run: each on this base, data, script, dtype and seed, each stage built on the file of the stage
-    before it that is on disk now, and the RL runs with the RL settings this study uses for its own
-    runs. Tuned policies that do not exist are left out."""
+    """The records of the files the pipeline wrote for this oracle, preset and seed, checked to be
+    one run: each on this base, data, script, dtype and seed, each stage built on the file of
+    the stage before it that is on disk now, and the RL runs with the RL settings this study
+    uses for its own runs. Tuned policies that do not exist are left out."""
     paths = {"pairs": s.path("data", "pairs.pt"), "rm": s.path("model_dict", "rm.pt"),
              **{m: s.path("model_dict", f"{m}.pt") for m in METHODS}}
     records = {}
@@ -317,10 +317,10 @@ def head_study(s: Setup) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     sys.stdout.reconfigure(line_buffering=True)
     with exit_codes():
-        cfg = rlhf_run_config(sys.argv[1:] if argv is None else argv, "python -m rlhf.heads", __doc__,
-                              HINTS)
+        argv = sys.argv[1:] if argv is None else argv
+        cfg = rlhf_run_config(argv, "python -m rlhf.heads", __doc__, HINTS)
         s = setup(cfg, data_batch_size=cfg["head_batch_size"])
-        # not while python -m rlhf writes what the study reads
+        # not while the pipeline writes what the study reads
         with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
             return head_study(s)

@@ -1,6 +1,6 @@
 """Preference tuning, the parts with math in them: noisy Bradley-Terry labels, the reward model and
-its loss, log-probabilities and KL (exact and estimated), DPO (with cDPO, soft labels and IPO),
-RLOO, PPO (per-token rewards, GAE, clipped policy and value losses), best-of-n. python -m rlhf runs them.
+its loss, log-probabilities and KL (exact and estimated), DPO (with cDPO and IPO), RLOO, PPO
+(per-token rewards, GAE, clipped policy and value losses), best-of-n. python -m rlhf runs them.
 
 Shapes: B sequences, L completion tokens, V vocabulary. Sampled completions have a fixed length;
 pairs read from a file have any lengths, right-padded with PAD, and every function here that reads

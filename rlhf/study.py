@@ -1,6 +1,6 @@
-"""What python -m rlhf and rlhf/heads.py share: their config, the run's setup, its files and the record of
-what produced each, seeds drawn by name, policies and the reward model, prompts, completions and
-scores.
+"""What python -m rlhf and rlhf/heads.py share: their config, the run's setup, its files and the
+record of what produced each, seeds drawn by name, policies and the reward model, prompts,
+completions and scores.
 
 Shapes: P prompts of prompt_tokens (those of a pairs file: of any length, right-padded with PAD),
 completions of completion_tokens (those of a pairs file: of any length, padded the same way).
@@ -62,7 +62,8 @@ def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> d
     reads = (set(SHARED_KEYS) | study) if program == "python -m rlhf.heads" else own.keys() - study
     keys = {k: core[k] for k in CORE_KEYS} | {k: v for k, v in own.items() if k in reads}
     owners = {k: "gpt.py and gpt_.py" for k in core.keys() - set(CORE_KEYS)}
-    owners |= {k: "python -m rlhf.heads" if k in study else "python -m rlhf" for k in own.keys() - keys.keys()}
+    owners |= {k: "python -m rlhf.heads" if k in study else "python -m rlhf"
+               for k in own.keys() - keys.keys()}
     rules = declarations(core_config) | declarations(rlhf_config)
 
     def unknown(key: str, keys: dict) -> str:  # who reads the key, and what to type instead
@@ -283,7 +284,7 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
     require([(sequence <= block_size, f"prompt_tokens + completion_tokens = {sequence} does "
               "not fit "
                                       f"the model's block_size {block_size}")])
-    pairs = cfg.get("pairs", "")  # python -m rlhf's key: the head study measures the oracle's runs only
+    pairs = cfg.get("pairs", "")  # the pipeline's key: the head study measures the oracle's runs
     if pairs and not os.path.isfile(pairs):
         raise UserError(f"no pairs file {pairs}")
     if cfg["oracle"] == "none" and not pairs:

@@ -51,7 +51,8 @@ optimizer: "adamw | muon" = "adamw"
 muon_lr: "> 0" = 0.01  # Muon's peak lr (torch scales it by sqrt(rows / cols) where rows > cols)
 grad_clip: ">= 0" = 1.0  # clip the gradient norm to this (0 = off)
 eval_interval: ">= 1" = 500  # evaluate and checkpoint every this many steps (step-limited runs)
-eval_points: "[1, 2**20]" = 10  # with a time budget: evaluate and checkpoint this many times
+# with a time budget: evaluate and checkpoint at this many evenly spaced points (and at the start)
+eval_points: "[1, 2**20]" = 10
 eval_iters: "[1, 2**20]" = 50  # batches per split in each evaluation (and --mode=heads)
 # training windows that repeat their first p tokens to the end, p from a quarter to a half of the
 # block (val is left as it is): in-context learning forms in minutes (config/induction.py)

@@ -59,12 +59,12 @@ class Torchrun:
         dist.all_reduce(t)
         return t.item() / self.world
 
-    def agree(self, *flags: bool, device: str) -> tuple[bool, ...]:
-        """Each flag True on every rank if it is True on one (so all ranks stop at the same step);
-        one all-reduce for all of them."""
-        t = torch.tensor(flags, dtype=torch.float64, device=device)
+    def agree(self, stopping: bool, seconds: float, device: str) -> tuple[bool, float]:
+        """Whether any rank was asked to stop, and the slowest rank's clock, in one all-reduce:
+        each rank's own clock runs on while rank 0 saves, so they drift apart."""
+        t = torch.tensor([float(stopping), seconds], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return tuple(bool(v) for v in t.tolist())
+        return bool(t[0].item()), t[1].item()
 
     def gather(self, obj) -> list:
         out = [None] * self.world

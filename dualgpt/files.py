@@ -77,6 +77,23 @@ def append_json_line(path: str, record: dict) -> None:
                           "permissions, then --resume") from None
 
 
+def keep_json_lines(path: str, keep) -> None:
+    """Rewrite a JSON-lines log with only the records keep(record) accepts; a line cut short by a
+    killed writer goes too."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if keep(record):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    write_text(path, "".join(kept))
+
+
 def remove_dead_temps(*folders: str) -> None:
     """Remove the temp files of writers that no longer run (a killed run's debris), never one of a
     live process. Elsewhere than POSIX os.kill(pid, 0) is no liveness test: the files stay."""

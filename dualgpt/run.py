@@ -23,7 +23,7 @@ from dualgpt import TrainingDiverged, exit_codes, repo_path
 from dualgpt.checkpoint import (build_model, checkpoint_to_resume, cpu_copy, log_path,
                                 make_checkpoint, save_checkpoint)
 from dualgpt.data import Dataset, resolve_data
-from dualgpt.files import OutputLock, append_json_line, remove_dead_temps
+from dualgpt.files import OutputLock, append_json_line, keep_json_lines, remove_dead_temps
 from dualgpt.runconfig import model_config, model_options, parse_head_mask, script_config
 from dualgpt.runtime import StopRequest, autocast, cpu_has_bf16, machine_name, say, training_bar
 from dualgpt.sampling import sample
@@ -37,7 +37,8 @@ MODES = {"eval": "evaluation.evaluate_checkpoint", "export": "evaluation.export_
 def main(model_class: type[nn.Module], script: str, argv: list[str] | None = None) -> None:
     """`python <script>.py [config file] --key=value ...`: exit 2 with one line for a user's
     mistake, 1 if training diverged or a write failed, 130 after Ctrl-C."""
-    # one process, or under torchrun one of several (DDP), each running this same code
+    # one process, or under torchrun one of several (DDP), each running this same code; torchrun
+    # sets RANK, and only then is torch.distributed's machinery loaded
     ddp = None
     if "RANK" in os.environ:
         from dualgpt.distributed import Torchrun, launched_by_torchrun
@@ -56,8 +57,8 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             if ddp:
                 ddp.start(cfg["device"])
             mode = cfg["mode"]
-            if mode == "auto" and os.path.exists(cfg["ckpt"]) and not (cfg["resume"]
-                                                                       or cfg["overwrite"]):
+            fresh = not (cfg["resume"] or cfg["overwrite"])
+            if mode == "auto" and os.path.exists(cfg["ckpt"]) and fresh:
                 print(f"found {cfg['ckpt']}: sampling from it (continue training with --resume, "
                       "or start over with --overwrite)")
                 mode = "sample"
@@ -87,9 +88,10 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class LRSchedule:
-    """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows the
-    fraction of decay_iters steps done or of the time budget budget_s, whichever is further along
-    (0 = not in force), so it ends fully decayed at whichever limit ends the run."""
+    """Linear warm-up over warmup_iters steps, then cosine decay to min_lr. The decay follows
+    whichever is further along: the steps after warm-up, out of decay_iters - warmup_iters, or
+    the training seconds, out of budget_s (a limit of 0 is not in force). So it ends fully decayed
+    at whichever limit ends the run."""
     learning_rate: float
     min_lr: float
     warmup_iters: int
@@ -102,7 +104,8 @@ class LRSchedule:
         steps = max(1, self.decay_iters - self.warmup_iters)
         progress = max((it - self.warmup_iters) / steps if self.decay_iters else 0,
                        train_s / self.budget_s if self.budget_s else 0)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1)))  # 1 -> 0, then min_lr
+        # the cosine goes from 1 to 0; past the end the learning rate stays at min_lr
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
         return self.min_lr + cosine * (self.learning_rate - self.min_lr)
 
 
@@ -112,6 +115,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
     rank, world = (ddp.rank, ddp.world) if ddp else (0, 1)
     master = rank == 0
     path, device, dtype = cfg["ckpt"], cfg["device"], cfg["dtype"]
+    cuda = device.startswith("cuda")
 
     # the checkpoint to continue, if --resume: it must be of this script, optimizer and shape
     config = model_config(cfg, model_class.config_class)
@@ -126,10 +130,13 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
 
     # the model and its optimizers; every rank starts from the same weights
     torch.manual_seed(cfg["seed"])
-    model = build_model(model_class, config, parse_head_mask(cfg["head_mask"]),
-                        model_options(cfg, model_class)).to(device)
+    head_mask = parse_head_mask(cfg["head_mask"])
+    model = build_model(model_class, config, head_mask, model_options(cfg, model_class)).to(device)
     optimizers = make_optimizers(model, cfg["optimizer"], cfg["learning_rate"], cfg["muon_lr"],
                                  cfg["weight_decay"], (cfg["beta1"], cfg["beta2"]), device)
+    # each optimizer's peak learning rate, as a multiple of the schedule's
+    peak = {key: cfg["muon_lr"] / cfg["learning_rate"] if key == "muon" else 1.0
+            for key in optimizers}
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs across ranks
     # in-context learning and the largest induction score at each evaluation, if asked for
     probe = None
@@ -140,28 +147,20 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                                  training_tokens(data.splits["train"]), cfg["seed"])
         probe = (tokens.to(device), length)
     # float16 on CUDA only: scales the loss so that small gradients do not underflow
-    scaler = torch.amp.GradScaler(enabled=dtype == "float16" and device.startswith("cuda"))
-    batches = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
+    scaler = torch.amp.GradScaler(enabled=dtype == "float16" and cuda)
+    batch_gen = torch.Generator().manual_seed(cfg["seed"])  # every rank draws the global batch
     micro_steps = max(1, cfg["grad_accum_steps"] // world)  # the processes share them out
     tokens_per_step = cfg["batch_size"] * micro_steps * world * cfg["block_size"]
     max_iters, budget_s = cfg["max_iters"], cfg["max_minutes"] * 60
     state, resumed_at = TrainState(), None
     if previous:  # continue exactly where the checkpoint stopped
-        resumed_at = previous["iter_num"]  # its evaluation is in the checkpoint already
-        state = restore(previous, model, optimizers, batches, rank, world, cfg["seed"], device)
-        if master:
-            say(f"resuming {path} at iteration {state.iter_num}")
+        resumed_at = previous["iter_num"]  # evaluated there already, or stopped there by Ctrl-C
+        state = restore(previous, model, optimizers, scaler, batch_gen, rank, world, cfg["seed"],
+                        device)
     if master:
-        n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        note = (f"; grad_accum_steps={cfg['grad_accum_steps']} is fewer than the {world} "
-                "processes, so each runs one micro-batch per step"
-                if cfg["grad_accum_steps"] < world else "")
-        say(f"{cfg['script']}.py: {n_params:.2f}M parameters, {device} {dtype} on "
-            f"{machine_name(device)}, {len(data.splits['train']):,} train / "
-            f"{len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step "
-            f"(batch_size {cfg['batch_size']} x grad_accum_steps {micro_steps} x {world} "
-            f"processes x block_size {cfg['block_size']}{note}); "
-            f"{describe_limits(max_iters, budget_s)}")
+        if previous:
+            say(f"resuming {path} at iteration {state.iter_num}")
+        say(describe_run(cfg, model, data, device, dtype, micro_steps, world, tokens_per_step))
         if cfg["optimizer"] == "muon" and device == "cpu" and not cpu_has_bf16():
             say("note: Muon's Newton-Schulz iterations run in bfloat16, which this CPU emulates, "
                 "slowly: AdamW may train further in the same time (docs/benchmarks.md)")
@@ -177,9 +176,10 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
         compile_s = time.perf_counter() - t_compile
         state.compile_s += compile_s
         state.train_s += compile_s
-    if ddp:
+    if ddp:  # a masked head gets no gradient: DDP must be told to expect unused parameters
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[ddp.local_rank] if device.startswith("cuda") else None)
+            train_model, device_ids=[ddp.local_rank] if cuda else None,
+            find_unused_parameters=bool(head_mask))
     # the schedule's clock counts training steps only: compiling counts against the budget but
     # does not age the learning rate (else a 60 s compile in a 3-minute budget would start the
     # cosine a third of the way down)
@@ -189,29 +189,35 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
     # with a time budget, evaluate at every eval_points-th of it (a resumed run: from the next one)
     eval_every_s = budget_s / cfg["eval_points"]
     next_eval_s = next_multiple(state.train_s, eval_every_s) if budget_s and previous else 0.0
-    # --overwrite: the old checkpoint and log are kept as .bak, set aside only now that the run
-    # has started, so that a mistake found above leaves them where they were
+    # the log: a fresh run sets an old one aside (as .bak, with the old checkpoint under
+    # --overwrite), only now that it has started, so that a mistake found above leaves them be; a
+    # resumed run drops what a killed run logged after its checkpoint, to log it again
+    log = log_path(path)
     if master:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        for old in (path, log_path(path)) if cfg["overwrite"] and not previous else ():
-            if os.path.exists(old):
-                os.replace(old, old + ".bak")
+        if previous:
+            keep_json_lines(log, lambda record: record["iter"] <= resumed_at)
+        else:
+            for old in (path, log):
+                if os.path.exists(old):
+                    os.replace(old, old + ".bak")
 
     # the training loop
-    lr = schedule(state.iter_num, state.train_s - state.compile_s)
-    logged_at, tokens_per_s, t_start = (state.iter_num, state.train_s), 0.0, time.time()
+    last_log_iter, last_log_s = state.iter_num, state.train_s
+    tokens_per_s, t_start = 0.0, time.time()
     bar = training_bar(budget_s or max_iters, state.train_s if budget_s else state.iter_num,
                        timed=bool(budget_s), disable=not master)
-    done = stopping = False
     try:
         with StopRequest() as stop:
             while True:
-                # stop at a limit, or after Ctrl-C: every rank at the same step
-                done = bool(max_iters and state.iter_num >= max_iters
-                            or budget_s and state.train_s >= budget_s)
+                # every rank on one clock (the slowest one's), so that all stop, evaluate and set
+                # the learning rate at the same step; and all stop if one was asked to (Ctrl-C)
                 stopping = stop.requested
                 if ddp:
-                    done, stopping = ddp.agree(done, stopping, device=device)
+                    stopping, state.train_s = ddp.agree(stopping, state.train_s, device=device)
+                done = bool(max_iters and state.iter_num >= max_iters
+                            or budget_s and state.train_s >= budget_s)
+                lr = schedule(state.iter_num, state.train_s - state.compile_s)
 
                 # evaluate on schedule and at the end: keep the best val weights, log, print
                 due = (state.train_s >= next_eval_s if budget_s
@@ -227,64 +233,69 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                                                f"{state.iter_num}")
                     if losses["val"] < state.best_val:
                         state.best_val = losses["val"]
-                        state.best_weights = cpu_copy(model.state_dict())
+                        if master:  # only rank 0 saves
+                            state.best_weights = cpu_copy(model.state_dict())
                     if budget_s:
                         next_eval_s = next_multiple(state.train_s, eval_every_s)
                     bpb = {split: data.bpb(loss, split) for split, loss in losses.items()}
                     record = {"iter": state.iter_num, "train_loss": losses["train"],
                               "val_loss": losses["val"], "train_bpb": bpb["train"],
-                              "val_bpb": bpb["val"], "lr": lr, "tokens_per_s": tokens_per_s}
+                              "val_bpb": bpb["val"], "lr": lr, "tokens_per_s": tokens_per_s,
+                              "train_s": state.train_s, "elapsed_s": time.time() - t_start}
                     if probe and master:  # whether induction heads have formed: one forward
                         scores, icl = probe_scores(model, *probe)
                         record["icl_score"] = icl
                         record["induction_max"] = scores["induction"].max().item()
                     if master:
-                        append_json_line(log_path(path), dict(
-                            record, train_s=state.train_s, elapsed_s=time.time() - t_start))
+                        append_json_line(log, record)
                         say(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss "
                             f"{losses['train']:.4f} ({bpb['train']:.3f} bpb), val loss "
                             f"{losses['val']:.4f} ({bpb['val']:.3f} bpb)")
 
-                # checkpoint what was evaluated, or where Ctrl-C stopped the run
+                # checkpoint what was evaluated, or where Ctrl-C stopped the run (not weights
+                # that went NaN since the last look at the loss)
+                if stopping and not evaluating and state.iter_num != resumed_at:
+                    if not math.isfinite(loss.item()):
+                        raise TrainingDiverged(f"loss is {loss.item()} at iteration "
+                                               f"{state.iter_num}")
                 if evaluating or stopping:
+                    # every rank's dropout stream, for an exact resume
                     rng_cpu = ddp.gather(torch.get_rng_state()) if ddp else [torch.get_rng_state()]
-                    rng_cuda = []  # every rank's dropout stream, for an exact resume
-                    if device.startswith("cuda"):
-                        cuda_state = torch.cuda.get_rng_state()
-                        rng_cuda = ddp.gather(cuda_state) if ddp else [cuda_state]
+                    rng_cuda = []
+                    if cuda:
+                        rng_cuda = ddp.gather(torch.cuda.get_rng_state()) if ddp else [
+                            torch.cuda.get_rng_state()]
                     if master:
                         save_checkpoint(path, make_checkpoint(
                             model.state_dict(), dataclasses.asdict(config), model.layout,
                             data.tokenizer_text, state.iter_num, cfg,
                             best_weights=state.best_weights, best_val_loss=state.best_val,
                             **{key: opt.state_dict() for key, opt in optimizers.items()},
-                            train_s=state.train_s, compile_s=state.compile_s, rng_cpu=rng_cpu,
-                            rng_cuda=rng_cuda, rng_batches=batches.get_state()))
+                            scaler=scaler.state_dict(), train_s=state.train_s,
+                            compile_s=state.compile_s, rng_cpu=rng_cpu, rng_cuda=rng_cuda,
+                            rng_batches=batch_gen.get_state()))
                 if done or stopping:
                     break
 
-                # one optimizer step at the scheduled learning rate (Muon at its own peak)
+                # one optimizer step at the scheduled learning rate
                 t_step = time.perf_counter()
-                lr = schedule(state.iter_num, state.train_s - state.compile_s)
                 for key, optimizer in optimizers.items():
-                    scale = cfg["muon_lr"] / cfg["learning_rate"] if key == "muon" else 1
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * scale
+                        group["lr"] = lr * peak[key]
                 # forward and backward over the micro-batches: their gradients add up
                 for micro in range(micro_steps):
-                    x, y = data.batch("train", batches, cfg["repeat_fraction"])
-                    # DDP averages the gradients across processes on the last micro-batch only
+                    x, y = data.batch("train", batch_gen, cfg["repeat_fraction"])
+                    # DDP syncs the gradients once, in the last micro-batch's backward
                     last = micro == micro_steps - 1
                     with train_model.no_sync() if ddp and not last else nullcontext():
                         with autocast(device, dtype):
                             _, loss = train_model(x, y)
                         scaler.scale(loss / micro_steps).backward()
-                # clip the true gradients' norm (unscaled from float16's scaling first)
+                # clip the true gradients' norm (float16's scaling undone first)
                 for optimizer in optimizers.values():
                     scaler.unscale_(optimizer)
-                if cfg["grad_clip"] > 0 or scaler.is_enabled():
-                    norm = nn.utils.clip_grad_norm_(train_model.parameters(),
-                                                    cfg["grad_clip"] or math.inf)
+                norm = nn.utils.clip_grad_norm_(train_model.parameters(),
+                                                cfg["grad_clip"] or math.inf)
                 # a float16 overflow skips every optimizer's step: the scaler alone would skip only
                 # the one whose gradients overflowed, and the other would step on clipped zeros
                 overflow = scaler.is_enabled() and not torch.isfinite(norm).item()
@@ -296,21 +307,22 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                 state.iter_num += 1
 
                 # read the loss at log points only: reading it waits for the device
-                logging = state.iter_num % cfg["log_interval"] == 0
-                if logging:
+                log_now = state.iter_num % cfg["log_interval"] == 0
+                if log_now:
                     loss_value = ddp.mean(loss.item(), device) if ddp else loss.item()
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(f"loss is {loss_value} at iteration "
                                                f"{state.iter_num}")
                 step_s = time.perf_counter() - t_step
                 state.train_s += step_s
+                # the bar counts seconds of the budget (never past its end), or steps
                 bar.update(min(step_s, max(0.0, bar.total - bar.n)) if budget_s else 1)
-                if logging:  # the speed of the steps since the last log point
-                    steps, seconds = state.iter_num - logged_at[0], state.train_s - logged_at[1]
-                    tokens_per_s = steps * tokens_per_step / seconds
-                    logged_at = (state.iter_num, state.train_s)
+                if log_now:  # the speed of the steps since the last log point
+                    steps = state.iter_num - last_log_iter
+                    tokens_per_s = steps * tokens_per_step / (state.train_s - last_log_s)
+                    last_log_iter, last_log_s = state.iter_num, state.train_s
                     if master:
-                        append_json_line(log_path(path), {
+                        append_json_line(log, {
                             "iter": state.iter_num, "loss": loss_value, "lr": lr,
                             "bpb": data.bpb(loss_value, "train"), "tokens_per_s": tokens_per_s,
                             "train_s": state.train_s, "elapsed_s": time.time() - t_start})
@@ -326,13 +338,13 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
     if master:
         say(f"saved {path} at iteration {state.iter_num} after {state.train_s / 60:.1f} min of "
             f"training (best val loss {state.best_val:.4f}, "
-            f"{data.bpb(state.best_val, 'val'):.3f} bpb); log: {log_path(path)}")
+            f"{data.bpb(state.best_val, 'val'):.3f} bpb); log: {log}")
         if done:
             from dualgpt.plots import plot_losses  # matplotlib only when drawing
             plot_path = os.path.splitext(path)[0] + ".loss.png"
-            plot_losses(log_path(path), plot_path, f"{os.path.basename(path)}: bits per byte")
+            plot_losses(log, plot_path, f"{os.path.basename(path)}: bits per byte")
             say(f"loss curve: {plot_path}")
-    if stopping:
+    if stopping and not done:
         if master:
             say("interrupted: continue with --resume")
         raise SystemExit(130)
@@ -359,22 +371,27 @@ def make_optimizers(model: nn.Module, optimizer: str, learning_rate: float, muon
     return optimizers
 
 
-def restore(ckpt: dict, model: nn.Module, optimizers: dict, batches: torch.Generator, rank: int,
-            world: int, seed: int, device: str) -> TrainState:
-    """Weights, optimizers and random streams of a checkpoint: the run goes on exactly as it
-    was, given the same number of processes (else each rank's dropout is seeded anew)."""
+def restore(ckpt: dict, model: nn.Module, optimizers: dict, scaler: torch.amp.GradScaler,
+            batch_gen: torch.Generator, rank: int, world: int, seed: int,
+            device: str) -> TrainState:
+    """Weights, optimizers, float16's loss scale and the random streams of a checkpoint: the run
+    goes on exactly as it was, given the same number of processes (else each rank's dropout is
+    seeded anew)."""
     model.load_state_dict(ckpt["model"])
     for key, optimizer in optimizers.items():
         optimizer.load_state_dict(ckpt[key])
-    batches.set_state(ckpt["rng_batches"])
+    if ckpt.get("scaler"):  # checkpoints before it was kept start at float16's initial scale
+        scaler.load_state_dict(ckpt["scaler"])
+    batch_gen.set_state(ckpt["rng_batches"])
     if len(ckpt["rng_cpu"]) == world:
         torch.set_rng_state(ckpt["rng_cpu"][rank])
         if device.startswith("cuda") and ckpt.get("rng_cuda"):
             torch.cuda.set_rng_state(ckpt["rng_cuda"][rank])
     else:
         torch.manual_seed(seed + rank + ckpt["iter_num"])
-    return TrainState(ckpt["iter_num"], ckpt["train_s"], ckpt.get("compile_s", 0.0),
-                      ckpt["best_val_loss"], ckpt["best_model"])
+    return TrainState(iter_num=ckpt["iter_num"], train_s=ckpt["train_s"],
+                      compile_s=ckpt.get("compile_s", 0.0), best_val=ckpt["best_val_loss"],
+                      best_weights=ckpt["best_model"])
 
 
 @torch.no_grad()
@@ -398,6 +415,21 @@ def estimate_loss(model: nn.Module, data: Dataset, eval_iters: int, seed: int, d
 def next_multiple(seconds: float, every: float) -> float:
     """The first multiple of every after seconds: when a timed run evaluates next."""
     return (math.floor(seconds / every) + 1) * every
+
+
+def describe_run(cfg: dict, model: nn.Module, data: Dataset, device: str, dtype: str,
+                 micro_steps: int, world: int, tokens_per_step: int) -> str:
+    """The start-up line: the model's size, where it runs, the data, a step's tokens, the
+    limits."""
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    note = (f"; grad_accum_steps={cfg['grad_accum_steps']} is fewer than the {world} processes, "
+            "so each runs one micro-batch per step" if cfg["grad_accum_steps"] < world else "")
+    return (f"{cfg['script']}.py: {n_params:.2f}M parameters, {device} {dtype} on "
+            f"{machine_name(device)}, {len(data.splits['train']):,} train / "
+            f"{len(data.splits['val']):,} val tokens, {tokens_per_step:,} tokens per step "
+            f"(batch_size {cfg['batch_size']} x grad_accum_steps {micro_steps} x {world} "
+            f"processes x block_size {cfg['block_size']}{note}); "
+            f"{describe_limits(cfg['max_iters'], cfg['max_minutes'] * 60)}")
 
 
 def describe_limits(max_iters: int, budget_s: float) -> str:

@@ -92,9 +92,11 @@ def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds
     streams = [torch.Generator().manual_seed(seed).get_state() for seed in (11, 22)]
     model = gpt.LBGPT(gpt.ModelConfig(**ckpt["model_config"]))
     optimizers = make_optimizers(model, "adamw", 1e-3, 0.0, 0.1, (0.9, 0.99), "cpu")
-    restore(dict(ckpt, rng_cpu=streams), model, optimizers, torch.Generator(), 1, 2, 1337, "cpu")
+    scaler = torch.amp.GradScaler(enabled=False)
+    restore(dict(ckpt, rng_cpu=streams), model, optimizers, scaler, torch.Generator(), 1, 2, 1337, "cpu")
     assert torch.equal(torch.get_rng_state(), streams[1])  # rank 1's stream, not rank 0's
-    state = restore(dict(ckpt, rng_cpu=streams[:1]), model, optimizers, torch.Generator(), 1, 2, 1337, "cpu")
+    state = restore(dict(ckpt, rng_cpu=streams[:1]), model, optimizers, scaler, torch.Generator(), 1, 2, 1337,
+                    "cpu")
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(1337 + 1 + ckpt["iter_num"]).get_state())
     assert state.iter_num == 2
 

@@ -152,7 +152,7 @@ def test_ctrl_c_saves_and_resumes_exactly(home, corpus):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_and_keeps_checkpoint(home, corpus, capsys):
+def test_nan_loss_stops_and_keeps_checkpoint(home, corpus, capsys, monkeypatch):
     args = tiny_args(home, corpus, "--max_iters=5", "--eval_interval=1000", "--mode=train")
     assert run_main(args) == 0
     good = (home / "model_dict" / "gpt.pt").read_bytes()
@@ -164,6 +164,45 @@ def test_nan_loss_stops_and_keeps_checkpoint(home, corpus, capsys):
     assert "kept" in last
     assert "Traceback" not in err
     assert (home / "model_dict" / "gpt.pt").read_bytes() == good
+
+    class CtrlCDuringTheThirdStep:  # between log points, where the loss is not read
+        def __enter__(self):
+            self.checks = 0
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        @property
+        def requested(self):
+            self.checks += 1
+            return self.checks > 3
+
+    monkeypatch.setattr(run, "StopRequest", CtrlCDuringTheThirdStep)
+    assert run_main(args + ["--max_iters=30", "--resume", "--learning_rate=1e38", "--min_lr=1e38",
+                            "--grad_clip=0", "--log_interval=1000"]) == 1
+    assert "error: loss is nan at iteration 8" in capsys.readouterr().err
+    assert (home / "model_dict" / "gpt.pt").read_bytes() == good  # never the NaN weights
+
+
+def test_a_fresh_run_sets_an_old_log_aside_and_a_resumed_one_drops_what_a_killed_run_logged(home, corpus):
+    """Outputs of one run never mix with another's: the checkpoint deleted, a new run's log starts
+    empty (the old one kept as .bak); a run killed after logging steps past its checkpoint, then
+    resumed, logs each step once (its cut-short last line gone too)."""
+    args = tiny_args(home, corpus, "--eval_interval=4", "--log_interval=1", "--mode=train")
+    log = home / "model_dict" / "gpt.jsonl"
+    assert run_main(args + ["--max_iters=4"]) == 0
+    first = log.read_text()
+    (home / "model_dict" / "gpt.pt").unlink()
+    assert run_main(args + ["--max_iters=4"]) == 0
+    assert (home / "model_dict" / "gpt.jsonl.bak").read_text() == first
+    assert [r["iter"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r] == [1, 2, 3, 4]
+    with open(log, "a") as f:  # what a run killed at step 6 had logged after its checkpoint at 4
+        f.write('{"iter": 5, "loss": 1.0}\n{"iter": 6, "loss": 1.0}\n{"iter": 7, "lo')
+    assert run_main(args + ["--max_iters=8", "--resume"]) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == list(range(1, 9))
+    assert [r["iter"] for r in records if "val_loss" in r] == [0, 4, 8]
 
 
 def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest_each_on_its_own_schedule(home, corpus):

@@ -7,7 +7,7 @@ multiplication (gpt_.py) but every head can be read, recorded, masked or swapped
 
     python gpt.py                      # train (if model_dict/gpt.pt is missing), then sample
     python gpt.py --mode=sample --prompt="ROMEO:"
-    python gpt.py --mode=eval          # val loss and bits per byte of the checkpoint
+    python gpt.py --mode=eval          # train and val loss, bits per byte, of the checkpoint
     python gpt.py --resume             # continue an interrupted run, then sample
 
 Every key of config.py can be overridden as --key=value. This file is the model only; the data,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -65,8 +64,8 @@ def load_tensors(path: str, remedy: str, device: str = "cpu"):
 def load_checkpoint(path: str) -> dict:
     """A Dual-GPT checkpoint, or one line that says what is wrong with the file and what to do."""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; train one first: python "
-                        f"{os.path.basename(sys.argv[0])} --mode=train")
+        raise UserError(f"no checkpoint at {path}; train one first: python gpt.py --mode=train "
+                        f"--ckpt={path}")
     remedy = (f"train again, or use the copy {path}.bak if --overwrite left one"
               if os.path.exists(path + ".bak")
               else "train it again (or write it again with the command that made it)")

@@ -19,9 +19,11 @@ except ImportError:  # pragma: no cover - Windows
 
 # where a write of path goes first: .<name>.<pid>.tmp beside it, so its process can be told
 TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
-# what a full disk, a size limit, a read-only or forbidden folder raise: a failed write, not a bug
+# what a full disk, a size limit, a read-only or forbidden folder, or a place where no file can be
+# made (/proc) raise: a failed write, not a bug
 DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-               getattr(errno, "EDQUOT", errno.ENOSPC), errno.EIO}
+               getattr(errno, "EDQUOT", errno.ENOSPC), errno.EIO, errno.ENOENT, errno.ENOTDIR,
+               errno.EISDIR}
 
 
 @contextmanager

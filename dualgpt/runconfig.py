@@ -89,7 +89,7 @@ def read_config_file(path: str, keys: dict) -> dict:
 
 def did_you_mean(key: str, keys: dict) -> str:
     """The message for a key the program does not read: the closest one it does, if any."""
-    close = difflib.get_close_matches(key, keys, n=1)
+    close = difflib.get_close_matches(key.lower(), keys, n=1)
     return f"unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else "")
 
 
@@ -113,6 +113,8 @@ def parse_args(argv: list[str], program: str, keys: dict, rules: dict[str, str],
         key, eq, value = arg[2:].partition("=")
         if key not in keys:
             raise UserError(unknown(key, keys))
+        if not eq and not isinstance(keys[key], bool):  # "--n_layer 3": the value is not its own
+            raise UserError(f"--{key} needs a value: --{key}=VALUE (with =, no space)")
         overrides[key] = parse_value(key, value if eq else "true", keys[key])
     return overrides
 
@@ -148,7 +150,16 @@ def script_config(argv: list[str], script: str, usage: str = "") -> dict:
     cfg["ckpt"] = cfg["ckpt"] or repo_path("model_dict", f"{script}.pt")
     cfg["sample_file"] = cfg["sample_file"] or repo_path("generate_text", f"{script}.txt")
     validate_model_run(cfg)
+    outputs = ["ckpt", "sample_file"] + (["export_to"] if cfg["export_format"] == "pt" else [])
+    for key in outputs:  # found now, not after the run that would write there
+        require_file_path(key, cfg[key])
     return cfg
+
+
+def require_file_path(key: str, path: str) -> None:
+    """A path a run writes a file to must not be an existing folder."""
+    if path and os.path.isdir(path):
+        raise UserError(f"--{key}={path} is a folder; name a file")
 
 
 def validate_model_run(cfg: dict) -> None:

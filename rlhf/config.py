@@ -56,7 +56,7 @@ cdpo_epsilon: "[0, 0.5)" = 0.0  # cDPO: the chance a label is flipped (0: the tr
 dpo_epochs: "[1, 2**20]" = 1  # DPO family: passes over the pairs
 dpo_batch: "[1, 2**20]" = 32  # DPO family: pairs per step
 # each method's learning rate (AdamW) and strength (beta; IPO: tau), picked on the dev split by
-# python -m rlhf --rlhf_stage=tune (generate_text/shipped/rlhf_sentiment_tuning.json)
+# python -m rlhf --rlhf_stage=tune (generate_text/shipped/rlhf_sentiment_seed1337_tuning.json)
 dpo_lr: "> 0" = 3e-4  # (dpo_beta: above; the head study reads it too)
 cdpo_lr: "> 0" = 3e-4
 cdpo_beta: "> 0" = 0.05

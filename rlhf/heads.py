@@ -9,7 +9,7 @@ each head's weights moved, how its attention changed (statistics and the diverge
 which heads carry the change (switching each off; transplanting each between base and tuned), and
 where along the completion the KL to the base sits. Then whether tuning one head, attention only or
 the MLPs only does as well as tuning everything (RLOO, head_tuning_steps steps each). Outputs:
-generate_text/rlhf_<oracle>_heads_*.
+generate_text/rlhf_<oracle>_seed<seed>_heads_*.
 """
 from __future__ import annotations
 

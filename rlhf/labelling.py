@@ -25,6 +25,7 @@ import torch
 
 from dualgpt import UserError
 from dualgpt.files import write_text
+from dualgpt.runconfig import require_file_path
 from rlhf.study import Setup, complete, in_repo, load_policy, sample_prompts, texts
 
 KEYS = "a: A is better   b: B is better   t: tie   s: skip   u: undo the last   q: quit"
@@ -161,6 +162,7 @@ def label_pairs(s: Setup, stdin: TextIO | None = None, out: TextIO | None = None
         raise UserError("--rlhf_stage=label samples its pairs from the base model; leave out "
                         "--pairs (tune on the labels afterwards with --pairs=FILE)")
     labels = in_repo(cfg["labels"])
+    require_file_path("labels", labels)
     files = {"labelled": labels, "skipped": skipped_path(labels)}
     answers = {kind: read_answers(path, out) for kind, path in files.items()}
     source = {"base": s.base_hash[:16], "data": s.data.data_hash[:16],

@@ -75,6 +75,9 @@ def test_a_config_file_sets_keys_as_nanogpt_does_and_typed_keys_still_win(tmp_pa
     (["n_layer=3"], "unexpected argument"),
     (["--resume", "--overwrite"], "contradict"),
     (["--rl_lr=1e-4"], "unknown config key 'rl_lr'"),  # the core knows nothing of the RLHF layer
+    (["--N_LAYER=3"], "did you mean --n_layer?"),
+    (["--n_layer", "3"], "--n_layer needs a value: --n_layer=VALUE"),
+    (["--sample_file=."], "--sample_file=. is a folder; name a file"),
 ])
 def test_config_errors_are_one_line(argv, message, capsys, tmp_path):
     assert run_main(["--mode=eval", f"--ckpt={tmp_path / 'none.pt'}"] + argv) == 2

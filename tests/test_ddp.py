@@ -83,6 +83,19 @@ def test_two_processes_stopped_and_resumed_equal_one_process_with_twice_the_batc
     assert results[0] == pytest.approx(results[1], abs=1e-4)
 
 
+def test_a_timed_run_with_a_head_switched_off_keeps_the_ranks_in_step(home, corpus):
+    """With a time budget every rank runs on one clock, so all evaluate at the same steps (each rank's own
+    clock drifts while rank 0 saves, and ranks evaluating at different steps call different collectives);
+    and a masked head's parameters get no gradient, which DDP is told to expect."""
+    ckpt = home / "timed.pt"
+    args = tiny_args(home, corpus, "--max_minutes=0.03", "--max_iters=0", "--eval_points=12", "--mode=train",
+                     "--head_mask=0.1", f"--ckpt={ckpt}")
+    result = torchrun(home, "gpt", args)
+    assert result.returncode == 0, output(result)
+    evals = records(home / "timed.jsonl", "val_loss")
+    assert len(evals) >= 6 and evals[-1]["train_s"] >= 1.8
+
+
 def test_each_rank_resumes_its_own_dropout_stream_and_another_world_size_reseeds(home, corpus):
     """A checkpoint restored with rank 1's view of 2 processes sets rank 1's stream, not rank 0's; one written
     by another number of processes seeds each rank anew."""

@@ -6,7 +6,8 @@ Benchmarks, measured as ratios within one run (never as timed test assertions).
     python bench.py --only=tokenizer      # one or more sections, comma-separated
     python bench.py --steps=3 --quick     # a fast smoke run
 
-Prints markdown tables and writes them to generate_text/bench_<sections>.md.
+Prints markdown tables and writes them to generate_text/bench_<sections>.md. The muon section needs
+scipy (pip install -r rlhf/requirements.txt).
 """
 
 import math
@@ -34,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Keys:
     """bench.py's keys (python bench.py --steps=3), declared as config.py's are."""
     # sections, comma-separated; muon (about 45 minutes) only when named
-    only = "tokenizer,train,sample,quality,compile,scaling,rlhf"
+    only = "tokenizer,train,sample,quality,compile,scaling"
     data = os.path.join(HERE, "data", "input.txt")  # the text every section reads
     vocab_size: "[256, 2**16]" = 4096  # the tokenizer section's vocabulary
     steps: "[1, 10000]" = 10  # timed training steps per variant
@@ -729,49 +730,10 @@ def bench_compile(args) -> str:
                     rows))
 
 
-def bench_rlhf(args) -> str:
-    """The time of each RLHF stage on the shipped SM-GPT model (--quick: the quick preset), run
-    as a user runs it, in a copy of the code so that the user's own results are left alone."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    argv = ["--quick"] if args.quick else []
-    with tempfile.TemporaryDirectory() as root:
-        for name in ("gpt.py", "gpt_.py", "config.py", "dualgpt", "minbpe", "rlhf",
-                     "model_dict/shipped"):
-            copy = shutil.copytree if os.path.isdir(os.path.join(HERE, name)) else shutil.copy
-            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
-            copy(os.path.join(HERE, name), os.path.join(root, name))
-        t0 = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "rlhf", f"--data={args.data}", *argv],
-                                cwd=root, capture_output=True, text=True)
-        total = time.perf_counter() - t0
-        if result.returncode != 0:
-            return f"### python -m rlhf {' '.join(argv)}: failed\n\n{result.stderr.strip()[-500:]}"
-        seconds = stage_seconds(root)
-    rows = [[stage, f"{s:.0f} s"] for stage, s in seconds.items()] + [["total", f"{total:.0f} s"]]
-    return (f"### python -m rlhf {' '.join(argv) or '(defaults)'}: seconds per stage, "
-            f"{machine_name('cpu')}\n\n"
-            + table(["stage", "time"], rows))
-
-
-def stage_seconds(root: str) -> dict[str, float]:
-    """Each stage's seconds (summed over the seeds) of the one RLHF run in the folder root, from
-    the report that run wrote."""
-    import glob
-    import json
-
-    (path,) = glob.glob(os.path.join(root, "generate_text", "rlhf_*_report.json"))
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)["seconds"]
-
-
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample,
             "quality": bench_quality,
-            "compile": bench_compile, "scaling": bench_scaling, "rlhf": bench_rlhf,
-            "muon": bench_muon}
+            "compile": bench_compile, "scaling": bench_scaling, "muon": bench_muon}
 
 
 def main(argv: list[str] | None = None) -> None:

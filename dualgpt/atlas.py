@@ -34,7 +34,11 @@ def matching_patch(path: str, report: dict) -> dict | None:
         with open(path, encoding="utf-8") as f:
             patch = json.load(f)
         same = all(patch.get(k) == report[k] for k in ("checkpoint", "iter_num", "head_mask"))
-    except (ValueError, UnicodeDecodeError, AttributeError):  # cut short, emptied, not ours
+        heads = {(p["layer"], p["head"]): (float(p["effect"]), float(p["dla"]))
+                 for p in patch["heads"]}
+        same = same and heads.keys() == {(r["layer"], r["head"]) for r in report["heads"]}
+    # cut short, emptied, not ours, or of a model of another shape
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
         same = False
     if not same:
         print(f"note: {path} is of another checkpoint or run, or unreadable; the page leaves "

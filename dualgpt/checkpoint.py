@@ -3,8 +3,9 @@
 A checkpoint is a dict built by make_checkpoint alone: "model" (latest weights), "best_model"
 (best-val weights: sample, eval, heads), "best_val_loss", "model_config", "layout" ("LB-GPT" or
 "SM-GPT": the script that wrote it), "config" (the run config), "iter_num", "tokenizer" (the .model
-text); training adds "optimizer" ("muon" beside it under Muon), "train_s", "compile_s" and the RNG
-states "rng_cpu", "rng_cuda", "rng_batches"; export adds "eval", RLHF "rlhf".
+text); training adds "optimizer" ("muon" beside it under Muon), "scaler" (float16's loss scale),
+"train_s", "compile_s" and the RNG states "rng_cpu", "rng_cuda", "rng_batches"; export adds "eval",
+import "imported_from", RLHF "rlhf".
 """
 from __future__ import annotations
 

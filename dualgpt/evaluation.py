@@ -82,7 +82,6 @@ def export_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict | None:
     ckpt, model, data = checkpoint_with_data(model_class, cfg)
     loss = full_loss(model, data, "val", cfg["device"], "float32")
     eval_result = {"val_loss": loss, "val_bpb": data.bpb(loss, "val"), "dtype": "float32"}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg["export_to"])), exist_ok=True)
     # weights only: its best-val weights, in the layout it was written in, and no optimizer or RNG
     # state
     layout = layout_of(ckpt)

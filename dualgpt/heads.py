@@ -2,7 +2,6 @@
 the standard probe (repeated random tokens), and ablation of one head at a time."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable
 
@@ -19,7 +18,7 @@ from dualgpt.probes import (PROBES, probe_length, probe_scores, recording, repea
 from dualgpt.runconfig import parse_head_mask
 from dualgpt.runtime import autocast, progress
 from dualgpt.sampling import read_prompt
-from dualgpt.files import atomic_open
+from dualgpt.files import write_json
 from minbpe.base import render_token
 
 
@@ -114,7 +113,6 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
     length = probe_length(cfg["probe_length"], model.config.block_size)  # before writing anything
     name = os.path.splitext(os.path.basename(cfg["ckpt"]))[0]
     prefix = repo_path("generate_text", name)
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
     n_map = min(64, model.config.block_size)  # beyond ~64 tokens the labels are unreadable
     if cfg["prompt"]:
         ids = data.tok.encode(read_prompt(cfg["prompt"]), allowed_special="none")[-n_map:]
@@ -166,8 +164,7 @@ def analyse_heads(model_class: type[nn.Module], cfg: dict) -> dict:
                         "label_threshold": LABEL_THRESHOLD},
               "heads": rows}
     files.append(prefix + ".heads.json")
-    with atomic_open(files[-1], "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    write_json(files[-1], report)
     files.append(prefix + ".heads.html")  # the atlas: with patching's results if of this model
     write_atlas(files[-1], report, labels, ids, weights,
                 matching_patch(prefix + ".patch.json", report))

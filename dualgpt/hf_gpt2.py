@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 
 from dualgpt import UserError
-from dualgpt.checkpoint import (build_model, checkpoint_model, cpu_copy, make_checkpoint,
-                                save_checkpoint)
+from dualgpt.checkpoint import (build_model, checkpoint_model, cpu_copy, load_tokenizer_text,
+                                make_checkpoint, save_checkpoint)
 from dualgpt.layouts import convert_state_dict
-from dualgpt.checkpoint import load_tokenizer_text
 from dualgpt.files import atomic_open, write_json
 from dualgpt.tokenizer_files import tokenizer_from_files, write_tokenizer_files
 

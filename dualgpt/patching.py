@@ -9,7 +9,6 @@ projection (attn.proj), the same place in LB-GPT and SM-GPT.
 """
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 
@@ -18,7 +17,7 @@ import torch.nn as nn
 
 from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import checkpoint_model, load_tokenizer_text
-from dualgpt.files import atomic_open
+from dualgpt.files import write_json
 from dualgpt.heads import plot_head_heatmap
 from dualgpt.runtime import progress
 
@@ -195,8 +194,7 @@ def patch(model_class: type[nn.Module], cfg: dict) -> dict:
     plot_head_heatmap(effects["heads"], f"{name}: patching effect of each head's output",
                       "effect (1 = restores the clean answer)", prefix + ".patch.png",
                       fmt="{:+.2f}", cmap="RdBu_r")
-    with atomic_open(prefix + ".patch.json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    write_json(prefix + ".patch.json", report)
     print(f"logit difference {texts[0]!r} - {texts[1]!r}: clean {effects['clean']:+.3f}, "
           f"corrupted {effects['corrupt']:+.3f}; heads by patching effect (and direct logit "
           f"attribution on the clean prompt):")

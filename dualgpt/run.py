@@ -203,6 +203,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                     os.replace(old, old + ".bak")
 
     # the training loop
+    loss = None  # the last step's loss, a tensor: reading it waits for the device
     last_log_iter, last_log_s = state.iter_num, state.train_s
     tokens_per_s, t_start = 0.0, time.time()
     bar = training_bar(budget_s or max_iters, state.train_s if budget_s else state.iter_num,
@@ -228,9 +229,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                                            dtype)
                     if ddp:
                         losses = {split: ddp.mean(v, device) for split, v in losses.items()}
-                    if not all(map(math.isfinite, losses.values())):
-                        raise TrainingDiverged(f"loss is {losses['train']} at iteration "
-                                               f"{state.iter_num}")
+                    for loss_value in losses.values():
+                        check_finite(loss_value, state.iter_num)
                     if losses["val"] < state.best_val:
                         state.best_val = losses["val"]
                         if master:  # only rank 0 saves
@@ -254,10 +254,9 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
 
                 # checkpoint what was evaluated, or where Ctrl-C stopped the run (not weights
                 # that went NaN since the last look at the loss)
-                if stopping and not evaluating and state.iter_num != resumed_at:
-                    if not math.isfinite(loss.item()):
-                        raise TrainingDiverged(f"loss is {loss.item()} at iteration "
-                                               f"{state.iter_num}")
+                if stopping and not evaluating and loss is not None:
+                    check_finite(ddp.mean(loss.item(), device) if ddp else loss.item(),
+                                 state.iter_num)
                 if evaluating or stopping:
                     # every rank's dropout stream, for an exact resume
                     rng_cpu = ddp.gather(torch.get_rng_state()) if ddp else [torch.get_rng_state()]
@@ -310,9 +309,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                 log_now = state.iter_num % cfg["log_interval"] == 0
                 if log_now:
                     loss_value = ddp.mean(loss.item(), device) if ddp else loss.item()
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(f"loss is {loss_value} at iteration "
-                                               f"{state.iter_num}")
+                    check_finite(loss_value, state.iter_num)
                 step_s = time.perf_counter() - t_step
                 state.train_s += step_s
                 # the bar counts seconds of the budget (never past its end), or steps
@@ -410,6 +407,12 @@ def estimate_loss(model: nn.Module, data: Dataset, eval_iters: int, seed: int, d
         losses[split] = total / eval_iters
     model.train()
     return losses
+
+
+def check_finite(loss: float, iter_num: int) -> None:
+    """A NaN or infinite loss stops the run: what it would save is no model."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"loss is {loss} at iteration {iter_num}")
 
 
 def next_multiple(seconds: float, every: float) -> float:

@@ -47,9 +47,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # keep the token that crosses top_p
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop the tokens whose more likely ones already reach top_p: the one that crosses it stays
+        drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 

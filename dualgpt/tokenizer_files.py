@@ -1,8 +1,7 @@
 """Tokenizer files of the byte-level BPE family, both ways: GPT-2's vocab.json + merges.txt and the
 tokenizers library's tokenizer.json read into minbpe's RegexTokenizer (same tokens, same merges in
-the same order, raw bytes as ids 0-255) with the map from our ids to theirs; a RegexTokenizer of
-ours written as those files; and, where the tokenizers library is installed, its Rust encoder of a
-corpus, with minbpe's ids (tested).
+the same order, raw bytes as ids 0-255) with the map from our ids to theirs; and a RegexTokenizer
+of ours written as those files.
 
 The files hold tokens as text: GPT-2's byte-to-unicode table writes each byte as a printable
 character.

@@ -318,9 +318,9 @@ class Tokenizer:
         return list(chain.from_iterable(map(self._cache.__getitem__, self._split(text))))
 
     def decode(self, ids: list[int]) -> str:
-        vocab, special = self.vocab, self.inverse_special_tokens
+        vocab = self.vocab  # special tokens included (_build_vocab)
         try:
-            parts = [vocab[idx] if idx in vocab else special[idx].encode("utf-8") for idx in ids]
+            parts = [vocab[idx] for idx in ids]
         except KeyError as e:
             raise ValueError(f"invalid token id {e.args[0]!r}: not in the vocabulary "
                              f"(0..{max(vocab) if vocab else 0} and special tokens)") from None
@@ -423,11 +423,11 @@ class Tokenizer:
                      f"id {idx})")
             merges[(p0, p1)] = idx
             idx += 1
-        self.pattern, self.merges, self.special_tokens = pattern, merges, special_tokens
-        try:
+        try:  # first: a pattern that does not compile leaves the tokenizer as it was
             self._set_pattern(pattern)
         except Exception as e:  # regex's own error class: a pattern cut or altered in the file
             fail(2, f"the split pattern does not compile ({e})")
+        self.merges, self.special_tokens = merges, special_tokens
         self.vocab = self._build_vocab()
         self.clear_cache()
 

@@ -19,8 +19,8 @@ class RegexTokenizer(Tokenizer):
         self._set_pattern(self.pattern)
 
     def _set_pattern(self, pattern: str) -> None:
-        self.pattern = pattern
-        self.compiled_pattern = re.compile(pattern)
+        compiled = re.compile(pattern)  # raises before anything changes
+        self.pattern, self.compiled_pattern = pattern, compiled
 
     def _split(self, text: str) -> list[str]:
         return self.compiled_pattern.findall(text)

@@ -52,7 +52,7 @@ from rlhf.plots import plot_learning_curves, plot_rm_against_oracle, plot_score_
 from rlhf.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
                                  tau_for_agreement)
 from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
-                             curve_point, distinct_2, evaluate_policy, gains_and_transfer,
+                             curve_point, distinct_2, evaluate_policy, gains,
                              kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
                              ratio_summary, repetition, score_names, strip_per_prompt, summarise,
                              usable, write_markdown_report, write_samples)
@@ -102,7 +102,11 @@ def check_pipeline_keys(cfg: dict) -> None:
              (numbers(cfg["kl_targets"]),
               f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
              (cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be at most "
-              "eval_prompts"), *grids])
+              "eval_prompts"),
+             # with a pairs file the only held-out prompts are the evaluation's own
+             (cfg["rlhf_stage"] != "tune" or not cfg["pairs"], "--rlhf_stage=tune picks settings "
+              "on dev prompts, and a pairs file has none apart from its evaluation prompts: tune "
+              "with the oracle's pairs"), *grids])
 
 
 # -----------------------------------------------------------------------------------------
@@ -302,7 +306,8 @@ def stage_eval(s: Setup) -> dict:
     cfg = s.cfg
     (rm, rm_record), base = load_reward_model(s, s.expected("rm")), load_policy(s)
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
-    key, judges = measure(s), [name for name in score_names(s) if name.startswith("judge_")]
+    key = measure(s)
+    scored = [key, *(name for name in score_names(s) if name.startswith("judge_"))]  # gains of
     bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
     inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"],
               "bon": bon["run"]["id"] if bon else None}
@@ -340,7 +345,7 @@ def stage_eval(s: Setup) -> dict:
             s, policy, reference, rm, prompts, 1,
             s.generator("eval.sampling", on_device=True))["completions"])
         val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
-        result["methods"][name] = dict(point, **gains_and_transfer(point, base_point, key, judges),
+        result["methods"][name] = dict(point, **gains(point, base_point, scored),
                                        pairs_seen=seen[name], val_bpb=s.data.bpb(val_loss, "val"),
                                        distinct_2=distinct_2(completions),
                                        repetition=sum(map(repetition,
@@ -349,9 +354,8 @@ def stage_eval(s: Setup) -> dict:
     result["bon_curve"] = best_of_n_curve(bon["pool"], base_result, key) if bon else []
     for point in result["bon_curve"]:
         if point["n"] in (4, 64, cfg["bon_max_n"]):
-            gains = gains_and_transfer(point, base_point, key, judges)
-            result["methods"][f"best-of-{point['n']}"] = dict(point, **gains,
-                                                              pairs_seen=rm.report["pairs_seen"])
+            result["methods"][f"best-of-{point['n']}"] = dict(
+                point, **gains(point, base_point, scored), pairs_seen=rm.report["pairs_seen"])
     result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k, cfg["max_bracket"]) for m, curve in
                                      {"best-of-n": result["bon_curve"],
                                       **result["curves"]}.items()}

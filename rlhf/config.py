@@ -43,7 +43,8 @@ rm_batch: "[1, 2**20]" = 64  # reward model: pairs per step
 rm_lr: "> 0" = 1e-3  # reward model: AdamW learning rate
 bon_max_n: "[2, 2**20]" = 1024  # best-of-n for n = 1, 2, 4, ... up to this (1024: about 5.9 nats)
 bon_prompts: "[1, 2**20]" = 24  # best-of-n on the first this many evaluation prompts
-eval_samples: "[1, 2**20]" = 4  # completions per evaluation prompt and checkpoint
+# completions per evaluation prompt and checkpoint (at least 2: win rates compare two of them)
+eval_samples: "[2, 2**20]" = 4
 kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares the methods
 # a reading at a KL only from kept policies at most max_bracket x the KL apart; each run keeps its
 # policy where its KL first crosses every target x (1 - max_bracket / 4) and x (1 + max_bracket/4)

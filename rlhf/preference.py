@@ -174,7 +174,7 @@ class RewardModel(nn.Module):
 def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor,
                       label: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Bradley-Terry negative log-likelihood of the labels: P(chosen preferred) = sigmoid(r_c -
-    r_r); label is 1 for a hard label, or the probability for a soft one."""
+    r_r); label is the probability that the chosen side is preferred (1 for a hard label)."""
     margin = chosen - rejected
     return -(label * F.logsigmoid(margin) + (1 - label) * F.logsigmoid(-margin)).mean()
 
@@ -192,7 +192,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     - "sigmoid", DPO (Rafailov et al. 2023, eq. 7): the reward-model loss on the implicit reward
       beta * h, -[label log sigmoid(beta h) + (1 - label) log sigmoid(-beta h)]. label 1 is DPO
       on hard labels; 1 - eps is conservative DPO (Mitchell 2023: labels flipped with probability
-      eps); a probability per pair trains on soft labels.
+      eps).
     - "ipo", IPO (Azar et al. 2023, eq. 17), beta its tau: (h - (label - 1/2) / tau)^2, which for
       label 1 is (h - 1 / (2 tau))^2, a regression to a finite margin instead of a push to
       infinity. TRL (and the dpo stage) give it per-token mean log-probabilities."""
@@ -207,11 +207,11 @@ def dpo_family_loss(kind: str, policy: tuple[torch.Tensor, torch.Tensor],
                     lengths: tuple[torch.Tensor, torch.Tensor], strength: float | None,
                     label: torch.Tensor | float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A DPO-family loss from the summed log-probabilities (B,) of the chosen and rejected sides
-    under the policy and the reference, and their token counts: "sigmoid" (DPO, cDPO, soft
-    labels) on the sums; "ipo" on per-token means, as TRL's IPO, so that its target margin
-    1 / (2 tau) is per token; "nll" (Preferred-FT) the chosen side's negative log-likelihood per
-    token. Returns the loss and, in TRL's names, the log-probabilities it read and (but for nll)
-    the implicit rewards strength x (log pi - log pi_ref) of both sides."""
+    under the policy and the reference, and their token counts: "sigmoid" (DPO, cDPO) on the
+    sums; "ipo" on per-token means, as TRL's IPO, so that its target margin 1 / (2 tau) is per
+    token; "nll" (Preferred-FT) the chosen side's negative log-likelihood per token. Returns
+    the loss and, in TRL's names, the log-probabilities it read and (but for nll) the implicit
+    rewards strength x (log pi - log pi_ref) of both sides."""
     per = lengths if kind == "ipo" else (1.0, 1.0)
     (pi_c, pi_r), (ref_c, ref_r) = ((a / per[0], b / per[1]) for a, b in (policy, reference))
     stats = {"logps/chosen": pi_c.detach(), "logps/rejected": pi_r.detach()}

@@ -15,14 +15,12 @@ from scipy import stats
 
 from dualgpt import UserError
 from dualgpt.files import write_text
-from rlhf.oracles import WORD
-from rlhf.preference import (RewardModel, best_of_n_expectation, best_of_n_kl,
-                                 completion_logits, exact_kl,
-                                kl_estimators, token_logprobs)
 from dualgpt.runtime import autocast
+from rlhf.oracles import WORD
+from rlhf.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits,
+                             exact_kl)
 from rlhf.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
-                            load_policy_checkpoint,
-                            reward_scores, scores, texts)
+                        load_policy_checkpoint, reward_scores, scores, texts)
 
 def score_names(s: Setup) -> list[str]:
     """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the
@@ -76,28 +74,22 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
                     prompts: torch.Tensor,
                     samples: int, gen: torch.Generator) -> dict:
     """Sample `samples` completions of each prompt and score them: the oracle, each judge and the
-    reward model, (P, samples) each; the exact sequence KL to the base per prompt (P,), with the k1
-    and k3 estimators' means."""
+    reward model, (P, samples) each; the exact sequence KL to the base per prompt (P,)."""
     repeated = prompts.repeat_interleave(samples, dim=0)
     completions = complete(s, policy, repeated, gen)
     completion_texts = texts(s, completions)
-    kl = {"exact": [], "k1": [], "k3": []}
+    kl = []
     for i in range(0, len(repeated), CHUNK):
         p, c = repeated[i:i + CHUNK], completions[i:i + CHUNK]
         with autocast(s.cfg["device"], s.cfg["dtype"]):
-            logits, ref_logits = completion_logits(policy, p,
-                                                   c), completion_logits(reference, p, c)
-        kl["exact"].append(exact_kl(logits, ref_logits, TEMPERATURE).sum(1))
-        estimators = kl_estimators(token_logprobs(logits, c, TEMPERATURE),
-                                   token_logprobs(ref_logits, c, TEMPERATURE))
-        kl["k1"].append(estimators["k1"].sum(1))
-        kl["k3"].append(estimators["k3"].sum(1))
+            logits = completion_logits(policy, p, c)
+            ref_logits = completion_logits(reference, p, c)
+        kl.append(exact_kl(logits, ref_logits, TEMPERATURE).sum(1))
     # >= 0; float noise leaves -1e-8
-    exact = torch.cat(kl["exact"]).double().cpu().clamp_min(0.0).view(-1, samples)
+    exact = torch.cat(kl).double().cpu().clamp_min(0.0).view(-1, samples)
     result = {"completions": completion_texts, "kl_per_prompt": exact.mean(1),
               "rm": reward_scores(s, rm, repeated, completions).view(-1, samples),
-              "kl_exact": exact.mean().item(),
-              **{f"kl_{k}": torch.cat(kl[k]).double().mean().item() for k in ("k1", "k3")}}
+              "kl_exact": exact.mean().item()}
     if s.oracle:
         result["oracle"] = scores(s.oracle.score, completion_texts).view(-1, samples)
         for name, judge in s.oracle.judges.items():
@@ -175,19 +167,11 @@ def at_kl(points: list[dict], kl: float, max_bracket: float = math.inf) -> dict 
     return None
 
 
-def gains_and_transfer(row: dict, base: dict, key: str, judges: list[str]) -> dict:
-    """A method's gain over the base in the score `key` (measure()'s) and each judge's, per prompt
-    (paired: the same prompts), and one seed's transfer ratio for each judge: its mean gain over
-    the oracle score's (1: the judge rose as much as the oracle score; 0: not at all). The report's
-    ratio over seeds is ratio_summary's."""
-    out = {f"gain_{k}": [a - b for a,
-                         b in zip(row["per_prompt"][k],
-                                  base["per_prompt"][k])] for k in [key, *judges]}
-    oracle_gain = sum(out[f"gain_{key}"]) / len(out[f"gain_{key}"])
-    for judge in judges:
-        judge_gain = sum(out[f"gain_{judge}"]) / len(out[f"gain_{judge}"])
-        out[f"transfer_{judge}"] = judge_gain / oracle_gain if oracle_gain else float("nan")
-    return out
+def gains(row: dict, base: dict, scores: list[str]) -> dict:
+    """A method's gain over the base in each score, per prompt (paired: the same prompts). Their
+    transfer ratios over seeds are ratio_summary's."""
+    return {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])]
+            for k in scores}
 
 
 def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dict:

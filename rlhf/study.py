@@ -259,7 +259,7 @@ def check_record(found: dict | None, expected: dict, path: str) -> None:
                       if found.get(k) != expected[k]]
         if found.get("upstream") != expected["upstream"]:
             differing.append(f"built on an earlier {UPSTREAM[expected['stage']]} file")
-        why = "; ".join(differing[:3])
+        why = "; ".join(differing[:3]) or "its record lacks what this run records"
     raise UserError(f"{path} was written by another run ({why}); run python -m rlhf "
                     f"--rlhf_stage={expected['stage']} "
                     f"with these settings")

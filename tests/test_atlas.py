@@ -105,17 +105,21 @@ def test_the_atlas_page_works_offline_in_a_real_browser_and_shows_the_models_att
 
 
 def test_the_page_leaves_out_a_patch_file_of_another_run(tmp_path, capsys):
-    """A patch file of another checkpoint, iteration or head mask, or an unreadable one, never mixes into
-    the page: the page leaves patching out and says so."""
+    """A patch file of another checkpoint, iteration, head mask or shape, or an unreadable one, never mixes
+    into the page: the page leaves patching out and says so."""
     from dualgpt.atlas import matching_patch
-    report = {"checkpoint": "/m/gpt.pt", "iter_num": 10, "head_mask": ""}
+    run = {"checkpoint": "/m/gpt.pt", "iter_num": 10, "head_mask": ""}
+    report = dict(run, heads=[{"layer": 0, "head": 0}])
+    patch = dict(run, heads=[{"layer": 0, "head": 0, "effect": 0.5, "dla": 0.1}])
     path = tmp_path / "gpt.patch.json"
     assert matching_patch(str(path), report) is None  # none written
-    for other in ({"iter_num": 20}, {"checkpoint": "/m/gpt_.pt"}, {"head_mask": "0.1"}):
-        path.write_text(json.dumps(dict(report, **other, heads=[])))
+    for other in ({"iter_num": 20}, {"checkpoint": "/m/gpt_.pt"}, {"head_mask": "0.1"},
+                  {"heads": [{"layer": 1, "head": 3, "effect": 0.5, "dla": 0.1}]},  # another shape
+                  {"heads": [{"layer": 0, "head": 0}]}, {"heads": 7}):  # not ours
+        path.write_text(json.dumps(dict(patch, **other)))
         assert matching_patch(str(path), report) is None
         assert "leaves patching out" in capsys.readouterr().out
     path.write_text('{"checkpoint": "/m/gp')
     assert matching_patch(str(path), report) is None
-    path.write_text(json.dumps(dict(report, heads=[])))
-    assert matching_patch(str(path), report) == dict(report, heads=[])
+    path.write_text(json.dumps(patch))
+    assert matching_patch(str(path), report) == patch

@@ -1,9 +1,8 @@
-"""bench.py's scaling, quality, Muon and RLHF sections: the fitted loop-cost model against a known one, the scaling
+"""bench.py's scaling, quality and Muon sections: the fitted loop-cost model against a known one, the scaling
 section on tiny shapes, the quality section's reading of nanoGPT's log and its ratio, the Muon section's pick and
-paired differences against plain computations, and the RLHF section's reading of the report python -m rlhf writes."""
+paired differences against plain computations."""
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -145,18 +144,6 @@ def test_a_folder_that_is_not_a_nanogpt_clone_is_one_line_before_any_training(tm
     (tmp_path / "train.py").write_text("")  # a train.py alone is not enough
     done = quality_with_clone()
     assert done.returncode == 2 and done.stderr.strip().endswith("(no model.py in it)")
-
-
-def test_the_rlhf_section_reads_each_stages_time_from_the_report_rlhf_py_wrote(rlhf_run, tmp_path):
-    """bench.py --only=rlhf runs python -m rlhf in a copy of the code (minutes: not here) and tabulates each stage's
-    seconds from the report that run wrote: here the pipeline's report, read as the section reads it, holds the
-    times python -m rlhf measured."""
-    (tmp_path / "generate_text").mkdir()
-    shutil.copy(rlhf_run.home / "generate_text" / "rlhf_sentiment_report.json", tmp_path / "generate_text")
-    seconds = bench.stage_seconds(str(tmp_path))
-    measured = {stage: s for stage, s in rlhf_run.result["seconds"].items() if stage != "report"}
-    assert list(seconds) == ["pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval"]
-    assert seconds == pytest.approx(measured, rel=1e-9)
 
 
 def test_flops_per_token_by_hand():

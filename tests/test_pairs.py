@@ -166,6 +166,10 @@ def test_every_stage_tunes_on_a_files_pairs_and_with_no_oracle_the_report_says_s
     assert (rlhf_run.home / "generate_text" / f"{family}_rm_vs_kl.png").exists()
     samples = (rlhf_run.home / "generate_text" / f"{family}_seed1337_samples.txt").read_text()
     assert "-------- rloo" in samples and "-------- base" in samples
+    capsys.readouterr()  # tuning would pick settings on the file's evaluation prompts: refused
+    with pytest.raises(SystemExit) as refused:
+        rlhf.main(args + ["--rlhf_stage=tune"])
+    assert refused.value.code == 2 and "a pairs file has none apart from" in capsys.readouterr().err
     # the RL stages' prompts are the file's train prompts (cut to leave room for the completion)
     s = setup(rlhf_run_config(args, "python -m rlhf", "", {}))
     file_prompts = {tuple(p) for p in (s.data.tok.encode_ordinary(r["prompt"]) for r in read_pairs(str(pairs)))}

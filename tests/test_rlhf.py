@@ -163,6 +163,7 @@ BAD_INPUT = [
     (["--head_prompts=4"], "--head_prompts is read by python -m rlhf.heads, not by python -m rlhf"),
     (["--prompt_tokens=20", "--completion_tokens=20"], "does not fit the model's block_size 32"),
     (["--rl_group=1"], "rl_group must be in [2, 2**20], got 1"),
+    (["--eval_samples=1"], "eval_samples must be in [2, 2**20], got 1"),
     (["--rlhf_stage=label", "--labels=data"], "is a folder; name a file"),
 ]
 

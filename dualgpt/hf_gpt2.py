@@ -80,12 +80,10 @@ def read_config(folder: str) -> dict:
         raise UserError(f"{path}: a JSON object is expected")
     sizes = [hf.get(k) for k in ("n_positions", "n_embd", "n_layer", "n_head")]
     refusals = [(hf.get("model_type") != "gpt2", f"model_type {hf.get('model_type')!r}, not gpt2"),
-                (not all(isinstance(v, int) and v > 0 for v in sizes), "n_positions, n_embd, "
-                 "n_layer and n_head must be "
-                                                                       "positive integers"),
+                (not all(isinstance(v, int) and v > 0 for v in sizes),
+                 "n_positions, n_embd, n_layer and n_head must be positive integers"),
                 (all(isinstance(v, int) and v > 0 for v in sizes)
-                 and hf["n_embd"] % max(1, hf["n_head"]),
-                 "n_embd is not a multiple of n_head"),
+                 and hf["n_embd"] % max(1, hf["n_head"]), "n_embd is not a multiple of n_head"),
                 (not isinstance(hf.get("layer_norm_epsilon", 1e-5), (int, float)),
                  "layer_norm_epsilon is no number"),
                 (hf.get("activation_function", "gelu_new") not in ACTIVATIONS,
@@ -105,8 +103,7 @@ def read_config(folder: str) -> dict:
 def our_config(hf: dict, vocab_size: int) -> dict:
     """Our ModelConfig's fields for GPT-2's config.json (GPT-2 always has biases)."""
     return {"vocab_size": vocab_size, "block_size": hf["n_positions"], "n_layer": hf["n_layer"],
-            "n_head": hf["n_head"],
-            "n_embd": hf["n_embd"], "dropout": 0.0, "bias": True,
+            "n_head": hf["n_head"], "n_embd": hf["n_embd"], "dropout": 0.0, "bias": True,
             "gelu": ACTIVATIONS[hf.get("activation_function", "gelu_new")],
             "layer_norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
             "tie_embeddings": bool(hf.get("tie_word_embeddings", True))}
@@ -143,9 +140,8 @@ def download(name: str) -> str:
                         "huggingface_hub") from None
     try:
         return snapshot_download(name, allow_patterns=["config.json", "*.safetensors",
-                                                       "pytorch_model.bin",
-                                                       "vocab.json", "merges.txt",
-                                                       "tokenizer.json"])
+                                                       "pytorch_model.bin", "vocab.json",
+                                                       "merges.txt", "tokenizer.json"])
     except Exception as e:  # no network, no such model: one line
         raise UserError(f"could not download {name} from the Hugging Face hub "
                         f"({e.__class__.__name__})") from None
@@ -227,20 +223,19 @@ def export_hf(model_class: type[nn.Module], cfg: dict) -> None:
     tokenizer = load_tokenizer_text(ckpt["tokenizer"])
     # saved whole, then renamed into place
     with atomic_open(os.path.join(folder, "model.safetensors"), "wb") as f:
-        f.write(save({k if k == "lm_head.weight" else f"transformer.{k}": v.contiguous() for k,
-                      v in out.items()},
+        names = {k: k if k == "lm_head.weight" else f"transformer.{k}" for k in out}
+        f.write(save({names[k]: v.contiguous() for k, v in out.items()},
                      metadata={"format": "pt"}))
     end = tokenizer.special_tokens.get("<|endoftext|>")
     write_json(os.path.join(folder, "config.json"), {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
-        "n_positions": c.block_size,
-        "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None,
+        "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+        "n_head": c.n_head, "n_inner": None,
         "activation_function": {"tanh": "gelu_new", "none": "gelu"}[c.gelu],
-        "layer_norm_epsilon": c.layer_norm_eps,
-        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True, "tie_word_embeddings": c.tie_embeddings, "bos_token_id": end,
-        "eos_token_id": end})
+        "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "initializer_range": 0.02,
+        "scale_attn_weights": True, "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": end, "eos_token_id": end})
     write_tokenizer_files(folder, tokenizer)
     # the tokenizer as written, not GPT-2's own pre-tokenizer (ours may split text otherwise)
     write_json(os.path.join(folder, "tokenizer_config.json"), {

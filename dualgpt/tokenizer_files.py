@@ -69,8 +69,8 @@ def read_tokenizer_files(folder: str) -> tuple[dict[str, int], list[tuple[str, s
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         specials = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
         return model["vocab"], merges, specials, split_pattern(data.get("pre_tokenizer"), path)
-    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder,
-                                                                               "merges.txt")
+    vocab_path = os.path.join(folder, "vocab.json")
+    merges_path = os.path.join(folder, "merges.txt")
     if not (os.path.exists(vocab_path) and os.path.exists(merges_path)):
         raise UserError(f"{folder} has no tokenizer: it needs tokenizer.json, or vocab.json and "
                         "merges.txt")
@@ -107,8 +107,7 @@ def tokenizer_from_files(folder: str) -> tuple[RegexTokenizer, dict[int, int]]:
     missing = [b for b in range(256) if as_text(bytes([b])) not in vocab]
     if missing:
         raise UserError(f"{folder}: the vocabulary lacks {len(missing)} of the 256 bytes (e.g. "
-                        f"{missing[0]}); minbpe "
-                        f"needs every byte to be a token")
+                        f"{missing[0]}); minbpe needs every byte to be a token")
     tokenizer = RegexTokenizer(pattern)
     for rank, (left, right) in enumerate(merges):
         parts = as_bytes(left), as_bytes(right)
@@ -119,13 +118,12 @@ def tokenizer_from_files(folder: str) -> tuple[RegexTokenizer, dict[int, int]]:
     tokenizer.vocab = tokenizer._build_vocab()
     # vocab.json: its tokens that no byte or merge makes, if they look like <|endoftext|>
     if specials is None:
-        specials = {text: i for text,
-                    i in vocab.items() if as_bytes(text) not in ids and text.startswith("<")
-                    and text.endswith(">")}
+        specials = {text: i for text, i in vocab.items()
+                    if as_bytes(text) not in ids and text.startswith("<") and text.endswith(">")}
     first_special = 256 + len(merges)
     try:
-        tokenizer.register_special_tokens({text: first_special + k for k,
-                                           text in enumerate(specials)})
+        tokenizer.register_special_tokens({text: first_special + k
+                                           for k, text in enumerate(specials)})
     # minbpe's .model file cannot hold a special token with whitespace in it
     except ValueError as e:
         raise UserError(f"{folder}: {e}") from None
@@ -153,16 +151,14 @@ def tokenizer_json(tokenizer: RegexTokenizer) -> dict:
     for i, token in tokenizer.vocab.items():
         if seen.setdefault(token, i) != i:
             raise UserError(f"tokens {seen[token]} and {i} of this tokenizer are the same bytes "
-                            f"({token!r}); the "
-                            "tokenizers library's files name each token once, so it cannot be "
-                            "written as them")
+                            f"({token!r}); the tokenizers library's files name each token once, "
+                            "so it cannot be written as them")
     pairs = sorted(tokenizer.merges.items(), key=lambda item: item[1])
     return {
         "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
         "post_processor": None,
         "added_tokens": [{"id": i, "content": text, "single_word": False, "lstrip": False,
-                          "rstrip": False,
-                          "normalized": False, "special": True}
+                          "rstrip": False, "normalized": False, "special": True}
                          for text, i in tokenizer.special_tokens.items()],
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
@@ -172,11 +168,10 @@ def tokenizer_json(tokenizer: RegexTokenizer) -> dict:
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                     "use_regex": False},
         "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False,
-                  "vocab": {as_text(token): i for i, token in tokenizer.vocab.items() if i not in
-                            tokenizer.inverse_special_tokens},
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {as_text(token): i for i, token in tokenizer.vocab.items()
+                            if i not in tokenizer.inverse_special_tokens},
                   # "a b": the form every version of the library reads (a byte-level token never
                   # holds a space)
                   "merges": [f"{as_text(tokenizer.vocab[a])} "

@@ -50,19 +50,19 @@ from rlhf.labelling import label_pairs
 from rlhf.pairs import encode_pairs, read_pairs, write_pairs
 from rlhf.plots import plot_learning_curves, plot_rm_against_oracle, plot_score_against_kl
 from rlhf.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
-                                 tau_for_agreement)
+                             tau_for_agreement)
 from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
-                             curve_point, distinct_2, evaluate_policy, gains,
-                             kept_curve, markdown_tables, matched_rows, measure, pairwise_rows,
-                             ratio_summary, repetition, score_names, strip_per_prompt, summarise,
-                             usable, write_markdown_report, write_samples)
-from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs,
-                            complete, eval_prompts, frozen, in_repo, kl_targets, load_output,
-                            load_pairs, load_policy, load_policy_checkpoint, load_reward_model,
-                            numbers, output_folders, read_json, record_in, reward_scores,
-                            rlhf_run_config, sample_prompts, save_model, scores, setup, texts)
-from rlhf.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo,
-                               train_reward_model, train_rl)
+                         curve_point, distinct_2, evaluate_policy, gains, kept_curve,
+                         markdown_tables, matched_rows, measure, pairwise_rows, ratio_summary,
+                         repetition, score_names, strip_per_prompt, summarise, usable,
+                         write_markdown_report, write_samples)
+from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
+                        eval_prompts, frozen, in_repo, kl_targets, load_output, load_pairs,
+                        load_policy, load_policy_checkpoint, load_reward_model, numbers,
+                        output_folders, read_json, record_in, reward_scores, rlhf_run_config,
+                        sample_prompts, save_model, scores, setup, texts)
+from rlhf.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo, train_reward_model,
+                           train_rl)
 
 # "all" runs these for each seed, then "report"
 STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
@@ -148,8 +148,8 @@ def stage_pairs(s: Setup) -> dict:
                          "label_agreement": agree}
     record = s.new_record("pairs", None)
     save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=record))
-    as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split} for split,
-               p in pairs.items()
+    as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split}
+               for split, p in pairs.items()
                for prompt, c, r in zip(texts(s, p["prompts"]),
                                        *(texts(s, side) for side in chosen_rejected(p)))]
     # two equal samples say nothing as text
@@ -577,9 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
         # one run of an oracle and preset at a time
         with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
-            stages = STAGES if cfg["rlhf_stage"] == "all" else (()
-                                                                if cfg["rlhf_stage"] == "report"
-                                                                else (cfg["rlhf_stage"],))
+            stages = {"all": STAGES, "report": ()}.get(cfg["rlhf_stage"], (cfg["rlhf_stage"],))
             for k in range(cfg["seeds"]):
                 replicate = s.for_seed(cfg["seed"] + k)
                 for stage in stages:

@@ -26,9 +26,8 @@ def head_parameter(layer: int, head: int, proj: str, kind: str = "weight") -> st
 
 def head_parameters(state: dict, layer: int, head: int) -> list[str]:
     """Every entry of one head in an LB-GPT state dict (biases only where the model has them)."""
-    names = [head_parameter(layer, head, proj,
-                            kind) for proj in ("query", "key",
-                                               "value") for kind in ("weight", "bias")]
+    names = [head_parameter(layer, head, proj, kind)
+             for proj in ("query", "key", "value") for kind in ("weight", "bias")]
     return [name for name in names if name in state]
 
 

@@ -25,17 +25,14 @@ from dualgpt.checkpoint import load_checkpoint, load_tensors
 from dualgpt.files import OutputLock, remove_dead_temps, write_json
 from dualgpt.heads import head_statistics
 from dualgpt.runtime import progress
-from rlhf.head_comparison import (attention_divergence, head_weight_change, lb_state,
-                                      part_masks,
-                                      transplant)
+from rlhf.head_comparison import (attention_divergence, head_weight_change, lb_state, part_masks,
+                                  transplant)
 from rlhf.plots import plot_head_grid, plot_lines, plot_score_against_kl
 from rlhf.preference import RewardModel
 from rlhf.report import evaluate_policy, kept_curve
-from rlhf.study import (Setup, chosen_rejected, complete, eval_prompts, frozen,
-                            load_pairs,
-                            load_policy, load_reward_model, output_folders, record_in,
-                            reward_scores,
-                            rlhf_run_config, scores, sequence_logprobs, setup, texts)
+from rlhf.study import (Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
+                        load_policy, load_reward_model, output_folders, record_in, reward_scores,
+                        rlhf_run_config, scores, sequence_logprobs, setup, texts)
 from rlhf.training import restrict_training, sampled_kl, train_rl
 
 METHODS = ("dpo", "rloo", "ppo")  # the policies python -m rlhf tunes, studied where they exist
@@ -71,8 +68,8 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
         if name in upstream and record.get("upstream") != records[upstream[name]].get("id"):
             mismatch.append(f"built on another {upstream[name]} file")
         if name == "rloo":
-            mismatch += [f"{k}={v!r}" for k,
-                         v in record.get("keys", {}).items() if k in s.cfg and s.cfg[k] != v]
+            mismatch += [f"{k}={v!r}" for k, v in record.get("keys", {}).items()
+                         if k in s.cfg and s.cfg[k] != v]
         if mismatch:
             raise UserError(f"{paths[name]} belongs to another run ({', '.join(mismatch)}); run "
                             f"python -m rlhf --seed={s.seed} again, or give the study the same "
@@ -122,8 +119,8 @@ def ablation_drops(s: Setup, policy: nn.Module, rm: RewardModel, prompts: torch.
     (the spread of the unmasked scores across draws) is the standard deviation of any one drop that
     is due to sampling alone."""
     # (draws, 2)
-    unmasked = torch.tensor([sampled_scores(s, policy, rm, prompts,
-                                            draw) for draw in range(draws)])
+    unmasked = torch.tensor([sampled_scores(s, policy, rm, prompts, draw)
+                             for draw in range(draws)])
     shape = (policy.config.n_layer, policy.config.n_head)
     drops = {"oracle": torch.zeros(shape), "rm": torch.zeros(shape),
              "noise_oracle": unmasked[:, 0].std().item(), "noise_rm": unmasked[:, 1].std().item()}
@@ -231,6 +228,11 @@ def as_lists(value):
     return value
 
 
+def ablations(study: dict, methods: dict) -> list[tuple[str, dict]]:
+    """Each model's ablation, the base's first."""
+    return [("base", study["base_ablation"])] + [(m, r["ablation"]) for m, r in methods.items()]
+
+
 def write_head_study(s: Setup, study: dict) -> None:
     """One layer x head heatmap PNG per question, a JSON table of every number, and two line
     plots."""
@@ -247,9 +249,7 @@ def write_head_study(s: Setup, study: dict) -> None:
                             r["stat_change"]["first_token"])]) for m, r in methods.items()],
         "ablation": [(name, [("oracle score drop, head off", ablation["oracle"]),
                              ("reward-model drop, head off", ablation["rm"])])
-                     for name, ablation in [("base",
-                                             study["base_ablation"])] + [(m, r["ablation"]) for m,
-                                                                         r in methods.items()]],
+                     for name, ablation in ablations(study, methods)],
         "transplant": [(m, [("margin, tuned head into base", r["margin_into_base"]),
                             ("margin lost, base head into tuned", r["margin_lost_from_tuned"]),
                             ("oracle score, tuned head into base",
@@ -267,16 +267,14 @@ def write_head_study(s: Setup, study: dict) -> None:
                            "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))
-    for name, ablation in [("base",
-                            study["base_ablation"])] + [(m, r["ablation"]) for m,
-                                                        r in methods.items()]:
+    for name, ablation in ablations(study, methods):
         largest = ablation["oracle"].abs().max().item()
         print(f"{name}: switching one head off moves the oracle score by at most {largest:.3f}; "
               f"sampling alone moves it by {ablation['noise_oracle']:.3f} (one standard "
               "deviation)")
     for method, r in methods.items():
-        top = sorted(((r["margin_into_base"][l, h].item(), f"{l}.{h}") for l,
-                      h in study["heads"]), reverse=True)[:3]
+        top = sorted(((r["margin_into_base"][l, h].item(), f"{l}.{h}")
+                      for l, h in study["heads"]), reverse=True)[:3]
         print(f"{method}: margin {r['margin']:+.3f}; "
               "by part " + ", ".join(f"{k} {v:+.3f}" for k, v in r["margin_by_part"].items())
               + "; heads carrying most of it "

@@ -33,8 +33,7 @@ from dualgpt.runconfig import (declarations, defaults, did_you_mean, model_optio
 from dualgpt.runtime import autocast
 from rlhf.oracles import Oracle, get_oracle
 from rlhf.preference import (PAD, RewardModel, completion_logits, sample_completions,
-                                 token_logprobs,
-                                 trimmed)
+                             token_logprobs, trimmed)
 
 
 def in_repo(path: str) -> str:

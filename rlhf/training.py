@@ -16,14 +16,13 @@ from dualgpt import TrainingDiverged
 from dualgpt.layouts import convert_state_dict
 from dualgpt.files import write_json
 from dualgpt.runtime import autocast, progress
-from rlhf.preference import (PAD, RewardModel, completion_logits, dpo_family_loss,
-                                 exact_kl, gae,
-                                 kl_estimators, kl_penalized_reward, policy_gradient_loss,
-                                 ppo_loss, reward_model_loss, rloo_advantages, token_logprobs,
-                                 token_rewards, value_loss, whiten)
+from rlhf.preference import (PAD, RewardModel, completion_logits, dpo_family_loss, exact_kl, gae,
+                             kl_estimators, kl_penalized_reward, policy_gradient_loss, ppo_loss,
+                             reward_model_loss, rloo_advantages, token_logprobs, token_rewards,
+                             value_loss, whiten)
 from rlhf.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_outputs, complete,
-                            completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
-                            reward_scores, sample_prompts, save_policy, sequence_logprobs)
+                        completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
+                        reward_scores, sample_prompts, save_policy, sequence_logprobs)
 
 # the DPO family: (loss kind, label); the label is 1 (hard) or 1 - cdpo_epsilon (smoothed);
 # preferred_ft fine-tunes on the chosen side (the DPO paper's "Preferred-FT")

@@ -12,7 +12,7 @@ import gpt_
 from dualgpt import UserError
 from rlhf import preference
 from rlhf.oracles import (JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, get_oracle, same_family,
-                             dialogue, syllables, verse, words)
+                          dialogue, syllables, verse, words)
 from rlhf.study import frozen
 
 # --- a toy bandit: 5 actions, a reference policy and a reward; the KL-regularised optimum is known ----------

@@ -14,7 +14,7 @@ import gpt_
 from rlhf import __main__ as rlhf
 from rlhf import heads as rlhf_heads
 from rlhf.study import (complete, keep_kls, load_policy, load_reward_model, reward_scores, rlhf_run_config,
-                            sample_prompts, setup)
+                        sample_prompts, setup)
 from rlhf import training
 from rlhf.training import STANDARDISE_SAMPLES
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from rlhf.report import (at_kl, holm, matched_rows, mean_interval, p_value, pair_accuracy, ratio_summary,
-                         sample_wins, summarise)
+from rlhf.report import (at_kl, holm, matched_rows, mean_interval, p_value, pair_accuracy, ratio_summary, sample_wins,
+                         summarise)
 from rlhf.study import keep_kls
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import platform
 import sys
 import time
 
@@ -147,7 +146,7 @@ def stage_pairs(s: Setup) -> dict:
         report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(),
                          "label_agreement": agree}
     record = s.new_record("pairs", None)
-    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, tau=torch.tensor(tau), run=record))
+    save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, run=record))
     as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split}
                for split, p in pairs.items()
                for prompt, c, r in zip(texts(s, p["prompts"]),
@@ -194,8 +193,7 @@ def import_pairs(s: Setup) -> dict:
                        ("val", held.nonzero().squeeze(1))):
         pairs[split] = {"prompts": encoded["prompts"][idx], "a": encoded["chosen"][idx],
                         "b": encoded["rejected"][idx],
-                        "a_preferred": torch.ones(len(idx), dtype=torch.bool),
-                        "lines": encoded["lines"][idx]}
+                        "a_preferred": torch.ones(len(idx), dtype=torch.bool)}
         if s.oracle:  # the file's texts as they are
             for side, field in (("a", "chosen"), ("b", "rejected")):
                 pairs[split][f"oracle_{side}"] = scores(s.oracle.score,
@@ -487,7 +485,6 @@ def stage_report(s: Setup) -> dict:
               "base": cfg["rlhf_base"],
               "script": cfg["rlhf_script"],
               "seeds": [r["seed"] for r in per_seed],
-              "inputs": {r["seed"]: r["run"]["inputs"] for r in per_seed},
               "config": {k: cfg[k] for k in sorted(cfg) if k not in ("device",)},
               "eval_prompts": per_seed[0].get("prompts", cfg["eval_prompts"]),
               "eval_split": "held-out pairs'" if cfg["pairs"] else cfg["eval_split"],
@@ -591,8 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
                 results["report"] = stage_report(s)
                 timings["report"] = time.perf_counter() - t0
-        return {"results": results, "seconds": timings,
-                "machine": platform.processor() or platform.machine()}
+        return {"results": results, "seconds": timings}
 
 
 if __name__ == "__main__":

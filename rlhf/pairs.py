@@ -117,4 +117,4 @@ def encode_pairs(pairs: list[dict], tokenizer, block_size: int, path: str) -> di
     completions = padded(chosen + rejected)
     return {"prompts": padded(prompts), "chosen": completions[:len(pairs)],
             "rejected": completions[len(pairs):],
-            "lines": torch.tensor([p["line"] for p in pairs]), "prompts_cut": cut}
+            "prompts_cut": cut}

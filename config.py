@@ -93,6 +93,6 @@ export_format: "pt | hf" = "pt"  # pt: our checkpoint, weights only; hf: a Huggi
 import_from = ""  # --mode=import: a Hugging Face GPT-2 folder (or hub name) to write as ckpt
 sample_file = ""  # where samples are written; empty = generate_text/<script>.txt
 resume = False  # continue training from ckpt
-overwrite = False  # let a fresh `train` replace an existing ckpt (the old one is kept as .bak)
+overwrite = False  # let a fresh `train` or `import` replace ckpt (the old one is kept as .bak)
 # auto: train if there is no ckpt (or with --resume or --overwrite), then sample
 mode: "auto | train | sample | eval | heads | patch | export | import" = "auto"

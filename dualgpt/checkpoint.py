@@ -30,6 +30,13 @@ def log_path(ckpt: str) -> str:
     return os.path.splitext(ckpt)[0] + ".jsonl"
 
 
+def set_aside(path: str) -> None:
+    """An existing checkpoint and its log, kept as .bak: what --overwrite replaces is not lost."""
+    for old in (path, log_path(path)):
+        if os.path.exists(old):
+            os.replace(old, old + ".bak")
+
+
 def make_checkpoint(weights: dict, model_config: dict, layout: str, tokenizer: str, iter_num: int,
                     run_config: dict, best_weights: dict | None = None,
                     best_val_loss: float = math.nan, **extra) -> dict:

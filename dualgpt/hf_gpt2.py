@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from dualgpt import UserError
 from dualgpt.checkpoint import (build_model, checkpoint_model, cpu_copy, load_tokenizer_text,
-                                make_checkpoint, save_checkpoint)
+                                make_checkpoint, save_checkpoint, set_aside)
 from dualgpt.layouts import convert_state_dict
 from dualgpt.files import atomic_open, write_json
 from dualgpt.tokenizer_files import tokenizer_from_files, write_tokenizer_files
@@ -177,6 +177,7 @@ def import_checkpoint(model_class: type[nn.Module], cfg: dict) -> dict:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
         raise UserError(f"{folder}: not a GPT-2 folder this can read ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    set_aside(cfg["ckpt"])  # --overwrite: the old checkpoint and its log kept as .bak
     save_checkpoint(cfg["ckpt"], make_checkpoint(cpu_copy(model.state_dict()), config,
                                                  model.layout,
                                                  tokenizer.model_text(), 0, cfg,

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from dualgpt import TrainingDiverged, exit_codes, repo_path
 from dualgpt.checkpoint import (build_model, checkpoint_to_resume, cpu_copy, log_path,
-                                make_checkpoint, save_checkpoint)
+                                make_checkpoint, save_checkpoint, set_aside)
 from dualgpt.data import Dataset, resolve_data
 from dualgpt.files import OutputLock, append_json_line, keep_json_lines, remove_dead_temps
 from dualgpt.runconfig import model_config, model_options, parse_head_mask, script_config
@@ -69,7 +69,10 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
                 sample(model_class, cfg)
             elif master and mode in MODES:  # the other modes run in one process
                 module, function = MODES[mode].split(".")
-                getattr(importlib.import_module(f"dualgpt.{module}"), function)(model_class, cfg)
+                run_mode = getattr(importlib.import_module(f"dualgpt.{module}"), function)
+                # import writes the checkpoint: locked, as training is
+                with OutputLock(cfg["ckpt"]) if mode == "import" else nullcontext():
+                    run_mode(model_class, cfg)
             clean = True
     finally:
         if ddp:
@@ -160,6 +163,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
     if master:
         if previous:
             say(f"resuming {path} at iteration {state.iter_num}")
+            if max_iters and state.iter_num >= max_iters:
+                say(f"note: it is at or past --max_iters={max_iters}: nothing to train")
         say(describe_run(cfg, model, data, device, dtype, micro_steps, world, tokens_per_step))
         if cfg["optimizer"] == "muon" and device == "cpu" and not cpu_has_bf16():
             say("note: Muon's Newton-Schulz iterations run in bfloat16, which this CPU emulates, "
@@ -198,9 +203,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
         if previous:
             keep_json_lines(log, lambda record: record["iter"] <= resumed_at)
         else:
-            for old in (path, log):
-                if os.path.exists(old):
-                    os.replace(old, old + ".bak")
+            set_aside(path)
 
     # the training loop
     loss = None  # the last step's loss, a tensor: reading it waits for the device

@@ -187,6 +187,9 @@ def test_every_mode_works_on_an_imported_checkpoint(bpe_folder, home, corpus, tm
     capsys.readouterr()
     assert run_main(["--mode=import", f"--import_from={folder}", *common]) == 2  # never over a checkpoint
     assert capsys.readouterr().err == f"error: {ckpt} exists; import into another --ckpt, or pass --overwrite to replace it\n"
+    before = ckpt.read_bytes()  # unless asked, and then the old one is kept as .bak, as training keeps it
+    assert run_main(["--mode=import", f"--import_from={folder}", "--overwrite", *common]) == 0
+    assert (home / "model_dict" / "imported.pt.bak").read_bytes() == before
 
 
 @pytest.mark.parametrize("source", ["imported GPT-2", "imported untied GPT-2", "trained here"])

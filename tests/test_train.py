@@ -131,6 +131,19 @@ def test_resume_equals_uninterrupted(home, corpus, optimizer):
     assert step_10["tokens_per_s"] == pytest.approx(4 * 8 * 32 / (step_10["train_s"] - resumed_s))
 
 
+def test_a_resume_below_the_checkpoints_step_trains_nothing_and_says_so(home, corpus, capsys):
+    """The issue's case: resumed with a lower limit, the bar started past its end, and tqdm raised a
+    TypeError in a log (not a terminal)."""
+    args = tiny_args(home, corpus, "--eval_interval=3", "--mode=train")
+    assert run_main(args + ["--max_iters=6"]) == 0
+    before = (home / "model_dict" / "gpt.pt").read_bytes()
+    capsys.readouterr()
+    assert run_main(args + ["--max_iters=3", "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "at or past --max_iters=3: nothing to train" in out and "Traceback" not in err
+    assert (home / "model_dict" / "gpt.pt").read_bytes() == before  # nothing trained, nothing written
+
+
 def test_ctrl_c_saves_and_resumes_exactly(home, corpus):
     common = tiny_args(home, corpus, "--dropout=0.1", "--eval_interval=1000", "--lr_decay_iters=60", "--mode=train")
     proc = run_script(home, common + [f"--ckpt={home / 'int.pt'}", "--max_iters=100000"])

@@ -132,18 +132,16 @@ def test_nanogpts_own_train_py_runs_four_steps_and_its_weights_are_scored(monkey
     assert abs(r["val_loss"] - math.log(65)) < 0.5  # 65 characters, barely trained
 
 
-def test_a_folder_that_is_not_a_nanogpt_clone_is_one_line_before_any_training(tmp_path):
-    def quality_with_clone() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "bench.py", "--only=quality", f"--nanogpt={tmp_path}"],
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                              text=True, timeout=120)
-
-    done = quality_with_clone()
+def test_a_folder_that_is_not_a_nanogpt_clone_is_one_line_before_any_training(tmp_path, capsys):
+    done = subprocess.run([sys.executable, "bench.py", "--only=quality", f"--nanogpt={tmp_path}"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: --nanogpt={tmp_path} is not a nanoGPT clone (no train.py in it)"
-    (tmp_path / "train.py").write_text("")  # a train.py alone is not enough
-    done = quality_with_clone()
-    assert done.returncode == 2 and done.stderr.strip().endswith("(no model.py in it)")
+    (tmp_path / "train.py").write_text("")  # a train.py alone is not enough (in-process now)
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--only=quality", f"--nanogpt={tmp_path}"])
+    assert refused.value.code == 2 and capsys.readouterr().err.strip().endswith("(no model.py in it)")
 
 
 def test_flops_per_token_by_hand():

@@ -4,8 +4,8 @@ earlier stage changed (other pairs), two seeds interleaved, a damaged file, a re
 stage. A model of the files says which stage may run: each stage's output records the run it was
 built on, and a reader refuses one built on files that have since been written anew. Every command
 must do what the model says: exit 2 with one line, or succeed with the result the stages give when
-run in order (the same tensors, the same weights, the same evaluation). DUALGPT_FUZZ=10 runs ten
-times as many sequences."""
+run in order (the same tensors, the same weights, the same evaluation). The suite runs one
+sequence; DUALGPT_FUZZ=100, a hundred."""
 import contextlib
 import io
 import json
@@ -307,7 +307,7 @@ class Stages(RuleBasedStateMachine):
 
 # the same sequences in every run (a fixed seed); no shrinking: it takes minutes
 Stages = seed(47)(Stages)
-Stages.TestCase.settings = settings(max_examples=2 * SCALE, stateful_step_count=10,
+Stages.TestCase.settings = settings(max_examples=SCALE, stateful_step_count=10,
                                     deadline=None, database=None,
                                     phases=[Phase.explicit, Phase.generate])
 test_rlhf_stages_in_any_order_on_one_folder = Stages.TestCase

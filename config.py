@@ -77,14 +77,14 @@ head_mask = ""  # heads to switch off, as layer.head from 0: "0.3,2.1"; applies 
 heads_per_layer = False  # --mode=heads: also write one attention-map PNG per layer
 # the probe of --mode=heads (and of training, with log_probe): sequences of one random token, then
 # probe_length random tokens twice
-log_probe = False  # each evaluation in training also logs in-context learning and induction
+log_probe = False  # each evaluation in training also logs in-context learning, probe scores
 probe_sequences: "[1, 2**16]" = 64
 probe_length: "[0, 2**16]" = 0  # tokens per copy; 0: 24, or what fits the window
 # --mode=patch: prompts of equal token length, and the answers (one token each) whose logit
-# difference at the last position is the metric
-patch_clean = "The king loves the queen, and the queen loves the"
-patch_corrupt = "The queen loves the king, and the king loves the"
-patch_answers = " king| queen"  # correct|wrong
+# difference at the last position is the metric; left empty, a task the model tells apart
+patch_clean = ""
+patch_corrupt = ""
+patch_answers = ""  # correct|wrong, as " him| her"
 
 # --- paths and mode ------------------------------------------------------------------------------
 ckpt = ""  # checkpoint file; empty = model_dict/<script>.pt

@@ -49,8 +49,6 @@ class Head(nn.Module):
         causal = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("tril", causal, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.record = False  # keep this head's attention weights and output (for head research)
-        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -63,10 +61,7 @@ class Head(nn.Module):
         # its next token without seeing it, and the T predictions of a sequence train in one pass
         wei = wei.masked_fill(~self.tril[:T, :T], float("-inf"))
         wei = F.softmax(wei, dim=-1)
-        out = self.dropout(wei) @ self.value(x)  # (B, T, hs)
-        if self.record:
-            self.recorded = (wei.detach(), out.detach())
-        return out
+        return self.dropout(wei) @ self.value(x)  # (B, T, hs)
 
 
 class MultiHeadAttention(nn.Module):
@@ -83,9 +78,7 @@ class MultiHeadAttention(nn.Module):
         head_size = x.shape[-1] // len(self.heads)
         outputs = []
         for i, head in enumerate(self.heads):
-            if i in self.masked:  # switched off: zeros (recording, it still runs for its map)
-                if head.record:
-                    head(x)
+            if i in self.masked:  # switched off: zeros
                 outputs.append(x.new_zeros(*x.shape[:-1], head_size))
             else:
                 outputs.append(head(x))  # (B, T, hs)
@@ -93,15 +86,6 @@ class MultiHeadAttention(nn.Module):
 
     def mask_heads(self, heads: set[int]) -> None:
         self.masked = set(heads)
-
-    def set_record(self, on: bool) -> None:
-        for head in self.heads:
-            head.record, head.recorded = on, None
-
-    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention weights (B, nh, T, T) and head outputs (B, nh, T, hs) of the last forward."""
-        weights, outputs = zip(*(head.recorded for head in self.heads))
-        return torch.stack(weights, dim=1), torch.stack(outputs, dim=1)
 
 
 class MLP(nn.Module):
@@ -197,11 +181,6 @@ class LBGPT(nn.Module):
         """Switch off heads, given as (layer, head) pairs; an empty set switches all back on."""
         for i, block in enumerate(self.blocks):
             block.attn.mask_heads({h for layer, h in mask if layer == i})
-
-    def record_attention(self, on: bool) -> None:
-        """Keep every head's attention weights and output on the next forward passes."""
-        for block in self.blocks:
-            block.attn.set_record(on)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,6 @@ class SingleMatmulAttention(nn.Module):
         self.register_buffer("head_gate", gate, persistent=False)
         self.impl = "sdpa"
         self.masked: set[int] = set()
-        self.record = False  # keep attention weights and head outputs (forces the matmul path)
-        self._recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -67,7 +65,7 @@ class SingleMatmulAttention(nn.Module):
                 past = cache.k.shape[2]
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             cache.k, cache.v = k, v
-        if self.impl == "sdpa" and not self.record:
+        if self.impl == "sdpa":
             if past and T > 1:
                 raise ValueError("with a non-empty cache, feed one token at a time")
             # causal within the new tokens; a single new token may attend to everything cached
@@ -79,8 +77,6 @@ class SingleMatmulAttention(nn.Module):
             att = att.masked_fill(~self.tril[past:past + T, :past + T], float("-inf"))
             att = F.softmax(att, dim=-1)
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
-            if self.record:
-                self._recorded = (att.detach(), y.detach())
         if self.masked:
             y = y * self.head_gate.view(1, -1, 1, 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side (gpt.py: torch.cat)
@@ -91,12 +87,6 @@ class SingleMatmulAttention(nn.Module):
         self.head_gate.fill_(1.0)
         self.head_gate[sorted(self.masked)] = 0.0
 
-    def set_record(self, on: bool) -> None:
-        self.record, self._recorded = on, None
-
-    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention weights (B, nh, T, T) and head outputs (B, nh, T, hs) of the last forward."""
-        return self._recorded
 
 
 class SMGPT(LBGPT):

@@ -15,4 +15,4 @@ repeat_fraction = 0.5
 max_minutes = 5.0
 eval_points = 16
 eval_iters = 10
-log_probe = True  # in-context learning and the largest induction score at each evaluation
+log_probe = True  # in-context learning and each head's probe scores at each evaluation

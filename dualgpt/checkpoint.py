@@ -168,6 +168,15 @@ def model_from_checkpoint(model_class: type[nn.Module], ckpt: dict, path: str, d
     return model.to(device)
 
 
+def load_model(path: str, model_class: type[nn.Module],
+               device: str = "cpu") -> tuple[nn.Module, RegexTokenizer]:
+    """For a notebook: the checkpoint at path as a model of model_class (either script's
+    checkpoint), in eval mode, and its tokenizer."""
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(model_class, ckpt, path, device).eval()
+    return model, load_tokenizer_text(ckpt["tokenizer"])
+
+
 def checkpoint_model(model_class: type[nn.Module], cfg: dict) -> tuple[dict, nn.Module]:
     """The checkpoint at --ckpt and its best model, with the run's head mask and model options
     (the sample, eval and heads modes)."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from dualgpt.files import atomic_open
 
 
@@ -47,35 +49,40 @@ def smoothed(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
-def plot_losses(log_file: str, path: str, title: str) -> None:
+def plot_losses(log_file: str, path: str, title: str, repeat_fraction: float = 0.0) -> None:
     """Bits per byte against training minutes, from the JSON-lines log: the train and val
-    evaluations and the loss of the logged training steps (smoothed); below, where the log has
-    them, the in-context-learning score and the largest induction score (probes.py)."""
+    evaluations and the loss of the logged training batches (smoothed; with repeat_fraction, that
+    share of them repeat their start, so they read easier than text); below, where the log has
+    them, the in-context-learning score and each head's induction score (probes.py)."""
     with open(log_file, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     evals = [r for r in records if "val_bpb" in r]
     steps = [r for r in records if "bpb" in r]
     probed = [r for r in evals if "icl_score" in r]
     xlabel = "training time, minutes (evaluation excluded)"
-    fig, axes = pyplot().subplots(2 if probed else 1, 1, figsize=(7, 7 if probed else 4.5),
+    fig, axes = pyplot().subplots(2 if probed else 1, 1, figsize=(7, 8 if probed else 4.5),
                                   sharex=True, squeeze=False)
     ax = axes[0][0]
     if steps:
+        repeats = f", {repeat_fraction:.0%} of them with repeats" if repeat_fraction else ""
         ax.plot(minutes(steps), smoothed([r["bpb"] for r in steps]), linewidth=1, alpha=0.6,
-                color="grey", label="training steps (batch loss, smoothed)")
+                color="grey", label=f"training batches (smoothed{repeats})")
     for split in ("train", "val"):
         ax.plot(minutes(evals), [r[f"{split}_bpb"] for r in evals], marker="o",
-                label=f"{split} (evaluation)")
+                label=f"{split} split (evaluation, text as it is)")
     if probed:
         below, right = axes[1][0], axes[1][0].twinx()  # nats on the left, attention on the right
-        below.plot(minutes(probed), [r["icl_score"] for r in probed], marker="o",
+        below.plot(minutes(probed), [r["icl_score"] for r in probed], marker="o", color="black",
                    label="in-context learning (nats, loss on copy 1 - copy 2)")
-        right.plot(minutes(probed), [r["induction_max"] for r in probed], marker="s", color="C1",
-                   label="largest induction score (attention, right axis)")
-        right.axhline(0.4, color="C1", linestyle=":", linewidth=1)  # the label (heads.py)
-        right.set(ylim=(0, 1), ylabel="induction score (label from 0.4, dotted)")
+        scores = np.array([r["probe_scores"]["induction"] for r in probed])  # (evals, layer, head)
+        for (layer, head), _ in np.ndenumerate(scores[0]):
+            right.plot(minutes(probed), scores[:, layer, head], linewidth=1.2,
+                       label=f"head {layer}.{head} (right axis)")
+        right.axhline(0.4, color="grey", linestyle=":", linewidth=1)  # the label (heads.py)
+        right.set(ylim=(0, 1), ylabel="each head's induction score (label: 0.4, dotted)")
         label_axes(below, xlabel, "nats", "repeated random tokens")  # then a legend of both axes:
-        below.legend(handles=below.lines + right.lines[:1], fontsize=8, loc="upper left")
+        below.legend(handles=below.lines + right.lines[:-1], fontsize=6, loc="upper left",
+                      ncol=2)
     finish_plot(fig, ax, "" if probed else xlabel, "bits per byte", title, path)
 
 

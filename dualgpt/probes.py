@@ -4,26 +4,13 @@ evaluation in training. A head's score is its mean attention on the probe's targ
 earlier occurrence, an induction head to the token after it, whose copy comes next."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from dualgpt import UserError
-
-
-@contextmanager
-def recording(*models: nn.Module):
-    """Within the block, every head keeps its attention weights and output of the last forward."""
-    for model in models:
-        model.record_attention(True)
-    try:
-        yield
-    finally:
-        for model in models:
-            model.record_attention(False)
+from dualgpt.hooks import patterns, run_with_cache
 
 
 PROBES = ("previous_token", "duplicate_token", "induction")
@@ -60,10 +47,9 @@ def probe_scores(model: nn.Module, tokens: torch.Tensor,
     (n_layer, n_head)), and the model's in-context-learning score, in eval mode (no dropout); the
     model is left in the mode it was in."""
     training = model.training
-    with recording(model.eval()):
-        logits, _ = model(tokens)
-        att = torch.stack([block.attn.recorded()[0] for block in model.blocks], dim=1)
+    logits, cache = run_with_cache(model.eval(), tokens, patterns(model))
     model.train(training)
+    att = torch.stack([cache[name] for name in patterns(model)], dim=1)
     # att: (B, n_layer, n_head, T, T), query positions first
     T, L = tokens.shape[1], length
     every = torch.arange(1, T)  # the queries with a predecessor

@@ -141,7 +141,7 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
     peak = {key: cfg["muon_lr"] / cfg["learning_rate"] if key == "muon" else 1.0
             for key in optimizers}
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs across ranks
-    # in-context learning and the largest induction score at each evaluation, if asked for
+    # in-context learning and each head's probe scores at each evaluation, if asked for
     probe = None
     if cfg["log_probe"]:
         from dualgpt.probes import probe_length, probe_scores, repeated_tokens, training_tokens
@@ -246,9 +246,10 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
                               "val_bpb": bpb["val"], "lr": lr, "tokens_per_s": tokens_per_s,
                               "train_s": state.train_s, "elapsed_s": time.time() - t_start}
                     if probe and master:  # whether induction heads have formed: one forward
-                        scores, icl = probe_scores(model, *probe)
-                        record["icl_score"] = icl
-                        record["induction_max"] = scores["induction"].max().item()
+                        scores, record["icl_score"] = probe_scores(model, *probe)
+                        record["probe_scores"] = {  # (n_layer, n_head) each, to 4 decimals
+                            name: [[round(v, 4) for v in row] for row in s.tolist()]
+                            for name, s in scores.items()}
                     if master:
                         append_json_line(log, record)
                         say(f"iter {state.iter_num} ({state.train_s / 60:.1f} min): train loss "
@@ -342,7 +343,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
         if done:
             from dualgpt.plots import plot_losses  # matplotlib only when drawing
             plot_path = os.path.splitext(path)[0] + ".loss.png"
-            plot_losses(log, plot_path, f"{os.path.basename(path)}: bits per byte")
+            plot_losses(log, plot_path, f"{os.path.basename(path)}: bits per byte",
+                        cfg["repeat_fraction"])
             say(f"loss curve: {plot_path}")
     if stopping and not done:
         if master:

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from dualgpt.checkpoint import layout_of
 from dualgpt.layouts import convert_state_dict
-from dualgpt.probes import recording
+from dualgpt.hooks import patterns, run_with_cache
 
 PART = re.compile(r"blocks\.(\d+)\.(?:(mlp)\.|attn\.(?:heads\.|proj\.weight$))")  # heads', MLPs'
 
@@ -120,16 +120,15 @@ def attention_divergence(base: nn.Module, tuned: nn.Module,
                          batches: list[torch.Tensor]) -> torch.Tensor:
     """Jensen-Shannon divergence (nats, at most log 2) between the two models' attention rows on
     the same inputs, averaged over every query position: (n_layer, n_head)."""
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # over the last dimension
+        return (a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log())).sum(-1)
+
     total = torch.zeros(base.config.n_layer, base.config.n_head)
-    with recording(base, tuned):
-        for x in batches:
-            base(x)
-            tuned(x)
-            for layer, (b, t) in enumerate(zip(base.blocks, tuned.blocks)):
-                # (B, nh, T, T)
-                p, q = b.attn.recorded()[0].double(), t.attn.recorded()[0].double()
-                m = (p + q) / 2
-                # noqa: E731
-                kl = lambda a: (a * (a.clamp_min(1e-30).log() - m.clamp_min(1e-30).log())).sum(-1)
-                total[layer] += ((kl(p) + kl(q)) / 2).mean((0, 2)).float().cpu()
+    for x in batches:
+        _, base_cache = run_with_cache(base, x, patterns(base))
+        _, tuned_cache = run_with_cache(tuned, x, patterns(tuned))
+        for layer, name in enumerate(patterns(base)):
+            p, q = base_cache[name].double(), tuned_cache[name].double()  # (B, nh, T, T)
+            m = (p + q) / 2
+            total[layer] += ((kl(p, m) + kl(q, m)) / 2).mean((0, 2)).float().cpu()
     return total / len(batches)

@@ -244,7 +244,7 @@ def write_head_study(s: Setup, study: dict) -> None:
                           for m, r in methods.items()],
         "attention": [(m, [("attention map divergence (JS, nats)", r["attention_divergence"]),
                            ("entropy change", r["stat_change"]["entropy"]),
-                           ("previous-token change", r["stat_change"]["previous_token"]),
+                           ("previous-token change", r["stat_change"]["previous_token_text"]),
                            ("first-token change",
                             r["stat_change"]["first_token"])]) for m, r in methods.items()],
         "ablation": [(name, [("oracle score drop, head off", ablation["oracle"]),

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from dualgpt.heads import draw_head_cells
+from dualgpt.atlas import draw_head_cells
 from dualgpt.plots import finish_plot, pyplot, save_figure
 
 METHOD_COLOURS = {"dpo": "tab:blue", "cdpo": "tab:cyan", "ipo": "tab:purple",

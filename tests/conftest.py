@@ -45,7 +45,7 @@ def figures(request, monkeypatch):
         from matplotlib.figure import Figure
 
         from dualgpt import plots
-        monkeypatch.setattr(plots, "plot_losses", lambda log_file, path, title: None)
+        monkeypatch.setattr(plots, "plot_losses", lambda log_file, path, title, repeat_fraction: None)
         monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: None)
 
 
@@ -83,6 +83,26 @@ def run_main(argv, cls=None, script="gpt"):
     except SystemExit as e:
         return e.code
     return 0
+
+
+def stop_after(n: int) -> type:
+    """A StopRequest for run.py: Ctrl-C pressed after the run's n-th step (the run checks its flag once
+    before each step)."""
+
+    class StopAfter:
+        def __enter__(self):
+            self.checks = 0
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        @property
+        def requested(self):
+            self.checks += 1
+            return self.checks > n
+
+    return StopAfter
 
 
 def copy_code(dest) -> None:

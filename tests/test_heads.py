@@ -1,11 +1,15 @@
-"""Head-level research: recorded attention, head masks, --mode=heads."""
+"""Head-level research: head masks, statistics, probe scores, composition scores, --mode=heads."""
 import json
+import os
+import re
+import shutil
 
 import matplotlib.image
 from matplotlib.figure import Figure
 import pytest
 import torch
-from conftest import dataset, run_main, tiny_args
+from conftest import ROOT, dataset, run_main, tiny_args
+from test_hooks import plain_forward
 
 import gpt
 import gpt_
@@ -21,30 +25,6 @@ def models(cfg=CFG, impl="sdpa"):
     sm = gpt_.SMGPT(cfg, attn_impl=impl).eval()
     sm.load_state_dict(layouts.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
     return lb, sm
-
-
-def recorded(model, x):
-    model.record_attention(True)
-    logits, _ = model(x)
-    weights = [block.attn.recorded()[0] for block in model.blocks]
-    model.record_attention(False)
-    return logits, weights
-
-
-@pytest.mark.parametrize("impl", ["sdpa", "matmul"])
-def test_recorded_weights_are_causal_distributions_equal_in_both_layouts(impl):
-    lb, sm = models(impl=impl)
-    x = torch.randint(0, 300, (2, 16))
-    plain, _ = lb(x)
-    lb_logits, lb_w = recorded(lb, x)
-    sm_logits, sm_w = recorded(sm, x)
-    assert torch.equal(plain, lb_logits)  # recording changes nothing
-    for a, b in zip(lb_w, sm_w):
-        assert a.shape == (2, 4, 16, 16)
-        assert torch.allclose(a.sum(-1), torch.ones(2, 4, 16), atol=1e-6)
-        assert torch.all(a.triu(diagonal=1) == 0)  # exactly zero above the diagonal
-        assert (a - b).abs().max().item() <= 1e-6
-    assert all(head.recorded is None for block in lb.blocks for head in block.attn.heads)  # off again
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "matmul"])
@@ -100,16 +80,24 @@ def test_head_mask_applies_in_training(home, corpus):
     assert not torch.equal(trained["blocks.1.attn.heads.1.key.weight"], initial["blocks.1.attn.heads.1.key.weight"])
 
 
+def page_data(path) -> dict:
+    """The data an atlas page draws, as written into it."""
+    return json.loads(re.search(r"^const data = (.*);$", path.read_text(), flags=re.M).group(1))
+
+
 @pytest.mark.plots
-def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeypatch):
+def test_mode_heads_writes_maps_stats_composition_and_ablation(home, corpus, capsys, monkeypatch):
     args = tiny_args(home, corpus, "--max_iters=10", "--eval_interval=10", n_layer=2)
     assert run_main(args + ["--mode=train"]) == 0
     capsys.readouterr()
-    assert run_main(args + ["--mode=heads", "--heads_per_layer", "--prompt=ROMEO: O my love"]) == 0
+    prompt = "ROMEO: O my love, " * 12  # more tokens than the window: the maps show its end, and say so
+    assert run_main(args + ["--mode=heads", "--heads_per_layer", f"--prompt={prompt}"]) == 0
     out = capsys.readouterr().out
-    assert "heads by importance" in out
+    assert "heads by importance" in out and "largest K-composition" in out
+    assert re.search(r"note: the prompt is \d+ tokens; the maps show its last 32\n", out)
     out_dir = home / "generate_text"
-    for png in ["gpt.heads.png", "gpt.ablation.png", "gpt.heads.layer0.png", "gpt.heads.layer1.png"]:
+    for png in ["gpt.heads.png", "gpt.ablation.png", "gpt.heads.layer0.png", "gpt.heads.layer1.png",
+                "gpt.composition.png"]:
         path = out_dir / png
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(path)
@@ -119,7 +107,7 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
     rows = report["heads"]
     assert sorted((r["layer"], r["head"]) for r in rows) == [(layer, h) for layer in range(2) for h in range(2)]
     assert [r["loss_increase"] for r in rows] == sorted((r["loss_increase"] for r in rows), reverse=True)
-    assert "label" in out and "ICL off" in out
+    assert "label (probe / text)" in out and "ICL off" in out
     # the probe's record, its scores and labels (block 32: 15 tokens per copy), and the ICL score
     pool = probes.training_tokens(dataset(script_config(args, "gpt")).splits["train"])
     assert 0 < len(pool) < 300  # a small corpus: most of the 300 ids never occur, and are never drawn
@@ -127,9 +115,10 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
                                "drawn_from": "ids in the train split", "label_threshold": 0.4}
     assert isinstance(report["icl_score"], float)
     for r in rows:
-        assert all(0 <= r[name] <= 1 for name in ("previous_token", "duplicate_token", "induction",
-                                                  "first_token"))
+        assert not r["masked"]
+        assert all(0 <= r[name] <= 1 for name in probes.PROBES + heads.TEXT_SCORES)
         assert r["label"] == heads.head_label(r)
+        assert r["text_label"] == heads.head_label(r, heads.TEXT_SCORES)
         assert r["entropy"] >= 0
     # icl_change: the ICL score with that head also off, minus with all on
     _, model = checkpoint.checkpoint_model(gpt.LBGPT, script_config(args + ["--mode=heads"], "gpt"))
@@ -139,19 +128,49 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
     model.set_head_mask({(row["layer"], row["head"])})
     assert probes.probe_scores(model, probe, 15)[1] - report["icl_score"] == pytest.approx(
         row["icl_change"], abs=1e-5)
+    # composition: every head of layer 0 with every head of layer 1, the model's scores
+    model.set_head_mask(set())
+    scores = heads.composition_scores(model)
+    pairs = report["composition"]["pairs"]
+    assert [(p["from"], p["to"]) for p in pairs] == [([0, i], [1, j]) for i in range(2) for j in range(2)]
+    for p in pairs:
+        for kind in "qkv":
+            assert p[kind] == pytest.approx(scores[kind][(*p["from"], *p["to"])].item(), abs=1e-6)
+    assert 0 < report["composition"]["baseline"] < 1
+    # the page: the val excerpt, the prompt's last 32 tokens and the probe, no mask
+    data = page_data(out_dir / "gpt.heads.html")
+    assert [(i["name"], len(i["tokens"])) for i in data["inputs"]] == [("val text", 32), ("prompt", 32),
+                                                                       ("probe", 31)]
+    assert data["mask"] == [] and data["heads"] == rows
     # deterministic, and the same from gpt_.py on the same checkpoint (the figures, checked above, not drawn again)
     monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: None)
     assert run_main(args + ["--mode=heads"]) == 0
-    first = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
+    first = json.loads((out_dir / "gpt.heads.json").read_text())
     assert run_main(args + ["--mode=heads"]) == 0
-    assert json.loads((out_dir / "gpt.heads.json").read_text())["heads"] == first
+    assert json.loads((out_dir / "gpt.heads.json").read_text()) == first
     assert run_main(args + ["--mode=heads"], gpt_.SMGPT, "gpt_") == 0
-    sm = json.loads((out_dir / "gpt.heads.json").read_text())["heads"]
-    assert [(r["layer"], r["head"]) for r in sm] == [(r["layer"], r["head"]) for r in first]
-    for a, b in zip(first, sm):
+    sm = json.loads((out_dir / "gpt.heads.json").read_text())
+    assert [(r["layer"], r["head"]) for r in sm["heads"]] == [(r["layer"], r["head"]) for r in first["heads"]]
+    for a, b in zip(first["heads"], sm["heads"]):
         for key in ("loss_increase", "entropy", "previous_token", "duplicate_token", "induction",
-                    "icl_change"):
+                    "icl_change", "previous_token_text", "output_norm"):
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    for a, b in zip(first["composition"]["pairs"], sm["composition"]["pairs"]):
+        assert a == pytest.approx(b, abs=1e-6)
+    # a masked run: its own files, nothing measured of the masked head, the mask on the page
+    capsys.readouterr()
+    assert run_main(args + ["--mode=heads", "--head_mask=1.0"]) == 0
+    assert json.loads((out_dir / "gpt.heads.json").read_text()) == sm  # the unmasked run's, untouched
+    masked = json.loads((out_dir / "gpt.masked-1.0.heads.json").read_text())
+    off = next(r for r in masked["heads"] if (r["layer"], r["head"]) == (1, 0))
+    assert off["masked"] and off["label"] == "" and all(off[k] is None for k in (
+        "induction", "previous_token_text", "output_norm", "loss_increase", "icl_change"))
+    assert masked["heads"][-1] is off  # sorted last
+    on = [r for r in masked["heads"] if r is not off]
+    assert all(r["output_norm"] > 0 and r["loss_increase"] is not None for r in on)
+    assert masked["val_loss"] != first["val_loss"]  # measured with the head off
+    assert page_data(out_dir / "gpt.masked-1.0.heads.html")["mask"] == [[1, 0]]
+    assert re.search(r"1\.0 +masked", capsys.readouterr().out)
     # a probe longer than the window: one line, exit 2, nothing written
     before = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
     capsys.readouterr()
@@ -162,70 +181,110 @@ def test_mode_heads_writes_maps_stats_and_ablation(home, corpus, capsys, monkeyp
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
 
-def test_statistics_against_a_hand_made_attention():
-    """previous_token / first_token / distance / entropy on a model whose attention is known."""
-    lb, _ = models(gpt.ModelConfig(300, 8, 1, 1, 8, 0.0, False))
-    head = lb.blocks[0].attn.heads[0]
+def test_on_a_fresh_clone_the_head_modes_use_the_shipped_model_and_say_so(home, corpus, capsys, monkeypatch):
+    """No model trained at model_dict/gpt.pt: --mode=heads (docs/heads.md's first command) and --mode=patch
+    read model_dict/shipped/gpt.pt, with a one-line note, and write into generate_text/, never over the shipped
+    model."""
+    shipped = home / "model_dict" / "shipped" / "gpt.pt"
+    shipped.parent.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "model_dict", "shipped", "gpt.pt"), shipped)
+    digest = shipped.read_bytes()
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: None)
+    common = [f"--data={corpus}", "--device=cpu", "--dtype=float32", "--eval_iters=1", "--batch_size=2"]
+    assert run_main(["--mode=heads", "--probe_sequences=4", *common]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"note: no model trained at {home / 'model_dict' / 'gpt.pt'} yet; using the shipped "
+                          f"one, {shipped}\n")
+    assert json.loads((home / "generate_text" / "gpt.heads.json").read_text())["checkpoint"] == str(shipped)
+    assert run_main(["--mode=patch", *common]) == 0
+    assert "using the shipped one" in capsys.readouterr().out
+    assert (home / "generate_text" / "gpt.patch.json").exists()
+    assert shipped.read_bytes() == digest
+
+
+def plain_composition(state: dict, cfg: gpt.ModelConfig) -> dict:
+    """TransformerLens's composition scores pair by pair from an LB-GPT state dict: ln_1's weight folded
+    into W_Q, W_K, W_V, these centred over d_model, W_O centred over d_model; then ||A B|| / (||A|| ||B||)."""
+    hs, L, H = cfg.n_embd // cfg.n_head, cfg.n_layer, cfg.n_head
+
+    def matrices(layer, head):  # the head's QK and OV, (C, C) each
+        gain = state[f"blocks.{layer}.ln_1.weight"].double()
+        read = {proj: gain[:, None] * state[f"blocks.{layer}.attn.heads.{head}.{proj}.weight"].double().T
+                for proj in ("query", "key", "value")}
+        read = {proj: w - w.mean(dim=0, keepdim=True) for proj, w in read.items()}
+        w_o = state[f"blocks.{layer}.attn.proj.weight"].double()[:, head * hs:(head + 1) * hs].T  # (hs, C)
+        w_o = w_o - w_o.mean(dim=1, keepdim=True)
+        return read["query"] @ read["key"].T, read["value"] @ w_o
+
+    def score(a, b):
+        return (torch.linalg.matrix_norm(a @ b) / (torch.linalg.matrix_norm(a) * torch.linalg.matrix_norm(b))).item()
+
+    expected = {kind: torch.zeros(L, H, L, H) for kind in "qkv"}
+    for a in range(L):
+        for i in range(H):
+            _, ov = matrices(a, i)
+            for b in range(a + 1, L):
+                for j in range(H):
+                    qk, ov_later = matrices(b, j)
+                    expected["q"][a, i, b, j] = score(ov, qk)
+                    expected["k"][a, i, b, j] = score(ov, qk.T)
+                    expected["v"][a, i, b, j] = score(ov, ov_later)
+    return expected
+
+
+def test_composition_scores_equal_a_pair_by_pair_reference_in_both_layouts():
+    cfg = gpt.ModelConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=16, bias=True)
+    torch.manual_seed(0)
+    lb = gpt.LBGPT(cfg).eval()
+    for block in lb.blocks:  # LayerNorm gains of their own, so that folding them matters
+        block.ln_1.weight.data = torch.rand(16) * 2 + 0.1
+    sm = gpt_.SMGPT(cfg).eval()
+    sm.load_state_dict(layouts.convert_state_dict(lb.state_dict(), "LB-GPT", "SM-GPT", cfg.n_head))
+    expected = plain_composition(lb.state_dict(), cfg)
+    for model in (lb, sm):
+        scores = heads.composition_scores(model)
+        for kind in "qkv":
+            torch.testing.assert_close(scores[kind], expected[kind], atol=1e-6, rtol=0)
+    assert expected["k"][0, 0, 1:].min() > 0 and expected["k"][1:, :, :2].max() == 0  # later layers only
+    baseline = heads.composition_baseline(16, 8)
+    assert 0 < baseline < 1
+
+
+def test_statistics_against_a_hand_made_attention(monkeypatch):
+    """previous-token / current-token / first-token / distance / entropy / output norm on a cache whose
+    attention and outputs are known."""
     T = 8
     prev = torch.zeros(T, T)
     prev[0, 0] = 1
     for i in range(1, T):
         prev[i, i - 1] = 1
+    z = torch.zeros(2, T, 1, 8)
+    z[..., 0] = 3.0  # every output of norm 3
 
-    def fake_forward(x):
-        out = torch.zeros(*x.shape[:-1], 8)
-        head.recorded = (prev.expand(x.shape[0], T, T), out)
-        return out
+    def fake_cache(model, x, names):
+        return None, {"blocks.0.attn.hook_pattern": prev.expand(2, 1, T, T), "blocks.0.attn.hook_z": z}
 
-    head.forward = fake_forward
+    monkeypatch.setattr(heads, "run_with_cache", fake_cache)
+    lb, _ = models(gpt.ModelConfig(300, 8, 1, 1, 8, 0.0, False))
     stats = heads.head_statistics(lb, [torch.randint(0, 300, (2, T))])
-    assert stats["previous_token"][0, 0].item() == pytest.approx(1.0)
+    assert stats["previous_token_text"][0, 0].item() == pytest.approx(1.0)
+    assert stats["current_token"][0, 0].item() == pytest.approx(1 / T)  # only query 0 looks at itself
     assert stats["first_token"][0, 0].item() == pytest.approx(1 / (T - 1))  # only query 1 looks at token 0
     assert stats["mean_distance"][0, 0].item() == pytest.approx((T - 1) / T)
     assert stats["entropy"][0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats["output_norm"][0, 0].item() == pytest.approx(3.0)
 
 
 # --- the standard probe, against a plain implementation from the raw weights -------------------
 
 
-def plain_forward(state: dict, cfg: gpt.ModelConfig, tokens: torch.Tensor):
-    """Logits (B, T, V) and every head's attention weights [layer][head] (B, T, T), computed from an
-    LB-GPT state dict with nothing of the model's code."""
-    B, T = tokens.shape
-    C, hs = cfg.n_embd, cfg.n_embd // cfg.n_head
-
-    def linear(x, name):
-        return x @ state[name + ".weight"].T + (state[name + ".bias"] if cfg.bias else 0)
-
-    def norm(x, name):
-        return torch.nn.functional.layer_norm(x, (C,), state[name + ".weight"],
-                                              state.get(name + ".bias"), cfg.layer_norm_eps)
-
-    x = state["wte.weight"][tokens] + state["wpe.weight"][:T]
-    causal = torch.ones(T, T).tril().bool()
-    weights = []
-    for layer in range(cfg.n_layer):
-        h, outs, weights_of_layer = norm(x, f"blocks.{layer}.ln_1"), [], []
-        for head in range(cfg.n_head):
-            q, k, v = (linear(h, f"blocks.{layer}.attn.heads.{head}.{p}") for p in ("query", "key",
-                                                                                    "value"))
-            w = (q @ k.transpose(1, 2) / hs ** 0.5).masked_fill(~causal, float("-inf")).softmax(-1)
-            weights_of_layer.append(w)
-            outs.append(w @ v)
-        weights.append(weights_of_layer)
-        x = x + linear(torch.cat(outs, -1), f"blocks.{layer}.attn.proj")
-        hidden = torch.nn.functional.gelu(linear(norm(x, f"blocks.{layer}.ln_2"),
-                                                 f"blocks.{layer}.mlp.fc"))
-        x = x + linear(hidden, f"blocks.{layer}.mlp.proj")
-    return norm(x, "ln_f") @ state["lm_head.weight"].T, weights
-
-
-def plain_probe_scores(weights, logits, tokens, L):
+def plain_probe_scores(cache, cfg, logits, tokens, L):
     """The three scores and the in-context-learning score, position by position."""
     T = tokens.shape[1]
-    scores = {name: torch.zeros(len(weights), len(weights[0])) for name in probes.PROBES}
-    for layer, weights_of_layer in enumerate(weights):
-        for head, w in enumerate(weights_of_layer):
+    scores = {name: torch.zeros(cfg.n_layer, cfg.n_head) for name in probes.PROBES}
+    for layer in range(cfg.n_layer):
+        for head in range(cfg.n_head):
+            w = cache[f"blocks.{layer}.attn.hook_pattern"][:, head]
             scores["previous_token"][layer, head] = sum(w[:, t, t - 1].mean() for t in range(1, T)) / (T - 1)
             second = range(L + 1, 2 * L + 1)
             scores["duplicate_token"][layer, head] = sum(w[:, t, t - L].mean() for t in second) / L
@@ -258,8 +317,8 @@ def test_probe_scores_equal_a_plain_implementation_in_both_layouts(weights, monk
     L = probes.probe_length(0, cfg.block_size)
     tokens = probes.repeated_tokens(6, L, cfg.vocab_size, seed=3)
     assert tokens.shape == (6, 1 + 2 * L) and torch.equal(tokens[:, 1:L + 1], tokens[:, L + 1:])
-    logits, weights_ = plain_forward(state, cfg, tokens)
-    expected, expected_icl = plain_probe_scores(weights_, logits, tokens, L)
+    logits, cache = plain_forward(state, cfg, tokens)
+    expected, expected_icl = plain_probe_scores(cache, cfg, logits, tokens, L)
     lb = gpt.LBGPT(cfg).eval()
     lb.load_state_dict(state)
     sm = gpt_.SMGPT(cfg).eval()

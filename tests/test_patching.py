@@ -1,14 +1,16 @@
 """--mode=patch: activation patching and direct logit attribution, against closed forms and an
 independent implementation, equal in LB-GPT and SM-GPT."""
 import json
+import os
 
 import pytest
 import torch
-from conftest import run_main, tiny_args
+from conftest import ROOT, run_main, tiny_args
 
 import gpt
 import gpt_
 from dualgpt import layouts, patching
+from dualgpt.checkpoint import load_model
 
 CFG = gpt.ModelConfig(vocab_size=50, block_size=16, n_layer=3, n_head=4, n_embd=32, bias=True)
 ANSWERS = (7, 11)
@@ -73,13 +75,13 @@ def test_head_patching_equals_swapping_the_head_module_output():
     for layer in range(CFG.n_layer):
         for h in range(CFG.n_head):
             module = lb.blocks[layer].attn.heads[h]
+            seen = []  # the head's output on the clean prompt, by a plain PyTorch hook
+            handle = module.register_forward_hook(lambda m, args, out: seen.append(out))
             with torch.no_grad():
-                lb.record_attention(True)
                 lb(clean)
-                clean_out = module.recorded[1]
-                lb.record_attention(False)
+            handle.remove()
             original = module.forward
-            module.forward = lambda x, out=clean_out: out
+            module.forward = lambda x, out=seen[0]: out
             try:
                 patched = patching.logit_difference(lb, corrupt, ANSWERS)
             finally:
@@ -100,7 +102,8 @@ def test_mode_patch_through_the_command_line_and_its_bad_input(home, corpus, cap
     out_dir = home / "generate_text"
     bad = [(["--patch_corrupt=JULIET: my good lord"], "must be of the same token length"),
            (["--patch_answers=a lord|t"], "the correct answer 'a lord' is"),
-           (["--patch_answers=a"], 'patch_answers must be two answers, "correct|wrong"')]
+           (["--patch_answers=a"], 'patch_answers must be two answers, "correct|wrong"'),
+           (["--patch_answers="], "give --patch_clean, --patch_corrupt and --patch_answers together")]
     for extra, message in bad:
         capsys.readouterr()
         assert run_main(args + patch + extra) == 2
@@ -122,7 +125,34 @@ def test_mode_patch_through_the_command_line_and_its_bad_input(home, corpus, cap
         assert (out_dir / "gpt.patch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert [(r["layer"], r["head"]) for r in report["heads"]] == [(l, h) for l in range(2) for h in range(2)]
         assert len(report["residual"]) == 2 and len(report["residual"][0]) == len(clean)
+        assert report["task"] == "given" and report["clean_ids"] == clean and report["corrupt_ids"] == corrupt
+        assert "".join(report["clean_tokens"]).replace("␣", " ") == "ROMEO: my lord"
         results.append(report)
     for a, b in zip(results[0]["heads"], results[1]["heads"]):
         assert a["effect"] == pytest.approx(b["effect"], abs=1e-4)
         assert a["dla"] == pytest.approx(b["dla"], abs=1e-4)
+    # a masked run's own file; no prompts on a tokenizer that can write neither default task: one line
+    assert run_main(args + patch + ["--head_mask=0.1"]) == 0
+    assert json.loads((out_dir / "gpt.masked-0.1.patch.json").read_text())["head_mask"] == "0.1"
+    assert json.loads((out_dir / "gpt.patch.json").read_text()) == results[1]  # the unmasked run's, untouched
+    capsys.readouterr()
+    assert run_main(args + ["--mode=patch"]) == 2
+    assert capsys.readouterr().err == ("error: no default patching task fits this tokenizer and window; give "
+                                       "--patch_clean, --patch_corrupt and --patch_answers\n")
+
+
+@pytest.mark.parametrize("name, task", [("gpt", "agreement"), ("gpt_", "agreement"), ("induction", "induction")])
+def test_the_default_prompts_are_a_task_each_shipped_model_tells_apart(name, task):
+    """Every shipped checkpoint gets default prompts of equal token length that its tokenizer writes back as
+    the same tokens, one-token answers, and a clean-corrupted gap of at least NOISY_GAP nats."""
+    path = os.path.join(ROOT, "model_dict", "shipped", f"{name}.pt")
+    model, tok = load_model(path, gpt_.SMGPT)
+    chosen, gap = patching.default_task(model, tok, "cpu")
+    assert chosen.name == task and gap >= patching.NOISY_GAP
+    assert len(chosen.clean) == len(chosen.corrupt) <= model.config.block_size
+    for ids in (chosen.clean, chosen.corrupt):
+        assert tok.encode(tok.decode(ids), allowed_special="none") == ids
+    assert all(len(tok.encode(tok.decode([a]), allowed_special="none")) == 1 for a in chosen.answers)
+    clean = patching.logit_difference(model, torch.tensor([chosen.clean]), chosen.answers)
+    corrupt = patching.logit_difference(model, torch.tensor([chosen.corrupt]), chosen.answers)
+    assert clean - corrupt == pytest.approx(gap, abs=1e-5)  # the clean prompt favours the correct answer more

@@ -16,7 +16,7 @@ import sys
 import time
 
 import torch
-from conftest import ROOT, TINY, copy_code, make_corpus, run_main
+from conftest import ROOT, TINY, copy_code, make_corpus, run_main, stop_after
 from hypothesis import Phase, event, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
@@ -37,24 +37,6 @@ SETTINGS = ["--eval_interval=4", "--log_interval=1", "--dropout=0.1", "--lr_deca
 scripts = st.sampled_from(sorted(SCRIPTS))
 # a command that continues a checkpoint: mostly by the script that wrote it
 continuing = st.sampled_from(["same", "same", "same", "other"])
-
-
-class StopAfter:
-    """Ctrl-C pressed after the run's n-th step (in place of StopRequest: the run checks its flag
-    once before each step)."""
-    n = 3
-
-    def __enter__(self):
-        self.checks = 0
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks > self.n
 
 
 class Commands(RuleBasedStateMachine):
@@ -214,9 +196,8 @@ class Commands(RuleBasedStateMachine):
         """Ctrl-C during a resumed run (or a fresh one where there is no checkpoint)."""
         script = self.script(which)
         resume = self.holds is not None
-        StopAfter.n = checks
         old = run.StopRequest
-        run.StopRequest = StopAfter
+        run.StopRequest = stop_after(checks)
         try:
             code, text = self.command(script, "--mode=train",
                                       f"--max_iters={(self.step or 0) + 20}",

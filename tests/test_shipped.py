@@ -82,7 +82,8 @@ def test_running_the_main_job_on_a_fresh_clone_modifies_no_tracked_file(tmp_path
     # never the Hugging Face code, head research (nor, without --log_probe, the probe), eval's module,
     # the LB <-> SM conversion, torchrun's (in one process), torch.compile's (without --compile),
     # GPT-4's tokenizer, the RLHF layer; and to sample, not matplotlib
-    unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "dualgpt.probes",
+    unused = {"dualgpt.hf_gpt2", "dualgpt.tokenizer_files", "dualgpt.heads", "dualgpt.probes", "dualgpt.hooks",
+              "dualgpt.atlas",
               "dualgpt.evaluation", "dualgpt.patching", "dualgpt.layouts", "dualgpt.distributed",
               "dualgpt.compiling", "minbpe.gpt4", "rlhf"}
     listing = tmp_path / "modules.txt"
@@ -263,19 +264,54 @@ def test_the_shipped_probe_scores_are_the_shipped_models_and_the_docs_quote_them
     assert f"{report['icl_score']:.3f}" in page
 
 
-@pytest.mark.parametrize("script", SHIPPED)
-def test_the_shipped_atlas_page_is_of_the_shipped_heads_report(script):
-    """generate_text/shipped/<script>.heads.html carries the rows of the shipped heads.json (the same
-    run wrote both), no patching (docs/heads.md says why), and every head's pattern on its tokens."""
-    report = shipped_json(f"{script}.heads.json")
-    page = read("generate_text", "shipped", f"{script}.heads.html")
-    data = json.loads(re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>',
-                                page, flags=re.S).group(1))
-    assert data["heads"] == report["heads"]
-    assert f"(iteration {report['iter_num']})" in data["title"]
-    assert "patch_effect" not in data["heads"][0]
-    assert len(data["attention"]) * len(data["attention"][0]) == len(report["heads"])
-    assert all(len(rows) == len(data["tokens"]) for layer in data["attention"] for rows in layer)
+@pytest.mark.parametrize("name", [*SHIPPED, "induction"])
+def test_the_shipped_atlas_page_is_of_the_shipped_heads_and_patch_reports(name):
+    """generate_text/shipped/<name>.heads.html carries the rows of the shipped heads.json and the shipped
+    patch.json's effects and prompts (the same regeneration wrote them), every head's pattern on each input, and
+    no mask."""
+    report, patch = shipped_json(f"{name}.heads.json"), shipped_json(f"{name}.patch.json")
+    page = read("generate_text", "shipped", f"{name}.heads.html")
+    data = json.loads(re.search(r"^const data = (.*);$", page, flags=re.M).group(1))
+    assert [{k: v for k, v in row.items() if k not in ("patch_effect", "dla")} for row in data["heads"]] \
+        == report["heads"]
+    effects = {(p["layer"], p["head"]): (p["effect"], p["dla"]) for p in patch["heads"]}
+    assert all((row["patch_effect"], row["dla"]) == effects[row["layer"], row["head"]] for row in data["heads"])
+    assert (patch["checkpoint"], patch["iter_num"]) == (report["checkpoint"], report["iter_num"])
+    assert data["title"].endswith(f"(iteration {report['iter_num']})") and data["mask"] == []
+    assert [i["name"] for i in data["inputs"]] == ["val text", "probe", "patch clean", "patch corrupt"]
+    assert data["inputs"][2]["tokens"] == patch["clean_tokens"] and data["patch"]["residual"] == patch["residual"]
+    for shown in data["inputs"]:
+        assert len(shown["attention"]) == report["n_layer"]
+        assert all(len(head) == len(shown["tokens"]) for layer in shown["attention"] for head in layer)
+
+
+def test_the_composition_and_patching_figures_of_the_heads_page_are_the_shipped_reports():
+    """docs/heads.md's composition scores of the induction model, and each shipped model's default patching
+    task, gap, head effects and residual effects, are the shipped heads.json and patch.json files'."""
+    text = prose("docs", "heads.md")
+    composition = shipped_json("induction.heads.json")["composition"]
+    pairs = sorted(composition["pairs"], key=lambda p: -p["k"])
+    first, second = (f"{p['from'][0]}.{p['from'][1]} → {p['to'][0]}.{p['to'][1]} ({p['k']:.3f})" for p in pairs[:2])
+    assert (f"the two largest K-composition scores of the {len(pairs)} pairs are {first} and {second}, against a "
+            f"random baseline of {composition['baseline']:.3f}") in text
+    from_0_0 = {tuple(p["to"]): p["k"] for p in composition["pairs"] if p["from"] == [0, 0]}
+    assert f"at the baseline ({from_0_0[1, 0]:.3f} and {from_0_0[1, 1]:.3f})" in text
+    patch = shipped_json("induction.patch.json")
+    effect = {(h["layer"], h["head"]): h["effect"] for h in patch["heads"]}
+    differ = next(i for i, (a, b) in enumerate(zip(patch["clean_ids"], patch["corrupt_ids"])) if a != b)
+    assert patch["task"] == "induction"
+    assert (f"(clean {patch['clean_logit_diff']:.2f}, corrupted {patch['corrupt_logit_diff']:.2f}: a gap of "
+            f"{patch['clean_logit_diff'] - patch['corrupt_logit_diff']:.2f} nats); head 1.1's output restores "
+            f"{effect[1, 1]:.2f} of it, 1.0's {effect[1, 0]:.2f}").replace("-", "−") in text
+    assert (f"({patch['residual'][0][differ]:.2f} entering layer 0, {patch['residual'][1][differ]:.2f} entering "
+            "layer 1)") in text
+    default = {name: shipped_json(f"{name}.patch.json") for name in SHIPPED}
+    assert all(p["task"] == "agreement" for p in default.values())
+    gaps = {name: p["clean_logit_diff"] - p["corrupt_logit_diff"] for name, p in default.items()}
+    assert f"(gaps {gaps['gpt']:.2f} nats in LB-GPT, {gaps['gpt_']:.2f} in SM-GPT)" in text
+    assert all(row[-1] == pytest.approx(1.0, abs=5e-3) for p in default.values() for row in p["residual"])
+    assert max(h["effect"] for p in default.values() for h in p["heads"]) < 0.06
+    assert "no head's output restores more than 0.06 of it" in text
 
 
 INDUCTION_SEEDS = (1337, 1, 2)
@@ -290,7 +326,11 @@ def induction_logs() -> dict[int, list[dict]]:
 
 def formed(evals: list[dict]) -> dict:
     """The first evaluation at which a head's induction score reached the 0.4 label."""
-    return next(r for r in evals if r["induction_max"] >= 0.4)
+    return next(r for r in evals if largest_induction(r) >= 0.4)
+
+
+def largest_induction(record: dict) -> float:
+    return max(max(row) for row in record["probe_scores"]["induction"])
 
 
 def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_report():
@@ -303,7 +343,7 @@ def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_rep
     for seed, evals in induction_logs().items():
         first, last = formed(evals), evals[-1]
         row = (f"| {seed} | {first['train_s'] / 60:.1f} min (step {first['iter']}) | "
-               f"{first['icl_score']:.2f} | {last['induction_max']:.3f} | "
+               f"{first['icl_score']:.2f} | {largest_induction(last):.3f} | "
                f"{last['icl_score']:.2f} | {last['val_bpb']:.3f} |")
         assert row in page.splitlines()
         finals.append(last["icl_score"])
@@ -311,9 +351,7 @@ def test_the_induction_recipe_docs_are_its_shipped_logs_checkpoint_and_heads_rep
     assert f"{statistics.mean(finals):.2f} ± {half:.2f} nats" in " ".join(page.split())
     ckpt = load_checkpoint(os.path.join(ROOT, "model_dict", "shipped", "induction.pt"))
     recipe = read_config_file(os.path.join(ROOT, "config", "induction.py"), defaults())
-    logged_always = {"log_probe"}  # a later key: every evaluation logged the probe then
-    assert all(ckpt["config"][key] == value for key, value in recipe.items()
-               if key not in logged_always)
+    assert all(ckpt["config"][key] == value for key, value in recipe.items())
     assert ckpt["config"]["seed"] == 1337
     report = shipped_json("induction.heads.json")
     assert report["checkpoint"].endswith(os.path.join("model_dict", "shipped", "induction.pt"))
@@ -333,8 +371,12 @@ def test_the_recipe_pages_other_figures_are_its_logs_and_its_shipped_model(home)
     logs = induction_logs()
     early = [r for evals in logs.values() for r in evals if r["train_s"] / 60 <= 1.3]
     assert (f"flat up to 1.3 minutes (ICL at most {max(r['icl_score'] for r in early):.2f}, "
-            f"induction score at most {max(r['induction_max'] for r in early):.2f})") in text
+            f"induction score at most {max(map(largest_induction, early)):.2f})") in text
     assert all(formed(evals)["train_s"] / 60 < 3.5 for evals in logs.values())
+    finals = [sorted(v for row in evals[-1]["probe_scores"]["induction"] for v in row) for evals in logs.values()]
+    tops = [v for scores in finals for v in scores[-2:]]
+    assert all(scores[-3] < 0.20 for scores in finals)
+    assert f"({min(tops):.2f} to {max(tops):.2f} at 5 minutes; which two differs by seed)" in text
     icl = {script: shipped_json(f"{script}.heads.json")["icl_score"] for script in SHIPPED}
     assert f"the default models' are {icl['gpt']:.2f} (LB-GPT) and {icl['gpt_']:.2f} (SM-GPT)" in text
     report, model, tokens = shipped_heads_report("induction", gpt_.SMGPT)

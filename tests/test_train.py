@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from conftest import dataset, run_main, run_script, tiny_args
+from conftest import dataset, run_main, run_script, stop_after, tiny_args
 
 import gpt
 import gpt_
@@ -178,20 +178,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(home, corpus, capsys, monkeypatch):
     assert "Traceback" not in err
     assert (home / "model_dict" / "gpt.pt").read_bytes() == good
 
-    class CtrlCDuringTheThirdStep:  # between log points, where the loss is not read
-        def __enter__(self):
-            self.checks = 0
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        @property
-        def requested(self):
-            self.checks += 1
-            return self.checks > 3
-
-    monkeypatch.setattr(run, "StopRequest", CtrlCDuringTheThirdStep)
+    monkeypatch.setattr(run, "StopRequest", stop_after(3))  # between log points: the loss is not read
     assert run_main(args + ["--max_iters=30", "--resume", "--learning_rate=1e38", "--min_lr=1e38",
                             "--grad_clip=0", "--log_interval=1000"]) == 1
     assert "error: loss is nan at iteration 8" in capsys.readouterr().err
@@ -390,8 +377,8 @@ def test_compile_failure_falls_back_to_eager(home, corpus, capsys, monkeypatch):
 @pytest.mark.plots
 def test_with_log_probe_each_evaluation_logs_in_context_learning_and_the_plot_shows_it(home, corpus):
     """With --log_probe (config/induction.py sets it), the log's evaluations carry the in-context-learning
-    score and the largest induction score of the model evaluated (the last one: the checkpoint's latest
-    weights), and the loss curve gets a second panel for them; without it, neither."""
+    score and each head's probe scores of the model evaluated (the last one: the checkpoint's latest weights),
+    and the loss curve gets a second panel for them; without it, neither."""
     import matplotlib.image
 
     import gpt
@@ -411,9 +398,10 @@ def test_with_log_probe_each_evaluation_logs_in_context_learning_and_the_plot_sh
     tokens = probes.repeated_tokens(64, 15, pool, 1337)  # the default probe at block 32, seed 1337
     scores, icl = probes.probe_scores(model.eval(), tokens, 15)
     assert evals[-1]["icl_score"] == pytest.approx(icl, abs=1e-5)
-    assert evals[-1]["induction_max"] == pytest.approx(scores["induction"].max().item(), abs=1e-5)
+    for name in probes.PROBES:  # each head's score, to the 4 decimals logged
+        assert torch.allclose(torch.tensor(evals[-1]["probe_scores"][name]), scores[name], atol=5e-5)
     image = matplotlib.image.imread(home / "model_dict" / "gpt.loss.png")
-    assert image.shape[0] > 0.9 * image.shape[1]  # two panels: 7 x 7 inches (one is 7 x 4.5)
+    assert image.shape[0] > 0.9 * image.shape[1]  # two panels: 7 x 8 inches (one is 7 x 4.5)
 
 
 def test_repeated_windows_repeat_their_start_on_the_same_rows_for_any_number_of_processes():

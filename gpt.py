@@ -3,7 +3,7 @@ LB-GPT: a GPT whose multi-head attention is a loop over per-head modules.
 
 Each head is its own module with its own key, query and value projections; the heads run one
 after another and their outputs are concatenated. That is slower than one matrix
-multiplication (gpt_.py) but every head can be read, recorded, masked or swapped on its own.
+multiplication (gpt_.py) but every head can be read, hooked, masked or swapped on its own.
 
     python gpt.py                      # train (if model_dict/gpt.pt is missing), then sample
     python gpt.py --mode=sample --prompt="ROMEO:"

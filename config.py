@@ -13,7 +13,9 @@ work starts. Numbers must be finite.
 """
 
 # --- data ----------------------------------------------------------------------------------------
-data = "data/input.txt"  # training text (UTF-8): Tiny Shakespeare, shipped with the clone
+data = "data/input.txt"  # training text (UTF-8), or a folder of .txt files: Tiny Shakespeare here
+data_workers: "[0, 1024]" = 0  # processes that encode the text into token ids; 0: one per core
+tokenizer_sample_mb: "[1, 2**20]" = 20  # a larger corpus trains its tokenizer on this much of it
 
 # --- system --------------------------------------------------------------------------------------
 device: "auto | cpu | cuda | cuda:N | mps" = "auto"

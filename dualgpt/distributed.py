@@ -46,7 +46,7 @@ class Torchrun:
 
     @contextmanager
     def rank_zero_first(self):
-        """Rank 0 runs the block first (it may train the tokenizer and write the token cache);
+        """Rank 0 runs the block first (it may train the tokenizer and write the token file);
         the others then find its files."""
         if self.rank != 0:
             dist.barrier()

@@ -12,7 +12,8 @@ from dualgpt import UserError
 from dualgpt.checkpoint import (checkpoint_model, cpu_copy, layout_of, make_checkpoint,
                                 save_checkpoint)
 from dualgpt.layouts import convert_state_dict
-from dualgpt.data import Dataset, resolve_data
+from dualgpt.corpus import resolve_data
+from dualgpt.data import Dataset
 from dualgpt.runtime import autocast, progress
 
 
@@ -23,7 +24,7 @@ def checkpoint_with_data(model_class: type[nn.Module], cfg: dict) -> tuple[dict,
     ckpt, model = checkpoint_model(model_class, cfg)
     path = resolve_data(cfg["data"])
     data = Dataset(path, model.config.block_size, cfg["batch_size"], cfg["device"],
-                   tokenizer_text=ckpt["tokenizer"])
+                   tokenizer_text=ckpt["tokenizer"], workers=cfg["data_workers"])
     return ckpt, model, data
 
 

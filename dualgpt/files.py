@@ -3,6 +3,7 @@ atomic writes, an OS lock on a run's outputs, removal of a dead writer's temp fi
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -58,6 +59,14 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator:
             os.close(directory)
 
 
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_text(path: str, text: str) -> None:
     with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
@@ -96,9 +105,11 @@ def keep_json_lines(path: str, keep) -> None:
     write_text(path, "".join(kept))
 
 
-def remove_dead_temps(*folders: str) -> None:
+def remove_dead_temps(*folders: str) -> list[str]:
     """Remove the temp files of writers that no longer run (a killed run's debris), never one of a
-    live process. Elsewhere than POSIX os.kill(pid, 0) is no liveness test: the files stay."""
+    live process; returns the files they were for. Elsewhere than POSIX os.kill(pid, 0) is no
+    liveness test: the files stay."""
+    removed = []
     for folder in folders if os.name == "posix" else []:
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             match = TEMP.match(name)
@@ -109,8 +120,10 @@ def remove_dead_temps(*folders: str) -> None:
             except ProcessLookupError:
                 with suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, match["name"]))
             except PermissionError:  # another user's live process
                 pass
+    return removed
 
 
 class OutputLock:

@@ -22,7 +22,8 @@ import torch.nn as nn
 from dualgpt import TrainingDiverged, exit_codes, repo_path
 from dualgpt.checkpoint import (build_model, checkpoint_to_resume, cpu_copy, log_path,
                                 make_checkpoint, save_checkpoint, set_aside)
-from dualgpt.data import Dataset, resolve_data
+from dualgpt.corpus import resolve_data
+from dualgpt.data import Dataset
 from dualgpt.files import OutputLock, append_json_line, keep_json_lines, remove_dead_temps
 from dualgpt.runconfig import model_config, model_options, parse_head_mask, script_config
 from dualgpt.runtime import StopRequest, autocast, cpu_has_bf16, machine_name, say, training_bar
@@ -53,7 +54,10 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             if master:  # what killed runs left behind, never a live run's files
                 outputs = [os.path.dirname(os.path.abspath(cfg[key]))
                            for key in ("ckpt", "sample_file")]
-                remove_dead_temps(*outputs, repo_path("data"), repo_path("tokenizers"))
+                for path in remove_dead_temps(*outputs, repo_path("data"),
+                                              repo_path("tokenizers")):
+                    print(f"note: {path} was left half-written by a run that stopped; "
+                          "removed (what it was for is made again)")
             if ddp:
                 ddp.start(cfg["device"])
             mode = cfg["mode"]
@@ -129,7 +133,8 @@ def train(model_class: type[nn.Module], cfg: dict, ddp=None) -> None:
     with ddp.rank_zero_first() if ddp else nullcontext():
         data = Dataset(resolve_data(cfg["data"]), cfg["block_size"], cfg["batch_size"], device,
                        vocab_size=cfg["vocab_size"],
-                       tokenizer_text=previous and previous["tokenizer"], rank=rank, world=world)
+                       tokenizer_text=previous and previous["tokenizer"], rank=rank, world=world,
+                       workers=cfg["data_workers"], sample_mb=cfg["tokenizer_sample_mb"])
 
     # the model and its optimizers; every rank starts from the same weights
     torch.manual_seed(cfg["seed"])

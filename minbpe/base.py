@@ -67,6 +67,13 @@ def train_classic(chunks: list[bytes], num_merges: int) -> tuple[dict, dict]:
     return merges, vocab
 
 
+def merges_for(vocab_size: int) -> int:
+    """The merges a vocabulary of vocab_size needs past the 256 bytes."""
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size must be at least 256 (the byte alphabet), got {vocab_size}")
+    return vocab_size - 256
+
+
 def warn_out_of_pairs(done: int, wanted: int) -> None:
     warnings.warn(f"BPE training stopped after {done} merges: the text has no adjacent pairs left "
                   f"(vocab size {256 + done} instead of {256 + wanted})", stacklevel=5)
@@ -124,16 +131,16 @@ def _merge_with_sites(ids: list[int], a: int, b: int,
 def most_frequent(heap: list, pair_count: dict) -> list[tuple[int, int]]:
     """Pop every current pair of the highest count off the heap of (-count, pair); entries whose
     count has changed since they were pushed are stale and dropped."""
-    best: list[tuple[int, int]] = []
+    best: dict[tuple[int, int], None] = {}  # ordered, and a pair pushed twice is there once
     while heap and not best:
         neg, pair = heapq.heappop(heap)
         if pair_count.get(pair, 0) == -neg and neg < 0:
-            best.append(pair)
+            best[pair] = None
             while heap and heap[0][0] == neg:
                 _, other = heapq.heappop(heap)
-                if pair_count.get(other, 0) == -neg and other not in best:
-                    best.append(other)
-    return best
+                if pair_count.get(other, 0) == -neg:
+                    best[other] = None
+    return list(best)
 
 
 def train_bpe(chunks: list[bytes], counts: list[int], num_merges: int,
@@ -267,25 +274,28 @@ class Tokenizer:
     # --- training ----------------------------------------------------------------------
     def _train_chunks(self, chunks: list[str], vocab_size: int, verbose: bool,
                       classic: bool = False) -> None:
-        if vocab_size < 256:
-            raise ValueError("vocab_size must be at least 256 (the byte alphabet), got "
-                             f"{vocab_size}")
-        num_merges = vocab_size - 256
         if classic:  # the loop to read; the same merges as below, many times slower
             self.merges, self.vocab = train_classic([ch.encode("utf-8") for ch in chunks],
-                                                    num_merges)
+                                                    merges_for(vocab_size))
             self.special_tokens = {}
             self.clear_cache()
             return
-        unique: dict[str, int] = {}
+        counts: dict[str, int] = {}
         for ch in chunks:  # dict keeps first-appearance order, which the tie-break needs
-            unique[ch] = unique.get(ch, 0) + 1
-        encoded = [ch.encode("utf-8") for ch in unique]
+            counts[ch] = counts.get(ch, 0) + 1
+        self.train_counts(counts, vocab_size, verbose)
+
+    def train_counts(self, counts: dict[str, int], vocab_size: int, verbose: bool = False) -> None:
+        """Learn vocab_size - 256 merges from each chunk's count, the chunks in the order they
+        first appear in the text (ties go to the pair seen first): what train() learns from that
+        text, for text too large to hold (count its chunks a piece at a time)."""
+        num_merges = merges_for(vocab_size)
+        encoded = [ch.encode("utf-8") for ch in counts]
         total_bytes = sum(len(b) for b in encoded)
         # a long run shows a bar on its own, but only on a terminal (in a log it would be
         # carriage-return noise)
         show = verbose or total_bytes * num_merges > LONG_TRAINING and sys.stderr.isatty()
-        self.merges, self.vocab = train_bpe(encoded, list(unique.values()), num_merges, show)
+        self.merges, self.vocab = train_bpe(encoded, list(counts.values()), num_merges, show)
         self.special_tokens = {}
         self.clear_cache()
 

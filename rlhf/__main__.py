@@ -40,10 +40,9 @@ import torch
 
 from dualgpt import UserError, exit_codes, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
-from dualgpt.data import sha256_file
 from dualgpt.evaluation import full_loss
 from dualgpt.runtime import machine_name
-from dualgpt.files import OutputLock, remove_dead_temps, write_json
+from dualgpt.files import OutputLock, remove_dead_temps, sha256_file, write_json
 from dualgpt.runconfig import require
 from rlhf.labelling import label_pairs
 from rlhf.pairs import encode_pairs, read_pairs, write_pairs

@@ -27,7 +27,9 @@ from rlhf import config as rlhf_config
 from dualgpt import UserError, repo_path
 from dualgpt.checkpoint import (cpu_copy, load_checkpoint, load_tensors, make_checkpoint,
                                 model_from_checkpoint, save_checkpoint)
-from dualgpt.data import Dataset, resolve_data, sha256_file
+from dualgpt.corpus import resolve_data
+from dualgpt.data import Dataset
+from dualgpt.files import sha256_file
 from dualgpt.runconfig import (declarations, defaults, did_you_mean, model_options, parse_args,
                                require, resolve)
 from dualgpt.runtime import autocast

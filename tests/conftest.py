@@ -18,7 +18,8 @@ import dualgpt  # noqa: E402
 import gpt  # noqa: E402
 import gpt_  # noqa: E402
 from dualgpt.run import main  # noqa: E402
-from dualgpt.data import Dataset, resolve_data  # noqa: E402
+from dualgpt.corpus import resolve_data  # noqa: E402
+from dualgpt.data import Dataset  # noqa: E402
 from rlhf.oracles import JUDGE_NEGATIVE, JUDGE_POSITIVE, SCORE_NEGATIVE, SCORE_POSITIVE, words  # noqa: E402
 
 WORDS = ["the", "king", "queen", "my", "lord", "thou", "art", "thee", "love", "death", "night", "day", "sweet",

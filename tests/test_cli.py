@@ -25,7 +25,7 @@ def iterations(path) -> int:
 def test_auto_mode_trains_the_typed_steps_then_samples_and_resume_or_overwrite_train_again(home, corpus, capsys):
     """`python gpt.py --max_iters=12` with no checkpoint trains exactly 12 steps although config.py says max_minutes =
     5.0, then samples (through the real command line, its output into pipes as into a log: plain progress lines, no
-    carriage returns; the token cache holds minbpe's ids of the corpus); then, in-process, --resume trains on, then
+    carriage returns; the token file holds minbpe's ids of the corpus); then, in-process, --resume trains on, then
     samples, and --overwrite starts over, then samples, the old checkpoint kept as .bak. (With a checkpoint and
     neither flag it only samples: test_train.py's test_auto_mode_trains_then_samples_then_only_samples.)"""
     args = tiny_args(home, corpus, "--max_iters=12", "--eval_interval=6", "--log_interval=1")

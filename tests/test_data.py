@@ -1,14 +1,15 @@
-"""The data pipeline: finding the text, the tokenizer and token caches, batches, bits per byte."""
+"""The data pipeline: finding the text, its token file split 90/10, batches, bits per byte (test_corpus.py: how the
+text becomes its token file)."""
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import dataset, make_corpus, run_main, tiny_args
+from conftest import dataset, run_main, tiny_args
 
-from dualgpt import data, evaluation
+from dualgpt import corpus as corpus_module
+from dualgpt import evaluation
 from dualgpt.runconfig import script_config
-from minbpe import RegexTokenizer
 
 
 def test_missing_data_file(home, capsys):
@@ -22,31 +23,11 @@ def test_the_default_data_is_found_in_the_repository_from_any_folder(home, corpu
     (home / "data").mkdir()
     (home / "data" / "input.txt").write_text(corpus.read_text(), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    assert data.resolve_data("data/input.txt") == str(home / "data" / "input.txt")
-    assert data.resolve_data(str(corpus)) == str(corpus)
+    assert corpus_module.resolve_data("data/input.txt") == str(home / "data" / "input.txt")
+    assert corpus_module.resolve_data(str(corpus)) == str(corpus)
 
 
-def test_non_utf8_and_too_small(home, tmp_path, capsys):
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("café".encode("latin-1") * 100)
-    assert run_main([f"--data={bad}", "--mode=train", "--device=cpu"]) == 2
-    assert "not UTF-8" in capsys.readouterr().err
-    small = tmp_path / "small.txt"
-    small.write_text("To be or not to be. " * 30)
-    assert run_main([f"--data={small}", "--mode=train", "--device=cpu", "--block_size=128", "--vocab_size=260"]) == 2
-    assert "too small" in capsys.readouterr().err
-
-
-def test_piecewise_encoding_equals_one_encode(capsys):
-    text = make_corpus(400, seed=3)
-    tok = RegexTokenizer()
-    tok.train(text, 320)
-    ids = data.encode_corpus(tok, text, "corpus.txt", block=500)  # forces many pieces
-    assert len(data.corpus_pieces(text, 500)) > 10
-    assert ids.tolist() == tok.encode_ordinary(text)
-
-
-def test_dataset_cache_split_and_bits_per_byte(home, corpus):
+def test_dataset_token_file_split_and_bits_per_byte(home, corpus):
     cfg = script_config(tiny_args(home, corpus), "gpt")
     ds = dataset(cfg)
     assert len(list((home / "tokenizers").glob("*.model"))) == 1

@@ -194,14 +194,14 @@ def test_a_corrupt_checkpoint_is_one_line_and_left_as_it_is(trained, home, corpu
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_a_corrupt_token_cache_is_encoded_again_with_a_notice(trained, home, corpus, capsys, how):
+def test_a_corrupt_token_file_is_encoded_again_with_a_notice(trained, home, corpus, capsys, how):
     (cache,) = (home / "data").glob("corpus_*.npy")
     damage(cache, how)
     capsys.readouterr()
     assert run_main(tiny_args(home, corpus, "--mode=eval")) == 0
-    assert f"note: the token cache {cache} is unreadable" in capsys.readouterr().out
+    assert f"note: the token file {cache} is unreadable" in capsys.readouterr().out
     assert run_main(tiny_args(home, corpus, "--mode=eval")) == 0
-    assert "token cache" not in capsys.readouterr().out  # rebuilt: read as it is the next time
+    assert "token file" not in capsys.readouterr().out  # rebuilt: read as it is the next time
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))

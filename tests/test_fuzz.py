@@ -121,7 +121,7 @@ def outcome_is_sound(code, err: str) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Both scripts' tiny checkpoints (tests/fixtures) and the corpus they were trained on, with
-    the token cache and tokenizer a first eval builds: what every case starts from, copied."""
+    the token file and tokenizer a first eval builds: what every case starts from, copied."""
     base = tmp_path_factory.mktemp("fuzz_base")
     (base / "corpus.txt").write_text(make_corpus(500), encoding="utf-8")  # eval reads all of it: kept short
     (base / "model_dict").mkdir()
@@ -339,8 +339,8 @@ def test_damaged_checkpoints(workspace, tmp_path_factory, capsys, script, damage
 
 @settings(max_examples=20 * SCALE, **SETTINGS)
 @given(damage=DAMAGE, which=st.sampled_from(["data", "tokenizers"]))
-def test_damaged_token_caches_and_tokenizers(workspace, tmp_path_factory, capsys, damage, which):
-    """The token cache (eval reads it) and the cached tokenizer (training reads it): rebuilt with a
+def test_damaged_token_files_and_tokenizers(workspace, tmp_path_factory, capsys, damage, which):
+    """The token file (eval reads it) and the cached tokenizer (training reads it): rebuilt with a
     notice."""
     path = sorted(p for p in (workspace / which).iterdir() if p.suffix in (".npy", ".model"))[0]
     argv = MODES["eval"] if which == "data" else MODES["train"]
@@ -491,7 +491,7 @@ def test_an_overwrite_that_fails_before_its_first_save_leaves_the_checkpoint_in_
         ckpt = home / "model_dict" / "gpt.pt"
         before = ckpt.read_bytes()
         assert run_main(MODES["train"] + ["--device=cpu", "--data=0"]) == 2
-        assert "data file 0 not found" in capsys.readouterr().err
+        assert "data 0 not found" in capsys.readouterr().err
         assert ckpt.read_bytes() == before and not (home / "model_dict" / "gpt.pt.bak").exists()
 
 

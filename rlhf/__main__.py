@@ -6,7 +6,7 @@ against the base model on held-out prompts, at matched KL, over several seeds.
     python -m rlhf                        # the whole study on the shipped SM-GPT model, one seed
     python -m rlhf --seeds=3              # three replicates and the report over them
     python -m rlhf --quick                # a smaller, faster version of the same
-    python -m rlhf --rlhf_stage=dpo       # one stage: pairs, rm, bon, dpo, rloo, ppo, eval, report
+    python -m rlhf --rlhf_stage=dpo       # one stage (--help lists them: rlhf_stage)
     python -m rlhf --oracle=verse         # tune towards lines of about ten syllables instead
     python -m rlhf --oracle=mymod:score   # your own oracle: a function from text to a float
     python -m rlhf --rlhf_stage=label     # label pairs yourself, one key each (data/labels.jsonl)
@@ -51,7 +51,8 @@ from rlhf.preference import (best_of_n_expectation, best_of_n_kl, preference_pro
                              tau_for_agreement)
 from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
                          curve_point, distinct_2, evaluate_policy, gains, kept_curve,
-                         markdown_tables, matched_rows, measure, pairwise_rows, ratio_summary,
+                         markdown_tables, matched_rows, measure, overoptimisation, pairwise_rows,
+                         ratio_summary,
                          repetition, score_names, strip_per_prompt, summarise, usable,
                          write_markdown_report, write_samples)
 from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
@@ -63,7 +64,7 @@ from rlhf.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo, train
                            train_rl)
 
 # "all" runs these for each seed, then "report"
-STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
+STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "grpo", "eval")
 # what a user may have meant by a key that belongs to gpt.py or gpt_.py, or that was renamed
 SIZED = "the pipeline's stages are sized by --rl_steps, --dpo_epochs and --rm_epochs"
 HINTS = {"mode": "python -m rlhf runs its stages in order (--rlhf_stage=NAME runs one); the head "
@@ -74,16 +75,13 @@ HINTS = {"mode": "python -m rlhf runs its stages in order (--rlhf_stage=NAME run
 
 
 def dpo_methods(cfg: dict) -> list[str]:
-    """The DPO-family losses to train; with a pairs file, not cdpo unless cdpo_epsilon is given
-    (there is no flip rate to read)."""
-    left_out = {"cdpo"} if cfg["pairs"] and not cfg["cdpo_epsilon"] else set()
-    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()
-            and m.strip() not in left_out]
+    """The DPO-family losses to train."""
+    return [m.strip() for m in cfg["dpo_methods"].split(",") if m.strip()]
 
 
 def methods(cfg: dict) -> list[str]:
     """Every tuned method of the study, in the order of the report."""
-    return dpo_methods(cfg) + ["rloo", "ppo"]
+    return dpo_methods(cfg) + ["rloo", "ppo", "grpo"]
 
 
 def stage_of(method: str) -> str:
@@ -94,7 +92,11 @@ def check_pipeline_keys(cfg: dict) -> None:
     """The checks of the pipeline's keys that their declarations in rlhf/config.py cannot make."""
     unknown = [m for m in dpo_methods(cfg) if m not in DPO_METHODS]
     grids = [(numbers(cfg[key]), f"{key} must be numbers like 1e-4,3e-4, got {cfg[key]!r}")
-             for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid")]
+             for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid", "epsilon_grid")]
+    primary = [c.strip() for c in cfg["primary"].split(",") if c.strip()]
+    targets = {f"{k:g}" for k in numbers(cfg["kl_targets"]) or []}
+    unnamed = [c for c in primary if c.count("@") != 1 or c.split("@")[0] not in methods(cfg)
+               or f"{(numbers(c.split('@')[1]) or [0])[0]:g}" not in targets]
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from "
                            f"{', '.join(DPO_METHODS)}"),
              (numbers(cfg["kl_targets"]),
@@ -104,7 +106,11 @@ def check_pipeline_keys(cfg: dict) -> None:
              # with a pairs file the only held-out prompts are the evaluation's own
              (cfg["rlhf_stage"] != "tune" or not cfg["pairs"], "--rlhf_stage=tune picks settings "
               "on dev prompts, and a pairs file has none apart from its evaluation prompts: tune "
-              "with the oracle's pairs"), *grids])
+              "with the oracle's pairs"), *grids,
+             (cfg["rlhf_stage"] not in ("all", "report") or 0 < len(primary) <= 6 and not unnamed,
+              f"primary must name one to six comparisons method@KL, each a method this run trains "
+              f"({', '.join(methods(cfg))}) at one of kl_targets ({cfg['kl_targets']}); got "
+              f"{cfg['primary']!r}")])
 
 
 # -----------------------------------------------------------------------------------------
@@ -217,7 +223,7 @@ def stage_rm(s: Setup) -> dict:
     agrees = (margin > 0) == val["a_preferred"].cpu()
     report = {"held_out_pairs": len(margin), "accuracy_on_labels": agrees.double().mean().item(),
               **scale, "pairs_seen": len(pairs["train"]["prompts"]) * s.cfg["rm_epochs"]}
-    if "prob_a" in pairs["train"]:  # what cDPO's epsilon reads
+    if "prob_a" in pairs["train"]:  # the labels' noise, beside the ceiling it sets
         report["flip_rate"] = flip_rate(pairs["train"])
     # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
     if "prob_a" in val:
@@ -279,15 +285,13 @@ def stage_dpo(s: Setup) -> dict:
         # also the losses not trained this time: no earlier run's policy stays behind
         clear_outputs(s, method)
     results = {}
-    if "prob_a" in pairs["train"]:
-        results["flip_rate"] = flip_rate(pairs["train"])
     for method in dpo_methods(s.cfg):
         results[method] = {"log": train_dpo(s, method, inputs, record)}
     return results
 
 
 def stage_rl(s: Setup, method: str) -> dict:
-    """RLOO or PPO on the reward model's score with a KL penalty to the frozen base
+    """RLOO, PPO or GRPO on the reward model's score with a KL penalty to the frozen base
     (training.train_rl)."""
     policy = load_policy(s)
     rm, rm_record = load_reward_model(s, s.expected("rm"))
@@ -368,11 +372,13 @@ def stage_eval(s: Setup) -> dict:
 
 def grid(cfg: dict, method: str) -> list[dict]:
     """The settings --rlhf_stage=tune tries for a method: each learning rate of its grid, with each
-    beta of beta_grid (IPO: tau of tau_grid; Preferred-FT, RLOO and PPO have none)."""
+    beta of beta_grid (IPO: tau of tau_grid; cDPO: also epsilon of epsilon_grid; Preferred-FT and
+    the RL methods have none)."""
     lrs = "dpo_lr_grid" if method in DPO_METHODS else "rl_lr_grid"
-    strength = {"ipo": ("ipo_tau", "tau_grid")}.get(method, (f"{method}_beta", "beta_grid"))
-    values = {name: numbers(cfg[g]) for name, g in [(f"{method}_lr", lrs), strength]
-              if name in cfg}
+    strengths = {"dpo": [("dpo_beta", "beta_grid")], "ipo": [("ipo_tau", "tau_grid")],
+                 "cdpo": [("cdpo_beta", "beta_grid"), ("cdpo_epsilon", "epsilon_grid")]}
+    values = {name: numbers(cfg[g]) for name, g in [(f"{method}_lr", lrs),
+                                                     *strengths.get(method, [])]}
     return [dict(zip(values, setting)) for setting in itertools.product(*values.values())]
 
 
@@ -433,8 +439,8 @@ def run_log(s: Setup, name: str, record: dict) -> list[dict]:
     path = s.path("generate_text", f"{name}_log.json")
     content = read_json(path, f"run python -m rlhf --rlhf_stage={stage_of(name)} again") or {}
     check_record(content.get("run"), record, path)
-    kept = ("step", "loss", "objective/rlhf_reward", "objective/kl", "objective/kl_exact")
-    return [{k: e[k] for k in kept if k in e} for e in content["log"] if "objective/kl" in e]
+    kept = ("step", "loss", "objective/rlhf_reward", "exact_kl")
+    return [{k: e[k] for k in kept if k in e} for e in content["log"] if "exact_kl" in e]
 
 
 def load_bon(s: Setup) -> dict | None:
@@ -512,9 +518,11 @@ def stage_report(s: Setup) -> dict:
         report["matched_kl"][target] = matched_rows(at, [key, *(f"judge_{j}" for j in judges)])
         report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]],
                                                    key)
-    report["comparisons"] = correct_for_multiplicity(report, key, judges)
+    report["primary"] = correct_for_multiplicity(report, key, judges)
     report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
     report["bon_curves"] = {r["seed"]: r["bon_curve"] for r in per_seed}
+    report["overoptimisation"] = overoptimisation(report["bon_curves"],
+                                                  [key, *(f"judge_{j}" for j in judges), "rm"])
     report["logs"] = {r["seed"]: r["logs"] for r in per_seed}
     report["base_spread"] = {r["seed"]: r["base_spread"] for r in per_seed}
     write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
@@ -556,7 +564,8 @@ def seed_result(s: Setup) -> dict:
 
 RUN = {"tune": stage_tune, "pairs": stage_pairs, "rm": stage_rm, "bon": stage_bon,
        "dpo": stage_dpo, "rloo": lambda s: stage_rl(s, "rloo"),
-       "ppo": lambda s: stage_rl(s, "ppo"), "eval": stage_eval}
+       "ppo": lambda s: stage_rl(s, "ppo"), "grpo": lambda s: stage_rl(s, "grpo"),
+       "eval": stage_eval}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,7 +30,8 @@ quick = False  # a smaller, faster run: the values in QUICK below (outputs: rlhf
 # --- the pipeline: pairs, reward model, best-of-n, DPO -------------------------------------------
 # all: every stage for each seed, then the report; label: label pairs of the base yourself
 # tune: pick each method's settings on the dev split (not part of all)
-rlhf_stage: "all | pairs | rm | bon | dpo | rloo | ppo | eval | report | tune | label" = "all"
+rlhf_stage: ("all | pairs | rm | bon | dpo | rloo | ppo | grpo | eval | report | tune | "
+             "label") = "all"
 pairs = ""  # a JSON-lines file of prompt/chosen/rejected texts to tune on instead of the oracle's
 pairs_held_out: "(0, 1)" = 0.1  # with --pairs: the share of its prompts held out
 labels = "data/labels.jsonl"  # --rlhf_stage=label: where your answers go (ties, skips: beside it)
@@ -46,6 +47,10 @@ bon_prompts: "[1, 2**20]" = 24  # best-of-n on the first this many evaluation pr
 # completions per evaluation prompt and checkpoint (at least 2: win rates compare two of them)
 eval_samples: "[2, 2**20]" = 4
 kl_targets = "1,2,4"  # the KLs (nats per sequence) at which the report compares the methods
+# the comparisons named before any run (at most six), each method@KL: the method minus best-of-n at
+# that KL on the first held-out judge (with no judge: the measure). Holm's correction is over
+# these alone; every other difference the report gives is exploratory
+primary = "dpo@2,rloo@2,grpo@2,dpo@4,rloo@4,grpo@4"
 # a reading at a KL only from kept policies at most max_bracket x the KL apart; each run keeps its
 # policy where its KL first crosses every target x (1 - max_bracket / 4) and x (1 + max_bracket/4)
 max_bracket: "(0, 2]" = 1.0
@@ -53,7 +58,7 @@ max_bracket: "(0, 2]" = 1.0
 # (labels smoothed by cdpo_epsilon), ipo (IPO on per-token mean log-probabilities), preferred_ft
 # (fine-tuning on the chosen side)
 dpo_methods = "dpo,cdpo,ipo,preferred_ft"
-cdpo_epsilon: "[0, 0.5)" = 0.0  # cDPO: the chance a label is flipped (0: the train pairs' own)
+cdpo_epsilon: "(0, 0.5)" = 0.1  # cDPO: the chance a label is flipped (TRL's label_smoothing)
 dpo_epochs: "[1, 2**20]" = 1  # DPO family: passes over the pairs
 dpo_batch: "[1, 2**20]" = 32  # DPO family: pairs per step
 # each method's learning rate (AdamW) and strength (beta; IPO: tau), picked on the dev split by
@@ -65,12 +70,13 @@ ipo_lr: "> 0" = 3e-4
 ipo_tau: "> 0" = 0.5
 preferred_ft_lr: "> 0" = 1e-4
 ppo_lr: "> 0" = 3e-4
-# --rlhf_stage=tune: the grids (learning rates of the DPO family and of RLOO and PPO; beta of the
-# sigmoid DPO losses; IPO's tau), each setting measured on tune_prompts prompts of the dev split
-dpo_lr_grid = "1e-4,3e-4"
-rl_lr_grid = "3e-4,1e-3"
-beta_grid = "0.05,0.2"
-tau_grid = "0.5,2"
+# --rlhf_stage=tune: the grids (learning rates of the DPO family and of the RL methods; beta of the
+# sigmoid DPO losses; IPO's tau; cDPO's epsilon), each setting measured on tune_prompts dev prompts
+dpo_lr_grid = "1e-4,3e-4,1e-3"
+rl_lr_grid = "3e-4,1e-3,3e-3"
+beta_grid = "0.05,0.1,0.2"
+tau_grid = "0.25,0.5,2"
+epsilon_grid = "0.05,0.1,0.2"  # cDPO's epsilon
 tune_prompts: "[2, 2**20]" = 32
 
 # --- the pipeline: RLOO and PPO ------------------------------------------------------------------
@@ -82,6 +88,11 @@ ppo_value_clip: "> 0" = 0.2  # PPO: clip the value model's change from rollout t
 ppo_value_lr: "> 0" = 3e-4  # PPO: AdamW learning rate of the value model
 ppo_gamma: "[0, 1]" = 1.0  # PPO: discount along the completion (GAE)
 ppo_lambda: "[0, 1]" = 0.95  # PPO: GAE's lambda
+# GRPO (TRL's GRPOTrainer): the score's advantage within its prompt's group, updated as PPO's
+# (ppo_epochs, ppo_minibatches, ppo_clip), the KL to the base in the loss rather than the reward
+grpo_lr: "> 0" = 1e-3  # GRPO: AdamW learning rate
+grpo_beta: ">= 0" = 0.04  # GRPO: weight of the KL to the base (k3, per token) in the loss
+grpo_scale: "group | none" = "group"  # group: advantages / the group's std; none: Dr. GRPO
 
 # --- the head study (rlhf/heads.py) --------------------------------------------------------------
 head_batches: "[1, 2**20]" = 8  # val batches for the attention statistics and map divergence

@@ -9,7 +9,7 @@ from dualgpt.atlas import draw_head_cells
 from dualgpt.plots import finish_plot, pyplot, save_figure
 
 METHOD_COLOURS = {"dpo": "tab:blue", "cdpo": "tab:cyan", "ipo": "tab:purple",
-                  "rloo": "tab:green", "ppo": "tab:red"}
+                  "rloo": "tab:green", "ppo": "tab:red", "grpo": "tab:olive"}
 
 
 def plot_score_against_kl(report: dict, path: str) -> None:
@@ -99,14 +99,13 @@ def plot_learning_curves(report: dict, path: str) -> None:
         for method, log in logs.items():
             ax = panels[method]
             objective = "loss" if "loss" in log[0] else "objective/rlhf_reward"
-            kl = "objective/kl" if objective == "loss" else "objective/kl_exact"
             ax.plot([e["step"] for e in log], [e[objective] for e in log], color="tab:blue",
                     alpha=0.6, linewidth=1, label=objective if seed_index == 0 else None)
             if method not in rights:
                 rights[method] = ax.twinx()
             right = rights[method]
-            measured = [e for e in log if kl in e]
-            right.plot([e["step"] for e in measured], [e[kl] for e in measured],
+            measured = [e for e in log if "exact_kl" in e]
+            right.plot([e["step"] for e in measured], [e["exact_kl"] for e in measured],
                        color="tab:red", alpha=0.6, linewidth=1)
             if seed_index == 0:
                 ax.set_title(method, fontsize=9)

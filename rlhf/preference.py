@@ -270,6 +270,31 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
     return loss, stats
 
 
+def grpo_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
+    """GRPO's group-relative advantages (Shao et al. 2024, TRL's GRPOTrainer): each of the G
+    samples of a prompt minus the mean reward of its group, divided by the group's standard
+    deviation plus 1e-4 where scale (TRL's scale_rewards="group"); Dr. GRPO (Liu et al. 2025)
+    leaves the division out. rewards (prompts, G) -> advantages (prompts, G)."""
+    advantages = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (rewards.std(dim=1, keepdim=True) + 1e-4)
+    return advantages
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, clip: float,
+              beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's loss as TRL computes it: PPO's clipped surrogate with the sequence's advantage at
+    every token, plus beta x the k3 estimate of the KL to the reference at each token (the KL in
+    the loss, not in the reward), averaged over tokens. TRL's loss types (grpo, bnpo, dr_grpo,
+    dapo) divide the sum over tokens by different counts, which for completions of one length, as
+    here, all make this mean. (B, L), (B, L), (B, L), (B,) -> the loss and ppo_loss's statistics
+    with TRL's kl (k3, per token)."""
+    surrogate, stats = ppo_loss(logprobs, old_logprobs, advantages, clip)
+    kl = kl_estimators(logprobs, ref_logprobs)["k3"]
+    return surrogate + beta * kl.mean(), stats | {"kl": kl.mean().item()}
+
+
 def token_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                   beta: float) -> torch.Tensor:
     """PPO's reward per token (Stiennon et al. 2020, Ziegler et al. 2019): -beta x (log pi - log

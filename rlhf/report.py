@@ -227,10 +227,22 @@ def holm(p: list[float]) -> list[float]:
     return adjusted
 
 
-def correct_for_multiplicity(report: dict, key: str, judges: list[str]) -> int:
+def primary_comparisons(cfg: dict) -> list[tuple[str, str]]:
+    """config's primary, as (method, KL) pairs."""
+    return [tuple(c.strip().split("@")) for c in cfg["primary"].split(",") if c.strip()]
+
+
+def primary_score(report: dict) -> str:
+    """What the primary comparisons compare: the first held-out judge, else the measure."""
+    return f"judge_{report['judges'][0]}" if report["judges"] else report["measure"]
+
+
+def correct_for_multiplicity(report: dict, key: str, judges: list[str]) -> list[dict]:
     """Every difference the report gives over seeds (each method's end-point gains and val bpb
-    change, each method against best-of-n and every pair of methods at each KL) gets its p-value
-    and Holm's adjusted p-value over all of them; returns how many there are."""
+    change, each method against best-of-n and every pair of methods at each KL) gets its p-value;
+    the primary comparisons (config's primary, named in advance) also get Holm's adjusted p-value
+    over them alone, and the seeds that would give each 80% power at the spread seen. Returns the
+    primary comparisons, each with its summary."""
     scores = [key, *(f"judge_{j}" for j in judges)]
     found = [row[f"gain_{k}"] for name, row in report["methods"].items() if name != "base"
              for k in scores if f"gain_{k}" in row]
@@ -239,10 +251,34 @@ def correct_for_multiplicity(report: dict, key: str, judges: list[str]) -> int:
     found += [row[f"{k} - best-of-n"] for rows in report["matched_kl"].values()
               for row in rows.values() for k in scores if f"{k} - best-of-n" in row]
     found += [summary for pairs in report["pairwise"].values() for summary in pairs.values()]
-    tested = [(summary, p) for summary in found if (p := p_value(summary)) is not None]
-    for (summary, p), adjusted in zip(tested, holm([p for _, p in tested])):
-        summary.update(p=p, p_holm=adjusted)
-    return len(tested)
+    for summary in found:
+        summary["p"] = p_value(summary)
+    score, primary = primary_score(report), []
+    for method, kl in primary_comparisons(report["config"]):
+        row = report["matched_kl"].get(f"{float(kl):g}", {}).get(method, {})
+        summary = row.get(f"{score} - best-of-n") or {"mean": None, "reason": "no reading"}
+        primary.append({"method": method, "kl": kl, "score": score, "summary": summary})
+    tested = [c["summary"] for c in primary if c["summary"].get("p") is not None]
+    for summary, adjusted in zip(tested, holm([c["p"] for c in tested])):
+        summary.update(p_holm=adjusted,
+                       seeds_for_power=seeds_for_power(summary["per_seed"], 0.05 / len(tested)))
+    return primary
+
+
+def seeds_for_power(per_seed: list[float], alpha: float, power: float = 0.8) -> int | None:
+    """The fewest seeds for which a two-sided one-sample t-test at level alpha finds a difference
+    of the mean and spread of per_seed with the given power (the noncentral t); None where the
+    mean is 0 or there is no spread, or beyond 1,000 seeds."""
+    x = np.asarray(per_seed, dtype=np.float64)
+    if len(x) < 2 or x.std(ddof=1) == 0 or x.mean() == 0:
+        return None
+    effect = abs(x.mean()) / x.std(ddof=1)
+    for n in range(2, 1001):
+        critical = stats.t.ppf(1 - alpha / 2, n - 1)
+        shift = effect * math.sqrt(n)
+        if stats.nct.sf(critical, n - 1, shift) + stats.nct.cdf(-critical, n - 1, shift) >= power:
+            return n
+    return None
 
 
 def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = None) -> dict:
@@ -290,11 +326,7 @@ def markdown_tables(report: dict) -> str:
             + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
             + ["win rate vs base", "reward model's accuracy on own samples", "val bpb",
                "val bpb change", "distinct-2", "repetition"])
-    correction = (f"Differences marked * stand after Holm's correction over the report's "
-                  f"{report['comparisons']} differences over seeds (adjusted p < 0.05; the "
-                  "intervals are not adjusted)." if report["comparisons"] else
-                  "With one seed no difference is tested (the intervals are over prompts).")
-    lines = [reward_model_line(report["reward_model"], over), "", correction, "",
+    lines = [reward_model_line(report["reward_model"], over), "", *primary_lines(report), "",
              f"**End points** (mean ± 95% interval over {over}):",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, m in report["methods"].items():
@@ -329,7 +361,33 @@ def markdown_tables(report: dict) -> str:
     for target, pairs in report["pairwise"].items():
         for pair, summary in pairs.items():
             lines.append(f"| {target} | {pair} | {cell(summary)} |")
+    if report.get("overoptimisation"):
+        lines += ["", overoptimisation_line(report)]
     return "\n".join(lines)
+
+
+def primary_lines(report: dict) -> list[str]:
+    """The primary comparisons, named in advance: each difference, its p-value and Holm's over
+    them alone, and the seeds for 80% power; then that every other difference is exploratory."""
+    primary = report["primary"]
+    if len(report["seeds"]) < 2:
+        return ["With one seed no difference is tested (the intervals are over prompts)."]
+    name = primary_score(report).replace("judge_", "judge ")
+    lines = [f"**Primary comparisons**, named in advance (rlhf/config.py's `primary`): each "
+             f"method minus best-of-n at a KL on the {name} score, mean ± 95% interval over "
+             f"seeds, p from a t-test over the {len(report['seeds'])} seeds, Holm's correction "
+             f"over these {len(primary)} alone (marked * where the adjusted p < 0.05), and the "
+             "seeds a t-test at Holm's first level would need for 80% power at the difference "
+             "and spread seen:", "",
+             "| comparison | difference | p | Holm's p | seeds for 80% power |",
+             "|---|---|---|---|---|"]
+    for c in primary:
+        s = c["summary"]
+        p = " | ".join(f"{s[k]:.3g}" if s.get(k) is not None else "—" for k in ("p", "p_holm"))
+        lines.append(f"| {c['method']} − best-of-n at {c['kl']} nats | {cell(s)} | {p} | "
+                     f"{s.get('seeds_for_power') or '—'} |")
+    return lines + ["", "Every other difference below is exploratory: it has a p-value in the "
+                    "JSON but no correction, and is not a finding."]
 
 
 def reward_model_line(rm: dict, over: str) -> str:
@@ -415,6 +473,46 @@ def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) 
                        "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})
         n *= 2
     return points
+
+
+def gao_fit(curve: list[dict], key: str) -> dict:
+    """Gao et al. 2023's form for best-of-n, R(d) = d (alpha - beta d) with d = sqrt(KL) and R
+    the gain in `key` over n = 1, fitted by least squares to a best-of-n curve. Returns alpha,
+    beta, the KL where the fitted gain peaks ((alpha / 2 beta)^2; None where it never turns down)
+    and R^2."""
+    d = np.sqrt([p["kl"] for p in curve[1:]])
+    gain = np.array([p[key] - curve[0][key] for p in curve[1:]])
+    (alpha, minus_beta), *_ = np.linalg.lstsq(np.stack([d, d ** 2], axis=1), gain, rcond=None)
+    residual = gain - alpha * d - minus_beta * d ** 2
+    spread = ((gain - gain.mean()) ** 2).sum()
+    return {"alpha": float(alpha), "beta": float(-minus_beta),
+            "peak_kl": float((alpha / (-2 * minus_beta)) ** 2) if minus_beta < 0 < alpha else None,
+            "r2": float(1 - (residual ** 2).sum() / spread) if spread > 0 else None}
+
+
+def overoptimisation(bon_curves: dict, keys: list[str]) -> dict:
+    """gao_fit of each score's best-of-n curve in each seed; alpha and beta over the seeds."""
+    fits = {}
+    for key in keys:
+        per_seed = [gao_fit(curve, key) for curve in bon_curves.values() if len(curve) > 2]
+        if per_seed:
+            fits[key] = {"per_seed": per_seed, "alpha": summarise(per_seed, "alpha"),
+                         "beta": summarise(per_seed, "beta")}
+    return fits
+
+
+def overoptimisation_line(report: dict) -> str:
+    """What the best-of-n curves show of over-optimisation, score by score."""
+    parts = []
+    for key, fit in report["overoptimisation"].items():
+        peaks = ", ".join("none" if f["peak_kl"] is None else f"{f['peak_kl']:.1f}"
+                          for f in fit["per_seed"])
+        parts.append(f"{key.replace('_', ' ')}: alpha {cell(fit['alpha'])}, beta "
+                     f"{cell(fit['beta'])}, peak at KL {peaks} (by seed)")
+    return (f"**Over-optimisation**: best-of-n's gain over n = 1 against its KL on the first "
+            f"{report['bon_prompts']} prompts, fitted per seed to Gao et al.'s R = d (alpha - "
+            "beta d), d = sqrt(KL) (a peak: where the fitted gain turns down; beta > 0 with an "
+            "interval clear of 0 means it does). " + "; ".join(parts) + ".")
 
 
 def matched_rows(at: list[dict], keys: list[str]) -> dict:

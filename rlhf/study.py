@@ -124,9 +124,12 @@ STAGE_KEYS = {
     "ppo": ("rl_beta", "ppo_lr", "rl_steps", "rl_prompts", "rl_group", "ppo_epochs",
             "ppo_minibatches", "ppo_clip", "ppo_value_clip", "ppo_value_lr", "ppo_gamma",
             "ppo_lambda", *KEEPING),
+    "grpo": ("grpo_beta", "grpo_lr", "grpo_scale", "rl_steps", "rl_prompts", "rl_group",
+             "ppo_epochs", "ppo_minibatches", "ppo_clip", *KEEPING),
     "eval": ("eval_samples", "eval_prompts", "eval_split", "kl_targets", "max_bracket", "seed"),
 }
 UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm",
+            "grpo": "rm",
             "eval": None}
 # the file whose record stands for a stage's run, where other files are built on it
 STAGE_FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"),

@@ -17,9 +17,9 @@ from dualgpt.layouts import convert_state_dict
 from dualgpt.files import write_json
 from dualgpt.runtime import autocast, progress
 from rlhf.preference import (PAD, RewardModel, completion_logits, dpo_family_loss, exact_kl, gae,
-                             kl_estimators, kl_penalized_reward, policy_gradient_loss, ppo_loss,
-                             reward_model_loss, rloo_advantages, token_logprobs, token_rewards,
-                             value_loss, whiten)
+                             grpo_advantages, grpo_loss, kl_estimators, kl_penalized_reward,
+                             policy_gradient_loss, ppo_loss, reward_model_loss, rloo_advantages,
+                             token_logprobs, token_rewards, value_loss, whiten)
 from rlhf.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_outputs, complete,
                         completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
                         reward_scores, sample_prompts, save_policy, sequence_logprobs)
@@ -76,23 +76,21 @@ def method_settings(cfg: dict, method: str) -> tuple[float, float | None]:
 
 def flip_rate(pairs: dict) -> float:
     """The chance a train pair's label is flipped against the oracle: min(p, 1 - p) of its
-    Bradley-Terry probability, averaged (a tie's label is a coin flip: 1/2)."""
+    Bradley-Terry probability, averaged (a tie's label is a coin flip: 1/2). The rm stage reports
+    it beside the reward model's accuracy; no training reads it."""
     return torch.minimum(pairs["prob_a"], 1 - pairs["prob_a"]).mean().item()
 
 
-def dpo_label(method: str, cfg: dict, pairs: dict) -> float:
+def dpo_label(method: str, cfg: dict) -> float:
     """The label DPO's loss is given: 1 (the chosen side is preferred), or 1 - cdpo_epsilon for
-    cDPO (0 reads the pairs' own flip rate)."""
-    if DPO_METHODS[method][1] == "smoothed":
-        return 1.0 - (cfg["cdpo_epsilon"] or flip_rate(pairs))
-    return 1.0
+    cDPO (TRL's label_smoothing; picked on the dev split, never read from the oracle)."""
+    return 1.0 - cfg["cdpo_epsilon"] if DPO_METHODS[method][1] == "smoothed" else 1.0
 
 
 @dataclasses.dataclass
 class PairInputs:
-    """What every DPO-family run reads: the train pairs, their chosen and rejected sides, their
-    lengths, and the frozen base's summed log-probabilities of both (computed once)."""
-    pairs: dict
+    """What every DPO-family run reads: the train pairs' prompts, their chosen and rejected sides,
+    their lengths, and the frozen base's summed log-probabilities of both (computed once)."""
     prompts: torch.Tensor
     sides: tuple[torch.Tensor, torch.Tensor]
     lengths: tuple[torch.Tensor, torch.Tensor]
@@ -107,7 +105,7 @@ def pair_inputs(s: Setup, pairs: dict) -> PairInputs:
                                                    side[i:i + CHUNK])
                                  for i in range(0, len(prompts), CHUNK)]) for side in sides)
     lengths = tuple((side != PAD).sum(1).float() for side in sides)
-    return PairInputs(pairs, prompts, sides, lengths, reference)
+    return PairInputs(prompts, sides, lengths, reference)
 
 
 @torch.no_grad()
@@ -146,7 +144,13 @@ class Keeper:
 
     def finish(self, policy: nn.Module, step: int, log: list[dict]) -> None:
         """The final policy, also as the last kept file (unless the last step kept it), and the
-        log."""
+        log; a run that ended short of a keep point says so (the targets past it get no
+        reading)."""
+        if self.kls:
+            more = "--rl_steps" if "objective/scores" in log[0] else "--dpo_epochs"
+            print(f"note: {self.name} ended before its KL to the base reached "
+                  f"{min(self.kls):g} nats: the KL targets from there on get no reading from it; "
+                  f"give it more steps ({more}) or a higher learning rate")
         last = os.path.join(kept_folder(self.s, self.name), f"step{step:05d}.pt")
         if not os.path.exists(last):  # the folder started empty: this run's own
             self.keep(policy, step, None, last)
@@ -172,7 +176,7 @@ def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
     (chosen, rejected), (ref_c, ref_r), prompts = inputs.sides, inputs.reference, inputs.prompts
     n = len(prompts)
     steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
-    (kind, _), label = DPO_METHODS[method], dpo_label(method, cfg, inputs.pairs)
+    (kind, _), label = DPO_METHODS[method], dpo_label(method, cfg)
     lr, strength = method_settings(cfg, method)
     policy = load_policy(s)
     reference = frozen(policy)  # the base, before any step
@@ -196,10 +200,10 @@ def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
             entry.update({"rewards/margins": margins.mean().item(),
                           "rewards/accuracies": (margins > 0).float().mean().item()})
         if step <= KL_EARLY or step % KL_EVERY == 0:
-            entry["objective/kl"] = sampled_kl(s, policy, reference, kl_prompts,
+            entry["exact_kl"] = sampled_kl(s, policy, reference, kl_prompts,
                                                s.generator("dpo.kl_sampling", step,
                                                            on_device=True)).sum(1).mean().item()
-            keeper.consider(policy, step, entry["objective/kl"])
+            keeper.consider(policy, step, entry["exact_kl"])
         log.append(entry)
     keeper.finish(policy, steps, log)
     print(f"{name}: {steps} steps, last loss {log[-1]['loss']:.3f}"
@@ -294,15 +298,28 @@ def rloo_update(s: Setup, learner: Learner, batch: dict) -> dict:
             **step_on(learner.optimizer, loss, learner.schedule, s.cfg["max_grad_norm"])}
 
 
+def minibatch_passes(s: Setup, learner: Learner, batch: dict, loss_of) -> dict:
+    """PPO's and GRPO's update: ppo_epochs passes over a rollout's samples in ppo_minibatches
+    minibatches (a new order each pass), one optimizer step each on loss_of(indices) -> (loss,
+    statistics); then the learning rate decays by one rollout, as TRL's by update. Returns the
+    minibatches' mean statistics."""
+    cfg, stats = s.cfg, []
+    prompts = batch["prompts"]
+    for _, idx in minibatches(len(prompts), ppo_minibatch_size(cfg), cfg["ppo_epochs"],
+                              learner.order, prompts.device):
+        loss, minibatch = loss_of(idx)
+        stats.append(minibatch | step_on(learner.optimizer, loss, None, cfg["max_grad_norm"]))
+    learner.schedule.step()
+    return {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]}
+
+
 def ppo_update(s: Setup, learner: Learner, batch: dict) -> dict:
     """PPO as in Stiennon et al. 2020 and InstructGPT: per-token rewards (the KL penalty at every
     token, the reward model's score at the last), the critic's values, GAE advantages (whitened)
-    and returns, then ppo_epochs passes of ppo_minibatches minibatches (a new order each pass),
-    each one optimizer step on the clipped policy loss plus the clipped value loss (the critic's
-    parameters have their own learning rate, ppo_value_lr: with Adam a weight on the value loss
-    would change nothing), the gradient of both clipped together as TRL's PPO does. Returns the
-    minibatches' mean statistics."""
-    cfg, n = s.cfg, len(batch["prompts"])
+    and returns, then minibatch_passes on the clipped policy loss plus the clipped value loss (the
+    critic's parameters have their own learning rate, ppo_value_lr: with Adam a weight on the
+    value loss would change nothing), the gradient of both clipped together as TRL's PPO does."""
+    cfg = s.cfg
     prompts, completions = batch["prompts"], batch["completions"]
     with torch.no_grad(), autocast(cfg["device"], cfg["dtype"]):
         old_values = learner.critic.token_values(prompts, completions).float()
@@ -310,23 +327,41 @@ def ppo_update(s: Setup, learner: Learner, batch: dict) -> dict:
                             cfg["rl_beta"])
     advantages, returns = gae(rewards, old_values, cfg["ppo_gamma"], cfg["ppo_lambda"])
     advantages = whiten(advantages)
-    stats = []
-    for _, idx in minibatches(n, ppo_minibatch_size(cfg), cfg["ppo_epochs"], learner.order,
-                              prompts.device):
+
+    def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         logprobs = completion_logprobs(s, learner.policy, prompts[idx], completions[idx])
-        policy_loss, minibatch = ppo_loss(logprobs, batch["old_logprobs"][idx], advantages[idx],
-                                          cfg["ppo_clip"])
+        policy_loss, stats = ppo_loss(logprobs, batch["old_logprobs"][idx], advantages[idx],
+                                      cfg["ppo_clip"])
         with autocast(cfg["device"], cfg["dtype"]):
             values = learner.critic.token_values(prompts[idx], completions[idx]).float()
         critic_loss = value_loss(values, old_values[idx], returns[idx], cfg["ppo_value_clip"])
-        loss = policy_loss + critic_loss
-        stats.append(dict(minibatch, **{"loss/policy_avg": policy_loss.item(),
-                                        "loss/value_avg": critic_loss.item()},
-                          **step_on(learner.optimizer, loss, None, cfg["max_grad_norm"])))
-    learner.schedule.step()  # the learning rate decays by rollout, as TRL's by update
+        return policy_loss + critic_loss, stats | {"loss/policy_avg": policy_loss.item(),
+                                                    "loss/value_avg": critic_loss.item()}
+
     explained = 1 - (returns - old_values).var() / returns.var().clamp_min(1e-12)
-    return {k: sum(m[k] for m in stats) / len(stats) for k in stats[0]} | {
-        "val/explained_variance": explained.item()}
+    return minibatch_passes(s, learner, batch, loss_of) | {
+        "explained_variance": explained.item()}  # ours: TRL's PPO does not log it
+
+
+def grpo_update(s: Setup, learner: Learner, batch: dict) -> dict:
+    """GRPO (Shao et al. 2024) as TRL's GRPOTrainer: the reward model's score, its advantage
+    within the prompt's group (divided by the group's std, or not: Dr. GRPO, grpo_scale=none),
+    then minibatch_passes on the clipped surrogate plus grpo_beta x the k3 KL to the base at each
+    token. The KL is in the loss, so batch["reward"] (RLOO's) plays no part."""
+    cfg = s.cfg
+    scores = batch["score"].view(-1, cfg["rl_group"])
+    advantages = grpo_advantages(scores, cfg["grpo_scale"] == "group").view(-1)
+
+    def loss_of(idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logprobs = completion_logprobs(s, learner.policy, batch["prompts"][idx],
+                                       batch["completions"][idx])
+        loss, stats = grpo_loss(logprobs, batch["old_logprobs"][idx], batch["ref_logprobs"][idx],
+                                advantages[idx], cfg["ppo_clip"], cfg["grpo_beta"])
+        return loss, stats | {"loss/policy_avg": loss.item()}
+
+    return minibatch_passes(s, learner, batch, loss_of) | {
+        "reward_std": scores.std(dim=1).mean().item(),
+        "frac_reward_zero_std": (scores.std(dim=1) == 0).float().mean().item()}
 
 
 def ppo_minibatch_size(cfg: dict) -> int:
@@ -334,8 +369,8 @@ def ppo_minibatch_size(cfg: dict) -> int:
 
 
 def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
-    """RLOO: one; PPO: one per minibatch of each pass (ppo_minibatches, or fewer when the rollout
-    is small)."""
+    """RLOO: one; PPO and GRPO: one per minibatch of each pass (ppo_minibatches, or fewer when the
+    rollout is small)."""
     if method == "rloo":
         return 1
     minibatches = math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / ppo_minibatch_size(cfg))
@@ -363,7 +398,7 @@ def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter
     learner = Learner(policy, *decaying_optimizer(groups, steps), s.generator("ppo.order"),
                       critic)
     sampling = s.generator("rl.sampling", on_device=True)
-    update = {"rloo": rloo_update, "ppo": ppo_update}[method]
+    update = {"rloo": rloo_update, "ppo": ppo_update, "grpo": grpo_update}[method]
     keeper = Keeper(s, name, record, keep_kls(cfg) if not keep_at else [], keep_at,
                     optimizer_steps_per_rollout(cfg, method))
     log = []
@@ -376,21 +411,24 @@ def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter
             raise TrainingDiverged(f"{name}: loss is {stats['loss/policy_avg']} at step {step}; "
                                    f"try a lower --{method}_lr")
         estimators = kl_estimators(batch["old_logprobs"], batch["ref_logprobs"])
+        stats["lr"] = stats.pop("learning_rate")  # TRL's RL trainers' name
         log.append({"step": step, "objective/scores": batch["score"].mean().item(),
                     "objective/rlhf_reward": batch["reward"].mean().item(),
+                    "objective/non_score_reward": (batch["reward"] - batch["score"]).mean().item(),
                     "objective/kl": estimators["k1"].sum(1).mean().item(),
-                    "objective/kl_k3": estimators["k3"].sum(1).mean().item(),
-                    "objective/kl_exact": batch["kl_exact"].mean().item(),
-                    "objective/entropy": batch["entropy"].mean().item(), **stats})
+                    "objective/entropy": batch["entropy"].mean().item(),
+                    # ours, not TRL's: the k3 estimate and the exact KL over the vocabulary
+                    "kl_k3": estimators["k3"].sum(1).mean().item(),
+                    "exact_kl": batch["kl_exact"].mean().item(), **stats})
         keeper.consider(policy, step)
         bar.update(1)
         bar.set_postfix(rm=f"{log[-1]['objective/scores']:+.3f}",
-                        kl=f"{log[-1]['objective/kl_exact']:.2f}")
+                        kl=f"{log[-1]['exact_kl']:.2f}")
     bar.close()
     keeper.finish(policy, steps, log)
     print(f"{name}: {steps} steps, reward-model score {log[0]['objective/scores']:+.3f} -> "
           f"{log[-1]['objective/scores']:+.3f}, "
-          f"KL to the base {log[-1]['objective/kl_exact']:.3f} nats per sequence")
+          f"KL to the base {log[-1]['exact_kl']:.3f} nats per sequence")
     return log
 
 

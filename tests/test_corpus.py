@@ -17,7 +17,8 @@ from dualgpt import corpus as corpus_module
 from minbpe import RegexTokenizer
 from minbpe.regex import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN
 
-EXOTIC = ["café", "naïve", "Straße", "日本語", "😀", "ǅemal", "ﬁne", "Ωmega", "x²", "٣٤٥"]  # 2 to 4 bytes a character
+# words of 2 to 4 bytes a character
+EXOTIC = ["café", "naïve", "Straße", "日本語", "😀", "ǅemal", "ﬁne", "Ωmega", "x²", "٣٤٥"]
 
 
 def multibyte_text(n_lines: int, seed: int) -> str:

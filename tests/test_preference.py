@@ -132,6 +132,71 @@ def test_ppo_with_the_kl_in_the_reward_reaches_the_closed_form_optimum():
     assert total_variation(F.softmax(logits, 0).detach(), OPTIMUM) < 0.02
 
 
+def grpo_optimum(scale: bool) -> torch.Tensor:
+    """Where GRPO with the k3 KL in its loss settles on the bandit. In expectation over samples of pi, k3's
+    gradient is that of KL(pi_ref || pi), not of KL(pi || pi_ref), so pi maximises E_pi[r / s] - beta KL(pi_ref || pi):
+    pi_i = beta pi_ref_i / (lam - r_i / s), lam above every r_i / s and set so the pi_i sum to 1, with s the reward's
+    standard deviation under pi (GRPO) or 1 (Dr. GRPO); found by bisection inside a fixed-point iteration on s."""
+    s = torch.tensor(1.0, dtype=torch.float64)
+    for _ in range(200):
+        r = REWARD / s
+        low, high = r.max().item(), r.max().item() + 100.0
+        for _ in range(200):  # the sum falls from infinity as lam rises
+            lam = (low + high) / 2
+            low, high = (lam, high) if (BETA * REF / (lam - r)).sum() > 1 else (low, lam)
+        pi = BETA * REF / (lam - r)
+        if scale:
+            s = ((pi * (REWARD - (pi * REWARD).sum()) ** 2).sum()).sqrt()
+    return pi / pi.sum()
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=["grpo", "dr_grpo"])
+def test_grpo_reaches_its_closed_form_optimum(scale):
+    """GRPO's group-normalised advantages (Dr. GRPO's unscaled ones) and loss, G actions per step from the current
+    policy, on the bandit: each ends at its own closed form, which differs from the other's and from RLOO's."""
+    gen = torch.Generator().manual_seed(0)
+    logits = REF.log().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 600)
+    for _ in range(600):
+        logp = F.log_softmax(logits, dim=0)
+        actions = torch.multinomial(logp.exp().detach(), 256, replacement=True, generator=gen)
+        advantages = preference.grpo_advantages(REWARD[actions][None, :], scale).squeeze(0)
+        sampled = logp[actions][:, None]
+        loss, stats = preference.grpo_loss(sampled, sampled.detach(), REF.log()[actions][:, None], advantages,
+                                           clip=0.2, beta=BETA)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    optimum = grpo_optimum(scale)
+    assert total_variation(F.softmax(logits, 0).detach(), optimum) < 0.01
+    assert total_variation(optimum, grpo_optimum(not scale)) > 0.05
+    assert total_variation(optimum, OPTIMUM) > 0.05
+
+
+def test_grpo_advantages_and_loss_against_the_formulas_written_out():
+    """TRL's formulas by hand: (r - mean) / (std + 1e-4) per group, Bessel's std; the clipped surrogate at every token
+    plus beta x (exp(ref - logp) - (ref - logp) - 1), averaged over tokens."""
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0]])
+    std = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert torch.allclose(preference.grpo_advantages(rewards)[0], (rewards[0] - 7 / 3) / (std + 1e-4))
+    assert preference.grpo_advantages(rewards)[1].abs().max() == 0  # a group of equal rewards: no signal
+    assert torch.allclose(preference.grpo_advantages(rewards, scale=False)[0], rewards[0] - 7 / 3)
+    torch.manual_seed(4)
+    logp, old, ref = -torch.rand(3, 5) * 3, -torch.rand(3, 5) * 3, -torch.rand(3, 5) * 3
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    loss, stats = preference.grpo_loss(logp, old, ref, advantages, clip=0.2, beta=0.04)
+    expected = 0.0
+    for b in range(3):
+        for t in range(5):
+            ratio, a = math.exp(logp[b, t] - old[b, t]), advantages[b].item()
+            surrogate = -min(ratio * a, min(max(ratio, 0.8), 1.2) * a)
+            kl = math.exp(ref[b, t] - logp[b, t]) - (ref[b, t] - logp[b, t]) - 1
+            expected += (surrogate + 0.04 * kl) / 15
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 # --- log-probabilities and KL ----------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from rlhf.training import STANDARDISE_SAMPLES
 
 
 P = "rlhf_sentiment_seed1337"  # one replicate's outputs
+RL = ("rloo", "ppo", "grpo")
 
 
 def test_every_stage_runs_and_writes_its_files(rlhf_run):
@@ -38,8 +39,7 @@ def test_every_stage_runs_and_writes_its_files(rlhf_run):
 def kept_from_log(log: list, kls: list, rl: bool) -> list:
     """The steps a run must have kept, worked out from its own log: for each KL of keep_kls, the first logged
     KL at or above it (RL: the rollout's, whose policy is the one before that step's update), then the end."""
-    kl = "objective/kl_exact" if rl else "objective/kl"
-    steps = {next((e["step"] - rl for e in log if kl in e and e[kl] >= k), None) for k in kls}
+    steps = {next((e["step"] - rl for e in log if e.get("exact_kl", -1) >= k), None) for k in kls}
     return sorted({s for s in steps if s} | {log[-1]["step"]})
 
 
@@ -51,13 +51,13 @@ def test_every_run_keeps_its_policy_where_its_own_log_crosses_the_keep_points(rl
         log = json.loads((home / "generate_text" / f"{P}_{method}_log.json").read_text())["log"]
         folder = home / "model_dict" / f"{P}_{method}_steps"
         kept = sorted(int(p.name[4:-3]) for p in folder.iterdir())
-        assert kept == kept_from_log(log, keep_kls(cfg), method in ("rloo", "ppo")), method
-        per_step = 2 if method == "ppo" else 1
+        assert kept == kept_from_log(log, keep_kls(cfg), method in RL), method
+        per_step = 2 if method in ("ppo", "grpo") else 1
         for step in kept[:-1]:
             rlhf_entry = torch.load(folder / f"step{step:05d}.pt", weights_only=True)["rlhf"]
             assert rlhf_entry["optimizer_steps"] == step * per_step
-            entry = log[step] if method in ("rloo", "ppo") else log[step - 1]  # the rollout after `step` updates
-            assert rlhf_entry["train_kl"] == pytest.approx(entry.get("objective/kl_exact", entry.get("objective/kl")))
+            entry = log[step] if method in RL else log[step - 1]  # the rollout after `step` updates
+            assert rlhf_entry["train_kl"] == pytest.approx(entry["exact_kl"])
 
 
 def test_labels_agree_with_the_oracle_as_asked(rlhf_run):
@@ -78,18 +78,19 @@ def test_rloo_raises_the_held_out_judges_score(rlhf_run):
     assert methods["rloo"]["gain_judge_lexicon"]["mean"] > 0
     assert methods["rloo"]["kl"]["mean"] > 0
     assert methods["base"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # equal weights: equal up to rounding
-    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "preferred_ft", "rloo", "ppo", "best-of-4",
+    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "preferred_ft", "rloo", "ppo", "grpo", "best-of-4",
                              "best-of-16"]
 
 
 def test_every_row_has_the_same_win_rate_estimator_and_optimizer_steps(rlhf_run):
     """Win rates of tuned methods and of best-of-n both compare with independent base samples: best-of-1 is one
-    base sample against another, 50% up to sampling; PPO took ppo_epochs x ppo_minibatches steps per rollout."""
+    base sample against another, 50% up to sampling; PPO and GRPO took ppo_epochs x ppo_minibatches steps per
+    rollout."""
     seed = rlhf_run.result["results"]["eval"][0]
     assert seed["bon_curve"][0]["win"] == pytest.approx(0.5, abs=0.06)
     assert seed["methods"]["base"]["win"] == pytest.approx(0.5, abs=0.06)
     assert seed["methods"]["rloo"]["optimizer_steps"] == 50
-    assert seed["methods"]["ppo"]["optimizer_steps"] == 50 * 1 * 2
+    assert seed["methods"]["ppo"]["optimizer_steps"] == seed["methods"]["grpo"]["optimizer_steps"] == 50 * 1 * 2
     assert seed["methods"]["dpo"]["optimizer_steps"] == 32  # 1024 pairs / 32
 
 
@@ -107,24 +108,40 @@ def test_the_report_compares_methods_at_matched_kl(rlhf_run):
     assert pairs and all(row in markdown for row in pairs)  # every pair both of whose readings are usable
 
 
-def test_the_logs_carry_trls_metric_names_with_clipping_and_a_decaying_learning_rate(rlhf_run):
+# TRL's names: PPOTrainer's and RLOOTrainer's, GRPOTrainer's, and the Trainer's (the DPO family); and ours, which
+# are not TRL's and are named so that they cannot be taken for them
+TRL_RL = {"objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+          "objective/scores",
+          "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "lr"}
+TRL_GRPO = {"kl", "reward_std", "frac_reward_zero_std"}
+TRL_DPO = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "loss", "grad_norm", "learning_rate"}
+OURS = {"step", "exact_kl", "kl_k3", "explained_variance", "grad_norm"}
+
+
+def test_the_logs_carry_trls_metric_names_exactly_with_clipping_and_a_decaying_learning_rate(rlhf_run):
     results = rlhf_run.result["results"]
-    ppo, rloo = (results[m][0]["log"] for m in ("ppo", "rloo"))
+    ppo, rloo, grpo = (results[m][0]["log"] for m in ("ppo", "rloo", "grpo"))
     dpo = results["dpo"][0]["dpo"]["log"]
-    rl_names = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "loss/policy_avg",
-                "grad_norm", "learning_rate"}
+    rl_names = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+                "objective/non_score_reward", "loss/policy_avg", "grad_norm", "lr"}
     assert rl_names | {"policy/approxkl_avg", "policy/clipfrac_avg", "loss/value_avg", "val/ratio",
-                       "val/explained_variance"} <= set(ppo[0])
-    assert rl_names <= set(rloo[0])
-    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "grad_norm", "learning_rate"} <= set(dpo[0])
-    measured = [e["step"] for e in dpo if "objective/kl" in e]  # each of the first 16 steps, then every 4
+                       "explained_variance", "exact_kl"} <= set(ppo[0]) <= TRL_RL | OURS
+    assert rl_names <= set(rloo[0]) <= TRL_RL | OURS
+    assert rl_names | TRL_GRPO | {"policy/clipfrac_avg"} <= set(grpo[0]) <= TRL_RL | TRL_GRPO | OURS
+    assert TRL_DPO - {"loss"} <= set(dpo[0]) <= TRL_DPO | OURS
+    for log in (ppo, rloo, grpo):  # the KL penalty, as TRL's non_score_reward: -beta x the k1 sum, in the reward
+        assert [e["objective/non_score_reward"] for e in log] == pytest.approx(
+            [e["objective/rlhf_reward"] - e["objective/scores"] for e in log])
+        assert [e["objective/non_score_reward"] for e in log] == pytest.approx([-0.3 * e["objective/kl"] for e in log])
+    measured = [e["step"] for e in dpo if "exact_kl" in e]  # each of the first 16 steps, then every 4
     assert measured == list(range(1, 17)) + list(range(20, len(dpo) + 1, 4))
-    for log, lr in ((rloo, 2e-3), (ppo, 2e-3), (dpo, 1e-3)):  # linear decay to 0, one step per entry
-        assert [e["learning_rate"] for e in log] == pytest.approx([lr * (1 - i / len(log)) for i in range(len(log))])
+    for log, lr in ((rloo, 2e-3), (ppo, 2e-3), (grpo, 2e-3), (dpo, 1e-3)):  # linear decay to 0, one step per entry
+        assert [e.get("lr", e.get("learning_rate")) for e in log] == pytest.approx(
+            [lr * (1 - i / len(log)) for i in range(len(log))])
     assert rloo[0]["objective/entropy"] > 0 and all(0 <= e["policy/clipfrac_avg"] <= 1 for e in ppo)
-    assert results["rm"][0]["flip_rate"] == pytest.approx(results["dpo"][0]["flip_rate"])
-    assert 0.3 < results["dpo"][0]["flip_rate"] < 0.5  # ties are coin flips
+    assert 0.3 < results["rm"][0]["flip_rate"] < 0.5  # ties are coin flips (reported; no training reads it)
+    assert "flip_rate" not in results["dpo"][0]
 
 
 def test_a_tuned_policy_is_an_ordinary_checkpoint(rlhf_run, capsys):
@@ -151,10 +168,13 @@ BAD_INPUT = [
     (["--oracle=happiness"], "oracle must be auto, sentiment, verse, dialogue, module:function or none, "
                              "got 'happiness'"),
     (["--oracle=no_such_module:score"], "cannot load it"),
-    (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, eval, report, tune or label, "
+    (["--rlhf_stage=sft"], "rlhf_stage must be all, pairs, rm, bon, dpo, rloo, ppo, grpo, eval, report, tune or label, "
                            "got 'sft'"),
     (["--dpo_methods=dpo,kto"], "dpo_methods: kto unknown; choose from dpo, cdpo, ipo, preferred_ft"),
     (["--kl_targets=1,x"], "kl_targets must be positive numbers"),
+    (["--primary=dpo@3"], "primary must name one to six comparisons method@KL, each a method this run trains "
+                          "(dpo, cdpo, ipo, preferred_ft, rloo, ppo, grpo) at one of kl_targets (0.5,1); got 'dpo@3'"),
+    (["--primary=dpo@1,cdpo@1,ipo@1,rloo@1,ppo@1,grpo@1,preferred_ft@1"], "primary must name one to six"),
     (["--max_braket=1"], "unknown config key 'max_braket'; did you mean --max_bracket?"),
     (["--rl_lr_grid=1e-3,fast", "--rlhf_stage=tune"], "rl_lr_grid must be numbers like 1e-4,3e-4"),
     (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by python -m rlhf; python -m rlhf runs its stages in order "
@@ -227,8 +247,9 @@ def test_a_rerun_with_other_settings_leaves_no_point_of_the_earlier_run_in_the_c
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
     small = ["--dpo_methods=dpo", "--dpo_batch=64", "--rl_steps=6", "--eval_samples=2", "--eval_prompts=16"]
     for targets in ("0.2,3", "0.5,1"):
-        for stage in ("bon", "dpo", "rloo", "ppo", "eval"):  # bon: it is read at eval_prompts
-            rlhf.main(args + small + [f"--kl_targets={targets}", f"--rlhf_stage={stage}"])
+        for stage in ("bon", "dpo", "rloo", "ppo", "grpo", "eval"):  # bon: it is read at eval_prompts
+            rlhf.main(args + small + [f"--kl_targets={targets}", f"--primary=dpo@{targets.split(',')[0]}",
+                                      f"--rlhf_stage={stage}"])
         curves = json.loads((home / "generate_text" / f"{P}_eval.json").read_text())["curves"]
         for method, curve in curves.items():
             folder = home / "model_dict" / f"{P}_{method}_steps"
@@ -291,7 +312,7 @@ def test_tune_picks_each_methods_setting_on_the_dev_split_and_leaves_no_policy(r
                       "--rl_lr_grid=3e-4,3e-3", "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16",
                       "--dpo_batch=64"])
     tuning = json.loads((home / "generate_text" / f"{P}_tuning.json").read_text())
-    assert tuning["dev_prompts"] == 16 and list(tuning["tried"]) == ["ipo", "preferred_ft", "rloo", "ppo"]
+    assert tuning["dev_prompts"] == 16 and list(tuning["tried"]) == ["ipo", "preferred_ft", "rloo", "ppo", "grpo"]
     assert [r["setting"] for r in tuning["tried"]["ipo"]] == [
         {"ipo_lr": lr, "ipo_tau": tau} for lr in (3e-4, 3e-3) for tau in (0.5, 2.0)]
     assert [r["setting"] for r in tuning["tried"]["rloo"]] == [{"rloo_lr": 3e-4}, {"rloo_lr": 3e-3}]

@@ -30,18 +30,19 @@ from rlhf import __main__ as rlhf
 SCALE = int(os.environ.get("DUALGPT_FUZZ", "1"))
 SEEDS = (1337, 1338)
 VARIANTS = (64, 48)  # n_pairs: pairs of other settings change every stage built on them
-STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "eval")
-UPSTREAM = {"rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
+STAGES = ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "grpo", "eval")
+UPSTREAM = {"rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm", "grpo": "rm"}
 FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"), "bon": ("data", "bon.pt"),
          "dpo": ("model_dict", "dpo.pt"), "rloo": ("model_dict", "rloo.pt"),
-         "ppo": ("model_dict", "ppo.pt"), "eval": ("generate_text", "eval.json")}
+         "ppo": ("model_dict", "ppo.pt"), "grpo": ("model_dict", "grpo.pt"),
+         "eval": ("generate_text", "eval.json")}
 # a tiny base (tests/fixtures) and settings small enough for a stage to take a fraction of a
 # second; the verse oracle, as the base's text has no sentiment words
 SETTINGS = ["--prompt_tokens=4", "--completion_tokens=8", "--eval_prompts=8", "--rl_prompts=4",
             "--rl_group=4", "--device=cpu", "--dtype=float32", "--rm_batch=16",
             "--bon_max_n=4", "--bon_prompts=4", "--eval_samples=2", "--dpo_batch=16",
             "--dpo_methods=dpo", "--rl_steps=2", "--ppo_epochs=1", "--ppo_minibatches=1",
-            "--kl_targets=0.5", "--oracle=verse"]
+            "--kl_targets=0.5", "--primary=dpo@0.5", "--oracle=verse"]
 REFERENCES: dict = {}  # (study's first seed, seed, n_pairs, stage) -> the stages run in order's
 # a study: its first seed and how many (--seed, --seeds); mostly one seed, so that its stages go
 # deep. The evaluation prompts are drawn from the study's first seed: best-of-n's pool and the
@@ -180,7 +181,7 @@ class Stages(RuleBasedStateMachine):
             if self.current(s, "rm", n_pairs, first) is None:
                 return False
             return all(self.files[s][o] is None or self.current(s, o, n_pairs, first) is not None
-                       for o in ("bon", "dpo", "rloo", "ppo"))
+                       for o in ("bon", "dpo", "rloo", "ppo", "grpo"))
         return self.current(s, UPSTREAM[stage], n_pairs, first) is not None
 
     def record(self, s: int, stage: str, n_pairs: int, first: int) -> None:
@@ -193,7 +194,7 @@ class Stages(RuleBasedStateMachine):
         entry = {"id": found["id"], "n_pairs": n_pairs, "up": up, "first": first}
         if stage == "eval":  # what it measured, as the report compares it with the files now
             entry["inputs"] = {o: self.files[s][o] and self.files[s][o]["id"]
-                               for o in ("pairs", "rm", "bon", "dpo", "rloo", "ppo")}
+                               for o in ("pairs", "rm", "bon", "dpo", "rloo", "ppo", "grpo")}
         self.files[s][stage] = entry
 
     def evaluated(self, s: int, n_pairs: int, first: int) -> bool:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from rlhf.report import (at_kl, holm, matched_rows, mean_interval, p_value, pair_accuracy, ratio_summary, sample_wins,
-                         summarise)
+from rlhf.report import (at_kl, correct_for_multiplicity, gao_fit, holm, matched_rows, mean_interval, p_value,
+                         pair_accuracy, primary_lines, ratio_summary, sample_wins, seeds_for_power, summarise)
 from rlhf.study import keep_kls
 
 
@@ -130,6 +130,71 @@ def test_holm_is_the_step_down_procedure():
             assert {i for i in range(m) if adjusted[i] <= alpha} == rejected
         assert all(a >= q for a, q in zip(adjusted, p)) and max(adjusted) <= 1
     assert holm([0.04, 0.03]) == pytest.approx([0.06, 0.06])  # monotone: 0.04 falls with 0.03's 0.06
+
+
+def test_holm_covers_the_primary_comparisons_alone_and_every_other_difference_is_exploratory():
+    """Three seeds, two comparisons named in primary (on the first judge) among nine differences: the two get Holm's
+    adjusted p over the two (the step-down written out) and the seeds for power; the rest a p-value, no adjustment."""
+    rng = random.Random(5)
+
+    def difference():
+        values = [rng.gauss(0.3, 0.2) for _ in range(3)]
+        return {"mean": statistics.mean(values), "ci": 0.1, "per_seed": values}
+
+    matched = {"2": {"dpo": {k: difference() for k in ("oracle - best-of-n", "judge_lexicon - best-of-n")},
+                     "rloo": {k: difference() for k in ("oracle - best-of-n", "judge_lexicon - best-of-n")}},
+               "4": {"rloo": {k: difference() for k in ("oracle - best-of-n", "judge_lexicon - best-of-n")}}}
+    report = {"judges": ["lexicon"], "measure": "oracle", "config": {"primary": "dpo@2,rloo@4"},
+              "methods": {"base": {}, "dpo": {"gain_oracle": difference(), "val_bpb_change": difference()}},
+              "matched_kl": matched, "pairwise": {"2": {"dpo − rloo": difference()}}}
+    primary = correct_for_multiplicity(report, "oracle", ["lexicon"])
+    named = [matched["2"]["dpo"]["judge_lexicon - best-of-n"], matched["4"]["rloo"]["judge_lexicon - best-of-n"]]
+    assert [c["summary"] for c in primary] == named and [c["kl"] for c in primary] == ["2", "4"]
+    p = [stats.ttest_1samp(d["per_seed"], 0).pvalue for d in named]
+    low, high = sorted(range(2), key=lambda i: p[i])
+    expected = {low: min(1, 2 * p[low])}
+    expected[high] = max(expected[low], p[high])
+    assert [d["p_holm"] for d in named] == pytest.approx([expected[0], expected[1]])
+    assert all(d["seeds_for_power"] == seeds_for_power(d["per_seed"], 0.05 / 2) for d in named)
+    others = [d for rows in matched.values() for row in rows.values() for d in row.values() if d not in named]
+    others += [report["methods"]["dpo"]["gain_oracle"], report["methods"]["dpo"]["val_bpb_change"],
+               report["pairwise"]["2"]["dpo − rloo"]]
+    assert len(others) == 7 and all("p" in d and "p_holm" not in d for d in others)
+    lines = primary_lines(dict(report, primary=primary, seeds=[1, 2, 3]))
+    for c, d in zip(primary, named):
+        row = next(line for line in lines if line.startswith(f"| {c['method']} − best-of-n at {c['kl']} nats |"))
+        assert f"| {d['p']:.3g} | {d['p_holm']:.3g} | {d['seeds_for_power'] or '—'} |" in row
+    assert "Holm's correction over these 2 alone" in lines[0] and "exploratory" in lines[-1]
+
+
+def test_the_seeds_for_power_reach_80_percent_and_one_fewer_does_not_by_simulation():
+    """Simulated studies: n seeds drawn with the mean and spread seen, a two-sided t-test at Holm's first level."""
+    gen = torch.Generator().manual_seed(0)
+    per_seed, alpha = [0.9, 0.2, 0.6, 0.4], 0.05 / 6
+    n = seeds_for_power(per_seed, alpha)
+    assert 5 <= n <= 30
+
+    def power(k):
+        draws = torch.randn(40_000, k, generator=gen, dtype=torch.float64) * statistics.stdev(per_seed)
+        draws += statistics.mean(per_seed)
+        return (stats.ttest_1samp(draws.numpy(), 0, axis=1).pvalue < alpha).mean()
+
+    assert power(n) > 0.79 and power(n - 1) < 0.81
+    assert seeds_for_power([0.1, -0.1], alpha) is None and seeds_for_power([0.2, 0.2], alpha) is None
+
+
+def test_gao_et_als_form_is_recovered_from_a_best_of_n_curve_that_follows_it():
+    """Best-of-n at n = 1 ... 1024 (KL = log n - (n-1)/n) whose gain is exactly d (1.2 - 0.3 d): alpha 1.2, beta 0.3,
+    the peak at d = 2 (KL 4), R^2 1; a curve that only rises has no peak."""
+    kls = [math.log(n) - (n - 1) / n for n in (2 ** k for k in range(11))]
+    curve = [{"kl": kl, "oracle": 0.5 + math.sqrt(kl) * (1.2 - 0.3 * math.sqrt(kl)), "rm": math.sqrt(kl) + 0.1 * kl}
+             for kl in kls]
+    fit = gao_fit(curve, "oracle")
+    assert fit["alpha"] == pytest.approx(1.2) and fit["beta"] == pytest.approx(0.3)
+    assert fit["peak_kl"] == pytest.approx(4.0) and fit["r2"] == pytest.approx(1.0)
+    rising = gao_fit(curve, "rm")
+    assert rising["alpha"] == pytest.approx(1.0) and rising["beta"] == pytest.approx(-0.1)
+    assert rising["peak_kl"] is None
 
 
 def test_the_reward_models_accuracy_on_a_policys_own_samples_is_over_its_decided_pairs():

@@ -52,9 +52,9 @@ from rlhf.preference import (best_of_n_expectation, best_of_n_kl, preference_pro
 from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
                          curve_point, distinct_2, evaluate_policy, gains, kept_curve,
                          markdown_tables, matched_rows, measure, overoptimisation, pairwise_rows,
-                         ratio_summary,
-                         repetition, score_names, strip_per_prompt, summarise, usable,
-                         write_markdown_report, write_samples)
+                         primary_comparisons, ratio_summary, repetition, score_names,
+                         strip_per_prompt, summarise, usable, write_markdown_report,
+                         write_samples)
 from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
                         eval_prompts, frozen, in_repo, kl_targets, load_output, load_pairs,
                         load_policy, load_policy_checkpoint, load_reward_model, numbers,
@@ -382,12 +382,35 @@ def grid(cfg: dict, method: str) -> list[dict]:
     return [dict(zip(values, setting)) for setting in itertools.product(*values.values())]
 
 
+def pick(method: str, tried: list[dict], cfg: dict) -> tuple[dict, dict]:
+    """The frontier (at each KL, the setting with the best dev score there) and the pick: the best
+    mean score at the method's primary KLs (else every target) among the settings reaching all of
+    them; where none does, the one that went furthest, said in a note."""
+    frontier = {}
+    for k in (f"{k:g}" for k in kl_targets(cfg)):
+        reached = [r for r in tried if k in r["at_kl"]]
+        if reached:
+            best = max(reached, key=lambda r: r["at_kl"][k])
+            frontier[k] = {"setting": best["setting"], "score": best["at_kl"][k]}
+    kls = [f"{float(k):g}" for m, k in primary_comparisons(cfg) if m == method] or [
+        f"{k:g}" for k in kl_targets(cfg)]
+    eligible = [r for r in tried if all(k in r["at_kl"] for k in kls)]
+    if not eligible:
+        print(f"note: no setting of {method} reached {', '.join(kls)} nats on the dev split; "
+              "picked the one that went furthest: widen its grid or give it more steps")
+        return frontier, max(tried, key=lambda r: r["end_kl"])["setting"]
+    return frontier, max(eligible, key=lambda r: sum(r["at_kl"][k] for k in kls))["setting"]
+
+
 def stage_tune(s: Setup) -> dict:
     """Each method's settings picked on the dev split: every setting of grid() trains from the
     base on this seed's pairs (RL: its reward model), its kept policies are measured on
-    tune_prompts dev prompts and read at each KL of kl_targets; the pick reaches the most targets,
-    then has the highest mean score over them (measure()'s). Writes every reading and the picks;
-    rlhf/config.py's defaults are set from them, and the test numbers are run once with those."""
+    tune_prompts dev prompts and read at each KL of kl_targets. At each KL the frontier is the
+    best setting there (measure()'s score); the pick is the setting with the highest mean score at
+    the KLs where the method is compared (its primary comparisons; else every target) among those
+    that reach all of them, never one for reaching further. Writes every reading, the frontier and
+    the picks; rlhf/config.py's defaults are set from them, and the test numbers are run once with
+    those."""
     cfg = dict(s.cfg, eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
     dev = dataclasses.replace(s, cfg=cfg)
     pairs = load_pairs(dev, dev.expected("pairs"))
@@ -397,7 +420,7 @@ def stage_tune(s: Setup) -> dict:
     base_result = evaluate_policy(dev, base, reference, rm, prompts, samples,
                                   dev.generator("curve.sampling", on_device=True))
     inputs = pair_inputs(dev, pairs["train"]) if dpo_methods(cfg) else None
-    tried, picks = {}, {}
+    tried, picks, frontier = {}, {}, {}
     for method in methods(cfg):
         tried[method] = []
         for setting in grid(cfg, method):
@@ -416,13 +439,12 @@ def stage_tune(s: Setup) -> dict:
             scores = {k: sum(r["per_prompt"][key]) / len(prompts) for k, r in readings.items()
                       if usable(r)}
             tried[method].append({"setting": setting, "end_kl": curve[-1]["kl"],
-                                  "at_kl": scores,
-                                  "criterion": [len(scores),
-                                                sum(scores.values()) / max(1, len(scores))]})
+                                  "at_kl": scores})
             clear_outputs(run, name)
-        picks[method] = max(tried[method], key=lambda r: r["criterion"])["setting"]
+        frontier[method], picks[method] = pick(method, tried[method], cfg)
     result = {"seed": s.seed, "measure": key, "dev_prompts": len(prompts),
-              "kl_targets": cfg["kl_targets"], "tried": tried, "picks": picks,
+              "kl_targets": cfg["kl_targets"], "tried": tried, "frontier": frontier,
+              "picks": picks,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}",
               "run": dict(s.new_record("eval", None),
                           inputs={"pairs": pairs["run"]["id"], "rm": rm_record["id"]})}

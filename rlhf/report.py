@@ -228,8 +228,8 @@ def holm(p: list[float]) -> list[float]:
 
 
 def primary_comparisons(cfg: dict) -> list[tuple[str, str]]:
-    """config's primary, as (method, KL) pairs."""
-    return [tuple(c.strip().split("@")) for c in cfg["primary"].split(",") if c.strip()]
+    """config's primary, as (method, KL) pairs (checked where the report runs: __main__.py)."""
+    return [tuple(c.strip().split("@")) for c in cfg["primary"].split(",") if c.count("@") == 1]
 
 
 def primary_score(report: dict) -> str:

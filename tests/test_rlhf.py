@@ -303,24 +303,34 @@ def test_the_reward_models_scores_of_base_samples_have_mean_0_and_std_1(rlhf_run
     assert rm.report["raw_std"] > 0 and rlhf_run.result["results"]["rm"][0]["raw_std"] == rm.report["raw_std"]
 
 
-def test_tune_picks_each_methods_setting_on_the_dev_split_and_leaves_no_policy(rlhf_run, tmp_path, monkeypatch):
-    """--rlhf_stage=tune on a 2 x 2 grid for IPO, 2 learning rates for Preferred-FT and RLOO: every setting is
-    recorded with its readings at the KL targets on dev prompts, and the pick is the one that reaches the most
-    targets, then scores highest there."""
+def test_tune_picks_each_methods_setting_at_its_kls_on_the_dev_split_and_leaves_no_policy(rlhf_run, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """--rlhf_stage=tune on a 2 x 2 grid for IPO, 2 learning rates for Preferred-FT and the RL methods: every setting
+    is recorded with its readings at the KL targets on dev prompts; the frontier is the best setting at each KL; the
+    pick has the best mean score at the method's primary KLs (RLOO and GRPO: 1 nat; the others: 0.5 and 1) among the
+    settings reaching all of them, or, where none does, went furthest and says so."""
     home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
     rlhf.main(args + ["--rlhf_stage=tune", "--dpo_methods=ipo,preferred_ft", "--dpo_lr_grid=3e-4,3e-3",
                       "--rl_lr_grid=3e-4,3e-3", "--tau_grid=0.5,2", "--rl_steps=6", "--tune_prompts=16",
                       "--dpo_batch=64"])
+    out = capsys.readouterr().out
     tuning = json.loads((home / "generate_text" / f"{P}_tuning.json").read_text())
     assert tuning["dev_prompts"] == 16 and list(tuning["tried"]) == ["ipo", "preferred_ft", "rloo", "ppo", "grpo"]
     assert [r["setting"] for r in tuning["tried"]["ipo"]] == [
         {"ipo_lr": lr, "ipo_tau": tau} for lr in (3e-4, 3e-3) for tau in (0.5, 2.0)]
     assert [r["setting"] for r in tuning["tried"]["rloo"]] == [{"rloo_lr": 3e-4}, {"rloo_lr": 3e-3}]
     for method, tried in tuning["tried"].items():
-        for r in tried:
-            assert r["criterion"] == pytest.approx([len(r["at_kl"]), statistics.mean(r["at_kl"].values())
-                                                    if r["at_kl"] else 0.0])
-        best = max(tried, key=lambda r: (r["criterion"][0], r["criterion"][1]))
+        for k in ("0.5", "1"):
+            reached = [r for r in tried if k in r["at_kl"]]
+            if reached:
+                assert tuning["frontier"][method][k]["setting"] == max(reached, key=lambda r: r["at_kl"][k])["setting"]
+        kls = ["1"] if method in ("rloo", "grpo") else ["0.5", "1"]
+        eligible = [r for r in tried if all(k in r["at_kl"] for k in kls)]
+        if eligible:
+            best = max(eligible, key=lambda r: statistics.mean(r["at_kl"][k] for k in kls))
+        else:
+            best = max(tried, key=lambda r: r["end_kl"])
+            assert f"note: no setting of {method} reached {', '.join(kls)} nats on the dev split" in out
         assert tuning["picks"][method] == best["setting"]
     assert not list((home / "model_dict").glob(f"{P}_tune_*"))  # the tuning runs' policies are gone
 

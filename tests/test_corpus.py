@@ -155,12 +155,10 @@ def stop_while_encoding(home, args, sig) -> tuple[int, str]:
     they have ended."""
     proc = run_script(home, args)
     deadline = time.time() + 60
-    while not list((home / "data").glob(".big_*.npy.*.tmp")):  # the token file is being written
+    # the token file is being written and both encoding processes run (each block takes them about a second)
+    while not (list((home / "data").glob(".big_*.npy.*.tmp")) and len(workers := children(proc.pid)) == 2):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
-    time.sleep(0.2)
-    workers = children(proc.pid)
-    assert len(workers) == 2
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     deadline = time.time() + 10

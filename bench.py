@@ -247,6 +247,8 @@ def bench_data(args) -> str:
 
     import numpy as np
     sizes = [int(n) for n in numbers(args.data_sizes, "data_sizes")]
+    if args.quick:  # a smoke run: the sizes up to 10 MB
+        sizes = [n for n in sizes if n <= 10] or [1]
     with tempfile.TemporaryDirectory() as folder:
         paths, source = text_on_this_machine(sizes, folder)
         rows, points = [], []

@@ -1,11 +1,12 @@
-"""bench.py's scaling, quality and Muon sections: the fitted loop-cost model against a known one, the scaling
+"""bench.py's scaling, quality, Muon and data sections: the fitted loop-cost model against a known one, the scaling
 section on tiny shapes, the quality section's reading of nanoGPT's log and its ratio, the Muon section's pick and
-paired differences against plain computations."""
+paired differences against plain computations, the data section's corpora and memory readings."""
 import math
 import os
 import statistics
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -150,3 +151,22 @@ def test_flops_per_token_by_hand():
     per_layer = 4 * C * C + 8 * C * C + 2 * C  # attention q,k,v,proj; MLP; two LayerNorm weights
     weights = V * C + L * per_layer + C  # tied embedding/head, blocks, final LayerNorm (wpe excluded)
     assert bench.flops_per_token(model) == 6 * weights + 12 * L * C * 16
+
+
+def test_the_data_sections_text_memory_and_processes(tmp_path):
+    """The data section's pieces: corpora cut from the text files on this machine, each under its size and valid
+    UTF-8; a child process found among this one's children; the memory of a process tree, all of it at least the
+    parent's own, a child's own counted apart."""
+    paths, source = bench.text_on_this_machine([1, 2], str(tmp_path))
+    sizes = [os.path.getsize(p) for p in paths]
+    assert 0.9e6 < sizes[0] <= 1e6 < sizes[1] <= 2e6 and "text files" in source
+    with open(paths[1], encoding="utf-8") as f:
+        assert f.read().startswith(open(paths[0], encoding="utf-8").read()[:1000])  # one stream, cut at two sizes
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = b\"x\" * 50_000_000; time.sleep(5)"])
+    try:
+        time.sleep(1)
+        assert child.pid in bench.children(os.getpid())
+        total, own, largest_child = bench.tree_memory(os.getpid())
+        assert total >= own > 0 and largest_child > 40e6  # the child's 50 MB are its own
+    finally:
+        child.kill()

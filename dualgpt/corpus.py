@@ -79,13 +79,18 @@ def open_corpus(path: str) -> Corpus:
                             "subfolders included)")
     else:
         files = [path]
-    digest = hashlib.sha256()
+    digest, sizes = hashlib.sha256(), []
     for file in files:
-        if len(files) > 1:  # a folder: each file's place and size too
-            name = os.path.relpath(file, path)
-            digest.update(f"{name}\0{os.path.getsize(file)}\0".encode("utf-8"))
-        check_and_hash(file, digest)
-    corpus = Corpus(path, files, [os.path.getsize(f) for f in files], digest.hexdigest())
+        try:
+            sizes.append(os.path.getsize(file))
+            if len(files) > 1:  # a folder: each file's place and size too
+                name = os.path.relpath(file, path)
+                digest.update(f"{name}\0{sizes[-1]}\0".encode("utf-8"))
+            check_and_hash(file, digest)
+        except OSError as e:  # a broken link, a file without read permission
+            raise UserError(f"cannot read {file} ({e.strerror}); fix it or pass another "
+                            "--data") from None
+    corpus = Corpus(path, files, sizes, digest.hexdigest())
     if not corpus.bytes:
         raise UserError(f"{path} is empty; pass --data=PATH to a UTF-8 text file or a folder of "
                         ".txt files")

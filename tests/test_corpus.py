@@ -231,12 +231,16 @@ def bad_inputs(tmp_path):
     cases["cut.txt"] = f"cut.txt is not UTF-8 text (it ends inside a character, byte {len('café '.encode()) * 500})"
     (tmp_path / "small.txt").write_text("To be or not to be. " * 10)
     cases["small.txt"] = "small.txt is too small: 200 bytes make at most 20 val tokens"
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "a.txt").write_text("hello " * 1000)
+    (tmp_path / "linked" / "b.txt").symlink_to(tmp_path / "gone.txt")
+    cases["linked"] = "cannot read " + str(tmp_path / "linked" / "b.txt") + " (No such file or directory)"
     return cases
 
 
 def test_bad_data_is_one_line_and_exit_2(home, tmp_path, capsys, monkeypatch):
     """Every bad --data in-process, with blocks of 1,000 bytes (so a character and the UTF-8 check straddle two);
-    each message names the file and, where there is one, the byte."""
+    each message names the file and, where there is one, the byte (a broken link in a folder: why it is unreadable)."""
     monkeypatch.setattr(corpus_module, "BLOCK", 1000)
     for name, message in bad_inputs(tmp_path).items():
         capsys.readouterr()

@@ -22,10 +22,12 @@ import codecs
 import hashlib
 import io
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,6 +288,28 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
+def start_pool(workers: int, tokenizer_text: str, vocab_size: int) -> multiprocessing.pool.Pool:
+    """The encoding processes, forked where the system has it (they start at once, sharing the
+    code). A Ctrl-C while the pool starts is held until it is whole, then stops it: a pool
+    interrupted half-made is left running, and forks processes that wait forever (seen under
+    load)."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    pressed: list[bool] = []
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True)) if main else None
+    try:
+        pool = context.Pool(workers, initializer=worker_start,
+                            initargs=(tokenizer_text, vocab_size))
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if pressed:
+        pool.terminate()
+        pool.join()
+        raise KeyboardInterrupt
+    return pool
+
+
 def write_tokens(corpus: Corpus, tokenizer_text: str, vocab_size: int, path: str,
                  workers: int) -> None:
     """Encode the corpus block by block in `workers` processes (0: one per core; 1: this process
@@ -301,20 +325,16 @@ def write_tokens(corpus: Corpus, tokenizer_text: str, vocab_size: int, path: str
     dtype = token_dtype(vocab_size)
     with atomic_open(path, "wb") as f:
         f.write(npy_header(dtype, 0))  # a placeholder: the length is known at the end
-        if workers == 1:
-            pool, results = None, map(encode_block, blocks)
-        else:  # fork where the system has it: the processes start at once, sharing the code
-            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
-            pool = context.Pool(workers, initializer=worker_start,
-                                initargs=(tokenizer_text, vocab_size))
-            results = pool.imap(encode_block, blocks)
+        pool = None if workers == 1 else start_pool(workers, tokenizer_text, vocab_size)
         try:
+            results = pool.imap(encode_block, blocks) if pool else map(encode_block, blocks)
             for block, ids in zip(blocks, results):
                 f.write(ids.tobytes())
                 bar.update(block[2] - block[1])
         finally:
             if pool is not None:
                 pool.terminate()
+                pool.join()
         length = (f.tell() - len(npy_header(dtype, 0))) // np.dtype(dtype).itemsize
         f.seek(0)
         f.write(npy_header(dtype, length))

@@ -162,10 +162,22 @@ def stop_while_encoding(home, args, sig) -> tuple[int, str]:
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     deadline = time.time() + 10
-    while any(os.path.exists(f"/proc/{pid}") for pid in workers):  # each sees its parent gone within a second
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) or running(home / "gpt.py"):
         assert time.time() < deadline, "an encoding process outlived its run"
         time.sleep(0.1)
     return proc.returncode, err
+
+
+def running(script) -> bool:
+    """Whether any process runs script (any of a run's processes: a pool forks replacements of its own)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if str(script).encode() in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def test_a_run_stopped_while_encoding_leaves_no_token_file_and_the_next_prepares_again(home, tmp_path, capsys):

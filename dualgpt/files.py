@@ -105,11 +105,10 @@ def keep_json_lines(path: str, keep) -> None:
     write_text(path, "".join(kept))
 
 
-def remove_dead_temps(*folders: str) -> list[str]:
+def remove_dead_temps(*folders: str) -> None:
     """Remove the temp files of writers that no longer run (a killed run's debris), never one of a
-    live process; returns the files they were for. Elsewhere than POSIX os.kill(pid, 0) is no
-    liveness test: the files stay."""
-    removed = []
+    live process, saying which. Elsewhere than POSIX os.kill(pid, 0) is no liveness test: the files
+    stay."""
     for folder in folders if os.name == "posix" else []:
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
             match = TEMP.match(name)
@@ -120,10 +119,10 @@ def remove_dead_temps(*folders: str) -> list[str]:
             except ProcessLookupError:
                 with suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, name))
-                    removed.append(os.path.join(folder, match["name"]))
+                    print(f"note: {os.path.join(folder, match['name'])} was left half-written by "
+                          "a run that stopped; removed (what it was for is made again)")
             except PermissionError:  # another user's live process
                 pass
-    return removed
 
 
 class OutputLock:

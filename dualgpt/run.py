@@ -54,10 +54,7 @@ def main(model_class: type[nn.Module], script: str, argv: list[str] | None = Non
             if master:  # what killed runs left behind, never a live run's files
                 outputs = [os.path.dirname(os.path.abspath(cfg[key]))
                            for key in ("ckpt", "sample_file")]
-                for path in remove_dead_temps(*outputs, repo_path("data"),
-                                              repo_path("tokenizers")):
-                    print(f"note: {path} was left half-written by a run that stopped; "
-                          "removed (what it was for is made again)")
+                remove_dead_temps(*outputs, repo_path("data"), repo_path("tokenizers"))
             if ddp:
                 ddp.start(cfg["device"])
             mode = cfg["mode"]

@@ -152,35 +152,34 @@ def text_on_this_machine(sizes_mb: list[int], folder: str) -> tuple[list[str], s
     paths = [os.path.join(folder, f"corpus_{mb}mb.txt") for mb in sizes_mb]
     outs = [open(p, "w", encoding="utf-8") for p in paths]
     written, files = 0, 0
-    target = max(sizes_mb) * 1_000_000
-    for root in filter(os.path.isdir, dict.fromkeys(roots)):
-        for folder_, dirs, names in os.walk(root):
-            dirs.sort()
-            for name in sorted(n for n in names if n.endswith(TEXT_FILES)):
-                try:
-                    with open(os.path.join(folder_, name), encoding="utf-8") as f:
-                        text = f.read()
-                except (OSError, UnicodeDecodeError):
-                    continue
-                if "\0" in text:
-                    continue
-                text += "\n"
-                for out, mb in zip(outs, sizes_mb):  # each corpus takes what fits under its size
-                    room = mb * 1_000_000 - out.tell()
-                    if room > 0:
-                        out.write(text if len(text.encode("utf-8")) <= room else "")
-                written += len(text.encode("utf-8"))
-                files += 1
-                if written >= target:
-                    break
-            if written >= target:
-                break
-        if written >= target:
+    for text in text_files(roots):
+        size = len(text.encode("utf-8"))
+        for out, mb in zip(outs, sizes_mb):  # each corpus takes what fits under its size
+            if size <= mb * 1_000_000 - out.tell():
+                out.write(text)
+        written, files = written + size, files + 1
+        if written >= max(sizes_mb) * 1_000_000:
             break
     for out in outs:
         out.close()
     source = f"{files:,} text files ({', '.join(TEXT_FILES)}) under {', '.join(roots)}"
     return paths, source
+
+
+def text_files(roots: list[str]):
+    """The text of each UTF-8 file of TEXT_FILES under roots, in the order of their paths, with a
+    newline after it."""
+    for root in filter(os.path.isdir, dict.fromkeys(roots)):
+        for folder, dirs, names in os.walk(root):
+            dirs.sort()
+            for name in sorted(n for n in names if n.endswith(TEXT_FILES)):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        text = f.read()
+                except (OSError, UnicodeDecodeError):
+                    continue
+                if "\0" not in text:
+                    yield text + "\n"
 
 
 def children(pid: int) -> list[int]:

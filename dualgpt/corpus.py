@@ -182,7 +182,6 @@ def tokenizer_for(corpus: Corpus, vocab_size: int, sample_mb: int) -> tuple[Rege
     """A tokenizer of vocab_size for the corpus and its .model text: a previous run's in
     tokenizers/ for the same corpus, size and sample, else the one the clone ships in
     tokenizers/shipped/, else trained on the corpus (or its sample, recorded beside the file)."""
-    sample = sample_of(corpus, sample_mb * 1_000_000)
     sampled = corpus.bytes > sample_mb * 1_000_000
     name = f"{corpus.name}_v{vocab_size}_{corpus.hash[:8]}" + (f"_s{sample_mb}mb" if sampled
                                                                  else "")
@@ -199,7 +198,7 @@ def tokenizer_for(corpus: Corpus, vocab_size: int, sample_mb: int) -> tuple[Rege
                       f"{vocab_size}); training anew")
             except ValueError as e:  # minbpe's message names the file and the line
                 print(f"note: not using {candidate}, which is unreadable ({e}); training anew")
-    tok = RegexTokenizer()
+    tok, sample = RegexTokenizer(), sample_of(corpus, sample_mb * 1_000_000)
     what = f"a {sum(e - s for _, s, e, _ in sample) / 1e6:.0f} MB sample of " if sampled else ""
     print(f"training a {vocab_size}-token BPE tokenizer on {what}{os.path.basename(corpus.path)}")
     counts: dict[str, int] = {}
@@ -319,13 +318,14 @@ def write_tokens(corpus: Corpus, tokenizer_text: str, vocab_size: int, path: str
     print(f"encoding {os.path.basename(corpus.path)} ({corpus.bytes / 1e6:.1f} MB, "
           f"{len(corpus.files)} file{'s' * (len(corpus.files) > 1)}) in {workers} "
           f"process{'es' * (workers > 1)}")
-    load_tokenizer(tokenizer_text, vocab_size)
     bar = progress(total=corpus.bytes, desc="encoding", unit="B", unit_scale=True,
                    unit_divisor=1000)
     dtype = token_dtype(vocab_size)
     with atomic_open(path, "wb") as f:
         f.write(npy_header(dtype, 0))  # a placeholder: the length is known at the end
         pool = None if workers == 1 else start_pool(workers, tokenizer_text, vocab_size)
+        if pool is None:  # this process encodes
+            load_tokenizer(tokenizer_text, vocab_size)
         try:
             results = pool.imap(encode_block, blocks) if pool else map(encode_block, blocks)
             for block, ids in zip(blocks, results):

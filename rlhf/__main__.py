@@ -93,10 +93,12 @@ def check_pipeline_keys(cfg: dict) -> None:
     unknown = [m for m in dpo_methods(cfg) if m not in DPO_METHODS]
     grids = [(numbers(cfg[key]), f"{key} must be numbers like 1e-4,3e-4, got {cfg[key]!r}")
              for key in ("dpo_lr_grid", "rl_lr_grid", "beta_grid", "tau_grid", "epsilon_grid")]
-    primary = [c.strip() for c in cfg["primary"].split(",") if c.strip()]
+    primary = primary_comparisons(cfg)
+    written = [c for c in cfg["primary"].split(",") if c.strip()]
     targets = {f"{k:g}" for k in numbers(cfg["kl_targets"]) or []}
-    unnamed = [c for c in primary if c.count("@") != 1 or c.split("@")[0] not in methods(cfg)
-               or f"{(numbers(c.split('@')[1]) or [0])[0]:g}" not in targets]
+    # every stage reads it (tune picks at its KLs); only the report needs what it names to be run
+    named = cfg["rlhf_stage"] not in ("all", "report") or all(
+        m in methods(cfg) and k in targets for m, k in primary)
     require([(not unknown, f"dpo_methods: {', '.join(unknown)} unknown; choose from "
                            f"{', '.join(DPO_METHODS)}"),
              (numbers(cfg["kl_targets"]),
@@ -107,7 +109,7 @@ def check_pipeline_keys(cfg: dict) -> None:
              (cfg["rlhf_stage"] != "tune" or not cfg["pairs"], "--rlhf_stage=tune picks settings "
               "on dev prompts, and a pairs file has none apart from its evaluation prompts: tune "
               "with the oracle's pairs"), *grids,
-             (cfg["rlhf_stage"] not in ("all", "report") or 0 < len(primary) <= 6 and not unnamed,
+             (0 < len(written) <= 6 and len(primary) == len(written) and named,
               f"primary must name one to six comparisons method@KL, each a method this run trains "
               f"({', '.join(methods(cfg))}) at one of kl_targets ({cfg['kl_targets']}); got "
               f"{cfg['primary']!r}")])
@@ -392,7 +394,7 @@ def pick(method: str, tried: list[dict], cfg: dict) -> tuple[dict, dict]:
         if reached:
             best = max(reached, key=lambda r: r["at_kl"][k])
             frontier[k] = {"setting": best["setting"], "score": best["at_kl"][k]}
-    kls = [f"{float(k):g}" for m, k in primary_comparisons(cfg) if m == method] or [
+    kls = [k for m, k in primary_comparisons(cfg) if m == method] or [
         f"{k:g}" for k in kl_targets(cfg)]
     eligible = [r for r in tried if all(k in r["at_kl"] for k in kls)]
     if not eligible:

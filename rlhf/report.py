@@ -20,7 +20,7 @@ from rlhf.oracles import WORD
 from rlhf.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits,
                              exact_kl)
 from rlhf.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
-                        load_policy_checkpoint, reward_scores, scores, texts)
+                        load_policy_checkpoint, numbers, reward_scores, scores, texts)
 
 def score_names(s: Setup) -> list[str]:
     """What each completion is scored by: the oracle score, each held-out judge (judge_<name>), the
@@ -228,8 +228,14 @@ def holm(p: list[float]) -> list[float]:
 
 
 def primary_comparisons(cfg: dict) -> list[tuple[str, str]]:
-    """config's primary, as (method, KL) pairs (checked where the report runs: __main__.py)."""
-    return [tuple(c.strip().split("@")) for c in cfg["primary"].split(",") if c.count("@") == 1]
+    """config's primary as (method, KL as the report's keys write it), each entry of the form
+    method@number (__main__.py refuses a primary with any other)."""
+    pairs = []
+    for entry in filter(None, map(str.strip, cfg["primary"].split(","))):
+        method, _, kl = entry.partition("@")
+        if len(kls := numbers(kl) or []) == 1:
+            pairs.append((method, f"{kls[0]:g}"))
+    return pairs
 
 
 def primary_score(report: dict) -> str:
@@ -255,7 +261,7 @@ def correct_for_multiplicity(report: dict, key: str, judges: list[str]) -> list[
         summary["p"] = p_value(summary)
     score, primary = primary_score(report), []
     for method, kl in primary_comparisons(report["config"]):
-        row = report["matched_kl"].get(f"{float(kl):g}", {}).get(method, {})
+        row = report["matched_kl"].get(kl, {}).get(method, {})
         summary = row.get(f"{score} - best-of-n") or {"mean": None, "reason": "no reading"}
         primary.append({"method": method, "kl": kl, "score": score, "summary": summary})
     tested = [c["summary"] for c in primary if c["summary"].get("p") is not None]

@@ -175,6 +175,7 @@ BAD_INPUT = [
     (["--primary=dpo@3"], "primary must name one to six comparisons method@KL, each a method this run trains "
                           "(dpo, cdpo, ipo, preferred_ft, rloo, ppo, grpo) at one of kl_targets (0.5,1); got 'dpo@3'"),
     (["--primary=dpo@1,cdpo@1,ipo@1,rloo@1,ppo@1,grpo@1,preferred_ft@1"], "primary must name one to six"),
+    (["--rlhf_stage=tune", "--primary=dpo@two"], "primary must name one to six"),  # tune reads it too
     (["--max_braket=1"], "unknown config key 'max_braket'; did you mean --max_bracket?"),
     (["--rl_lr_grid=1e-3,fast", "--rlhf_stage=tune"], "rl_lr_grid must be numbers like 1e-4,3e-4"),
     (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by python -m rlhf; python -m rlhf runs its stages in order "

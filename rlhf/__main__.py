@@ -60,7 +60,7 @@ from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear
                         load_policy, load_policy_checkpoint, load_reward_model, numbers,
                         output_folders, read_json, record_in, reward_scores, rlhf_run_config,
                         sample_prompts, save_model, scores, setup, texts)
-from rlhf.training import (DPO_METHODS, flip_rate, pair_inputs, train_dpo, train_reward_model,
+from rlhf.training import (DPO_METHODS, pair_inputs, train_dpo, train_reward_model,
                            train_rl)
 
 # "all" runs these for each seed, then "report"
@@ -103,8 +103,6 @@ def check_pipeline_keys(cfg: dict) -> None:
                            f"{', '.join(DPO_METHODS)}"),
              (numbers(cfg["kl_targets"]),
               f"kl_targets must be positive numbers like 1,2,4, got {cfg['kl_targets']!r}"),
-             (cfg["bon_prompts"] <= cfg["eval_prompts"], "bon_prompts must be at most "
-              "eval_prompts"),
              # with a pairs file the only held-out prompts are the evaluation's own
              (cfg["rlhf_stage"] != "tune" or not cfg["pairs"], "--rlhf_stage=tune picks settings "
               "on dev prompts, and a pairs file has none apart from its evaluation prompts: tune "
@@ -135,39 +133,36 @@ def stage_pairs(s: Setup) -> dict:
         pairs[split] = {"prompts": prompts, "a": a, "b": b,
                         "oracle_a": scores(s.oracle.score, texts(s, a)),
                         "oracle_b": scores(s.oracle.score, texts(s, b))}
-    differences = pairs["train"]["oracle_a"] - pairs["train"]["oracle_b"]
-    if not differences.any():
-        raise UserError(f"the oracle {s.oracle.name!r} gave every pair the same score: there is "
-                        "nothing to prefer")
-    tau = tau_for_agreement(differences, cfg["label_agreement"])
-    label_gen = s.generator("pairs.labels")
-    report = {"tau": tau}
+    report = {}
     for split, p in pairs.items():
-        prob_a = preference_probability(p["oracle_a"], p["oracle_b"], tau)
-        p["prob_a"] = prob_a
-        p["a_preferred"] = torch.rand(len(prob_a), generator=label_gen,
-                                      dtype=torch.float64) < prob_a
+        # equal oracle scores: the Bradley-Terry labeller's label would be a coin flip, not a
+        # preference, so the pair is not labelled (its share is reported)
         decided = p["oracle_a"] != p["oracle_b"]
-        agree = (p["a_preferred"] == (p["oracle_a"] > p["oracle_b"]))[decided]
-        agree = agree.double().mean().item()
-        report[split] = {"pairs": len(prob_a), "ties": 1 - decided.double().mean().item(),
-                         "label_agreement": agree}
+        report[split] = {"sampled": len(decided), "ties": 1 - decided.double().mean().item()}
+        pairs[split] = {k: v[decided.to(v.device)] for k, v in p.items()}
+    if not len(pairs["train"]["oracle_a"]) or not len(pairs["val"]["oracle_a"]):
+        raise UserError(f"the oracle {s.oracle.name!r} gave the two completions of every "
+                        "prompt the same score: there is nothing to prefer")
+    tau = tau_for_agreement(pairs["train"]["oracle_a"] - pairs["train"]["oracle_b"],
+                            cfg["label_agreement"])
+    report["tau"], label_gen = tau, s.generator("pairs.labels")
+    for split, p in pairs.items():
+        p["prob_a"] = preference_probability(p["oracle_a"], p["oracle_b"], tau)
+        p["a_preferred"] = torch.rand(len(p["prob_a"]), generator=label_gen,
+                                      dtype=torch.float64) < p["prob_a"]
+        agree = p["a_preferred"] == (p["oracle_a"] > p["oracle_b"])
+        report[split].update(pairs=len(agree), label_agreement=agree.double().mean().item())
     record = s.new_record("pairs", None)
     save_checkpoint(s.path("data", "pairs.pt"), dict(pairs, run=record))
     as_text = [{"prompt": prompt, "chosen": c, "rejected": r, "split": split}
                for split, p in pairs.items()
                for prompt, c, r in zip(texts(s, p["prompts"]),
                                        *(texts(s, side) for side in chosen_rejected(p)))]
-    # two equal samples say nothing as text
-    distinct = [p for p in as_text if p["chosen"] != p["rejected"]]
-    write_pairs(s.path("data", "pairs.jsonl"), distinct, run=record["id"])
-    print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out, tau "
-          f"{tau:.3f}; labels agree "
-          f"with the oracle on {report['train']['label_agreement']:.1%} of train pairs whose "
-          f"scores differ ({report['train']['ties']:.0%} are ties); as text: "
-          f"{s.path('data', 'pairs.jsonl')}"
-          + (f" ({len(as_text) - len(distinct)} with two equal texts "
-             "left out)" if len(distinct) < len(as_text) else ""))
+    write_pairs(s.path("data", "pairs.jsonl"), as_text, run=record["id"])
+    print(f"pairs: {report['train']['pairs']} train / {report['val']['pairs']} held out "
+          f"({report['train']['ties']:.0%} of the sampled pairs were ties, left out), tau "
+          f"{tau:.3f}; labels agree with the oracle on {report['train']['label_agreement']:.1%} "
+          f"of train pairs; as text: {s.path('data', 'pairs.jsonl')}")
     return report
 
 
@@ -225,8 +220,6 @@ def stage_rm(s: Setup) -> dict:
     agrees = (margin > 0) == val["a_preferred"].cpu()
     report = {"held_out_pairs": len(margin), "accuracy_on_labels": agrees.double().mean().item(),
               **scale, "pairs_seen": len(pairs["train"]["prompts"]) * s.cfg["rm_epochs"]}
-    if "prob_a" in pairs["train"]:  # the labels' noise, beside the ceiling it sets
-        report["flip_rate"] = flip_rate(pairs["train"])
     # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
     if "prob_a" in val:
         report["label_ceiling"] = torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item()
@@ -249,10 +242,10 @@ def stage_rm(s: Setup) -> dict:
 
 def stage_bon(s: Setup) -> dict:
     """Best-of-n by the reward model: bon_max_n samples from the base for each of the first
-    bon_prompts evaluation prompts, scored by the oracle, the judges and the reward model (the eval
+    evaluation prompt, scored by the oracle, the judges and the reward model (the eval
     stage reads best-of-n at every n from them)."""
     cfg, base, (rm, rm_record) = s.cfg, load_policy(s), load_reward_model(s, s.expected("rm"))
-    prompts = eval_prompts(s)[:cfg["bon_prompts"]]
+    prompts = eval_prompts(s)
     n_max = cfg["bon_max_n"]
     repeated = prompts.repeat_interleave(n_max, dim=0)
     completions = complete(s, base, repeated, s.generator("bon.sampling", on_device=True))
@@ -485,8 +478,7 @@ def record_seconds(s: Setup, stage: str, seconds: float) -> None:
                           **{stage: seconds}))
 
 
-RM_MEASURES = ("accuracy_on_oracle", "accuracy_on_labels", "label_ceiling", "raw_std",
-               "flip_rate")
+RM_MEASURES = ("accuracy_on_oracle", "accuracy_on_labels", "label_ceiling", "raw_std")
 
 def stage_report(s: Setup) -> dict:
     """The study over the seeds: every method's end point and its scores at matched KL, with 95%
@@ -518,8 +510,6 @@ def stage_report(s: Setup) -> dict:
               "eval_prompts": per_seed[0].get("prompts", cfg["eval_prompts"]),
               "eval_split": "held-out pairs'" if cfg["pairs"] else cfg["eval_split"],
               "samples_per_prompt": cfg["eval_samples"],
-              "bon_prompts": min(cfg["bon_prompts"],
-                                 per_seed[0].get("prompts", cfg["bon_prompts"])),
               "bon_max_n": cfg["bon_max_n"], "judges": judges,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds,
               "reward_model": {k: summarise(reward_models, k) for k in RM_MEASURES

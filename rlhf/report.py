@@ -349,7 +349,7 @@ def markdown_tables(report: dict) -> str:
             + [f"{score.split()[0]} − best-of-n"] + [f"{j} − best-of-n" for j in judges])
     lines += ["", "**At matched KL** (each method's kept policies interpolated to the KL, from "
               f"two at most {report['config']['max_bracket']:g} x the KL apart; best-of-n from "
-              f"its curve on the first {report['bon_prompts']} prompts; differences paired by "
+              "its curve on the same prompts; differences paired by "
               f"prompt within a seed, then mean ± 95% interval over {over}):", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target, methods in report["matched_kl"].items():
@@ -439,8 +439,8 @@ def write_markdown_report(path: str, report: dict) -> None:
                      f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} "
                      f"{report['eval_split']} "
                      f"prompts, {report['samples_per_prompt']} completions each at every point; "
-                     f"best-of-n up to n = {report['bon_max_n']} on the first "
-                     f"{report['bon_prompts']} prompts (the expectation over "
+                     f"best-of-n up to n = {report['bon_max_n']} on the same prompts (the "
+                     "expectation over "
                      "its samples). KL: exact, summed over the vocabulary at each position of "
                      "the policy's own "
                      "samples; log n - (n-1)/n for best-of-n. Win rate: how often a sample beats "
@@ -466,11 +466,10 @@ def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int,
 
 def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) -> list[dict]:
     """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the
-    selection, per prompt (the first bon_prompts evaluation prompts), and the win rate (by the
+    selection, per evaluation prompt, and the win rate (by the
     score `key`) of the selected sample against the base's evaluation samples of the same prompt,
     the same estimator as every other row."""
-    n_prompts = pool["rm"].shape[0]
-    values = dict(pool, win=sample_wins(pool[key], base_result[key][:n_prompts]))
+    values = dict(pool, win=sample_wins(pool[key], base_result[key]))
     points, n = [], 1
     while n <= pool["rm"].shape[1]:
         per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in values.items()}
@@ -515,8 +514,8 @@ def overoptimisation_line(report: dict) -> str:
                           for f in fit["per_seed"])
         parts.append(f"{key.replace('_', ' ')}: alpha {cell(fit['alpha'])}, beta "
                      f"{cell(fit['beta'])}, peak at KL {peaks} (by seed)")
-    return (f"**Over-optimisation**: best-of-n's gain over n = 1 against its KL on the first "
-            f"{report['bon_prompts']} prompts, fitted per seed to Gao et al.'s R = d (alpha - "
+    return ("**Over-optimisation**: best-of-n's gain over n = 1 against its KL on the evaluation "
+            "prompts, fitted per seed to Gao et al.'s R = d (alpha - "
             "beta d), d = sqrt(KL) (a peak: where the fitted gain turns down; beta > 0 with an "
             "interval clear of 0 means it does). " + "; ".join(parts) + ".")
 

@@ -115,7 +115,7 @@ STAGE_KEYS = {
     "pairs": ("oracle", "prompt_tokens", "completion_tokens", "label_agreement", "n_pairs",
               "pairs_held_out"),
     "rm": ("rm_epochs", "rm_batch", "rm_lr"),
-    "bon": ("bon_max_n", "bon_prompts", "eval_prompts", "eval_split", "seed"),
+    "bon": ("bon_max_n", "eval_prompts", "eval_split", "seed"),
     "dpo": ("dpo_methods", "dpo_epochs", "dpo_batch", "cdpo_epsilon", "dpo_lr", "dpo_beta",
             "cdpo_lr", "cdpo_beta", "ipo_lr", "ipo_tau",
             "preferred_ft_lr", *KEEPING),

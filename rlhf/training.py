@@ -74,13 +74,6 @@ def method_settings(cfg: dict, method: str) -> tuple[float, float | None]:
     return cfg[f"{method}_lr"], strength and cfg[strength]
 
 
-def flip_rate(pairs: dict) -> float:
-    """The chance a train pair's label is flipped against the oracle: min(p, 1 - p) of its
-    Bradley-Terry probability, averaged (a tie's label is a coin flip: 1/2). The rm stage reports
-    it beside the reward model's accuracy; no training reads it."""
-    return torch.minimum(pairs["prob_a"], 1 - pairs["prob_a"]).mean().item()
-
-
 def dpo_label(method: str, cfg: dict) -> float:
     """The label DPO's loss is given: 1 (the chosen side is preferred), or 1 - cdpo_epsilon for
     cDPO (TRL's label_smoothing; picked on the dev split, never read from the oracle)."""

@@ -40,7 +40,7 @@ FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"), "bon": ("
 # second; the verse oracle, as the base's text has no sentiment words
 SETTINGS = ["--prompt_tokens=4", "--completion_tokens=8", "--eval_prompts=8", "--rl_prompts=4",
             "--rl_group=4", "--device=cpu", "--dtype=float32", "--rm_batch=16",
-            "--bon_max_n=4", "--bon_prompts=4", "--eval_samples=2", "--dpo_batch=16",
+            "--bon_max_n=4", "--eval_samples=2", "--dpo_batch=16",
             "--dpo_methods=dpo", "--rl_steps=2", "--ppo_epochs=1", "--ppo_minibatches=1",
             "--kl_targets=0.5", "--primary=dpo@0.5", "--oracle=verse"]
 REFERENCES: dict = {}  # (study's first seed, seed, n_pairs, stage) -> the stages run in order's

@@ -40,7 +40,6 @@ import torch
 
 from dualgpt import UserError, exit_codes, repo_path
 from dualgpt.checkpoint import load_tensors, save_checkpoint
-from dualgpt.evaluation import full_loss
 from dualgpt.runtime import machine_name
 from dualgpt.files import OutputLock, remove_dead_temps, sha256_file, write_json
 from dualgpt.runconfig import require
@@ -49,10 +48,9 @@ from rlhf.pairs import encode_pairs, read_pairs, write_pairs
 from rlhf.plots import plot_learning_curves, plot_rm_against_oracle, plot_score_against_kl
 from rlhf.preference import (best_of_n_expectation, best_of_n_kl, preference_probability,
                              tau_for_agreement)
-from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, correct_for_multiplicity,
-                         curve_point, distinct_2, evaluate_policy, gains, kept_curve,
-                         markdown_tables, matched_rows, measure, overoptimisation, pairwise_rows,
-                         primary_comparisons, ratio_summary, repetition, score_names,
+from rlhf.report import (MEASURE_NAMES, at_kl, best_of_n_curve, curve_point, evaluate_policy,
+                         gains, kept_curve, markdown_tables, matched_rows, measure,
+                         overoptimisation, primary_comparisons, primary_results, score_names,
                          strip_per_prompt, summarise, usable, write_markdown_report,
                          write_samples)
 from rlhf.study import (STAGE_FILES, Setup, check_record, chosen_rejected, clear_outputs, complete,
@@ -296,22 +294,20 @@ def stage_rl(s: Setup, method: str) -> dict:
 
 def stage_eval(s: Setup) -> dict:
     """Every method's curve (the base, then each kept checkpoint) on the same evaluation prompts,
-    best-of-n at every n, each method's end point with its val bits per byte and diversity, and its
-    scores at each KL of kl_targets: one seed's results, which the report stage combines over the
-    seeds."""
+    best-of-n at every n, and each method's scores at each KL of kl_targets with their gains over
+    the base (paired by prompt): one seed's results, which the report stage combines over the
+    seeds. The samples file shows each method's last kept policy."""
     cfg = s.cfg
     (rm, rm_record), base = load_reward_model(s, s.expected("rm")), load_policy(s)
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
     key = measure(s)
-    scored = [key, *(name for name in score_names(s) if name.startswith("judge_"))]  # gains of
     bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
     inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"],
               "bon": bon["run"]["id"] if bon else None}
     base_result = evaluate_policy(s, base, reference, rm, prompts, samples,
                                   s.generator("curve.sampling", on_device=True))
-    result = {"seed": s.seed, "prompts": len(prompts), "methods": {}, "curves": {}, "samples": {},
-              "logs": {}}
-    policies = {"base": base}
+    result = {"seed": s.seed, "prompts": len(prompts), "curves": {}, "logs": {},
+              "samples": {"base": base_result["completions"][::samples]}}
     for method in methods(cfg):
         path = s.path("model_dict", f"{method}.pt")
         if not os.path.exists(path):
@@ -320,48 +316,29 @@ def stage_eval(s: Setup) -> dict:
             continue
         ckpt = load_policy_checkpoint(path, s.expected(stage_of(method)))
         inputs[method] = ckpt["rlhf"]["run"]["id"]
-        policies[method] = load_policy(s, ckpt, path)
-        result["curves"][method] = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts,
-                                              samples, base_result)
+        curve = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts, samples, base_result)
+        result["curves"][method], result["samples"][method] = curve, curve[-1].pop("completions")
         result["logs"][method] = run_log(s, method, ckpt["rlhf"]["run"])
     base_point = curve_point(s, 0, 0, base_result, base_result)
     # each score's spread over the base's samples: the over-optimisation plot's unit
     result["base_spread"] = {k: base_result[k].std().item() for k in ("rm", "oracle")
                              if k in base_result}
-    ends = {"base": base_point, **{m: curve[-1] for m, curve in result["curves"].items()}}
-    # pairs seen: the DPO family's own; RL and best-of-n see them through the reward model
-    pairs = rm.report["pairs_seen"] // cfg["rm_epochs"]
-    seen = {"base": 0, **{m: cfg["dpo_epochs"] * pairs if m in DPO_METHODS
-                          else rm.report["pairs_seen"] for m in result["curves"]}}
-    # each method's end point: the last point of its curve, its final policy
-    for name, point in ends.items():
-        policy = policies[name]
-        completions = (base_result["completions"][::samples] if name == "base"
-                       else evaluate_policy(
-            s, policy, reference, rm, prompts, 1,
-            s.generator("eval.sampling", on_device=True))["completions"])
-        val_loss = full_loss(policy, s.data, "val", cfg["device"], cfg["dtype"])
-        result["methods"][name] = dict(point, **gains(point, base_point, scored),
-                                       pairs_seen=seen[name], val_bpb=s.data.bpb(val_loss, "val"),
-                                       distinct_2=distinct_2(completions),
-                                       repetition=sum(map(repetition,
-                                                          completions)) / len(completions))
-        result["samples"][name] = completions
     result["bon_curve"] = best_of_n_curve(bon["pool"], base_result, key) if bon else []
-    for point in result["bon_curve"]:
-        if point["n"] in (4, 64, cfg["bon_max_n"]):
-            result["methods"][f"best-of-{point['n']}"] = dict(
-                point, **gains(point, base_point, scored), pairs_seen=rm.report["pairs_seen"])
-    result["matched_kl"] = {f"{k:g}": {m: at_kl(curve, k, cfg["max_bracket"]) for m, curve in
-                                     {"best-of-n": result["bon_curve"],
-                                      **result["curves"]}.items()}
-                            for k in kl_targets(cfg)}
+    scored = [name for name in score_names(s) if name != "rm"] or ["rm"]
+    result["matched_kl"] = {}
+    for k in kl_targets(cfg):
+        readings = {m: at_kl(curve, k, cfg["max_bracket"]) for m, curve in
+                    {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
+        for reading in filter(usable, readings.values()):
+            reading["per_prompt"].update(gains(reading, base_point, scored))
+        result["matched_kl"][f"{k:g}"] = readings
     result["run"] = dict(s.new_record("eval", None), inputs=inputs)
     write_json(s.path("generate_text", "eval.json"), result)
-    write_samples(s, prompts, {k: {"completions": v} for k, v in result["samples"].items()}, 1,
-                  bon["best_of_16"] if bon else None)
-    print(f"eval (seed {s.seed}): " + ", ".join(f"{m} KL {r['kl']:.2f} {key} {r[key]:+.3f}"
-                                                for m, r in result["methods"].items()))
+    write_samples(s, prompts, result["samples"], bon["best_of_16"] if bon else None)
+    print(f"eval (seed {s.seed}), {key} at " + "; ".join(
+        f"{k} nats: " + ", ".join(f"{m} {sum(r['per_prompt'][key]) / len(prompts):+.3f}"
+                                  for m, r in at.items() if usable(r))
+        for k, at in result["matched_kl"].items()))
     return result
 
 
@@ -481,9 +458,9 @@ def record_seconds(s: Setup, stage: str, seconds: float) -> None:
 RM_MEASURES = ("accuracy_on_oracle", "accuracy_on_labels", "label_ceiling", "raw_std")
 
 def stage_report(s: Setup) -> dict:
-    """The study over the seeds: every method's end point and its scores at matched KL, with 95%
-    intervals over the seeds (over prompts where there is one), the differences to best-of-n and
-    between methods, the reward models' held-out accuracy, the time each stage took, the plots."""
+    """The study over the seeds: every method's scores at matched KL, with 95% intervals over the
+    seeds (over prompts where there is one), the differences to best-of-n (the primary ones
+    tested), the reward models' held-out accuracy, the time each stage took, the plots."""
     cfg = s.cfg
     replicates = [s.for_seed(cfg["seed"] + k) for k in range(cfg["seeds"])]
     per_seed = [seed_result(r) for r in replicates]
@@ -498,41 +475,21 @@ def stage_report(s: Setup) -> dict:
                      for r in replicates]  # seed_result checked that these are the ones measured
     judges, key = [name[len("judge_"):] for name in score_names(s)
                    if name.startswith("judge_")], measure(s)
-    keys = ["kl", *dict.fromkeys([key, *(f"judge_{j}" for j in judges), "rm"]), "win",
-            "rm_accuracy", "val_bpb", "distinct_2", "repetition", f"gain_{key}",
-            *(f"gain_judge_{j}" for j in judges)]
-    names = [m for m in per_seed[0]["methods"] if all(m in r["methods"] for r in per_seed)]
     report = {"oracle": s.oracle and s.oracle.name, "pairs": cfg["pairs"], "measure": key,
-              "base": cfg["rlhf_base"],
-              "script": cfg["rlhf_script"],
+              "base": cfg["rlhf_base"], "script": cfg["rlhf_script"],
               "seeds": [r["seed"] for r in per_seed],
               "config": {k: cfg[k] for k in sorted(cfg) if k not in ("device",)},
-              "eval_prompts": per_seed[0].get("prompts", cfg["eval_prompts"]),
+              "eval_prompts": per_seed[0]["prompts"],
               "eval_split": "held-out pairs'" if cfg["pairs"] else cfg["eval_split"],
-              "samples_per_prompt": cfg["eval_samples"],
-              "bon_max_n": cfg["bon_max_n"], "judges": judges,
-              "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}", "seconds": seconds,
+              "samples_per_prompt": cfg["eval_samples"], "bon_max_n": cfg["bon_max_n"],
+              "judges": judges, "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}",
+              "seconds": seconds,
               "reward_model": {k: summarise(reward_models, k) for k in RM_MEASURES
-                               if k in reward_models[0]},
-              "methods": {}, "matched_kl": {}, "pairwise": {}}
-    for name in names:
-        rows = [r["methods"][name] for r in per_seed]
-        report["methods"][name] = {"optimizer_steps": rows[0]["optimizer_steps"],
-                                   "pairs_seen": rows[0].get("pairs_seen"),
-                                   **{k: summarise(rows, k) for k in keys if k in rows[0]}}
-        if name != "base" and "val_bpb" in rows[0]:  # the base is one model: a paired change
-            report["methods"][name]["val_bpb_change"] = summarise(
-                rows, "val_bpb", paired_with=[r["methods"]["base"] for r in per_seed])
-        report["methods"][name].update({f"transfer_judge_{j}": ratio_summary(rows,
-                                                                             f"gain_judge_{j}",
-                                                                             "gain_oracle")
-                                        for j in judges})
+                               if k in reward_models[0]}, "matched_kl": {}}
     for target in per_seed[0]["matched_kl"]:
         at = [r["matched_kl"][target] for r in per_seed]
-        report["matched_kl"][target] = matched_rows(at, [key, *(f"judge_{j}" for j in judges)])
-        report["pairwise"][target] = pairwise_rows(at, [m for m in methods(cfg) if m in at[0]],
-                                                   key)
-    report["primary"] = correct_for_multiplicity(report, key, judges)
+        report["matched_kl"][target] = matched_rows(at, [*(f"judge_{j}" for j in judges), key])
+    report["primary"] = primary_results(report)
     report["curves"] = {r["seed"]: r["curves"] for r in per_seed}
     report["bon_curves"] = {r["seed"]: r["bon_curve"] for r in per_seed}
     report["overoptimisation"] = overoptimisation(report["bon_curves"],

@@ -20,6 +20,7 @@ dpo_beta: "> 0" = 0.05  # DPO: strength of the pull towards the reference (picke
 # the KL to the base in the reward (RLOO: per sequence; PPO: per token), per unit of the reward
 # model's score, which is standardised on base samples (so it means the same in every seed)
 rl_beta: ">= 0" = 0.3
+grpo_beta: ">= 0" = 0.04  # GRPO: weight of the KL to the base (k3, per token) in the loss
 rloo_lr: "> 0" = 1e-3  # RLOO: AdamW learning rate (picked on the dev split: --rlhf_stage=tune)
 rl_prompts: "[1, 2**20]" = 8  # train-split prompts per step
 rl_group: "[2, 2**20]" = 8  # samples per prompt (RLOO: each baselined by the mean of the others)
@@ -92,7 +93,6 @@ ppo_lambda: "[0, 1]" = 0.95  # PPO: GAE's lambda
 # GRPO (TRL's GRPOTrainer): the score's advantage within its prompt's group, updated as PPO's
 # (ppo_epochs, ppo_minibatches, ppo_clip), the KL to the base in the loss rather than the reward
 grpo_lr: "> 0" = 1e-3  # GRPO: AdamW learning rate
-grpo_beta: ">= 0" = 0.04  # GRPO: weight of the KL to the base (k3, per token) in the loss
 grpo_scale: "group | none" = "group"  # group: advantages / the group's std; none: Dr. GRPO
 
 # --- the head study (rlhf/heads.py) --------------------------------------------------------------

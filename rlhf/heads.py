@@ -35,7 +35,9 @@ from rlhf.study import (Setup, chosen_rejected, complete, eval_prompts, frozen, 
                         rlhf_run_config, scores, sequence_logprobs, setup, texts)
 from rlhf.training import restrict_training, sampled_kl, train_rl
 
-METHODS = ("dpo", "rloo", "ppo")  # the policies python -m rlhf tunes, studied where they exist
+# the policies python -m rlhf tunes, studied where they exist, each with the strength of its pull
+# towards the base: the beta of its implicit reward, beta x log(policy / base)
+BETA = {"dpo": "dpo_beta", "rloo": "rl_beta", "ppo": "rl_beta", "grpo": "grpo_beta"}
 HINTS = {"mode": "the head study has no modes; --mode=heads is gpt.py's and gpt_.py's study of "
          "one checkpoint",
          "rlhf_stage": "python -m rlhf.heads is one stage of its own; run python -m rlhf first "
@@ -48,7 +50,7 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
     the stage before it that is on disk now, and the RL runs with the RL settings this study
     uses for its own runs. Tuned policies that do not exist are left out."""
     paths = {"pairs": s.path("data", "pairs.pt"), "rm": s.path("model_dict", "rm.pt"),
-             **{m: s.path("model_dict", f"{m}.pt") for m in METHODS}}
+             **{m: s.path("model_dict", f"{m}.pt") for m in BETA}}
     records = {}
     for name, path in paths.items():
         if not os.path.exists(path):
@@ -59,7 +61,7 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
             continue
         records[name] = record_in(load_tensors(path, "run python -m rlhf "
                                                f"--seed={s.seed} again")) or {}
-    upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm"}
+    upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm", "grpo": "rm"}
     identity = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16],
                 "script": s.cfg["rlhf_script"],
                 "dtype": s.cfg["dtype"]}
@@ -90,14 +92,14 @@ def policy_from_state(s: Setup, state: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def implicit_margin(s: Setup, policy: nn.Module, pairs: dict) -> float:
-    """DPO's implicit reward margin on held-out pairs, deterministic (no sampling): the mean of
-    dpo_beta x [(log pi(chosen) - log pi_base(chosen)) - (log pi(rejected) - log
-    pi_base(rejected))]."""
+def implicit_margin(policy: nn.Module, pairs: dict, beta: float, s: Setup) -> float:
+    """The implicit reward margin on held-out pairs, deterministic (no sampling): the mean of
+    beta x [(log pi(chosen) - log pi_base(chosen)) - (log pi(rejected) - log pi_base(rejected))],
+    beta the method's own (BETA): each method's optimum is the base times exp(reward / beta)."""
     pc = sequence_logprobs(s, policy, pairs["prompts"], pairs["chosen"])
     pr = sequence_logprobs(s, policy, pairs["prompts"], pairs["rejected"])
     margin = (pc - pairs["base_chosen"]) - (pr - pairs["base_rejected"])
-    return (s.cfg["dpo_beta"] * margin).mean().item()
+    return (beta * margin).mean().item()
 
 
 @torch.no_grad()
@@ -152,7 +154,7 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
                  heads: list[tuple[int, int]]) -> dict:
     """One tuned policy against the base: weights, attention, ablation, margins, transplants, KL by
     position."""
-    n_layer, n_head = base.config.n_layer, base.config.n_head
+    n_layer, n_head, beta = base.config.n_layer, base.config.n_head, s.cfg[BETA[method]]
     # checked by pipeline_records
     tuned_state = lb_state(load_checkpoint(s.path("model_dict", f"{method}.pt")))
     tuned = policy_from_state(s, tuned_state)
@@ -160,7 +162,7 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
          "stat_change": {k: v - base_stats[k] for k, v in head_statistics(tuned, batches).items()},
          "attention_divergence": attention_divergence(base, tuned, batches),
          "ablation": ablation_drops(s, tuned, rm, prompts, heads),
-         "margin": implicit_margin(s, tuned, pairs),
+         "beta": beta, "margin": implicit_margin(tuned, pairs, beta, s),
          "kl_by_position": sampled_kl(s, tuned, base, prompts, s.generator(
              "heads.kl_by_position", on_device=True)).mean(0).tolist()}
     # transplants, one head at a time: which heads carry the tuned model's margin and score?
@@ -168,18 +170,16 @@ def study_method(s: Setup, method: str, base: nn.Module, base_state: dict, base_
     oracle_into_base = torch.zeros(n_layer, n_head)
     for layer, head in progress(heads, desc=f"transplanting {method} heads", leave=False):
         grafted = policy_from_state(s, transplant(base_state, tuned_state, heads={(layer, head)}))
-        into_base[layer, head] = implicit_margin(s, grafted, pairs)
+        into_base[layer, head] = implicit_margin(grafted, pairs, beta, s)
         oracle_into_base[layer, head] = sampled_scores(s, grafted, rm, prompts)[0]
         out_of_tuned[layer, head] = r["margin"] - implicit_margin(
-            s, policy_from_state(s, transplant(tuned_state, base_state, heads={(layer, head)})),
-            pairs)
+            policy_from_state(s, transplant(tuned_state, base_state, heads={(layer, head)})),
+            pairs, beta, s)
     r.update(margin_into_base=into_base, margin_lost_from_tuned=out_of_tuned,
              oracle_into_base=oracle_into_base)
-    r["margin_by_part"] = {part: implicit_margin(s,
-                                                 policy_from_state(s,
-                                                                   transplant(base_state,
-                                                                              tuned_state,
-                                                                              **kw)), pairs)
+    r["margin_by_part"] = {part: implicit_margin(policy_from_state(s, transplant(base_state,
+                                                                             tuned_state, **kw)),
+                                                 pairs, beta, s)
                            for part, kw in (("all heads", {"heads": set(heads)}),
                                             ("all MLPs", {"mlps": set(range(n_layer))}),
                                             ("the rest", {"rest": True}))}
@@ -285,7 +285,7 @@ def head_study(s: Setup) -> dict:
     """Every tuned policy of the pipeline's run against the base, head by head, then tuning parts
     of the model."""
     records = pipeline_records(s)
-    methods = [m for m in METHODS if m in records]
+    methods = [m for m in BETA if m in records]
     if not methods:
         raise UserError(f"no tuned policies named {s.prefix}_*: run python -m rlhf"
                         f"{' --quick' if s.cfg['quick'] else ''} with the same oracle and "

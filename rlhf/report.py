@@ -1,7 +1,7 @@
 """Measuring tuned policies and writing what python -m rlhf reports: each policy's scores and KL on
 held-out prompts, the curves of kept checkpoints, scores at matched KL, intervals over prompts and
-over seeds, win rates, transfer to the held-out judges, diversity, the markdown tables and the
-sample file."""
+over seeds, win rates, transfer to the held-out judges, the markdown tables and the sample
+file."""
 from __future__ import annotations
 
 import math
@@ -16,7 +16,6 @@ from scipy import stats
 from dualgpt import UserError
 from dualgpt.files import write_text
 from dualgpt.runtime import autocast
-from rlhf.oracles import WORD
 from rlhf.preference import (RewardModel, best_of_n_expectation, best_of_n_kl, completion_logits,
                              exact_kl)
 from rlhf.study import (CHUNK, TEMPERATURE, Setup, complete, kept_folder, load_policy,
@@ -37,20 +36,6 @@ def measure(s: Setup) -> str:
 
 
 MEASURE_NAMES = {"oracle": "oracle score", "rm": "reward-model score"}
-
-
-def distinct_2(completion_texts: list[str]) -> float:
-    """Unique word bigrams over all bigrams, across all completions: low when completions repeat
-    each other."""
-    bigrams = [pair for t in completion_texts for pair in zip(t.split(), t.split()[1:])]
-    return len(set(bigrams)) / max(1, len(bigrams))
-
-
-def repetition(text: str) -> float:
-    """The fraction of a completion's words that repeat an earlier word of it (any case): a policy
-    that pads its text with the oracle score's favourite word shows here."""
-    words = WORD.findall(text.lower())
-    return (len(words) - len(set(words))) / max(1, len(words))
 
 
 def sample_wins(score: torch.Tensor, base_score: torch.Tensor,
@@ -130,7 +115,8 @@ def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: Rewar
     the prompts with the same random numbers each, so that runs can be compared at equal KL. final:
     the "rlhf" entry of the run's final policy. Each kept file must be of that run (one of another
     run is an error, never a point of the curve), and the last must be the final policy's step
-    (else the end point would not be the policy)."""
+    (else the end point would not be the policy). The last point also holds the first completion
+    of each prompt ("completions")."""
     folder = kept_folder(s, name)
     points = [curve_point(s, 0, 0, base, base)]
     names = os.listdir(folder) if os.path.isdir(folder) else []
@@ -147,6 +133,7 @@ def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: Rewar
                         f"{points[-1]['step']}, its policy is at "
                         f"step {final['step']}; run python -m rlhf "
                         f"--rlhf_stage={final['run']['stage']} again")
+    points[-1]["completions"] = r["completions"][::samples]
     return points
 
 
@@ -168,7 +155,7 @@ def at_kl(points: list[dict], kl: float, max_bracket: float = math.inf) -> dict 
 
 
 def gains(row: dict, base: dict, scores: list[str]) -> dict:
-    """A method's gain over the base in each score, per prompt (paired: the same prompts). Their
+    """A reading's gain over the base in each score, per prompt (paired: the same prompts). Their
     transfer ratios over seeds are ratio_summary's."""
     return {f"gain_{k}": [a - b for a, b in zip(row["per_prompt"][k], base["per_prompt"][k])]
             for k in scores}
@@ -181,8 +168,9 @@ def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dic
     zero would blow up."""
     def units(key):
         if len(per_seed) > 1:
-            return torch.tensor([sum(r[key]) / len(r[key]) for r in per_seed], dtype=torch.float64)
-        return torch.tensor(per_seed[0][key], dtype=torch.float64)
+            return torch.tensor([np.mean(r["per_prompt"][key]) for r in per_seed],
+                                dtype=torch.float64)
+        return torch.tensor(per_seed[0]["per_prompt"][key], dtype=torch.float64)
 
     top, bottom = units(numerator), units(denominator)
     if bottom.mean().abs() < 1e-12:
@@ -243,28 +231,17 @@ def primary_score(report: dict) -> str:
     return f"judge_{report['judges'][0]}" if report["judges"] else report["measure"]
 
 
-def correct_for_multiplicity(report: dict, key: str, judges: list[str]) -> list[dict]:
-    """Every difference the report gives over seeds (each method's end-point gains and val bpb
-    change, each method against best-of-n and every pair of methods at each KL) gets its p-value;
-    the primary comparisons (config's primary, named in advance) also get Holm's adjusted p-value
-    over them alone, and the seeds that would give each 80% power at the spread seen. Returns the
-    primary comparisons, each with its summary."""
-    scores = [key, *(f"judge_{j}" for j in judges)]
-    found = [row[f"gain_{k}"] for name, row in report["methods"].items() if name != "base"
-             for k in scores if f"gain_{k}" in row]
-    found += [row["val_bpb_change"] for row in report["methods"].values()
-              if "val_bpb_change" in row]
-    found += [row[f"{k} - best-of-n"] for rows in report["matched_kl"].values()
-              for row in rows.values() for k in scores if f"{k} - best-of-n" in row]
-    found += [summary for pairs in report["pairwise"].values() for summary in pairs.values()]
-    for summary in found:
-        summary["p"] = p_value(summary)
+def primary_results(report: dict) -> list[dict]:
+    """The primary comparisons (config's primary, named in advance), each with its summary: its
+    p-value, Holm's adjusted p-value over these alone and the seeds that would give it 80% power
+    at the spread seen. No other difference of the report is tested."""
     score, primary = primary_score(report), []
     for method, kl in primary_comparisons(report["config"]):
         row = report["matched_kl"].get(kl, {}).get(method, {})
         summary = row.get(f"{score} - best-of-n") or {"mean": None, "reason": "no reading"}
+        summary["p"] = p_value(summary) if summary["mean"] is not None else None
         primary.append({"method": method, "kl": kl, "score": score, "summary": summary})
-    tested = [c["summary"] for c in primary if c["summary"].get("p") is not None]
+    tested = [c["summary"] for c in primary if c["summary"]["p"] is not None]
     for summary, adjusted in zip(tested, holm([c["p"] for c in tested])):
         summary.update(p_holm=adjusted,
                        seeds_for_power=seeds_for_power(summary["per_seed"], 0.05 / len(tested)))
@@ -322,51 +299,31 @@ def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
 
 
 def markdown_tables(report: dict) -> str:
-    """The report's three tables: every method at its end point, every method at matched KL against
-    best-of-n (with each seed's bracket), and the methods against each other at matched KL."""
+    """The report's tables: the primary comparisons, then every method at matched KL against
+    best-of-n (with each seed's bracket): the judges first, the score tuned for and the transfer
+    beside them."""
     judges, key = report["judges"], report["measure"]
     score = MEASURE_NAMES[key]
     over = "seeds" if len(report["seeds"]) > 1 else "prompts (one seed)"
-    head = (["method", "optimizer steps", "pairs seen", "KL to base (nats/seq)", score]
-            + [f"judge {j}" for j in judges] + [score.replace("score", "gain")]
-            + [f"{j} gain" for j in judges] + [f"transfer {j}" for j in judges]
-            + ["win rate vs base", "reward model's accuracy on own samples", "val bpb",
-               "val bpb change", "distinct-2", "repetition"])
+    head = (["KL", "method", "brackets (nats, by seed)"] + [f"judge {j}" for j in judges]
+            + [score] + [f"transfer {j}" for j in judges] + [f"{j} − best-of-n" for j in judges]
+            + [f"{score.split()[0]} − best-of-n"])
     lines = [reward_model_line(report["reward_model"], over), "", *primary_lines(report), "",
-             f"**End points** (mean ± 95% interval over {over}):",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, m in report["methods"].items():
-        cells = [method, str(m["optimizer_steps"]), str(m.get("pairs_seen", "—")),
-                 cell(m["kl"], "{:.2f}"), cell(m[key])]
-        cells += [cell(m[f"judge_{j}"]) for j in judges] + [cell(m.get(f"gain_{key}"))]
-        cells += [cell(m.get(f"gain_judge_{j}"))
-                  for j in judges] + [cell(m.get(f"transfer_judge_{j}"), "{:.2f}") for j in judges]
-        cells += [cell(m.get("win"), "{:.1%}"), cell(m.get("rm_accuracy"), "{:.1%}"),
-                  cell(m.get("val_bpb"), "{:.3f}"), cell(m.get("val_bpb_change"), "{:+.3f}"),
-                  cell(m.get("distinct_2"), "{:.3f}"), cell(m.get("repetition"), "{:.3f}")]
-        lines.append("| " + " | ".join(cells) + " |")
-    head = (["KL", "method", "brackets (nats, by seed)", score] + [f"judge {j}" for j in judges]
-            + [f"{score.split()[0]} − best-of-n"] + [f"{j} − best-of-n" for j in judges])
-    lines += ["", "**At matched KL** (each method's kept policies interpolated to the KL, from "
-              f"two at most {report['config']['max_bracket']:g} x the KL apart; best-of-n from "
-              "its curve on the same prompts; differences paired by "
-              f"prompt within a seed, then mean ± 95% interval over {over}):", "",
-              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "**At matched KL** (each method's kept policies interpolated to the KL, from two at "
+             f"most {report['config']['max_bracket']:g} x the KL apart; best-of-n from its curve "
+             "on the same prompts; transfer: the judge's gain over the base divided by the "
+             f"{score}'s; differences paired by prompt within a seed, then mean ± 95% interval "
+             f"over {over}):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target, methods in report["matched_kl"].items():
         for method, m in methods.items():
             brackets = ", ".join(f"{b[0]:.2f}-{b[1]:.2f}" if b else "—"
                                  for b in m.get("brackets", []))
-            cells = [target, method, brackets,
-                     cell(m.get(key))] + [cell(m.get(f"judge_{j}")) for j in judges]
-            cells += [cell(m.get(f"{key} - best-of-n"))]
-            cells += [cell(m.get(f"judge_{j} - best-of-n")) for j in judges]
+            cells = [target, method, brackets, *(cell(m.get(f"judge_{j}")) for j in judges),
+                     cell(m.get(key)), *(cell(m.get(f"transfer_judge_{j}"), "{:.2f}")
+                                         for j in judges)]
+            cells += [cell(m.get(f"{k} - best-of-n")) for k in [*(f"judge_{j}" for j in judges),
+                                                                 key]]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"**Methods against each other at matched KL** ({score}, paired by prompt; mean "
-              f"± 95% interval over {over}):", "", f"| KL | difference | {score} |",
-              "|---|---|---|"]
-    for target, pairs in report["pairwise"].items():
-        for pair, summary in pairs.items():
-            lines.append(f"| {target} | {pair} | {cell(summary)} |")
     if report.get("overoptimisation"):
         lines += ["", overoptimisation_line(report)]
     return "\n".join(lines)
@@ -392,8 +349,8 @@ def primary_lines(report: dict) -> list[str]:
         p = " | ".join(f"{s[k]:.3g}" if s.get(k) is not None else "—" for k in ("p", "p_holm"))
         lines.append(f"| {c['method']} − best-of-n at {c['kl']} nats | {cell(s)} | {p} | "
                      f"{s.get('seeds_for_power') or '—'} |")
-    return lines + ["", "Every other difference below is exploratory: it has a p-value in the "
-                    "JSON but no correction, and is not a finding."]
+    return lines + ["", "Every other difference below is exploratory: an interval, untested, and not "
+                    "a finding."]
 
 
 def reward_model_line(rm: dict, over: str) -> str:
@@ -449,16 +406,15 @@ def write_markdown_report(path: str, report: dict) -> None:
                      + markdown_tables(report) + "\n")
 
 
-def write_samples(s: Setup, prompts: torch.Tensor, results: dict, samples: int,
-                  best_of_16: list[str] | None,
-                  n: int = 8) -> None:
-    """The first n evaluation prompts, each with the base's completion, every tuned model's and
-    best-of-16's, side by side."""
+def write_samples(s: Setup, prompts: torch.Tensor, completions: dict[str, list[str]],
+                  best_of_16: list[str] | None, n: int = 8) -> None:
+    """The first n evaluation prompts, each with a completion of the base, of every tuned model
+    and of best-of-16, side by side."""
     parts = [f"# {s.prefix}: completions of the same prompts (temperature {TEMPERATURE})\n"]
     for i in range(min(n, len(prompts))):
         parts.append(f"\n======== prompt {i + 1}\n{texts(s, prompts[i:i + 1])[0]}\n")
-        for name, r in results.items():
-            parts.append(f"-------- {name}\n{r['completions'][i * samples]}\n")
+        for name, texts_of in completions.items():
+            parts.append(f"-------- {name}\n{texts_of[i]}\n")
         if best_of_16 and i < len(best_of_16):
             parts.append(f"-------- best-of-16 by the reward model\n{best_of_16[i]}\n")
     write_text(s.path("generate_text", "samples.txt"), "".join(parts))
@@ -522,8 +478,8 @@ def overoptimisation_line(report: dict) -> str:
 
 def matched_rows(at: list[dict], keys: list[str]) -> dict:
     """At one KL: each method's scores, with every seed's bracket (None where a seed's curve never
-    reaches the KL or its bracket is too wide), and its differences to best-of-n on best-of-n's
-    prompts, paired by prompt."""
+    reaches the KL or its bracket is too wide), each judge's transfer, and its differences to
+    best-of-n, paired by prompt."""
     rows = {}
     for method in at[0]:
         brackets = [a[method]["bracket"] if a.get(method) else None for a in at]
@@ -536,6 +492,12 @@ def matched_rows(at: list[dict], keys: list[str]) -> dict:
         points = [a[method] for a in at]
         rows[method] = {k: summarise(points, k) for k in keys}
         rows[method]["brackets"] = brackets
+        rows[method].update({f"gain_{k}": summarise(points, f"gain_{k}") for k in keys
+                             if f"gain_{k}" in points[0]["per_prompt"]})
+        if "gain_oracle" in points[0]["per_prompt"]:  # each judge's gain over the oracle score's
+            rows[method].update({f"transfer_{k}": ratio_summary(points, f"gain_{k}",
+                                                                "gain_oracle")
+                                 for k in keys if k.startswith("judge_")})
         if method != "best-of-n" and all(usable(a.get("best-of-n")) for a in at):
             bon = [a["best-of-n"] for a in at]
             rows[method].update({f"{k} - best-of-n": summarise(points, k,
@@ -546,18 +508,6 @@ def matched_rows(at: list[dict], keys: list[str]) -> dict:
 def usable(reading: dict | None) -> bool:
     """Whether a reading at a KL has scores: the curve reached it, within the bracket bound."""
     return bool(reading) and not reading.get("too_wide")
-
-
-def pairwise_rows(at: list[dict], names: list[str], key: str) -> dict:
-    """At one KL: every pair of tuned methods, the difference in the score `key`, paired by
-    prompt."""
-    rows = {}
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            if all(usable(x.get(a)) and usable(x.get(b)) for x in at):
-                rows[f"{a} − {b}"] = summarise([x[a] for x in at], key,
-                                               paired_with=[x[b] for x in at])
-    return rows
 
 
 def strip_per_prompt(value):

@@ -51,7 +51,7 @@ CORE_KEYS = ("data", "device", "dtype", "seed", "attn_impl", "kv_cache")
 # other key but the head study's head_*, and the head study reads these and its own head_*
 SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens",
                "eval_prompts",
-               "eval_split", "dpo_beta", "rl_beta", "rloo_lr", "rl_prompts", "rl_group",
+               "eval_split", "dpo_beta", "rl_beta", "grpo_beta", "rloo_lr", "rl_prompts", "rl_group",
                "rl_normalize", "max_grad_norm", "quick")
 
 

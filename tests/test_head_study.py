@@ -7,6 +7,7 @@ import torch
 
 import gpt
 import gpt_
+from rlhf import config as rlhf_config
 from rlhf import heads as rlhf_heads
 from dualgpt.layouts import convert_state_dict
 from rlhf.head_comparison import head_weight_change, part_masks, transplant
@@ -112,7 +113,11 @@ def test_the_heads_stage_writes_its_heatmaps_and_table(rlhf_run):
         image = matplotlib.image.imread(home / "generate_text" / f"rlhf_sentiment_seed1337_heads_{name}.png")
         assert image.shape[0] > 100
     table = json.loads((home / "generate_text" / "rlhf_sentiment_seed1337_heads.json").read_text())
-    assert set(table["methods"]) == {"dpo", "rloo", "ppo"}
+    assert set(table["methods"]) == {"dpo", "rloo", "ppo", "grpo"}
+    # each margin in its own method's units: beta x log(policy / base), the beta of the pull towards the base
+    betas = {m: getattr(rlhf_config, k) for m, k in (("dpo", "dpo_beta"), ("rloo", "rl_beta"), ("ppo", "rl_beta"),
+                                                     ("grpo", "grpo_beta"))}  # the defaults: the fixture sets none
+    assert {m: r["beta"] for m, r in table["methods"].items()} == betas and len(set(betas.values())) == 3
     for r in table["methods"].values():
         assert torch.tensor(r["weight_change"]["query"]).shape == (2, 2)
         assert torch.tensor(r["margin_into_base"]).shape == (2, 2)

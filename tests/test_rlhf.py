@@ -74,12 +74,13 @@ def test_the_reward_model_does_better_than_chance_and_no_better_than_the_noise_a
 
 
 def test_rloo_raises_the_held_out_judges_score(rlhf_run):
-    methods = rlhf_run.result["results"]["report"]["methods"]
-    assert methods["rloo"]["gain_judge_lexicon"]["mean"] > 0
-    assert methods["rloo"]["kl"]["mean"] > 0
-    assert methods["base"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)  # equal weights: equal up to rounding
-    assert list(methods) == ["base", "dpo", "cdpo", "ipo", "preferred_ft", "rloo", "ppo", "grpo", "best-of-4",
-                             "best-of-16"]
+    at_1 = rlhf_run.result["results"]["report"]["matched_kl"]["1"]
+    assert list(at_1) == ["best-of-n", "dpo", "cdpo", "ipo", "preferred_ft", "rloo", "ppo", "grpo"]
+    assert at_1["dpo"]["gain_judge_lexicon"]["mean"] == pytest.approx(
+        at_1["dpo"]["judge_lexicon"]["mean"] - rlhf_run.result["results"]["eval"][0]["curves"]["dpo"][0]["judge_lexicon"])
+    base, end = (rlhf_run.result["results"]["eval"][0]["curves"]["rloo"][i] for i in (0, -1))
+    assert base["kl"] == pytest.approx(0.0, abs=1e-6)  # equal weights: equal up to rounding
+    assert end["kl"] > 0 and end["judge_lexicon"] > base["judge_lexicon"]
 
 
 def test_every_row_has_the_same_win_rate_estimator_and_optimizer_steps(rlhf_run):
@@ -88,11 +89,12 @@ def test_every_row_has_the_same_win_rate_estimator_and_optimizer_steps(rlhf_run)
     rollout."""
     seed = rlhf_run.result["results"]["eval"][0]
     assert seed["bon_curve"][0]["win"] == pytest.approx(0.5, abs=0.06)
-    assert seed["methods"]["base"]["win"] == pytest.approx(0.5, abs=0.06)
-    assert seed["methods"]["rloo"]["optimizer_steps"] == 50
-    assert seed["methods"]["ppo"]["optimizer_steps"] == seed["methods"]["grpo"]["optimizer_steps"] == 50 * 1 * 2
+    end = {method: curve[-1] for method, curve in seed["curves"].items()}
+    assert seed["curves"]["rloo"][0]["win"] == pytest.approx(0.5, abs=0.06)  # the base against itself
+    assert end["rloo"]["optimizer_steps"] == 50
+    assert end["ppo"]["optimizer_steps"] == end["grpo"]["optimizer_steps"] == 50 * 1 * 2
     labelled = rlhf_run.result["results"]["pairs"][0]["train"]["pairs"]  # 1024 sampled, less the ties
-    assert 512 < labelled < 1024 and seed["methods"]["dpo"]["optimizer_steps"] == -(-labelled // 32)
+    assert 512 < labelled < 1024 and end["dpo"]["optimizer_steps"] == -(-labelled // 32)
 
 
 def test_the_report_compares_methods_at_matched_kl(rlhf_run):
@@ -105,8 +107,6 @@ def test_the_report_compares_methods_at_matched_kl(rlhf_run):
                 assert {"oracle - best-of-n", "judge_lexicon - best-of-n", "judge_afinn - best-of-n"} <= set(row)
     markdown = (rlhf_run.home / "generate_text" / "rlhf_sentiment_report.md").read_text()
     assert "**At matched KL**" in markdown
-    pairs = [f"| {target} | {pair} | " for target, rows in report["pairwise"].items() for pair in rows]
-    assert pairs and all(row in markdown for row in pairs)  # every pair both of whose readings are usable
 
 
 # TRL's names: PPOTrainer's and RLOOTrainer's, GRPOTrainer's, and the Trainer's (the DPO family); and ours, which
@@ -211,8 +211,8 @@ def test_report_json_has_the_table(rlhf_run):
     home = rlhf_run.home
     report = json.loads((home / "generate_text" / "rlhf_sentiment_report.json").read_text())
     assert report["seeds"] == [1337]
-    for row in report["methods"].values():
-        assert {"kl", "oracle", "judge_lexicon", "judge_afinn", "win"} <= set(row)
+    for rows in report["matched_kl"].values():
+        assert all({"brackets", "oracle", "judge_lexicon", "judge_afinn"} <= set(row) for row in rows.values())
     assert torch.load(home / "data" / f"{P}_pairs.pt", weights_only=True)["train"]["a"].shape[1] == 16
 
 
@@ -226,10 +226,10 @@ def test_lb_gpt_and_the_verse_oracle_run_every_stage_and_the_head_study(rlhf_run
                      "--dpo_methods=dpo"]
     result = rlhf.main(shared + pipeline_only)
     assert list(result["seconds"]) == list(rlhf.STAGES) + ["report"]
-    assert not [k for k in result["results"]["eval"][0]["methods"]["base"] if k.startswith("judge")]  # verse has none
+    assert not [k for k in result["results"]["eval"][0]["curves"]["rloo"][0] if k.startswith("judge")]  # verse: none
     assert torch.load(home / "model_dict" / "rlhf_verse_seed1337_rloo.pt", weights_only=True)["layout"] == "LB-GPT"
     study = rlhf_heads.main(shared + ["--head_prompts=4", "--head_pairs=8", "--head_batches=1", "--head_tuning_steps=2"])
-    assert set(study["methods"]) == {"dpo", "rloo", "ppo"}
+    assert set(study["methods"]) == {"dpo", "rloo", "ppo", "grpo"}
     assert (home / "generate_text" / "rlhf_verse_seed1337_heads.json").exists()
 
 

@@ -110,8 +110,8 @@ def content(file: Path):
     """What a stage computed, without the record of its run (which no two runs share)."""
     if file.suffix == ".json":
         result = json.loads(file.read_text())
-        return {name: {k: v for k, v in m.items() if isinstance(v, (int, float))}
-                for name, m in result["methods"].items()}
+        return {name: [{k: v for k, v in point.items() if isinstance(v, (int, float))} for point in curve]
+                for name, curve in result["curves"].items()}
     loaded = torch.load(file, weights_only=True)
     if "rlhf" in loaded:  # a checkpoint: its weights
         return loaded["model"]

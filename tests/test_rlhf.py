@@ -91,8 +91,8 @@ def test_every_row_has_the_same_win_rate_estimator_and_optimizer_steps(rlhf_run)
     assert seed["bon_curve"][0]["win"] == pytest.approx(0.5, abs=0.06)
     end = {method: curve[-1] for method, curve in seed["curves"].items()}
     assert seed["curves"]["rloo"][0]["win"] == pytest.approx(0.5, abs=0.06)  # the base against itself
-    assert end["rloo"]["optimizer_steps"] == 50
-    assert end["ppo"]["optimizer_steps"] == end["grpo"]["optimizer_steps"] == 50 * 1 * 2
+    assert end["rloo"]["optimizer_steps"] == 30
+    assert end["ppo"]["optimizer_steps"] == end["grpo"]["optimizer_steps"] == 30 * 1 * 2
     labelled = rlhf_run.result["results"]["pairs"][0]["train"]["pairs"]  # 1024 sampled, less the ties
     assert 512 < labelled < 1024 and end["dpo"]["optimizer_steps"] == -(-labelled // 32)
 
@@ -270,7 +270,7 @@ def test_reading_a_stages_files_from_another_run_is_one_line(rlhf_run, tmp_path,
                           f"0.0005 here); run python -m rlhf --rlhf_stage=rloo with these settings")
     assert err.count("\n") == 1
     stray = home / "model_dict" / f"{P}_ppo_steps" / "step00075.pt"
-    shutil.copy(home / "model_dict" / f"{P}_rloo_steps" / "step00050.pt", stray)  # RLOO's, in PPO's folder
+    shutil.copy(home / "model_dict" / f"{P}_rloo_steps" / "step00030.pt", stray)  # RLOO's, in PPO's folder
     with pytest.raises(SystemExit):
         rlhf.main(args + ["--rlhf_stage=eval"])
     assert "step00075.pt was written by another run (by the rloo stage)" in capsys.readouterr().err

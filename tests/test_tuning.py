@@ -30,9 +30,9 @@ def test_minibatches_cover_every_item_once_per_pass_in_a_new_order_each_pass():
 def test_training_export_and_rlhf_build_the_same_checkpoint(rlhf_run):
     """The base (training), a tuned policy and the reward model (RLHF) share make_checkpoint's entries."""
     common = REQUIRED | {"best_val_loss", "config"}
-    for path in ("base.pt", "model_dict/rlhf_sentiment_seed1337_rloo.pt", "model_dict/rlhf_sentiment_seed1337_rm.pt",
-                 "model_dict/rlhf_sentiment_seed1337_dpo_steps/step00032.pt"):
+    kept = max((rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_dpo_steps").glob("step*.pt"))
+    for path in ("base.pt", "model_dict/rlhf_sentiment_seed1337_rloo.pt", "model_dict/rlhf_sentiment_seed1337_rm.pt", kept):
         ckpt = load_checkpoint(str(rlhf_run.home / path))
         assert common <= ckpt.keys(), path
     assert "optimizer" in load_checkpoint(str(rlhf_run.home / "base.pt"))
-    assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_rloo.pt"))["rlhf"]["step"] == 50
+    assert load_checkpoint(str(rlhf_run.home / "model_dict/rlhf_sentiment_seed1337_rloo.pt"))["rlhf"]["step"] == 30

@@ -323,7 +323,7 @@ def stage_eval(s: Setup) -> dict:
     # each score's spread over the base's samples: the over-optimisation plot's unit
     result["base_spread"] = {k: base_result[k].std().item() for k in ("rm", "oracle")
                              if k in base_result}
-    result["bon_curve"] = best_of_n_curve(bon["pool"], base_result, key) if bon else []
+    result["bon_curve"] = best_of_n_curve(bon["pool"]) if bon else []
     scored = [name for name in score_names(s) if name != "rm"] or ["rm"]
     result["matched_kl"] = {}
     for k in kl_targets(cfg):

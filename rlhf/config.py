@@ -46,7 +46,8 @@ rm_epochs: "[1, 2**20]" = 1  # reward model: passes over the pairs
 rm_batch: "[1, 2**20]" = 64  # reward model: pairs per step
 rm_lr: "> 0" = 1e-3  # reward model: AdamW learning rate
 bon_max_n: "[2, 2**20]" = 512  # best-of-n for n = 1, 2, 4, ... up to this (512: about 5.2 nats)
-# completions per evaluation prompt and checkpoint (at least 2: win rates compare two of them)
+# completions per evaluation prompt and checkpoint (at least 2: the reward model is checked on
+# pairs of them)
 eval_samples: "[2, 2**20]" = 4
 kl_targets = "2,4"  # the KLs (nats per sequence) at which the report compares the methods
 # the comparisons named before any run (at most six), each method@KL: the method minus best-of-n at
@@ -103,5 +104,4 @@ head_pairs: "[1, 2**20]" = 128  # held-out pairs for the implicit reward margins
 head_tuning_steps: "[2, 2**20]" = 20  # RLOO steps tuning one part (kept at half and at the end)
 
 # --quick: fewer pairs, prompts and steps (keys typed on the command line still win)
-QUICK = dict(n_pairs=1024, bon_max_n=64, eval_prompts=32, eval_samples=2,
-             rl_steps=16, dpo_methods="dpo,ipo")
+QUICK = dict(n_pairs=1024, bon_max_n=64, eval_prompts=32, eval_samples=2, rl_steps=16)

@@ -1,7 +1,6 @@
 """Measuring tuned policies and writing what python -m rlhf reports: each policy's scores and KL on
 held-out prompts, the curves of kept checkpoints, scores at matched KL, intervals over prompts and
-over seeds, win rates, transfer to the held-out judges, the markdown tables and the sample
-file."""
+over seeds, transfer to the held-out judges, the markdown tables and the sample file."""
 from __future__ import annotations
 
 import math
@@ -29,29 +28,13 @@ def score_names(s: Setup) -> list[str]:
 
 
 def measure(s: Setup) -> str:
-    """The score the methods are compared by (win rates, matched KL): the oracle's; with no oracle,
+    """The score the methods are compared by at matched KL: the oracle's; with no oracle,
     the reward model's, which the RL stages optimise, so it only says how far each method went on
     its own terms."""
     return "oracle" if s.oracle else "rm"
 
 
 MEASURE_NAMES = {"oracle": "oracle score", "rm": "reward-model score"}
-
-
-def sample_wins(score: torch.Tensor, base_score: torch.Tensor,
-                coupled: bool = False) -> torch.Tensor:
-    """How often each sample beats an independent sample of the base for the same prompt, by a
-    score (the oracle's, or measure()'s; a tie counts half): (P, n) samples, (P, m) base samples ->
-    (P, n). The one win-rate estimator of the report: a method's rate is its samples' mean;
-    best-of-n's, the expectation of the selected sample's. coupled: sample i of both was drawn from
-    the same random numbers (a curve point and the base), so that pair is left out and only
-    independent pairs count."""
-    a, b = score[:, :, None], base_score[:, None, :]
-    wins = (a > b).double() + 0.5 * (a == b).double()  # (P, n, m)
-    if not coupled:
-        return wins.mean(2)
-    independent = ~torch.eye(wins.shape[1], wins.shape[2], dtype=torch.bool)
-    return (wins * independent).sum(2) / independent.sum(1)
 
 
 @torch.no_grad()
@@ -87,7 +70,6 @@ def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) 
     score (kept for reading scores at matched KL), their means, the win rate against the base's
     samples (by measure(s)), the KL."""
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
-    per_prompt["win"] = sample_wins(r[measure(s)], base[measure(s)], coupled=True).mean(1)
     per_prompt["kl"] = r["kl_per_prompt"]
     point = {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
              **{k: v.mean().item() for k, v in per_prompt.items()},
@@ -378,7 +360,7 @@ def write_markdown_report(path: str, report: dict) -> None:
     if report["oracle"]:
         source = f"oracle {report['oracle']}" + (", pairs from "
                                                  f"{report['pairs']}" if report["pairs"] else "")
-        note, win = "", "by the oracle score"
+        note = ""
     else:
         source = f"pairs from {report['pairs']}, no oracle"
         note = ("No oracle: every score below is the reward model's. RLOO and PPO optimise it and "
@@ -388,7 +370,6 @@ def write_markdown_report(path: str, report: dict) -> None:
                 "went where the labels meant. The reward model's accuracy on held-out pairs and "
                 "the side-by-side samples judge that; to measure by something you can write down, "
                 "pass it as --oracle (it only measures: the labels stay the file's). ")
-        win = "by the reward model's score"
     transfer = (" Transfer: a judge's gain over the oracle score's gain." if report["judges"]
                 else "")
     write_text(path, f"# RLHF report: {source}, {report['script']}.py, base "
@@ -400,8 +381,7 @@ def write_markdown_report(path: str, report: dict) -> None:
                      "expectation over "
                      "its samples). KL: exact, summed over the vocabulary at each position of "
                      "the policy's own "
-                     "samples; log n - (n-1)/n for best-of-n. Win rate: how often a sample beats "
-                     f"an independent sample of the base, {win}.{transfer} The CPU: "
+                     f"samples; log n - (n-1)/n for best-of-n.{transfer} The CPU: "
                      f"{report['machine']}.\n\n"
                      + markdown_tables(report) + "\n")
 
@@ -420,15 +400,12 @@ def write_samples(s: Setup, prompts: torch.Tensor, completions: dict[str, list[s
     write_text(s.path("generate_text", "samples.txt"), "".join(parts))
 
 
-def best_of_n_curve(pool: dict[str, torch.Tensor], base_result: dict, key: str) -> list[dict]:
+def best_of_n_curve(pool: dict[str, torch.Tensor]) -> list[dict]:
     """Best-of-n at n = 1, 2, 4, ... bon_max_n from the pool: each score's expectation under the
-    selection, per evaluation prompt, and the win rate (by the
-    score `key`) of the selected sample against the base's evaluation samples of the same prompt,
-    the same estimator as every other row."""
-    values = dict(pool, win=sample_wins(pool[key], base_result[key]))
+    selection, per evaluation prompt."""
     points, n = [], 1
     while n <= pool["rm"].shape[1]:
-        per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in values.items()}
+        per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in pool.items()}
         points.append({"n": n, "step": 0, "optimizer_steps": 0, "kl": best_of_n_kl(n),
                        **{k: v.mean().item() for k, v in per_prompt.items()},
                        "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})

@@ -1,5 +1,5 @@
 """The RLHF report's statistics against plain computations on made-up numbers: the matched-KL interpolation and
-its bracket bound, the win-rate estimator, paired differences over seeds, the delta-method ratio, Student's t, the
+its bracket bound, paired differences over seeds, the delta-method ratio, Student's t, the
 p-values, Holm's correction, and the reward model's accuracy on a policy's own samples."""
 import math
 import random
@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from rlhf.report import (at_kl, gao_fit, holm, matched_rows, mean_interval, p_value, primary_results,
-                         pair_accuracy, primary_lines, ratio_summary, sample_wins, seeds_for_power, summarise)
+                         pair_accuracy, primary_lines, ratio_summary, seeds_for_power, summarise)
 from rlhf.study import keep_kls
 
 
@@ -29,20 +29,6 @@ def test_at_kl_interpolates_linearly_in_sqrt_kl_between_the_points_around_the_fi
     assert at_kl(curve, 0.5)["per_prompt"]["oracle"] == pytest.approx([2.0 * w, 1.0 + 2.0 * w])
     assert at_kl(curve, 10.0) is None  # never reached
     assert at_kl([point(0.0, [1.0]), point(0.0, [2.0])], 0.0) is None  # no width to bridge
-
-
-def test_the_win_rate_counts_ties_half_and_leaves_the_coupled_pair_out():
-    rng = random.Random(0)
-    score = torch.tensor([[rng.choice([0.0, 1.0, 2.0]) for _ in range(4)] for _ in range(3)])
-    base = torch.tensor([[rng.choice([0.0, 1.0, 2.0]) for _ in range(4)] for _ in range(3)])
-    for coupled in (False, True):
-        got = sample_wins(score, base, coupled=coupled)
-        for p in range(3):
-            for i in range(4):
-                others = [j for j in range(4) if not (coupled and j == i)]
-                wins = [1.0 if score[p, i] > base[p, j] else 0.5 if score[p, i] == base[p, j] else 0.0
-                        for j in others]
-                assert got[p, i].item() == pytest.approx(sum(wins) / len(wins))
 
 
 def test_a_paired_difference_over_seeds_is_the_t_interval_of_the_per_seed_mean_differences():

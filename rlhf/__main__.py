@@ -82,7 +82,31 @@ def methods(cfg: dict) -> list[str]:
     return dpo_methods(cfg) + ["rloo", "ppo", "grpo"]
 
 
-def stage_of(method: str) -> str:
+def settings_at_kl(cfg: dict) -> dict[tuple[str, str], dict] | None:
+    """config's settings_at_kl as {(method, KL as the report writes it): {key: value}}; None where
+    an entry is not method@number:key=number..."""
+    settings = {}
+    for entry in filter(None, map(str.strip, cfg["settings_at_kl"].split(","))):
+        target, *pairs = entry.split(":")
+        method, _, kl = target.partition("@")
+        values = [pair.partition("=") for pair in pairs]
+        if len(numbers(kl) or []) != 1 or not values or any(
+                len(numbers(v) or []) != 1 for _, _, v in values):
+            return None
+        settings[method, f"{numbers(kl)[0]:g}"] = {k: numbers(v)[0] for k, _, v in values}
+    return settings
+
+
+def runs(cfg: dict, family: list[str]) -> list[tuple[str, str, dict]]:
+    """The training runs of these methods as (name, method, the keys it sets): each method with
+    rlhf/config.py's keys, then each of its settings_at_kl (named method@KL)."""
+    return [(m, m, {}) for m in family] + [(f"{m}@{k}", m, setting) for (m, k), setting in
+                                           settings_at_kl(cfg).items() if m in family]
+
+
+def stage_of(name: str) -> str:
+    """The stage that trains a run of this name (a method, or method@KL)."""
+    method = name.partition("@")[0]
     return "dpo" if method in DPO_METHODS else method
 
 
@@ -94,6 +118,10 @@ def check_pipeline_keys(cfg: dict) -> None:
     primary = primary_comparisons(cfg)
     written = [c for c in cfg["primary"].split(",") if c.strip()]
     targets = {f"{k:g}" for k in numbers(cfg["kl_targets"]) or []}
+    per_kl = settings_at_kl(cfg)
+    wrong = [f"{m}@{k}" for (m, k), setting in (per_kl or {}).items()
+             if m not in methods(cfg) or k not in targets or not set(setting) <= {
+                 key for values in grid(cfg, m) for key in values}]
     # every stage reads it (tune picks at its KLs); only the report needs what it names to be run
     named = cfg["rlhf_stage"] not in ("all", "report") or all(
         m in methods(cfg) and k in targets for m, k in primary)
@@ -108,7 +136,11 @@ def check_pipeline_keys(cfg: dict) -> None:
              (0 < len(written) <= 6 and len(primary) == len(written) and named,
               f"primary must name one to six comparisons method@KL, each a method this run trains "
               f"({', '.join(methods(cfg))}) at one of kl_targets ({cfg['kl_targets']}); got "
-              f"{cfg['primary']!r}")])
+              f"{cfg['primary']!r}"),
+             (per_kl is not None and not wrong,
+              "settings_at_kl must be entries method@KL:key=number:..., each a method this run "
+              "trains at one of kl_targets with keys the tune stage picks for it; got "
+              f"{cfg['settings_at_kl']!r}")])
 
 
 # -----------------------------------------------------------------------------------------
@@ -272,24 +304,30 @@ def stage_dpo(s: Setup) -> dict:
     """Each loss of dpo_methods from the base on all the train pairs (the reward model's), against
     the frozen base as reference, with the same minibatches in the same order."""
     pairs = load_pairs(s, s.expected("pairs"))
-    record = s.new_record("dpo", pairs["run"]["id"])  # one run of the stage: every loss of it
     inputs = pair_inputs(s, pairs["train"])
     for method in DPO_METHODS:
         # also the losses not trained this time: no earlier run's policy stays behind
-        clear_outputs(s, method)
+        clear_outputs(s, method, at_kl=True)
     results = {}
-    for method in dpo_methods(s.cfg):
-        results[method] = {"log": train_dpo(s, method, inputs, record)}
+    for name, method, setting in runs(s.cfg, dpo_methods(s.cfg)):
+        run = dataclasses.replace(s, cfg=dict(s.cfg, **setting))
+        record = run.new_record("dpo", pairs["run"]["id"])
+        results[name] = {"log": train_dpo(run, method, inputs, record, name)}
     return results
 
 
 def stage_rl(s: Setup, method: str) -> dict:
     """RLOO, PPO or GRPO on the reward model's score with a KL penalty to the frozen base
     (training.train_rl)."""
-    policy = load_policy(s)
     rm, rm_record = load_reward_model(s, s.expected("rm"))
-    return {"log": train_rl(s, method, policy, list(policy.parameters()), rm, method,
-                            s.cfg["rl_steps"], s.new_record(method, rm_record["id"]))}
+    clear_outputs(s, method, at_kl=True)
+    results = {}
+    for name, _, setting in runs(s.cfg, [method]):
+        run = dataclasses.replace(s, cfg=dict(s.cfg, **setting))
+        policy = load_policy(run)
+        results[name] = {"log": train_rl(run, method, policy, list(policy.parameters()), rm, name,
+                                         s.cfg["rl_steps"], run.new_record(method, rm_record["id"]))}
+    return results
 
 
 def stage_eval(s: Setup) -> dict:
@@ -308,17 +346,18 @@ def stage_eval(s: Setup) -> dict:
                                   s.generator("curve.sampling", on_device=True))
     result = {"seed": s.seed, "prompts": len(prompts), "curves": {}, "logs": {},
               "samples": {"base": base_result["completions"][::samples]}}
-    for method in methods(cfg):
-        path = s.path("model_dict", f"{method}.pt")
+    for name, method, setting in runs(cfg, methods(cfg)):
+        run, path = dataclasses.replace(s, cfg=dict(cfg, **setting)), s.path("model_dict",
+                                                                              f"{name}.pt")
         if not os.path.exists(path):
-            print(f"note: no {method} policy ({path}); python -m rlhf "
+            print(f"note: no {name} policy ({path}); python -m rlhf "
                   f"--rlhf_stage={stage_of(method)} adds it")
             continue
-        ckpt = load_policy_checkpoint(path, s.expected(stage_of(method)))
-        inputs[method] = ckpt["rlhf"]["run"]["id"]
-        curve = kept_curve(s, method, ckpt["rlhf"], reference, rm, prompts, samples, base_result)
-        result["curves"][method], result["samples"][method] = curve, curve[-1].pop("completions")
-        result["logs"][method] = run_log(s, method, ckpt["rlhf"]["run"])
+        ckpt = load_policy_checkpoint(path, run.expected(stage_of(method)))
+        inputs[name] = ckpt["rlhf"]["run"]["id"]
+        curve = kept_curve(run, name, ckpt["rlhf"], reference, rm, prompts, samples, base_result)
+        result["curves"][name], result["samples"][name] = curve, curve[-1].pop("completions")
+        result["logs"][name] = run_log(s, name, ckpt["rlhf"]["run"])
     base_point = curve_point(s, 0, 0, base_result, base_result)
     # each score's spread over the base's samples: the over-optimisation plot's unit
     result["base_spread"] = {k: base_result[k].std().item() for k in ("rm", "oracle")
@@ -326,9 +365,13 @@ def stage_eval(s: Setup) -> dict:
     result["bon_curve"] = best_of_n_curve(bon["pool"]) if bon else []
     scored = [name for name in score_names(s) if name != "rm"] or ["rm"]
     result["matched_kl"] = {}
+    curves, own = result["curves"], settings_at_kl(cfg)
     for k in kl_targets(cfg):
-        readings = {m: at_kl(curve, k, cfg["max_bracket"]) for m, curve in
-                    {"best-of-n": result["bon_curve"], **result["curves"]}.items()}
+        # each method read from its run at this KL where it has one (settings_at_kl)
+        runs_at = {m: f"{m}@{k:g}" if (m, f"{k:g}") in own else m for m in methods(cfg)}
+        readings = {m: at_kl(curve, k, cfg["max_bracket"]) for m, curve in [
+            ("best-of-n", result["bon_curve"]),
+            *((m, curves[name]) for m, name in runs_at.items() if name in curves)]}
         for reading in filter(usable, readings.values()):
             reading["per_prompt"].update(gains(reading, base_point, scored))
         result["matched_kl"][f"{k:g}"] = readings
@@ -381,8 +424,8 @@ def stage_tune(s: Setup) -> dict:
     best setting there (measure()'s score); the pick is the setting with the highest mean score at
     the KLs where the method is compared (its primary comparisons; else every target) among those
     that reach all of them, never one for reaching further. Writes every reading, the frontier and
-    the picks; rlhf/config.py's defaults are set from them, and the test numbers are run once with
-    those."""
+    the picks; rlhf/config.py's defaults are set from them (settings_at_kl: the frontier where it is
+    not the pick), and the test numbers are run once with those."""
     cfg = dict(s.cfg, eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
     dev = dataclasses.replace(s, cfg=cfg)
     pairs = load_pairs(dev, dev.expected("pairs"))
@@ -414,15 +457,20 @@ def stage_tune(s: Setup) -> dict:
                                   "at_kl": scores})
             clear_outputs(run, name)
         frontier[method], picks[method] = pick(method, tried[method], cfg)
+    # where the frontier is another setting than the pick: a run of its own for that KL
+    per_kl = ",".join(f"{m}@{k}:" + ":".join(f"{key}={v:g}" for key, v in f["setting"].items())
+                     for m, front in frontier.items() for k, f in front.items()
+                     if f["setting"] != picks[m])
     result = {"seed": s.seed, "measure": key, "dev_prompts": len(prompts),
               "kl_targets": cfg["kl_targets"], "tried": tried, "frontier": frontier,
-              "picks": picks,
+              "picks": picks, "settings_at_kl": per_kl,
               "machine": f"{machine_name(cfg['device'])}, {cfg['dtype']}",
               "run": dict(s.new_record("eval", None),
                           inputs={"pairs": pairs["run"]["id"], "rm": rm_record["id"]})}
     write_json(s.path("generate_text", "tuning.json"), result)
     print("picked on the dev split: " + " ".join(f"--{k}={v:g}" for setting in picks.values()
-                                                 for k, v in setting.items()))
+                                                 for k, v in setting.items())
+          + f" --settings_at_kl={per_kl}")
     return result
 
 

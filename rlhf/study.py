@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -360,13 +361,15 @@ def kept_folder(s: Setup, name: str) -> str:
     return s.path("model_dict", f"{name}_steps")
 
 
-def clear_outputs(s: Setup, name: str) -> None:
+def clear_outputs(s: Setup, name: str, at_kl: bool = False) -> None:
     """A run starts with none of its own files, so nothing of an earlier run enters its curve or
-    the report."""
+    the report. at_kl: also the files of the method's runs at one KL (name@KL)."""
     shutil.rmtree(kept_folder(s, name), ignore_errors=True)
-    for path in (s.path("model_dict", f"{name}.pt"), s.path("generate_text", f"{name}_log.json")):
-        if os.path.exists(path):
-            os.remove(path)
+    paths = [s.path("model_dict", f"{name}.pt"), s.path("generate_text", f"{name}_log.json")]
+    for folder in ("model_dict", "generate_text") if at_kl else ():
+        paths += glob.glob(glob.escape(s.path(folder, name)) + "@*")
+    for path in filter(os.path.exists, paths):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def numbers(text: str) -> list[float] | None:

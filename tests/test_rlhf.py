@@ -16,6 +16,7 @@ from rlhf import heads as rlhf_heads
 from rlhf.study import (complete, keep_kls, load_policy, load_reward_model, reward_scores, rlhf_run_config,
                         sample_prompts, setup)
 from rlhf import training
+from rlhf.report import at_kl
 from rlhf.training import STANDARDISE_SAMPLES
 
 
@@ -118,7 +119,7 @@ OURS = {"step", "exact_kl", "kl_k3", "explained_variance", "grad_norm"}
 
 def test_the_logs_carry_trls_metric_names_exactly_with_clipping_and_a_decaying_learning_rate(rlhf_run):
     results = rlhf_run.result["results"]
-    ppo, rloo, grpo = (results[m][0]["log"] for m in ("ppo", "rloo", "grpo"))
+    ppo, rloo, grpo = (results[m][0][m]["log"] for m in ("ppo", "rloo", "grpo"))
     dpo = results["dpo"][0]["dpo"]["log"]
     rl_names = {"objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "objective/non_score_reward", "loss/policy_avg", "grad_norm", "lr"}
@@ -172,6 +173,9 @@ BAD_INPUT = [
                           "(dpo, cdpo, ipo, preferred_ft, rloo, ppo, grpo) at one of kl_targets (0.5,1); got 'dpo@3'"),
     (["--primary=dpo@1,cdpo@1,ipo@1,rloo@1,ppo@1,grpo@1,preferred_ft@1"], "primary must name one to six"),
     (["--rlhf_stage=tune", "--primary=dpo@two"], "primary must name one to six"),  # tune reads it too
+    (["--settings_at_kl=rloo@3:rloo_lr=1e-3"], "settings_at_kl must be entries method@KL:key=number:..."),  # 3: no target
+    (["--settings_at_kl=rloo@1:ppo_lr=1e-3"], "settings_at_kl must be entries"),  # not a key of RLOO's
+    (["--settings_at_kl=rloo@1:rloo_lr"], "settings_at_kl must be entries"),
     (["--max_braket=1"], "unknown config key 'max_braket'; did you mean --max_bracket?"),
     (["--rl_lr_grid=1e-3,fast", "--rlhf_stage=tune"], "rl_lr_grid must be numbers like 1e-4,3e-4"),
     (["--mode=heads"], "--mode is read by gpt.py and gpt_.py, not by python -m rlhf; python -m rlhf runs its stages in order "
@@ -236,6 +240,27 @@ def copy_of(rlhf_run, tmp_path, monkeypatch):
     monkeypatch.setattr(dualgpt, "ROOT", str(home))
     args = [a.replace(str(rlhf_run.home), str(home)) for a in rlhf_run.args]
     return home, args
+
+
+def test_a_setting_at_one_kl_is_a_run_of_its_own_read_at_that_kl_alone(rlhf_run, tmp_path, monkeypatch):
+    """settings_at_kl: RLOO at another learning rate for 1 nat trains as rloo@1 beside rloo, whose curve gives the
+    reading at 0.5 nats; the run at 1 nat gives that reading; a run without the setting leaves none of its files."""
+    home, args = copy_of(rlhf_run, tmp_path, monkeypatch)
+    at_1 = ["--settings_at_kl=rloo@1:rloo_lr=6e-4"]
+    trained = rlhf.main(args + at_1 + ["--rlhf_stage=rloo"])["results"]["rloo"][0]
+    assert list(trained) == ["rloo", "rloo@1"] and trained["rloo@1"]["log"][0]["lr"] == pytest.approx(6e-4)
+    seed = rlhf.main(args + at_1 + ["--rlhf_stage=eval"])["results"]["eval"][0]
+    for kl, name in (("0.5", "rloo"), ("1", "rloo@1")):
+        expected = at_kl(seed["curves"][name], float(kl), 1.0)
+        got = seed["matched_kl"][kl]["rloo"]
+        assert got["bracket"] == expected["bracket"] and got.get("too_wide") == expected.get("too_wide")
+        if "per_prompt" in expected:
+            assert got["per_prompt"]["oracle"] == pytest.approx(expected["per_prompt"]["oracle"])
+    assert (home / "model_dict" / f"{P}_rloo@1.pt").exists()
+    rlhf.main(args + ["--rlhf_stage=rloo"])
+    assert not list((home / "model_dict").glob(f"{P}_rloo@*")) and not list((home / "generate_text").glob(f"{P}_rloo@*"))
+    seed = rlhf.main(args + at_1 + ["--rlhf_stage=eval"])["results"]["eval"][0]  # no reading from another setting
+    assert "rloo" in seed["matched_kl"]["0.5"] and "rloo" not in seed["matched_kl"]["1"]
 
 
 def test_a_rerun_with_other_settings_leaves_no_point_of_the_earlier_run_in_the_curves(rlhf_run, tmp_path, monkeypatch):
@@ -329,6 +354,10 @@ def test_tune_picks_each_methods_setting_at_its_kls_on_the_dev_split_and_leaves_
             best = max(tried, key=lambda r: r["end_kl"])
             assert f"note: no setting of {method} reached {', '.join(kls)} nats on the dev split" in out
         assert tuning["picks"][method] == best["setting"]
+    # the frontier where it is not the pick: a run of its own at that KL, as the config key reads it
+    assert rlhf.settings_at_kl(tuning) == {(m, k): f["setting"] for m, front in tuning["frontier"].items()
+                                           for k, f in front.items() if f["setting"] != tuning["picks"][m]}
+    assert f"--settings_at_kl={tuning['settings_at_kl']}" in out
     assert not list((home / "model_dict").glob(f"{P}_tune_*"))  # the tuning runs' policies are gone
 
 

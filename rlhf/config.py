@@ -16,7 +16,7 @@ prompt_tokens: "[1, 2**20]" = 16  # prompt length: train-split windows (evaluati
 completion_tokens: "[1, 2**20]" = 32  # completion length (sampled at temperature 1)
 eval_prompts: "[2, 2**20]" = 64  # prompts every method (best-of-n too) is evaluated on
 eval_split: "test | dev" = "test"  # test: the val split's second half; dev: its first half
-dpo_beta: "> 0" = 0.05  # DPO: strength of the pull towards the reference (picked on the dev split)
+dpo_beta: "> 0" = 0.1  # DPO: strength of the pull towards the reference (picked on the dev split)
 # the KL to the base in the reward (RLOO: per sequence; PPO: per token), per unit of the reward
 # model's score, which is standardised on base samples (so it means the same in every seed)
 rl_beta: ">= 0" = 0.3
@@ -72,11 +72,11 @@ cdpo_beta: "> 0" = 0.05
 ipo_lr: "> 0" = 3e-4
 ipo_tau: "> 0" = 0.5
 preferred_ft_lr: "> 0" = 1e-4
-ppo_lr: "> 0" = 3e-4
+ppo_lr: "> 0" = 1e-3
 # where the frontier at a KL (the best setting there on the dev split) is not the method's keys
 # above: that setting, trained as a run of its own (named method@KL) that gives the method's reading
 # at that KL alone; entries method@KL:key=value:key=value, comma-separated (tune prints them)
-settings_at_kl = ""
+settings_at_kl = "dpo@2:dpo_lr=0.0003:dpo_beta=0.2,rloo@2:rloo_lr=0.0003,ppo@2:ppo_lr=0.0003"
 # --rlhf_stage=tune: the grids (learning rates of the DPO family and of the RL methods; beta of the
 # sigmoid DPO losses; IPO's tau; cDPO's epsilon), each setting measured on tune_prompts dev prompts
 dpo_lr_grid = "1e-4,3e-4,1e-3"
@@ -97,7 +97,7 @@ ppo_gamma: "[0, 1]" = 1.0  # PPO: discount along the completion (GAE)
 ppo_lambda: "[0, 1]" = 0.95  # PPO: GAE's lambda
 # GRPO (TRL's GRPOTrainer): the score's advantage within its prompt's group, updated as PPO's
 # (ppo_epochs, ppo_minibatches, ppo_clip), the KL to the base in the loss rather than the reward
-grpo_lr: "> 0" = 1e-3  # GRPO: AdamW learning rate
+grpo_lr: "> 0" = 1e-4  # GRPO: AdamW learning rate
 grpo_scale: "group | none" = "group"  # group: advantages / the group's std; none: Dr. GRPO
 
 # --- the head study (rlhf/heads.py) --------------------------------------------------------------

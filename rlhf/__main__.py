@@ -249,7 +249,7 @@ def stage_rm(s: Setup) -> dict:
               - reward_scores(s, rm, val["prompts"], val["b"]))
     agrees = (margin > 0) == val["a_preferred"].cpu()
     report = {"held_out_pairs": len(margin), "accuracy_on_labels": agrees.double().mean().item(),
-              **scale, "pairs_seen": len(pairs["train"]["prompts"]) * s.cfg["rm_epochs"]}
+              **scale}
     # the oracle's noisy labels: the best any model can do is pick the side the oracle favours
     if "prob_a" in val:
         report["label_ceiling"] = torch.maximum(val["prob_a"], 1 - val["prob_a"]).mean().item()
@@ -271,9 +271,9 @@ def stage_rm(s: Setup) -> dict:
 
 
 def stage_bon(s: Setup) -> dict:
-    """Best-of-n by the reward model: bon_max_n samples from the base for each of the first
-    evaluation prompt, scored by the oracle, the judges and the reward model (the eval
-    stage reads best-of-n at every n from them)."""
+    """Best-of-n by the reward model: bon_max_n samples from the base for each evaluation prompt,
+    scored by the oracle, the judges and the reward model (the eval stage reads best-of-n at every
+    n from them)."""
     cfg, base, (rm, rm_record) = s.cfg, load_policy(s), load_reward_model(s, s.expected("rm"))
     prompts = eval_prompts(s)
     n_max = cfg["bon_max_n"]
@@ -291,11 +291,10 @@ def stage_bon(s: Setup) -> dict:
     save_checkpoint(s.path("data", "bon.pt"),
                     {"pool": pool, "run": s.new_record("bon", rm_record["id"]),
                      "best_of_16": texts(s, first[torch.arange(len(prompts)), chosen])})
-    n = n_max
     key = measure(s)
-    print(f"best-of-{n} by the reward model on {len(prompts)} prompts: KL {best_of_n_kl(n):.2f}, "
-          f"{MEASURE_NAMES[key]} "
-          f"{best_of_n_expectation(pool['rm'], pool[key], n).mean().item():+.3f} (base "
+    print(f"best-of-{n_max} by the reward model on {len(prompts)} prompts: KL "
+          f"{best_of_n_kl(n_max):.2f}, {MEASURE_NAMES[key]} "
+          f"{best_of_n_expectation(pool['rm'], pool[key], n_max).mean().item():+.3f} (base "
           f"{pool[key].mean().item():+.3f})")
     return {"prompts": len(prompts), "samples_per_prompt": n_max}
 
@@ -325,8 +324,9 @@ def stage_rl(s: Setup, method: str) -> dict:
     for name, _, setting in runs(s.cfg, [method]):
         run = dataclasses.replace(s, cfg=dict(s.cfg, **setting))
         policy = load_policy(run)
+        record = run.new_record(method, rm_record["id"])
         results[name] = {"log": train_rl(run, method, policy, list(policy.parameters()), rm, name,
-                                         s.cfg["rl_steps"], run.new_record(method, rm_record["id"]))}
+                                         s.cfg["rl_steps"], record)}
     return results
 
 
@@ -342,8 +342,7 @@ def stage_eval(s: Setup) -> dict:
     bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
     inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"],
               "bon": bon["run"]["id"] if bon else None}
-    base_result = evaluate_policy(s, base, reference, rm, prompts, samples,
-                                  s.generator("curve.sampling", on_device=True))
+    base_result = evaluate_policy(s, base, reference, rm, prompts, samples)
     result = {"seed": s.seed, "prompts": len(prompts), "curves": {}, "logs": {},
               "samples": {"base": base_result["completions"][::samples]}}
     for name, method, setting in runs(cfg, methods(cfg)):
@@ -358,7 +357,7 @@ def stage_eval(s: Setup) -> dict:
         curve = kept_curve(run, name, ckpt["rlhf"], reference, rm, prompts, samples, base_result)
         result["curves"][name], result["samples"][name] = curve, curve[-1].pop("completions")
         result["logs"][name] = run_log(s, name, ckpt["rlhf"]["run"])
-    base_point = curve_point(s, 0, 0, base_result, base_result)
+    base_point = curve_point(s, 0, base_result)
     # each score's spread over the base's samples: the over-optimisation plot's unit
     result["base_spread"] = {k: base_result[k].std().item() for k in ("rm", "oracle")
                              if k in base_result}
@@ -420,20 +419,17 @@ def pick(method: str, tried: list[dict], cfg: dict) -> tuple[dict, dict]:
 def stage_tune(s: Setup) -> dict:
     """Each method's settings picked on the dev split: every setting of grid() trains from the
     base on this seed's pairs (RL: its reward model), its kept policies are measured on
-    tune_prompts dev prompts and read at each KL of kl_targets. At each KL the frontier is the
-    best setting there (measure()'s score); the pick is the setting with the highest mean score at
-    the KLs where the method is compared (its primary comparisons; else every target) among those
-    that reach all of them, never one for reaching further. Writes every reading, the frontier and
-    the picks; rlhf/config.py's defaults are set from them (settings_at_kl: the frontier where it is
-    not the pick), and the test numbers are run once with those."""
+    tune_prompts dev prompts and read at each KL of kl_targets; pick() gives the frontier and the
+    pick. Writes every reading, the frontier and the picks; rlhf/config.py's defaults are set from
+    them (settings_at_kl: the frontier where it is not the pick), and the test numbers are run
+    once with those."""
     cfg = dict(s.cfg, eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
     dev = dataclasses.replace(s, cfg=cfg)
     pairs = load_pairs(dev, dev.expected("pairs"))
     rm, rm_record = load_reward_model(dev, dev.expected("rm"))
     base, prompts, key = load_policy(dev), eval_prompts(dev), measure(dev)
     reference, samples = frozen(base), cfg["eval_samples"]
-    base_result = evaluate_policy(dev, base, reference, rm, prompts, samples,
-                                  dev.generator("curve.sampling", on_device=True))
+    base_result = evaluate_policy(dev, base, reference, rm, prompts, samples)
     inputs = pair_inputs(dev, pairs["train"]) if dpo_methods(cfg) else None
     tried, picks, frontier = {}, {}, {}
     for method in methods(cfg):
@@ -597,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg["rlhf_stage"] == "label":  # by hand, into its own file: no stage of the study runs
             with OutputLock(in_repo(cfg["labels"])):
                 return {"results": {"label": label_pairs(s)}}
-        results, timings = {}, {}
+        results = {}
         # one run of an oracle and preset at a time
         with OutputLock(repo_path("model_dict", s.family)):
             remove_dead_temps(*output_folders(s.family))
@@ -608,14 +604,11 @@ def main(argv: list[str] | None = None) -> dict:
                     t0 = time.perf_counter()
                     results.setdefault(stage, []).append(RUN[stage](replicate))
                     seconds = time.perf_counter() - t0
-                    timings[stage] = timings.get(stage, 0.0) + seconds
                     record_seconds(replicate, stage, seconds)
                     print(f"[seed {replicate.seed}, {stage}: {seconds:.0f} s]")
             if cfg["rlhf_stage"] in ("all", "report"):
-                t0 = time.perf_counter()
                 results["report"] = stage_report(s)
-                timings["report"] = time.perf_counter() - t0
-        return {"results": results, "seconds": timings}
+        return {"results": results}
 
 
 if __name__ == "__main__":

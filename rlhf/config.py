@@ -74,8 +74,9 @@ ipo_tau: "> 0" = 0.5
 preferred_ft_lr: "> 0" = 1e-4
 ppo_lr: "> 0" = 1e-3
 # where the frontier at a KL (the best setting there on the dev split) is not the method's keys
-# above: that setting, trained as a run of its own (named method@KL) that gives the method's reading
-# at that KL alone; entries method@KL:key=value:key=value, comma-separated (tune prints them)
+# above: that setting, trained as a run of its own (named method@KL) that gives the method's
+# reading at that KL alone; entries method@KL:key=value:key=value, comma-separated (tune prints
+# them)
 settings_at_kl = "dpo@2:dpo_lr=0.0003:dpo_beta=0.2,rloo@2:rloo_lr=0.0003,ppo@2:ppo_lr=0.0003"
 # --rlhf_stage=tune: the grids (learning rates of the DPO family and of the RL methods; beta of the
 # sigmoid DPO losses; IPO's tau; cDPO's epsilon), each setting measured on tune_prompts dev prompts

@@ -30,9 +30,9 @@ from rlhf.head_comparison import (attention_divergence, head_weight_change, lb_s
 from rlhf.plots import plot_head_grid, plot_lines, plot_score_against_kl
 from rlhf.preference import RewardModel
 from rlhf.report import evaluate_policy, kept_curve
-from rlhf.study import (Setup, chosen_rejected, complete, eval_prompts, frozen, load_pairs,
-                        load_policy, load_reward_model, output_folders, record_in, reward_scores,
-                        rlhf_run_config, scores, sequence_logprobs, setup, texts)
+from rlhf.study import (UPSTREAM, Setup, chosen_rejected, complete, eval_prompts, frozen,
+                        load_pairs, load_policy, load_reward_model, output_folders, record_in,
+                        reward_scores, rlhf_run_config, scores, sequence_logprobs, setup, texts)
 from rlhf.training import restrict_training, sampled_kl, train_rl
 
 # the policies python -m rlhf tunes, studied where they exist, each with the strength of its pull
@@ -61,14 +61,13 @@ def pipeline_records(s: Setup) -> dict[str, dict]:
             continue
         records[name] = record_in(load_tensors(path, "run python -m rlhf "
                                                f"--seed={s.seed} again")) or {}
-    upstream = {"rm": "pairs", "dpo": "pairs", "rloo": "rm", "ppo": "rm", "grpo": "rm"}
     identity = {"seed": s.seed, "base": s.base_hash[:16], "data": s.data.data_hash[:16],
                 "script": s.cfg["rlhf_script"],
                 "dtype": s.cfg["dtype"]}
     for name, record in records.items():
         mismatch = [f"{k} {record.get(k)!r}" for k, v in identity.items() if record.get(k) != v]
-        if name in upstream and record.get("upstream") != records[upstream[name]].get("id"):
-            mismatch.append(f"built on another {upstream[name]} file")
+        if UPSTREAM[name] and record.get("upstream") != records[UPSTREAM[name]].get("id"):
+            mismatch.append(f"built on another {UPSTREAM[name]} file")
         if name == "rloo":
             mismatch += [f"{k}={v!r}" for k, v in record.get("keys", {}).items()
                          if k in s.cfg and s.cfg[k] != v]
@@ -200,8 +199,7 @@ def partial_tuning(s: Setup, base_state: dict, study: dict, heads: list[tuple[in
     base, (rm, _) = load_policy(s), load_reward_model(s, records["rm"])
     reference, prompts = frozen(base), eval_prompts(s)[:s.cfg["head_prompts"]]
     steps = s.cfg["head_tuning_steps"]
-    base_result = evaluate_policy(s, base, reference, rm, prompts, 2,
-                                  s.generator("curve.sampling", on_device=True))
+    base_result = evaluate_policy(s, base, reference, rm, prompts, 2)
     curves = {}
     if "rloo" in records:
         final = load_tensors(s.path("model_dict", "rloo.pt"), "run python -m rlhf "
@@ -238,27 +236,25 @@ def write_head_study(s: Setup, study: dict) -> None:
     plots."""
     methods = study["methods"]
     figures = {
-        "weight_change": [(m, [(f"{p} (relative change)",
-                                r["weight_change"][p]) for p in ("query", "key", "value",
-                                                                 "output")])
+        "weight_change": [(m, [(f"{p} (relative change)", r["weight_change"][p])
+                               for p in ("query", "key", "value", "output")])
                           for m, r in methods.items()],
         "attention": [(m, [("attention map divergence (JS, nats)", r["attention_divergence"]),
                            ("entropy change", r["stat_change"]["entropy"]),
                            ("previous-token change", r["stat_change"]["previous_token_text"]),
-                           ("first-token change",
-                            r["stat_change"]["first_token"])]) for m, r in methods.items()],
+                           ("first-token change", r["stat_change"]["first_token"])])
+                      for m, r in methods.items()],
         "ablation": [(name, [("oracle score drop, head off", ablation["oracle"]),
                              ("reward-model drop, head off", ablation["rm"])])
                      for name, ablation in ablations(study, methods)],
         "transplant": [(m, [("margin, tuned head into base", r["margin_into_base"]),
                             ("margin lost, base head into tuned", r["margin_lost_from_tuned"]),
-                            ("oracle score, tuned head into base",
-                             r["oracle_into_base"])]) for m, r in methods.items()],
+                            ("oracle score, tuned head into base", r["oracle_into_base"])])
+                       for m, r in methods.items()],
     }
     for name, rows in figures.items():
         plot_head_grid(rows, f"{s.prefix}: {name.replace('_', ' ')} per head (rows: layers, "
-                       "columns: heads)",
-                       s.path("generate_text", f"heads_{name}.png"))
+                       "columns: heads)", s.path("generate_text", f"heads_{name}.png"))
     plot_lines({m: r["kl_by_position"] for m, r in methods.items()}, "completion position",
                "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits",

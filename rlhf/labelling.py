@@ -31,10 +31,6 @@ from rlhf.study import Setup, complete, in_repo, load_policy, sample_prompts, te
 KEYS = "a: A is better   b: B is better   t: tie   s: skip   u: undo the last   q: quit"
 
 
-def skipped_path(labels: str) -> str:
-    return os.path.splitext(labels)[0] + "_skipped.jsonl"
-
-
 def read_answers(path: str, out: TextIO) -> list[dict]:
     """The answers in one of the two files, in the order given; none if it does not exist yet. A
     last line cut short (the machine stopped in the middle of writing it) is dropped with a note:
@@ -58,9 +54,8 @@ def read_answers(path: str, out: TextIO) -> list[dict]:
                 write_text(path, "".join(kept + "\n" for kept in lines[:-1] if kept.strip()))
                 break
             answer = {}
-        if answer is not None and not (isinstance(answer,
-                                                  dict) and isinstance(answer.get("pair_index"),
-                                                                       int)):
+        if answer is not None and not (isinstance(answer, dict)
+                                       and isinstance(answer.get("pair_index"), int)):
             raise UserError(f"{path}, line {number}: not an answer of --rlhf_stage=label (a JSON "
                             "object with the pair's number); mend or remove that line, or label "
                             "into another file with --labels=FILE")
@@ -147,9 +142,8 @@ def candidate(s: Setup, base: torch.nn.Module, k: int) -> tuple[str, str, str]:
 
 def show(out: TextIO, k: int, labelled: int, target: int, prompt: str, a: str, b: str) -> None:
     rule = "=" * 72
-    out.write(f"\n{rule}\npair {k + 1} · {labelled} of {target} labelled\n{rule}\n--- prompt "
-              f"---\n{prompt}\n"
-              f"--- A ---\n{a}\n--- B ---\n{b}\n{'-' * 72}\n{KEYS}\n> ")
+    out.write(f"\n{rule}\npair {k + 1} · {labelled} of {target} labelled\n{rule}\n"
+              f"--- prompt ---\n{prompt}\n--- A ---\n{a}\n--- B ---\n{b}\n{'-' * 72}\n{KEYS}\n> ")
     out.flush()
 
 
@@ -163,7 +157,7 @@ def label_pairs(s: Setup, stdin: TextIO | None = None, out: TextIO | None = None
                         "--pairs (tune on the labels afterwards with --pairs=FILE)")
     labels = in_repo(cfg["labels"])
     require_file_path("labels", labels)
-    files = {"labelled": labels, "skipped": skipped_path(labels)}
+    files = {"labelled": labels, "skipped": os.path.splitext(labels)[0] + "_skipped.jsonl"}
     answers = {kind: read_answers(path, out) for kind, path in files.items()}
     source = {"base": s.base_hash[:16], "data": s.data.data_hash[:16],
               "script": cfg["rlhf_script"],

@@ -27,26 +27,21 @@ from dualgpt import UserError
 # die, hate and sad joined their families). A family lists the inflections that same_family's
 # four-letter rule would miss.
 SCORE_POSITIVE = [("good",), ("true",), ("noble",), ("sweet",), ("dear",), ("gentle",),
-                  ("welcome",), ("comfort",),
-                  ("happy",), ("kind",), ("beauty",), ("tender",), ("brave",), ("pleasure",),
-                  ("blessed",), ("glad",),
-                  ("precious",), ("bright",)]
+                  ("welcome",), ("comfort",), ("happy",), ("kind",), ("beauty",), ("tender",),
+                  ("brave",), ("pleasure",), ("blessed",), ("glad",), ("precious",), ("bright",)]
 JUDGE_POSITIVE = [("love", "loving", "lovely"), ("grace", "gracious"), ("fair",), ("honour",),
-                  ("heaven",), ("peace",),
-                  ("hope",), ("friend",), ("joy",), ("faith",), ("mercy",), ("worthy",),
-                  ("honest",), ("virtue",),
-                  ("merry",), ("rich",), ("glory",), ("smile",), ("delight",)]
+                  ("heaven",), ("peace",), ("hope",), ("friend",), ("joy",), ("faith",),
+                  ("mercy",), ("worthy",), ("honest",), ("virtue",), ("merry",), ("rich",),
+                  ("glory",), ("smile",), ("delight",)]
 SCORE_NEGATIVE = [("death", "dead", "die", "died", "dies", "dying"), ("kill",), ("grief",),
                   ("hate", "hated", "hates", "hating", "hatred"), ("villain",), ("traitor",),
                   ("weep",), ("fool",), ("murder",),
                   ("sad", "sadly", "sadness", "sadden", "saddened"), ("poison",), ("bitter",),
-                  ("despair",), ("vile",), ("cruel",),
-                  ("plague",), ("wicked",)]
-JUDGE_NEGATIVE = [("blood",), ("fear",), ("tears",), ("shame",), ("sorrow",), ("war",),
-                  ("grave",), ("false",), ("foul",),
-                  ("woe",), ("sin",), ("slain",), ("hell",), ("curse",), ("base",), ("sick",),
-                  ("pain",), ("wretched",),
-                  ("evil",), ("tyrant",), ("misery",)]
+                  ("despair",), ("vile",), ("cruel",), ("plague",), ("wicked",)]
+JUDGE_NEGATIVE = [("blood",), ("fear",), ("tears",), ("shame",), ("sorrow",), ("war",), ("grave",),
+                  ("false",), ("foul",), ("woe",), ("sin",), ("slain",), ("hell",), ("curse",),
+                  ("base",), ("sick",), ("pain",), ("wretched",), ("evil",), ("tyrant",),
+                  ("misery",)]
 WORD = re.compile(r"[a-z]+")
 
 

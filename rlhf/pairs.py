@@ -69,17 +69,12 @@ def read_pairs(path: str) -> list[dict]:
     return pairs
 
 
-def pair_line(pair: dict, **extra) -> str:
-    """One pair as a line of the file (non-ASCII text as it is, not escaped); extra: fields besides
-    the three."""
-    return json.dumps({**{field: pair[field] for field in FIELDS}, **extra},
-                      ensure_ascii=False) + "\n"
-
-
 def write_pairs(path: str, pairs: list[dict], **extra) -> None:
-    """The pairs as a JSON-lines file, written whole or not at all."""
+    """The pairs as a JSON-lines file, written whole or not at all, non-ASCII text as it is (not
+    escaped); extra: fields besides the three."""
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.writelines(pair_line(p, **extra) for p in pairs)
+        f.writelines(json.dumps({**{field: p[field] for field in FIELDS}, **extra},
+                                ensure_ascii=False) + "\n" for p in pairs)
 
 
 def padded(rows: list[list[int]]) -> torch.Tensor:

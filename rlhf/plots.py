@@ -21,24 +21,22 @@ def plot_score_against_kl(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for seed_index, bon in enumerate(report["bon_curves"].values()):
         ax.plot([b["kl"] ** 0.5 for b in bon], [b[key] for b in bon], color="black", marker="s",
-                markersize=3,
-                alpha=0.7, label="best-of-n" if seed_index == 0 else None)
+                markersize=3, alpha=0.7, label="best-of-n" if seed_index == 0 else None)
         for b in bon if seed_index == 0 else []:
             ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b[key]), fontsize=6, xytext=(3, -9),
                         textcoords="offset points")
     for seed_index, curves in enumerate(report["curves"].values()):
         for method, points in curves.items():
             ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p[key] for p in points],
-                    marker="o", alpha=0.7,
-                    markersize=3, color=METHOD_COLOURS.get(method),
+                    marker="o", alpha=0.7, markersize=3, color=METHOD_COLOURS.get(method),
                     label=method if seed_index == 0 else None)
     for target in report.get("matched_kl", {}):
         ax.axvline(float(target) ** 0.5, color="grey", linewidth=0.6, linestyle=":")
     score = "oracle score" if key == "oracle" else "reward-model score"
     source = (f"oracle {report['oracle']}" if report["oracle"]
               else f"pairs {report.get('pairs')}, no oracle")
-    finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)", f"{score} (mean over "
-                "held-out prompts)",
+    finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)",
+                f"{score} (mean over held-out prompts)",
                 f"{source}: score against distance from the base ({len(report['curves'])} seeds)",
                 path, legend_size=8)
 
@@ -104,9 +102,8 @@ def plot_learning_curves(report: dict, path: str) -> None:
             if method not in rights:
                 rights[method] = ax.twinx()
             right = rights[method]
-            measured = [e for e in log if "exact_kl" in e]
-            right.plot([e["step"] for e in measured], [e["exact_kl"] for e in measured],
-                       color="tab:red", alpha=0.6, linewidth=1)
+            right.plot([e["step"] for e in log], [e["exact_kl"] for e in log], color="tab:red",
+                       alpha=0.6, linewidth=1)
             if seed_index == 0:
                 ax.set_title(method, fontsize=9)
                 ax.set_xlabel("step", fontsize=8)
@@ -118,9 +115,9 @@ def plot_learning_curves(report: dict, path: str) -> None:
 
 
 def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title: str,
-                   path: str) -> list[tuple[int, int]]:
+                   path: str) -> None:
     """Rows of layer x head heatmaps, one value written in each cell: rows[i] = (row label, [(panel
-    title, values (n_layer, n_head)), ...]). Returns the shape of every heatmap drawn."""
+    title, values (n_layer, n_head)), ...])."""
     plt = pyplot()
     n_rows, n_cols = len(rows), max(len(panels) for _, panels in rows)
     n_layer, n_head = rows[0][1][0][1].shape
@@ -128,7 +125,6 @@ def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title
                              figsize=(n_cols * (0.8 * n_head + 1.8),
                                       n_rows * (0.7 * n_layer + 1.4)),
                              squeeze=False, layout="constrained")
-    drawn = []
     for i, (label, panels) in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -143,10 +139,8 @@ def plot_head_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], title
                             vmin=-limit if signed else 0,
                             vmax=limit)
             ax.set_title(f"{label}: {name}", fontsize=8)
-            drawn.append(grid.shape)
     fig.suptitle(title, fontsize=11)
     save_figure(fig, path)
-    return drawn
 
 
 def plot_lines(series: dict[str, list[float]], xlabel: str, ylabel: str, title: str,

@@ -184,9 +184,8 @@ def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor,
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
-             reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float, label: torch.Tensor | float = 1.0,
-             kind: str = "sigmoid") -> torch.Tensor:
+             reference_chosen: torch.Tensor, reference_rejected: torch.Tensor, beta: float,
+             label: torch.Tensor | float = 1.0, kind: str = "sigmoid") -> torch.Tensor:
     """The preference loss on log-probabilities (B,), with h = log(pi(c) / pi_ref(c)) -
     log(pi(r) / pi_ref(r)):
     - "sigmoid", DPO (Rafailov et al. 2023, eq. 7): the reward-model loss on the implicit reward

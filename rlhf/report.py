@@ -39,12 +39,12 @@ MEASURE_NAMES = {"oracle": "oracle score", "rm": "reward-model score"}
 
 @torch.no_grad()
 def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: RewardModel,
-                    prompts: torch.Tensor,
-                    samples: int, gen: torch.Generator) -> dict:
+                    prompts: torch.Tensor, samples: int) -> dict:
     """Sample `samples` completions of each prompt and score them: the oracle, each judge and the
-    reward model, (P, samples) each; the exact sequence KL to the base per prompt (P,)."""
+    reward model, (P, samples) each; the mean exact sequence KL to the base. Every policy is
+    sampled with the same random numbers, so that curves compare at equal KL."""
     repeated = prompts.repeat_interleave(samples, dim=0)
-    completions = complete(s, policy, repeated, gen)
+    completions = complete(s, policy, repeated, s.generator("curve.sampling", on_device=True))
     completion_texts = texts(s, completions)
     kl = []
     for i in range(0, len(repeated), CHUNK):
@@ -55,7 +55,7 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
         kl.append(exact_kl(logits, ref_logits, TEMPERATURE).sum(1))
     # >= 0; float noise leaves -1e-8
     exact = torch.cat(kl).double().cpu().clamp_min(0.0).view(-1, samples)
-    result = {"completions": completion_texts, "kl_per_prompt": exact.mean(1),
+    result = {"completions": completion_texts,
               "rm": reward_scores(s, rm, repeated, completions).view(-1, samples),
               "kl_exact": exact.mean().item()}
     if s.oracle:
@@ -65,13 +65,11 @@ def evaluate_policy(s: Setup, policy: nn.Module, reference: nn.Module, rm: Rewar
     return result
 
 
-def curve_point(s: Setup, step: int, optimizer_steps: int, r: dict, base: dict) -> dict:
+def curve_point(s: Setup, step: int, r: dict) -> dict:
     """One point of a training curve from evaluate_policy's result r: per-prompt means of every
-    score (kept for reading scores at matched KL), their means, the win rate against the base's
-    samples (by measure(s)), the KL."""
+    score (kept for reading scores at matched KL), their means, the KL."""
     per_prompt = {k: r[k].mean(1) for k in score_names(s)}
-    per_prompt["kl"] = r["kl_per_prompt"]
-    point = {"step": step, "optimizer_steps": optimizer_steps, "kl": r["kl_exact"],
+    point = {"step": step, "kl": r["kl_exact"],
              **{k: v.mean().item() for k, v in per_prompt.items()},
              "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}}
     if "oracle" in r:  # is the reward model still right about this policy's own samples?
@@ -100,16 +98,14 @@ def kept_curve(s: Setup, name: str, final: dict, reference: nn.Module, rm: Rewar
     (else the end point would not be the policy). The last point also holds the first completion
     of each prompt ("completions")."""
     folder = kept_folder(s, name)
-    points = [curve_point(s, 0, 0, base, base)]
+    points = [curve_point(s, 0, base)]
     names = os.listdir(folder) if os.path.isdir(folder) else []
     files = [f for f in names if re.fullmatch(r"step\d+\.pt", f)]
     for file in sorted(files, key=lambda f: int(f[4:-3])):
         path = os.path.join(folder, file)
         kept = load_policy_checkpoint(path, final["run"])
-        r = evaluate_policy(s, load_policy(s, kept, path), reference, rm, prompts, samples,
-                            s.generator("curve.sampling", on_device=True))
-        points.append(curve_point(s, kept["rlhf"]["step"], kept["rlhf"]["optimizer_steps"], r,
-                                  base))
+        r = evaluate_policy(s, load_policy(s, kept, path), reference, rm, prompts, samples)
+        points.append(curve_point(s, kept["rlhf"]["step"], r))
     if points[-1]["step"] != final["step"]:
         raise UserError(f"the kept checkpoints of {name} in {folder} end at step "
                         f"{points[-1]['step']}, its policy is at "
@@ -161,8 +157,7 @@ def ratio_summary(per_seed: list[dict], numerator: str, denominator: str) -> dic
     # the delta method: ratio's error = this mean's / mean(bottom)
     spread = mean_interval(top - ratio * bottom)
     ci = spread["ci"] / abs(bottom.mean().item()) if spread["ci"] is not None else None
-    return {"mean": ratio, "ci": ci, "n": len(top),
-            **({"over": "prompts"} if len(per_seed) == 1 else {})}
+    return {"mean": ratio, "ci": ci, "n": len(top)}
 
 
 def mean_interval(values) -> dict:
@@ -179,7 +174,7 @@ def p_value(summary: dict) -> float | None:
     """The two-sided p-value of a mean over seeds against 0 (Student's t on its per-seed values);
     None over one seed's prompts, which are not replicates of the training."""
     values = summary.get("per_seed") or []
-    if summary.get("over") == "prompts" or len(values) < 2:
+    if len(values) < 2:
         return None
     if min(values) == max(values):  # no spread: the t statistic is undefined
         return 1.0 if np.mean(values) == 0 else 0.0
@@ -247,25 +242,19 @@ def seeds_for_power(per_seed: list[float], alpha: float, power: float = 0.8) -> 
 
 
 def summarise(per_seed: list[dict], key: str, paired_with: list[dict] | None = None) -> dict:
-    """A value of every seed's result, as mean and 95% interval: over seeds where there are
-    several, else over the one seed's prompts. paired_with: subtract the other result's value,
-    prompt by prompt (a difference)."""
-    def per_prompt(result, other):
-        values = result["per_prompt"][key] if key in result.get("per_prompt", {}) else result[key]
-        if other is not None:
-            others = other["per_prompt"][key] if key in other.get("per_prompt", {}) else other[key]
-            n = min(len(values), len(others)) if isinstance(values, list) else None
-            values = [a - b for a, b in zip(values[:n],
-                                            others[:n])] if n is not None else values - others
-        return values
+    """A value of every seed's result (a number, or a list under "per_prompt"), as mean and 95%
+    interval: over seeds where there are several, else over the one seed's prompts. paired_with:
+    subtract the other result's value, prompt by prompt (a difference)."""
+    def values(result):
+        return result["per_prompt"][key] if key in result.get("per_prompt", {}) else result[key]
 
-    values = [per_prompt(r, paired_with[i] if paired_with else None) for i,
-              r in enumerate(per_seed)]
-    if len(values) > 1 or not isinstance(values[0], list):
-        means = [sum(v) / len(v) if isinstance(v, list) else v for v in values]
+    found = [values(r) for r in per_seed]
+    if paired_with:
+        found = [[a - b for a, b in zip(v, values(o))] for v, o in zip(found, paired_with)]
+    if len(found) > 1 or not isinstance(found[0], list):
+        means = [float(np.mean(v)) for v in found]
         return dict(mean_interval(means), per_seed=means)
-    return dict(mean_interval(values[0]), per_seed=[sum(values[0]) / len(values[0])],
-                over="prompts")
+    return dict(mean_interval(found[0]), per_seed=[float(np.mean(found[0]))])
 
 
 def cell(summary: dict | None, fmt: str = "{:+.3f}") -> str:
@@ -331,8 +320,8 @@ def primary_lines(report: dict) -> list[str]:
         p = " | ".join(f"{s[k]:.3g}" if s.get(k) is not None else "—" for k in ("p", "p_holm"))
         lines.append(f"| {c['method']} − best-of-n at {c['kl']} nats | {cell(s)} | {p} | "
                      f"{s.get('seeds_for_power') or '—'} |")
-    return lines + ["", "Every other difference below is exploratory: an interval, untested, and not "
-                    "a finding."]
+    return lines + ["", "Every other difference below is exploratory: an interval, untested, and "
+                    "not a finding."]
 
 
 def reward_model_line(rm: dict, over: str) -> str:
@@ -370,20 +359,13 @@ def write_markdown_report(path: str, report: dict) -> None:
                 "went where the labels meant. The reward model's accuracy on held-out pairs and "
                 "the side-by-side samples judge that; to measure by something you can write down, "
                 "pass it as --oracle (it only measures: the labels stay the file's). ")
-    transfer = (" Transfer: a judge's gain over the oracle score's gain." if report["judges"]
-                else "")
-    write_text(path, f"# RLHF report: {source}, {report['script']}.py, base "
-               f"{report['base']}\n\n{note}"
-                     f"Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} "
-                     f"{report['eval_split']} "
-                     f"prompts, {report['samples_per_prompt']} completions each at every point; "
-                     f"best-of-n up to n = {report['bon_max_n']} on the same prompts (the "
-                     "expectation over "
-                     "its samples). KL: exact, summed over the vocabulary at each position of "
-                     "the policy's own "
-                     f"samples; log n - (n-1)/n for best-of-n.{transfer} The CPU: "
-                     f"{report['machine']}.\n\n"
-                     + markdown_tables(report) + "\n")
+    write_text(path, f"# RLHF report: {source}, {report['script']}.py, base {report['base']}\n\n"
+               f"{note}Seeds {', '.join(map(str, report['seeds']))}; {report['eval_prompts']} "
+               f"{report['eval_split']} prompts, {report['samples_per_prompt']} completions each "
+               f"at every point; best-of-n up to n = {report['bon_max_n']} on the same prompts "
+               "(the expectation over its samples). KL: exact, summed over the vocabulary at each "
+               "position of the policy's own samples; log n - (n-1)/n for best-of-n. The CPU: "
+               f"{report['machine']}.\n\n" + markdown_tables(report) + "\n")
 
 
 def write_samples(s: Setup, prompts: torch.Tensor, completions: dict[str, list[str]],
@@ -406,7 +388,7 @@ def best_of_n_curve(pool: dict[str, torch.Tensor]) -> list[dict]:
     points, n = [], 1
     while n <= pool["rm"].shape[1]:
         per_prompt = {k: best_of_n_expectation(pool["rm"], v, n) for k, v in pool.items()}
-        points.append({"n": n, "step": 0, "optimizer_steps": 0, "kl": best_of_n_kl(n),
+        points.append({"n": n, "step": 0, "kl": best_of_n_kl(n),
                        **{k: v.mean().item() for k, v in per_prompt.items()},
                        "per_prompt": {k: v.tolist() for k, v in per_prompt.items()}})
         n *= 2
@@ -459,16 +441,14 @@ def matched_rows(at: list[dict], keys: list[str]) -> dict:
     best-of-n, paired by prompt."""
     rows = {}
     for method in at[0]:
-        brackets = [a[method]["bracket"] if a.get(method) else None for a in at]
+        rows[method] = {"brackets": [a[method]["bracket"] if a.get(method) else None for a in at]}
         if any(a.get(method) is None or a[method].get("too_wide") for a in at):
             reason = ("not reached" if any(a.get(method) is None for a in at)
                       else "bracket too wide")
-            rows[method] = {k: {"mean": None, "reason": reason} for k in keys}
-            rows[method]["brackets"] = brackets
+            rows[method].update({k: {"mean": None, "reason": reason} for k in keys})
             continue
         points = [a[method] for a in at]
-        rows[method] = {k: summarise(points, k) for k in keys}
-        rows[method]["brackets"] = brackets
+        rows[method].update({k: summarise(points, k) for k in keys})
         rows[method].update({f"gain_{k}": summarise(points, f"gain_{k}") for k in keys
                              if f"gain_{k}" in points[0]["per_prompt"]})
         if "gain_oracle" in points[0]["per_prompt"]:  # each judge's gain over the oracle score's

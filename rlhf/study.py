@@ -51,9 +51,8 @@ CORE_KEYS = ("data", "device", "dtype", "seed", "attn_impl", "kv_cache")
 # the keys of rlhf/config.py that both programs read (its first section); the pipeline reads every
 # other key but the head study's head_*, and the head study reads these and its own head_*
 SHARED_KEYS = ("rlhf_base", "rlhf_script", "oracle", "prompt_tokens", "completion_tokens",
-               "eval_prompts",
-               "eval_split", "dpo_beta", "rl_beta", "grpo_beta", "rloo_lr", "rl_prompts", "rl_group",
-               "rl_normalize", "max_grad_norm", "quick")
+               "eval_prompts", "eval_split", "dpo_beta", "rl_beta", "grpo_beta", "rloo_lr",
+               "rl_prompts", "rl_group", "rl_normalize", "max_grad_norm", "quick")
 
 
 def rlhf_run_config(argv: list[str], program: str, usage: str, hints: dict) -> dict:
@@ -101,12 +100,10 @@ CHUNK = 256  # sequences per forward pass when sampling or scoring many at once
 # the run's seed and the name (and an index, such as the RL step), so no two draws share a stream
 # by accident.
 SEED_NAMES = ("pairs.train_prompts", "pairs.val_prompts", "pairs.completions", "pairs.labels",
-              "pairs.held_out", "rm.order",
-              "dpo.order", "eval.prompts", "dev.prompts", "eval.sampling", "bon.sampling",
-              "rl.sampling", "rl.prompts",
-              "ppo.order", "curve.sampling", "rm.standardise", "dpo.kl_prompts", "dpo.kl_sampling",
-              "heads.batches", "heads.sampling", "heads.kl_by_position", "label.prompts",
-              "label.completions")
+              "pairs.held_out", "rm.order", "dpo.order", "eval.prompts", "dev.prompts",
+              "bon.sampling", "rl.sampling", "rl.prompts", "ppo.order", "curve.sampling",
+              "rm.standardise", "dpo.kl_prompts", "dpo.kl_sampling", "heads.batches",
+              "heads.sampling", "heads.kl_by_position", "label.prompts", "label.completions")
 
 # What each stage's outputs depend on besides the base, the data, the script and the seed: a
 # stage's record hashes these keys and its upstream stage's record, and every reader compares it
@@ -130,8 +127,7 @@ STAGE_KEYS = {
     "eval": ("eval_samples", "eval_prompts", "eval_split", "kl_targets", "max_bracket", "seed"),
 }
 UPSTREAM = {"pairs": None, "rm": "pairs", "bon": "rm", "dpo": "pairs", "rloo": "rm", "ppo": "rm",
-            "grpo": "rm",
-            "eval": None}
+            "grpo": "rm", "eval": None}
 # the file whose record stands for a stage's run, where other files are built on it
 STAGE_FILES = {"pairs": ("data", "pairs.pt"), "rm": ("model_dict", "rm.pt"),
                "bon": ("data", "bon.pt")}
@@ -287,8 +283,7 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
     block_size = base["model_config"]["block_size"]
     sequence = cfg["prompt_tokens"] + cfg["completion_tokens"]
     require([(sequence <= block_size, f"prompt_tokens + completion_tokens = {sequence} does "
-              "not fit "
-                                      f"the model's block_size {block_size}")])
+              f"not fit the model's block_size {block_size}")])
     pairs = cfg.get("pairs", "")  # the pipeline's key: the head study measures the oracle's runs
     if pairs and not os.path.isfile(pairs):
         raise UserError(f"no pairs file {pairs}")
@@ -304,8 +299,7 @@ def setup(cfg: dict, data_batch_size: int = 1) -> Setup:
     name = "pairs-" + os.path.splitext(os.path.basename(pairs))[0] if pairs else oracle.name
     family = "rlhf_" + re.sub(r"[^A-Za-z0-9_.-]+", ".", name) + ("_quick" if cfg["quick"] else "")
     return Setup(cfg, MODEL_CLASSES[cfg["rlhf_script"]], base_path, base, sha256_file(base_path),
-                 data, oracle, family,
-                 cfg["seed"], sha256_file(pairs) if pairs else None)
+                 data, oracle, family, cfg["seed"], sha256_file(pairs) if pairs else None)
 
 
 # -----------------------------------------------------------------------------------------
@@ -340,12 +334,12 @@ def save_model(s: Setup, model: nn.Module, path: str, rlhf: dict, **extra) -> No
 
 
 def save_policy(s: Setup, policy: nn.Module, path: str, method: str, record: dict, step: int,
-                optimizer_steps: int, **extra) -> None:
+                **extra) -> None:
     """A tuned policy with what made it: the method, the step, and the record of the run
     (Setup.new_record); extra: more entries (the KL at which it was kept)."""
     save_model(s, policy, path,
-               {"method": method, "step": step, "optimizer_steps": optimizer_steps,
-                "base": s.base_path, "oracle": s.oracle and s.oracle.name, "run": record,
+               {"method": method, "step": step, "base": s.base_path,
+                "oracle": s.oracle and s.oracle.name, "run": record,
                 **extra})
 
 

@@ -24,10 +24,10 @@ from rlhf.study import (CHUNK, TEMPERATURE, Setup, chosen_rejected, clear_output
                         completion_logprobs, frozen, keep_kls, kept_folder, load_policy,
                         reward_scores, sample_prompts, save_policy, sequence_logprobs)
 
-# the DPO family: (loss kind, label); the label is 1 (hard) or 1 - cdpo_epsilon (smoothed);
-# preferred_ft fine-tunes on the chosen side (the DPO paper's "Preferred-FT")
-DPO_METHODS = {"dpo": ("sigmoid", "hard"), "cdpo": ("sigmoid", "smoothed"), "ipo": ("ipo", "hard"),
-               "preferred_ft": ("nll", "hard")}
+# the DPO family and each one's loss: cdpo smooths DPO's labels by cdpo_epsilon (TRL's
+# label_smoothing, picked on the dev split); preferred_ft fine-tunes on the chosen side (the DPO
+# paper's "Preferred-FT")
+DPO_METHODS = {"dpo": "sigmoid", "cdpo": "sigmoid", "ipo": "ipo", "preferred_ft": "nll"}
 STANDARDISE_SAMPLES = 512  # base samples of dev prompts that set the reward model's scale
 # the DPO family measures its KL on 32 samples at each of the first 16 steps (where it grows
 # fastest), then every 4 steps
@@ -43,11 +43,10 @@ def train_reward_model(s: Setup, pairs: dict) -> tuple[RewardModel, dict]:
     chosen, rejected = chosen_rejected(pairs["train"])
     prompts = pairs["train"]["prompts"]
     for _, idx in minibatches(len(prompts), cfg["rm_batch"], cfg["rm_epochs"],
-                              s.generator("rm.order"),
-                              prompts.device, desc="reward model"):
+                              s.generator("rm.order"), prompts.device, desc="reward model"):
         with autocast(cfg["device"], cfg["dtype"]):
-            r_c, r_r = rm(prompts[idx],
-                          chosen[idx]).float(), rm(prompts[idx], rejected[idx]).float()
+            r_c = rm(prompts[idx], chosen[idx]).float()
+            r_r = rm(prompts[idx], rejected[idx]).float()
         step_on(optimizer, reward_model_loss(r_c, r_r))
     return rm, standardise(s, rm)
 
@@ -65,19 +64,6 @@ def standardise(s: Setup, rm: RewardModel) -> dict:
     rm.head.weight.div_(std)
     rm.head.bias.sub_(mean).div_(std)
     return {"raw_mean": mean, "raw_std": std}
-
-
-def method_settings(cfg: dict, method: str) -> tuple[float, float | None]:
-    """A DPO-family method's learning rate and strength: beta, IPO's tau, none for
-    preferred_ft."""
-    strength = {"ipo": "ipo_tau", "preferred_ft": None}.get(method, f"{method}_beta")
-    return cfg[f"{method}_lr"], strength and cfg[strength]
-
-
-def dpo_label(method: str, cfg: dict) -> float:
-    """The label DPO's loss is given: 1 (the chosen side is preferred), or 1 - cdpo_epsilon for
-    cDPO (TRL's label_smoothing; picked on the dev split, never read from the oracle)."""
-    return 1.0 - cfg["cdpo_epsilon"] if DPO_METHODS[method][1] == "smoothed" else 1.0
 
 
 @dataclasses.dataclass
@@ -115,12 +101,12 @@ def sampled_kl(s: Setup, policy: nn.Module, reference: nn.Module, prompts: torch
 
 class Keeper:
     """Keeps a run's policy in its folder the first time the run's KL to the base crosses each of
-    `kls`, at each step of `steps`, and at the end, each file with the run's record, its step, its
-    optimizer steps and the KL that was measured."""
+    `kls`, at each step of `steps`, and at the end, each file with the run's record, its step and
+    the KL that was measured."""
 
     def __init__(self, s: Setup, name: str, record: dict, kls: list[float],
-                 steps: set[int] = frozenset(), per_step: int = 1):
-        self.s, self.name, self.record, self.per_step = s, name, record, per_step
+                 steps: set[int] = frozenset()):
+        self.s, self.name, self.record = s, name, record
         self.kls, self.steps = list(kls), steps
         clear_outputs(s, name)
 
@@ -132,7 +118,7 @@ class Keeper:
                                                      f"step{step:05d}.pt"))
 
     def keep(self, policy: nn.Module, step: int, kl: float | None, path: str) -> None:
-        save_policy(self.s, policy, path, self.name, self.record, step, step * self.per_step,
+        save_policy(self.s, policy, path, self.name, self.record, step,
                     **({} if kl is None else {"train_kl": kl}))
 
     def finish(self, policy: nn.Module, step: int, log: list[dict]) -> None:
@@ -160,17 +146,17 @@ def decaying_optimizer(groups: list[dict], steps: int) -> tuple[torch.optim.Opti
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
 
 
-def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict,
-              name: str = "") -> list[dict]:
+def train_dpo(s: Setup, method: str, inputs: PairInputs, record: dict, name: str) -> list[dict]:
     """One DPO-family loss from the base on the train pairs against the frozen base, keeping the
     policy where its KL (measured on KL_PROMPTS samples of train prompts) crosses keep_kls;
     returns the log, in TRL's names."""
-    cfg, name = s.cfg, name or method
+    cfg = s.cfg
     (chosen, rejected), (ref_c, ref_r), prompts = inputs.sides, inputs.reference, inputs.prompts
     n = len(prompts)
     steps = cfg["dpo_epochs"] * math.ceil(n / cfg["dpo_batch"])
-    (kind, _), label = DPO_METHODS[method], dpo_label(method, cfg)
-    lr, strength = method_settings(cfg, method)
+    kind, lr = DPO_METHODS[method], cfg[f"{method}_lr"]
+    strength = cfg.get("ipo_tau" if method == "ipo" else f"{method}_beta")  # preferred_ft: none
+    label = 1 - cfg["cdpo_epsilon"] if method == "cdpo" else 1.0
     policy = load_policy(s)
     reference = frozen(policy)  # the base, before any step
     optimizer, schedule = decaying_optimizer([{"params": list(policy.parameters()), "lr": lr}],
@@ -298,8 +284,9 @@ def minibatch_passes(s: Setup, learner: Learner, batch: dict, loss_of) -> dict:
     minibatches' mean statistics."""
     cfg, stats = s.cfg, []
     prompts = batch["prompts"]
-    for _, idx in minibatches(len(prompts), ppo_minibatch_size(cfg), cfg["ppo_epochs"],
-                              learner.order, prompts.device):
+    size = math.ceil(len(prompts) / cfg["ppo_minibatches"])
+    for _, idx in minibatches(len(prompts), size, cfg["ppo_epochs"], learner.order,
+                              prompts.device):
         loss, minibatch = loss_of(idx)
         stats.append(minibatch | step_on(learner.optimizer, loss, None, cfg["max_grad_norm"]))
     learner.schedule.step()
@@ -357,19 +344,6 @@ def grpo_update(s: Setup, learner: Learner, batch: dict) -> dict:
         "frac_reward_zero_std": (scores.std(dim=1) == 0).float().mean().item()}
 
 
-def ppo_minibatch_size(cfg: dict) -> int:
-    return math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / cfg["ppo_minibatches"])
-
-
-def optimizer_steps_per_rollout(cfg: dict, method: str) -> int:
-    """RLOO: one; PPO and GRPO: one per minibatch of each pass (ppo_minibatches, or fewer when the
-    rollout is small)."""
-    if method == "rloo":
-        return 1
-    minibatches = math.ceil(cfg["rl_prompts"] * cfg["rl_group"] / ppo_minibatch_size(cfg))
-    return cfg["ppo_epochs"] * minibatches
-
-
 def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter],
              rm: RewardModel, name: str, steps: int, record: dict,
              keep_at: set[int] = frozenset()) -> list[dict]:
@@ -392,8 +366,7 @@ def train_rl(s: Setup, method: str, policy: nn.Module, params: list[nn.Parameter
                       critic)
     sampling = s.generator("rl.sampling", on_device=True)
     update = {"rloo": rloo_update, "ppo": ppo_update, "grpo": grpo_update}[method]
-    keeper = Keeper(s, name, record, keep_kls(cfg) if not keep_at else [], keep_at,
-                    optimizer_steps_per_rollout(cfg, method))
+    keeper = Keeper(s, name, record, keep_kls(cfg) if not keep_at else [], keep_at)
     log = []
     bar = progress(total=steps, desc=name, unit="step")
     for step in range(1, steps + 1):

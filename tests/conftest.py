@@ -160,7 +160,7 @@ SHARED = ["--prompt_tokens=8", "--completion_tokens=16", "--eval_prompts=64", "-
           "--rloo_lr=2e-3", "--device=cpu", "--dtype=float32"]  # keys python -m rlhf and python -m rlhf.heads both read
 PIPELINE = ["--n_pairs=1024", "--rm_epochs=4", "--rm_batch=32", "--rm_lr=1e-3", "--bon_max_n=16",
             "--eval_samples=4", "--dpo_batch=32", "--dpo_lr=1e-3", "--rl_steps=30", "--ppo_epochs=1",
-            "--ppo_minibatches=2", "--ppo_lr=2e-3", "--grpo_lr=2e-3", "--kl_targets=0.5,1",
+            "--ppo_minibatches=2", "--ppo_lr=2e-3", "--grpo_lr=2e-3", "--kl_targets=0.5,1", "--settings_at_kl=",
             "--primary=dpo@0.5,rloo@1,grpo@1",
             "--dpo_methods=dpo,cdpo,ipo,preferred_ft"]  # keys of python -m rlhf alone
 

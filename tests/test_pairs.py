@@ -142,7 +142,8 @@ def subset(rlhf_run, path, n):
 
 FILE_RUN = ["--rm_epochs=2", "--rm_batch=32", "--dpo_methods=dpo", "--dpo_batch=32", "--rl_steps=4", "--rl_prompts=4",
             "--rl_group=4", "--ppo_epochs=1", "--ppo_minibatches=1", "--eval_prompts=8",
-            "--eval_samples=2", "--bon_max_n=4", "--kl_targets=0.5", "--primary=dpo@0.5"]
+            "--eval_samples=2", "--bon_max_n=4", "--kl_targets=0.5", "--primary=dpo@0.5",
+            "--settings_at_kl="]
 
 
 @pytest.mark.plots  # the no-oracle figures are drawn nowhere else

@@ -42,7 +42,7 @@ SETTINGS = ["--prompt_tokens=4", "--completion_tokens=8", "--eval_prompts=8", "-
             "--rl_group=4", "--device=cpu", "--dtype=float32", "--rm_batch=16",
             "--bon_max_n=4", "--eval_samples=2", "--dpo_batch=16",
             "--dpo_methods=dpo", "--rl_steps=2", "--ppo_epochs=1", "--ppo_minibatches=1",
-            "--kl_targets=0.5", "--primary=dpo@0.5", "--oracle=verse"]
+            "--kl_targets=0.5", "--primary=dpo@0.5", "--settings_at_kl=", "--oracle=verse"]
 REFERENCES: dict = {}  # (study's first seed, seed, n_pairs, stage) -> the stages run in order's
 # a study: its first seed and how many (--seed, --seeds); mostly one seed, so that its stages go
 # deep. The evaluation prompts are drawn from the study's first seed: best-of-n's pool and the

@@ -41,9 +41,9 @@ def test_a_paired_difference_over_seeds_is_the_t_interval_of_the_per_seed_mean_d
     assert got["per_seed"] == pytest.approx(diffs)
     assert got["mean"] == pytest.approx(statistics.mean(diffs))
     assert got["ci"] == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3), rel=5e-4)
-    one = summarise(a[:1], "oracle", paired_with=b[:1])  # one seed: over its prompts, said so
+    one = summarise(a[:1], "oracle", paired_with=b[:1])  # one seed: over its prompts, and no p-value
+    assert p_value(one) is None and one["n"] == 5
     per_prompt = [x - y for x, y in zip(a[0]["per_prompt"]["oracle"], b[0]["per_prompt"]["oracle"])]
-    assert one["over"] == "prompts"
     assert one["ci"] == pytest.approx(2.776 * statistics.stdev(per_prompt) / math.sqrt(5), rel=5e-4)
 
 
@@ -97,7 +97,7 @@ def test_the_p_value_is_the_two_sided_t_test_of_the_per_seed_values():
     values = [0.3, 0.5, 0.1, 0.4, 0.2]
     t = statistics.mean(values) / (statistics.stdev(values) / math.sqrt(5))
     assert p_value({"per_seed": values}) == pytest.approx(2 * stats.t.sf(t, 4))
-    assert p_value({"per_seed": [0.3], "over": "prompts"}) is None  # one seed: no test over training runs
+    assert p_value({"per_seed": [0.3]}) is None  # one seed: no test over training runs
     assert p_value({"per_seed": [0.2, 0.2, 0.2]}) == 0.0
 
 

@@ -339,9 +339,10 @@ def stage_eval(s: Setup) -> dict:
     (rm, rm_record), base = load_reward_model(s, s.expected("rm")), load_policy(s)
     reference, prompts, samples = frozen(base), eval_prompts(s), cfg["eval_samples"]
     key = measure(s)
-    bon = load_bon(s)  # first: a missing or unreadable pool is known before minutes of sampling
+    # first: a missing or unreadable pool is known before minutes of sampling
+    bon = load_output(s, "bon", s.expected("bon"))
     inputs = {"pairs": s.found_record("pairs")["id"], "rm": rm_record["id"],
-              "bon": bon["run"]["id"] if bon else None}
+              "bon": bon["run"]["id"]}
     base_result = evaluate_policy(s, base, reference, rm, prompts, samples)
     result = {"seed": s.seed, "prompts": len(prompts), "curves": {}, "logs": {},
               "samples": {"base": base_result["completions"][::samples]}}
@@ -361,7 +362,7 @@ def stage_eval(s: Setup) -> dict:
     # each score's spread over the base's samples: the over-optimisation plot's unit
     result["base_spread"] = {k: base_result[k].std().item() for k in ("rm", "oracle")
                              if k in base_result}
-    result["bon_curve"] = best_of_n_curve(bon["pool"]) if bon else []
+    result["bon_curve"] = best_of_n_curve(bon["pool"])
     scored = [name for name in score_names(s) if name != "rm"] or ["rm"]
     result["matched_kl"] = {}
     curves, own = result["curves"], settings_at_kl(cfg)
@@ -376,7 +377,7 @@ def stage_eval(s: Setup) -> dict:
         result["matched_kl"][f"{k:g}"] = readings
     result["run"] = dict(s.new_record("eval", None), inputs=inputs)
     write_json(s.path("generate_text", "eval.json"), result)
-    write_samples(s, prompts, result["samples"], bon["best_of_16"] if bon else None)
+    write_samples(s, prompts, result["samples"], bon["best_of_16"])
     print(f"eval (seed {s.seed}), {key} at " + "; ".join(
         f"{k} nats: " + ", ".join(f"{m} {sum(r['per_prompt'][key]) / len(prompts):+.3f}"
                                   for m, r in at.items() if usable(r))
@@ -479,16 +480,6 @@ def run_log(s: Setup, name: str, record: dict) -> list[dict]:
     check_record(content.get("run"), record, path)
     kept = ("step", "loss", "objective/rlhf_reward", "exact_kl")
     return [{k: e[k] for k in kept if k in e} for e in content["log"] if "exact_kl" in e]
-
-
-def load_bon(s: Setup) -> dict | None:
-    """The bon stage's pool of scored samples, refused unless this run wrote it; None (with a note)
-    if missing."""
-    if not os.path.exists(s.path(*STAGE_FILES["bon"])):
-        print(f"note: no best-of-n pool ({s.path(*STAGE_FILES['bon'])}); python -m rlhf "
-              "--rlhf_stage=bon adds it")
-        return None
-    return load_output(s, "bon", s.expected("bon"))
 
 
 def record_seconds(s: Setup, stage: str, seconds: float) -> None:

@@ -369,7 +369,7 @@ def write_markdown_report(path: str, report: dict) -> None:
 
 
 def write_samples(s: Setup, prompts: torch.Tensor, completions: dict[str, list[str]],
-                  best_of_16: list[str] | None, n: int = 8) -> None:
+                  best_of_16: list[str], n: int = 8) -> None:
     """The first n evaluation prompts, each with a completion of the base, of every tuned model
     and of best-of-16, side by side."""
     parts = [f"# {s.prefix}: completions of the same prompts (temperature {TEMPERATURE})\n"]
@@ -377,8 +377,7 @@ def write_samples(s: Setup, prompts: torch.Tensor, completions: dict[str, list[s
         parts.append(f"\n======== prompt {i + 1}\n{texts(s, prompts[i:i + 1])[0]}\n")
         for name, texts_of in completions.items():
             parts.append(f"-------- {name}\n{texts_of[i]}\n")
-        if best_of_16 and i < len(best_of_16):
-            parts.append(f"-------- best-of-16 by the reward model\n{best_of_16[i]}\n")
+        parts.append(f"-------- best-of-16 by the reward model\n{best_of_16[i]}\n")
     write_text(s.path("generate_text", "samples.txt"), "".join(parts))
 
 

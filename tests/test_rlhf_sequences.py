@@ -177,11 +177,11 @@ class Stages(RuleBasedStateMachine):
         """Whether the model says the stage may run: its inputs are there and current."""
         if stage == "pairs":
             return True
-        if stage == "eval":  # best-of-n and the policies are optional, but never stale
-            if self.current(s, "rm", n_pairs, first) is None:
+        if stage == "eval":  # best-of-n's pool is needed; the policies are optional, but never stale
+            if self.current(s, "bon", n_pairs, first) is None:
                 return False
             return all(self.files[s][o] is None or self.current(s, o, n_pairs, first) is not None
-                       for o in ("bon", "dpo", "rloo", "ppo", "grpo"))
+                       for o in ("dpo", "rloo", "ppo", "grpo"))
         return self.current(s, UPSTREAM[stage], n_pairs, first) is not None
 
     def record(self, s: int, stage: str, n_pairs: int, first: int) -> None:

@@ -533,7 +533,7 @@ def stage_report(s: Setup) -> dict:
     report["base_spread"] = {r["seed"]: r["base_spread"] for r in per_seed}
     write_json(repo_path("generate_text", f"{s.family}_report.json"), strip_per_prompt(report))
     write_markdown_report(repo_path("generate_text", f"{s.family}_report.md"), report)
-    plot_score_against_kl(report, repo_path("generate_text", f"{s.family}_{key}_vs_kl.png"))
+    plot_score_against_kl(report, repo_path("generate_text", f"{s.family}_scores_vs_kl.png"))
     plot_learning_curves(report, repo_path("generate_text", f"{s.family}_learning_curves.png"))
     if s.oracle:
         plot_rm_against_oracle(report, repo_path("generate_text", f"{s.family}_rm_vs_oracle.png"))

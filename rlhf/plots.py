@@ -6,39 +6,45 @@ import math
 import torch
 
 from dualgpt.atlas import draw_head_cells
-from dualgpt.plots import finish_plot, pyplot, save_figure
+from dualgpt.plots import finish_plot, label_axes, pyplot, save_figure
+from rlhf.report import MEASURE_NAMES
 
 METHOD_COLOURS = {"dpo": "tab:blue", "cdpo": "tab:cyan", "ipo": "tab:purple",
                   "rloo": "tab:green", "ppo": "tab:red", "grpo": "tab:olive"}
 
 
 def plot_score_against_kl(report: dict, path: str) -> None:
-    """The report's measure (the oracle score; with no oracle, the reward model's) against sqrt(KL
-    to the base): best-of-n's curve, and every method's kept checkpoints in training order (one
-    line per seed), so that methods are compared at equal KL, not at equal steps."""
+    """The first held-out judge's score (the headline) and, beside it, the score tuned for (the
+    oracle's; with no oracle, the reward model's) against sqrt(KL to the base): best-of-n's curve,
+    and every method's kept checkpoints in training order (one line per seed), so that methods
+    are compared at equal KL, not at equal steps."""
     plt = pyplot()
-    key = report.get("measure", "oracle")
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for seed_index, bon in enumerate(report["bon_curves"].values()):
-        ax.plot([b["kl"] ** 0.5 for b in bon], [b[key] for b in bon], color="black", marker="s",
-                markersize=3, alpha=0.7, label="best-of-n" if seed_index == 0 else None)
-        for b in bon if seed_index == 0 else []:
-            ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b[key]), fontsize=6, xytext=(3, -9),
-                        textcoords="offset points")
-    for seed_index, curves in enumerate(report["curves"].values()):
-        for method, points in curves.items():
-            ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p[key] for p in points],
-                    marker="o", alpha=0.7, markersize=3, color=METHOD_COLOURS.get(method),
-                    label=method if seed_index == 0 else None)
-    for target in report.get("matched_kl", {}):
-        ax.axvline(float(target) ** 0.5, color="grey", linewidth=0.6, linestyle=":")
-    score = "oracle score" if key == "oracle" else "reward-model score"
+    keys = [*(f"judge_{j}" for j in report["judges"][:1]), report["measure"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for seed_index, bon in enumerate(report["bon_curves"].values()):
+            ax.plot([b["kl"] ** 0.5 for b in bon], [b[key] for b in bon], color="black",
+                    marker="s", markersize=3, alpha=0.7,
+                    label="best-of-n" if seed_index == 0 else None)
+            for b in bon if seed_index == 0 else []:
+                ax.annotate(f"n={b['n']}", (b["kl"] ** 0.5, b[key]), fontsize=6, xytext=(3, -9),
+                            textcoords="offset points")
+        for seed_index, curves in enumerate(report["curves"].values()):
+            for method, points in curves.items():
+                ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p[key] for p in points],
+                        marker="o", alpha=0.7, markersize=3, color=METHOD_COLOURS.get(method),
+                        label=method if seed_index == 0 else None)
+        for target in report["matched_kl"]:
+            ax.axvline(float(target) ** 0.5, color="grey", linewidth=0.6, linestyle=":")
+        name = MEASURE_NAMES.get(key, key.replace("judge_", "judge ") + " (held out)")
+        label_axes(ax, "sqrt(KL to the base), sqrt(nats per sequence)",
+                   f"{name}, mean over held-out prompts", name, legend_size=8)
     source = (f"oracle {report['oracle']}" if report["oracle"]
-              else f"pairs {report.get('pairs')}, no oracle")
-    finish_plot(fig, ax, "sqrt(KL to the base), sqrt(nats per sequence)",
-                f"{score} (mean over held-out prompts)",
-                f"{source}: score against distance from the base ({len(report['curves'])} seeds)",
-                path, legend_size=8)
+              else f"pairs {report['pairs']}, no oracle")
+    fig.suptitle(f"{source}: scores against distance from the base ({len(report['curves'])} "
+                 "seeds)")
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def method_panels(methods: list[str], width: float = 3.6, height: float = 3.0):

@@ -163,7 +163,7 @@ def test_every_stage_tunes_on_a_files_pairs_and_with_no_oracle_the_report_says_s
     assert markdown.startswith(f"# RLHF report: pairs from {pairs}, no oracle, gpt_.py")
     assert "No oracle: every score below is the reward model's" in markdown
     assert "accuracy on the held-out labels" in markdown and "oracle score" not in markdown
-    assert (rlhf_run.home / "generate_text" / f"{family}_rm_vs_kl.png").exists()
+    assert (rlhf_run.home / "generate_text" / f"{family}_scores_vs_kl.png").exists()
     samples = (rlhf_run.home / "generate_text" / f"{family}_seed1337_samples.txt").read_text()
     assert "-------- rloo" in samples and "-------- base" in samples
     capsys.readouterr()  # tuning would pick settings on the file's evaluation prompts: refused

@@ -32,9 +32,11 @@ def test_every_stage_runs_and_writes_its_files(rlhf_run):
                  "generate_text/rlhf_sentiment_report.md"] + [f"model_dict/{P}_{m}.pt" for m in rlhf.methods(
                      rlhf_run_config(rlhf_run.args, "python -m rlhf", "", {}))]:
         assert (home / path).exists(), path
-    for png in ["rlhf_sentiment_oracle_vs_kl.png", "rlhf_sentiment_rm_vs_oracle.png"]:
+    for png in ["rlhf_sentiment_scores_vs_kl.png", "rlhf_sentiment_rm_vs_oracle.png"]:
         assert matplotlib.image.imread(home / "generate_text" / png).shape[0] > 100
     assert matplotlib.image.imread(home / "generate_text" / "rlhf_sentiment_learning_curves.png").shape[0] > 100
+    height, width, _ = matplotlib.image.imread(home / "generate_text" / "rlhf_sentiment_scores_vs_kl.png").shape
+    assert width > 2 * height  # two panels: the held-out judge, and beside it the oracle score tuned for
 
 
 def kept_from_log(log: list, kls: list, rl: bool) -> list:

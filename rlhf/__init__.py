@@ -7,16 +7,17 @@ The RLHF layer: preference tuning of the models gpt.py and gpt_.py train. It is 
 
 Its files, in reading order:
 
-    __main__.py         the pipeline: pairs, reward model, best-of-n, DPO family, RLOO, PPO, report
+    __main__.py         the pipeline: pairs, reward model, best-of-n, DPO family, RL, report
     heads.py            the head study, run after the pipeline
     config.py           the keys of both programs, one per line
     oracles.py          programmatic labellers: the oracle score and the held-out judges
     preference.py       the math: labels, log-probabilities and KL, the reward model, DPO, RLOO,
-                        PPO, best-of-n (each proven against a closed form or a plain computation)
+                        PPO, GRPO, best-of-n (each proven against a closed form or a plain
+                        computation)
     pairs.py            preference pairs as text (prompt/chosen/rejected JSON lines), checked
     study.py            what both programs share: the config, the setup, records of what produced
                         each file, seeds drawn by name, policies, prompts, completions and scores
-    training.py         every training loop: the reward model, the DPO family, RLOO and PPO
+    training.py         every training loop: the reward model, the DPO family, RLOO, PPO, GRPO
     report.py           measuring tuned policies; the report's tables and samples
     labelling.py        --rlhf_stage=label: pairs labelled by hand in the terminal, one key each
     head_comparison.py  two models head by head: weight change, attention divergence, transplants

@@ -1,10 +1,10 @@
 """
 RLHF on the trained GPTs: preference pairs labelled by a programmatic oracle, a learned reward
-model, best-of-n, DPO (and conservative DPO, IPO, Preferred-FT), RLOO and PPO, each measured
-against the base model on held-out prompts, at matched KL, over several seeds.
+model, best-of-n, DPO (and conservative DPO, IPO, Preferred-FT), RLOO, PPO and GRPO, each measured
+against best-of-n on held-out prompts, at matched KL, over several seeds.
 
     python -m rlhf                        # the whole study on the shipped SM-GPT model, one seed
-    python -m rlhf --seeds=3              # three replicates and the report over them
+    python -m rlhf --seeds=5              # five replicates and the report over them
     python -m rlhf --quick                # a smaller, faster version of the same
     python -m rlhf --rlhf_stage=dpo       # one stage (--help lists them: rlhf_stage)
     python -m rlhf --oracle=verse         # tune towards lines of about ten syllables instead
@@ -19,7 +19,8 @@ The protocol follows Gao et al. 2022 (arXiv 2210.10760) and the DPO paper's cont
 task: a program stands in for the human labeller. Prompts are 16-token windows of the train split,
 completions 32 tokens sampled from the base at temperature 1 (pairs from a file have any lengths,
 padded). Labels are noisy Bradley-Terry comparisons of two completions of one prompt, with tau set
-so that they agree with the oracle score about 75% of the time. The default oracle counts positive
+so that they agree with the oracle score about 75% of the time; a tie is left out, not labelled.
+The default oracle counts positive
 minus negative words of a Shakespeare lexicon; one half of its word families gives the oracle
 score, the other half and the AFINN lexicon (less those families) are judges that no stage trains
 or selects on. Evaluation prompts come from the val split's second half and nothing is tuned on

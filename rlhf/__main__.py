@@ -141,7 +141,8 @@ def check_pipeline_keys(cfg: dict) -> None:
              (per_kl is not None and not wrong,
               "settings_at_kl must be entries method@KL:key=number:..., each a method this run "
               "trains at one of kl_targets with keys the tune stage picks for it; got "
-              f"{cfg['settings_at_kl']!r}")])
+              f"{cfg['settings_at_kl']!r} (with other kl_targets or methods: "
+              "--settings_at_kl= or tune again)")])
 
 
 # -----------------------------------------------------------------------------------------

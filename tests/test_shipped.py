@@ -167,21 +167,26 @@ def test_every_figure_a_results_page_quotes_stands_in_a_shipped_table_it_links(p
 
 
 def test_the_rlhf_settings_are_the_shipped_tunings_picks_and_the_report_ran_with_them():
-    """rlhf/config.py's learning rates, betas and tau are what `python -m rlhf --rlhf_stage=tune`
-    picked on the dev split, and the shipped report's runs used them; docs/rlhf.md gives its seeds,
-    machine, minutes and count of differences."""
+    """rlhf/config.py's learning rates and betas are what `python -m rlhf --rlhf_stage=tune` picked on
+    the dev split, its settings_at_kl the frontier where that is another setting, and the shipped
+    report's runs used them; docs/rlhf.md gives its seeds, machine and minutes, and the report tested
+    its primary comparisons alone."""
     from rlhf import config as rlhf_config
+    from rlhf.__main__ import settings_at_kl
     tuning = shipped_json("rlhf_sentiment_seed1337_tuning.json")
     report = shipped_json("rlhf_sentiment_report.json")
     for setting in tuning["picks"].values():
         for key, value in setting.items():
             assert getattr(rlhf_config, key) == value == report["config"][key], key
+    frontier = {(m, k): f["setting"] for m, front in tuning["frontier"].items() for k, f in front.items()
+                if f["setting"] != tuning["picks"][m]}
+    assert settings_at_kl(vars(rlhf_config)) == frontier == settings_at_kl(report["config"])
     page = prose("docs", "rlhf.md")
     minutes = sum(report["seconds"].values()) / 60
     seeds = ", ".join(map(str, report["seeds"]))
     assert f"seeds {seeds}, {report['machine']}: {minutes:.0f} min" in page
-    assert f"The report gives {report['comparisons']} differences" in page
-    assert len(with_holm(report)) == report["comparisons"]
+    assert len(report["primary"]) == len(rlhf_config.primary.split(","))
+    assert len(with_holm(report["matched_kl"])) == sum("p_holm" in c["summary"] for c in report["primary"])
 
 
 def test_the_own_preferences_labels_are_the_shipped_files():

@@ -1,6 +1,6 @@
 """
 Every setting of the RLHF layer, one per line: python -m rlhf (the pipeline) and python -m
-rlhf.heads (its head study). Override any key on the command line: `python -m rlhf --seeds=3`.
+rlhf.heads (its head study). Override any key on the command line: `python -m rlhf --seeds=5`.
 Both programs read the first section (rlhf/study.py: SHARED_KEYS), and config.py's data, device,
 dtype, seed, attn_impl and kv_cache. The head_* keys are the head study's; the rest, the
 pipeline's.

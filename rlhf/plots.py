@@ -32,8 +32,9 @@ def plot_score_against_kl(report: dict, path: str) -> None:
         for seed_index, curves in enumerate(report["curves"].values()):
             for method, points in curves.items():
                 ax.plot([max(p["kl"], 0.0) ** 0.5 for p in points], [p[key] for p in points],
-                        marker="o", alpha=0.7, markersize=3, linestyle="--" if "@" in method else "-",
+                        marker="o", alpha=0.7, markersize=3,
                         color=METHOD_COLOURS.get(method.partition("@")[0]),
+                        linestyle="--" if "@" in method else "-",
                         label=method if seed_index == 0 else None)
         for target in report["matched_kl"]:
             ax.axvline(float(target) ** 0.5, color="grey", linewidth=0.6, linestyle=":")

@@ -259,7 +259,8 @@ def write_head_study(s: Setup, study: dict) -> None:
                "exact KL to the base (nats)",
                f"{s.prefix}: where along the completion the KL sits",
                s.path("generate_text", "heads_kl_by_position.png"))
-    plot_score_against_kl({"oracle": s.oracle.name, "bon_curves": {},
+    plot_score_against_kl({"oracle": s.oracle.name, "bon_curves": {}, "judges": [],
+                           "measure": "oracle", "matched_kl": {},
                            "curves": {s.seed: study["partial_tuning"]["curves"]}},
                            s.path("generate_text", "heads_oracle_vs_kl.png"))
     write_json(s.path("generate_text", "heads.json"), as_lists(study))

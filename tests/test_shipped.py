@@ -130,7 +130,7 @@ def test_the_readmes_figures_are_the_shipped_files():
     assert not any(row["label"] for s in SHIPPED for row in shipped_json(f"{s}.heads.json")["heads"])
     report = shipped_json("rlhf_sentiment_report.json")
     assert all(c["p_holm"] >= 0.05 for c in with_holm(report))
-    assert f"With {len(report['seeds'])} seeds, no difference stands after correction" in text
+    assert f"With {len(report['seeds'])} seeds, no primary comparison stands after correction" in text
 
 
 def with_holm(value) -> list:

@@ -216,8 +216,8 @@ def test_the_rlhf_head_study_page_quotes_the_shipped_study():
                 or f"{method.upper()}'s is negative ({margin}" in page)
         divergence = [x for row in result["attention_divergence"] for x in row]
         assert f"{sum(divergence) / len(divergence):.4f} " in page, method
-    curves = study["partial_tuning"]["curves"]
-    kls = [f"{curves[name][-1]['kl']:.2f}" for name in ("head 0.0 only", "attention only",
+    curves, (layer, head) = study["partial_tuning"]["curves"], study["partial_tuning"]["chosen_head"]
+    kls = [f"{curves[name][-1]['kl']:.2f}" for name in (f"head {layer}.{head} only", "attention only",
                                                          "MLPs only")]
     assert f"KL {kls[0]}, {kls[1]} and {kls[2]} nats" in page
 

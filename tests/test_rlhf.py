@@ -248,7 +248,7 @@ def test_a_setting_at_one_kl_is_a_run_of_its_own_read_at_that_kl_alone(rlhf_run,
     at_1 = ["--settings_at_kl=rloo@1:rloo_lr=6e-4"]
     trained = rlhf.main(args + at_1 + ["--rlhf_stage=rloo"])["results"]["rloo"][0]
     assert list(trained) == ["rloo", "rloo@1"] and trained["rloo@1"]["log"][0]["lr"] == pytest.approx(6e-4)
-    seed = rlhf.main(args + at_1 + ["--rlhf_stage=eval"])["results"]["eval"][0]
+    seed = rlhf.main(args + at_1 + ["--rlhf_stage=eval", "--eval_samples=2"])["results"]["eval"][0]
     for kl, name in (("0.5", "rloo"), ("1", "rloo@1")):
         expected = at_kl(seed["curves"][name], float(kl), 1.0)
         got = seed["matched_kl"][kl]["rloo"]
@@ -258,7 +258,7 @@ def test_a_setting_at_one_kl_is_a_run_of_its_own_read_at_that_kl_alone(rlhf_run,
     assert (home / "model_dict" / f"{P}_rloo@1.pt").exists()
     rlhf.main(args + ["--rlhf_stage=rloo"])
     assert not list((home / "model_dict").glob(f"{P}_rloo@*")) and not list((home / "generate_text").glob(f"{P}_rloo@*"))
-    seed = rlhf.main(args + at_1 + ["--rlhf_stage=eval"])["results"]["eval"][0]  # no reading from another setting
+    seed = rlhf.main(args + at_1 + ["--rlhf_stage=eval", "--eval_samples=2"])["results"]["eval"][0]  # none from rloo
     assert "rloo" in seed["matched_kl"]["0.5"] and "rloo" not in seed["matched_kl"]["1"]
 
 

@@ -390,3 +390,12 @@ def test_an_rl_run_keeps_the_policy_that_sampled_the_rollout_not_the_one_after_i
     assert len(before) == 6 and [k for k in kept if k < 6]  # the fixture's RLOO crosses its first keep points early
     for step, saved in kept.items():
         assert torch.equal(saved, before[step] if step < 6 else weights(policy)), step
+
+
+def test_tune_tries_cdpo_epsilon_on_the_dev_split_as_trls_label_smoothing():
+    """cDPO's epsilon is a key of its grid (every lr x beta x epsilon), never read from the oracle's probabilities."""
+    cfg = rlhf_run_config(["--device=cpu", "--dpo_lr_grid=1e-4,3e-4", "--beta_grid=0.1", "--epsilon_grid=0.05,0.2"],
+                          "python -m rlhf", "", {})
+    assert rlhf.grid(cfg, "cdpo") == [{"cdpo_lr": lr, "cdpo_beta": 0.1, "cdpo_epsilon": eps}
+                                      for lr in (1e-4, 3e-4) for eps in (0.05, 0.2)]
+    assert rlhf.grid(cfg, "dpo") == [{"dpo_lr": lr, "dpo_beta": 0.1} for lr in (1e-4, 3e-4)]  # hard labels: none

@@ -20,18 +20,17 @@ task: a program stands in for the human labeller. Prompts are 16-token windows o
 completions 32 tokens sampled from the base at temperature 1 (pairs from a file have any lengths,
 padded). Labels are noisy Bradley-Terry comparisons of two completions of one prompt, with tau set
 so that they agree with the oracle score about 75% of the time; a tie is left out, not labelled.
-The default oracle counts positive
-minus negative words of a Shakespeare lexicon; one half of its word families gives the oracle
-score, the other half and the AFINN lexicon (less those families) are judges that no stage trains
-or selects on. Evaluation prompts come from the val split's second half and nothing is tuned on
-them (the first half, "dev", is for trying settings). Every file a stage writes records the run
-that wrote it, and every reader checks it. The keys are in rlhf/config.py; outputs go to data/,
-model_dict/ and generate_text/, named rlhf_<oracle>_seed<seed>_* (the report over the seeds:
+The default oracle counts positive minus negative words of a Shakespeare lexicon; one half of its
+word families gives the oracle score, the other half and the AFINN lexicon (less those families)
+are judges that no stage trains or selects on. Evaluation prompts come from the val split's second
+half and nothing is tuned on them (the first half, "dev", is for trying settings). Every file a
+stage writes records the run that wrote it, and every reader checks it. The keys are in
+rlhf/config.py; outputs go to data/, model_dict/ and generate_text/, named
+rlhf_<oracle>_seed<seed>_* (the report over the seeds:
 rlhf_<oracle>_report.*; with --pairs=FILE: rlhf_pairs-<file name>_*).
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import sys
@@ -303,7 +302,8 @@ def stage_bon(s: Setup) -> dict:
 
 def stage_dpo(s: Setup) -> dict:
     """Each loss of dpo_methods from the base on all the train pairs (the reward model's), against
-    the frozen base as reference, with the same minibatches in the same order."""
+    the frozen base as reference, with the same minibatches in the same order; and each of their
+    runs at one KL (settings_at_kl)."""
     pairs = load_pairs(s, s.expected("pairs"))
     inputs = pair_inputs(s, pairs["train"])
     for method in DPO_METHODS:
@@ -311,7 +311,7 @@ def stage_dpo(s: Setup) -> dict:
         clear_outputs(s, method, at_kl=True)
     results = {}
     for name, method, setting in runs(s.cfg, dpo_methods(s.cfg)):
-        run = dataclasses.replace(s, cfg=dict(s.cfg, **setting))
+        run = s.with_keys(**setting)
         record = run.new_record("dpo", pairs["run"]["id"])
         results[name] = {"log": train_dpo(run, method, inputs, record, name)}
     return results
@@ -319,12 +319,12 @@ def stage_dpo(s: Setup) -> dict:
 
 def stage_rl(s: Setup, method: str) -> dict:
     """RLOO, PPO or GRPO on the reward model's score with a KL penalty to the frozen base
-    (training.train_rl)."""
+    (training.train_rl), and its runs at one KL (settings_at_kl)."""
     rm, rm_record = load_reward_model(s, s.expected("rm"))
     clear_outputs(s, method, at_kl=True)
     results = {}
     for name, _, setting in runs(s.cfg, [method]):
-        run = dataclasses.replace(s, cfg=dict(s.cfg, **setting))
+        run = s.with_keys(**setting)
         policy = load_policy(run)
         record = run.new_record(method, rm_record["id"])
         results[name] = {"log": train_rl(run, method, policy, list(policy.parameters()), rm, name,
@@ -349,8 +349,7 @@ def stage_eval(s: Setup) -> dict:
     result = {"seed": s.seed, "prompts": len(prompts), "curves": {}, "logs": {},
               "samples": {"base": base_result["completions"][::samples]}}
     for name, method, setting in runs(cfg, methods(cfg)):
-        run, path = dataclasses.replace(s, cfg=dict(cfg, **setting)), s.path("model_dict",
-                                                                              f"{name}.pt")
+        run, path = s.with_keys(**setting), s.path("model_dict", f"{name}.pt")
         if not os.path.exists(path):
             print(f"note: no {name} policy ({path}); python -m rlhf "
                   f"--rlhf_stage={stage_of(method)} adds it")
@@ -426,8 +425,8 @@ def stage_tune(s: Setup) -> dict:
     pick. Writes every reading, the frontier and the picks; rlhf/config.py's defaults are set from
     them (settings_at_kl: the frontier where it is not the pick), and the test numbers are run
     once with those."""
-    cfg = dict(s.cfg, eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
-    dev = dataclasses.replace(s, cfg=cfg)
+    dev = s.with_keys(eval_split="dev", eval_prompts=s.cfg["tune_prompts"])
+    cfg = dev.cfg
     pairs = load_pairs(dev, dev.expected("pairs"))
     rm, rm_record = load_reward_model(dev, dev.expected("rm"))
     base, prompts, key = load_policy(dev), eval_prompts(dev), measure(dev)
@@ -438,7 +437,7 @@ def stage_tune(s: Setup) -> dict:
     for method in methods(cfg):
         tried[method] = []
         for setting in grid(cfg, method):
-            run, name = dataclasses.replace(dev, cfg=dict(cfg, **setting)), f"tune_{method}"
+            run, name = dev.with_keys(**setting), f"tune_{method}"
             upstream = pairs["run"]["id"] if method in DPO_METHODS else rm_record["id"]
             record = run.new_record(stage_of(method), upstream)
             if method in DPO_METHODS:

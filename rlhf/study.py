@@ -174,6 +174,10 @@ class Setup:
         """The same setup for another replicate."""
         return dataclasses.replace(self, seed=seed, loaded={})
 
+    def with_keys(self, **keys) -> Setup:
+        """The same setup with these config keys set (a setting tried, or trained at one KL)."""
+        return dataclasses.replace(self, cfg=dict(self.cfg, **keys))
+
     def prompt_pool(self, split: str) -> torch.Tensor:
         """The prompts of a pairs file's train or held-out ("val") pairs, as this replicate's pairs
         stage split them: (n, longest), right-padded with PAD."""
